@@ -1,0 +1,322 @@
+//! The write buffer: acknowledged writes not yet persisted, as Arrow, per table and time
+//! partition. A write is visible here as soon as its WAL append is acknowledged.
+//!
+//! Each partition holds *chunks*. A chunk is either the rows of one WAL record, or the
+//! last-write-wins merge of every chunk of the partition at or below the buffer's
+//! *watermark*: the highest sequence number below which every record has been applied.
+//! Because a merge always takes all chunks at or below the watermark, chunks never
+//! interleave in sequence, and ordering them by `max_sequence` orders them by write.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use arrow::array::{AsArray, RecordBatch, UInt32Array};
+use arrow::compute::take_record_batch;
+use arrow::datatypes::TimestampNanosecondType;
+use parking_lot::RwLock;
+
+use crate::catalog::{CatalogState, TIME_COLUMN};
+use crate::ids::{SequenceNumber, TableId};
+use crate::write::WriteBatch;
+
+static NEXT_CHUNK_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub id: u64,
+    pub max_sequence: SequenceNumber,
+    pub min_time: i64,
+    pub max_time: i64,
+    pub batch: RecordBatch,
+}
+
+impl Chunk {
+    pub fn new(max_sequence: SequenceNumber, batch: RecordBatch) -> Self {
+        let (min_time, max_time) = time_range(&batch);
+        Self {
+            id: NEXT_CHUNK_ID.fetch_add(1, Ordering::Relaxed),
+            max_sequence,
+            min_time,
+            max_time,
+            batch,
+        }
+    }
+
+    pub fn time_bounds(&self) -> (i64, i64) {
+        (self.min_time, self.max_time)
+    }
+
+    fn bytes(&self) -> usize {
+        self.batch.get_array_memory_size()
+    }
+}
+
+/// The chunks of one partition, oldest write first.
+#[derive(Debug, Clone)]
+pub struct BufferPartition {
+    pub partition: i64,
+    pub chunks: Vec<Chunk>,
+}
+
+impl BufferPartition {
+    pub fn min_time(&self) -> i64 {
+        self.chunks
+            .iter()
+            .map(|c| c.min_time)
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    pub fn max_time(&self) -> i64 {
+        self.chunks
+            .iter()
+            .map(|c| c.max_time)
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tables: HashMap<TableId, BTreeMap<i64, Vec<Chunk>>>,
+    applied_through: SequenceNumber,
+    pending: BTreeSet<SequenceNumber>,
+    persisting: bool,
+    oldest_unpersisted: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub struct WriteBuffer {
+    inner: RwLock<Inner>,
+    bytes: AtomicUsize,
+}
+
+fn time_range(batch: &RecordBatch) -> (i64, i64) {
+    let Some(col) = batch.column_by_name(TIME_COLUMN) else {
+        return (i64::MAX, i64::MIN);
+    };
+    let times = col.as_primitive::<TimestampNanosecondType>();
+    let min = arrow::compute::min(times).unwrap_or(i64::MAX);
+    let max = arrow::compute::max(times).unwrap_or(i64::MIN);
+    (min, max)
+}
+
+impl WriteBuffer {
+    /// A buffer whose watermark starts at `applied_through` (the last sequence already
+    /// applied or persisted).
+    pub fn new(applied_through: SequenceNumber) -> Self {
+        Self {
+            inner: RwLock::new(Inner {
+                applied_through,
+                ..Default::default()
+            }),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Every sequence at or below this has been applied.
+    pub fn applied_through(&self) -> SequenceNumber {
+        self.inner.read().applied_through
+    }
+
+    pub fn oldest_unpersisted(&self) -> Option<Instant> {
+        self.inner.read().oldest_unpersisted
+    }
+
+    /// Adds the rows of WAL record `sequence`, split by time partition.
+    pub fn apply(&self, sequence: SequenceNumber, write: &WriteBatch, catalog: &CatalogState) {
+        let mut new_chunks = Vec::new();
+        for tw in &write.tables {
+            let Some(def) = catalog.table_by_id(tw.table) else {
+                tracing::error!(table = %tw.table, "write for a table the catalog does not know; skipped");
+                continue;
+            };
+            for (partition, batch) in split_by_partition(&tw.batch, |t| def.partition_of(t)) {
+                new_chunks.push((tw.table, partition, Chunk::new(sequence, batch)));
+            }
+        }
+        let added: usize = new_chunks.iter().map(|(_, _, c)| c.bytes()).sum();
+        let mut inner = self.inner.write();
+        for (table, partition, chunk) in new_chunks {
+            inner
+                .tables
+                .entry(table)
+                .or_default()
+                .entry(partition)
+                .or_default()
+                .push(chunk);
+        }
+        inner.oldest_unpersisted.get_or_insert_with(Instant::now);
+        if sequence == inner.applied_through.next() {
+            inner.applied_through = sequence;
+            while let Some(first) = inner.pending.first().copied() {
+                if first != inner.applied_through.next() {
+                    break;
+                }
+                inner.pending.remove(&first);
+                inner.applied_through = first;
+            }
+        } else if sequence > inner.applied_through {
+            inner.pending.insert(sequence);
+        }
+        self.bytes.fetch_add(added, Ordering::Relaxed);
+    }
+
+    /// The partitions of `table`, each with its chunks ordered oldest write first.
+    pub fn partitions(&self, table: TableId) -> Vec<BufferPartition> {
+        let inner = self.inner.read();
+        let Some(parts) = inner.tables.get(&table) else {
+            return Vec::new();
+        };
+        parts
+            .iter()
+            .map(|(p, chunks)| {
+                let mut chunks = chunks.clone();
+                chunks.sort_by_key(|c| c.max_sequence);
+                BufferPartition {
+                    partition: *p,
+                    chunks,
+                }
+            })
+            .collect()
+    }
+
+    /// Replaces chunks `replaced` of a partition by their merge, if they are all still
+    /// there, none is above the watermark and no persistence is running. Returns whether
+    /// the replacement happened.
+    pub fn replace_with_merged(
+        &self,
+        table: TableId,
+        partition: i64,
+        replaced: &[u64],
+        merged: Chunk,
+    ) -> bool {
+        let mut inner = self.inner.write();
+        if inner.persisting || merged.max_sequence > inner.applied_through {
+            return false;
+        }
+        let watermark = inner.applied_through;
+        let Some(chunks) = inner
+            .tables
+            .get_mut(&table)
+            .and_then(|t| t.get_mut(&partition))
+        else {
+            return false;
+        };
+        let present = chunks.iter().filter(|c| replaced.contains(&c.id)).count();
+        let all_below = chunks
+            .iter()
+            .filter(|c| c.max_sequence <= watermark)
+            .count();
+        if present != replaced.len() || all_below != replaced.len() {
+            return false;
+        }
+        let freed: usize = chunks
+            .iter()
+            .filter(|c| replaced.contains(&c.id))
+            .map(Chunk::bytes)
+            .sum();
+        chunks.retain(|c| !replaced.contains(&c.id));
+        let added = merged.bytes();
+        chunks.push(merged);
+        drop(inner);
+        self.bytes.fetch_add(added, Ordering::Relaxed);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        true
+    }
+
+    /// Marks a persistence as running and returns the watermark and every chunk at or
+    /// below it.
+    pub fn begin_persist(&self) -> (SequenceNumber, Vec<(TableId, BufferPartition)>) {
+        let mut inner = self.inner.write();
+        inner.persisting = true;
+        let through = inner.applied_through;
+        let mut out = Vec::new();
+        for (table, parts) in &inner.tables {
+            for (p, chunks) in parts {
+                let mut taken: Vec<Chunk> = chunks
+                    .iter()
+                    .filter(|c| c.max_sequence <= through)
+                    .cloned()
+                    .collect();
+                if taken.is_empty() {
+                    continue;
+                }
+                taken.sort_by_key(|c| c.max_sequence);
+                out.push((
+                    *table,
+                    BufferPartition {
+                        partition: *p,
+                        chunks: taken,
+                    },
+                ));
+            }
+        }
+        (through, out)
+    }
+
+    /// Ends a persistence. If it succeeded, drops every chunk at or below `through`.
+    pub fn end_persist(&self, through: Option<SequenceNumber>) {
+        let mut inner = self.inner.write();
+        inner.persisting = false;
+        let Some(through) = through else {
+            return;
+        };
+        let mut freed = 0;
+        for parts in inner.tables.values_mut() {
+            for chunks in parts.values_mut() {
+                chunks.retain(|c| {
+                    let keep = c.max_sequence > through;
+                    if !keep {
+                        freed += c.bytes();
+                    }
+                    keep
+                });
+            }
+            parts.retain(|_, c| !c.is_empty());
+        }
+        inner.tables.retain(|_, p| !p.is_empty());
+        inner.oldest_unpersisted = if inner.tables.is_empty() {
+            None
+        } else {
+            Some(Instant::now())
+        };
+        drop(inner);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+    }
+}
+
+/// Splits `batch` by the partition of each row's time; most batches fall in one.
+fn split_by_partition(
+    batch: &RecordBatch,
+    partition_of: impl Fn(i64) -> i64,
+) -> Vec<(i64, RecordBatch)> {
+    let Some(col) = batch.column_by_name(TIME_COLUMN) else {
+        return Vec::new();
+    };
+    let times = col.as_primitive::<TimestampNanosecondType>();
+    if times.is_empty() {
+        return Vec::new();
+    }
+    let first = partition_of(times.value(0));
+    if times.values().iter().all(|t| partition_of(*t) == first) {
+        return vec![(first, batch.clone())];
+    }
+    let mut groups: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+    for (i, t) in times.values().iter().enumerate() {
+        groups.entry(partition_of(*t)).or_default().push(i as u32);
+    }
+    groups
+        .into_iter()
+        .map(|(p, idx)| {
+            let batch =
+                take_record_batch(batch, &UInt32Array::from(idx)).expect("indices are in bounds");
+            (p, batch)
+        })
+        .collect()
+}

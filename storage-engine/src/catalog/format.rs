@@ -1,0 +1,83 @@
+//! Encodings of the catalog log and snapshots. Both are JSON objects with a `version`
+//! field; version 1 is below. A reader refuses versions it does not know and names the
+//! ones it supports.
+//!
+//! Transaction (`catalog/log/{sequence:020}.json`):
+//! `{"version": 1, "sequence": N, "events": [CatalogEvent, …]}` where each event is an
+//! object tagged by `"type"` (`database_created`, `table_created`, `column_added`,
+//! `segment_persisted`, `wal_persisted`).
+//!
+//! Snapshot (`catalog/snapshots/{sequence:020}.json`):
+//! `{"version": 1, "state": CatalogState}`.
+
+use serde::{Deserialize, Serialize};
+
+use super::{CatalogEvent, CatalogState};
+use crate::ids::CatalogSequence;
+
+pub const VERSION: u32 = 1;
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    pub sequence: CatalogSequence,
+    pub events: Vec<CatalogEvent>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TransactionV1 {
+    version: u32,
+    #[serde(flatten)]
+    tx: Transaction,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotV1 {
+    version: u32,
+    state: CatalogState,
+}
+
+#[derive(Deserialize)]
+struct Versioned {
+    version: u32,
+}
+
+fn check_version(bytes: &[u8]) -> Result<(), String> {
+    let v: Versioned = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if SUPPORTED_VERSIONS.contains(&v.version) {
+        Ok(())
+    } else {
+        Err(format!(
+            "unsupported catalog format version {}; supported versions: {SUPPORTED_VERSIONS:?}",
+            v.version
+        ))
+    }
+}
+
+pub fn encode_transaction(tx: &Transaction) -> Vec<u8> {
+    serde_json::to_vec(&TransactionV1 {
+        version: VERSION,
+        tx: tx.clone(),
+    })
+    .expect("catalog types always serialize")
+}
+
+pub fn decode_transaction(bytes: &[u8]) -> Result<Transaction, String> {
+    check_version(bytes)?;
+    let v: TransactionV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    Ok(v.tx)
+}
+
+pub fn encode_snapshot(state: &CatalogState) -> Vec<u8> {
+    serde_json::to_vec(&SnapshotV1 {
+        version: VERSION,
+        state: state.clone(),
+    })
+    .expect("catalog types always serialize")
+}
+
+pub fn decode_snapshot(bytes: &[u8]) -> Result<CatalogState, String> {
+    check_version(bytes)?;
+    let v: SnapshotV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    Ok(v.state)
+}

@@ -1,0 +1,588 @@
+//! The catalog: databases, tables, columns and persisted segments, event-sourced.
+//!
+//! Every change is a [`CatalogEvent`]; a commit appends one transaction (a list of events)
+//! to the catalog log in the object store as `catalog/log/{sequence:020}.json`, written with
+//! a create-if-absent put so two writers can never both commit the same sequence. The
+//! current [`CatalogState`] is the fold of all transactions. Every
+//! [`SNAPSHOT_INTERVAL`] transactions the whole state is written to
+//! `catalog/snapshots/{sequence:020}.json`; loading starts from the newest snapshot and
+//! replays the log after it. The encodings are in [`format`].
+
+pub mod format;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{CatalogSequence, DatabaseId, SegmentId, SequenceNumber, TableId};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Transactions between two snapshots.
+pub const SNAPSHOT_INTERVAL: u64 = 100;
+
+/// Name of the timestamp column every table has.
+pub const TIME_COLUMN: &str = "time";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("object store error on {path}: {source}")]
+    Store {
+        path: String,
+        source: object_store::Error,
+    },
+    #[error("catalog entry {path} is not valid: {reason}")]
+    Decode { path: String, reason: String },
+    #[error("catalog transaction {sequence} was written by another writer")]
+    Conflict { sequence: CatalogSequence },
+    #[error("column {column:?} of table {table:?} is {existing}, not {requested}")]
+    TypeConflict {
+        table: String,
+        column: String,
+        existing: ColumnType,
+        requested: ColumnType,
+    },
+    #[error("unknown database id {0}")]
+    UnknownDatabase(DatabaseId),
+    #[error("unknown table id {0}")]
+    UnknownTable(TableId),
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+}
+
+/// The type of a column: its role (tag, time, field) and, for fields, the value type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Tag,
+    Time,
+    Float,
+    Integer,
+    UInteger,
+    Boolean,
+    String,
+}
+
+impl ColumnType {
+    pub fn arrow_type(self) -> DataType {
+        match self {
+            Self::Tag => DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+            Self::Time => DataType::Timestamp(TimeUnit::Nanosecond, None),
+            Self::Float => DataType::Float64,
+            Self::Integer => DataType::Int64,
+            Self::UInteger => DataType::UInt64,
+            Self::Boolean => DataType::Boolean,
+            Self::String => DataType::Utf8,
+        }
+    }
+
+    pub fn is_field(self) -> bool {
+        !matches!(self, Self::Tag | Self::Time)
+    }
+}
+
+impl std::fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tag => "a tag",
+            Self::Time => "the time column",
+            Self::Float => "a float field",
+            Self::Integer => "an integer field",
+            Self::UInteger => "an unsigned integer field",
+            Self::Boolean => "a boolean field",
+            Self::String => "a string field",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnDef {
+    pub name: String,
+    pub ty: ColumnType,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableDef {
+    pub id: TableId,
+    pub database: DatabaseId,
+    pub name: String,
+    /// Width of a time partition, in nanoseconds.
+    pub partition_nanos: i64,
+    pub columns: Vec<ColumnDef>,
+}
+
+impl TableDef {
+    pub fn column(&self, name: &str) -> Option<&ColumnDef> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The Arrow schema: columns in the order they were added.
+    pub fn schema(&self) -> SchemaRef {
+        let fields: Vec<Field> = self
+            .columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.ty != ColumnType::Time))
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
+
+    /// Columns that identify a row besides time: the tags, in column order.
+    pub fn tag_columns(&self) -> impl Iterator<Item = &ColumnDef> {
+        self.columns.iter().filter(|c| c.ty == ColumnType::Tag)
+    }
+
+    /// Start of the partition `time` falls in.
+    pub fn partition_of(&self, time: i64) -> i64 {
+        time.div_euclid(self.partition_nanos) * self.partition_nanos
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseDef {
+    pub id: DatabaseId,
+    pub name: String,
+    pub tables: BTreeMap<String, TableId>,
+}
+
+/// A persisted Parquet segment: one time partition of one table, as of `max_sequence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentMeta {
+    pub id: SegmentId,
+    pub table: TableId,
+    pub partition: i64,
+    pub path: String,
+    pub min_time: i64,
+    pub max_time: i64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub max_sequence: SequenceNumber,
+}
+
+/// One change to the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CatalogEvent {
+    DatabaseCreated {
+        id: DatabaseId,
+        name: String,
+    },
+    TableCreated {
+        id: TableId,
+        database: DatabaseId,
+        name: String,
+        partition_nanos: i64,
+    },
+    ColumnAdded {
+        table: TableId,
+        column: ColumnDef,
+    },
+    SegmentPersisted(SegmentMeta),
+    /// Every WAL record at or below `sequence` is in persisted segments.
+    WalPersisted {
+        sequence: SequenceNumber,
+    },
+}
+
+/// The fold of every catalog event so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogState {
+    pub sequence: CatalogSequence,
+    pub databases: BTreeMap<String, DatabaseDef>,
+    pub tables: BTreeMap<TableId, TableDef>,
+    /// Per table, segments in the order they were persisted.
+    pub segments: BTreeMap<TableId, Vec<SegmentMeta>>,
+    pub persisted_sequence: SequenceNumber,
+    pub next_database_id: u32,
+    pub next_table_id: u32,
+    pub next_segment_id: u64,
+}
+
+impl CatalogState {
+    pub fn database(&self, name: &str) -> Option<&DatabaseDef> {
+        self.databases.get(name)
+    }
+
+    pub fn table(&self, database: &str, table: &str) -> Option<&TableDef> {
+        let id = self.databases.get(database)?.tables.get(table)?;
+        self.tables.get(id)
+    }
+
+    pub fn table_by_id(&self, id: TableId) -> Option<&TableDef> {
+        self.tables.get(&id)
+    }
+
+    pub fn segments(&self, table: TableId) -> &[SegmentMeta] {
+        self.segments.get(&table).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Applies one event, checking it against the current state.
+    pub fn apply(&mut self, event: &CatalogEvent) -> Result<()> {
+        match event {
+            CatalogEvent::DatabaseCreated { id, name } => {
+                self.databases
+                    .entry(name.clone())
+                    .or_insert_with(|| DatabaseDef {
+                        id: *id,
+                        name: name.clone(),
+                        tables: BTreeMap::new(),
+                    });
+                self.next_database_id = self.next_database_id.max(id.get() + 1);
+            }
+            CatalogEvent::TableCreated {
+                id,
+                database,
+                name,
+                partition_nanos,
+            } => {
+                let db = self
+                    .databases
+                    .values_mut()
+                    .find(|d| d.id == *database)
+                    .ok_or(Error::UnknownDatabase(*database))?;
+                db.tables.insert(name.clone(), *id);
+                self.tables.insert(
+                    *id,
+                    TableDef {
+                        id: *id,
+                        database: *database,
+                        name: name.clone(),
+                        partition_nanos: *partition_nanos,
+                        columns: vec![ColumnDef {
+                            name: TIME_COLUMN.into(),
+                            ty: ColumnType::Time,
+                        }],
+                    },
+                );
+                self.next_table_id = self.next_table_id.max(id.get() + 1);
+            }
+            CatalogEvent::ColumnAdded { table, column } => {
+                let def = self
+                    .tables
+                    .get_mut(table)
+                    .ok_or(Error::UnknownTable(*table))?;
+                match def.column(&column.name) {
+                    Some(existing) if existing.ty == column.ty => {}
+                    Some(existing) => {
+                        return Err(Error::TypeConflict {
+                            table: def.name.clone(),
+                            column: column.name.clone(),
+                            existing: existing.ty,
+                            requested: column.ty,
+                        });
+                    }
+                    None => def.columns.push(column.clone()),
+                }
+            }
+            CatalogEvent::SegmentPersisted(meta) => {
+                if !self.tables.contains_key(&meta.table) {
+                    return Err(Error::UnknownTable(meta.table));
+                }
+                self.segments
+                    .entry(meta.table)
+                    .or_default()
+                    .push(meta.clone());
+                self.next_segment_id = self.next_segment_id.max(meta.id.get() + 1);
+            }
+            CatalogEvent::WalPersisted { sequence } => {
+                self.persisted_sequence = self.persisted_sequence.max(*sequence);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A change to a table's schema that a write needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaChange {
+    pub table: String,
+    pub column: String,
+    pub ty: ColumnType,
+}
+
+/// The catalog: current state plus its log in the object store.
+#[derive(Debug)]
+pub struct Catalog {
+    store: Arc<dyn ObjectStore>,
+    state: RwLock<Arc<CatalogState>>,
+    commit: tokio::sync::Mutex<()>,
+    default_partition_nanos: i64,
+}
+
+const LOG_PREFIX: &str = "catalog/log";
+const SNAPSHOT_PREFIX: &str = "catalog/snapshots";
+
+fn log_path(seq: CatalogSequence) -> Path {
+    Path::from(format!("{LOG_PREFIX}/{:020}.json", seq.get()))
+}
+
+fn snapshot_path(seq: CatalogSequence) -> Path {
+    Path::from(format!("{SNAPSHOT_PREFIX}/{:020}.json", seq.get()))
+}
+
+fn sequence_of(path: &Path) -> Option<CatalogSequence> {
+    let name = path.filename()?;
+    name.strip_suffix(".json")?
+        .parse()
+        .ok()
+        .map(CatalogSequence)
+}
+
+impl Catalog {
+    /// Loads the catalog from `store`: the newest snapshot, then the log after it.
+    pub async fn load(store: Arc<dyn ObjectStore>, default_partition_nanos: i64) -> Result<Self> {
+        let snapshots = list_sequences(&store, SNAPSHOT_PREFIX).await?;
+        let mut state = match snapshots.last() {
+            Some(seq) => {
+                let path = snapshot_path(*seq);
+                let bytes = get(&store, &path).await?;
+                format::decode_snapshot(&bytes).map_err(|reason| Error::Decode {
+                    path: path.to_string(),
+                    reason,
+                })?
+            }
+            None => CatalogState::default(),
+        };
+        for seq in list_sequences(&store, LOG_PREFIX).await? {
+            if seq <= state.sequence {
+                continue;
+            }
+            let path = log_path(seq);
+            let bytes = get(&store, &path).await?;
+            let tx = format::decode_transaction(&bytes).map_err(|reason| Error::Decode {
+                path: path.to_string(),
+                reason,
+            })?;
+            if tx.sequence != state.sequence.next() {
+                return Err(Error::Decode {
+                    path: path.to_string(),
+                    reason: format!(
+                        "transaction {} follows {}; the log has a gap",
+                        tx.sequence, state.sequence
+                    ),
+                });
+            }
+            for event in &tx.events {
+                state.apply(event)?;
+            }
+            state.sequence = tx.sequence;
+        }
+        Ok(Self {
+            store,
+            state: RwLock::new(Arc::new(state)),
+            commit: tokio::sync::Mutex::new(()),
+            default_partition_nanos,
+        })
+    }
+
+    /// The current state; cheap, and unaffected by later commits.
+    pub fn snapshot(&self) -> Arc<CatalogState> {
+        Arc::clone(&self.state.read())
+    }
+
+    /// Validates `events` against the current state, writes them as one transaction and
+    /// makes them current. Nothing is applied if any event is invalid.
+    pub async fn commit(&self, events: Vec<CatalogEvent>) -> Result<Arc<CatalogState>> {
+        let _guard = self.commit.lock().await;
+        self.commit_locked(events).await
+    }
+
+    async fn commit_locked(&self, events: Vec<CatalogEvent>) -> Result<Arc<CatalogState>> {
+        let current = self.snapshot();
+        if events.is_empty() {
+            return Ok(current);
+        }
+        let mut next = CatalogState::clone(&current);
+        for event in &events {
+            next.apply(event)?;
+        }
+        next.sequence = current.sequence.next();
+        let tx = format::Transaction {
+            sequence: next.sequence,
+            events,
+        };
+        let path = log_path(next.sequence);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(
+                &path,
+                PutPayload::from(format::encode_transaction(&tx)),
+                opts,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(Error::Conflict {
+                    sequence: next.sequence,
+                });
+            }
+            Err(source) => {
+                return Err(Error::Store {
+                    path: path.to_string(),
+                    source,
+                });
+            }
+        }
+        if next.sequence.get() % SNAPSHOT_INTERVAL == 0 {
+            let path = snapshot_path(next.sequence);
+            // A failed snapshot only makes the next load replay more of the log.
+            if let Err(e) = self
+                .store
+                .put(&path, PutPayload::from(format::encode_snapshot(&next)))
+                .await
+            {
+                tracing::warn!(error = %e, %path, "writing catalog snapshot failed");
+            }
+        }
+        let next = Arc::new(next);
+        *self.state.write() = Arc::clone(&next);
+        Ok(next)
+    }
+
+    /// Creates the database, tables and columns `changes` name, as one transaction.
+    /// Changes already in the catalog are skipped; a column that exists with another type
+    /// is a [`Error::TypeConflict`] and nothing is committed.
+    pub async fn ensure_schema(
+        &self,
+        database: &str,
+        changes: &[SchemaChange],
+    ) -> Result<Arc<CatalogState>> {
+        let _guard = self.commit.lock().await;
+        let state = self.snapshot();
+        let mut events = Vec::new();
+        let db_id = match state.database(database) {
+            Some(db) => db.id,
+            None => {
+                validate_name(database)?;
+                let id = DatabaseId(state.next_database_id);
+                events.push(CatalogEvent::DatabaseCreated {
+                    id,
+                    name: database.to_owned(),
+                });
+                id
+            }
+        };
+        let mut new_tables: BTreeMap<&str, TableId> = BTreeMap::new();
+        let mut next_table = state.next_table_id;
+        let mut added: BTreeMap<(TableId, &str), ColumnType> = BTreeMap::new();
+        for change in changes {
+            let table_id = match state.table(database, &change.table) {
+                Some(t) => {
+                    if let Some(existing) = t.column(&change.column) {
+                        if existing.ty != change.ty {
+                            return Err(Error::TypeConflict {
+                                table: change.table.clone(),
+                                column: change.column.clone(),
+                                existing: existing.ty,
+                                requested: change.ty,
+                            });
+                        }
+                        continue;
+                    }
+                    t.id
+                }
+                None => match new_tables.get(change.table.as_str()) {
+                    Some(id) => *id,
+                    None => {
+                        validate_name(&change.table)?;
+                        let id = TableId(next_table);
+                        next_table += 1;
+                        new_tables.insert(&change.table, id);
+                        events.push(CatalogEvent::TableCreated {
+                            id,
+                            database: db_id,
+                            name: change.table.clone(),
+                            partition_nanos: self.default_partition_nanos,
+                        });
+                        id
+                    }
+                },
+            };
+            match added.get(&(table_id, change.column.as_str())) {
+                Some(ty) if *ty == change.ty => continue,
+                Some(ty) => {
+                    return Err(Error::TypeConflict {
+                        table: change.table.clone(),
+                        column: change.column.clone(),
+                        existing: *ty,
+                        requested: change.ty,
+                    });
+                }
+                None => {}
+            }
+            added.insert((table_id, &change.column), change.ty);
+            events.push(CatalogEvent::ColumnAdded {
+                table: table_id,
+                column: ColumnDef {
+                    name: change.column.clone(),
+                    ty: change.ty,
+                },
+            });
+        }
+        self.commit_locked(events).await
+    }
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "names must not be empty"
+    } else if name.len() > 255 {
+        "names must be at most 255 bytes"
+    } else if name.chars().any(char::is_control) {
+        "names must not contain control characters"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidName {
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+async fn get(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<bytes::Bytes> {
+    let map = |source| Error::Store {
+        path: path.to_string(),
+        source,
+    };
+    store
+        .get(path)
+        .await
+        .map_err(map)?
+        .bytes()
+        .await
+        .map_err(map)
+}
+
+async fn list_sequences(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+) -> Result<Vec<CatalogSequence>> {
+    let prefix_path = Path::from(prefix);
+    let metas: Vec<_> = store
+        .list(Some(&prefix_path))
+        .try_collect()
+        .await
+        .map_err(|source| Error::Store {
+            path: prefix.to_owned(),
+            source,
+        })?;
+    let mut seqs: Vec<_> = metas
+        .iter()
+        .filter_map(|m| sequence_of(&m.location))
+        .collect();
+    seqs.sort();
+    Ok(seqs)
+}

@@ -1,0 +1,148 @@
+use object_store::memory::InMemory;
+
+use super::*;
+
+fn change(table: &str, column: &str, ty: ColumnType) -> SchemaChange {
+    SchemaChange {
+        table: table.into(),
+        column: column.into(),
+        ty,
+    }
+}
+
+const HOUR: i64 = 3_600_000_000_000;
+
+#[tokio::test]
+async fn schema_changes_survive_reload_and_conflicts_commit_nothing() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let state = catalog
+        .ensure_schema(
+            "plant",
+            &[
+                change("cpu", "host", ColumnType::Tag),
+                change("cpu", "usage", ColumnType::Float),
+            ],
+        )
+        .await
+        .unwrap();
+    let cpu = state.table("plant", "cpu").unwrap();
+    let names: Vec<_> = cpu.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["time", "host", "usage"]);
+    assert_eq!(state.sequence, CatalogSequence(1));
+
+    let err = catalog
+        .ensure_schema(
+            "plant",
+            &[
+                change("cpu", "new", ColumnType::Integer),
+                change("cpu", "usage", ColumnType::String),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TypeConflict { ref column, .. } if column == "usage"),
+        "{err}"
+    );
+    assert!(
+        catalog
+            .snapshot()
+            .table("plant", "cpu")
+            .unwrap()
+            .column("new")
+            .is_none()
+    );
+
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
+}
+
+#[tokio::test]
+async fn snapshots_shorten_replay_and_give_the_same_state() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    for i in 0..(SNAPSHOT_INTERVAL + 5) {
+        catalog
+            .ensure_schema("db", &[change("t", &format!("f{i}"), ColumnType::Integer)])
+            .await
+            .unwrap();
+    }
+    let snapshots = list_sequences(&store, SNAPSHOT_PREFIX).await.unwrap();
+    assert_eq!(snapshots, vec![CatalogSequence(SNAPSHOT_INTERVAL)]);
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
+    assert_eq!(
+        reloaded.snapshot().table("db", "t").unwrap().columns.len() as u64,
+        SNAPSHOT_INTERVAL + 6
+    );
+}
+
+#[tokio::test]
+async fn a_second_writer_of_the_same_sequence_is_refused() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let a = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let b = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    a.ensure_schema("db", &[change("t", "x", ColumnType::Float)])
+        .await
+        .unwrap();
+    let err = b
+        .ensure_schema("db", &[change("t", "y", ColumnType::Float)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Conflict {
+                sequence: CatalogSequence(1)
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_and_unknown_version_entries_name_the_path() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    catalog
+        .ensure_schema("db", &[change("t", "x", ColumnType::Float)])
+        .await
+        .unwrap();
+    store
+        .put(
+            &log_path(CatalogSequence(2)),
+            PutPayload::from_static(b"{\"version\": 9}"),
+        )
+        .await
+        .unwrap();
+    let err = Catalog::load(Arc::clone(&store), HOUR)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("catalog/log/00000000000000000002.json")
+            && err.contains("supported versions: [1]"),
+        "{err}"
+    );
+    store
+        .put(
+            &log_path(CatalogSequence(2)),
+            PutPayload::from_static(b"{not json"),
+        )
+        .await
+        .unwrap();
+    let err = Catalog::load(Arc::clone(&store), HOUR)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("00000000000000000002.json"), "{err}");
+}
+
+#[test]
+fn invalid_names_are_rejected() {
+    assert!(validate_name("").is_err());
+    assert!(validate_name("a\nb").is_err());
+    assert!(validate_name(&"x".repeat(256)).is_err());
+    assert!(validate_name("plant floor/line 1").is_ok());
+}

@@ -1,0 +1,427 @@
+//! The storage engine: WAL + write buffer + persistence + catalog, behind one handle.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::buffer::{BufferPartition, Chunk, WriteBuffer};
+use crate::catalog::{self, Catalog, CatalogEvent, CatalogState, SegmentMeta, TableDef};
+use crate::dedup::merge_last_write_wins;
+use crate::ids::{SegmentId, SequenceNumber, TableId};
+use crate::persist::{encode_segment, sort_key};
+use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
+use crate::write::WriteBatch;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Wal(#[from] wal::Error),
+    #[error(transparent)]
+    Catalog(#[from] catalog::Error),
+    #[error(
+        "write buffer is full ({bytes} bytes buffered, limit {limit}); persistence is behind, retry later"
+    )]
+    BufferFull { bytes: usize, limit: usize },
+    #[error("encoding failed: {0}")]
+    Encode(String),
+    #[error("writing segment {path}: {source}")]
+    Store {
+        path: String,
+        source: object_store::Error,
+    },
+    #[error("the storage engine is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Whether a client should retry the same request later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::BufferFull { .. } | Self::ShuttingDown)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub wal_dir: PathBuf,
+    pub wal_sync: SyncPolicy,
+    pub wal_max_file_bytes: u64,
+    /// Width of a table's time partitions (new tables).
+    pub partition_duration: Duration,
+    /// Persist when the buffer holds this many bytes.
+    pub persist_buffer_bytes: usize,
+    /// Persist when the oldest unpersisted write is this old.
+    pub persist_interval: Duration,
+    /// Refuse writes (retry later) while the buffer holds more than this.
+    pub max_buffer_bytes: usize,
+}
+
+impl EngineConfig {
+    pub fn new(wal_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            wal_dir: wal_dir.into(),
+            wal_sync: SyncPolicy::Always,
+            wal_max_file_bytes: 64 * 1024 * 1024,
+            partition_duration: Duration::from_secs(3600),
+            persist_buffer_bytes: 256 * 1024 * 1024,
+            persist_interval: Duration::from_secs(300),
+            max_buffer_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counters the server exports as metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub rows_written: AtomicU64,
+    pub segments_persisted: AtomicU64,
+    pub bytes_persisted: AtomicU64,
+    pub persist_failures: AtomicU64,
+    pub writes_refused: AtomicU64,
+}
+
+/// What a query needs of one table: its definition, persisted segments and buffer.
+#[derive(Debug, Clone)]
+pub struct TableData {
+    pub def: TableDef,
+    pub segments: Vec<SegmentMeta>,
+    pub buffer: Vec<BufferPartition>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PersistOutcome {
+    pub through: SequenceNumber,
+    pub segments: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    pub wal_files_removed: usize,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    catalog: Arc<Catalog>,
+    store: Arc<dyn ObjectStore>,
+    wal: Arc<Wal>,
+    buffer: Arc<WriteBuffer>,
+    persist_lock: tokio::sync::Mutex<()>,
+    persist_wanted: tokio::sync::Notify,
+    stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads the catalog, replays the WAL into the buffer and opens the WAL for appends.
+    pub async fn open(
+        config: EngineConfig,
+        store: Arc<dyn ObjectStore>,
+        wal_observer: Option<Arc<dyn WalObserver>>,
+    ) -> Result<Arc<Self>> {
+        let partition_nanos = i64::try_from(config.partition_duration.as_nanos())
+            .map_err(|_| Error::Internal("partition duration too large".into()))?
+            .max(1);
+        let catalog = Arc::new(Catalog::load(Arc::clone(&store), partition_nanos).await?);
+        let state = catalog.snapshot();
+        let persisted = state.persisted_sequence;
+        let buffer = Arc::new(WriteBuffer::new(persisted));
+
+        let wal_config = WalConfig {
+            dir: config.wal_dir.clone(),
+            sync: config.wal_sync,
+            max_file_bytes: config.wal_max_file_bytes,
+            max_group_bytes: 16 * 1024 * 1024,
+        };
+        let replay_buffer = Arc::clone(&buffer);
+        let observer = wal_observer.unwrap_or_else(|| Arc::new(NoObserver));
+        let (wal, stats) = tokio::task::spawn_blocking(move || {
+            Wal::open_with_observer(
+                wal_config,
+                persisted.next(),
+                &mut |record| {
+                    if record.sequence <= persisted {
+                        return Ok(());
+                    }
+                    let batch = WriteBatch::decode(record.payload)?;
+                    replay_buffer.apply(record.sequence, &batch, &state);
+                    Ok(())
+                },
+                observer,
+            )
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        tracing::info!(
+            files = stats.files,
+            records = stats.records,
+            truncated_bytes = stats.truncated_bytes,
+            persisted = %persisted,
+            buffered_bytes = buffer.bytes(),
+            "WAL replayed"
+        );
+        let removed = wal.remove_files_up_to(persisted)?;
+        if !removed.is_empty() {
+            tracing::info!(files = removed.len(), "removed fully persisted WAL files");
+        }
+        Ok(Arc::new(Self {
+            config,
+            catalog,
+            store,
+            wal: Arc::new(wal),
+            buffer,
+            persist_lock: tokio::sync::Mutex::new(()),
+            persist_wanted: tokio::sync::Notify::new(),
+            stats: EngineStats::default(),
+        }))
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffer.bytes()
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// Makes `batch` durable in the WAL, then visible in the buffer. Runs to completion
+    /// even if the caller stops waiting, so an acknowledged sequence is always applied.
+    pub async fn write(&self, batch: WriteBatch) -> Result<SequenceNumber> {
+        let bytes = self.buffer.bytes();
+        if bytes > self.config.max_buffer_bytes {
+            self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
+            self.persist_wanted.notify_one();
+            return Err(Error::BufferFull {
+                bytes,
+                limit: self.config.max_buffer_bytes,
+            });
+        }
+        let payload = batch.encode().map_err(|e| Error::Encode(e.to_string()))?;
+        let rows = batch.rows() as u64;
+        let wal = Arc::clone(&self.wal);
+        let buffer = Arc::clone(&self.buffer);
+        let catalog = Arc::clone(&self.catalog);
+        let task = tokio::spawn(async move {
+            let seq = wal.append(RecordKind::WriteBatch, payload).await?;
+            buffer.apply(seq, &batch, &catalog.snapshot());
+            Ok::<_, Error>(seq)
+        });
+        let seq = task.await.map_err(|e| Error::Internal(e.to_string()))??;
+        self.stats.rows_written.fetch_add(rows, Ordering::Relaxed);
+        if self.buffer.bytes() >= self.config.persist_buffer_bytes {
+            self.persist_wanted.notify_one();
+        }
+        Ok(seq)
+    }
+
+    /// A consistent view of one table for a query. Buffer chunks that can be merged are
+    /// merged here (and the merge kept) so later queries do less work.
+    pub fn table_data(&self, table: TableId) -> Option<TableData> {
+        // Buffer first, then catalog: a persistence that completes in between leaves the
+        // rows in both (deduplicated by the reader), never in neither.
+        let mut buffer = self.buffer.partitions(table);
+        let state = self.catalog.snapshot();
+        let def = state.table_by_id(table)?.clone();
+        let watermark = self.buffer.applied_through();
+        let schema = def.schema();
+        let key = sort_key(&def);
+        for part in &mut buffer {
+            let mergeable: Vec<&Chunk> = part
+                .chunks
+                .iter()
+                .filter(|c| c.max_sequence <= watermark)
+                .collect();
+            if mergeable.len() < 2 {
+                continue;
+            }
+            let batches: Vec<_> = mergeable.iter().map(|c| c.batch.clone()).collect();
+            let ids: Vec<u64> = mergeable.iter().map(|c| c.id).collect();
+            let max_seq = mergeable
+                .iter()
+                .map(|c| c.max_sequence)
+                .max()
+                .unwrap_or_default();
+            match merge_last_write_wins(&batches, &schema, &key) {
+                Ok(merged) => {
+                    let merged = Chunk::new(max_seq, merged);
+                    self.buffer
+                        .replace_with_merged(table, part.partition, &ids, merged.clone());
+                    part.chunks.retain(|c| c.max_sequence > watermark);
+                    part.chunks.insert(0, merged);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "merging buffer chunks failed; reading them unmerged")
+                }
+            }
+        }
+        Some(TableData {
+            segments: state.segments(table).to_vec(),
+            def,
+            buffer,
+        })
+    }
+
+    /// Runs `persist` whenever the buffer is big or old enough, until `shutdown` resolves.
+    pub async fn run_persister(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = self.persist_wanted.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let old = self.buffer.oldest_unpersisted().is_some_and(|t| t.elapsed() >= self.config.persist_interval);
+                    if !old && self.buffer.bytes() < self.config.persist_buffer_bytes {
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.persist().await {
+                self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "persistence failed; will retry");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// Persists everything in the buffer up to its watermark: writes the segments, records
+    /// them in the catalog, drops them from the buffer and deletes WAL files they cover.
+    pub async fn persist(&self) -> Result<PersistOutcome> {
+        let _guard = self.persist_lock.lock().await;
+        let (through, parts) = self.buffer.begin_persist();
+        let result = self.persist_parts(through, parts).await;
+        self.buffer
+            .end_persist(result.as_ref().ok().map(|o| o.through));
+        let mut outcome = result?;
+        if outcome.segments > 0 {
+            outcome.wal_files_removed = self.wal.remove_files_up_to(outcome.through)?.len();
+            tracing::info!(
+                through = %outcome.through,
+                segments = outcome.segments,
+                rows = outcome.rows,
+                bytes = outcome.bytes,
+                wal_files_removed = outcome.wal_files_removed,
+                "persisted buffer"
+            );
+        }
+        Ok(outcome)
+    }
+
+    async fn persist_parts(
+        &self,
+        through: SequenceNumber,
+        parts: Vec<(TableId, BufferPartition)>,
+    ) -> Result<PersistOutcome> {
+        let state = self.catalog.snapshot();
+        if parts.is_empty() || through <= state.persisted_sequence {
+            return Ok(PersistOutcome {
+                through,
+                ..Default::default()
+            });
+        }
+        let mut next_segment = state.next_segment_id;
+        let mut events = Vec::new();
+        let mut outcome = PersistOutcome {
+            through,
+            ..Default::default()
+        };
+        for (table, part) in parts {
+            let def = state.table_by_id(table).cloned().ok_or_else(|| {
+                Error::Internal(format!("buffered table {table} missing from catalog"))
+            })?;
+            let batches: Vec<_> = part.chunks.iter().map(|c| c.batch.clone()).collect();
+            let max_sequence = part
+                .chunks
+                .iter()
+                .map(|c| c.max_sequence)
+                .max()
+                .unwrap_or(through);
+            let encode_def = def.clone();
+            let (merged, bytes) =
+                tokio::task::spawn_blocking(move || encode_segment(&encode_def, &batches))
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?
+                    .map_err(Error::Encode)?;
+            let id = SegmentId(next_segment);
+            next_segment += 1;
+            let path = format!(
+                "segments/{}/{}/{}-{:020}.parquet",
+                def.database.get(),
+                def.id.get(),
+                part.partition,
+                id.get()
+            );
+            let size = bytes.len() as u64;
+            self.store
+                .put(&Path::from(path.as_str()), PutPayload::from(bytes))
+                .await
+                .map_err(|source| Error::Store {
+                    path: path.clone(),
+                    source,
+                })?;
+            let (min_time, max_time) = Chunk::new(max_sequence, merged.clone()).time_bounds();
+            events.push(CatalogEvent::SegmentPersisted(SegmentMeta {
+                id,
+                table,
+                partition: part.partition,
+                path,
+                min_time,
+                max_time,
+                rows: merged.num_rows() as u64,
+                bytes: size,
+                max_sequence,
+            }));
+            outcome.segments += 1;
+            outcome.rows += merged.num_rows() as u64;
+            outcome.bytes += size;
+        }
+        events.push(CatalogEvent::WalPersisted { sequence: through });
+        self.catalog.commit(events).await?;
+        self.stats
+            .segments_persisted
+            .fetch_add(outcome.segments as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_persisted
+            .fetch_add(outcome.bytes, Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    /// Persists what is buffered and closes the WAL. Writes after this fail.
+    pub async fn shutdown(&self) -> Result<()> {
+        let result = self.persist().await.map(|_| ());
+        let wal = Arc::clone(&self.wal);
+        tokio::task::spawn_blocking(move || wal.shutdown())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        result
+    }
+
+    pub fn catalog_state(&self) -> Arc<CatalogState> {
+        self.catalog.snapshot()
+    }
+}
+
+struct NoObserver;
+impl WalObserver for NoObserver {}

@@ -1,0 +1,34 @@
+//! Kiln's storage engine: where an acknowledged write lives until it is Parquet.
+//!
+//! ```text
+//!  WriteBatch ──▶ wal (checksummed records, group-committed fsync) ──ack──▶ caller
+//!                  │
+//!                  └─▶ buffer (Arrow chunks per table × time partition, queryable)
+//!                        │  size / age / shutdown
+//!                        ▼
+//!                      persist ──▶ Parquet segment in the object store
+//!                        │
+//!                        ▼
+//!                      catalog (event log in the object store) ──▶ WAL files deleted
+//! ```
+//!
+//! * [`wal`]: the write-ahead log and its recovery.
+//! * [`buffer`]: unpersisted rows, split by time partition.
+//! * [`persist`]: Parquet encoding of a partition.
+//! * [`catalog`]: databases, tables, columns and segments as an event-sourced log.
+//! * [`dedup`]: the last-write-wins rule used everywhere rows can repeat.
+//! * [`engine`]: all of the above behind one handle.
+//!
+//! The engine knows nothing of HTTP, SQL text or Kafka.
+
+pub mod buffer;
+pub mod catalog;
+pub mod dedup;
+pub mod durable_store;
+pub mod engine;
+pub mod ids;
+pub mod persist;
+pub mod wal;
+pub mod write;
+
+pub use engine::{Engine, EngineConfig, TableData};
