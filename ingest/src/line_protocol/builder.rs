@@ -1,0 +1,398 @@
+//! Line protocol → validated Arrow batches, one per table, checked against the catalog.
+//!
+//! A line is validated whole before any of it is appended, so a rejected line leaves no
+//! trace. A field's type is the catalog's, or for a new column the type of its first
+//! occurrence in the request; a later line with another type is rejected naming the line,
+//! column and field.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder,
+    StringDictionaryBuilder, TimestampNanosecondBuilder, UInt64Builder,
+};
+use arrow::datatypes::{Field, Int32Type, Schema};
+use kiln_storage::catalog::{CatalogState, ColumnType, SchemaChange, TIME_COLUMN, TableDef};
+
+use super::parser::{FieldValue, Line, ParseError, Parser};
+
+/// Timestamp precision of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Nanoseconds,
+    Microseconds,
+    Milliseconds,
+    Seconds,
+}
+
+impl Precision {
+    fn nanos(self) -> i64 {
+        match self {
+            Self::Nanoseconds => 1,
+            Self::Microseconds => 1_000,
+            Self::Milliseconds => 1_000_000,
+            Self::Seconds => 1_000_000_000,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// Accepts the spellings of InfluxDB v1, v2 and v3 (`ns`, `n`, `nanosecond`, `us`, `u`,
+    /// `microsecond`, `ms`, `millisecond`, `s`, `second`, `auto` = nanoseconds).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "ns" | "n" | "nanosecond" | "auto" => Self::Nanoseconds,
+            "us" | "u" | "µs" | "microsecond" => Self::Microseconds,
+            "ms" | "millisecond" => Self::Milliseconds,
+            "s" | "second" => Self::Seconds,
+            other => return Err(format!("unknown precision {other:?}; use ns, us, ms or s")),
+        })
+    }
+}
+
+/// A rejected line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "line {}, column {}: {}",
+            self.line, self.column, self.message
+        )
+    }
+}
+
+impl From<ParseError> for LineError {
+    fn from(e: ParseError) -> Self {
+        Self {
+            line: e.line,
+            column: e.column,
+            message: e.kind.to_string(),
+        }
+    }
+}
+
+/// The outcome of parsing and validating one request body.
+#[derive(Debug, Default)]
+pub struct ValidatedLines {
+    /// Per table, the accepted rows (column names and Arrow types as in the catalog).
+    pub tables: Vec<(String, RecordBatch)>,
+    /// Tables and columns the catalog must gain before these rows can be written.
+    pub schema_changes: Vec<SchemaChange>,
+    pub rejected: Vec<LineError>,
+    pub accepted_lines: usize,
+}
+
+/// Parses `body` and validates each line against `catalog`'s view of `database`.
+/// `default_time` (nanoseconds) is used for lines without a timestamp.
+pub fn validate_lines(
+    body: &str,
+    database: &str,
+    catalog: &CatalogState,
+    precision: Precision,
+    default_time: i64,
+) -> ValidatedLines {
+    let mut out = ValidatedLines::default();
+    let mut tables: Vec<TableBuilder> = Vec::new();
+    let mut table_index: HashMap<String, usize> = HashMap::new();
+    let mut parser = Parser::new(body);
+    while let Some(parsed) = parser.next() {
+        let line = match parsed {
+            Ok(line) => line,
+            Err(e) => {
+                out.rejected.push(e.into());
+                continue;
+            }
+        };
+        let idx = match table_index.get(line.measurement.as_ref()) {
+            Some(i) => *i,
+            None => {
+                let name = line.measurement.to_string();
+                tables.push(TableBuilder::new(
+                    name.clone(),
+                    catalog.table(database, &name),
+                ));
+                table_index.insert(name, tables.len() - 1);
+                tables.len() - 1
+            }
+        };
+        match tables[idx].append(&line, precision, default_time) {
+            Ok(()) => out.accepted_lines += 1,
+            Err(e) => out.rejected.push(e),
+        }
+    }
+    for t in tables {
+        if t.rows == 0 {
+            continue;
+        }
+        out.schema_changes.extend(t.new_columns());
+        let name = t.name.clone();
+        out.tables.push((name, t.finish()));
+    }
+    out
+}
+
+enum Builder {
+    Tag(StringDictionaryBuilder<Int32Type>),
+    Float(Float64Builder),
+    Integer(Int64Builder),
+    UInteger(UInt64Builder),
+    Boolean(BooleanBuilder),
+    String(StringBuilder),
+}
+
+impl Builder {
+    fn new(ty: ColumnType) -> Self {
+        match ty {
+            ColumnType::Tag | ColumnType::Time => Self::Tag(StringDictionaryBuilder::new()),
+            ColumnType::Float => Self::Float(Float64Builder::new()),
+            ColumnType::Integer => Self::Integer(Int64Builder::new()),
+            ColumnType::UInteger => Self::UInteger(UInt64Builder::new()),
+            ColumnType::Boolean => Self::Boolean(BooleanBuilder::new()),
+            ColumnType::String => Self::String(StringBuilder::new()),
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            Self::Tag(b) => b.append_null(),
+            Self::Float(b) => b.append_null(),
+            Self::Integer(b) => b.append_null(),
+            Self::UInteger(b) => b.append_null(),
+            Self::Boolean(b) => b.append_null(),
+            Self::String(b) => b.append_null(),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Self::Tag(b) => Arc::new(b.finish()),
+            Self::Float(b) => Arc::new(b.finish()),
+            Self::Integer(b) => Arc::new(b.finish()),
+            Self::UInteger(b) => Arc::new(b.finish()),
+            Self::Boolean(b) => Arc::new(b.finish()),
+            Self::String(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+struct Column {
+    name: String,
+    ty: ColumnType,
+    is_new: bool,
+    builder: Builder,
+    /// Row count after this column's last append.
+    filled: usize,
+}
+
+struct TableBuilder {
+    name: String,
+    columns: Vec<Column>,
+    index: HashMap<String, usize>,
+    known: HashMap<String, ColumnType>,
+    time: TimestampNanosecondBuilder,
+    rows: usize,
+    /// Scratch: column index per tag/field of the current line.
+    scratch: Vec<usize>,
+}
+
+/// 1-based character column where `key` (as written, possibly escaped) starts in the line:
+/// the last `key=` occurrence, since fields follow tags and duplicates resolve to the last.
+fn column_of(line: &Line<'_, '_>, key: &str) -> usize {
+    let mut escaped = String::with_capacity(key.len() + 1);
+    super::parser::escape::key(key, &mut escaped);
+    escaped.push('=');
+    line.raw
+        .rfind(&escaped)
+        .map_or(1, |i| line.raw[..i].chars().count() + 1)
+}
+
+fn field_type(v: &FieldValue<'_>) -> ColumnType {
+    match v {
+        FieldValue::Float(_) => ColumnType::Float,
+        FieldValue::Integer(_) => ColumnType::Integer,
+        FieldValue::UInteger(_) => ColumnType::UInteger,
+        FieldValue::Boolean(_) => ColumnType::Boolean,
+        FieldValue::String(_) => ColumnType::String,
+    }
+}
+
+impl TableBuilder {
+    fn new(name: String, def: Option<&TableDef>) -> Self {
+        let known = def
+            .map(|d| d.columns.iter().map(|c| (c.name.clone(), c.ty)).collect())
+            .unwrap_or_default();
+        Self {
+            name,
+            columns: Vec::new(),
+            index: HashMap::new(),
+            known,
+            time: TimestampNanosecondBuilder::new(),
+            rows: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The type `name` has in the catalog or earlier in this request.
+    fn type_of(&self, name: &str) -> Option<ColumnType> {
+        match self.index.get(name) {
+            Some(i) => Some(self.columns[*i].ty),
+            None => self.known.get(name).copied(),
+        }
+    }
+
+    fn check(&self, line: &Line<'_, '_>, name: &str, ty: ColumnType) -> Result<(), LineError> {
+        let err = |message: String| LineError {
+            line: line.number,
+            column: column_of(line, name),
+            message,
+        };
+        if name == TIME_COLUMN {
+            return Err(err(format!(
+                "{name:?} is reserved for the timestamp and cannot be a tag or field name"
+            )));
+        }
+        match self.type_of(name) {
+            Some(existing) if existing != ty => Err(err(format!(
+                "column {name:?} of table {:?} is {existing}; this line writes it as {ty}",
+                self.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn column_for(&mut self, name: &str, ty: ColumnType) -> usize {
+        if let Some(i) = self.index.get(name) {
+            return *i;
+        }
+        let is_new = !self.known.contains_key(name);
+        let mut builder = Builder::new(ty);
+        for _ in 0..self.rows {
+            builder.append_null();
+        }
+        self.columns.push(Column {
+            name: name.to_owned(),
+            ty,
+            is_new,
+            builder,
+            filled: self.rows,
+        });
+        self.index.insert(name.to_owned(), self.columns.len() - 1);
+        self.columns.len() - 1
+    }
+
+    fn append(
+        &mut self,
+        line: &Line<'_, '_>,
+        precision: Precision,
+        default_time: i64,
+    ) -> Result<(), LineError> {
+        // Validate the whole line first.
+        for (k, _) in line.tags {
+            self.check(line, k, ColumnType::Tag)?;
+        }
+        for (k, v) in line.fields {
+            self.check(line, k, field_type(v))?;
+            if line.tags.iter().any(|(t, _)| t == k) {
+                return Err(LineError {
+                    line: line.number,
+                    column: column_of(line, k),
+                    message: format!("{k:?} is used as both a tag and a field"),
+                });
+            }
+        }
+        let time = match line.timestamp {
+            Some(ts) => ts.checked_mul(precision.nanos()).ok_or_else(|| LineError {
+                line: line.number,
+                column: line
+                    .raw
+                    .rfind(' ')
+                    .map_or(1, |i| line.raw[..=i].chars().count() + 1),
+                message: format!("timestamp {ts} is out of range for the given precision"),
+            })?,
+            None => default_time,
+        };
+
+        // Then append. Duplicate keys within a line: the last one wins.
+        self.scratch.clear();
+        for (k, _) in line.tags {
+            let i = self.column_for(k, ColumnType::Tag);
+            self.scratch.push(i);
+        }
+        for (k, v) in line.fields {
+            let i = self.column_for(k, field_type(v));
+            self.scratch.push(i);
+        }
+        let row = self.rows;
+        let tag_count = line.tags.len();
+        for (pos, &ci) in self.scratch.iter().enumerate().rev() {
+            let col = &mut self.columns[ci];
+            if col.filled > row {
+                continue; // a later duplicate already wrote this row
+            }
+            match (&mut col.builder, pos < tag_count) {
+                (Builder::Tag(b), true) => b.append_value(line.tags[pos].1.as_ref()),
+                (b, false) => match (b, &line.fields[pos - tag_count].1) {
+                    (Builder::Float(b), FieldValue::Float(v)) => b.append_value(*v),
+                    (Builder::Integer(b), FieldValue::Integer(v)) => b.append_value(*v),
+                    (Builder::UInteger(b), FieldValue::UInteger(v)) => b.append_value(*v),
+                    (Builder::Boolean(b), FieldValue::Boolean(v)) => b.append_value(*v),
+                    (Builder::String(b), FieldValue::String(v)) => b.append_value(v.as_ref()),
+                    (b, _) => b.append_null(),
+                },
+                (b, true) => b.append_null(),
+            }
+            col.filled = row + 1;
+        }
+        self.rows += 1;
+        for col in &mut self.columns {
+            if col.filled < self.rows {
+                col.builder.append_null();
+                col.filled = self.rows;
+            }
+        }
+        self.time.append_value(time);
+        Ok(())
+    }
+
+    fn new_columns(&self) -> Vec<SchemaChange> {
+        let mut changes: Vec<SchemaChange> = self
+            .columns
+            .iter()
+            .filter(|c| c.is_new)
+            .map(|c| SchemaChange {
+                table: self.name.clone(),
+                column: c.name.clone(),
+                ty: c.ty,
+            })
+            .collect();
+        // Tags first, so a new table's tags come before its fields.
+        changes.sort_by_key(|c| c.ty != ColumnType::Tag);
+        changes
+    }
+
+    fn finish(mut self) -> RecordBatch {
+        let mut fields = vec![Field::new(
+            TIME_COLUMN,
+            ColumnType::Time.arrow_type(),
+            false,
+        )];
+        let mut arrays: Vec<ArrayRef> = vec![Arc::new(self.time.finish())];
+        for col in &mut self.columns {
+            fields.push(Field::new(&col.name, col.ty.arrow_type(), true));
+            arrays.push(col.builder.finish());
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .expect("columns have equal length")
+    }
+}

@@ -1,0 +1,11 @@
+//! InfluxDB line protocol: the [`parser`] and the [`builder`] that turns parsed lines
+//! into validated Arrow batches.
+
+pub mod builder;
+pub mod parser;
+
+#[cfg(test)]
+mod tests;
+
+pub use builder::{LineError, Precision, ValidatedLines, validate_lines};
+pub use parser::{ErrorKind, FieldValue, Line, ParseError, Parser};
