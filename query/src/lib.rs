@@ -1,1 +1,101 @@
-//! kiln-query
+//! Kiln's SQL layer: Apache DataFusion over the storage engine.
+//!
+//! ```text
+//!  SQL ──▶ SessionContext ──▶ catalog `kiln` ──▶ schema per database ──▶ KilnTable
+//!                                                                        │ scan
+//!                                          Parquet segments (pruned) ◀───┤
+//!                                          write buffer (in memory)  ◀───┘
+//! ```
+//!
+//! [`QueryEngine::session`] makes a session whose default schema is the database being
+//! queried, with `information_schema` (and so `SHOW TABLES`) enabled and Kiln's
+//! time-series functions registered.
+
+pub mod provider;
+pub mod time_bucket;
+
+use std::sync::Arc;
+
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use kiln_storage::Engine;
+
+pub use provider::{KilnCatalog, KilnTable, TimeBounds};
+
+/// Name of the DataFusion catalog that holds every database.
+pub const CATALOG_NAME: &str = "kiln";
+
+/// What went wrong with a query, sorted by what the client can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database {0:?} not found")]
+    DatabaseNotFound(String),
+    #[error("{0}")]
+    TableNotFound(String),
+    /// The query is wrong (syntax, unknown column, bad cast, …): fix it and retry.
+    #[error("{0}")]
+    Invalid(String),
+    /// Kiln failed (storage, I/O, resources): not the query's fault.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DataFusionError> for Error {
+    fn from(e: DataFusionError) -> Self {
+        let text = e.strip_backtrace();
+        match e.find_root() {
+            DataFusionError::Plan(msg) if msg.starts_with("table") && msg.contains("not found") => {
+                Error::TableNotFound(msg.clone())
+            }
+            DataFusionError::ObjectStore(_)
+            | DataFusionError::IoError(_)
+            | DataFusionError::ParquetError(_)
+            | DataFusionError::ResourcesExhausted(_)
+            | DataFusionError::Internal(_)
+            | DataFusionError::External(_) => Error::Internal(text),
+            _ => Error::Invalid(text),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryEngine {
+    engine: Arc<Engine>,
+    catalog: Arc<KilnCatalog>,
+}
+
+impl QueryEngine {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            catalog: Arc::new(KilnCatalog::new(Arc::clone(&engine))),
+            engine,
+        }
+    }
+
+    /// A session whose unqualified table names resolve in `database`.
+    pub fn session(&self, database: &str) -> SessionContext {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema(CATALOG_NAME, database)
+            .with_create_default_catalog_and_schema(false);
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_catalog(CATALOG_NAME, Arc::clone(&self.catalog) as _);
+        ctx.register_object_store(
+            provider::object_store_url().as_ref(),
+            Arc::clone(self.engine.store()),
+        );
+        ctx.register_udf(time_bucket::time_bucket());
+        ctx
+    }
+
+    /// Plans and starts `sql` against `database`.
+    pub async fn sql(&self, database: &str, sql: &str) -> Result<SendableRecordBatchStream, Error> {
+        if self.engine.catalog_state().database(database).is_none() {
+            return Err(Error::DatabaseNotFound(database.to_owned()));
+        }
+        let ctx = self.session(database);
+        let df = ctx.sql(sql).await?;
+        Ok(df.execute_stream().await?)
+    }
+}

@@ -1,1 +1,73 @@
-fn main() {}
+//! `kiln`: Kiln's single binary.
+//!
+//! * `kiln serve` runs the server (see [`serve::ServeConfig`] for every flag).
+//! * `kiln write` and `kiln query` talk to a running server.
+
+mod client;
+mod http;
+mod metrics;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Kiln: an event-sourced time-series database for industrial IoT.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: HTTP writes and SQL queries over a durable WAL and Parquet.
+    Serve(serve::ServeConfig),
+    /// Send line protocol to a running server.
+    Write(client::WriteArgs),
+    /// Run a SQL query on a running server and print the result.
+    Query(client::QueryArgs),
+}
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(config) => {
+                init_logging(config.log_format == "json");
+                serve::run(config).await
+            }
+            Command::Write(args) => client::write(args).await,
+            Command::Query(args) => client::query(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -436,7 +436,7 @@ impl Catalog {
                 });
             }
         }
-        if next.sequence.get() % SNAPSHOT_INTERVAL == 0 {
+        if next.sequence.get().is_multiple_of(SNAPSHOT_INTERVAL) {
             let path = snapshot_path(next.sequence);
             // A failed snapshot only makes the next load replay more of the log.
             if let Err(e) = self

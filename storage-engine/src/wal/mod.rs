@@ -91,19 +91,14 @@ impl Error {
 }
 
 /// When an append is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SyncPolicy {
     /// After the record is fsync'd (the default: no acknowledged write is ever lost).
+    #[default]
     Always,
     /// After the record is written; fsync at most this long later. A power loss can lose
     /// up to this much acknowledged data; a process crash loses nothing.
     Interval(Duration),
-}
-
-impl Default for SyncPolicy {
-    fn default() -> Self {
-        Self::Always
-    }
 }
 
 impl std::str::FromStr for SyncPolicy {
@@ -170,6 +165,7 @@ enum Request {
         payload: Vec<u8>,
         reply: oneshot::Sender<Result<SequenceNumber>>,
     },
+    Rotate(oneshot::Sender<Result<()>>),
     Shutdown(std::sync::mpsc::Sender<()>),
 }
 
@@ -284,6 +280,16 @@ impl Wal {
         self.shared.poisoned.load(Ordering::Acquire)
     }
 
+    /// Closes the current file (if it holds any record) and starts a new one, so that
+    /// everything appended so far can be removed by [`Self::remove_files_up_to`].
+    pub async fn rotate(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Rotate(reply))
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
     /// Deletes every closed file whose records all have sequence `<= sequence`.
     /// Returns the ids of the deleted files.
     pub fn remove_files_up_to(&self, sequence: SequenceNumber) -> Result<Vec<WalFileId>> {
@@ -360,6 +366,7 @@ impl Writer {
                 },
             };
             let mut shutdown = None;
+            let mut rotate = None;
             self.buf.clear();
             replies.clear();
             let mut next = first;
@@ -383,6 +390,10 @@ impl Writer {
                         shutdown = Some(done);
                         break;
                     }
+                    Request::Rotate(reply) => {
+                        rotate = Some(reply);
+                        break;
+                    }
                 }
                 if self.buf.len() >= self.config.max_group_bytes {
                     break;
@@ -404,6 +415,20 @@ impl Writer {
                         let _ = reply.send(Err(Error::Poisoned));
                     }
                 }
+            }
+            if let Some(reply) = rotate {
+                let result = if self.shared.poisoned.load(Ordering::Acquire) {
+                    Err(Error::Poisoned)
+                } else if self.file_len > format::FILE_HEADER_LEN as u64 {
+                    self.rotate(&mut unsynced_since)
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "WAL rotation failed; refusing further writes");
+                    self.shared.poisoned.store(true, Ordering::Release);
+                }
+                let _ = reply.send(result);
             }
             if let Some(done) = shutdown {
                 let _ = done.send(());

@@ -2,10 +2,9 @@ use std::collections::BTreeMap;
 
 use super::*;
 
-fn collect(
-    dir: &Path,
-    min_next: SequenceNumber,
-) -> Result<(Wal, ReplayStats, Vec<(SequenceNumber, Vec<u8>)>)> {
+type Replayed = Vec<(SequenceNumber, Vec<u8>)>;
+
+fn collect(dir: &Path, min_next: SequenceNumber) -> Result<(Wal, ReplayStats, Replayed)> {
     let mut seen = Vec::new();
     let (wal, stats) = Wal::open(WalConfig::new(dir), min_next, &mut |r| {
         seen.push((r.sequence, r.payload.to_vec()));

@@ -16,6 +16,9 @@ use crate::persist::{encode_segment, sort_key};
 use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
 use crate::write::WriteBatch;
 
+#[cfg(test)]
+mod tests;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +319,7 @@ impl Engine {
             .end_persist(result.as_ref().ok().map(|o| o.through));
         let mut outcome = result?;
         if outcome.segments > 0 {
+            self.wal.rotate().await?;
             outcome.wal_files_removed = self.wal.remove_files_up_to(outcome.through)?.len();
             tracing::info!(
                 through = %outcome.through,
@@ -341,13 +345,12 @@ impl Engine {
                 ..Default::default()
             });
         }
-        let mut next_segment = state.next_segment_id;
         let mut events = Vec::new();
         let mut outcome = PersistOutcome {
             through,
             ..Default::default()
         };
-        for (table, part) in parts {
+        for (segment_id, (table, part)) in (state.next_segment_id..).zip(parts) {
             let def = state.table_by_id(table).cloned().ok_or_else(|| {
                 Error::Internal(format!("buffered table {table} missing from catalog"))
             })?;
@@ -364,8 +367,7 @@ impl Engine {
                     .await
                     .map_err(|e| Error::Internal(e.to_string()))?
                     .map_err(Error::Encode)?;
-            let id = SegmentId(next_segment);
-            next_segment += 1;
+            let id = SegmentId(segment_id);
             let path = format!(
                 "segments/{}/{}/{}-{:020}.parquet",
                 def.database.get(),

@@ -1,0 +1,388 @@
+//! DataFusion catalog, schema and table providers over Kiln's storage engine.
+//!
+//! One catalog (`kiln`); each database is a schema; each table a [`KilnTable`] whose scan
+//! unions persisted Parquet segments with the write buffer.
+//!
+//! ## How a scan is planned
+//!
+//! Rows can only share an identity (tags, time) within one time partition, so the scan
+//! groups sources by partition, after dropping every source whose time range misses the
+//! query's `time` bounds:
+//!
+//! * a partition with a single source (one segment, or one buffer chunk) is read as is:
+//!   segments through DataFusion's Parquet reader (row-group and page pruning with the
+//!   pushed-down filters), buffer chunks from memory;
+//! * a partition with several sources (segments persisted at different times, or a segment
+//!   plus newer buffered writes) is read whole and merged last-write-wins, oldest first.
+//!
+//! Filters are `Inexact`: DataFusion re-applies them above the scan.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{CatalogProvider, SchemaProvider, Session, TableProvider};
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::datasource::TableType;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::object_store::ObjectStoreUrl;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::union::UnionExec;
+use kiln_storage::Engine;
+use kiln_storage::catalog::{SegmentMeta, TIME_COLUMN, TableDef};
+use kiln_storage::dedup::merge_last_write_wins;
+use kiln_storage::ids::TableId;
+use kiln_storage::persist::sort_key;
+
+/// The URL the engine's object store is registered under in every session.
+pub const OBJECT_STORE_URL: &str = "kiln://objects";
+
+pub fn object_store_url() -> ObjectStoreUrl {
+    ObjectStoreUrl::parse(OBJECT_STORE_URL).expect("constant URL parses")
+}
+
+/// The `kiln` catalog: one schema per database.
+#[derive(Debug)]
+pub struct KilnCatalog {
+    engine: Arc<Engine>,
+}
+
+impl KilnCatalog {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+impl CatalogProvider for KilnCatalog {
+    fn schema_names(&self) -> Vec<String> {
+        self.engine
+            .catalog_state()
+            .databases
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        self.engine.catalog_state().database(name)?;
+        Some(Arc::new(KilnSchema {
+            engine: Arc::clone(&self.engine),
+            database: name.to_owned(),
+        }))
+    }
+}
+
+/// A database as a DataFusion schema.
+#[derive(Debug)]
+pub struct KilnSchema {
+    engine: Arc<Engine>,
+    database: String,
+}
+
+#[async_trait]
+impl SchemaProvider for KilnSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.engine
+            .catalog_state()
+            .database(&self.database)
+            .map(|db| db.tables.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        let state = self.engine.catalog_state();
+        Ok(state.table(&self.database, name).map(|def| {
+            Arc::new(KilnTable {
+                engine: Arc::clone(&self.engine),
+                table: def.id,
+                schema: def.schema(),
+            }) as Arc<dyn TableProvider>
+        }))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.engine
+            .catalog_state()
+            .table(&self.database, name)
+            .is_some()
+    }
+}
+
+/// A table: persisted segments plus the write buffer.
+#[derive(Debug)]
+pub struct KilnTable {
+    engine: Arc<Engine>,
+    table: TableId,
+    schema: SchemaRef,
+}
+
+/// Inclusive bounds on `time` implied by a conjunction of filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBounds {
+    pub min: i64,
+    pub max: i64,
+}
+
+impl Default for TimeBounds {
+    fn default() -> Self {
+        Self {
+            min: i64::MIN,
+            max: i64::MAX,
+        }
+    }
+}
+
+impl TimeBounds {
+    pub fn from_filters(filters: &[Expr]) -> Self {
+        let mut b = Self::default();
+        for f in filters {
+            b.narrow(f);
+        }
+        b
+    }
+
+    fn narrow(&mut self, expr: &Expr) {
+        match expr {
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                if *op == Operator::And {
+                    self.narrow(left);
+                    self.narrow(right);
+                    return;
+                }
+                let (op, value) = match (is_time(left), nanos(right), is_time(right), nanos(left)) {
+                    (true, Some(v), _, _) => (*op, v),
+                    (_, _, true, Some(v)) => match op.swap() {
+                        Some(op) => (op, v),
+                        None => return,
+                    },
+                    _ => return,
+                };
+                match op {
+                    Operator::Eq => {
+                        self.min = self.min.max(value);
+                        self.max = self.max.min(value);
+                    }
+                    Operator::Gt => self.min = self.min.max(value.saturating_add(1)),
+                    Operator::GtEq => self.min = self.min.max(value),
+                    Operator::Lt => self.max = self.max.min(value.saturating_sub(1)),
+                    Operator::LtEq => self.max = self.max.min(value),
+                    _ => {}
+                }
+            }
+            Expr::Between(between) if !between.negated && is_time(&between.expr) => {
+                if let Some(lo) = nanos(&between.low) {
+                    self.min = self.min.max(lo);
+                }
+                if let Some(hi) = nanos(&between.high) {
+                    self.max = self.max.min(hi);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn overlaps(&self, min: i64, max: i64) -> bool {
+        min <= self.max && max >= self.min
+    }
+}
+
+fn is_time(e: &Expr) -> bool {
+    matches!(e, Expr::Column(c) if c.name == TIME_COLUMN)
+}
+
+fn nanos(e: &Expr) -> Option<i64> {
+    let Expr::Literal(v, _) = e else {
+        return None;
+    };
+    match v {
+        ScalarValue::TimestampNanosecond(Some(v), _) => Some(*v),
+        ScalarValue::TimestampMicrosecond(Some(v), _) => v.checked_mul(1_000),
+        ScalarValue::TimestampMillisecond(Some(v), _) => v.checked_mul(1_000_000),
+        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1_000_000_000),
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct PartitionSources {
+    segments: Vec<SegmentMeta>,
+    buffer: Vec<RecordBatch>,
+}
+
+impl KilnTable {
+    fn parquet_exec(
+        &self,
+        state: &dyn Session,
+        def: &TableDef,
+        segments: &[SegmentMeta],
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut source = ParquetSource::new(def.schema()).with_enable_page_index(true);
+        if let Some(predicate) = conjunction(filters.iter().cloned()) {
+            let df_schema = DFSchema::try_from(def.schema())?;
+            match state.create_physical_expr(predicate, &df_schema) {
+                Ok(p) => source = source.with_predicate(p),
+                Err(e) => tracing::debug!(error = %e, "filter not usable for Parquet pruning"),
+            }
+        }
+        let target = state.config().target_partitions().max(1);
+        let mut groups: Vec<Vec<PartitionedFile>> =
+            vec![Vec::new(); target.min(segments.len()).max(1)];
+        for (i, s) in segments.iter().enumerate() {
+            let n = groups.len();
+            groups[i % n].push(PartitionedFile::new(s.path.clone(), s.bytes));
+        }
+        let config = FileScanConfigBuilder::new(object_store_url(), Arc::new(source))
+            .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+#[async_trait]
+impl TableProvider for KilnTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some(data) = self.engine.table_data(self.table) else {
+            return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
+        };
+        // The table may have gained columns since planning started; read with the schema
+        // the plan was made for.
+        let mut def = data.def.clone();
+        def.columns
+            .retain(|c| self.schema.field_with_name(&c.name).is_ok());
+        let bounds = TimeBounds::from_filters(filters);
+
+        let mut partitions: BTreeMap<i64, PartitionSources> = BTreeMap::new();
+        for s in data
+            .segments
+            .iter()
+            .filter(|s| bounds.overlaps(s.min_time, s.max_time))
+        {
+            partitions
+                .entry(s.partition)
+                .or_default()
+                .segments
+                .push(s.clone());
+        }
+        for p in data
+            .buffer
+            .iter()
+            .filter(|p| bounds.overlaps(p.min_time(), p.max_time()))
+        {
+            partitions
+                .entry(p.partition)
+                .or_default()
+                .buffer
+                .extend(p.chunks.iter().map(|c| c.batch.clone()));
+        }
+
+        let mut single_segments = Vec::new();
+        let mut memory: Vec<RecordBatch> = Vec::new();
+        let mut to_merge = Vec::new();
+        for (_, sources) in partitions {
+            match (sources.segments.len(), sources.buffer.len()) {
+                (1, 0) => single_segments.extend(sources.segments),
+                (0, 1) => memory.extend(sources.buffer),
+                _ => to_merge.push(sources),
+            }
+        }
+
+        let schema = def.schema();
+        let key = sort_key(&def);
+        for sources in to_merge {
+            let mut batches = Vec::new();
+            if !sources.segments.is_empty() {
+                for segment in &sources.segments {
+                    // Segments are read one at a time so their order (= write order) holds.
+                    let exec = self.parquet_exec(
+                        state,
+                        &def,
+                        std::slice::from_ref(segment),
+                        None,
+                        &[],
+                        None,
+                    )?;
+                    batches
+                        .extend(datafusion::physical_plan::collect(exec, state.task_ctx()).await?);
+                }
+            }
+            batches.extend(sources.buffer);
+            let merged = merge_last_write_wins(&batches, &schema, &key)?;
+            memory.push(merged);
+        }
+
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        if !single_segments.is_empty() {
+            inputs.push(self.parquet_exec(
+                state,
+                &def,
+                &single_segments,
+                projection,
+                filters,
+                limit,
+            )?);
+        }
+        if !memory.is_empty() {
+            let memory = memory
+                .iter()
+                .map(|b| kiln_storage::dedup::align_to_schema(b, &schema))
+                .collect::<Result<Vec<_>, _>>()?;
+            let target = state.config().target_partitions().max(1);
+            let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); target.min(memory.len())];
+            for (i, b) in memory.into_iter().enumerate() {
+                let n = parts.len();
+                parts[i % n].push(b);
+            }
+            inputs.push(MemorySourceConfig::try_new_exec(
+                &parts,
+                Arc::clone(&schema),
+                projection.cloned(),
+            )?);
+        }
+        if inputs.is_empty() {
+            return Ok(Arc::new(EmptyExec::new(project(&schema, projection)?)));
+        }
+        UnionExec::try_new(inputs)
+    }
+}
+
+fn project(schema: &SchemaRef, projection: Option<&Vec<usize>>) -> Result<SchemaRef> {
+    Ok(match projection {
+        Some(p) => Arc::new(schema.project(p)?),
+        None => Arc::clone(schema),
+    })
+}

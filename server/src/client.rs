@@ -1,0 +1,142 @@
+//! `kiln write` and `kiln query`: command-line clients of a running server.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientOptions {
+    /// Base URL of the Kiln server.
+    #[arg(long, env = "KILN_HOST", default_value = "http://127.0.0.1:8080")]
+    pub host: String,
+
+    /// Database to write to or query.
+    #[arg(long, short = 'd', env = "KILN_DATABASE")]
+    pub database: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WriteArgs {
+    #[command(flatten)]
+    pub client: ClientOptions,
+
+    /// Timestamp precision of the lines: ns, us, ms or s.
+    #[arg(long, default_value = "ns")]
+    pub precision: String,
+
+    /// Write nothing if any line is invalid (by default valid lines are written).
+    #[arg(long)]
+    pub reject_all_on_error: bool,
+
+    /// Line protocol file to send; `-` or nothing reads standard input.
+    pub file: Option<PathBuf>,
+
+    /// Line protocol given directly on the command line instead of a file.
+    #[arg(long, short = 'l', conflicts_with = "file")]
+    pub line: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub client: ClientOptions,
+
+    /// Output format: pretty (a table), json, jsonl, csv or parquet.
+    #[arg(long, short = 'f', default_value = "pretty")]
+    pub format: String,
+
+    /// The SQL query.
+    pub sql: String,
+}
+
+fn http() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+async fn error_text(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<serde_json::Value>(&body) {
+        Ok(v) => {
+            let mut out = format!("{status}: {}", v["error"].as_str().unwrap_or(&body));
+            if let Some(lines) = v["data"].as_array() {
+                for l in lines {
+                    out.push_str(&format!(
+                        "\n  line {}, column {}: {}",
+                        l["line_number"],
+                        l["column"],
+                        l["error_message"].as_str().unwrap_or("")
+                    ));
+                }
+            }
+            out
+        }
+        Err(_) => format!("{status}: {body}"),
+    }
+}
+
+pub async fn write(args: WriteArgs) -> Result<(), String> {
+    let body = if !args.line.is_empty() {
+        args.line.join("\n")
+    } else {
+        let mut text = String::new();
+        match args.file.as_deref() {
+            None => std::io::stdin().read_to_string(&mut text),
+            Some(p) if p.as_os_str() == "-" => std::io::stdin().read_to_string(&mut text),
+            Some(p) => std::fs::File::open(p).and_then(|mut f| f.read_to_string(&mut text)),
+        }
+        .map_err(|e| format!("cannot read input: {e}"))?;
+        text
+    };
+    let url = format!("{}/api/v3/write_lp", args.client.host.trim_end_matches('/'));
+    let resp = http()?
+        .post(url)
+        .query(&[
+            ("db", args.client.database.as_str()),
+            ("precision", args.precision.as_str()),
+            (
+                "accept_partial",
+                if args.reject_all_on_error {
+                    "false"
+                } else {
+                    "true"
+                },
+            ),
+        ])
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", args.client.host))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(error_text(resp).await)
+    }
+}
+
+pub async fn query(args: QueryArgs) -> Result<(), String> {
+    let url = format!(
+        "{}/api/v3/query_sql",
+        args.client.host.trim_end_matches('/')
+    );
+    let resp = http()?
+        .post(url)
+        .json(
+            &serde_json::json!({"db": args.client.database, "q": args.sql, "format": args.format}),
+        )
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", args.client.host))?;
+    if !resp.status().is_success() {
+        return Err(error_text(resp).await);
+    }
+    let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| e.to_string())
+}

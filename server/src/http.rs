@@ -1,0 +1,623 @@
+//! The HTTP API: line protocol writes (InfluxDB v1, v2 and v3 paths), SQL queries,
+//! health, readiness and metrics.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use arrow::array::RecordBatch;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::TryStreamExt;
+use kiln_ingest::line_protocol::{LineError, Precision, validate_lines};
+use kiln_query::QueryEngine;
+use kiln_storage::Engine;
+use kiln_storage::write::{TableWrite, WriteBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub query: QueryEngine,
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    pub max_body_bytes: usize,
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/api/v3/write_lp", post(write_v3))
+        .route("/api/v2/write", post(write_v2))
+        .route("/write", post(write_v1))
+        .route("/api/v3/query_sql", get(query_get).post(query_post))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An error answered to a client: status, message and, for writes, the rejected lines.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    lines: Vec<RejectedLine>,
+    retry_after: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RejectedLine {
+    pub line_number: usize,
+    pub column: usize,
+    pub error_message: String,
+    pub original_line: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "<[RejectedLine]>::is_empty")]
+    data: &'a [RejectedLine],
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            lines: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorBody {
+            error: &self.message,
+            data: &self.lines,
+        })
+        .unwrap_or_default();
+        let mut resp = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+impl From<kiln_storage::engine::Error> for ApiError {
+    fn from(e: kiln_storage::engine::Error) -> Self {
+        use kiln_storage::engine::Error as E;
+        match &e {
+            E::BufferFull { .. } => Self {
+                retry_after: Some(1),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+            },
+            E::ShuttingDown | E::Wal(kiln_storage::wal::Error::Closed) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            ),
+            E::Wal(kiln_storage::wal::Error::Poisoned) => {
+                tracing::error!(error = %e, "write refused");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the write-ahead log failed to sync earlier and refuses writes; see the server log",
+                )
+            }
+            E::Catalog(kiln_storage::catalog::Error::InvalidName { .. }) => {
+                Self::bad_request(e.to_string())
+            }
+            _ => {
+                tracing::error!(error = %e, "write failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error while writing; see the server log",
+                )
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WriteV3Params {
+    db: Option<String>,
+    precision: Option<String>,
+    accept_partial: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WriteV2Params {
+    bucket: Option<String>,
+    precision: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WriteV1Params {
+    db: Option<String>,
+    precision: Option<String>,
+}
+
+async fn write_v3(
+    State(s): State<AppState>,
+    Query(p): Query<WriteV3Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let db =
+        p.db.ok_or_else(|| ApiError::bad_request("missing query parameter `db`"));
+    handle_write(
+        s,
+        db,
+        p.precision,
+        p.accept_partial.unwrap_or(true),
+        headers,
+        body,
+    )
+    .await
+}
+
+async fn write_v2(
+    State(s): State<AppState>,
+    Query(p): Query<WriteV2Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let db = p
+        .bucket
+        .ok_or_else(|| ApiError::bad_request("missing query parameter `bucket`"));
+    handle_write(s, db, p.precision, true, headers, body).await
+}
+
+async fn write_v1(
+    State(s): State<AppState>,
+    Query(p): Query<WriteV1Params>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let db =
+        p.db.ok_or_else(|| ApiError::bad_request("missing query parameter `db`"));
+    handle_write(s, db, p.precision, true, headers, body).await
+}
+
+async fn handle_write(
+    s: AppState,
+    db: Result<String, ApiError>,
+    precision: Option<String>,
+    accept_partial: bool,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match write(s, db, precision, accept_partial, headers, body).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+/// Gunzips `body` if the request says it is gzip, refusing to inflate past `limit`.
+fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, ApiError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "" | "identity" => Ok(body),
+        "gzip" | "x-gzip" => {
+            let mut out = Vec::new();
+            let mut reader = flate2::read::MultiGzDecoder::new(&body[..]).take(limit as u64 + 1);
+            reader
+                .read_to_end(&mut out)
+                .map_err(|e| ApiError::bad_request(format!("invalid gzip body: {e}")))?;
+            if out.len() > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("decompressed request body exceeds the {limit}-byte limit"),
+                ));
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported Content-Encoding {other:?}; use gzip or none"),
+        )),
+    }
+}
+
+fn original_line(body: &str, number: usize) -> String {
+    let line = body.split('\n').nth(number.saturating_sub(1)).unwrap_or("");
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut end = line.len().min(256);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line[..end].to_owned()
+}
+
+fn rejected(body: &str, errors: &[LineError]) -> Vec<RejectedLine> {
+    errors
+        .iter()
+        .map(|e| RejectedLine {
+            line_number: e.line,
+            column: e.column,
+            error_message: e.message.clone(),
+            original_line: original_line(body, e.line),
+        })
+        .collect()
+}
+
+async fn write(
+    s: AppState,
+    db: Result<String, ApiError>,
+    precision: Option<String>,
+    accept_partial: bool,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(), ApiError> {
+    if s.shutting_down.load(Ordering::Acquire) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ));
+    }
+    let db = db?;
+    let precision: Precision = match precision.as_deref() {
+        None => Precision::Nanoseconds,
+        Some(p) => p.parse().map_err(ApiError::bad_request)?,
+    };
+    let body = decode_body(&headers, body, s.max_body_bytes)?;
+    s.metrics.ingest_bytes.inc_by(body.len() as u64);
+    let text = std::str::from_utf8(&body).map_err(|e| {
+        let valid = &body[..e.valid_up_to()];
+        let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+        let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&valid[line_start..])
+            .chars()
+            .count()
+            + 1;
+        ApiError::bad_request(format!(
+            "line {line}, column {column}: request body is not valid UTF-8"
+        ))
+    })?;
+
+    let default_time = now_nanos();
+    let mut attempt = 0;
+    let (validated, state) = loop {
+        attempt += 1;
+        let catalog = s.engine.catalog_state();
+        let validated = validate_lines(text, &db, &catalog, precision, default_time);
+        if !validated.rejected.is_empty() && (!accept_partial || validated.accepted_lines == 0) {
+            s.metrics
+                .rejected_lines
+                .inc_by(validated.rejected.len() as u64);
+            let message = if validated.accepted_lines == 0 && accept_partial {
+                format!("no valid lines: {}", validated.rejected[0])
+            } else {
+                format!(
+                    "nothing was written: {} of {} lines are invalid (accept_partial=false); first: {}",
+                    validated.rejected.len(),
+                    validated.rejected.len() + validated.accepted_lines,
+                    validated.rejected[0]
+                )
+            };
+            return Err(ApiError {
+                lines: rejected(text, &validated.rejected),
+                ..ApiError::bad_request(message)
+            });
+        }
+        if validated.tables.is_empty() {
+            return Ok(());
+        }
+        let needs_schema = validated.schema_changes.iter().any(|c| {
+            catalog
+                .table(&db, &c.table)
+                .and_then(|t| t.column(&c.column))
+                .is_none()
+        }) || catalog.database(&db).is_none();
+        if !needs_schema {
+            break (validated, catalog);
+        }
+        match s
+            .engine
+            .catalog()
+            .ensure_schema(&db, &validated.schema_changes)
+            .await
+        {
+            Ok(state) => break (validated, state),
+            // Another request set a column's type first: validate again against it.
+            Err(kiln_storage::catalog::Error::TypeConflict { .. }) if attempt < 3 => continue,
+            Err(e @ kiln_storage::catalog::Error::TypeConflict { .. })
+            | Err(e @ kiln_storage::catalog::Error::InvalidName { .. }) => {
+                return Err(ApiError::bad_request(e.to_string()));
+            }
+            Err(e) => return Err(kiln_storage::engine::Error::from(e).into()),
+        }
+    };
+
+    let database = state
+        .database(&db)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "database vanished during write",
+            )
+        })?
+        .id;
+    let mut tables = Vec::with_capacity(validated.tables.len());
+    for (name, batch) in validated.tables {
+        let def = state.table(&db, &name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "table vanished during write",
+            )
+        })?;
+        tables.push(TableWrite {
+            table: def.id,
+            batch,
+        });
+    }
+    s.engine.write(WriteBatch { database, tables }).await?;
+    s.metrics
+        .ingest_lines
+        .inc_by(validated.accepted_lines as u64);
+
+    if validated.rejected.is_empty() {
+        return Ok(());
+    }
+    s.metrics
+        .rejected_lines
+        .inc_by(validated.rejected.len() as u64);
+    Err(ApiError {
+        lines: rejected(text, &validated.rejected),
+        ..ApiError::bad_request(format!(
+            "partial write: {} lines written, {} rejected",
+            validated.accepted_lines,
+            validated.rejected.len()
+        ))
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct QueryParams {
+    db: Option<String>,
+    q: Option<String>,
+    format: Option<String>,
+}
+
+async fn query_get(State(s): State<AppState>, Query(p): Query<QueryParams>) -> Response {
+    run_query(s, p)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn query_post(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(qp): Query<QueryParams>,
+    body: Bytes,
+) -> Response {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let params = if is_json || (!body.is_empty() && body.first() == Some(&b'{')) {
+        match serde_json::from_slice::<QueryParams>(&body) {
+            Ok(p) => QueryParams {
+                db: p.db.or(qp.db),
+                q: p.q.or(qp.q),
+                format: p.format.or(qp.format),
+            },
+            Err(e) => {
+                return ApiError::bad_request(format!("invalid JSON body: {e}")).into_response();
+            }
+        }
+    } else {
+        qp
+    };
+    run_query(s, params)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    JsonLines,
+    Csv,
+    Pretty,
+    Parquet,
+}
+
+impl Format {
+    fn parse(s: Option<&str>) -> Result<Self, ApiError> {
+        Ok(match s.unwrap_or("json") {
+            "json" => Self::Json,
+            "jsonl" => Self::JsonLines,
+            "csv" => Self::Csv,
+            "pretty" => Self::Pretty,
+            "parquet" => Self::Parquet,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown format {other:?}; use json, jsonl, csv, pretty or parquet"
+                )));
+            }
+        })
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::JsonLines => "application/jsonl",
+            Self::Csv => "text/csv; charset=utf-8",
+            Self::Pretty => "text/plain; charset=utf-8",
+            Self::Parquet => "application/vnd.apache.parquet",
+        }
+    }
+}
+
+async fn run_query(s: AppState, p: QueryParams) -> Result<Response, ApiError> {
+    let db =
+        p.db.ok_or_else(|| ApiError::bad_request("missing parameter `db`"))?;
+    let q =
+        p.q.ok_or_else(|| ApiError::bad_request("missing parameter `q`"))?;
+    let format = Format::parse(p.format.as_deref())?;
+    let start = Instant::now();
+    let stream = s.query.sql(&db, &q).await.map_err(query_error)?;
+    let schema = stream.schema();
+    let batches: Vec<RecordBatch> = stream
+        .try_collect()
+        .await
+        .map_err(|e| query_error(e.into()))?;
+    s.metrics
+        .query_seconds
+        .observe(start.elapsed().as_secs_f64());
+    let body = tokio::task::spawn_blocking(move || encode(format, &schema, &batches))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("encoding the result failed: {e}"),
+            )
+        })?;
+    Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
+}
+
+fn query_error(e: kiln_query::Error) -> ApiError {
+    use kiln_query::Error as E;
+    match e {
+        E::DatabaseNotFound(_) | E::TableNotFound(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+        }
+        E::Invalid(_) => ApiError::bad_request(e.to_string()),
+        E::Internal(_) => {
+            tracing::error!(error = %e, "query failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+fn encode(
+    format: Format,
+    schema: &arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let err = |e: arrow::error::ArrowError| e.to_string();
+    match format {
+        Format::Json => {
+            let mut w = arrow::json::ArrayWriter::new(&mut out);
+            for b in batches {
+                w.write(b).map_err(err)?;
+            }
+            w.finish().map_err(err)?;
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+        }
+        Format::JsonLines => {
+            let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
+            for b in batches {
+                w.write(b).map_err(err)?;
+            }
+            w.finish().map_err(err)?;
+        }
+        Format::Csv => {
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            if batches.is_empty() {
+                let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                drop(w);
+                out.extend_from_slice(names.join(",").as_bytes());
+                out.push(b'\n');
+            } else {
+                for b in batches {
+                    w.write(b).map_err(err)?;
+                }
+            }
+        }
+        Format::Pretty => {
+            let table = if batches.is_empty() {
+                arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(
+                    schema.clone(),
+                )])
+            } else {
+                arrow::util::pretty::pretty_format_batches(batches)
+            }
+            .map_err(err)?;
+            out.extend_from_slice(table.to_string().as_bytes());
+            out.push(b'\n');
+        }
+        Format::Parquet => {
+            let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema.clone(), None)
+                .map_err(|e| e.to_string())?;
+            for b in batches {
+                w.write(b).map_err(|e| e.to_string())?;
+            }
+            w.close().map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(out)
+}
+
+async fn health() -> &'static str {
+    "OK"
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    if s.shutting_down.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if s.engine.wal().is_poisoned() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "write-ahead log refuses writes",
+        )
+            .into_response()
+    } else {
+        "OK".into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,140 @@
+//! Prometheus metrics, served as text at `GET /metrics`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use kiln_storage::Engine;
+use kiln_storage::wal::WalObserver;
+
+pub const INGEST_LINES: &str = "kiln_ingest_lines";
+pub const INGEST_REJECTED_LINES: &str = "kiln_ingest_rejected_lines";
+pub const INGEST_BYTES: &str = "kiln_ingest_request_bytes";
+pub const WAL_FSYNC_SECONDS: &str = "kiln_wal_fsync_seconds";
+pub const QUERY_SECONDS: &str = "kiln_query_seconds";
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub ingest_lines: Counter,
+    pub rejected_lines: Counter,
+    pub ingest_bytes: Counter,
+    pub wal_fsync: Histogram,
+    pub query_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            ingest_lines: Counter::default(),
+            rejected_lines: Counter::default(),
+            ingest_bytes: Counter::default(),
+            wal_fsync: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            query_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+        }
+    }
+
+    /// A registry with these metrics and the engine's counters.
+    pub fn registry(self: &Arc<Self>, engine: Arc<Engine>) -> Registry {
+        let mut r = Registry::default();
+        r.register(
+            INGEST_LINES,
+            "Line protocol lines accepted",
+            self.ingest_lines.clone(),
+        );
+        r.register(
+            INGEST_REJECTED_LINES,
+            "Line protocol lines rejected",
+            self.rejected_lines.clone(),
+        );
+        r.register(
+            INGEST_BYTES,
+            "Bytes of write request bodies (after decompression)",
+            self.ingest_bytes.clone(),
+        );
+        r.register(
+            WAL_FSYNC_SECONDS,
+            "Latency of WAL fsyncs (one per group commit)",
+            self.wal_fsync.clone(),
+        );
+        r.register(
+            QUERY_SECONDS,
+            "Latency of SQL queries, planning to last row",
+            self.query_seconds.clone(),
+        );
+        r.register_collector(Box::new(EngineCollector { engine }));
+        r
+    }
+}
+
+/// Forwards WAL fsync timings to the histogram.
+#[derive(Debug)]
+pub struct FsyncObserver(pub Arc<Metrics>);
+
+impl WalObserver for FsyncObserver {
+    fn fsync(&self, elapsed: Duration, _bytes: usize, _records: usize) {
+        self.0.wal_fsync.observe(elapsed.as_secs_f64());
+    }
+}
+
+#[derive(Debug)]
+struct EngineCollector {
+    engine: Arc<Engine>,
+}
+
+impl prometheus_client::collector::Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.engine.stats();
+        let counters = [
+            (
+                "kiln_ingest_rows",
+                "Rows written to the WAL and buffer",
+                &stats.rows_written,
+            ),
+            (
+                "kiln_segments_persisted",
+                "Parquet segments persisted",
+                &stats.segments_persisted,
+            ),
+            (
+                "kiln_persisted_bytes",
+                "Bytes of Parquet segments persisted",
+                &stats.bytes_persisted,
+            ),
+            (
+                "kiln_persist_failures",
+                "Persistence attempts that failed",
+                &stats.persist_failures,
+            ),
+            (
+                "kiln_writes_refused",
+                "Writes refused because the buffer was full",
+                &stats.writes_refused,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value.load(Ordering::Relaxed));
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let g = ConstGauge::new(self.engine.buffer_bytes() as i64);
+        g.encode(encoder.encode_descriptor(
+            "kiln_buffer_bytes",
+            "Bytes held in the write buffer",
+            None,
+            g.metric_type(),
+        )?)?;
+        let wal_files = ConstGauge::new(self.engine.wal().file_ids().len() as i64);
+        wal_files.encode(encoder.encode_descriptor(
+            "kiln_wal_files",
+            "WAL files on disk",
+            None,
+            wal_files.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}

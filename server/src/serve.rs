@@ -1,0 +1,183 @@
+//! `kiln serve`: one process running the whole single-node server.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Args;
+use kiln_query::QueryEngine;
+use kiln_storage::durable_store::DurableLocalStore;
+use kiln_storage::wal::SyncPolicy;
+use kiln_storage::{Engine, EngineConfig};
+use object_store::ObjectStore;
+
+use crate::http::{AppState, router};
+use crate::metrics::{FsyncObserver, Metrics};
+
+/// Configuration of `kiln serve`. Every flag can also be set with its `KILN_*` variable.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Directory for the WAL, catalog and Parquet segments.
+    #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
+    pub data_dir: PathBuf,
+
+    /// Address of the HTTP API (writes, queries, health, metrics). Port 0 picks a free port.
+    #[arg(long, env = "KILN_HTTP_BIND", default_value = "127.0.0.1:8080")]
+    pub http_bind: SocketAddr,
+
+    /// When a write is acknowledged: `always` (after fsync) or a duration such as `100ms`
+    /// (after write; fsync at most that long later, so a power loss can lose that much).
+    #[arg(long, env = "KILN_WAL_SYNC", default_value = "always")]
+    pub wal_sync: SyncPolicy,
+
+    /// WAL files are rotated past this size (bytes).
+    #[arg(long, env = "KILN_WAL_MAX_FILE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub wal_max_file_bytes: u64,
+
+    /// Width of the time partitions of new tables (a Parquet segment holds one partition).
+    #[arg(long, env = "KILN_PARTITION_DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub partition_duration: Duration,
+
+    /// Persist the write buffer to Parquet once it holds this many bytes.
+    #[arg(long, env = "KILN_PERSIST_BUFFER_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub persist_buffer_bytes: usize,
+
+    /// Persist the write buffer once its oldest write is this old.
+    #[arg(long, env = "KILN_PERSIST_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub persist_interval: Duration,
+
+    /// Refuse writes with 429 (retry later) while the buffer holds more than this many bytes.
+    #[arg(long, env = "KILN_MAX_BUFFER_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_buffer_bytes: usize,
+
+    /// Largest accepted request body in bytes (after gzip decompression); larger gets 413.
+    #[arg(long, env = "KILN_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+pub async fn run(config: ServeConfig) -> Result<(), String> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        format!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        )
+    })?;
+    let lock_path = config.data_dir.join("LOCK");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        format!(
+            "data directory {} is in use by another kiln process",
+            config.data_dir.display()
+        )
+    })?;
+
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        DurableLocalStore::new(config.data_dir.join("objects")).map_err(|e| {
+            format!(
+                "cannot open object store under {}: {e}",
+                config.data_dir.display()
+            )
+        })?,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let engine_config = EngineConfig {
+        wal_dir: config.data_dir.join("wal"),
+        wal_sync: config.wal_sync,
+        wal_max_file_bytes: config.wal_max_file_bytes,
+        partition_duration: config.partition_duration,
+        persist_buffer_bytes: config.persist_buffer_bytes,
+        persist_interval: config.persist_interval,
+        max_buffer_bytes: config.max_buffer_bytes,
+    };
+    let engine = Engine::open(
+        engine_config,
+        store,
+        Some(Arc::new(FsyncObserver(Arc::clone(&metrics)))),
+    )
+    .await
+    .map_err(|e| format!("cannot start the storage engine: {e}"))?;
+
+    let registry = Arc::new(metrics.registry(Arc::clone(&engine)));
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        engine: Arc::clone(&engine),
+        query: QueryEngine::new(Arc::clone(&engine)),
+        metrics,
+        registry,
+        max_body_bytes: config.max_request_bytes,
+        shutting_down: Arc::clone(&shutting_down),
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.http_bind)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.http_bind))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "Kiln is serving");
+    // A stable line on stdout for scripts and tests that bind port 0.
+    println!("Kiln HTTP listening on http://{addr}");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let persister = tokio::spawn(Arc::clone(&engine).run_persister({
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }));
+
+    let shutdown = {
+        let shutting_down = Arc::clone(&shutting_down);
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new requests, finishing the ones in flight");
+            shutting_down.store(true, Ordering::Release);
+        }
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| format!("HTTP server failed: {e}"))?;
+
+    let _ = stop_tx.send(true);
+    let _ = persister.await;
+    tracing::info!("persisting the write buffer and syncing the WAL");
+    engine
+        .shutdown()
+        .await
+        .map_err(|e| format!("shutdown persistence failed: {e}"))?;
+    tracing::info!("stopped cleanly");
+    drop(lock);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,195 @@
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, RecordBatch, StringDictionaryBuilder, TimestampNanosecondArray};
+use arrow::datatypes::{Int32Type, Schema};
+use object_store::ObjectStore;
+
+use super::*;
+use crate::catalog::{ColumnType, SchemaChange};
+use crate::dedup::merge_last_write_wins;
+use crate::durable_store::DurableLocalStore;
+use crate::write::TableWrite;
+
+const HOUR: i64 = 3_600_000_000_000;
+
+async fn open(dir: &std::path::Path) -> Arc<Engine> {
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(DurableLocalStore::new(dir.join("objects")).unwrap());
+    let mut config = EngineConfig::new(dir.join("wal"));
+    config.wal_max_file_bytes = 4096;
+    Engine::open(config, store, None).await.unwrap()
+}
+
+async fn write(engine: &Engine, rows: &[(&str, i64, f64)]) {
+    let state = engine
+        .catalog()
+        .ensure_schema(
+            "db",
+            &[
+                SchemaChange {
+                    table: "m".into(),
+                    column: "host".into(),
+                    ty: ColumnType::Tag,
+                },
+                SchemaChange {
+                    table: "m".into(),
+                    column: "v".into(),
+                    ty: ColumnType::Float,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    let def = state.table("db", "m").unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        def.schema().field_with_name("time").unwrap().clone(),
+        def.schema().field_with_name("host").unwrap().clone(),
+        def.schema().field_with_name("v").unwrap().clone(),
+    ]));
+    let mut hosts = StringDictionaryBuilder::<Int32Type>::new();
+    for (h, _, _) in rows {
+        hosts.append_value(h);
+    }
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(TimestampNanosecondArray::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(hosts.finish()),
+            Arc::new(Float64Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap();
+    let database = state.database("db").unwrap().id;
+    engine
+        .write(WriteBatch {
+            database,
+            tables: vec![TableWrite {
+                table: def.id,
+                batch,
+            }],
+        })
+        .await
+        .unwrap();
+}
+
+/// Everything the table holds: buffer chunks merged with segments read back from disk.
+async fn contents(engine: &Engine) -> RecordBatch {
+    let state = engine.catalog_state();
+    let def = state.table("db", "m").unwrap();
+    let data = engine.table_data(def.id).unwrap();
+    let mut batches = Vec::new();
+    for s in &data.segments {
+        let path = object_store::path::Path::from(s.path.as_str());
+        let bytes = object_store::ObjectStoreExt::get(engine.store(), &path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024).unwrap();
+        batches.extend(reader.map(|b| b.unwrap()));
+    }
+    for p in &data.buffer {
+        batches.extend(p.chunks.iter().map(|c| c.batch.clone()));
+    }
+    merge_last_write_wins(&batches, &def.schema(), &crate::persist::sort_key(def)).unwrap()
+}
+
+#[tokio::test]
+async fn persisted_data_reads_the_same_after_restart_and_wal_files_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    for i in 0..50 {
+        write(
+            &engine,
+            &[
+                ("a", i * 1_000_000_000, i as f64),
+                ("b", HOUR + i, -(i as f64)),
+            ],
+        )
+        .await;
+    }
+    // Overwrite one row: last write wins.
+    write(&engine, &[("a", 0, 100.0)]).await;
+    let before = contents(&engine).await;
+    assert_eq!(before.num_rows(), 100);
+    let files_before = engine.wal().file_ids();
+    assert!(
+        files_before.len() > 1,
+        "small files should have rotated: {files_before:?}"
+    );
+
+    let outcome = engine.persist().await.unwrap();
+    assert_eq!(outcome.segments, 2, "one segment per hour partition");
+    assert_eq!(outcome.rows, 100);
+    assert_eq!(outcome.through, SequenceNumber(51));
+    assert_eq!(engine.buffer_bytes(), 0);
+    let after_files = engine.wal().file_ids();
+    assert_eq!(
+        after_files.len(),
+        1,
+        "only the fresh file remains: {after_files:?}"
+    );
+    assert!(after_files[0] > *files_before.last().unwrap());
+    assert_eq!(contents(&engine).await, before);
+
+    // More writes after persistence, overlapping a persisted row.
+    write(&engine, &[("a", 0, 7.0), ("c", 5, 1.0)]).await;
+    let expected = contents(&engine).await;
+    assert_eq!(expected.num_rows(), 101);
+    engine.wal().shutdown();
+    drop(engine);
+
+    let engine = open(dir.path()).await;
+    assert_eq!(
+        engine.catalog_state().persisted_sequence,
+        SequenceNumber(51)
+    );
+    assert_eq!(contents(&engine).await, expected);
+    // Sequences continue after the persisted ones.
+    write(&engine, &[("d", 1, 1.0)]).await;
+    assert_eq!(engine.buffer.applied_through(), SequenceNumber(53));
+}
+
+#[tokio::test]
+async fn a_full_buffer_refuses_writes_until_persisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(DurableLocalStore::new(dir.path().join("objects")).unwrap());
+    let mut config = EngineConfig::new(dir.path().join("wal"));
+    config.max_buffer_bytes = 1;
+    let engine = Engine::open(config, store, None).await.unwrap();
+    write(&engine, &[("a", 1, 1.0)]).await;
+    let state = engine.catalog_state();
+    let def = state.table("db", "m").unwrap();
+    let batch = engine.table_data(def.id).unwrap().buffer[0].chunks[0]
+        .batch
+        .clone();
+    let refused = engine
+        .write(WriteBatch {
+            database: state.database("db").unwrap().id,
+            tables: vec![TableWrite {
+                table: def.id,
+                batch: batch.clone(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.is_retryable(), "{refused}");
+    engine.persist().await.unwrap();
+    engine
+        .write(WriteBatch {
+            database: state.database("db").unwrap().id,
+            tables: vec![TableWrite {
+                table: def.id,
+                batch,
+            }],
+        })
+        .await
+        .unwrap();
+}
