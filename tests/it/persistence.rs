@@ -1,0 +1,176 @@
+//! Persistence to Parquet and restart: the same answers before and after.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{TestServer, eventually, wal_files};
+
+async fn snapshot(server: &TestServer) -> String {
+    let (status, body) = server
+        .query("plant", "SELECT * FROM temp ORDER BY line, time", "csv")
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn queries_match_before_and_after_persistence_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(
+        &data,
+        &["--persist-interval", "1s", "--wal-max-file-bytes", "4096"],
+    );
+    // Two hours of readings for three lines, in several requests.
+    for chunk in 0..6 {
+        let body: String = (0..120)
+            .map(|i| {
+                let t = 1_700_000_000 + chunk * 1200 + i * 10;
+                format!(
+                    "temp,line=l{} celsius={}.5,count={}i {t}\n",
+                    i % 3,
+                    i,
+                    chunk * 120 + i
+                )
+            })
+            .collect();
+        let (status, text) = server.write("plant", body, &[("precision", "s")]).await;
+        assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
+    }
+    let before = snapshot(&server).await;
+    assert_eq!(before.lines().count(), 721);
+    let wal_before = wal_files(&data);
+    assert!(wal_before.len() > 1, "{wal_before:?}");
+
+    // Persistence by age.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            server.metric("kiln_segments_persisted_total").await >= 2.0
+        })
+        .await,
+        "nothing persisted"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server.metric("kiln_buffer_bytes").await == 0.0
+        })
+        .await,
+        "buffer not emptied"
+    );
+    assert_eq!(snapshot(&server).await, before);
+    // WAL files at or below the persisted sequence are gone: only the fresh file is left.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            wal_files(&data).len() == 1
+        })
+        .await,
+        "{:?}",
+        wal_files(&data)
+    );
+    let wal_after = wal_files(&data);
+    assert!(
+        wal_after[0] >= *wal_before.last().unwrap(),
+        "{wal_before:?} {wal_after:?}"
+    );
+    let segments: Vec<_> = walk(&data.join("objects/segments"));
+    assert!(
+        segments.iter().all(|p| p.ends_with(".parquet")) && segments.len() >= 2,
+        "{segments:?}"
+    );
+
+    // Last write wins across a persisted segment and the buffer, field by field.
+    server
+        .write_ok("plant", "temp,line=l0 celsius=99.0 1700000000000000000")
+        .await;
+    let rows = server
+        .query_json(
+            "plant",
+            "SELECT celsius, count FROM temp WHERE line = 'l0' AND time = '2023-11-14T22:13:20'",
+        )
+        .await;
+    assert_eq!(
+        rows,
+        vec![
+            json!({"celsius": 99.0, "count": 0})
+                .as_object()
+                .unwrap()
+                .clone()
+        ]
+    );
+    let after_overwrite = snapshot(&server).await;
+    assert_eq!(after_overwrite.lines().count(), 721);
+
+    server.terminate();
+    let server = TestServer::start(&data, &[]);
+    assert_eq!(snapshot(&server).await, after_overwrite);
+    let rows = server
+        .query_json(
+            "plant",
+            "SELECT line, count(*) AS n, max(celsius) AS hi FROM temp GROUP BY line ORDER BY line",
+        )
+        .await;
+    assert_eq!(rows[0]["n"], json!(240));
+    assert_eq!(rows[0]["hi"], json!(117.5));
+    let rows = server
+        .query_json(
+            "plant",
+            "SELECT celsius, count FROM temp WHERE line = 'l0' AND time = '2023-11-14T22:13:20'",
+        )
+        .await;
+    assert_eq!(
+        rows,
+        vec![
+            json!({"celsius": 99.0, "count": 0})
+                .as_object()
+                .unwrap()
+                .clone()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_persists_and_a_second_server_cannot_share_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(&data, &[]);
+    server.write_ok("db", "m,t=a v=1 1\nm,t=b v=2 2").await;
+
+    // The data directory is locked while a server runs.
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--http-bind", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another kiln process"));
+
+    server.terminate();
+    let segments = walk(&data.join("objects/segments"));
+    assert_eq!(
+        segments.len(),
+        1,
+        "shutdown persists the buffer: {segments:?}"
+    );
+    let server = TestServer::start(&data, &[]);
+    let rows = server
+        .query_json("db", "SELECT t, v FROM m ORDER BY t")
+        .await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["v"], json!(2.0));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}

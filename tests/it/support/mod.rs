@@ -1,0 +1,183 @@
+//! A real `kiln serve` process on an ephemeral port, and an HTTP client for it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl TestServer {
+    /// Starts `kiln serve` on `data_dir` with extra flags; waits until it listens.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .expect("open server log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--http-bind", "127.0.0.1:0"])
+            .args(args)
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn kiln");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read kiln stdout");
+        let Some(url) = line.trim().strip_prefix("Kiln HTTP listening on ") else {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+            panic!("kiln did not start; stdout {line:?}; log:\n{log}");
+        };
+        Self {
+            child: Some(child),
+            base: url.to_owned(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    /// `kill -9`: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: sending a signal to our own child process by pid.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let status = child.wait().expect("wait");
+            assert!(status.success(), "kiln exited with {status}");
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST line protocol to `/api/v3/write_lp` with extra query parameters.
+    pub async fn write(
+        &self,
+        db: &str,
+        body: impl Into<reqwest::Body>,
+        params: &[(&str, &str)],
+    ) -> (StatusCode, String) {
+        let mut query = vec![("db", db)];
+        query.extend_from_slice(params);
+        let resp = self
+            .client
+            .post(self.url("/api/v3/write_lp"))
+            .query(&query)
+            .body(body)
+            .send()
+            .await
+            .expect("write request");
+        (resp.status(), resp.text().await.unwrap_or_default())
+    }
+
+    pub async fn write_ok(&self, db: &str, body: &str) {
+        let (status, text) = self.write(db, body.to_owned(), &[]).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
+    }
+
+    pub async fn query(&self, db: &str, sql: &str, format: &str) -> (StatusCode, bytes::Bytes) {
+        let resp = self
+            .client
+            .get(self.url("/api/v3/query_sql"))
+            .query(&[("db", db), ("q", sql), ("format", format)])
+            .send()
+            .await
+            .expect("query request");
+        (resp.status(), resp.bytes().await.unwrap_or_default())
+    }
+
+    /// Runs `sql` and returns the rows as JSON objects.
+    pub async fn query_json(
+        &self,
+        db: &str,
+        sql: &str,
+    ) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        let (status, body) = self.query(db, sql, "json").await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("JSON array of objects")
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// WAL files in a data directory, sorted.
+pub fn wal_files(data_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data_dir.join("wal"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".wal"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Polls `check` until it is true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
