@@ -37,9 +37,13 @@ fn batch_body(round: u64, writer: u64, batch: u64) -> String {
 }
 
 async fn all_identities(server: &TestServer) -> Vec<(String, u64)> {
+    all_identities_in(server, "crash").await
+}
+
+async fn all_identities_in(server: &TestServer, db: &str) -> Vec<(String, u64)> {
     let (status, body) = server
         .query(
-            "crash",
+            db,
             "SELECT writer, CAST(time AS BIGINT) AS t FROM load",
             "csv",
         )
@@ -136,6 +140,79 @@ async fn kill_nine_under_load_loses_no_acknowledged_row() {
     }
     let persisted = walk_count(&data.join("objects/segments"));
     assert!(persisted > 0, "load never triggered persistence");
+}
+
+#[tokio::test]
+async fn a_failed_wal_write_refuses_later_writes_and_keeps_acknowledged_ones() {
+    use std::os::unix::process::CommandExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The kernel refuses to grow any file of the server past 256 KiB (EFBIG), as a full
+    // disk would: the WAL write fails mid-record.
+    let server = TestServer::start_with(&data, &[], |cmd| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 256 * 1024,
+                    rlim_max: 256 * 1024,
+                };
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for batch in 0..200 {
+        let (status, text) = server.write("full", batch_body(0, 0, batch), &[]).await;
+        match status {
+            StatusCode::NO_CONTENT => acked.push(batch),
+            other => {
+                refused = Some((other, text));
+                break;
+            }
+        }
+    }
+    let (status, text) = refused.expect("the WAL never hit the file size limit");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(!acked.is_empty());
+    // Poisoned: even a tiny write is refused now, and the server says it is not ready.
+    let (status, text) = server.write("full", "m v=1 1".to_owned(), &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("refuses writes"), "{text}");
+    let ready = server
+        .client
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Queries still work.
+    let rows = server
+        .query_json("full", "SELECT count(*) AS n FROM load")
+        .await;
+    assert!(rows[0]["n"].as_u64().unwrap() >= acked.len() as u64 * ROWS_PER_BATCH);
+    drop(server);
+
+    // Without the limit every acknowledged row is back.
+    let server = TestServer::start(&data, &[]);
+    let ids: HashSet<_> = all_identities_in(&server, "full")
+        .await
+        .into_iter()
+        .collect();
+    for batch in &acked {
+        for row in 0..ROWS_PER_BATCH {
+            assert!(
+                ids.contains(&("w0".to_owned(), time_of(0, 0, *batch, row))),
+                "batch {batch} row {row} lost"
+            );
+        }
+    }
 }
 
 fn walk_count(dir: &std::path::Path) -> usize {

@@ -16,12 +16,22 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `kiln serve` on `data_dir` with extra flags; waits until it listens.
     pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        Self::start_with(data_dir, args, |_| {})
+    }
+
+    /// Like [`Self::start`], letting the caller adjust the command (limits, environment).
+    pub fn start_with(
+        data_dir: &Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data_dir.with_extension("log"))
             .expect("open server log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
@@ -30,9 +40,9 @@ impl TestServer {
             .env("KILN_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn kiln");
+            .stderr(Stdio::from(log));
+        configure(&mut command);
+        let mut child = command.spawn().expect("spawn kiln");
         let stdout = child.stdout.take().expect("stdout piped");
         let mut line = String::new();
         BufReader::new(stdout)
