@@ -105,7 +105,13 @@ async fn kill_nine_under_load_loses_no_acknowledged_row() {
                 }
             }));
         }
-        let wait = rng.random_range(300..1500);
+        // Kill at a random moment once writes are flowing.
+        let flowing = crate::support::eventually(Duration::from_secs(30), || async {
+            !acked_now.lock().await.is_empty()
+        })
+        .await;
+        assert!(flowing, "round {round}: no write was acknowledged");
+        let wait = rng.random_range(100..1200);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         server.lock().await.kill9();
         for t in tasks {
