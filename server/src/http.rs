@@ -139,76 +139,69 @@ impl From<kiln_storage::engine::Error> for ApiError {
     }
 }
 
+/// Query parameters of the three write paths.
 #[derive(Debug, Deserialize)]
-pub struct WriteV3Params {
+pub struct WriteParams {
+    /// Database (v1 and v3).
     db: Option<String>,
+    /// Database (v2, where InfluxDB calls it a bucket; `org` is accepted and ignored).
+    bucket: Option<String>,
     precision: Option<String>,
+    /// v3 only: write the valid lines of a request that has bad ones (default true).
     accept_partial: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct WriteV2Params {
-    bucket: Option<String>,
-    precision: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct WriteV1Params {
-    db: Option<String>,
-    precision: Option<String>,
-}
-
-async fn write_v3(
-    State(s): State<AppState>,
-    Query(p): Query<WriteV3Params>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let db =
-        p.db.ok_or_else(|| ApiError::bad_request("missing query parameter `db`"));
-    handle_write(
-        s,
-        db,
-        p.precision,
-        p.accept_partial.unwrap_or(true),
-        headers,
-        body,
-    )
-    .await
-}
-
-async fn write_v2(
-    State(s): State<AppState>,
-    Query(p): Query<WriteV2Params>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let db = p
-        .bucket
-        .ok_or_else(|| ApiError::bad_request("missing query parameter `bucket`"));
-    handle_write(s, db, p.precision, true, headers, body).await
+#[derive(Debug, Clone, Copy)]
+enum WriteApi {
+    V1,
+    V2,
+    V3,
 }
 
 async fn write_v1(
     State(s): State<AppState>,
-    Query(p): Query<WriteV1Params>,
+    Query(p): Query<WriteParams>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let db =
-        p.db.ok_or_else(|| ApiError::bad_request("missing query parameter `db`"));
-    handle_write(s, db, p.precision, true, headers, body).await
+    handle_write(s, WriteApi::V1, p, headers, body).await
+}
+
+async fn write_v2(
+    State(s): State<AppState>,
+    Query(p): Query<WriteParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle_write(s, WriteApi::V2, p, headers, body).await
+}
+
+async fn write_v3(
+    State(s): State<AppState>,
+    Query(p): Query<WriteParams>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle_write(s, WriteApi::V3, p, headers, body).await
 }
 
 async fn handle_write(
     s: AppState,
-    db: Result<String, ApiError>,
-    precision: Option<String>,
-    accept_partial: bool,
+    api: WriteApi,
+    p: WriteParams,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match write(s, db, precision, accept_partial, headers, body).await {
+    let (db, name) = match api {
+        WriteApi::V2 => (p.bucket, "bucket"),
+        WriteApi::V1 | WriteApi::V3 => (p.db, "db"),
+    };
+    let accept_partial = match api {
+        WriteApi::V3 => p.accept_partial.unwrap_or(true),
+        WriteApi::V1 | WriteApi::V2 => true,
+    };
+    let db = db.ok_or_else(|| ApiError::bad_request(format!("missing query parameter `{name}`")));
+    match write(s, db, p.precision, accept_partial, headers, body).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
     }

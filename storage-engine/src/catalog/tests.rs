@@ -109,33 +109,26 @@ async fn corrupt_and_unknown_version_entries_name_the_path() {
         .ensure_schema("db", &[change("t", "x", ColumnType::Float)])
         .await
         .unwrap();
-    store
-        .put(
-            &log_path(CatalogSequence(2)),
-            PutPayload::from_static(b"{\"version\": 9}"),
-        )
-        .await
-        .unwrap();
-    let err = Catalog::load(Arc::clone(&store), HOUR)
-        .await
-        .unwrap_err()
-        .to_string();
+    let load_error = |bytes: &'static [u8]| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .put(
+                    &log_path(CatalogSequence(2)),
+                    PutPayload::from_static(bytes),
+                )
+                .await
+                .unwrap();
+            Catalog::load(store, HOUR).await.unwrap_err().to_string()
+        }
+    };
+    let err = load_error(b"{\"version\": 9}").await;
     assert!(
         err.contains("catalog/log/00000000000000000002.json")
             && err.contains("supported versions: [1]"),
         "{err}"
     );
-    store
-        .put(
-            &log_path(CatalogSequence(2)),
-            PutPayload::from_static(b"{not json"),
-        )
-        .await
-        .unwrap();
-    let err = Catalog::load(Arc::clone(&store), HOUR)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = load_error(b"{not json").await;
     assert!(err.contains("00000000000000000002.json"), "{err}");
 }
 
