@@ -276,7 +276,8 @@ impl TableProvider for KilnTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let Some(data) = self.engine.table_data(self.table) else {
+        let bounds = TimeBounds::from_filters(filters);
+        let Some(data) = self.engine.table_data(self.table, bounds.min, bounds.max) else {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
         };
         // The table may have gained columns since planning started; read with the schema
@@ -284,25 +285,16 @@ impl TableProvider for KilnTable {
         let mut def = data.def.clone();
         def.columns
             .retain(|c| self.schema.field_with_name(&c.name).is_ok());
-        let bounds = TimeBounds::from_filters(filters);
 
         let mut partitions: BTreeMap<i64, PartitionSources> = BTreeMap::new();
-        for s in data
-            .segments
-            .iter()
-            .filter(|s| bounds.overlaps(s.min_time, s.max_time))
-        {
+        for s in &data.segments {
             partitions
                 .entry(s.partition)
                 .or_default()
                 .segments
                 .push(s.clone());
         }
-        for p in data
-            .buffer
-            .iter()
-            .filter(|p| bounds.overlaps(p.min_time(), p.max_time()))
-        {
+        for p in &data.buffer {
             partitions
                 .entry(p.partition)
                 .or_default()
@@ -385,4 +377,48 @@ fn project(schema: &SchemaRef, projection: Option<&Vec<usize>>) -> Result<Schema
         Some(p) => Arc::new(schema.project(p)?),
         None => Arc::clone(schema),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::{col, lit};
+
+    use super::*;
+
+    fn ts(v: i64) -> Expr {
+        lit(ScalarValue::TimestampNanosecond(Some(v), None))
+    }
+
+    #[test]
+    fn time_bounds_from_comparisons_between_and_conjunctions() {
+        let b = TimeBounds::from_filters(&[col("time").gt_eq(ts(10)), col("time").lt(ts(20))]);
+        assert_eq!(b, TimeBounds { min: 10, max: 19 });
+        let b = TimeBounds::from_filters(&[ts(10).lt(col("time")).and(col("host").eq(lit("a")))]);
+        assert_eq!(
+            b,
+            TimeBounds {
+                min: 11,
+                max: i64::MAX
+            }
+        );
+        let b = TimeBounds::from_filters(&[col("time").between(ts(5), ts(7))]);
+        assert_eq!(b, TimeBounds { min: 5, max: 7 });
+        let b = TimeBounds::from_filters(&[
+            col("time").eq(lit(ScalarValue::TimestampSecond(Some(2), None)))
+        ]);
+        assert_eq!(
+            b,
+            TimeBounds {
+                min: 2_000_000_000,
+                max: 2_000_000_000
+            }
+        );
+        // Disjunctions and other columns say nothing about time.
+        let b = TimeBounds::from_filters(&[
+            col("time").gt(ts(1)).or(col("time").lt(ts(0))),
+            col("other").gt(ts(3)),
+        ]);
+        assert_eq!(b, TimeBounds::default());
+        assert!(b.overlaps(i64::MIN, i64::MIN));
+    }
 }

@@ -79,6 +79,22 @@ async fn queries_match_before_and_after_persistence_and_restart() {
         "{segments:?}"
     );
 
+    // A time range reads only the segments that overlap it.
+    let (_, plan) = server
+        .query(
+            "plant",
+            "EXPLAIN SELECT count(*) FROM temp WHERE time >= '2023-11-14T23:00:00' AND time < '2023-11-15T00:00:00'",
+            "csv",
+        )
+        .await;
+    let plan = String::from_utf8_lossy(&plan);
+    assert_eq!(plan.matches(".parquet").count(), 1, "{plan}");
+    let (_, plan) = server
+        .query("plant", "EXPLAIN SELECT count(*) FROM temp", "csv")
+        .await;
+    let plan = String::from_utf8_lossy(&plan);
+    assert_eq!(plan.matches(".parquet").count(), segments.len(), "{plan}");
+
     // Last write wins across a persisted segment and the buffer, field by field.
     server
         .write_ok("plant", "temp,line=l0 celsius=99.0 1700000000000000000")

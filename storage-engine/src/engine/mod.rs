@@ -242,10 +242,14 @@ impl Engine {
 
     /// A consistent view of one table for a query. Buffer chunks that can be merged are
     /// merged here (and the merge kept) so later queries do less work.
-    pub fn table_data(&self, table: TableId) -> Option<TableData> {
+    ///
+    /// Only data whose time range overlaps `min_time..=max_time` is returned.
+    pub fn table_data(&self, table: TableId, min_time: i64, max_time: i64) -> Option<TableData> {
+        let overlaps = |lo: i64, hi: i64| lo <= max_time && hi >= min_time;
         // Buffer first, then catalog: a persistence that completes in between leaves the
         // rows in both (deduplicated by the reader), never in neither.
         let mut buffer = self.buffer.partitions(table);
+        buffer.retain(|p| overlaps(p.min_time(), p.max_time()));
         let state = self.catalog.snapshot();
         let def = state.table_by_id(table)?.clone();
         let watermark = self.buffer.applied_through();
@@ -281,7 +285,12 @@ impl Engine {
             }
         }
         Some(TableData {
-            segments: state.segments(table).to_vec(),
+            segments: state
+                .segments(table)
+                .iter()
+                .filter(|s| overlaps(s.min_time, s.max_time))
+                .cloned()
+                .collect(),
             def,
             buffer,
         })

@@ -80,7 +80,7 @@ async fn write(engine: &Engine, rows: &[(&str, i64, f64)]) {
 async fn contents(engine: &Engine) -> RecordBatch {
     let state = engine.catalog_state();
     let def = state.table("db", "m").unwrap();
-    let data = engine.table_data(def.id).unwrap();
+    let data = engine.table_data(def.id, i64::MIN, i64::MAX).unwrap();
     let mut batches = Vec::new();
     for s in &data.segments {
         let path = object_store::path::Path::from(s.path.as_str());
@@ -167,7 +167,11 @@ async fn a_full_buffer_refuses_writes_until_persisted() {
     write(&engine, &[("a", 1, 1.0)]).await;
     let state = engine.catalog_state();
     let def = state.table("db", "m").unwrap();
-    let batch = engine.table_data(def.id).unwrap().buffer[0].chunks[0]
+    let batch = engine
+        .table_data(def.id, i64::MIN, i64::MAX)
+        .unwrap()
+        .buffer[0]
+        .chunks[0]
         .batch
         .clone();
     let refused = engine
