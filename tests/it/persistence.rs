@@ -175,3 +175,35 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_full_buffer_answers_429_until_persistence_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(
+        &data,
+        &["--max-buffer-bytes", "1", "--persist-interval", "1s"],
+    );
+    server.write_ok("db", "m,t=a v=1 1").await;
+    let resp = server
+        .client
+        .post(server.url("/api/v3/write_lp?db=db"))
+        .body("m,t=b v=2 2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert!(resp.text().await.unwrap().contains("retry later"));
+    // Persistence empties the buffer and writes are accepted again.
+    let accepted = eventually(Duration::from_secs(20), || async {
+        server.write("db", "m,t=b v=2 2".to_owned(), &[]).await.0 == reqwest::StatusCode::NO_CONTENT
+    })
+    .await;
+    assert!(accepted, "writes never recovered");
+    let rows = server
+        .query_json("db", "SELECT t, v FROM m ORDER BY t")
+        .await;
+    assert_eq!(rows.len(), 2);
+    assert!(server.metric("kiln_writes_refused_total").await >= 1.0);
+}
