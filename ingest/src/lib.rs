@@ -6,4 +6,5 @@
 //!                    allocation)                  catalog, bad lines rejected)   + rejected lines
 //! ```
 
+pub mod arrow_batch;
 pub mod line_protocol;

@@ -17,10 +17,10 @@ use futures::TryStreamExt;
 use kiln_ingest::line_protocol::{LineError, Precision, validate_lines};
 use kiln_query::QueryEngine;
 use kiln_storage::Engine;
-use kiln_storage::write::{TableWrite, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
+use crate::write::{WriteError, write_validated};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -207,7 +207,7 @@ async fn handle_write(
     }
 }
 
-fn now_nanos() -> i64 {
+pub(crate) fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -302,98 +302,38 @@ async fn write(
     })?;
 
     let default_time = now_nanos();
-    let mut attempt = 0;
-    let (validated, state) = loop {
-        attempt += 1;
-        let catalog = s.engine.catalog_state();
-        let validated = validate_lines(text, &db, &catalog, precision, default_time);
-        if !validated.rejected.is_empty() && (!accept_partial || validated.accepted_lines == 0) {
-            s.metrics
-                .rejected_lines
-                .inc_by(validated.rejected.len() as u64);
-            let message = if validated.accepted_lines == 0 && accept_partial {
-                format!("no valid lines: {}", validated.rejected[0])
-            } else {
-                format!(
-                    "nothing was written: {} of {} lines are invalid (accept_partial=false); first: {}",
-                    validated.rejected.len(),
-                    validated.rejected.len() + validated.accepted_lines,
-                    validated.rejected[0]
-                )
-            };
+    let result = write_validated(&s.engine, &db, accept_partial, |catalog| {
+        Ok(validate_lines(text, &db, catalog, precision, default_time))
+    })
+    .await;
+    let written = match result {
+        Ok(w) => w,
+        Err(WriteError::Rejected {
+            message,
+            rejected: lines,
+        }) => {
+            s.metrics.rejected_lines.inc_by(lines.len() as u64);
             return Err(ApiError {
-                lines: rejected(text, &validated.rejected),
+                lines: rejected(text, &lines),
                 ..ApiError::bad_request(message)
             });
         }
-        if validated.tables.is_empty() {
-            return Ok(());
-        }
-        let needs_schema = validated.schema_changes.iter().any(|c| {
-            catalog
-                .table(&db, &c.table)
-                .and_then(|t| t.column(&c.column))
-                .is_none()
-        }) || catalog.database(&db).is_none();
-        if !needs_schema {
-            break (validated, catalog);
-        }
-        match s
-            .engine
-            .catalog()
-            .ensure_schema(&db, &validated.schema_changes)
-            .await
-        {
-            Ok(state) => break (validated, state),
-            // Another request set a column's type first: validate again against it.
-            Err(kiln_storage::catalog::Error::TypeConflict { .. }) if attempt < 3 => continue,
-            Err(e @ kiln_storage::catalog::Error::TypeConflict { .. })
-            | Err(e @ kiln_storage::catalog::Error::InvalidName { .. }) => {
-                return Err(ApiError::bad_request(e.to_string()));
-            }
-            Err(e) => return Err(kiln_storage::engine::Error::from(e).into()),
-        }
+        Err(WriteError::Invalid(message)) => return Err(ApiError::bad_request(message)),
+        Err(WriteError::Engine(e)) => return Err(e.into()),
     };
-
-    let database = state
-        .database(&db)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "database vanished during write",
-            )
-        })?
-        .id;
-    let mut tables = Vec::with_capacity(validated.tables.len());
-    for (name, batch) in validated.tables {
-        let def = state.table(&db, &name).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "table vanished during write",
-            )
-        })?;
-        tables.push(TableWrite {
-            table: def.id,
-            batch,
-        });
-    }
-    s.engine.write(WriteBatch { database, tables }).await?;
-    s.metrics
-        .ingest_lines
-        .inc_by(validated.accepted_lines as u64);
-
-    if validated.rejected.is_empty() {
+    s.metrics.ingest_lines.inc_by(written.rows as u64);
+    if written.rejected.is_empty() {
         return Ok(());
     }
     s.metrics
         .rejected_lines
-        .inc_by(validated.rejected.len() as u64);
+        .inc_by(written.rejected.len() as u64);
     Err(ApiError {
-        lines: rejected(text, &validated.rejected),
+        lines: rejected(text, &written.rejected),
         ..ApiError::bad_request(format!(
             "partial write: {} lines written, {} rejected",
-            validated.accepted_lines,
-            validated.rejected.len()
+            written.rows,
+            written.rejected.len()
         ))
     })
 }

@@ -4,9 +4,11 @@
 //! * `kiln write` and `kiln query` talk to a running server.
 
 mod client;
+mod grpc;
 mod http;
 mod metrics;
 mod serve;
+mod write;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub ingest_bytes: Counter,
     pub wal_fsync: Histogram,
     pub query_seconds: Histogram,
+    pub stream_backpressure_waits: Counter,
 }
 
 impl Metrics {
@@ -36,6 +37,7 @@ impl Metrics {
             ingest_bytes: Counter::default(),
             wal_fsync: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             query_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            stream_backpressure_waits: Counter::default(),
         }
     }
 
@@ -66,6 +68,11 @@ impl Metrics {
             QUERY_SECONDS,
             "Latency of SQL queries, planning to last row",
             self.query_seconds.clone(),
+        );
+        r.register(
+            "kiln_grpc_stream_backpressure_waits",
+            "Times a gRPC write stream paused because the write buffer was full",
+            self.stream_backpressure_waits.clone(),
         );
         r.register_collector(Box::new(EngineCollector { engine }));
         r

@@ -14,8 +14,11 @@ use kiln_storage::wal::SyncPolicy;
 use kiln_storage::{Engine, EngineConfig};
 use object_store::ObjectStore;
 
+use crate::grpc::IngestService;
 use crate::http::{AppState, router};
 use crate::metrics::{FsyncObserver, Metrics};
+use std::future::IntoFuture;
+use tokio_stream::wrappers::TcpListenerStream;
 
 /// Configuration of `kiln serve`. Every flag can also be set with its `KILN_*` variable.
 #[derive(Debug, Clone, Args)]
@@ -27,6 +30,10 @@ pub struct ServeConfig {
     /// Address of the HTTP API (writes, queries, health, metrics). Port 0 picks a free port.
     #[arg(long, env = "KILN_HTTP_BIND", default_value = "127.0.0.1:8080")]
     pub http_bind: SocketAddr,
+
+    /// Address of the gRPC API (kiln.ingest.v1.WriteService, health, reflection).
+    #[arg(long, env = "KILN_GRPC_BIND", default_value = "127.0.0.1:50051")]
+    pub grpc_bind: SocketAddr,
 
     /// When a write is acknowledged: `always` (after fsync) or a duration such as `100ms`
     /// (after write; fsync at most that long later, so a power loss can lose that much).
@@ -53,7 +60,8 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_MAX_BUFFER_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_buffer_bytes: usize,
 
-    /// Largest accepted request body in bytes (after gzip decompression); larger gets 413.
+    /// Largest accepted request body in bytes (after gzip decompression); larger gets 413
+    /// over HTTP and RESOURCE_EXHAUSTED over gRPC.
     #[arg(long, env = "KILN_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
@@ -123,33 +131,72 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.http_bind)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.http_bind))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "Kiln is serving");
-    // A stable line on stdout for scripts and tests that bind port 0.
-    println!("Kiln HTTP listening on http://{addr}");
+    let http_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_bind)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.grpc_bind))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%http_addr, %grpc_addr, data_dir = %config.data_dir.display(), "Kiln is serving");
+    // Stable lines on stdout for scripts and tests that bind port 0.
+    println!("Kiln HTTP listening on http://{http_addr}");
+    println!("Kiln gRPC listening on http://{grpc_addr}");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (persist_stop_tx, persist_stop_rx) = tokio::sync::watch::channel(false);
     let persister = tokio::spawn(Arc::clone(&engine).run_persister({
-        let mut rx = stop_rx.clone();
+        let mut rx = persist_stop_rx;
         async move {
             let _ = rx.wait_for(|v| *v).await;
         }
     }));
 
-    let shutdown = {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<kiln_proto::ingest::v1::write_service_server::WriteServiceServer<IngestService>>()
+        .await;
+    tokio::spawn({
         let shutting_down = Arc::clone(&shutting_down);
+        let health = health.clone();
         async move {
             shutdown_signal().await;
             tracing::info!("shutting down: no new requests, finishing the ones in flight");
             shutting_down.store(true, Ordering::Release);
+            health
+                .set_not_serving::<kiln_proto::ingest::v1::write_service_server::WriteServiceServer<IngestService>>()
+                .await;
+            let _ = stop_tx.send(true);
         }
+    });
+    let stopped = |rx: tokio::sync::watch::Receiver<bool>| async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|v| *v).await;
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| format!("HTTP server failed: {e}"))?;
 
-    let _ = stop_tx.send(true);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
+    let ingest = IngestService::new(
+        Arc::clone(&engine),
+        Arc::clone(&state.metrics),
+        stop_rx.clone(),
+    )
+    .into_server(config.max_request_bytes);
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ingest)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let http = axum::serve(listener, router(state)).with_graceful_shutdown(stopped(stop_rx));
+    let (http_result, grpc_result) = tokio::join!(http.into_future(), grpc);
+    http_result.map_err(|e| format!("HTTP server failed: {e}"))?;
+    grpc_result.map_err(|e| format!("gRPC server failed: {e}"))?;
+
+    let _ = persist_stop_tx.send(true);
     let _ = persister.await;
     tracing::info!("persisting the write buffer and syncing the WAL");
     engine

@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod grpc;
 mod http;
 mod persistence;
 mod support;

@@ -126,7 +126,14 @@ async fn graceful_shutdown_persists_and_a_second_server_cannot_share_the_directo
 
     // The data directory is locked while a server runs.
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["serve", "--http-bind", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--http-bind",
+            "127.0.0.1:0",
+            "--grpc-bind",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .output()
         .unwrap();

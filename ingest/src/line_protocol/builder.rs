@@ -102,44 +102,74 @@ pub fn validate_lines(
     precision: Precision,
     default_time: i64,
 ) -> ValidatedLines {
-    let mut out = ValidatedLines::default();
-    let mut tables: Vec<TableBuilder> = Vec::new();
-    let mut table_index: HashMap<String, usize> = HashMap::new();
+    let mut validator = Validator::new(database, catalog);
     let mut parser = Parser::new(body);
     while let Some(parsed) = parser.next() {
-        let line = match parsed {
-            Ok(line) => line,
-            Err(e) => {
-                out.rejected.push(e.into());
-                continue;
-            }
-        };
-        let idx = match table_index.get(line.measurement.as_ref()) {
+        match parsed {
+            Ok(line) => validator.push(&line, precision, default_time),
+            Err(e) => validator.reject(e.into()),
+        }
+    }
+    validator.finish()
+}
+
+/// Validates rows one at a time (from line protocol or any other row format) and
+/// collects the accepted ones as Arrow columns per table.
+pub struct Validator<'c> {
+    database: &'c str,
+    catalog: &'c CatalogState,
+    tables: Vec<TableBuilder>,
+    table_index: HashMap<String, usize>,
+    out: ValidatedLines,
+}
+
+impl<'c> Validator<'c> {
+    pub fn new(database: &'c str, catalog: &'c CatalogState) -> Self {
+        Self {
+            database,
+            catalog,
+            tables: Vec::new(),
+            table_index: HashMap::new(),
+            out: ValidatedLines::default(),
+        }
+    }
+
+    /// Validates one row; it is either accepted whole or recorded as rejected.
+    pub fn push(&mut self, line: &Line<'_, '_>, precision: Precision, default_time: i64) {
+        let idx = match self.table_index.get(line.measurement.as_ref()) {
             Some(i) => *i,
             None => {
                 let name = line.measurement.to_string();
-                tables.push(TableBuilder::new(
+                self.tables.push(TableBuilder::new(
                     name.clone(),
-                    catalog.table(database, &name),
+                    self.catalog.table(self.database, &name),
                 ));
-                table_index.insert(name, tables.len() - 1);
-                tables.len() - 1
+                self.table_index.insert(name, self.tables.len() - 1);
+                self.tables.len() - 1
             }
         };
-        match tables[idx].append(&line, precision, default_time) {
-            Ok(()) => out.accepted_lines += 1,
-            Err(e) => out.rejected.push(e),
+        match self.tables[idx].append(line, precision, default_time) {
+            Ok(()) => self.out.accepted_lines += 1,
+            Err(e) => self.out.rejected.push(e),
         }
     }
-    for t in tables {
-        if t.rows == 0 {
-            continue;
-        }
-        out.schema_changes.extend(t.new_columns());
-        let name = t.name.clone();
-        out.tables.push((name, t.finish()));
+
+    /// Records a row that could not even be read.
+    pub fn reject(&mut self, error: LineError) {
+        self.out.rejected.push(error);
     }
-    out
+
+    pub fn finish(mut self) -> ValidatedLines {
+        for t in self.tables {
+            if t.rows == 0 {
+                continue;
+            }
+            self.out.schema_changes.extend(t.new_columns());
+            let name = t.name.clone();
+            self.out.tables.push((name, t.finish()));
+        }
+        self.out
+    }
 }
 
 enum Builder {

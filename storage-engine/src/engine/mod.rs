@@ -206,6 +206,16 @@ impl Engine {
         self.buffer.bytes()
     }
 
+    /// Whether writes are being refused for lack of buffer space. When it is, persistence
+    /// is asked to run.
+    pub fn buffer_full(&self) -> bool {
+        let full = self.buffer.bytes() > self.config.max_buffer_bytes;
+        if full {
+            self.persist_wanted.notify_one();
+        }
+        full
+    }
+
     pub fn wal(&self) -> &Wal {
         &self.wal
     }

@@ -10,6 +10,8 @@ use reqwest::StatusCode;
 pub struct TestServer {
     child: Option<Child>,
     pub base: String,
+    /// `http://host:port` of the gRPC listener.
+    pub grpc: String,
     pub client: reqwest::Client,
 }
 
@@ -35,7 +37,7 @@ impl TestServer {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--http-bind", "127.0.0.1:0"])
+            .args(["--http-bind", "127.0.0.1:0", "--grpc-bind", "127.0.0.1:0"])
             .args(args)
             .env("KILN_LOG", "info")
             .stdin(Stdio::null())
@@ -44,18 +46,25 @@ impl TestServer {
         configure(&mut command);
         let mut child = command.spawn().expect("spawn kiln");
         let stdout = child.stdout.take().expect("stdout piped");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read kiln stdout");
-        let Some(url) = line.trim().strip_prefix("Kiln HTTP listening on ") else {
-            let _ = child.kill();
-            let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
-            panic!("kiln did not start; stdout {line:?}; log:\n{log}");
+        let mut reader = BufReader::new(stdout);
+        let mut read_url = |prefix: &str| {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read kiln stdout");
+            match line.trim().strip_prefix(prefix) {
+                Some(url) => url.to_owned(),
+                None => {
+                    let log =
+                        std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+                    panic!("kiln did not start; stdout {line:?}; log:\n{log}");
+                }
+            }
         };
+        let url = read_url("Kiln HTTP listening on ");
+        let grpc = read_url("Kiln gRPC listening on ");
         Self {
             child: Some(child),
-            base: url.to_owned(),
+            base: url,
+            grpc,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()

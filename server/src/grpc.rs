@@ -1,0 +1,374 @@
+//! gRPC: `kiln.ingest.v1.WriteService` (unary and streaming writes with durable acks),
+//! the standard health service and server reflection.
+
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
+use kiln_ingest::arrow_batch::validate_arrow;
+use kiln_ingest::line_protocol::{
+    FieldValue, Line, LineError, Precision, ValidatedLines, Validator, validate_lines,
+};
+use kiln_proto::ingest::v1::write_service_server::{WriteService, WriteServiceServer};
+use kiln_proto::ingest::v1::{
+    RowError, Rows, WriteAck, WriteRequest, WriteResponse, field, write_request,
+};
+use kiln_storage::Engine;
+use kiln_storage::catalog::CatalogState;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::Metrics;
+use crate::write::{WriteError, Written, write_validated};
+
+/// Batches a stream may have in flight (written, not yet acknowledged) at once.
+const STREAM_IN_FLIGHT: usize = 8;
+/// How long a stream waits for room in a full write buffer before giving up on a batch.
+const STREAM_BACKPRESSURE_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct IngestService {
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl IngestService {
+    pub fn new(
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            engine,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// The tonic service, accepting gzip and zstd and limiting message size.
+    pub fn into_server(self, max_message_bytes: usize) -> WriteServiceServer<Self> {
+        WriteServiceServer::new(self)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
+            .max_decoding_message_size(max_message_bytes)
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    async fn write_one(&self, req: &WriteRequest) -> Result<Written, WriteError> {
+        if self.shutting_down() {
+            return Err(WriteError::Engine(
+                kiln_storage::engine::Error::ShuttingDown,
+            ));
+        }
+        if req.database.is_empty() {
+            return Err(WriteError::Invalid("missing database".into()));
+        }
+        let db = req.database.as_str();
+        let payload = req.payload.as_ref().ok_or_else(|| {
+            WriteError::Invalid("the request has no payload (rows, arrow or line_protocol)".into())
+        })?;
+        let default_time = crate::http::now_nanos();
+        let precision = match payload {
+            write_request::Payload::LineProtocol(lp) if !lp.precision.is_empty() => lp
+                .precision
+                .parse::<Precision>()
+                .map_err(WriteError::Invalid)?,
+            _ => Precision::Nanoseconds,
+        };
+        let written = write_validated(
+            &self.engine,
+            db,
+            req.accept_partial,
+            |catalog| match payload {
+                write_request::Payload::LineProtocol(lp) => Ok(validate_lines(
+                    &lp.text,
+                    db,
+                    catalog,
+                    precision,
+                    default_time,
+                )),
+                write_request::Payload::Rows(rows) => Ok(validate_rows(rows, db, catalog)),
+                write_request::Payload::Arrow(a) => {
+                    validate_arrow(db, catalog, &a.table, &a.ipc_stream, &a.tag_columns)
+                        .map_err(|e| e.0)
+                }
+            },
+        )
+        .await;
+        match &written {
+            Ok(w) => {
+                self.metrics.ingest_lines.inc_by(w.rows as u64);
+                self.metrics.rejected_lines.inc_by(w.rejected.len() as u64);
+            }
+            Err(WriteError::Rejected { rejected, .. }) => {
+                self.metrics.rejected_lines.inc_by(rejected.len() as u64);
+            }
+            Err(_) => {}
+        }
+        written
+    }
+
+    /// Writes one batch of a stream, waiting while the buffer is full, and builds its ack.
+    async fn write_for_stream(self, req: WriteRequest) -> WriteAck {
+        let batch_id = req.batch_id;
+        let started = Instant::now();
+        let mut waited = false;
+        let result = loop {
+            while self.engine.buffer_full()
+                && !self.shutting_down()
+                && started.elapsed() < STREAM_BACKPRESSURE_WAIT
+            {
+                if !waited {
+                    self.metrics.stream_backpressure_waits.inc();
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            match self.write_one(&req).await {
+                // Another batch filled the buffer first: pause again.
+                Err(WriteError::Engine(kiln_storage::engine::Error::BufferFull { .. }))
+                    if started.elapsed() < STREAM_BACKPRESSURE_WAIT && !self.shutting_down() => {}
+                other => break other,
+            }
+        };
+        match result {
+            Ok(w) => WriteAck {
+                batch_id,
+                durable: true,
+                rows_written: w.rows as u64,
+                errors: row_errors(&w.rejected),
+                code: 0,
+                message: String::new(),
+            },
+            Err(e) => {
+                let errors = match &e {
+                    WriteError::Rejected { rejected, .. } => row_errors(rejected),
+                    _ => Vec::new(),
+                };
+                failed_ack(batch_id, &status_of(e), errors)
+            }
+        }
+    }
+}
+
+fn failed_ack(batch_id: u64, status: &Status, errors: Vec<RowError>) -> WriteAck {
+    WriteAck {
+        batch_id,
+        durable: false,
+        rows_written: 0,
+        errors,
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
+
+fn row_errors(errors: &[LineError]) -> Vec<RowError> {
+    errors
+        .iter()
+        .map(|e| RowError {
+            row: e.line as u64,
+            column: e.column as u32,
+            message: e.message.clone(),
+        })
+        .collect()
+}
+
+/// Maps a write failure to a gRPC status; rejected rows travel as an encoded
+/// `WriteResponse` in the status details.
+fn status_of(e: WriteError) -> Status {
+    use kiln_storage::engine::Error as E;
+    match e {
+        WriteError::Rejected { message, rejected } => {
+            let details = WriteResponse {
+                batch_id: 0,
+                rows_written: 0,
+                errors: row_errors(&rejected),
+            }
+            .encode_to_vec();
+            let mut text = message;
+            for r in rejected.iter().skip(1).take(20) {
+                text.push_str(&format!("; {r}"));
+            }
+            Status::with_details(tonic::Code::InvalidArgument, text, details.into())
+        }
+        WriteError::Invalid(m) => Status::invalid_argument(m),
+        WriteError::Engine(e) => match e {
+            E::BufferFull { .. } => Status::resource_exhausted(e.to_string()),
+            E::ShuttingDown | E::Wal(kiln_storage::wal::Error::Closed) => {
+                Status::unavailable("the server is shutting down")
+            }
+            E::Wal(kiln_storage::wal::Error::Poisoned) => Status::unavailable(
+                "the write-ahead log failed to sync earlier and refuses writes; see the server log",
+            ),
+            E::Catalog(kiln_storage::catalog::Error::InvalidName { .. }) => {
+                Status::invalid_argument(e.to_string())
+            }
+            other => {
+                tracing::error!(error = %other, "gRPC write failed");
+                Status::internal("internal error while writing; see the server log")
+            }
+        },
+    }
+}
+
+/// Typed rows → validated Arrow columns, with the same rules as line protocol.
+fn validate_rows(rows: &Rows, db: &str, catalog: &CatalogState) -> ValidatedLines {
+    let mut validator = Validator::new(db, catalog);
+    let mut tags: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+    let mut fields: Vec<(Cow<'_, str>, FieldValue<'_>)> = Vec::new();
+    for (i, row) in rows.rows.iter().enumerate() {
+        let number = i + 1;
+        let reject = |message: String| LineError {
+            line: number,
+            column: 0,
+            message,
+        };
+        tags.clear();
+        fields.clear();
+        if row.table.is_empty() {
+            validator.reject(reject("missing table".into()));
+            continue;
+        }
+        if let Some((k, _)) = row.tags.iter().find(|(k, v)| k.is_empty() || v.is_empty()) {
+            validator.reject(reject(format!("tag {k:?} has an empty name or value")));
+            continue;
+        }
+        tags.extend(
+            row.tags
+                .iter()
+                .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str()))),
+        );
+        tags.sort();
+        let mut bad = None;
+        for f in &row.fields {
+            let value = match &f.value {
+                Some(field::Value::Float(v)) if v.is_finite() => FieldValue::Float(*v),
+                Some(field::Value::Float(_)) => {
+                    bad = Some(format!(
+                        "field {:?}: NaN and infinity are not allowed",
+                        f.name
+                    ));
+                    break;
+                }
+                Some(field::Value::Integer(v)) => FieldValue::Integer(*v),
+                Some(field::Value::Uinteger(v)) => FieldValue::UInteger(*v),
+                Some(field::Value::Boolean(v)) => FieldValue::Boolean(*v),
+                Some(field::Value::String(v)) => FieldValue::String(Cow::Borrowed(v.as_str())),
+                None => {
+                    bad = Some(format!("field {:?} has no value", f.name));
+                    break;
+                }
+            };
+            if f.name.is_empty() {
+                bad = Some("a field has an empty name".into());
+                break;
+            }
+            fields.push((Cow::Borrowed(f.name.as_str()), value));
+        }
+        if let Some(message) = bad {
+            validator.reject(reject(message));
+            continue;
+        }
+        if fields.is_empty() {
+            validator.reject(reject("no fields: a row needs at least one".into()));
+            continue;
+        }
+        let line = Line {
+            number,
+            raw: "",
+            measurement: Cow::Borrowed(row.table.as_str()),
+            tags: &tags,
+            fields: &fields,
+            timestamp: Some(row.time_unix_nano),
+        };
+        validator.push(&line, Precision::Nanoseconds, 0);
+    }
+    let mut out = validator.finish();
+    for e in &mut out.rejected {
+        e.column = 0;
+    }
+    out
+}
+
+async fn wait_for_shutdown(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<WriteAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WriteService for IngestService {
+    async fn write(
+        &self,
+        request: Request<WriteRequest>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let req = request.into_inner();
+        let batch_id = req.batch_id;
+        let written = self.write_one(&req).await.map_err(status_of)?;
+        Ok(Response::new(WriteResponse {
+            batch_id,
+            rows_written: written.rows as u64,
+            errors: row_errors(&written.rejected),
+        }))
+    }
+
+    type WriteStreamStream = AckStream;
+
+    async fn write_stream(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<Self::WriteStreamStream>, Status> {
+        if self.shutting_down() {
+            return Err(Status::unavailable("the server is shutting down"));
+        }
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT * 2);
+        let svc = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut in_flight = FuturesOrdered::new();
+            let mut reading = true;
+            let mut end: Option<Status> = None;
+            loop {
+                tokio::select! {
+                    next = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT => match next {
+                        Ok(Some(req)) => in_flight.push_back(svc.clone().write_for_stream(req)),
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            reading = false;
+                            end = Some(status);
+                        }
+                    },
+                    Some(ack) = in_flight.next(), if !in_flight.is_empty() => {
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return; // the client went away; its batches still complete
+                        }
+                    }
+                    _ = wait_for_shutdown(&mut shutdown), if reading => {
+                        reading = false;
+                        end = Some(Status::unavailable("the server is shutting down; reconnect and resend unacknowledged batches"));
+                    }
+                }
+                if !reading && in_flight.is_empty() {
+                    break;
+                }
+            }
+            if let Some(status) = end {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
