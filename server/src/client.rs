@@ -35,6 +35,14 @@ pub struct WriteArgs {
     /// Line protocol given directly on the command line instead of a file.
     #[arg(long, short = 'l', conflicts_with = "file")]
     pub line: Vec<String>,
+
+    /// Send over gRPC (kiln.ingest.v1.WriteService) instead of HTTP.
+    #[arg(long)]
+    pub grpc: bool,
+
+    /// gRPC address of the Kiln server, with --grpc.
+    #[arg(long, env = "KILN_GRPC_HOST", default_value = "http://127.0.0.1:50051")]
+    pub grpc_host: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -91,6 +99,9 @@ pub async fn write(args: WriteArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot read input: {e}"))?;
         text
     };
+    if args.grpc {
+        return write_grpc(&args, body).await;
+    }
     let url = format!("{}/api/v3/write_lp", args.client.host.trim_end_matches('/'));
     let resp = http()?
         .post(url)
@@ -114,6 +125,58 @@ pub async fn write(args: WriteArgs) -> Result<(), String> {
         Ok(())
     } else {
         Err(error_text(resp).await)
+    }
+}
+
+async fn write_grpc(args: &WriteArgs, text: String) -> Result<(), String> {
+    use kiln_proto::ingest::v1::write_service_client::WriteServiceClient;
+    use kiln_proto::ingest::v1::{LineProtocol, WriteRequest, WriteResponse, write_request};
+    use prost::Message;
+
+    let mut client = WriteServiceClient::connect(args.grpc_host.clone())
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", args.grpc_host))?;
+    let request = WriteRequest {
+        batch_id: 0,
+        database: args.client.database.clone(),
+        payload: Some(write_request::Payload::LineProtocol(LineProtocol {
+            text,
+            precision: args.precision.clone(),
+        })),
+        accept_partial: !args.reject_all_on_error,
+    };
+    let describe = |errors: &[kiln_proto::ingest::v1::RowError]| {
+        errors
+            .iter()
+            .map(|e| format!("\n  line {}, column {}: {}", e.row, e.column, e.message))
+            .collect::<String>()
+    };
+    match client.write(request).await {
+        Ok(resp) if resp.get_ref().errors.is_empty() => Ok(()),
+        Ok(resp) => {
+            let r = resp.into_inner();
+            Err(format!(
+                "partial write: {} rows written, {} rejected{}",
+                r.rows_written,
+                r.errors.len(),
+                describe(&r.errors)
+            ))
+        }
+        Err(status) => {
+            let details = WriteResponse::decode(status.details())
+                .map(|r| r.errors)
+                .unwrap_or_default();
+            let first_line = status.message().split("; ").next().unwrap_or_default();
+            if details.is_empty() {
+                Err(format!("{:?}: {}", status.code(), status.message()))
+            } else {
+                Err(format!(
+                    "{:?}: {first_line}{}",
+                    status.code(),
+                    describe(&details)
+                ))
+            }
+        }
     }
 }
 

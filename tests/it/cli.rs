@@ -68,6 +68,31 @@ async fn cli_writes_from_stdin_files_and_flags_and_prints_tables() {
     );
     assert!(ok, "{err}");
 
+    let g = server.grpc.clone();
+    let grpc_write = |line: &str| {
+        kiln(
+            &[
+                "write",
+                "--grpc",
+                "--grpc-host",
+                &g,
+                "-d",
+                "plant",
+                "-l",
+                line,
+            ],
+            None,
+        )
+    };
+    let (ok, _, err) = grpc_write("temp,line=l4 c=4.5 1700000003000000000");
+    assert!(ok, "{err}");
+    let (ok, _, err) = grpc_write("temp,line=l5 c=bad");
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("line 1, column 16"),
+        "{err}"
+    );
+
     let (ok, out, err) = kiln(
         &[
             "query",
@@ -96,7 +121,7 @@ async fn cli_writes_from_stdin_files_and_flags_and_prints_tables() {
         None,
     );
     assert!(ok);
-    assert_eq!(out, "n\n3\n");
+    assert_eq!(out, "n\n4\n");
 
     // Errors are printed with line and column, and the exit status says so.
     let (ok, _, err) = kiln(
