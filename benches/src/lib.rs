@@ -44,9 +44,35 @@ const ENV: [&str; 3] = ["production", "staging", "test"];
 pub const DEFAULT_START_NANOS: i64 = 1_451_606_400_000_000_000;
 pub const INTERVAL_NANOS: i64 = 10_000_000_000;
 
+pub const TAGS: [&str; 10] = [
+    "hostname",
+    "region",
+    "datacenter",
+    "rack",
+    "os",
+    "arch",
+    "team",
+    "service",
+    "service_version",
+    "service_environment",
+];
+
 struct Host {
+    /// Tag values in [`TAGS`] order.
+    tag_values: Vec<String>,
+    /// The same tags as line protocol: `hostname=host_0,region=…`.
     tags: String,
     values: [f64; 10],
+}
+
+/// One row of the workload in structured form.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuRow<'a> {
+    pub tag_values: &'a [String],
+    /// The tags as line protocol (`hostname=host_0,region=…`).
+    pub tags_lp: &'a str,
+    pub time: i64,
+    pub fields: [i64; 10],
 }
 
 /// Generates the workload one timestamp (one row per host) at a time.
@@ -62,19 +88,30 @@ impl CpuOnly {
         let hosts = (0..scale)
             .map(|i| {
                 let (region, zones) = REGIONS[rng.random_range(0..REGIONS.len())];
-                let tags = format!(
-                    "hostname=host_{i},region={region},datacenter={},rack={},os={},arch={},team={},service={},service_version={},service_environment={}",
-                    zones[rng.random_range(0..zones.len())],
-                    rng.random_range(0..100),
-                    OS[rng.random_range(0..OS.len())],
-                    ARCH[rng.random_range(0..ARCH.len())],
-                    TEAM[rng.random_range(0..TEAM.len())],
-                    rng.random_range(0..20),
-                    rng.random_range(0..2),
-                    ENV[rng.random_range(0..ENV.len())],
-                );
+                let tag_values: Vec<String> = vec![
+                    format!("host_{i}"),
+                    region.to_owned(),
+                    zones[rng.random_range(0..zones.len())].to_owned(),
+                    rng.random_range(0..100).to_string(),
+                    OS[rng.random_range(0..OS.len())].to_owned(),
+                    ARCH[rng.random_range(0..ARCH.len())].to_owned(),
+                    TEAM[rng.random_range(0..TEAM.len())].to_owned(),
+                    rng.random_range(0..20).to_string(),
+                    rng.random_range(0..2).to_string(),
+                    ENV[rng.random_range(0..ENV.len())].to_owned(),
+                ];
+                let tags = TAGS
+                    .iter()
+                    .zip(&tag_values)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
                 let values = std::array::from_fn(|_| rng.random_range(0.0..100.0));
-                Host { tags, values }
+                Host {
+                    tag_values,
+                    tags,
+                    values,
+                }
             })
             .collect();
         Self {
@@ -88,22 +125,38 @@ impl CpuOnly {
         self.hosts.len()
     }
 
-    /// Appends one line per host for the next timestamp to `out`.
-    pub fn next_interval(&mut self, out: &mut String) {
-        use std::fmt::Write;
+    /// Advances every host's random walk by one interval and hands each row to `f`.
+    pub fn next_rows(&mut self, mut f: impl FnMut(CpuRow<'_>)) {
         let time = self.next_time;
         self.next_time += INTERVAL_NANOS;
         for h in &mut self.hosts {
-            out.push_str("cpu,");
-            out.push_str(&h.tags);
-            for (i, v) in h.values.iter_mut().enumerate() {
+            let mut fields = [0i64; 10];
+            for (v, out) in h.values.iter_mut().zip(&mut fields) {
                 *v = (*v + standard_normal(&mut self.rng)).clamp(0.0, 100.0);
+                *out = *v as i64;
+            }
+            f(CpuRow {
+                tag_values: &h.tag_values,
+                tags_lp: &h.tags,
+                time,
+                fields,
+            });
+        }
+    }
+
+    /// Appends one line per host for the next timestamp to `out`.
+    pub fn next_interval(&mut self, out: &mut String) {
+        use std::fmt::Write;
+        self.next_rows(|row| {
+            out.push_str("cpu,");
+            out.push_str(row.tags_lp);
+            for (i, v) in row.fields.iter().enumerate() {
                 out.push(if i == 0 { ' ' } else { ',' });
                 out.push_str(FIELDS[i]);
-                let _ = write!(out, "={}i", *v as i64);
+                let _ = write!(out, "={v}i");
             }
-            let _ = writeln!(out, " {time}");
-        }
+            let _ = writeln!(out, " {}", row.time);
+        });
     }
 
     /// Line-protocol batches of `batch_lines` lines covering `intervals` timestamps.

@@ -3,8 +3,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampNanosecondArray};
+use arrow::ipc::writer::StreamWriter;
 use clap::{Parser, Subcommand};
-use kiln_bench::{CpuOnly, DEFAULT_START_NANOS, INTERVAL_NANOS};
+use kiln_bench::{CpuOnly, DEFAULT_START_NANOS, FIELDS, INTERVAL_NANOS, TAGS};
+use kiln_proto::ingest::v1::write_service_client::WriteServiceClient;
+use kiln_proto::ingest::v1::{ArrowBatch, Field, Row, Rows, WriteRequest, field, write_request};
+use prost::Message;
 
 #[derive(Debug, Parser)]
 #[command(name = "kiln-bench", about = "Load generator and benchmarks for Kiln")]
@@ -34,9 +39,15 @@ enum Command {
     Ingest {
         #[command(flatten)]
         workload: Workload,
-        /// Server base URL.
+        /// How to send: HTTP line protocol, gRPC typed rows or gRPC Arrow IPC.
+        #[arg(long, value_enum, default_value = "http-lp")]
+        protocol: Protocol,
+        /// Server HTTP base URL.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
+        /// Server gRPC URL.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        grpc_url: String,
         /// Database to write into.
         #[arg(long, default_value = "benchmark")]
         db: String,
@@ -47,6 +58,13 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         connections: usize,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    HttpLp,
+    GrpcRows,
+    GrpcArrow,
 }
 
 fn intervals(w: &Workload) -> usize {
@@ -72,13 +90,28 @@ fn main() -> std::process::ExitCode {
         }
         Command::Ingest {
             workload,
+            protocol,
             url,
+            grpc_url,
             db,
             batch_size,
             connections,
         } => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(ingest(workload, url, db, batch_size, connections)) {
+            let target = match protocol {
+                Protocol::HttpLp => {
+                    format!("{}/api/v3/write_lp?db={db}", url.trim_end_matches('/'))
+                }
+                Protocol::GrpcRows | Protocol::GrpcArrow => grpc_url,
+            };
+            match runtime.block_on(ingest(
+                workload,
+                protocol,
+                target,
+                db,
+                batch_size,
+                connections,
+            )) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -89,58 +122,216 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// One request, ready to send.
+enum Payload {
+    Lp(String),
+    Grpc(WriteRequest),
+}
+
+fn payloads(
+    w: &Workload,
+    protocol: Protocol,
+    db: &str,
+    batch_size: usize,
+) -> Vec<(usize, usize, Payload)> {
+    let mut generator = CpuOnly::new(w.scale, w.seed, DEFAULT_START_NANOS);
+    if protocol == Protocol::HttpLp {
+        return generator
+            .batches(intervals(w), batch_size)
+            .into_iter()
+            .map(|(n, text)| (n, text.len(), Payload::Lp(text)))
+            .collect();
+    }
+    let request = |payload| WriteRequest {
+        batch_id: 0,
+        database: db.to_owned(),
+        payload: Some(payload),
+        accept_partial: false,
+    };
+    let mut out = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut arrow = ArrowColumns::default();
+    for _ in 0..intervals(w) {
+        generator.next_rows(|r| match protocol {
+            Protocol::GrpcRows => rows.push(Row {
+                table: "cpu".into(),
+                tags: TAGS
+                    .iter()
+                    .zip(r.tag_values)
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+                fields: FIELDS
+                    .iter()
+                    .zip(r.fields)
+                    .map(|(k, v)| Field {
+                        name: k.to_string(),
+                        value: Some(field::Value::Integer(v)),
+                    })
+                    .collect(),
+                time_unix_nano: r.time,
+            }),
+            _ => arrow.push(&r),
+        });
+        loop {
+            let ready = match protocol {
+                Protocol::GrpcRows if rows.len() >= batch_size => {
+                    let rest = rows.split_off(batch_size);
+                    let batch = std::mem::replace(&mut rows, rest);
+                    Some((
+                        batch_size,
+                        write_request::Payload::Rows(Rows { rows: batch }),
+                    ))
+                }
+                Protocol::GrpcArrow if arrow.rows >= batch_size => Some((arrow.rows, arrow.take())),
+                _ => None,
+            };
+            let Some((n, payload)) = ready else { break };
+            let req = request(payload);
+            out.push((n, req.encoded_len(), Payload::Grpc(req)));
+        }
+    }
+    let last = match protocol {
+        Protocol::GrpcRows if !rows.is_empty() => {
+            Some((rows.len(), write_request::Payload::Rows(Rows { rows })))
+        }
+        Protocol::GrpcArrow if arrow.rows > 0 => Some((arrow.rows, arrow.take())),
+        _ => None,
+    };
+    if let Some((n, payload)) = last {
+        let req = request(payload);
+        out.push((n, req.encoded_len(), Payload::Grpc(req)));
+    }
+    out
+}
+
+/// Columns of the `cpu` table being built for one Arrow request.
+#[derive(Default)]
+struct ArrowColumns {
+    rows: usize,
+    time: Vec<i64>,
+    tags: Vec<Vec<String>>,
+    fields: Vec<Vec<i64>>,
+}
+
+impl ArrowColumns {
+    fn push(&mut self, r: &kiln_bench::CpuRow<'_>) {
+        if self.tags.is_empty() {
+            self.tags = vec![Vec::new(); TAGS.len()];
+            self.fields = vec![Vec::new(); FIELDS.len()];
+        }
+        self.time.push(r.time);
+        for (col, v) in self.tags.iter_mut().zip(r.tag_values) {
+            col.push(v.clone());
+        }
+        for (col, v) in self.fields.iter_mut().zip(r.fields) {
+            col.push(v);
+        }
+        self.rows += 1;
+    }
+
+    fn take(&mut self) -> write_request::Payload {
+        let mut columns: Vec<(&str, ArrayRef)> = vec![(
+            "time",
+            Arc::new(TimestampNanosecondArray::from(std::mem::take(
+                &mut self.time,
+            ))),
+        )];
+        for (name, values) in TAGS.iter().zip(self.tags.iter_mut()) {
+            columns.push((name, Arc::new(StringArray::from(std::mem::take(values)))));
+        }
+        for (name, values) in FIELDS.iter().zip(self.fields.iter_mut()) {
+            columns.push((name, Arc::new(Int64Array::from(std::mem::take(values)))));
+        }
+        self.rows = 0;
+        let batch = RecordBatch::try_from_iter(columns).expect("columns of equal length");
+        let mut ipc = Vec::new();
+        {
+            let mut w = StreamWriter::try_new(&mut ipc, &batch.schema()).expect("IPC writer");
+            w.write(&batch).expect("IPC write");
+            w.finish().expect("IPC finish");
+        }
+        write_request::Payload::Arrow(ArrowBatch {
+            table: "cpu".into(),
+            ipc_stream: ipc,
+            tag_columns: TAGS.iter().map(|t| t.to_string()).collect(),
+        })
+    }
+}
+
 async fn ingest(
     w: Workload,
-    url: String,
+    protocol: Protocol,
+    target: String,
     db: String,
     batch_size: usize,
     connections: usize,
 ) -> Result<(), String> {
     eprintln!(
-        "generating scale={} duration={:?} seed={} ...",
+        "generating scale={} duration={:?} seed={} as {protocol:?} ...",
         w.scale, w.duration, w.seed
     );
-    let batches =
-        CpuOnly::new(w.scale, w.seed, DEFAULT_START_NANOS).batches(intervals(&w), batch_size);
-    let total_rows: usize = batches.iter().map(|(n, _)| n).sum();
-    let total_bytes: usize = batches.iter().map(|(_, b)| b.len()).sum();
+    let batches = payloads(&w, protocol, &db, batch_size);
+    let total_rows: usize = batches.iter().map(|(n, _, _)| n).sum();
+    let total_bytes: usize = batches.iter().map(|(_, b, _)| b).sum();
     eprintln!(
         "sending {total_rows} rows ({:.1} MB) in {} requests over {connections} connections",
         total_bytes as f64 / 1e6,
         batches.len()
     );
     let queue = Arc::new(tokio::sync::Mutex::new(batches.into_iter()));
-    let endpoint = format!("{}/api/v3/write_lp?db={db}", url.trim_end_matches('/'));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let queue = Arc::clone(&queue);
-        let endpoint = endpoint.clone();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let http = reqwest::Client::new();
+            let mut grpc = match protocol {
+                Protocol::HttpLp => None,
+                _ => Some(
+                    WriteServiceClient::connect(target.clone())
+                        .await
+                        .map_err(|e| format!("cannot connect to {target}: {e}"))?
+                        .max_decoding_message_size(usize::MAX),
+                ),
+            };
             let mut latencies = Vec::new();
             loop {
-                let Some((_, body)) = queue.lock().await.next() else {
-                    return Ok(latencies);
+                let Some((_, _, payload)) = queue.lock().await.next() else {
+                    return Ok::<_, String>(latencies);
                 };
                 loop {
                     let t = Instant::now();
-                    let resp = client
-                        .post(&endpoint)
-                        .body(body.clone())
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let status = resp.status();
-                    if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                    let retry = match (&payload, grpc.as_mut()) {
+                        (Payload::Lp(body), _) => {
+                            let resp = http
+                                .post(&target)
+                                .body(body.clone())
+                                .send()
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            let status = resp.status();
+                            if !status.is_success()
+                                && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+                            {
+                                return Err(format!(
+                                    "write failed: {status}: {}",
+                                    resp.text().await.unwrap_or_default()
+                                ));
+                            }
+                            status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        }
+                        (Payload::Grpc(req), Some(client)) => match client.write(req.clone()).await
+                        {
+                            Ok(_) => false,
+                            Err(s) if s.code() == tonic::Code::ResourceExhausted => true,
+                            Err(s) => return Err(format!("write failed: {s}")),
+                        },
+                        (Payload::Grpc(_), None) => return Err("no gRPC client".into()),
+                    };
+                    if retry {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
-                    }
-                    if !status.is_success() {
-                        return Err(format!(
-                            "write failed: {status}: {}",
-                            resp.text().await.unwrap_or_default()
-                        ));
                     }
                     latencies.push(t.elapsed());
                     break;
@@ -156,7 +347,7 @@ async fn ingest(
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
     println!(
-        "rows={total_rows} elapsed={:.2}s rows_per_sec={:.0} mb_per_sec={:.1} p50_ms={:.1} p99_ms={:.1}",
+        "protocol={protocol:?} rows={total_rows} elapsed={:.2}s rows_per_sec={:.0} mb_per_sec={:.1} p50_ms={:.1} p99_ms={:.1}",
         elapsed.as_secs_f64(),
         total_rows as f64 / elapsed.as_secs_f64(),
         total_bytes as f64 / 1e6 / elapsed.as_secs_f64(),
