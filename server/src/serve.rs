@@ -172,10 +172,17 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         let _ = rx.wait_for(|v| *v).await;
     };
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl and many tools still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| format!("gRPC reflection: {e}"))?;
     let ingest = IngestService::new(
         Arc::clone(&engine),
@@ -185,7 +192,8 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     .into_server(config.max_request_bytes);
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(ingest)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc_listener),

