@@ -8,3 +8,4 @@
 
 pub mod arrow_batch;
 pub mod line_protocol;
+pub mod rows;
