@@ -456,3 +456,37 @@ async fn kill_nine_mid_stream_and_resending_unacked_batches_gives_every_row_once
     assert_eq!(unique.len(), ids.len(), "duplicate rows");
     assert_eq!(ids.len() as u64, BATCHES * 50, "missing rows");
 }
+
+#[tokio::test]
+async fn deadlines_are_honoured_and_shutdown_ends_streams_with_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("data"), &[]);
+    let mut c = client(&server).await;
+
+    // A deadline that has passed before the server starts on the request.
+    let mut late = tonic::Request::new(lp_request(1, "edge", "m v=1 1"));
+    late.set_timeout(std::time::Duration::from_nanos(1));
+    let status = c.write(late).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+
+    // An open stream: one batch acknowledged, then the server is asked to stop.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(lp_request(1, "edge", "m v=1 1")).await.unwrap();
+    let mut acks = c
+        .write_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = acks.message().await.unwrap().unwrap();
+    assert!(first.durable, "{first:?}");
+    let stopper = std::thread::spawn(move || server.terminate());
+    let end = acks.message().await;
+    let status = end.expect_err("the stream should end with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("resend"), "{status:?}");
+    drop(tx);
+    stopper.join().unwrap();
+}

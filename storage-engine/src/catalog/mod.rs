@@ -57,6 +57,8 @@ pub enum Error {
     UnknownTable(TableId),
     #[error("invalid name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
+    #[error("catalog task failed: {0}")]
+    Task(String),
 }
 
 /// The type of a column: its role (tag, time, field) and, for fields, the value type.
@@ -390,9 +392,17 @@ impl Catalog {
 
     /// Validates `events` against the current state, writes them as one transaction and
     /// makes them current. Nothing is applied if any event is invalid.
-    pub async fn commit(&self, events: Vec<CatalogEvent>) -> Result<Arc<CatalogState>> {
-        let _guard = self.commit.lock().await;
-        self.commit_locked(events).await
+    ///
+    /// The commit runs to completion even if the caller stops waiting: a commit cut short
+    /// between writing the log entry and publishing the new state would leave the two
+    /// apart.
+    pub async fn commit(self: &Arc<Self>, events: Vec<CatalogEvent>) -> Result<Arc<CatalogState>> {
+        let this = Arc::clone(self);
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            this.commit_locked(events).await
+        })
+        .await
     }
 
     async fn commit_locked(&self, events: Vec<CatalogEvent>) -> Result<Arc<CatalogState>> {
@@ -456,6 +466,17 @@ impl Catalog {
     /// Changes already in the catalog are skipped; a column that exists with another type
     /// is a [`Error::TypeConflict`] and nothing is committed.
     pub async fn ensure_schema(
+        self: &Arc<Self>,
+        database: &str,
+        changes: &[SchemaChange],
+    ) -> Result<Arc<CatalogState>> {
+        let this = Arc::clone(self);
+        let database = database.to_owned();
+        let changes = changes.to_vec();
+        run_to_completion(async move { this.ensure_schema_locked(&database, &changes).await }).await
+    }
+
+    async fn ensure_schema_locked(
         &self,
         database: &str,
         changes: &[SchemaChange],
@@ -534,6 +555,15 @@ impl Catalog {
         }
         self.commit_locked(events).await
     }
+}
+
+/// Runs `f` on its own task so that dropping the caller's future does not cancel it.
+async fn run_to_completion<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
 }
 
 fn validate_name(name: &str) -> Result<()> {

@@ -15,7 +15,7 @@ const HOUR: i64 = 3_600_000_000_000;
 #[tokio::test]
 async fn schema_changes_survive_reload_and_conflicts_commit_nothing() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let catalog = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     let state = catalog
         .ensure_schema(
             "plant",
@@ -54,14 +54,14 @@ async fn schema_changes_survive_reload_and_conflicts_commit_nothing() {
             .is_none()
     );
 
-    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let reloaded = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
 }
 
 #[tokio::test]
 async fn snapshots_shorten_replay_and_give_the_same_state() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let catalog = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     for i in 0..(SNAPSHOT_INTERVAL + 5) {
         catalog
             .ensure_schema("db", &[change("t", &format!("f{i}"), ColumnType::Integer)])
@@ -70,7 +70,7 @@ async fn snapshots_shorten_replay_and_give_the_same_state() {
     }
     let snapshots = list_sequences(&store, SNAPSHOT_PREFIX).await.unwrap();
     assert_eq!(snapshots, vec![CatalogSequence(SNAPSHOT_INTERVAL)]);
-    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let reloaded = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
     assert_eq!(
         reloaded.snapshot().table("db", "t").unwrap().columns.len() as u64,
@@ -81,8 +81,8 @@ async fn snapshots_shorten_replay_and_give_the_same_state() {
 #[tokio::test]
 async fn a_second_writer_of_the_same_sequence_is_refused() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let a = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
-    let b = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let a = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let b = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     a.ensure_schema("db", &[change("t", "x", ColumnType::Float)])
         .await
         .unwrap();
@@ -104,7 +104,7 @@ async fn a_second_writer_of_the_same_sequence_is_refused() {
 #[tokio::test]
 async fn corrupt_and_unknown_version_entries_name_the_path() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let catalog = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     catalog
         .ensure_schema("db", &[change("t", "x", ColumnType::Float)])
         .await
@@ -130,6 +130,26 @@ async fn corrupt_and_unknown_version_entries_name_the_path() {
     );
     let err = load_error(b"{not json").await;
     assert!(err.contains("00000000000000000002.json"), "{err}");
+}
+
+#[tokio::test]
+async fn a_commit_whose_caller_gives_up_still_completes() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    // The caller stops waiting at once (a client that disconnected, a passed deadline).
+    let _ = tokio::time::timeout(
+        std::time::Duration::ZERO,
+        catalog.ensure_schema("db", &[change("t", "a", ColumnType::Float)]),
+    )
+    .await;
+    // The log and the in-memory state still agree: the next commit is not a conflict.
+    let state = catalog
+        .ensure_schema("db", &[change("t", "b", ColumnType::Float)])
+        .await
+        .unwrap();
+    assert!(state.table("db", "t").unwrap().column("b").is_some());
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
 }
 
 #[test]
