@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampNanosecondArray};
+use arrow::array::{ArrayRef, DictionaryArray, Int64Array, RecordBatch, TimestampNanosecondArray};
+use arrow::datatypes::Int32Type;
 use arrow::ipc::writer::StreamWriter;
 use clap::{Parser, Subcommand};
 use kiln_bench::{CpuOnly, DEFAULT_START_NANOS, FIELDS, INTERVAL_NANOS, TAGS};
@@ -236,8 +237,11 @@ impl ArrowColumns {
                 &mut self.time,
             ))),
         )];
+        // Tags dictionary-encoded, as a columnar gateway keeps them (and as Kiln stores them).
         for (name, values) in TAGS.iter().zip(self.tags.iter_mut()) {
-            columns.push((name, Arc::new(StringArray::from(std::mem::take(values)))));
+            let dict: DictionaryArray<Int32Type> =
+                std::mem::take(values).iter().map(String::as_str).collect();
+            columns.push((name, Arc::new(dict)));
         }
         for (name, values) in FIELDS.iter().zip(self.fields.iter_mut()) {
             columns.push((name, Arc::new(Int64Array::from(std::mem::take(values)))));
@@ -288,12 +292,16 @@ async fn ingest(
             let http = reqwest::Client::new();
             let mut grpc = match protocol {
                 Protocol::HttpLp => None,
-                _ => Some(
-                    WriteServiceClient::connect(target.clone())
+                _ => {
+                    let channel = tonic::transport::Endpoint::from_shared(target.clone())
+                        .map_err(|e| e.to_string())?
+                        .initial_stream_window_size(4 * 1024 * 1024)
+                        .initial_connection_window_size(16 * 1024 * 1024)
+                        .connect()
                         .await
-                        .map_err(|e| format!("cannot connect to {target}: {e}"))?
-                        .max_decoding_message_size(usize::MAX),
-                ),
+                        .map_err(|e| format!("cannot connect to {target}: {e}"))?;
+                    Some(WriteServiceClient::new(channel).max_decoding_message_size(usize::MAX))
+                }
             };
             let mut latencies = Vec::new();
             loop {

@@ -190,7 +190,11 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         stop_rx.clone(),
     )
     .into_server(config.max_request_bytes);
+    // Gateways send batches of a megabyte or more: HTTP/2's default 64 KiB flow-control
+    // window would cost a round trip per 64 KiB.
     let grpc = tonic::transport::Server::builder()
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
