@@ -314,8 +314,52 @@ fn lp_batch(batch: u64, rows: u64) -> String {
 async fn streamed_batches_are_acked_in_order_once_durable() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("data"), &[]);
+    // Every payload kind on one stream: line protocol, typed rows and Arrow in turn.
     let requests: Vec<_> = (0..30)
-        .map(|b| lp_request(b, "edge", &lp_batch(b, 100)))
+        .map(|b| match b % 3 {
+            0 => lp_request(b, "edge", &lp_batch(b, 100)),
+            1 => rows_request(
+                b,
+                "edge",
+                (0..100)
+                    .map(|r| {
+                        let fields = vec![
+                            Field {
+                                name: "batch".into(),
+                                value: Some(field::Value::Integer(b as i64)),
+                            },
+                            Field {
+                                name: "row".into(),
+                                value: Some(field::Value::Integer(r)),
+                            },
+                        ];
+                        row("s", &[("gw", "g1")], fields, (b * 1_000_000) as i64 + r)
+                    })
+                    .collect(),
+            ),
+            _ => {
+                let n = 100i64;
+                let batch = RecordBatch::try_from_iter(vec![
+                    (
+                        "time",
+                        Arc::new(TimestampNanosecondArray::from_iter_values(
+                            (0..n).map(|r| b as i64 * 1_000_000 + r),
+                        )) as ArrayRef,
+                    ),
+                    ("gw", Arc::new(StringArray::from(vec!["g1"; n as usize]))),
+                    (
+                        "batch",
+                        Arc::new(arrow::array::Int64Array::from(vec![b as i64; n as usize])),
+                    ),
+                    (
+                        "row",
+                        Arc::new(arrow::array::Int64Array::from_iter_values(0..n)),
+                    ),
+                ])
+                .unwrap();
+                arrow_request(b, "edge", "s", &batch, &["gw"])
+            }
+        })
         .collect();
     let acks = stream_all(&server, requests).await;
     let ids: Vec<u64> = acks.iter().map(|a| a.batch_id).collect();
@@ -343,6 +387,14 @@ async fn streamed_batches_are_acked_in_order_once_durable() {
         .query_json("edge", "SELECT count(*) AS n FROM s")
         .await;
     assert_eq!(rows[0]["n"], json!(3002));
+    let rows = server
+        .query_json(
+            "edge",
+            "SELECT count(DISTINCT batch) AS batches, sum(row) AS rows FROM s WHERE gw = 'g1'",
+        )
+        .await;
+    assert_eq!(rows[0]["batches"], json!(30));
+    assert_eq!(rows[0]["rows"], json!(30 * 4950));
 }
 
 #[tokio::test]
