@@ -317,20 +317,11 @@ impl TableProvider for KilnTable {
         let key = sort_key(&def);
         for sources in to_merge {
             let mut batches = Vec::new();
-            if !sources.segments.is_empty() {
-                for segment in &sources.segments {
-                    // Segments are read one at a time so their order (= write order) holds.
-                    let exec = self.parquet_exec(
-                        state,
-                        &def,
-                        std::slice::from_ref(segment),
-                        None,
-                        &[],
-                        None,
-                    )?;
-                    batches
-                        .extend(datafusion::physical_plan::collect(exec, state.task_ctx()).await?);
-                }
+            for segment in &sources.segments {
+                // Segments are read one at a time so their order (= write order) holds.
+                let exec =
+                    self.parquet_exec(state, &def, std::slice::from_ref(segment), None, &[], None)?;
+                batches.extend(datafusion::physical_plan::collect(exec, state.task_ctx()).await?);
             }
             batches.extend(sources.buffer);
             let merged = merge_last_write_wins(&batches, &schema, &key)?;

@@ -20,7 +20,8 @@ use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
-use crate::write::{WriteError, Written, write_validated};
+use crate::serve::stopped;
+use crate::write::{FailureKind, WriteError, Written, classify, write_validated};
 
 /// Batches a stream may have in flight (written, not yet acknowledged) at once.
 const STREAM_IN_FLIGHT: usize = 8;
@@ -82,8 +83,9 @@ impl IngestService {
                 .map_err(WriteError::Invalid)?,
             _ => Precision::Nanoseconds,
         };
-        let written = write_validated(
+        write_validated(
             &self.engine,
+            &self.metrics,
             db,
             req.accept_partial,
             |catalog| match payload {
@@ -101,18 +103,7 @@ impl IngestService {
                 }
             },
         )
-        .await;
-        match &written {
-            Ok(w) => {
-                self.metrics.ingest_lines.inc_by(w.rows as u64);
-                self.metrics.rejected_lines.inc_by(w.rejected.len() as u64);
-            }
-            Err(WriteError::Rejected { rejected, .. }) => {
-                self.metrics.rejected_lines.inc_by(rejected.len() as u64);
-            }
-            Err(_) => {}
-        }
-        written
+        .await
     }
 
     /// Writes one batch of a stream, waiting while the buffer is full, and builds its ack.
@@ -183,7 +174,6 @@ fn row_errors(errors: &[LineError]) -> Vec<RowError> {
 /// Maps a write failure to a gRPC status; rejected rows travel as an encoded
 /// `WriteResponse` in the status details.
 fn status_of(e: WriteError) -> Status {
-    use kiln_storage::engine::Error as E;
     match e {
         WriteError::Rejected { message, rejected } => {
             let details = WriteResponse {
@@ -199,27 +189,16 @@ fn status_of(e: WriteError) -> Status {
             Status::with_details(tonic::Code::InvalidArgument, text, details.into())
         }
         WriteError::Invalid(m) => Status::invalid_argument(m),
-        WriteError::Engine(e) => match e {
-            E::BufferFull { .. } => Status::resource_exhausted(e.to_string()),
-            E::ShuttingDown | E::Wal(kiln_storage::wal::Error::Closed) => {
-                Status::unavailable("the server is shutting down")
+        WriteError::Engine(e) => {
+            let (kind, message) = classify(&e);
+            match kind {
+                FailureKind::Invalid => Status::invalid_argument(message),
+                FailureKind::Retry => Status::resource_exhausted(message),
+                FailureKind::Unavailable => Status::unavailable(message),
+                FailureKind::Internal => Status::internal(message),
             }
-            E::Wal(kiln_storage::wal::Error::Poisoned) => Status::unavailable(
-                "the write-ahead log failed to sync earlier and refuses writes; see the server log",
-            ),
-            E::Catalog(kiln_storage::catalog::Error::InvalidName { .. }) => {
-                Status::invalid_argument(e.to_string())
-            }
-            other => {
-                tracing::error!(error = %other, "gRPC write failed");
-                Status::internal("internal error while writing; see the server log")
-            }
-        },
+        }
     }
-}
-
-async fn wait_for_shutdown(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<WriteAck, Status>> + Send>>;
@@ -252,7 +231,7 @@ impl WriteService for IngestService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT * 2);
         let svc = self.clone();
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut in_flight = FuturesOrdered::new();
             let mut reading = true;
@@ -272,7 +251,7 @@ impl WriteService for IngestService {
                             return; // the client went away; its batches still complete
                         }
                     }
-                    _ = wait_for_shutdown(&mut shutdown), if reading => {
+                    _ = stopped(shutdown.clone()), if reading => {
                         reading = false;
                         end = Some(Status::unavailable("the server is shutting down; reconnect and resend unacknowledged batches"));
                     }

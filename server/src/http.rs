@@ -3,7 +3,6 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::RecordBatch;
@@ -20,7 +19,7 @@ use kiln_storage::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
-use crate::write::{WriteError, write_validated};
+use crate::write::{FailureKind, WriteError, classify, write_validated};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -29,7 +28,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<prometheus_client::registry::Registry>,
     pub max_body_bytes: usize,
-    pub shutting_down: Arc<AtomicBool>,
+    /// True once the server is shutting down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -108,33 +108,15 @@ impl IntoResponse for ApiError {
 
 impl From<kiln_storage::engine::Error> for ApiError {
     fn from(e: kiln_storage::engine::Error) -> Self {
-        use kiln_storage::engine::Error as E;
-        match &e {
-            E::BufferFull { .. } => Self {
+        let (kind, message) = classify(&e);
+        match kind {
+            FailureKind::Invalid => Self::bad_request(message),
+            FailureKind::Retry => Self {
                 retry_after: Some(1),
-                ..Self::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, message)
             },
-            E::ShuttingDown | E::Wal(kiln_storage::wal::Error::Closed) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is shutting down",
-            ),
-            E::Wal(kiln_storage::wal::Error::Poisoned) => {
-                tracing::error!(error = %e, "write refused");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the write-ahead log failed to sync earlier and refuses writes; see the server log",
-                )
-            }
-            E::Catalog(kiln_storage::catalog::Error::InvalidName { .. }) => {
-                Self::bad_request(e.to_string())
-            }
-            _ => {
-                tracing::error!(error = %e, "write failed");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error while writing; see the server log",
-                )
-            }
+            FailureKind::Unavailable => Self::new(StatusCode::SERVICE_UNAVAILABLE, message),
+            FailureKind::Internal => Self::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
 }
@@ -275,7 +257,7 @@ async fn write(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(), ApiError> {
-    if s.shutting_down.load(Ordering::Acquire) {
+    if *s.shutdown.borrow() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is shutting down",
@@ -302,7 +284,7 @@ async fn write(
     })?;
 
     let default_time = now_nanos();
-    let result = write_validated(&s.engine, &db, accept_partial, |catalog| {
+    let result = write_validated(&s.engine, &s.metrics, &db, accept_partial, |catalog| {
         Ok(validate_lines(text, &db, catalog, precision, default_time))
     })
     .await;
@@ -312,7 +294,6 @@ async fn write(
             message,
             rejected: lines,
         }) => {
-            s.metrics.rejected_lines.inc_by(lines.len() as u64);
             return Err(ApiError {
                 lines: rejected(text, &lines),
                 ..ApiError::bad_request(message)
@@ -321,13 +302,9 @@ async fn write(
         Err(WriteError::Invalid(message)) => return Err(ApiError::bad_request(message)),
         Err(WriteError::Engine(e)) => return Err(e.into()),
     };
-    s.metrics.ingest_lines.inc_by(written.rows as u64);
     if written.rejected.is_empty() {
         return Ok(());
     }
-    s.metrics
-        .rejected_lines
-        .inc_by(written.rejected.len() as u64);
     Err(ApiError {
         lines: rejected(text, &written.rejected),
         ..ApiError::bad_request(format!(
@@ -527,7 +504,7 @@ async fn health() -> &'static str {
 }
 
 async fn ready(State(s): State<AppState>) -> Response {
-    if s.shutting_down.load(Ordering::Acquire) {
+    if *s.shutdown.borrow() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else if s.engine.wal().is_poisoned() {
         (

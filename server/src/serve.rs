@@ -4,7 +4,6 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -118,14 +117,15 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     .map_err(|e| format!("cannot start the storage engine: {e}"))?;
 
     let registry = Arc::new(metrics.registry(Arc::clone(&engine)));
-    let shutting_down = Arc::new(AtomicBool::new(false));
+    // Turns true on SIGTERM/SIGINT: both listeners stop taking requests.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let state = AppState {
         engine: Arc::clone(&engine),
         query: QueryEngine::new(Arc::clone(&engine)),
         metrics,
         registry,
         max_body_bytes: config.max_request_bytes,
-        shutting_down: Arc::clone(&shutting_down),
+        shutdown: stop_rx.clone(),
     };
 
     let listener = tokio::net::TcpListener::bind(config.http_bind)
@@ -142,35 +142,23 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     println!("Kiln gRPC listening on http://{grpc_addr}");
 
     let (persist_stop_tx, persist_stop_rx) = tokio::sync::watch::channel(false);
-    let persister = tokio::spawn(Arc::clone(&engine).run_persister({
-        let mut rx = persist_stop_rx;
-        async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }
-    }));
+    let persister = tokio::spawn(Arc::clone(&engine).run_persister(stopped(persist_stop_rx)));
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<kiln_proto::ingest::v1::write_service_server::WriteServiceServer<IngestService>>()
         .await;
     tokio::spawn({
-        let shutting_down = Arc::clone(&shutting_down);
         let health = health.clone();
         async move {
             shutdown_signal().await;
             tracing::info!("shutting down: no new requests, finishing the ones in flight");
-            shutting_down.store(true, Ordering::Release);
             health
                 .set_not_serving::<kiln_proto::ingest::v1::write_service_server::WriteServiceServer<IngestService>>()
                 .await;
             let _ = stop_tx.send(true);
         }
     });
-    let stopped = |rx: tokio::sync::watch::Receiver<bool>| async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|v| *v).await;
-    };
 
     // Reflection in both versions: grpcurl and many tools still ask v1alpha.
     let reflection = || {
@@ -218,6 +206,11 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     tracing::info!("stopped cleanly");
     drop(lock);
     Ok(())
+}
+
+/// Resolves once `rx` turns true (or its sender is gone).
+pub(crate) async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
 }
 
 async fn shutdown_signal() {

@@ -6,6 +6,8 @@ use kiln_storage::Engine;
 use kiln_storage::catalog::{self, CatalogState};
 use kiln_storage::write::{TableWrite, WriteBatch};
 
+use crate::metrics::Metrics;
+
 /// What was written.
 #[derive(Debug, Default)]
 pub struct Written {
@@ -27,6 +29,48 @@ pub enum WriteError {
     Engine(kiln_storage::engine::Error),
 }
 
+/// What a client should do about an engine failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Fix the request.
+    Invalid,
+    /// Retry the same request later (the write buffer is full).
+    Retry,
+    /// The server does not take writes now (shutting down, WAL poisoned).
+    Unavailable,
+    /// Kiln failed; the detail is in the server log.
+    Internal,
+}
+
+/// Sorts an engine error for the protocol edges, with the message a client may see.
+/// Details a client can't act on are logged here and left out of the message.
+pub fn classify(e: &kiln_storage::engine::Error) -> (FailureKind, String) {
+    use kiln_storage::engine::Error as E;
+    match e {
+        E::BufferFull { .. } => (FailureKind::Retry, e.to_string()),
+        E::ShuttingDown | E::Wal(kiln_storage::wal::Error::Closed) => (
+            FailureKind::Unavailable,
+            "the server is shutting down".into(),
+        ),
+        E::Wal(kiln_storage::wal::Error::Poisoned) => {
+            tracing::error!(error = %e, "write refused");
+            (
+                FailureKind::Unavailable,
+                "the write-ahead log failed to sync earlier and refuses writes; see the server log"
+                    .into(),
+            )
+        }
+        E::Catalog(catalog::Error::InvalidName { .. }) => (FailureKind::Invalid, e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "write failed");
+            (
+                FailureKind::Internal,
+                "internal error while writing; see the server log".into(),
+            )
+        }
+    }
+}
+
 impl From<kiln_storage::engine::Error> for WriteError {
     fn from(e: kiln_storage::engine::Error) -> Self {
         Self::Engine(e)
@@ -35,7 +79,29 @@ impl From<kiln_storage::engine::Error> for WriteError {
 
 /// Validates with `validate` against the current catalog, extends the schema if needed
 /// (validating again if a concurrent writer changed it first), and writes durably.
+/// Accepted and rejected rows are counted in `metrics`.
 pub async fn write_validated(
+    engine: &Engine,
+    metrics: &Metrics,
+    db: &str,
+    accept_partial: bool,
+    validate: impl FnMut(&CatalogState) -> Result<ValidatedLines, String>,
+) -> Result<Written, WriteError> {
+    let written = write(engine, db, accept_partial, validate).await;
+    match &written {
+        Ok(w) => {
+            metrics.ingest_lines.inc_by(w.rows as u64);
+            metrics.rejected_lines.inc_by(w.rejected.len() as u64);
+        }
+        Err(WriteError::Rejected { rejected, .. }) => {
+            metrics.rejected_lines.inc_by(rejected.len() as u64);
+        }
+        Err(_) => {}
+    }
+    written
+}
+
+async fn write(
     engine: &Engine,
     db: &str,
     accept_partial: bool,

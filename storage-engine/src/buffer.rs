@@ -43,10 +43,6 @@ impl Chunk {
         }
     }
 
-    pub fn time_bounds(&self) -> (i64, i64) {
-        (self.min_time, self.max_time)
-    }
-
     fn bytes(&self) -> usize {
         self.batch.get_array_memory_size()
     }
@@ -92,7 +88,8 @@ pub struct WriteBuffer {
     bytes: AtomicUsize,
 }
 
-fn time_range(batch: &RecordBatch) -> (i64, i64) {
+/// Smallest and largest `time` in `batch` (`(i64::MAX, i64::MIN)` when empty).
+pub fn time_range(batch: &RecordBatch) -> (i64, i64) {
     let Some(col) = batch.column_by_name(TIME_COLUMN) else {
         return (i64::MAX, i64::MIN);
     };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use crate::buffer::{BufferPartition, Chunk, WriteBuffer};
+use crate::buffer::{BufferPartition, Chunk, WriteBuffer, time_range};
 use crate::catalog::{self, Catalog, CatalogEvent, CatalogState, SegmentMeta, TableDef};
 use crate::dedup::merge_last_write_wins;
 use crate::ids::{SegmentId, SequenceNumber, TableId};
@@ -223,12 +223,10 @@ impl Engine {
     /// Makes `batch` durable in the WAL, then visible in the buffer. Runs to completion
     /// even if the caller stops waiting, so an acknowledged sequence is always applied.
     pub async fn write(&self, batch: WriteBatch) -> Result<SequenceNumber> {
-        let bytes = self.buffer.bytes();
-        if bytes > self.config.max_buffer_bytes {
+        if self.buffer_full() {
             self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
-            self.persist_wanted.notify_one();
             return Err(Error::BufferFull {
-                bytes,
+                bytes: self.buffer.bytes(),
                 limit: self.config.max_buffer_bytes,
             });
         }
@@ -402,7 +400,7 @@ impl Engine {
                     path: path.clone(),
                     source,
                 })?;
-            let (min_time, max_time) = Chunk::new(max_sequence, merged.clone()).time_bounds();
+            let (min_time, max_time) = time_range(&merged);
             events.push(CatalogEvent::SegmentPersisted(SegmentMeta {
                 id,
                 table,
