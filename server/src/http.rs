@@ -227,8 +227,8 @@ fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, 
     }
 }
 
-fn original_line(body: &str, number: usize) -> String {
-    let line = body.split('\n').nth(number.saturating_sub(1)).unwrap_or("");
+/// The first 256 bytes of a line, without its line ending.
+fn clip_line(line: &str) -> String {
     let line = line.strip_suffix('\r').unwrap_or(line);
     let mut end = line.len().min(256);
     while !line.is_char_boundary(end) {
@@ -238,13 +238,18 @@ fn original_line(body: &str, number: usize) -> String {
 }
 
 fn rejected(body: &str, errors: &[LineError]) -> Vec<RejectedLine> {
+    // Errors come in line order, so one pass over the body finds every rejected line.
+    let mut lines = body.split('\n').enumerate();
     errors
         .iter()
         .map(|e| RejectedLine {
             line_number: e.line,
             column: e.column,
             error_message: e.message.clone(),
-            original_line: original_line(body, e.line),
+            original_line: lines
+                .by_ref()
+                .find(|(i, _)| i + 1 == e.line)
+                .map_or_else(String::new, |(_, l)| clip_line(l)),
         })
         .collect()
 }

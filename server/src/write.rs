@@ -131,13 +131,8 @@ async fn write(
         if validated.tables.is_empty() {
             return Ok(Written::default());
         }
-        let needs_schema = catalog.database(db).is_none()
-            || validated.schema_changes.iter().any(|c| {
-                catalog
-                    .table(db, &c.table)
-                    .and_then(|t| t.column(&c.column))
-                    .is_none()
-            });
+        // Schema changes were computed against this same catalog state.
+        let needs_schema = catalog.database(db).is_none() || !validated.schema_changes.is_empty();
         if !needs_schema {
             break (validated, catalog);
         }
