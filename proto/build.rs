@@ -7,6 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Arrow IPC arrives as `Bytes`: decoded without a copy out of the request buffer.
+        .bytes(".kiln.ingest.v1.ArrowBatch.ipc_stream")
+        // Tags decode into an ordered map: no hashing per row, and already in the sorted
+        // order a series key needs.
+        .btree_map(".kiln.ingest.v1.Row.tags")
         .file_descriptor_set_path(out.join("kiln_descriptor.bin"))
         .compile_protos(&["kiln/ingest/v1/ingest.proto"], &["."])?;
     println!("cargo:rerun-if-changed=kiln");

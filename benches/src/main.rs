@@ -256,7 +256,7 @@ impl ArrowColumns {
         }
         write_request::Payload::Arrow(ArrowBatch {
             table: "cpu".into(),
-            ipc_stream: ipc,
+            ipc_stream: ipc.into(),
             tag_columns: TAGS.iter().map(|t| t.to_string()).collect(),
         })
     }

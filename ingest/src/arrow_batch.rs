@@ -4,14 +4,15 @@
 //! of an unsupported type, or of a type other than the catalog's, rejects the batch with
 //! an error naming the column.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
+use arrow::buffer::Buffer;
 use arrow::compute::kernels::numeric::mul;
 use arrow::compute::{cast, concat_batches};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use arrow::ipc::reader::StreamReader;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+use arrow::ipc::reader::StreamDecoder;
 use kiln_storage::catalog::{CatalogState, ColumnType, SchemaChange, TIME_COLUMN};
 
 use crate::line_protocol::ValidatedLines;
@@ -46,24 +47,40 @@ fn is_string(dt: &DataType) -> bool {
     }
 }
 
+/// Decodes an Arrow IPC stream into its schema and one batch. Aligned column data stays
+/// in `ipc`'s memory (no copy).
+fn decode_ipc(mut ipc: Buffer) -> Result<(SchemaRef, RecordBatch), ArrowError> {
+    let mut decoder = StreamDecoder::new();
+    let mut batches = Vec::new();
+    while !ipc.is_empty() {
+        if let Some(batch) = decoder.decode(&mut ipc)? {
+            batches.push(batch);
+        }
+    }
+    decoder.finish()?;
+    let schema = decoder
+        .schema()
+        .ok_or_else(|| ArrowError::IpcError("the stream has no schema message".into()))?;
+    let batch = match batches.len() {
+        1 => batches.remove(0),
+        _ => concat_batches(&schema, &batches)?,
+    };
+    Ok((schema, batch))
+}
+
 /// Decodes `ipc` (an Arrow IPC stream) and converts it to the table's column types.
 pub fn validate_arrow(
     database: &str,
     catalog: &CatalogState,
     table: &str,
-    ipc: &[u8],
+    ipc: Buffer,
     tag_columns: &[String],
 ) -> Result<ValidatedLines, ArrowBatchError> {
     if table.is_empty() {
         return Err(err("missing table name"));
     }
-    let reader = StreamReader::try_new(Cursor::new(ipc), None)
-        .map_err(|e| err(format!("invalid Arrow IPC stream: {e}")))?;
-    let schema = reader.schema();
-    let batches = reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(format!("invalid Arrow IPC stream: {e}")))?;
-    let input = concat_batches(&schema, &batches).map_err(|e| err(e.to_string()))?;
+    let (schema, input) =
+        decode_ipc(ipc).map_err(|e| err(format!("invalid Arrow IPC stream: {e}")))?;
     let def = catalog.table(database, table);
 
     for tag in tag_columns {
@@ -90,8 +107,12 @@ pub fn validate_arrow(
     };
     // The raw values are UTC instants in their unit, whatever the time zone annotation.
     let raw = cast(time, &DataType::Int64).map_err(|e| err(format!("column `time`: {e}")))?;
-    let nanos = mul(&raw, &Int64Array::new_scalar(unit_nanos))
-        .map_err(|_| err("column `time` is out of range for nanoseconds"))?;
+    let nanos = if unit_nanos == 1 {
+        raw
+    } else {
+        mul(&raw, &Int64Array::new_scalar(unit_nanos))
+            .map_err(|_| err("column `time` is out of range for nanoseconds"))?
+    };
     let time = cast(&nanos, &ColumnType::Time.arrow_type())
         .map_err(|e| err(format!("column `time`: {e}")))?;
 
@@ -170,13 +191,13 @@ mod tests {
 
     use super::*;
 
-    fn ipc(batch: &RecordBatch) -> Vec<u8> {
+    fn ipc(batch: &RecordBatch) -> Buffer {
         let mut out = Vec::new();
         let mut w = StreamWriter::try_new(&mut out, &batch.schema()).unwrap();
         w.write(batch).unwrap();
         w.finish().unwrap();
         drop(w);
-        out
+        Buffer::from(out)
     }
 
     fn batch(cols: Vec<(&str, ArrayRef)>) -> RecordBatch {
@@ -198,7 +219,7 @@ mod tests {
             "db",
             &CatalogState::default(),
             "m",
-            &ipc(&b),
+            ipc(&b),
             &["host".into()],
         )
         .unwrap();
@@ -275,10 +296,17 @@ mod tests {
         ];
         for (b, tags, expected) in cases {
             let e =
-                validate_arrow("db", &CatalogState::default(), "m", &ipc(&b), &tags).unwrap_err();
+                validate_arrow("db", &CatalogState::default(), "m", ipc(&b), &tags).unwrap_err();
             assert!(e.0.contains(expected), "{e} vs {expected}");
         }
-        let e = validate_arrow("db", &CatalogState::default(), "m", b"garbage", &[]).unwrap_err();
+        let e = validate_arrow(
+            "db",
+            &CatalogState::default(),
+            "m",
+            Buffer::from(b"garbage".to_vec()),
+            &[],
+        )
+        .unwrap_err();
         assert!(e.0.contains("invalid Arrow IPC"), "{e}");
     }
 }

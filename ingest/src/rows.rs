@@ -35,7 +35,7 @@ pub fn validate_rows(rows: &Rows, db: &str, catalog: &CatalogState) -> Validated
                 .iter()
                 .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str()))),
         );
-        tags.sort();
+        // `row.tags` is a BTreeMap: already sorted by name, as a series key needs.
         let mut bad = None;
         for f in &row.fields {
             let value = match &f.value {

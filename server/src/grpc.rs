@@ -97,10 +97,14 @@ impl IngestService {
                     default_time,
                 )),
                 write_request::Payload::Rows(rows) => Ok(validate_rows(rows, db, catalog)),
-                write_request::Payload::Arrow(a) => {
-                    validate_arrow(db, catalog, &a.table, &a.ipc_stream, &a.tag_columns)
-                        .map_err(|e| e.0)
-                }
+                write_request::Payload::Arrow(a) => validate_arrow(
+                    db,
+                    catalog,
+                    &a.table,
+                    a.ipc_stream.clone().into(),
+                    &a.tag_columns,
+                )
+                .map_err(|e| e.0),
             },
         )
         .await

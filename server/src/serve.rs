@@ -64,6 +64,11 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
+    /// On shutdown, how long to wait for open requests and connections to finish before
+    /// closing them; the write buffer is then persisted either way.
+    #[arg(long, env = "KILN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -191,10 +196,25 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
             TcpListenerStream::new(grpc_listener),
             stopped(stop_rx.clone()),
         );
-    let http = axum::serve(listener, router(state)).with_graceful_shutdown(stopped(stop_rx));
-    let (http_result, grpc_result) = tokio::join!(http.into_future(), grpc);
-    http_result.map_err(|e| format!("HTTP server failed: {e}"))?;
-    grpc_result.map_err(|e| format!("gRPC server failed: {e}"))?;
+    let http =
+        axum::serve(listener, router(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let servers = async { tokio::join!(http.into_future(), grpc) };
+    // A client that never finishes its request (or, on HTTP/2, never answers the
+    // shutdown ping) must not keep the server from stopping.
+    let grace = config.shutdown_timeout;
+    let deadline = async {
+        stopped(stop_rx).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        (http_result, grpc_result) = servers => {
+            http_result.map_err(|e| format!("HTTP server failed: {e}"))?;
+            grpc_result.map_err(|e| format!("gRPC server failed: {e}"))?;
+        }
+        _ = deadline => {
+            tracing::warn!(timeout = ?grace, "requests still open at the shutdown timeout; closing their connections");
+        }
+    }
 
     let _ = persist_stop_tx.send(true);
     let _ = persister.await;

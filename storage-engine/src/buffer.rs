@@ -43,8 +43,11 @@ impl Chunk {
         }
     }
 
+    /// Bytes of row data the chunk holds. Counted over the rows it spans rather than the
+    /// allocations behind them: columns decoded without a copy share one request buffer,
+    /// and counting that buffer once per column would overstate the buffer many times over.
     fn bytes(&self) -> usize {
-        self.batch.get_array_memory_size()
+        data_bytes(&self.batch)
     }
 }
 
@@ -86,6 +89,19 @@ struct Inner {
 pub struct WriteBuffer {
     inner: RwLock<Inner>,
     bytes: AtomicUsize,
+}
+
+/// Bytes of the rows `batch` spans (see [`Chunk`]'s accounting).
+pub fn data_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let data = c.to_data();
+            data.get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
 }
 
 /// Smallest and largest `time` in `batch` (`(i64::MAX, i64::MIN)` when empty).
@@ -316,4 +332,34 @@ fn split_by_partition(
             (p, batch)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array, TimestampNanosecondArray};
+    use arrow::buffer::{Buffer, ScalarBuffer};
+
+    use super::*;
+
+    #[test]
+    fn columns_sharing_one_allocation_are_counted_by_the_rows_they_span() {
+        // One 8 MiB allocation, as a request decoded without a copy; three columns of
+        // 1,000 rows each point into it.
+        let shared = Buffer::from_vec(vec![0i64; 1 << 20]);
+        let column = |at: usize| ScalarBuffer::<i64>::new(shared.clone(), at, 1000);
+        let batch = RecordBatch::try_from_iter([
+            (
+                "time",
+                Arc::new(TimestampNanosecondArray::new(column(0), None)) as ArrayRef,
+            ),
+            ("a", Arc::new(Int64Array::new(column(1000), None))),
+            ("b", Arc::new(Int64Array::new(column(2000), None))),
+        ])
+        .unwrap();
+        assert!(batch.get_array_memory_size() > 3 * (8 << 20));
+        assert_eq!(data_bytes(&batch), 3 * 1000 * 8);
+        assert_eq!(Chunk::new(SequenceNumber(1), batch).bytes(), 24_000);
+    }
 }

@@ -7,9 +7,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, UInt32Array, new_null_array};
+use std::collections::HashMap;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array, new_null_array};
 use arrow::compute::{concat_batches, take};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 
@@ -58,31 +60,10 @@ pub fn merge_last_write_wins(
         .iter()
         .map(|k| schema.index_of(k))
         .collect::<Result<_, _>>()?;
-    let converter = RowConverter::new(
-        key_indices
-            .iter()
-            .map(|i| SortField::new(schema.field(*i).data_type().clone()))
-            .collect(),
-    )?;
-    let key_columns: Vec<ArrayRef> = key_indices
-        .iter()
-        .map(|i| Arc::clone(all.column(*i)))
-        .collect();
-    let rows = converter.convert_columns(&key_columns)?;
-
-    // Stable sort: among equal keys, older writes stay first.
-    let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
-    order.sort_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
-
-    // Group runs of equal keys.
-    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(order.len());
-    let mut start = 0;
-    for i in 1..=order.len() {
-        if i == order.len() || rows.row(order[i] as usize) != rows.row(order[start] as usize) {
-            groups.push((start, i));
-            start = i;
-        }
-    }
+    let KeyOrder {
+        rows: order,
+        runs: groups,
+    } = sort_and_group(&all, &key_indices)?;
 
     let no_duplicates = groups.len() == order.len();
     let columns = if no_duplicates {
@@ -118,6 +99,106 @@ pub fn merge_last_write_wins(
             .collect::<Result<Vec<_>, _>>()?
     };
     RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+/// The rows of a batch in key order (stable: equal keys keep their input order).
+struct KeyOrder {
+    rows: Vec<u32>,
+    /// Runs of equal keys, as `(start, end)` positions in `rows`.
+    runs: Vec<(usize, usize)>,
+}
+
+/// Orders the rows of `batch` by the columns `key_indices` and finds the runs of equal keys.
+///
+/// Rather than comparing whole keys row against row, the series part of the key (every key
+/// column but a trailing non-null Int64/Timestamp one, the time) is encoded once per row and
+/// each distinct series gets its rank among the distinct series; rows are then sorted by
+/// (rank, time, input position), three integers. Tables have far fewer series than rows.
+fn sort_and_group(batch: &RecordBatch, key_indices: &[usize]) -> Result<KeyOrder, ArrowError> {
+    let n = batch.num_rows();
+    let (series_indices, time) = match key_indices.split_last() {
+        Some((last, rest)) => match time_values(batch.column(*last)) {
+            Some(time) => (rest, time),
+            None => (key_indices, vec![0; n]),
+        },
+        None => (key_indices, vec![0; n]),
+    };
+    let rank = series_ranks(batch, series_indices)?;
+    // (rank, time with its sign bit flipped so it orders as unsigned, row): unique per row.
+    let mut keyed: Vec<(u32, u64, u32)> = (0..n)
+        .map(|i| (rank[i], (time[i] as u64) ^ (1 << 63), i as u32))
+        .collect();
+    keyed.sort_unstable();
+
+    let mut groups = Vec::with_capacity(n);
+    let mut start = 0;
+    for i in 1..=n {
+        if i == n || keyed[i].0 != keyed[start].0 || keyed[i].1 != keyed[start].1 {
+            groups.push((start, i));
+            start = i;
+        }
+    }
+    Ok(KeyOrder {
+        rows: keyed.into_iter().map(|(_, _, row)| row).collect(),
+        runs: groups,
+    })
+}
+
+/// The values of a time column usable as the last sort key (no nulls, 64-bit integers).
+fn time_values(column: &ArrayRef) -> Option<Vec<i64>> {
+    if column.null_count() > 0 {
+        return None;
+    }
+    match column.data_type() {
+        DataType::Int64 => Some(column.as_primitive::<Int64Type>().values().to_vec()),
+        DataType::Timestamp(_, _) => {
+            let raw = arrow::compute::cast(column, &DataType::Int64).ok()?;
+            Some(raw.as_primitive::<Int64Type>().values().to_vec())
+        }
+        _ => None,
+    }
+}
+
+/// Per row, the rank of its series (the values of `columns`) among the distinct series of
+/// `batch`, in the row format's order (the order of comparing the columns one by one).
+fn series_ranks(batch: &RecordBatch, columns: &[usize]) -> Result<Vec<u32>, ArrowError> {
+    let n = batch.num_rows();
+    if columns.is_empty() {
+        return Ok(vec![0; n]);
+    }
+    let converter = RowConverter::new(
+        columns
+            .iter()
+            .map(|i| SortField::new(batch.schema().field(*i).data_type().clone()))
+            .collect(),
+    )?;
+    let key_columns: Vec<ArrayRef> = columns
+        .iter()
+        .map(|i| Arc::clone(batch.column(*i)))
+        .collect();
+    let rows = converter.convert_columns(&key_columns)?;
+
+    let mut ids: HashMap<&[u8], u32, ahash::RandomState> = HashMap::default();
+    let mut distinct: Vec<&[u8]> = Vec::new();
+    let row_ids: Vec<u32> = (0..n)
+        .map(|i| {
+            let bytes = rows.row(i).data();
+            *ids.entry(bytes).or_insert_with(|| {
+                distinct.push(bytes);
+                (distinct.len() - 1) as u32
+            })
+        })
+        .collect();
+    let mut by_key: Vec<u32> = (0..distinct.len() as u32).collect();
+    by_key.sort_unstable_by_key(|id| distinct[*id as usize]);
+    let mut rank_of_id = vec![0u32; distinct.len()];
+    for (rank, id) in by_key.into_iter().enumerate() {
+        rank_of_id[id as usize] = rank as u32;
+    }
+    Ok(row_ids
+        .into_iter()
+        .map(|id| rank_of_id[id as usize])
+        .collect())
 }
 
 #[cfg(test)]
@@ -205,5 +286,79 @@ mod tests {
         assert_eq!(wide.num_columns(), 4);
         assert_eq!(wide.column(0).null_count(), 1);
         assert_eq!(wide.column(3).null_count(), 1);
+    }
+
+    proptest::proptest! {
+        /// Against a model: a map from (host, time) to fields, writes applied oldest first,
+        /// each set field overwriting. Negative times, null hosts and many duplicates.
+        #[test]
+        fn merge_matches_a_field_by_field_model(
+            writes in proptest::collection::vec(
+                proptest::collection::vec(
+                    (
+                        proptest::option::weighted(0.9, 0..4u8),
+                        -3..3i64,
+                        proptest::option::of(-5..5i32),
+                        proptest::option::of(-5..5i64),
+                    ),
+                    0..12,
+                ),
+                1..5,
+            )
+        ) {
+            use std::collections::BTreeMap;
+            type Model = BTreeMap<(Option<String>, i64), (Option<f64>, Option<i64>)>;
+            let mut model: Model = BTreeMap::new();
+            let mut batches = Vec::new();
+            for rows in &writes {
+                let mut hb = StringDictionaryBuilder::<Int32Type>::new();
+                let (mut times, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+                for (host, time, fa, fb) in rows {
+                    let host = host.map(|h| format!("h{h}"));
+                    hb.append_option(host.as_deref());
+                    times.push(*time);
+                    a.push(fa.map(f64::from));
+                    b.push(*fb);
+                    let entry = model.entry((host, *time)).or_default();
+                    if let Some(v) = fa {
+                        entry.0 = Some(f64::from(*v));
+                    }
+                    if fb.is_some() {
+                        entry.1 = *fb;
+                    }
+                }
+                batches.push(
+                    RecordBatch::try_new(
+                        schema(),
+                        vec![
+                            Arc::new(hb.finish()),
+                            Arc::new(TimestampNanosecondArray::from(times)),
+                            Arc::new(Float64Array::from(a)),
+                            Arc::new(Int64Array::from(b)),
+                        ],
+                    )
+                    .unwrap(),
+                );
+            }
+            let merged = merge_last_write_wins(&batches, &schema(), &["host", "time"]).unwrap();
+            // The model's order (None first, then by name, then time) is the key order.
+            let hosts = merged.column(0).as_dictionary::<Int32Type>();
+            let host_values = hosts.values().as_string::<i32>();
+            let times = merged.column(1).as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+            let a = merged.column(2).as_primitive::<arrow::datatypes::Float64Type>();
+            let b = merged.column(3).as_primitive::<Int64Type>();
+            let got: Vec<_> = (0..merged.num_rows())
+                .map(|i| {
+                    let host = hosts
+                        .key(i)
+                        .map(|k| host_values.value(k).to_owned());
+                    let a = a.is_valid(i).then(|| a.value(i));
+                    let b = b.is_valid(i).then(|| b.value(i));
+                    ((host, times.value(i)), (a, b))
+                })
+                .collect();
+            let expected: Vec<_> = model.into_iter().collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
     }
 }

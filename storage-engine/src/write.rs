@@ -45,7 +45,7 @@ impl WriteBatch {
             64 + self
                 .tables
                 .iter()
-                .map(|t| t.batch.get_array_memory_size())
+                .map(|t| crate::buffer::data_bytes(&t.batch))
                 .sum::<usize>(),
         );
         out.push(PAYLOAD_VERSION);

@@ -69,7 +69,7 @@ fn arrow_request(
         database: db.into(),
         payload: Some(write_request::Payload::Arrow(ArrowBatch {
             table: table.into(),
-            ipc_stream: ipc,
+            ipc_stream: ipc.into(),
             tag_columns: tags.iter().map(|t| t.to_string()).collect(),
         })),
         accept_partial: false,
@@ -252,7 +252,7 @@ async fn bad_rows_are_invalid_argument_with_per_row_details() {
             database: "edge".into(),
             payload: Some(write_request::Payload::Arrow(ArrowBatch {
                 table: "m".into(),
-                ipc_stream: b"not arrow".to_vec(),
+                ipc_stream: b"not arrow".to_vec().into(),
                 tag_columns: vec![],
             })),
             accept_partial: false,
@@ -534,11 +534,13 @@ async fn deadlines_are_honoured_and_shutdown_ends_streams_with_unavailable() {
         .into_inner();
     let first = acks.message().await.unwrap().unwrap();
     assert!(first.durable, "{first:?}");
-    let stopper = std::thread::spawn(move || server.terminate());
+    // Off the runtime: the client's connection task must keep running to take part in
+    // the server's HTTP/2 graceful shutdown.
+    let stopper = tokio::task::spawn_blocking(move || server.terminate());
     let end = acks.message().await;
     let status = end.expect_err("the stream should end with a status");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("resend"), "{status:?}");
     drop(tx);
-    stopper.join().unwrap();
+    stopper.await.unwrap();
 }

@@ -155,6 +155,43 @@ async fn graceful_shutdown_persists_and_a_second_server_cannot_share_the_directo
     assert_eq!(rows[1]["v"], json!(2.0));
 }
 
+#[tokio::test]
+async fn shutdown_does_not_wait_forever_for_a_request_that_never_finishes() {
+    use std::io::Write;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(&data, &["--shutdown-timeout", "1s"]);
+    server.write_ok("db", "m,t=a v=1 1").await;
+
+    // A write whose body never arrives: the server is still reading it when asked to stop.
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    stalled
+        .write_all(
+            b"POST /api/v3/write_lp?db=db HTTP/1.1\r\nHost: kiln\r\nContent-Length: 1000\r\n\r\nm,t=b v=2 2\n",
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Without a shutdown timeout this would wait for the stalled client forever.
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || server.terminate()),
+    )
+    .await;
+    assert!(stopped.is_ok(), "the server did not stop");
+    stopped.unwrap().unwrap();
+    drop(stalled);
+
+    let server = TestServer::start(&data, &[]);
+    let rows = server
+        .query_json("db", "SELECT t, v FROM m ORDER BY t")
+        .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((&rows[0]["t"], &rows[0]["v"]), (&json!("a"), &json!(1.0)));
+}
+
 /// The row overwritten after persistence holds the new value and the old untouched field.
 async fn assert_overwritten_row(server: &TestServer) {
     let rows = server
