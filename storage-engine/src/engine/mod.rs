@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
@@ -362,60 +363,31 @@ impl Engine {
                 ..Default::default()
             });
         }
-        let mut events = Vec::new();
+        // Partitions are encoded side by side (one per core): encoding is CPU-bound and
+        // the segments are independent. `buffered` keeps their order for the catalog.
+        let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let jobs = (state.next_segment_id..)
+            .zip(parts)
+            .map(|(segment_id, (table, part))| {
+                self.persist_partition(&state, SegmentId(segment_id), table, part, through)
+            });
+        let segments: Vec<SegmentMeta> = futures::stream::iter(jobs)
+            .buffered(parallelism)
+            .try_collect()
+            .await?;
         let mut outcome = PersistOutcome {
             through,
             ..Default::default()
         };
-        for (segment_id, (table, part)) in (state.next_segment_id..).zip(parts) {
-            let def = state.table_by_id(table).cloned().ok_or_else(|| {
-                Error::Internal(format!("buffered table {table} missing from catalog"))
-            })?;
-            let batches: Vec<_> = part.chunks.iter().map(|c| c.batch.clone()).collect();
-            let max_sequence = part
-                .chunks
-                .iter()
-                .map(|c| c.max_sequence)
-                .max()
-                .unwrap_or(through);
-            let encode_def = def.clone();
-            let (merged, bytes) =
-                tokio::task::spawn_blocking(move || encode_segment(&encode_def, &batches))
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))?
-                    .map_err(Error::Encode)?;
-            let id = SegmentId(segment_id);
-            let path = format!(
-                "segments/{}/{}/{}-{:020}.parquet",
-                def.database.get(),
-                def.id.get(),
-                part.partition,
-                id.get()
-            );
-            let size = bytes.len() as u64;
-            self.store
-                .put(&Path::from(path.as_str()), PutPayload::from(bytes))
-                .await
-                .map_err(|source| Error::Store {
-                    path: path.clone(),
-                    source,
-                })?;
-            let (min_time, max_time) = time_range(&merged);
-            events.push(CatalogEvent::SegmentPersisted(SegmentMeta {
-                id,
-                table,
-                partition: part.partition,
-                path,
-                min_time,
-                max_time,
-                rows: merged.num_rows() as u64,
-                bytes: size,
-                max_sequence,
-            }));
+        for meta in &segments {
             outcome.segments += 1;
-            outcome.rows += merged.num_rows() as u64;
-            outcome.bytes += size;
+            outcome.rows += meta.rows;
+            outcome.bytes += meta.bytes;
         }
+        let mut events: Vec<CatalogEvent> = segments
+            .into_iter()
+            .map(CatalogEvent::SegmentPersisted)
+            .collect();
         events.push(CatalogEvent::WalPersisted { sequence: through });
         self.catalog.commit(events).await?;
         self.stats
@@ -425,6 +397,60 @@ impl Engine {
             .bytes_persisted
             .fetch_add(outcome.bytes, Ordering::Relaxed);
         Ok(outcome)
+    }
+
+    /// Merges and encodes one buffer partition and writes it as segment `id`.
+    async fn persist_partition(
+        &self,
+        state: &CatalogState,
+        id: SegmentId,
+        table: TableId,
+        part: BufferPartition,
+        through: SequenceNumber,
+    ) -> Result<SegmentMeta> {
+        let def = state.table_by_id(table).cloned().ok_or_else(|| {
+            Error::Internal(format!("buffered table {table} missing from catalog"))
+        })?;
+        let batches: Vec<_> = part.chunks.iter().map(|c| c.batch.clone()).collect();
+        let max_sequence = part
+            .chunks
+            .iter()
+            .map(|c| c.max_sequence)
+            .max()
+            .unwrap_or(through);
+        let encode_def = def.clone();
+        let (merged, bytes) =
+            tokio::task::spawn_blocking(move || encode_segment(&encode_def, &batches))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(Error::Encode)?;
+        let path = format!(
+            "segments/{}/{}/{}-{:020}.parquet",
+            def.database.get(),
+            def.id.get(),
+            part.partition,
+            id.get()
+        );
+        let size = bytes.len() as u64;
+        self.store
+            .put(&Path::from(path.as_str()), PutPayload::from(bytes))
+            .await
+            .map_err(|source| Error::Store {
+                path: path.clone(),
+                source,
+            })?;
+        let (min_time, max_time) = time_range(&merged);
+        Ok(SegmentMeta {
+            id,
+            table,
+            partition: part.partition,
+            path,
+            min_time,
+            max_time,
+            rows: merged.num_rows() as u64,
+            bytes: size,
+            max_sequence,
+        })
     }
 
     /// Persists what is buffered and closes the WAL. Writes after this fail.
