@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::collections::HashMap;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array, new_null_array};
+use arrow::buffer::ScalarBuffer;
 use arrow::compute::{concat_batches, take};
 use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
@@ -60,12 +61,9 @@ pub fn merge_last_write_wins(
         .iter()
         .map(|k| schema.index_of(k))
         .collect::<Result<_, _>>()?;
-    let KeyOrder {
-        rows: order,
-        runs: groups,
-    } = sort_and_group(&all, &key_indices)?;
+    let KeyOrder { rows: order, runs } = sort_and_group(&all, &key_indices)?;
 
-    let no_duplicates = groups.len() == order.len();
+    let no_duplicates = runs.len() == order.len();
     let columns = if no_duplicates {
         let indices = UInt32Array::from(order);
         all.columns()
@@ -73,7 +71,7 @@ pub fn merge_last_write_wins(
             .map(|c| take(c.as_ref(), &indices, None))
             .collect::<Result<Vec<_>, _>>()?
     } else {
-        let last_of_group: Vec<u32> = groups.iter().map(|(_, end)| order[end - 1]).collect();
+        let last_of_group: Vec<u32> = runs.iter().map(|(_, end)| order[end - 1]).collect();
         let last_indices = UInt32Array::from(last_of_group);
         all.columns()
             .iter()
@@ -83,7 +81,7 @@ pub fn merge_last_write_wins(
                     return take(c.as_ref(), &last_indices, None);
                 }
                 // Per group, the latest row where this field is set.
-                let picks: Vec<u32> = groups
+                let picks: Vec<u32> = runs
                     .iter()
                     .map(|(s, e)| {
                         order[*s..*e]
@@ -116,13 +114,10 @@ struct KeyOrder {
 /// (rank, time, input position), three integers. Tables have far fewer series than rows.
 fn sort_and_group(batch: &RecordBatch, key_indices: &[usize]) -> Result<KeyOrder, ArrowError> {
     let n = batch.num_rows();
-    let (series_indices, time) = match key_indices.split_last() {
-        Some((last, rest)) => match time_values(batch.column(*last)) {
-            Some(time) => (rest, time),
-            None => (key_indices, vec![0; n]),
-        },
-        None => (key_indices, vec![0; n]),
-    };
+    let (series_indices, time) = key_indices
+        .split_last()
+        .and_then(|(last, rest)| Some((rest, time_values(batch.column(*last))?)))
+        .unwrap_or_else(|| (key_indices, ScalarBuffer::from(vec![0; n])));
     let rank = series_ranks(batch, series_indices)?;
     // (rank, time with its sign bit flipped so it orders as unsigned, row): unique per row.
     let mut keyed: Vec<(u32, u64, u32)> = (0..n)
@@ -130,33 +125,33 @@ fn sort_and_group(batch: &RecordBatch, key_indices: &[usize]) -> Result<KeyOrder
         .collect();
     keyed.sort_unstable();
 
-    let mut groups = Vec::with_capacity(n);
+    let mut runs = Vec::with_capacity(n);
     let mut start = 0;
     for i in 1..=n {
         if i == n || keyed[i].0 != keyed[start].0 || keyed[i].1 != keyed[start].1 {
-            groups.push((start, i));
+            runs.push((start, i));
             start = i;
         }
     }
     Ok(KeyOrder {
         rows: keyed.into_iter().map(|(_, _, row)| row).collect(),
-        runs: groups,
+        runs,
     })
 }
 
-/// The values of a time column usable as the last sort key (no nulls, 64-bit integers).
-fn time_values(column: &ArrayRef) -> Option<Vec<i64>> {
-    if column.null_count() > 0 {
+/// The values of a time column usable as the last sort key (no nulls, 64-bit integers),
+/// sharing the column's memory.
+fn time_values(column: &ArrayRef) -> Option<ScalarBuffer<i64>> {
+    if column.null_count() > 0
+        || !matches!(
+            column.data_type(),
+            DataType::Int64 | DataType::Timestamp(_, _)
+        )
+    {
         return None;
     }
-    match column.data_type() {
-        DataType::Int64 => Some(column.as_primitive::<Int64Type>().values().to_vec()),
-        DataType::Timestamp(_, _) => {
-            let raw = arrow::compute::cast(column, &DataType::Int64).ok()?;
-            Some(raw.as_primitive::<Int64Type>().values().to_vec())
-        }
-        _ => None,
-    }
+    let raw = arrow::compute::cast(column, &DataType::Int64).ok()?;
+    Some(raw.as_primitive::<Int64Type>().values().clone())
 }
 
 /// Per row, the rank of its series (the values of `columns`) among the distinct series of

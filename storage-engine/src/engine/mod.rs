@@ -408,7 +408,7 @@ impl Engine {
         part: BufferPartition,
         through: SequenceNumber,
     ) -> Result<SegmentMeta> {
-        let def = state.table_by_id(table).cloned().ok_or_else(|| {
+        let def = state.table_by_id(table).ok_or_else(|| {
             Error::Internal(format!("buffered table {table} missing from catalog"))
         })?;
         let batches: Vec<_> = part.chunks.iter().map(|c| c.batch.clone()).collect();
