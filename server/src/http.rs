@@ -263,10 +263,7 @@ async fn write(
     body: Bytes,
 ) -> Result<(), ApiError> {
     if *s.shutdown.borrow() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
-        ));
+        return Err(kiln_storage::engine::Error::ShuttingDown.into());
     }
     let db = db?;
     let precision: Precision = match precision.as_deref() {

@@ -16,6 +16,7 @@ use object_store::ObjectStore;
 use crate::grpc::IngestService;
 use crate::http::{AppState, router};
 use crate::metrics::{FsyncObserver, Metrics};
+use kiln_proto::ingest::v1::write_service_server::WriteServiceServer;
 use std::future::IntoFuture;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -151,7 +152,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<kiln_proto::ingest::v1::write_service_server::WriteServiceServer<IngestService>>()
+        .set_serving::<WriteServiceServer<IngestService>>()
         .await;
     tokio::spawn({
         let health = health.clone();
@@ -159,7 +160,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
             shutdown_signal().await;
             tracing::info!("shutting down: no new requests, finishing the ones in flight");
             health
-                .set_not_serving::<kiln_proto::ingest::v1::write_service_server::WriteServiceServer<IngestService>>()
+                .set_not_serving::<WriteServiceServer<IngestService>>()
                 .await;
             let _ = stop_tx.send(true);
         }
