@@ -11,6 +11,7 @@
 //! queried, with `information_schema` (and so `SHOW TABLES`) enabled and Kiln's
 //! time-series functions registered.
 
+pub mod postgres;
 pub mod provider;
 pub mod time_bucket;
 
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use kiln_storage::Engine;
 
 pub use provider::{KilnCatalog, KilnTable, TimeBounds};
@@ -81,21 +82,35 @@ impl QueryEngine {
             .with_create_default_catalog_and_schema(false);
         let ctx = SessionContext::new_with_config(config);
         ctx.register_catalog(CATALOG_NAME, Arc::clone(&self.catalog) as _);
+        self.register_storage_and_functions(&ctx);
+        ctx
+    }
+
+    /// What every session needs whatever its layout: the engine's object store (segments
+    /// are read through it) and Kiln's time-series functions.
+    fn register_storage_and_functions(&self, ctx: &SessionContext) {
         ctx.register_object_store(
             provider::object_store_url().as_ref(),
             Arc::clone(self.engine.store()),
         );
         ctx.register_udf(time_bucket::time_bucket());
-        ctx
+    }
+
+    /// Plans `sql` against `database` without running it (its schema is the result's).
+    pub async fn plan(&self, database: &str, sql: &str) -> Result<DataFrame, Error> {
+        if self.engine.catalog_state().database(database).is_none() {
+            return Err(Error::DatabaseNotFound(database.to_owned()));
+        }
+        Ok(self.session(database).sql(sql).await?)
     }
 
     /// Plans and starts `sql` against `database`.
     pub async fn sql(&self, database: &str, sql: &str) -> Result<SendableRecordBatchStream, Error> {
-        if self.engine.catalog_state().database(database).is_none() {
-            return Err(Error::DatabaseNotFound(database.to_owned()));
-        }
-        let ctx = self.session(database);
-        let df = ctx.sql(sql).await?;
-        Ok(df.execute_stream().await?)
+        Ok(self.plan(database, sql).await?.execute_stream().await?)
+    }
+
+    /// The storage engine the sessions read.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 }

@@ -74,10 +74,7 @@ impl CatalogProvider for KilnCatalog {
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
         self.engine.catalog_state().database(name)?;
-        Some(Arc::new(KilnSchema {
-            engine: Arc::clone(&self.engine),
-            database: name.to_owned(),
-        }))
+        Some(Arc::new(KilnSchema::new(Arc::clone(&self.engine), name)))
     }
 }
 
@@ -86,6 +83,15 @@ impl CatalogProvider for KilnCatalog {
 pub struct KilnSchema {
     engine: Arc<Engine>,
     database: String,
+}
+
+impl KilnSchema {
+    pub fn new(engine: Arc<Engine>, database: &str) -> Self {
+        Self {
+            engine,
+            database: database.to_owned(),
+        }
+    }
 }
 
 #[async_trait]

@@ -4,9 +4,11 @@
 //! * `kiln write` and `kiln query` talk to a running server.
 
 mod client;
+mod flight;
 mod grpc;
 mod http;
 mod metrics;
+mod postgres;
 mod serve;
 mod write;
 

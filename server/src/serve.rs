@@ -31,9 +31,15 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_HTTP_BIND", default_value = "127.0.0.1:8080")]
     pub http_bind: SocketAddr,
 
-    /// Address of the gRPC API (kiln.ingest.v1.WriteService, health, reflection).
+    /// Address of the gRPC API (kiln.ingest.v1.WriteService, Arrow Flight SQL, health,
+    /// reflection).
     #[arg(long, env = "KILN_GRPC_BIND", default_value = "127.0.0.1:50051")]
     pub grpc_bind: SocketAddr,
+
+    /// Address of the PostgreSQL wire protocol (psql, BI tools, Grafana's PostgreSQL data
+    /// source). The database name in the connection selects the Kiln database.
+    #[arg(long, env = "KILN_PG_BIND", default_value = "127.0.0.1:5433")]
+    pub pg_bind: SocketAddr,
 
     /// When a write is acknowledged: `always` (after fsync) or a duration such as `100ms`
     /// (after write; fsync at most that long later, so a power loss can lose that much).
@@ -142,10 +148,15 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.grpc_bind))?;
     let grpc_addr = grpc_listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%http_addr, %grpc_addr, data_dir = %config.data_dir.display(), "Kiln is serving");
+    let pg_listener = tokio::net::TcpListener::bind(config.pg_bind)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.pg_bind))?;
+    let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%http_addr, %grpc_addr, %pg_addr, data_dir = %config.data_dir.display(), "Kiln is serving");
     // Stable lines on stdout for scripts and tests that bind port 0.
     println!("Kiln HTTP listening on http://{http_addr}");
     println!("Kiln gRPC listening on http://{grpc_addr}");
+    println!("Kiln PostgreSQL listening on postgres://{pg_addr}");
 
     let (persist_stop_tx, persist_stop_rx) = tokio::sync::watch::channel(false);
     let persister = tokio::spawn(Arc::clone(&engine).run_persister(stopped(persist_stop_rx)));
@@ -184,6 +195,8 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         stop_rx.clone(),
     )
     .into_server(config.max_request_bytes);
+    let flight =
+        crate::flight::FlightSql::new(state.query.clone()).into_server(config.max_request_bytes);
     // Gateways send batches of a megabyte or more: HTTP/2's default 64 KiB flow-control
     // window would cost a round trip per 64 KiB.
     let grpc = tonic::transport::Server::builder()
@@ -193,13 +206,15 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ingest)
+        .add_service(flight)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc_listener),
             stopped(stop_rx.clone()),
         );
+    let pg = crate::postgres::serve(pg_listener, state.query.clone(), stop_rx.clone());
     let http =
         axum::serve(listener, router(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
-    let servers = async { tokio::join!(http.into_future(), grpc) };
+    let servers = async { tokio::join!(http.into_future(), grpc, pg) };
     // A client that never finishes its request (or, on HTTP/2, never answers the
     // shutdown ping) must not keep the server from stopping.
     let grace = config.shutdown_timeout;
@@ -208,9 +223,10 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        (http_result, grpc_result) = servers => {
+        (http_result, grpc_result, pg_result) = servers => {
             http_result.map_err(|e| format!("HTTP server failed: {e}"))?;
             grpc_result.map_err(|e| format!("gRPC server failed: {e}"))?;
+            pg_result.map_err(|e| format!("PostgreSQL server failed: {e}"))?;
         }
         _ = deadline => {
             tracing::warn!(timeout = ?grace, "requests still open at the shutdown timeout; closing their connections");

@@ -16,11 +16,11 @@ export PATH="$venv/bin:$PATH"
 
 work="$(mktemp -d)"
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
-"$kiln" serve --data-dir "$work/data" --http-bind 127.0.0.1:0 --grpc-bind 127.0.0.1:0 \
+"$kiln" serve --data-dir "$work/data" --http-bind 127.0.0.1:0 --grpc-bind 127.0.0.1:0 --pg-bind 127.0.0.1:0 \
   > "$work/stdout" 2> "$work/server.log" &
 pid=$!
 for _ in $(seq 1 100); do
-  [ "$(wc -l < "$work/stdout")" -ge 2 ] && break
+  [ "$(wc -l < "$work/stdout")" -ge 3 ] && break
   sleep 0.1
 done
 http_url="$(sed -n 's/^Kiln HTTP listening on //p' "$work/stdout")"

@@ -3,7 +3,9 @@
 
 mod cli;
 mod crash;
+mod flight;
 mod grpc;
 mod http;
 mod persistence;
+mod postgres;
 mod support;

@@ -12,6 +12,8 @@ pub struct TestServer {
     pub base: String,
     /// `http://host:port` of the gRPC listener.
     pub grpc: String,
+    /// `host:port` of the PostgreSQL listener.
+    pub pg: String,
     pub client: reqwest::Client,
 }
 
@@ -38,6 +40,7 @@ impl TestServer {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--http-bind", "127.0.0.1:0", "--grpc-bind", "127.0.0.1:0"])
+            .args(["--pg-bind", "127.0.0.1:0"])
             .args(args)
             .env("KILN_LOG", "info")
             .stdin(Stdio::null())
@@ -61,10 +64,12 @@ impl TestServer {
         };
         let url = read_url("Kiln HTTP listening on ");
         let grpc = read_url("Kiln gRPC listening on ");
+        let pg = read_url("Kiln PostgreSQL listening on postgres://");
         Self {
             child: Some(child),
             base: url,
             grpc,
+            pg,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()

@@ -1,0 +1,523 @@
+//! Arrow Flight SQL on the gRPC port, and the JSON tickets of InfluxDB 3 client libraries.
+//!
+//! Flight SQL sees Kiln's native layout, the same as the HTTP query API: one catalog
+//! (`kiln`) whose schemas are the databases. A statement runs in the database named by the
+//! `database` request header (`bucket`, `bucket-name` and `iox-namespace-name` are
+//! accepted too, as InfluxDB clients send them); other databases are reachable as
+//! `<database>.<table>`.
+//!
+//! Statements and prepared statements are stateless: their handle carries the database and
+//! the SQL, so any Kiln process can serve the ticket and closing one frees nothing.
+//!
+//! ```text
+//!  CommandStatementQuery ─▶ FlightInfo(schema, ticket = handle) ─▶ DoGet(ticket) ─▶ batches
+//!  {"database","sql_query","query_type":"sql"} ─────────────────▶ DoGet(ticket) ─▶ batches
+//! ```
+
+use std::pin::Pin;
+
+use arrow::datatypes::Schema;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    IpcMessage, SchemaAsIpc, Ticket,
+};
+use datafusion::execution::SendableRecordBatchStream;
+use futures::{Stream, TryStreamExt, stream};
+use kiln_query::{CATALOG_NAME, QueryEngine};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Request headers that name the database, in the order they are looked at.
+const DATABASE_HEADERS: [&str; 4] = ["database", "bucket", "bucket-name", "iox-namespace-name"];
+
+type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The Flight SQL service.
+pub struct FlightSql {
+    query: QueryEngine,
+    sql_info: SqlInfoData,
+}
+
+/// What a statement ticket or prepared-statement handle carries.
+#[derive(Debug, Serialize, Deserialize)]
+struct StatementHandle {
+    database: String,
+    sql: String,
+}
+
+impl StatementHandle {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("two strings serialize")
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Status> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Status::invalid_argument(format!("not a Kiln statement handle: {e}")))
+    }
+}
+
+/// The ticket InfluxDB 3 client libraries send to `DoGet`.
+#[derive(Debug, Deserialize)]
+struct InfluxTicket {
+    database: String,
+    sql_query: String,
+    #[serde(default = "sql")]
+    query_type: String,
+}
+
+fn sql() -> String {
+    "sql".to_owned()
+}
+
+impl FlightSql {
+    pub fn new(query: QueryEngine) -> Self {
+        let mut info = SqlInfoDataBuilder::new();
+        info.append(SqlInfo::FlightSqlServerName, "Kiln");
+        info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+        info.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+        info.append(SqlInfo::FlightSqlServerReadOnly, true);
+        info.append(SqlInfo::FlightSqlServerSql, true);
+        info.append(SqlInfo::FlightSqlServerSubstrait, false);
+        info.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+        info.append(SqlInfo::FlightSqlServerCancel, false);
+        info.append(SqlInfo::SqlDdlCatalog, false);
+        info.append(SqlInfo::SqlDdlSchema, false);
+        info.append(SqlInfo::SqlDdlTable, false);
+        info.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+        info.append(SqlInfo::SqlIdentifierCase, 1i32); // case-insensitive (folded)
+        info.append(SqlInfo::SqlQuotedIdentifierCase, 2i32); // case-sensitive
+        Self {
+            query,
+            sql_info: info.build().expect("static SQL info builds"),
+        }
+    }
+
+    /// The tonic service: Flight SQL plus InfluxDB 3's JSON tickets.
+    pub fn into_server(self, max_message_bytes: usize) -> FlightServiceServer<KilnFlight> {
+        FlightServiceServer::new(KilnFlight(self)).max_decoding_message_size(max_message_bytes)
+    }
+
+    async fn schema_of(&self, handle: &StatementHandle) -> Result<Schema, Status> {
+        let df = self
+            .query
+            .plan(&handle.database, &handle.sql)
+            .await
+            .map_err(query_status)?;
+        Ok(df.schema().as_arrow().clone())
+    }
+
+    async fn run(
+        &self,
+        database: &str,
+        sql: &str,
+    ) -> Result<FlightStream<arrow_flight::FlightData>, Status> {
+        let stream = self.query.sql(database, sql).await.map_err(query_status)?;
+        Ok(encode(stream))
+    }
+}
+
+/// Streams record batches as Flight data.
+fn encode(stream: SendableRecordBatchStream) -> FlightStream<arrow_flight::FlightData> {
+    let schema = stream.schema();
+    let batches =
+        stream.map_err(|e| FlightError::Tonic(Box::new(query_status(kiln_query::Error::from(e)))));
+    Box::pin(
+        FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(batches)
+            .map_err(Status::from),
+    )
+}
+
+/// Sorts a query error into the gRPC status a client can act on.
+fn query_status(e: kiln_query::Error) -> Status {
+    use kiln_query::Error as E;
+    match e {
+        E::DatabaseNotFound(_) | E::TableNotFound(_) => Status::not_found(e.to_string()),
+        E::Invalid(_) => Status::invalid_argument(e.to_string()),
+        E::Internal(_) => {
+            tracing::error!(error = %e, "Flight SQL query failed");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn database_header(metadata: &MetadataMap) -> Result<String, Status> {
+    DATABASE_HEADERS
+        .iter()
+        .find_map(|h| metadata.get(*h).and_then(|v| v.to_str().ok()))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "no database: send the `database` header with the name of the Kiln database",
+            )
+        })
+}
+
+fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
+    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+    Ok(bytes)
+}
+
+fn flight_info(
+    schema: &Schema,
+    ticket: Vec<u8>,
+    descriptor: FlightDescriptor,
+) -> Result<Response<FlightInfo>, Status> {
+    let info = FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+        .with_descriptor(descriptor);
+    Ok(Response::new(info))
+}
+
+fn one_batch(
+    schema: arrow::datatypes::SchemaRef,
+    batch: Result<arrow::array::RecordBatch, FlightError>,
+) -> Response<FlightStream<arrow_flight::FlightData>> {
+    Response::new(Box::pin(
+        FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(stream::once(async { batch }))
+            .map_err(Status::from),
+    ))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FlightSql {
+    type FlightService = FlightSql;
+
+    /// No authentication yet: every handshake succeeds (JDBC and some ADBC setups send one).
+    async fn do_handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<FlightStream<HandshakeResponse>>, Status> {
+        let response = HandshakeResponse::default();
+        Ok(Response::new(Box::pin(stream::once(async {
+            Ok(response)
+        }))))
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let handle = StatementHandle {
+            database: database_header(request.metadata())?,
+            sql: query.query,
+        };
+        let schema = self.schema_of(&handle).await?;
+        let ticket = TicketStatementQuery {
+            statement_handle: handle.encode().into(),
+        };
+        flight_info(
+            &schema,
+            ticket.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        _request: Request<Ticket>,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let handle = StatementHandle::decode(&ticket.statement_handle)?;
+        Ok(Response::new(
+            self.run(&handle.database, &handle.sql).await?,
+        ))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let handle = StatementHandle {
+            database: database_header(request.metadata())?,
+            sql: query.query,
+        };
+        let schema = self.schema_of(&handle).await?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: handle.encode().into(),
+            dataset_schema: schema_bytes(&schema)?,
+            parameter_schema: schema_bytes(&Schema::empty())?,
+        })
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
+        let schema = self.schema_of(&handle).await?;
+        flight_info(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        _request: Request<Ticket>,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
+        Ok(Response::new(
+            self.run(&handle.database, &handle.sql).await?,
+        ))
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        _request: Request<Action>,
+    ) -> Result<(), Status> {
+        Ok(())
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder(&self.sql_info).schema();
+        flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        _request: Request<Ticket>,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let builder = query.into_builder(&self.sql_info);
+        Ok(one_batch(builder.schema(), builder.build()))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        _request: Request<Ticket>,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let mut builder = query.into_builder();
+        builder.append(CATALOG_NAME);
+        Ok(one_batch(builder.schema(), builder.build()))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        _request: Request<Ticket>,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let mut builder = query.into_builder();
+        for database in self.query.engine().catalog_state().databases.keys() {
+            builder.append(CATALOG_NAME, database);
+        }
+        Ok(one_batch(builder.schema(), builder.build()))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        _request: Request<Ticket>,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let state = self.query.engine().catalog_state();
+        let mut builder = query.into_builder();
+        for (database, def) in &state.databases {
+            for (name, id) in &def.tables {
+                let schema = state
+                    .tables
+                    .get(id)
+                    .map(|t| t.schema())
+                    .unwrap_or_else(|| std::sync::Arc::new(Schema::empty()));
+                builder
+                    .append(CATALOG_NAME, database, name, "TABLE", &schema)
+                    .map_err(Status::from)?;
+            }
+        }
+        Ok(one_batch(builder.schema(), builder.build()))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        flight_info(
+            &schema,
+            query.as_any().encode_to_vec(),
+            request.into_inner(),
+        )
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        _request: Request<Ticket>,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let mut builder = query.into_builder();
+        builder.append("TABLE");
+        Ok(one_batch(builder.schema(), builder.build()))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// Flight SQL, with `DoGet` also taking InfluxDB 3's JSON tickets (which are not the
+/// protobuf `Any` Flight SQL tickets are, so they are told apart before decoding).
+pub struct KilnFlight(FlightSql);
+
+#[tonic::async_trait]
+impl FlightService for KilnFlight {
+    type HandshakeStream = <FlightSql as FlightService>::HandshakeStream;
+    type ListFlightsStream = <FlightSql as FlightService>::ListFlightsStream;
+    type DoGetStream = <FlightSql as FlightService>::DoGetStream;
+    type DoPutStream = <FlightSql as FlightService>::DoPutStream;
+    type DoActionStream = <FlightSql as FlightService>::DoActionStream;
+    type ListActionsStream = <FlightSql as FlightService>::ListActionsStream;
+    type DoExchangeStream = <FlightSql as FlightService>::DoExchangeStream;
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let ticket = &request.get_ref().ticket;
+        if ticket.first() != Some(&b'{') {
+            return FlightService::do_get(&self.0, request).await;
+        }
+        let ticket: InfluxTicket = serde_json::from_slice(ticket)
+            .map_err(|e| Status::invalid_argument(format!("invalid JSON ticket: {e}")))?;
+        if !ticket.query_type.eq_ignore_ascii_case("sql") {
+            return Err(Status::invalid_argument(format!(
+                "query_type {:?} is not supported; Kiln speaks SQL (\"sql\")",
+                ticket.query_type
+            )));
+        }
+        Ok(Response::new(
+            self.0.run(&ticket.database, &ticket.sql_query).await?,
+        ))
+    }
+
+    async fn handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        self.0.handshake(request).await
+    }
+
+    async fn list_flights(
+        &self,
+        request: Request<arrow_flight::Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        self.0.list_flights(request).await
+    }
+
+    async fn get_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.0.get_flight_info(request).await
+    }
+
+    async fn poll_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<arrow_flight::PollInfo>, Status> {
+        self.0.poll_flight_info(request).await
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<arrow_flight::SchemaResult>, Status> {
+        self.0.get_schema(request).await
+    }
+
+    async fn do_put(
+        &self,
+        request: Request<Streaming<arrow_flight::FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        self.0.do_put(request).await
+    }
+
+    async fn do_exchange(
+        &self,
+        request: Request<Streaming<arrow_flight::FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.0.do_exchange(request).await
+    }
+
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        self.0.do_action(request).await
+    }
+
+    async fn list_actions(
+        &self,
+        request: Request<arrow_flight::Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        self.0.list_actions(request).await
+    }
+}

@@ -1,0 +1,388 @@
+//! The PostgreSQL wire protocol (`--pg-bind`, default `127.0.0.1:5433`).
+//!
+//! The protocol itself (startup, simple and extended queries, prepared statements, text and
+//! binary results, cancel requests) is `pgwire`'s; planning and result encoding are
+//! `datafusion-postgres`'s. What Kiln adds:
+//!
+//! * **the database in the connection selects the Kiln database**: every connection gets
+//!   its own DataFusion session, made at startup by [`QueryEngine::postgres_session`]
+//!   (tables in `public`, plus `pg_catalog` and `information_schema`); an unknown
+//!   database ends the startup with `FATAL 3D000`, as PostgreSQL does;
+//! * **SQLSTATE codes** on errors (42P01 undefined table, 42703 undefined column, 42601
+//!   syntax error, 57014 canceled, …) so tools show the right message;
+//! * **cancel**: a cancel request stops the statement until its first row is ready, which
+//!   for an aggregate is the whole computation;
+//! * shutdown closes every connection: queries are reads, nothing is lost.
+
+use std::io;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::error::DataFusionError;
+use datafusion::sql::sqlparser::parser::ParserError;
+use datafusion_postgres::DfSessionService;
+use datafusion_postgres::pgwire;
+use futures::{Sink, StreamExt, stream};
+use kiln_query::QueryEngine;
+use kiln_query::postgres::server_version;
+use pgwire::api::auth::{
+    DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
+use pgwire::api::cancel::CancelHandler;
+use pgwire::api::portal::Portal;
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::Response;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, METADATA_DATABASE,
+    METADATA_USER, PgWireServerHandlers,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::PgWireFrontendMessage;
+use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::startup::SecretKey;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::serve::stopped;
+
+/// What all connections share.
+#[derive(Debug)]
+struct Shared {
+    query: QueryEngine,
+    /// Maps a cancel request's (pid, secret key) to the connection it cancels.
+    connections: Arc<ConnectionManager>,
+}
+
+/// Accepts PostgreSQL connections on `listener` until `stop` turns true, then closes them.
+pub async fn serve(
+    listener: TcpListener,
+    query: QueryEngine,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        query,
+        connections: Arc::new(ConnectionManager::new()),
+    });
+    let mut connections = JoinSet::new();
+    let stop = stopped(stop);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: keep serving the others.
+                        tracing::warn!(error = %e, "PostgreSQL accept failed");
+                        continue;
+                    }
+                };
+                let _ = socket.set_nodelay(true);
+                let handlers = Connection(Arc::new(ConnectionState {
+                    shared: Arc::clone(&shared),
+                    session: OnceLock::new(),
+                }));
+                connections.spawn(async move {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        tracing::debug!(%peer, error = %e, "PostgreSQL connection ended with an error");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = &mut stop => break,
+        }
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// One client connection. pgwire asks for each handler once per connection; all of them
+/// are this connection's state.
+#[derive(Clone)]
+struct Connection(Arc<ConnectionState>);
+
+struct ConnectionState {
+    shared: Arc<Shared>,
+    /// Made by the startup handler, which pgwire runs before any query message.
+    session: OnceLock<Arc<DfSessionService>>,
+}
+
+impl Connection {
+    fn session(&self) -> PgWireResult<&Arc<DfSessionService>> {
+        self.0.session.get().ok_or(PgWireError::NotReadyForQuery)
+    }
+}
+
+impl PgWireServerHandlers for Connection {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::new(self.clone())
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::new(self.clone())
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::new(self.clone())
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(SqlStateErrors)
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::new(Cancels(Arc::clone(&self.0.shared.connections)))
+    }
+}
+
+#[async_trait]
+impl StartupHandler for Connection {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let PgWireFrontendMessage::Startup(startup) = message else {
+            return Ok(());
+        };
+        protocol_negotiation(client, &startup).await?;
+        save_startup_parameters_to_metadata(client, &startup);
+        // PostgreSQL's rule: without a database name, the database is the user's name.
+        let metadata = client.metadata();
+        let database = metadata
+            .get(METADATA_DATABASE)
+            .or_else(|| metadata.get(METADATA_USER))
+            .cloned()
+            .unwrap_or_default();
+        let ctx = match self.0.shared.query.postgres_session(&database) {
+            Ok(ctx) => ctx,
+            Err(kiln_query::Error::DatabaseNotFound(_)) => {
+                return Err(fatal(
+                    "3D000",
+                    format!("database \"{database}\" does not exist"),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, %database, "cannot make a PostgreSQL session");
+                return Err(fatal("XX000", e.to_string()));
+            }
+        };
+        let _ = self
+            .0
+            .session
+            .set(Arc::new(DfSessionService::new(Arc::new(ctx))));
+
+        let (pid, secret_key) = new_backend_key();
+        client.set_pid_and_secret_key(pid, secret_key.clone());
+        let (handle, guard) = self.0.shared.connections.register(pid, secret_key);
+        client.session_extensions().insert(handle);
+        client.session_extensions().insert(guard);
+
+        let mut parameters = DefaultServerParameterProvider::default();
+        parameters.server_version = server_version();
+        finish_authentication(client, &parameters).await
+    }
+}
+
+/// Cancel requests: each arrives on a connection of its own and names its target by
+/// process id and secret key.
+struct Cancels(Arc<ConnectionManager>);
+
+#[async_trait]
+impl CancelHandler for Cancels {
+    async fn on_cancel_request(&self, request: CancelRequest) {
+        let found = self.0.cancel(request.pid, &request.secret_key).await;
+        tracing::debug!(pid = request.pid, found, "PostgreSQL cancel request");
+    }
+}
+
+/// A backend process id and secret key for cancel requests: random, so one client cannot
+/// guess another's key.
+fn new_backend_key() -> (i32, SecretKey) {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (rng.random_range(1..i32::MAX), SecretKey::I32(rng.random()))
+}
+
+fn fatal(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "FATAL".to_owned(),
+        code.to_owned(),
+        message,
+    )))
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Connection {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let session = Arc::clone(self.session()?);
+        let timeout = statement_timeout(client);
+        let run = async {
+            let mut responses = SimpleQueryHandler::do_query(&*session, client, query).await?;
+            for response in &mut responses {
+                first_row_ready(response).await;
+            }
+            Ok(responses)
+        };
+        let responses = within(timeout, run).await?;
+        Ok(responses)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Connection {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        // pgwire hands query messages to this handler only after startup succeeded.
+        self.0
+            .session
+            .get()
+            .expect("the session is made at startup, before any query message")
+            .query_parser()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let session = Arc::clone(self.session()?);
+        let timeout = statement_timeout(client);
+        let run = async {
+            let mut response =
+                ExtendedQueryHandler::do_query(&*session, client, portal, max_rows).await?;
+            first_row_ready(&mut response).await;
+            Ok(response)
+        };
+        within(timeout, run).await
+    }
+}
+
+/// Where `SET statement_timeout` leaves its value (milliseconds) in the connection's
+/// metadata.
+const STATEMENT_TIMEOUT_KEY: &str = "statement_timeout_ms";
+
+fn statement_timeout<C: ClientInfo>(client: &C) -> Option<Duration> {
+    client
+        .metadata()
+        .get(STATEMENT_TIMEOUT_KEY)
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis)
+}
+
+/// Runs a statement under `statement_timeout`: planning and everything up to its first
+/// row (see [`first_row_ready`]).
+async fn within<T>(
+    timeout: Option<Duration>,
+    run: impl Future<Output = PgWireResult<T>>,
+) -> PgWireResult<T> {
+    let Some(timeout) = timeout else {
+        return run.await;
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "ERROR".to_owned(),
+                "57014".to_owned(),
+                "canceling statement due to statement timeout".to_owned(),
+            ))))
+        })
+}
+
+/// Waits for a result's first row inside the handler, where pgwire can still cancel the
+/// statement (a cancel request or `statement_timeout`); rows are otherwise produced while
+/// they are sent, after the handler returned.
+async fn first_row_ready(response: &mut Response) {
+    let Response::Query(result) = response else {
+        return;
+    };
+    let first = result.data_rows.next().await;
+    let rest = std::mem::replace(&mut result.data_rows, Box::pin(stream::empty()));
+    result.data_rows = Box::pin(stream::iter(first).chain(rest));
+}
+
+/// Gives every error its SQLSTATE before it is sent.
+struct SqlStateErrors;
+
+impl ErrorHandler for SqlStateErrors {
+    fn on_error<C>(&self, _client: &C, error: &mut PgWireError)
+    where
+        C: ClientInfo,
+    {
+        let PgWireError::ApiError(source) = error else {
+            return;
+        };
+        let info = if let Some(e) = source.downcast_ref::<DataFusionError>() {
+            let (code, message) = classify(e);
+            if code == "XX000" {
+                tracing::error!(error = %message, "PostgreSQL query failed");
+            }
+            ErrorInfo::new("ERROR".to_owned(), code.to_owned(), message)
+        } else if let Some(e) = source.downcast_ref::<ParserError>() {
+            ErrorInfo::new("ERROR".to_owned(), "42601".to_owned(), e.to_string())
+        } else {
+            return;
+        };
+        *error = PgWireError::UserError(Box::new(info));
+    }
+}
+
+/// The SQLSTATE for a DataFusion error, and the message to show.
+fn classify(e: &DataFusionError) -> (&'static str, String) {
+    let message = e.strip_backtrace();
+    let code = match e.find_root() {
+        DataFusionError::SQL(..) => "42601",
+        DataFusionError::SchemaError(schema, _) => match schema.as_ref() {
+            datafusion::common::SchemaError::FieldNotFound { .. } => "42703",
+            datafusion::common::SchemaError::AmbiguousReference { .. } => "42702",
+            _ => "42P10",
+        },
+        DataFusionError::Plan(msg) if msg.starts_with("table") && msg.contains("not found") => {
+            "42P01"
+        }
+        DataFusionError::Plan(msg)
+            if msg.contains("No function matches") || msg.contains("Invalid function") =>
+        {
+            "42883"
+        }
+        DataFusionError::Plan(_) => "42000",
+        DataFusionError::NotImplemented(_) => "0A000",
+        DataFusionError::ArrowError(arrow, _) => match arrow.as_ref() {
+            arrow::error::ArrowError::DivideByZero => "22012",
+            arrow::error::ArrowError::CastError(_)
+            | arrow::error::ArrowError::ParseError(_)
+            | arrow::error::ArrowError::ComputeError(_)
+            | arrow::error::ArrowError::ArithmeticOverflow(_) => "22000",
+            _ => "XX000",
+        },
+        DataFusionError::Execution(_) => "22000",
+        DataFusionError::ResourcesExhausted(_) => "53200",
+        _ => "XX000",
+    };
+    (code, message)
+}

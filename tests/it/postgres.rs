@@ -1,0 +1,361 @@
+//! The PostgreSQL wire protocol end to end: `tokio-postgres` against a real `kiln serve`.
+
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDateTime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use crate::support::TestServer;
+
+const LINES: &str = "\
+cpu,host=a,region=eu usage=1.5,load=3i,ok=true,note=\"fine\" 1700000000000000000
+cpu,host=b,region=us usage=2.5,load=4i,ok=false,note=\"hot, very\" 1700000010000000000
+cpu,host=a,region=eu usage=3.5 1700000020000000000
+";
+
+pub async fn connect(server: &TestServer, database: &str) -> Result<Client, tokio_postgres::Error> {
+    let (host, port) = server.pg.rsplit_once(':').expect("host:port");
+    let (client, connection) = tokio_postgres::connect(
+        &format!(
+            "host={host} port={port} user=grafana dbname={database} application_name=kiln-tests"
+        ),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Text values of every row of a simple-protocol query.
+pub async fn simple_rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> SqlState {
+    e.code()
+        .unwrap_or_else(|| panic!("no SQLSTATE in {e:?}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn simple_and_extended_queries_return_typed_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", LINES).await;
+    let client = connect(&server, "plant").await.unwrap();
+
+    // Simple protocol: text values.
+    let rows = simple_rows(
+        &client,
+        "SELECT host, usage, load, ok, time FROM cpu ORDER BY time",
+    )
+    .await;
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0][0].as_deref(), Some("a"));
+    assert_eq!(rows[0][1].as_deref(), Some("1.5"));
+    assert_eq!(rows[0][2].as_deref(), Some("3"));
+    assert_eq!(rows[0][3].as_deref(), Some("t"));
+    assert_eq!(rows[0][4].as_deref(), Some("2023-11-14 22:13:20.000000"));
+    assert_eq!(rows[2][2], None, "a missing field is NULL");
+
+    // Extended protocol: a prepared statement with a parameter, binary results, standard OIDs.
+    let stmt = client
+        .prepare("SELECT host, usage, load, ok, note, time FROM cpu WHERE host = $1 ORDER BY time")
+        .await
+        .unwrap();
+    let types: Vec<Type> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
+    assert_eq!(
+        types,
+        [
+            Type::TEXT,
+            Type::FLOAT8,
+            Type::INT8,
+            Type::BOOL,
+            Type::TEXT,
+            Type::TIMESTAMP
+        ]
+    );
+    assert_eq!(stmt.params(), [Type::TEXT]);
+    let rows = client.query(&stmt, &[&"a"]).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].get::<_, String>("host"), "a");
+    assert_eq!(rows[0].get::<_, f64>("usage"), 1.5);
+    assert_eq!(rows[0].get::<_, Option<i64>>("load"), Some(3));
+    assert_eq!(rows[0].get::<_, Option<bool>>("ok"), Some(true));
+    assert_eq!(
+        rows[0].get::<_, Option<String>>("note").as_deref(),
+        Some("fine")
+    );
+    assert_eq!(
+        rows[1].get::<_, NaiveDateTime>("time"),
+        chrono::DateTime::from_timestamp(1_700_000_020, 0)
+            .unwrap()
+            .naive_utc()
+    );
+    assert_eq!(rows[1].get::<_, Option<i64>>("load"), None);
+    // The same statement again with another parameter.
+    let rows = client.query(&stmt, &[&"b"]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].get::<_, Option<String>>("note").as_deref(),
+        Some("hot, very")
+    );
+
+    // Parameters of other types, and an aggregate over a time range.
+    let row = client
+        .query_one(
+            "SELECT count(*) AS n, max(usage) AS top FROM cpu WHERE usage > $1 AND time >= $2",
+            &[
+                &1.0f64,
+                &chrono::DateTime::from_timestamp(1_700_000_005, 0)
+                    .unwrap()
+                    .naive_utc(),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>("n"), 2);
+    assert_eq!(row.get::<_, f64>("top"), 3.5);
+}
+
+#[tokio::test]
+async fn what_tools_send_on_connect_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", LINES).await;
+    let client = connect(&server, "plant").await.unwrap();
+
+    // Settings tools send first, and what they read back.
+    client
+        .batch_execute("SET extra_float_digits = 3; SET application_name = 'dbeaver'")
+        .await
+        .unwrap();
+    let rows = simple_rows(&client, "SHOW application_name").await;
+    assert_eq!(rows, [[Some("dbeaver".to_owned())]]);
+    let rows = simple_rows(&client, "SELECT version()").await;
+    let version = rows[0][0].clone().unwrap();
+    assert!(version.starts_with("PostgreSQL 16.6 (Kiln "), "{version}");
+    let rows = simple_rows(&client, "SELECT current_database(), current_schema()").await;
+    assert_eq!(
+        rows,
+        [[Some("plant".to_owned()), Some("public".to_owned())]]
+    );
+    // A connection check that is only a comment gets an empty query response.
+    let messages = client.simple_query("-- ping").await.unwrap();
+    assert!(
+        !messages
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(_))),
+        "{messages:?}"
+    );
+
+    // Schema browsing: the database's tables are in `public`.
+    let rows = simple_rows(
+        &client,
+        "SELECT c.relname FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY 1",
+    )
+    .await;
+    assert_eq!(rows, [[Some("cpu".to_owned())]]);
+    let rows = simple_rows(
+        &client,
+        "SELECT column_name, data_type FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name = 'cpu' ORDER BY column_name",
+    )
+    .await;
+    let columns: Vec<String> = rows.iter().map(|r| r[0].clone().unwrap()).collect();
+    assert_eq!(
+        columns,
+        ["host", "load", "note", "ok", "region", "time", "usage"]
+    );
+    // Fully qualified names work too.
+    let rows = simple_rows(&client, "SELECT count(*) FROM plant.public.cpu").await;
+    assert_eq!(rows, [[Some("3".to_owned())]]);
+}
+
+#[tokio::test]
+async fn errors_carry_sqlstates_and_the_connection_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", LINES).await;
+    let client = connect(&server, "plant").await.unwrap();
+
+    let cases = [
+        ("SELECT * FROM nope", SqlState::UNDEFINED_TABLE),
+        ("SELECT nope FROM cpu", SqlState::UNDEFINED_COLUMN),
+        ("SELEC 1", SqlState::SYNTAX_ERROR),
+        ("SELECT 1 +", SqlState::SYNTAX_ERROR),
+    ];
+    for (sql, code) in &cases {
+        let e = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(&sqlstate(&e), code, "simple {sql}: {e:?}");
+        let e = client.prepare(sql).await.unwrap_err();
+        assert_eq!(&sqlstate(&e), code, "extended {sql}: {e:?}");
+        let e = e.as_db_error().unwrap();
+        assert!(!e.message().is_empty());
+    }
+    // Still serving, on the same connection.
+    let rows = simple_rows(&client, "SELECT count(*) FROM cpu").await;
+    assert_eq!(rows, [[Some("3".to_owned())]]);
+
+    // The database in the connection must exist, as in PostgreSQL.
+    let e = connect(&server, "nosuchdb").await.unwrap_err();
+    assert_eq!(sqlstate(&e), SqlState::INVALID_CATALOG_NAME, "{e:?}");
+    let message = e.as_db_error().unwrap().message();
+    assert_eq!(message, "database \"nosuchdb\" does not exist");
+}
+
+/// A query that takes many seconds before its first (only) row.
+const SLOW: &str = "SELECT sum(value) FROM generate_series(1, 5000000000)";
+
+#[tokio::test]
+async fn a_cancel_request_and_statement_timeout_stop_a_running_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", LINES).await;
+    let client = connect(&server, "plant").await.unwrap();
+
+    let cancel = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel_query(NoTls).await
+    });
+    let started = Instant::now();
+    let result = client.simple_query(SLOW).await;
+    canceller.await.unwrap().unwrap();
+    let e = result.unwrap_err();
+    assert_eq!(sqlstate(&e), SqlState::QUERY_CANCELED, "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    client
+        .batch_execute("SET statement_timeout = '300ms'")
+        .await
+        .unwrap();
+    let e = client.query(SLOW, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), SqlState::QUERY_CANCELED, "{e:?}");
+
+    // The connection is usable afterwards.
+    let rows = simple_rows(&client, "SELECT count(*) FROM cpu").await;
+    assert_eq!(rows, [[Some("3".to_owned())]]);
+}
+
+/// Grafana's PostgreSQL data source expands its macros client-side and sends plain SQL
+/// over the simple protocol; these are the statements of a time-series panel, a table
+/// panel, a template variable and the table picker, as Grafana expands them.
+#[tokio::test]
+async fn grafana_panels_replayed_get_typed_regular_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    // Two hosts, a reading every 10 s from 10:00 to 10:59:50 on 2024-05-01.
+    let start = 1_714_557_600i64; // 2024-05-01T10:00:00Z
+    let mut lines = String::new();
+    for i in 0..360i64 {
+        for (host, offset) in [("host_0", 0.0), ("host_1", 50.0)] {
+            let usage = offset + (i % 6) as f64;
+            lines.push_str(&format!(
+                "cpu,hostname={host},region=eu usage_user={usage} {}\n",
+                (start + i * 10) * 1_000_000_000
+            ));
+        }
+    }
+    server.write_ok("benchmark", &lines).await;
+    let client = connect(&server, "benchmark").await.unwrap();
+
+    // Data source health check.
+    assert_eq!(
+        simple_rows(&client, "SELECT 1").await,
+        [[Some("1".to_owned())]]
+    );
+
+    let time_filter = "time BETWEEN '2024-05-01T10:00:00Z' AND '2024-05-01T11:00:00Z'";
+    // Time series panel, `$__timeGroupAlias(time,'1m')` in both of Grafana's spellings.
+    for group in [
+        r#"floor(extract(epoch from time)/60)*60 AS "time""#,
+        r#"time_bucket('60.000s',time) AS "time""#,
+    ] {
+        let sql = format!(
+            "SELECT {group}, hostname AS metric, max(usage_user) AS \"usage_user\" \
+             FROM cpu WHERE {time_filter} GROUP BY 1, 2 ORDER BY 1, 2"
+        );
+        let rows = simple_rows(&client, &sql).await;
+        assert_eq!(rows.len(), 120, "{sql}: one row per minute and host");
+        assert_eq!(rows[0][1].as_deref(), Some("host_0"));
+        let usage = |row: &Vec<Option<String>>| row[2].as_deref().unwrap().parse::<f64>().unwrap();
+        assert_eq!(usage(&rows[0]), 5.0);
+        assert_eq!(usage(&rows[1]), 55.0);
+        // Regular: consecutive minutes.
+        let stmt = client.prepare(&sql).await.unwrap();
+        let typed = client.query(&stmt, &[]).await.unwrap();
+        let column = &stmt.columns()[0];
+        assert_eq!(column.name(), "time");
+        match column.type_() {
+            &Type::FLOAT8 => {
+                let t: Vec<f64> = typed.iter().step_by(2).map(|r| r.get(0)).collect();
+                assert_eq!(t[0], start as f64);
+                assert!(t.windows(2).all(|w| w[1] - w[0] == 60.0), "{t:?}");
+            }
+            &Type::TIMESTAMP => {
+                let t: Vec<NaiveDateTime> = typed.iter().step_by(2).map(|r| r.get(0)).collect();
+                assert_eq!(t[0].and_utc().timestamp(), start);
+                assert!(
+                    t.windows(2).all(|w| (w[1] - w[0]).num_seconds() == 60),
+                    "{t:?}"
+                );
+            }
+            other => panic!("time column of type {other}"),
+        }
+        assert_eq!(stmt.columns()[1].type_(), &Type::TEXT);
+        assert_eq!(stmt.columns()[2].type_(), &Type::FLOAT8);
+    }
+
+    // Table panel.
+    let sql = format!(
+        "SELECT time, hostname, usage_user FROM cpu WHERE {time_filter} ORDER BY time DESC LIMIT 3"
+    );
+    let rows = simple_rows(&client, &sql).await;
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0][0].as_deref(), Some("2024-05-01 10:59:50.000000"));
+    let stmt = client.prepare(&sql).await.unwrap();
+    assert_eq!(stmt.columns()[0].type_(), &Type::TIMESTAMP);
+
+    // Template variable.
+    let rows = simple_rows(&client, "SELECT DISTINCT hostname FROM cpu ORDER BY 1").await;
+    assert_eq!(
+        rows,
+        [[Some("host_0".to_owned())], [Some("host_1".to_owned())]]
+    );
+
+    // The query builder's table and column pickers.
+    let rows = simple_rows(
+        &client,
+        "SELECT quote_ident(table_name) AS \"table\" FROM information_schema.tables \
+         WHERE quote_ident(table_schema) NOT IN ('information_schema', 'pg_catalog') \
+         ORDER BY 1",
+    )
+    .await;
+    assert_eq!(rows, [[Some("cpu".to_owned())]]);
+    let rows = simple_rows(
+        &client,
+        "SELECT quote_ident(column_name) AS \"column\", data_type AS \"type\" \
+         FROM information_schema.columns WHERE quote_ident(table_name) = 'cpu' ORDER BY 1",
+    )
+    .await;
+    let columns: Vec<&str> = rows.iter().map(|r| r[0].as_deref().unwrap()).collect();
+    assert_eq!(columns, ["hostname", "region", "time", "usage_user"]);
+}
