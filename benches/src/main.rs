@@ -59,6 +59,28 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         connections: usize,
     },
+    /// Stream a large query result over each query protocol (PostgreSQL wire text and
+    /// binary, Flight SQL, HTTP JSON Lines and Parquet) and report the median rows/s.
+    Results {
+        /// Server HTTP base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Server gRPC URL (Flight SQL).
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        grpc_url: String,
+        /// Server PostgreSQL address.
+        #[arg(long, default_value = "127.0.0.1:5433")]
+        pg: String,
+        /// Database to query.
+        #[arg(long, default_value = "benchmark")]
+        db: String,
+        /// The query whose result is streamed.
+        #[arg(long, default_value = "SELECT * FROM cpu LIMIT 1000000")]
+        sql: String,
+        /// Runs per protocol (interleaved); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,6 +97,30 @@ fn intervals(w: &Workload) -> usize {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Results {
+            url,
+            grpc_url,
+            pg,
+            db,
+            sql,
+            runs,
+        } => {
+            let target = kiln_bench::results::Target {
+                http_url: url,
+                grpc_url,
+                pg_addr: pg,
+                db,
+                sql,
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(kiln_bench::results::report(&target, runs.max(1))) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         Command::Generate(w) => {
             use std::io::Write;
             let mut generator = CpuOnly::new(w.scale, w.seed, DEFAULT_START_NANOS);

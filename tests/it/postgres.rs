@@ -359,3 +359,68 @@ async fn grafana_panels_replayed_get_typed_regular_series() {
     let columns: Vec<&str> = rows.iter().map(|r| r[0].as_deref().unwrap()).collect();
     assert_eq!(columns, ["hostname", "region", "time", "usage_user"]);
 }
+
+/// Every query of the dashboard in `deploy/grafana/`, with its macros and variable expanded
+/// as Grafana expands them, runs and returns rows.
+#[tokio::test]
+async fn the_shipped_grafana_dashboard_queries_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    let start = 1_451_606_400i64; // 2016-01-01T00:00:00Z, where kiln-bench's data starts
+    let mut lines = String::new();
+    for i in 0..120i64 {
+        for host in ["host_0", "host_1", "host_2"] {
+            lines.push_str(&format!(
+                "cpu,hostname={host},region=eu-west-1 usage_user={}i,usage_system={}i,usage_idle={}i {}\n",
+                i % 100,
+                (i * 7) % 100,
+                100 - i % 100,
+                (start + i * 10) * 1_000_000_000
+            ));
+        }
+    }
+    server.write_ok("benchmark", &lines).await;
+    let client = connect(&server, "benchmark").await.unwrap();
+
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/dashboards/tsbs-cpu.json"
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let variable = dashboard["templating"]["list"][0]["query"]
+        .as_str()
+        .unwrap();
+    let hosts = simple_rows(&client, variable).await;
+    assert_eq!(hosts.len(), 3, "{variable}");
+
+    let expand = |sql: &str| {
+        sql.replace(
+            "$__timeGroupAlias(time, '1m')",
+            r#"floor(extract(epoch from time)/60)*60 AS "time""#,
+        )
+        .replace(
+            "$__timeFilter(time)",
+            "time BETWEEN '2016-01-01T00:00:00Z' AND '2016-01-01T06:00:00Z'",
+        )
+        .replace("$host", "'host_0','host_1'")
+    };
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 4);
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let sql = expand(target["rawSql"].as_str().unwrap());
+            assert!(!sql.contains('$'), "unexpanded macro in {sql}");
+            let stmt = client
+                .prepare(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+            let rows = client.query(&stmt, &[]).await.unwrap();
+            assert!(!rows.is_empty(), "no rows from {sql}");
+            if target["format"] == "time_series" {
+                assert_eq!(stmt.columns()[0].name(), "time", "{sql}");
+                assert_eq!(stmt.columns()[1].name(), "metric", "{sql}");
+            }
+        }
+    }
+}
