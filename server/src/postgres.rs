@@ -76,8 +76,10 @@ pub async fn serve(
                 let (socket, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        // Out of file descriptors and the like: keep serving the others.
+                        // Out of file descriptors and the like: keep serving the open
+                        // connections, and give them a moment to close some.
                         tracing::warn!(error = %e, "PostgreSQL accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };

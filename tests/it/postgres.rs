@@ -424,3 +424,32 @@ async fn the_shipped_grafana_dashboard_queries_run() {
         }
     }
 }
+
+/// Tools keep PostgreSQL connections open for hours; a stop must not wait for them (they
+/// only read, so closing them loses nothing). With an hour of shutdown timeout, waiting
+/// for the idle connection would hang this test.
+#[tokio::test]
+async fn shutdown_closes_open_postgres_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(&data, &["--shutdown-timeout", "1h"]);
+    server.write_ok("plant", LINES).await;
+    let client = connect(&server, "plant").await.unwrap();
+    assert_eq!(
+        simple_rows(&client, "SELECT count(*) FROM cpu").await,
+        [[Some("3".to_owned())]]
+    );
+
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || server.terminate()),
+    )
+    .await;
+    assert!(
+        stopped.is_ok(),
+        "the server waited for an idle PostgreSQL connection"
+    );
+    stopped.unwrap().unwrap();
+    assert!(client.simple_query("SELECT 1").await.is_err());
+    assert!(client.is_closed());
+}
