@@ -13,18 +13,7 @@ import urllib.request
 
 proto_root, grpc_addr, http_url = sys.argv[1:4]
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
+from checks import check, finish  # noqa: E402 - next to this script
 
 
 def query(db, sql):
@@ -97,5 +86,4 @@ else:
                            capture_output=True, text=True)
     check("grpcurl writes through reflection", '"rowsWritten": "1"' in wrote.stdout, wrote.stdout + wrote.stderr)
 
-print(f"grpc-interop: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("grpc-interop")

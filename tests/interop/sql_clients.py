@@ -14,18 +14,7 @@ http_url, pg_addr, grpc_addr = sys.argv[1:4]
 pg_host, pg_port = pg_addr.rsplit(":", 1)
 DSN = f"host={pg_host} port={pg_port} dbname=plant user=analyst"
 
-passed = 0
-failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
+from checks import check, finish  # noqa: E402 - next to this script
 
 
 def attempt(name, fn):
@@ -214,5 +203,4 @@ for name, fn in [
 ]:
     attempt(name, fn)
 
-print(f"sql-clients: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("sql-clients")

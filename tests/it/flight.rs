@@ -18,16 +18,19 @@ cpu,host=a,region=eu usage=3.5 1700000020000000000
 mem,host=a used=10i 1700000000000000000
 ";
 
+async fn channel(server: &TestServer) -> Channel {
+    Channel::from_shared(server.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 async fn flight_sql(
     server: &TestServer,
     database: Option<&str>,
 ) -> FlightSqlServiceClient<Channel> {
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = FlightSqlServiceClient::new(channel);
+    let mut client = FlightSqlServiceClient::new(channel(server).await);
     if let Some(db) = database {
         client.set_header("database", db);
     }
@@ -187,12 +190,7 @@ async fn influxdb3_json_tickets_are_answered() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("data"), &[]);
     server.write_ok("plant", LINES).await;
-    let channel = Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = FlightServiceClient::new(channel);
+    let mut client = FlightServiceClient::new(channel(&server).await);
 
     let ticket = serde_json::json!({
         "database": "plant",
