@@ -6,8 +6,9 @@
 //! accepted too, as InfluxDB clients send them); other databases are reachable as
 //! `<database>.<table>`.
 //!
-//! Statements and prepared statements are stateless: their handle carries the database and
-//! the SQL, so any Kiln process can serve the ticket and closing one frees nothing.
+//! Statements and prepared statements are stateless: their handle carries the database, the
+//! SQL and any bound parameters, so any Kiln process can serve the ticket and closing one
+//! frees nothing.
 //!
 //! ```text
 //!  CommandStatementQuery ─▶ FlightInfo(schema, ticket = handle) ─▶ DoGet(ticket) ─▶ batches
@@ -16,24 +17,31 @@
 
 use std::pin::Pin;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Schema};
+use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::IpcWriteOptions;
+use arrow::ipc::writer::StreamWriter;
+use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
-use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
     CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
-    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
 };
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
     IpcMessage, SchemaAsIpc, Ticket,
 };
+use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::DataFrame;
 use futures::{Stream, TryStreamExt, stream};
 use kiln_query::{CATALOG_NAME, QueryEngine};
 use prost::Message;
@@ -57,6 +65,9 @@ pub struct FlightSql {
 struct StatementHandle {
     database: String,
     sql: String,
+    /// Bound parameters (`$1`, `$2`, …): one row, as an Arrow IPC stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parameters: Option<Vec<u8>>,
 }
 
 impl StatementHandle {
@@ -111,23 +122,102 @@ impl FlightSql {
         FlightServiceServer::new(KilnFlight(self)).max_decoding_message_size(max_message_bytes)
     }
 
-    async fn schema_of(&self, handle: &StatementHandle) -> Result<Schema, Status> {
-        let df = self
-            .query
+    async fn plan(&self, handle: &StatementHandle) -> Result<DataFrame, Status> {
+        self.query
             .plan(&handle.database, &handle.sql)
             .await
-            .map_err(query_status)?;
-        Ok(as_sent(df.schema().as_arrow()))
+            .map_err(query_status)
+    }
+
+    async fn schema_of(&self, handle: &StatementHandle) -> Result<Schema, Status> {
+        Ok(as_sent(self.plan(handle).await?.schema().as_arrow()))
     }
 
     async fn run(
         &self,
-        database: &str,
-        sql: &str,
+        handle: &StatementHandle,
     ) -> Result<FlightStream<arrow_flight::FlightData>, Status> {
-        let stream = self.query.sql(database, sql).await.map_err(query_status)?;
+        let mut df = self.plan(handle).await?;
+        if let Some(ipc) = &handle.parameters {
+            df = df
+                .with_param_values(decode_parameters(ipc)?)
+                .map_err(|e| query_status(e.into()))?;
+        }
+        let stream = df
+            .execute_stream()
+            .await
+            .map_err(|e| query_status(e.into()))?;
         Ok(encode(stream))
     }
+}
+
+/// The parameters a statement takes, `$1` first; a parameter whose type the plan leaves
+/// open is announced as a string, one compared with a tag as a plain string.
+fn parameter_schema(df: &DataFrame) -> Result<Schema, Status> {
+    let types = df
+        .logical_plan()
+        .get_parameter_types()
+        .map_err(|e| query_status(e.into()))?;
+    let mut params: Vec<(usize, String, DataType)> = types
+        .into_iter()
+        .map(|(name, ty)| {
+            let index = name.trim_start_matches('$').parse().unwrap_or(usize::MAX);
+            (index, name, ty.unwrap_or(DataType::Utf8))
+        })
+        .collect();
+    params.sort();
+    Ok(as_sent(&Schema::new(
+        params
+            .into_iter()
+            .map(|(_, name, ty)| arrow::datatypes::Field::new(name, ty, true))
+            .collect::<Vec<_>>(),
+    )))
+}
+
+/// One row of parameter values, as bound by `DoPut`, into the encoding a handle carries.
+async fn encode_parameters(stream: PeekableFlightDataStream) -> Result<Vec<u8>, Status> {
+    let batches: Vec<RecordBatch> =
+        FlightRecordBatchStream::new_from_flight_data(stream.map_err(FlightError::from))
+            .try_collect()
+            .await
+            .map_err(Status::from)?;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    if rows != 1 {
+        return Err(Status::invalid_argument(format!(
+            "bind one row of parameters per execution (got {rows})"
+        )));
+    }
+    let batch = batches
+        .into_iter()
+        .find(|b| b.num_rows() == 1)
+        .expect("one batch holds the row");
+    let mut out = Vec::new();
+    let mut writer = StreamWriter::try_new(&mut out, &batch.schema())
+        .and_then(|mut w| w.write(&batch).map(|()| w))
+        .map_err(|e| Status::internal(e.to_string()))?;
+    writer
+        .finish()
+        .map_err(|e| Status::internal(e.to_string()))?;
+    drop(writer);
+    Ok(out)
+}
+
+fn decode_parameters(ipc: &[u8]) -> Result<ParamValues, Status> {
+    let bad = |e: arrow::error::ArrowError| {
+        Status::invalid_argument(format!("bad parameters in the statement handle: {e}"))
+    };
+    let mut reader = StreamReader::try_new(ipc, None).map_err(bad)?;
+    let batch =
+        reader.next().transpose().map_err(bad)?.ok_or_else(|| {
+            Status::invalid_argument("no parameter values in the statement handle")
+        })?;
+    let values = batch
+        .columns()
+        .iter()
+        .map(|c| ScalarValue::try_from_array(c, 0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| query_status(e.into()))?;
+    Ok(values.into())
 }
 
 /// A schema as Flight data carries it: the encoder sends dictionary-encoded columns (tags)
@@ -253,6 +343,7 @@ impl FlightSqlService for FlightSql {
         let handle = StatementHandle {
             database: database_header(request.metadata())?,
             sql: query.query,
+            parameters: None,
         };
         let schema = self.schema_of(&handle).await?;
         let ticket = TicketStatementQuery {
@@ -271,9 +362,7 @@ impl FlightSqlService for FlightSql {
         _request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
         let handle = StatementHandle::decode(&ticket.statement_handle)?;
-        Ok(Response::new(
-            self.run(&handle.database, &handle.sql).await?,
-        ))
+        Ok(Response::new(self.run(&handle).await?))
     }
 
     async fn do_action_create_prepared_statement(
@@ -284,12 +373,26 @@ impl FlightSqlService for FlightSql {
         let handle = StatementHandle {
             database: database_header(request.metadata())?,
             sql: query.query,
+            parameters: None,
         };
-        let schema = self.schema_of(&handle).await?;
+        let df = self.plan(&handle).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.encode().into(),
-            dataset_schema: schema_bytes(&schema)?,
-            parameter_schema: schema_bytes(&Schema::empty())?,
+            dataset_schema: schema_bytes(&as_sent(df.schema().as_arrow()))?,
+            parameter_schema: schema_bytes(&parameter_schema(&df)?)?,
+        })
+    }
+
+    /// Binds parameters: the new handle carries them (statements hold no server state).
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let mut handle = StatementHandle::decode(&query.prepared_statement_handle)?;
+        handle.parameters = Some(encode_parameters(request.into_inner()).await?);
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(handle.encode().into()),
         })
     }
 
@@ -309,9 +412,7 @@ impl FlightSqlService for FlightSql {
         _request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
-        Ok(Response::new(
-            self.run(&handle.database, &handle.sql).await?,
-        ))
+        Ok(Response::new(self.run(&handle).await?))
     }
 
     async fn do_action_close_prepared_statement(
@@ -462,9 +563,12 @@ impl FlightService for KilnFlight {
                 ticket.query_type
             )));
         }
-        Ok(Response::new(
-            self.0.run(&ticket.database, &ticket.sql_query).await?,
-        ))
+        let handle = StatementHandle {
+            database: ticket.database,
+            sql: ticket.sql_query,
+            parameters: None,
+        };
+        Ok(Response::new(self.0.run(&handle).await?))
     }
 
     async fn handshake(

@@ -160,6 +160,10 @@ def adbc():
                 and table.column("usage").to_pylist() == [1.5, 2.5, 3.5],
                 table,
             )
+        with conn.cursor() as cur:
+            cur.execute("SELECT usage FROM cpu WHERE host = $1 ORDER BY time", ("a",))
+            usage = cur.fetch_arrow_table().column("usage").to_pylist()
+            check("ADBC Flight SQL bound parameter", usage == [1.5, 3.5], usage)
         objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
         names = [
             t["table_name"]

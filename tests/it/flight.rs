@@ -105,6 +105,42 @@ async fn statements_and_prepared_statements_stream_arrow() {
     }
     prepared.close().await.unwrap();
 
+    // Parameters: announced by the prepared statement, bound per execution.
+    let mut prepared = client
+        .prepare(
+            "SELECT host, usage FROM cpu WHERE host = $1 AND usage > $2 ORDER BY time".to_owned(),
+            None,
+        )
+        .await
+        .unwrap();
+    let params = prepared.parameter_schema().unwrap().clone();
+    assert_eq!(params.fields().len(), 2);
+    assert_eq!(params.field(0).name(), "$1");
+    assert_eq!(params.field(1).data_type(), &DataType::Float64);
+    for (host, min, expected) in [
+        ("a", 0.0, vec![1.5, 3.5]),
+        ("a", 2.0, vec![3.5]),
+        ("b", 0.0, vec![2.5]),
+    ] {
+        let values = RecordBatch::try_new(
+            std::sync::Arc::new(params.clone()),
+            vec![
+                std::sync::Arc::new(arrow::array::StringArray::from(vec![host])),
+                std::sync::Arc::new(arrow::array::Float64Array::from(vec![min])),
+            ],
+        )
+        .unwrap();
+        prepared.set_parameters(values).unwrap();
+        let info = prepared.execute().await.unwrap();
+        let batches = fetch(&mut client, info).await;
+        let usage: Vec<f64> = batches
+            .iter()
+            .flat_map(|b| b.column(1).as_primitive::<Float64Type>().values().to_vec())
+            .collect();
+        assert_eq!(usage, expected, "host {host}, usage > {min}");
+    }
+    prepared.close().await.unwrap();
+
     // Errors: a bad table, bad SQL, and no database header.
     let e = client
         .execute("SELECT * FROM nope".to_owned(), None)
