@@ -46,7 +46,7 @@ impl From<DataFusionError> for Error {
     fn from(e: DataFusionError) -> Self {
         let text = e.strip_backtrace();
         match e.find_root() {
-            DataFusionError::Plan(msg) if msg.starts_with("table") && msg.contains("not found") => {
+            DataFusionError::Plan(msg) if is_missing_table(msg) => {
                 Error::TableNotFound(msg.clone())
             }
             DataFusionError::ObjectStore(_)
@@ -58,6 +58,12 @@ impl From<DataFusionError> for Error {
             _ => Error::Invalid(text),
         }
     }
+}
+
+/// Whether a DataFusion planning error says a table does not exist (DataFusion has no
+/// variant of its own for it).
+pub fn is_missing_table(plan_error: &str) -> bool {
+    plan_error.starts_with("table") && plan_error.contains("not found")
 }
 
 #[derive(Debug, Clone)]

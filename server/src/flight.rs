@@ -33,7 +33,7 @@ use arrow_flight::sql::{
     ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
     CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
     CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
-    TicketStatementQuery,
+    SqlSupportedCaseSensitivity, TicketStatementQuery,
 };
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
@@ -109,8 +109,11 @@ impl FlightSql {
         info.append(SqlInfo::SqlDdlSchema, false);
         info.append(SqlInfo::SqlDdlTable, false);
         info.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
-        info.append(SqlInfo::SqlIdentifierCase, 1i32); // case-insensitive (folded)
-        info.append(SqlInfo::SqlQuotedIdentifierCase, 2i32); // case-sensitive
+        // Unquoted identifiers are folded to lower case; quoted ones are kept as written.
+        info.append(
+            SqlInfo::SqlIdentifierCase,
+            SqlSupportedCaseSensitivity::SqlCaseSensitivityLowercase as i32,
+        );
         Self {
             query,
             sql_info: info.build().expect("static SQL info builds"),

@@ -241,8 +241,7 @@ impl SimpleQueryHandler for Connection {
             }
             Ok(responses)
         };
-        let responses = within(timeout, run).await?;
-        Ok(responses)
+        within(timeout, run).await
     }
 }
 
@@ -364,9 +363,7 @@ fn classify(e: &DataFusionError) -> (&'static str, String) {
             datafusion::common::SchemaError::AmbiguousReference { .. } => "42702",
             _ => "42P10",
         },
-        DataFusionError::Plan(msg) if msg.starts_with("table") && msg.contains("not found") => {
-            "42P01"
-        }
+        DataFusionError::Plan(msg) if kiln_query::is_missing_table(msg) => "42P01",
         DataFusionError::Plan(msg)
             if msg.contains("No function matches") || msg.contains("Invalid function") =>
         {

@@ -201,6 +201,7 @@ async fn errors_carry_sqlstates_and_the_connection_keeps_serving() {
         ("SELECT nope FROM cpu", SqlState::UNDEFINED_COLUMN),
         ("SELEC 1", SqlState::SYNTAX_ERROR),
         ("SELECT 1 +", SqlState::SYNTAX_ERROR),
+        ("SELECT no_such_function(usage) FROM cpu", SqlState::UNDEFINED_FUNCTION),
     ];
     for (sql, code) in &cases {
         let e = client.simple_query(sql).await.unwrap_err();
