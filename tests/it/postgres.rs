@@ -201,7 +201,10 @@ async fn errors_carry_sqlstates_and_the_connection_keeps_serving() {
         ("SELECT nope FROM cpu", SqlState::UNDEFINED_COLUMN),
         ("SELEC 1", SqlState::SYNTAX_ERROR),
         ("SELECT 1 +", SqlState::SYNTAX_ERROR),
-        ("SELECT no_such_function(usage) FROM cpu", SqlState::UNDEFINED_FUNCTION),
+        (
+            "SELECT no_such_function(usage) FROM cpu",
+            SqlState::UNDEFINED_FUNCTION,
+        ),
     ];
     for (sql, code) in &cases {
         let e = client.simple_query(sql).await.unwrap_err();
@@ -453,4 +456,47 @@ async fn shutdown_closes_open_postgres_connections() {
     stopped.unwrap().unwrap();
     assert!(client.simple_query("SELECT 1").await.is_err());
     assert!(client.is_closed());
+}
+
+/// DBeaver, Metabase and Tableau browse schemas through the PostgreSQL JDBC driver, whose
+/// `getTables` and `getColumns` are these queries over `pg_catalog` (as pgJDBC 42 sends
+/// them, for schema `public` and table `cpu`).
+#[tokio::test]
+async fn jdbc_schema_browsing_queries_list_tables_and_typed_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", LINES).await;
+    let client = connect(&server, "plant").await.unwrap();
+
+    let get_tables = include_str!("fixtures/pgjdbc_get_tables.sql");
+    let rows = client.query(get_tables, &[]).await.unwrap();
+    let tables: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.get("table_name"), r.get("table_type")))
+        .collect();
+    assert_eq!(tables, [("cpu".to_owned(), "TABLE".to_owned())]);
+
+    let get_columns = include_str!("fixtures/pgjdbc_get_columns.sql");
+    let stmt = client.prepare(get_columns).await.unwrap();
+    let [name, type_id] = ["attname", "atttypid"].map(|c| {
+        stmt.columns()
+            .iter()
+            .position(|col| col.name() == c)
+            .unwrap()
+    });
+    let rows = simple_rows(&client, get_columns).await;
+    let columns: Vec<(String, u32)> = rows
+        .iter()
+        .map(|r| {
+            let oid = r[type_id].as_deref().unwrap().parse().unwrap();
+            (r[name].clone().unwrap(), oid)
+        })
+        .collect();
+    let oid = |name: &str| columns.iter().find(|(n, _)| n == name).map(|(_, o)| *o);
+    assert_eq!(columns.len(), 7, "{columns:?}");
+    assert_eq!(oid("time"), Some(Type::TIMESTAMP.oid()));
+    assert_eq!(oid("host"), Some(Type::TEXT.oid()));
+    assert_eq!(oid("usage"), Some(Type::FLOAT8.oid()));
+    assert_eq!(oid("load"), Some(Type::INT8.oid()));
+    assert_eq!(oid("ok"), Some(Type::BOOL.oid()));
 }
