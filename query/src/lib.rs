@@ -9,10 +9,12 @@
 //!
 //! [`QueryEngine::session`] makes a session whose default schema is the database being
 //! queried, with `information_schema` (and so `SHOW TABLES`) enabled and Kiln's
-//! time-series functions registered.
+//! time-series functions registered: `time_bucket`, and the selectors `first(value, time)`
+//! and `last(value, time)`.
 
 pub mod postgres;
 pub mod provider;
+pub mod selectors;
 pub mod time_bucket;
 
 use std::sync::Arc;
@@ -100,6 +102,8 @@ impl QueryEngine {
             Arc::clone(self.engine.store()),
         );
         ctx.register_udf(time_bucket::time_bucket());
+        ctx.register_udaf(selectors::first());
+        ctx.register_udaf(selectors::last());
     }
 
     /// Plans `sql` against `database` without running it (its schema is the result's).

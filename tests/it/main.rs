@@ -8,4 +8,5 @@ mod grpc;
 mod http;
 mod persistence;
 mod postgres;
+mod sql;
 mod support;
