@@ -12,18 +12,22 @@
 //! time-series functions registered: `time_bucket`, and the selectors `first(value, time)`
 //! and `last(value, time)`.
 
+pub mod limits;
 pub mod postgres;
 pub mod provider;
 pub mod selectors;
 pub mod time_bucket;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use kiln_storage::Engine;
 
+pub use limits::QueryConfig;
 pub use provider::{KilnCatalog, KilnTable, TimeBounds};
 
 /// Name of the DataFusion catalog that holds every database.
@@ -39,7 +43,14 @@ pub enum Error {
     /// The query is wrong (syntax, unknown column, bad cast, …): fix it and retry.
     #[error("{0}")]
     Invalid(String),
-    /// Kiln failed (storage, I/O, resources): not the query's fault.
+    /// The query ran out of time (`QueryConfig::timeout`).
+    #[error("{0}")]
+    Timeout(String),
+    /// The query needs more memory than the pool has left: narrow it, or retry when
+    /// fewer queries run.
+    #[error("{0}")]
+    ResourcesExhausted(String),
+    /// Kiln failed (storage, I/O): not the query's fault.
     #[error("{0}")]
     Internal(String),
 }
@@ -51,10 +62,13 @@ impl From<DataFusionError> for Error {
             DataFusionError::Plan(msg) if is_missing_table(msg) => {
                 Error::TableNotFound(msg.clone())
             }
+            DataFusionError::External(inner) if inner.is::<limits::TimedOut>() => {
+                Error::Timeout(inner.to_string())
+            }
+            DataFusionError::ResourcesExhausted(_) => Error::ResourcesExhausted(text),
             DataFusionError::ObjectStore(_)
             | DataFusionError::IoError(_)
             | DataFusionError::ParquetError(_)
-            | DataFusionError::ResourcesExhausted(_)
             | DataFusionError::Internal(_)
             | DataFusionError::External(_) => Error::Internal(text),
             _ => Error::Invalid(text),
@@ -72,14 +86,27 @@ pub fn is_missing_table(plan_error: &str) -> bool {
 pub struct QueryEngine {
     engine: Arc<Engine>,
     catalog: Arc<KilnCatalog>,
+    /// Memory pool and spill files, shared by every session.
+    runtime: Arc<RuntimeEnv>,
+    config: QueryConfig,
+    /// Queries started by [`Self::execute`] whose stream is still alive.
+    running: Arc<AtomicUsize>,
 }
 
 impl QueryEngine {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self {
+    pub fn new(engine: Arc<Engine>, config: QueryConfig) -> Result<Self, Error> {
+        Ok(Self {
             catalog: Arc::new(KilnCatalog::new(Arc::clone(&engine))),
+            runtime: config.runtime()?,
+            config,
+            running: Arc::default(),
             engine,
-        }
+        })
+    }
+
+    /// A session context on the shared runtime.
+    fn context(&self, config: SessionConfig) -> SessionContext {
+        SessionContext::new_with_config_rt(config, Arc::clone(&self.runtime))
     }
 
     /// A session whose unqualified table names resolve in `database`.
@@ -88,7 +115,7 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG_NAME, database)
             .with_create_default_catalog_and_schema(false);
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = self.context(config);
         ctx.register_catalog(CATALOG_NAME, Arc::clone(&self.catalog) as _);
         self.register_storage_and_functions(&ctx);
         ctx
@@ -116,7 +143,27 @@ impl QueryEngine {
 
     /// Plans and starts `sql` against `database`.
     pub async fn sql(&self, database: &str, sql: &str) -> Result<SendableRecordBatchStream, Error> {
-        Ok(self.plan(database, sql).await?.execute_stream().await?)
+        self.execute(self.plan(database, sql).await?).await
+    }
+
+    /// Starts a planned query under the engine's time limit.
+    pub async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream, Error> {
+        let stream = df.execute_stream().await?;
+        Ok(Box::pin(limits::Running::new(
+            stream,
+            self.config.timeout,
+            &self.running,
+        )))
+    }
+
+    /// Queries (HTTP and Flight SQL) running now: a query stops when its client drops it.
+    pub fn running_queries(&self) -> usize {
+        self.running.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The limits queries run under.
+    pub fn config(&self) -> &QueryConfig {
+        &self.config
     }
 
     /// The storage engine the sessions read.

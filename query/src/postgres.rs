@@ -48,7 +48,7 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_default_catalog_and_schema(database, PUBLIC_SCHEMA)
             .with_create_default_catalog_and_schema(false);
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = self.context(config);
         let catalog = MemoryCatalogProvider::new();
         catalog.register_schema(
             PUBLIC_SCHEMA,

@@ -146,10 +146,7 @@ impl FlightSql {
                 .with_param_values(decode_parameters(ipc)?)
                 .map_err(|e| query_status(e.into()))?;
         }
-        let stream = df
-            .execute_stream()
-            .await
-            .map_err(|e| query_status(e.into()))?;
+        let stream = self.query.execute(df).await.map_err(query_status)?;
         Ok(encode(stream))
     }
 }
@@ -258,6 +255,8 @@ fn query_status(e: kiln_query::Error) -> Status {
     match e {
         E::DatabaseNotFound(_) | E::TableNotFound(_) => Status::not_found(e.to_string()),
         E::Invalid(_) => Status::invalid_argument(e.to_string()),
+        E::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        E::ResourcesExhausted(_) => Status::resource_exhausted(e.to_string()),
         E::Internal(_) => {
             tracing::error!(error = %e, "Flight SQL query failed");
             Status::internal(e.to_string())

@@ -28,6 +28,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub registry: Arc<prometheus_client::registry::Registry>,
     pub max_body_bytes: usize,
+    /// Largest query result (bytes of Arrow data) the query API assembles.
+    pub max_result_bytes: usize,
     /// True once the server is shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -402,12 +404,22 @@ async fn run_query(s: AppState, p: QueryParams) -> Result<Response, ApiError> {
         p.q.ok_or_else(|| ApiError::bad_request("missing parameter `q`"))?;
     let format = Format::parse(p.format.as_deref())?;
     let start = Instant::now();
-    let stream = s.query.sql(&db, &q).await.map_err(query_error)?;
+    let mut stream = s.query.sql(&db, &q).await.map_err(query_error)?;
     let schema = stream.schema();
-    let batches: Vec<RecordBatch> = stream
-        .try_collect()
-        .await
-        .map_err(|e| query_error(e.into()))?;
+    // The whole result is encoded at once: bound what one query can hold.
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    let mut bytes = 0;
+    while let Some(batch) = stream.try_next().await.map_err(|e| query_error(e.into()))? {
+        bytes += batch.get_array_memory_size();
+        if bytes > s.max_result_bytes {
+            return Err(ApiError::bad_request(format!(
+                "the result is larger than --max-result-bytes ({} bytes); narrow the time range, \
+                 aggregate, add a LIMIT, or use the PostgreSQL or Flight SQL interface, which stream",
+                s.max_result_bytes
+            )));
+        }
+        batches.push(batch);
+    }
     s.metrics
         .query_seconds
         .observe(start.elapsed().as_secs_f64());
@@ -430,6 +442,8 @@ fn query_error(e: kiln_query::Error) -> ApiError {
             ApiError::new(StatusCode::NOT_FOUND, e.to_string())
         }
         E::Invalid(_) => ApiError::bad_request(e.to_string()),
+        E::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+        E::ResourcesExhausted(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         E::Internal(_) => {
             tracing::error!(error = %e, "query failed");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())

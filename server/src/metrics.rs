@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use kiln_query::QueryEngine;
 use kiln_storage::Engine;
 use kiln_storage::wal::WalObserver;
 
@@ -42,7 +43,7 @@ impl Metrics {
     }
 
     /// A registry with these metrics and the engine's counters.
-    pub fn registry(self: &Arc<Self>, engine: Arc<Engine>) -> Registry {
+    pub fn registry(self: &Arc<Self>, engine: Arc<Engine>, query: QueryEngine) -> Registry {
         let mut r = Registry::default();
         r.register(
             INGEST_LINES,
@@ -74,7 +75,7 @@ impl Metrics {
             "Times a gRPC write stream paused because the write buffer was full",
             self.stream_backpressure_waits.clone(),
         );
-        r.register_collector(Box::new(EngineCollector { engine }));
+        r.register_collector(Box::new(EngineCollector { engine, query }));
         r
     }
 }
@@ -92,6 +93,7 @@ impl WalObserver for FsyncObserver {
 #[derive(Debug)]
 struct EngineCollector {
     engine: Arc<Engine>,
+    query: QueryEngine,
 }
 
 impl prometheus_client::collector::Collector for EngineCollector {
@@ -141,6 +143,13 @@ impl prometheus_client::collector::Collector for EngineCollector {
             "WAL files on disk",
             None,
             wal_files.metric_type(),
+        )?)?;
+        let running = ConstGauge::new(self.query.running_queries() as i64);
+        running.encode(encoder.encode_descriptor(
+            "kiln_queries_running",
+            "HTTP and Flight SQL queries running now",
+            None,
+            running.metric_type(),
         )?)?;
         Ok(())
     }

@@ -233,7 +233,7 @@ impl SimpleQueryHandler for Connection {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let session = Arc::clone(self.session()?);
-        let timeout = statement_timeout(client);
+        let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
         let run = async {
             let mut responses = SimpleQueryHandler::do_query(&*session, client, query).await?;
             for response in &mut responses {
@@ -272,7 +272,7 @@ impl ExtendedQueryHandler for Connection {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let session = Arc::clone(self.session()?);
-        let timeout = statement_timeout(client);
+        let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
         let run = async {
             let mut response =
                 ExtendedQueryHandler::do_query(&*session, client, portal, max_rows).await?;
@@ -295,8 +295,8 @@ fn statement_timeout<C: ClientInfo>(client: &C) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
-/// Runs a statement under `statement_timeout`: planning and everything up to its first
-/// row (see [`first_row_ready`]).
+/// Runs a statement under `statement_timeout` (the server's `--query-timeout` when the
+/// client set none): planning and everything up to its first row (see [`first_row_ready`]).
 async fn within<T>(
     timeout: Option<Duration>,
     run: impl Future<Output = PgWireResult<T>>,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use kiln_query::QueryEngine;
+use kiln_query::{QueryConfig, QueryEngine};
 use kiln_storage::durable_store::DurableLocalStore;
 use kiln_storage::wal::SyncPolicy;
 use kiln_storage::{Engine, EngineConfig};
@@ -71,6 +71,21 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
+    /// Memory all running queries may hold together (bytes); sorts and aggregations spill
+    /// to `<data-dir>/spill` beyond it, other queries fail with a clear error.
+    #[arg(long, env = "KILN_QUERY_MEMORY_LIMIT", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub query_memory_limit: usize,
+
+    /// Longest a query may run (`0s`: no limit). Over HTTP and Flight SQL the whole query;
+    /// over PostgreSQL up to its first row, as `statement_timeout`, which a client may set.
+    #[arg(long, env = "KILN_QUERY_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub query_timeout: Duration,
+
+    /// Largest result (bytes of Arrow data) the HTTP query API assembles; PostgreSQL and
+    /// Flight SQL stream and are not bound by it.
+    #[arg(long, env = "KILN_MAX_RESULT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_result_bytes: usize,
+
     /// On shutdown, how long to wait for open requests and connections to finish before
     /// closing them; the write buffer is then persisted either way.
     #[arg(long, env = "KILN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -128,15 +143,30 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     .await
     .map_err(|e| format!("cannot start the storage engine: {e}"))?;
 
-    let registry = Arc::new(metrics.registry(Arc::clone(&engine)));
     // Turns true on SIGTERM/SIGINT: both listeners stop taking requests.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let spill_dir = config.data_dir.join("spill");
+    // Spill files of queries cut short by a crash are of no use to anyone.
+    let _ = std::fs::remove_dir_all(&spill_dir);
+    std::fs::create_dir_all(&spill_dir)
+        .map_err(|e| format!("cannot create {}: {e}", spill_dir.display()))?;
+    let query = QueryEngine::new(
+        Arc::clone(&engine),
+        QueryConfig {
+            memory_limit: config.query_memory_limit,
+            spill_dir: Some(spill_dir),
+            timeout: Some(config.query_timeout).filter(|t| !t.is_zero()),
+        },
+    )
+    .map_err(|e| format!("cannot start the query engine: {e}"))?;
+    let registry = Arc::new(metrics.registry(Arc::clone(&engine), query.clone()));
     let state = AppState {
         engine: Arc::clone(&engine),
-        query: QueryEngine::new(Arc::clone(&engine)),
+        query,
         metrics,
         registry,
         max_body_bytes: config.max_request_bytes,
+        max_result_bytes: config.max_result_bytes,
         shutdown: stop_rx.clone(),
     };
 

@@ -1,0 +1,153 @@
+//! Query limits end to end: the memory pool (spilling where DataFusion can), the query
+//! timeout on every protocol, and the HTTP API's result size bound.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tokio_postgres::error::SqlState;
+
+use crate::support::{TestServer, eventually};
+
+/// Runs many seconds on any machine (a debug build all the more).
+const SLOW: &str = "SELECT sum(value) FROM generate_series(1, 5000000000)";
+
+async fn error_text(server: &TestServer, sql: &str) -> (StatusCode, String) {
+    let (status, body) = server.query("plant", sql, "json").await;
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn queries_spill_or_fail_clearly_within_the_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data, &["--query-memory-limit", "2000000"]);
+    server.write_ok("plant", "cpu,host=a u=1 1\n").await;
+
+    // A sort and a grouping far larger than 2 MB spill to disk and answer correctly.
+    let rows = server
+        .query_json(
+            "plant",
+            "SELECT max(v) AS top, count(*) AS n FROM \
+             (SELECT value AS v FROM generate_series(1, 1000000) ORDER BY value DESC)",
+        )
+        .await;
+    assert_eq!(
+        (rows[0]["top"].as_i64(), rows[0]["n"].as_i64()),
+        (Some(1_000_000), Some(1_000_000))
+    );
+    let rows = server
+        .query_json(
+            "plant",
+            "SELECT count(*) AS groups FROM \
+             (SELECT value % 300000 AS k, count(*) FROM generate_series(1, 2000000) GROUP BY 1)",
+        )
+        .await;
+    assert_eq!(rows[0]["groups"].as_i64(), Some(300_000));
+
+    // One that cannot spill fails with a clear error; the server keeps serving.
+    let (status, error) = error_text(
+        &server,
+        "SELECT array_agg(value) FROM generate_series(1, 3000000)",
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(error.contains("Resources exhausted"), "{error}");
+    let rows = server
+        .query_json("plant", "SELECT count(*) AS n FROM cpu")
+        .await;
+    assert_eq!(rows[0]["n"].as_i64(), Some(1));
+}
+
+#[tokio::test]
+async fn the_query_timeout_stops_queries_on_every_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &["--query-timeout", "500ms"]);
+    server.write_ok("plant", "cpu,host=a u=1 1\n").await;
+
+    let (status, error) = error_text(&server, SLOW).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{error}");
+    assert!(error.contains("query timeout (500ms)"), "{error}");
+
+    // PostgreSQL: the server's timeout stands in for a statement_timeout the client did not set.
+    let client = crate::postgres::connect(&server, "plant").await.unwrap();
+    let e = client.simple_query(SLOW).await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e:?}");
+
+    // Flight SQL: DEADLINE_EXCEEDED.
+    let channel = tonic::transport::Channel::from_shared(server.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut flight = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+    flight.set_header("database", "plant");
+    let info = flight.execute(SLOW.to_owned(), None).await.unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let result: Result<Vec<_>, _> =
+        futures::TryStreamExt::try_collect(flight.do_get(ticket).await.unwrap()).await;
+    let e = result.unwrap_err().to_string();
+    assert!(e.contains("query timeout"), "{e}");
+
+    // Quick queries are unaffected.
+    let rows = server
+        .query_json("plant", "SELECT count(*) AS n FROM cpu")
+        .await;
+    assert_eq!(rows[0]["n"].as_i64(), Some(1));
+}
+
+#[tokio::test]
+async fn http_results_are_bounded_and_the_streaming_protocols_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &["--max-result-bytes", "100000"]);
+    server.write_ok("plant", "cpu,host=a u=1 1\n").await;
+    let big = "SELECT value FROM generate_series(1, 100000)";
+
+    let (status, error) = error_text(&server, big).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        error.contains("--max-result-bytes (100000 bytes)"),
+        "{error}"
+    );
+
+    let client = crate::postgres::connect(&server, "plant").await.unwrap();
+    let rows = client.query(big, &[]).await.unwrap();
+    assert_eq!(rows.len(), 100_000);
+}
+
+/// A client that gives up (here: its own 3 s timeout) takes its query with it: the work
+/// stops instead of running to its end (`kiln_queries_running` counts it until then).
+#[tokio::test]
+async fn a_query_whose_client_goes_away_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", "cpu,host=a u=1 1\n").await;
+    assert_eq!(server.metric("kiln_queries_running").await, 0.0);
+
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let request = impatient
+        .get(server.url("/api/v3/query_sql"))
+        .query(&[("db", "plant"), ("q", SLOW)])
+        .send();
+    let watch = async {
+        eventually(Duration::from_secs(3), || async {
+            server.metric("kiln_queries_running").await == 1.0
+        })
+        .await
+    };
+    let (response, seen_running) = tokio::join!(request, watch);
+    assert!(seen_running, "the query was never counted as running");
+    assert!(response.unwrap_err().is_timeout());
+
+    let stopped = eventually(Duration::from_secs(10), || async {
+        server.metric("kiln_queries_running").await == 0.0
+    })
+    .await;
+    assert!(stopped, "the query kept running after its client left");
+}
