@@ -10,7 +10,9 @@
 //! [`QueryEngine::session`] makes a session whose default schema is the database being
 //! queried, with `information_schema` (and so `SHOW TABLES`) enabled and Kiln's
 //! time-series functions registered: `time_bucket`, and the selectors `first(value, time)`
-//! and `last(value, time)`.
+//! and `last(value, time)`. [`QueryEngine::postgres_session`] lays a database out the way
+//! PostgreSQL clients expect (see [`postgres`]). All sessions share one runtime, so the
+//! limits of [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
 pub mod limits;
 pub mod postgres;

@@ -37,7 +37,7 @@ pub struct QueryConfig {
 impl Default for QueryConfig {
     fn default() -> Self {
         Self {
-            memory_limit: 4 * 1024 * 1024 * 1024,
+            memory_limit: 2 * 1024 * 1024 * 1024,
             spill_dir: None,
             timeout: Some(Duration::from_secs(300)),
         }

@@ -410,7 +410,8 @@ async fn run_query(s: AppState, p: QueryParams) -> Result<Response, ApiError> {
     let mut batches: Vec<RecordBatch> = Vec::new();
     let mut bytes = 0;
     while let Some(batch) = stream.try_next().await.map_err(|e| query_error(e.into()))? {
-        bytes += batch.get_array_memory_size();
+        // By rows spanned: a batch sliced from a bigger one is not charged for all of it.
+        bytes += kiln_storage::buffer::data_bytes(&batch);
         if bytes > s.max_result_bytes {
             return Err(ApiError::bad_request(format!(
                 "the result is larger than --max-result-bytes ({} bytes); narrow the time range, \
