@@ -130,27 +130,27 @@ impl prometheus_client::collector::Collector for EngineCollector {
             let c = ConstCounter::new(value.load(Ordering::Relaxed));
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
-        let g = ConstGauge::new(self.engine.buffer_bytes() as i64);
-        g.encode(encoder.encode_descriptor(
-            "kiln_buffer_bytes",
-            "Bytes held in the write buffer",
-            None,
-            g.metric_type(),
-        )?)?;
-        let wal_files = ConstGauge::new(self.engine.wal().file_ids().len() as i64);
-        wal_files.encode(encoder.encode_descriptor(
-            "kiln_wal_files",
-            "WAL files on disk",
-            None,
-            wal_files.metric_type(),
-        )?)?;
-        let running = ConstGauge::new(self.query.running_queries() as i64);
-        running.encode(encoder.encode_descriptor(
-            "kiln_queries_running",
-            "HTTP and Flight SQL queries running now",
-            None,
-            running.metric_type(),
-        )?)?;
+        let gauges = [
+            (
+                "kiln_buffer_bytes",
+                "Bytes held in the write buffer",
+                self.engine.buffer_bytes(),
+            ),
+            (
+                "kiln_wal_files",
+                "WAL files on disk",
+                self.engine.wal().file_ids().len(),
+            ),
+            (
+                "kiln_queries_running",
+                "HTTP and Flight SQL queries running now",
+                self.query.running_queries(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
         Ok(())
     }
 }
