@@ -21,7 +21,7 @@ pub mod selectors;
 pub mod time_bucket;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
@@ -135,11 +135,17 @@ impl QueryEngine {
         ctx.register_udaf(selectors::last());
     }
 
+    /// `DatabaseNotFound` unless `database` exists.
+    fn require_database(&self, database: &str) -> Result<(), Error> {
+        match self.engine.catalog_state().database(database) {
+            Some(_) => Ok(()),
+            None => Err(Error::DatabaseNotFound(database.to_owned())),
+        }
+    }
+
     /// Plans `sql` against `database` without running it (its schema is the result's).
     pub async fn plan(&self, database: &str, sql: &str) -> Result<DataFrame, Error> {
-        if self.engine.catalog_state().database(database).is_none() {
-            return Err(Error::DatabaseNotFound(database.to_owned()));
-        }
+        self.require_database(database)?;
         Ok(self.session(database).sql(sql).await?)
     }
 
@@ -160,7 +166,7 @@ impl QueryEngine {
 
     /// Queries (HTTP and Flight SQL) running now: a query stops when its client drops it.
     pub fn running_queries(&self) -> usize {
-        self.running.load(std::sync::atomic::Ordering::Relaxed)
+        self.running.load(Ordering::Relaxed)
     }
 
     /// The limits queries run under.

@@ -41,9 +41,7 @@ pub fn server_version() -> String {
 impl QueryEngine {
     /// A session for a PostgreSQL client connected to `database` (see the module docs).
     pub fn postgres_session(&self, database: &str) -> Result<SessionContext, Error> {
-        if self.engine.catalog_state().database(database).is_none() {
-            return Err(Error::DatabaseNotFound(database.to_owned()));
-        }
+        self.require_database(database)?;
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema(database, PUBLIC_SCHEMA)

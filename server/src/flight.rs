@@ -191,14 +191,13 @@ async fn encode_parameters(stream: PeekableFlightDataStream) -> Result<Vec<u8>, 
         .into_iter()
         .find(|b| b.num_rows() == 1)
         .expect("one batch holds the row");
+    let internal = |e: arrow::error::ArrowError| Status::internal(e.to_string());
     let mut out = Vec::new();
-    let mut writer = StreamWriter::try_new(&mut out, &batch.schema())
-        .and_then(|mut w| w.write(&batch).map(|()| w))
-        .map_err(|e| Status::internal(e.to_string()))?;
-    writer
-        .finish()
-        .map_err(|e| Status::internal(e.to_string()))?;
-    drop(writer);
+    {
+        let mut writer = StreamWriter::try_new(&mut out, &batch.schema()).map_err(internal)?;
+        writer.write(&batch).map_err(internal)?;
+        writer.finish().map_err(internal)?;
+    }
     Ok(out)
 }
 
@@ -236,11 +235,19 @@ fn as_sent(schema: &Schema) -> Schema {
     Schema::new_with_metadata(fields, schema.metadata().clone())
 }
 
-/// Streams record batches as Flight data.
+/// Streams a query's record batches as Flight data.
 fn encode(stream: SendableRecordBatchStream) -> FlightStream<arrow_flight::FlightData> {
     let schema = stream.schema();
     let batches =
         stream.map_err(|e| FlightError::Tonic(Box::new(query_status(kiln_query::Error::from(e)))));
+    flight_data(schema, batches)
+}
+
+/// Record batches of `schema` as a stream of Flight data.
+fn flight_data(
+    schema: arrow::datatypes::SchemaRef,
+    batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+) -> FlightStream<arrow_flight::FlightData> {
     Box::pin(
         FlightDataEncoderBuilder::new()
             .with_schema(schema)
@@ -283,43 +290,29 @@ fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
     Ok(bytes)
 }
 
-fn flight_info(
-    schema: &Schema,
-    ticket: Vec<u8>,
-    descriptor: FlightDescriptor,
-) -> Result<Response<FlightInfo>, Status> {
-    let info = FlightInfo::new()
-        .try_with_schema(schema)
-        .map_err(|e| Status::internal(e.to_string()))?
-        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
-        .with_descriptor(descriptor);
-    Ok(Response::new(info))
-}
-
-/// The `FlightInfo` of a metadata command: its result schema, and the command itself as
-/// the ticket.
+/// The `FlightInfo` of a command: the schema of its result, and the command itself as the
+/// ticket (statements carry their handle in a `TicketStatementQuery`).
 fn command_info(
     schema: &Schema,
     command: &impl ProstMessageExt,
     request: Request<FlightDescriptor>,
 ) -> Result<Response<FlightInfo>, Status> {
-    flight_info(
-        schema,
-        command.as_any().encode_to_vec(),
-        request.into_inner(),
-    )
+    let info = FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .with_endpoint(
+            FlightEndpoint::new().with_ticket(Ticket::new(command.as_any().encode_to_vec())),
+        )
+        .with_descriptor(request.into_inner());
+    Ok(Response::new(info))
 }
 
+/// A metadata command's answer: one batch.
 fn one_batch(
     schema: arrow::datatypes::SchemaRef,
-    batch: Result<arrow::array::RecordBatch, FlightError>,
+    batch: Result<RecordBatch, FlightError>,
 ) -> Response<FlightStream<arrow_flight::FlightData>> {
-    Response::new(Box::pin(
-        FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .build(stream::once(async { batch }))
-            .map_err(Status::from),
-    ))
+    Response::new(flight_data(schema, stream::once(async { batch })))
 }
 
 #[tonic::async_trait]
@@ -351,11 +344,7 @@ impl FlightSqlService for FlightSql {
         let ticket = TicketStatementQuery {
             statement_handle: handle.encode().into(),
         };
-        flight_info(
-            &schema,
-            ticket.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        command_info(&schema, &ticket, request)
     }
 
     async fn do_get_statement(
@@ -405,7 +394,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
         let schema = self.schema_of(&handle).await?;
-        flight_info(&schema, cmd.as_any().encode_to_vec(), request.into_inner())
+        command_info(&schema, &cmd, request)
     }
 
     async fn do_get_prepared_statement(

@@ -5,9 +5,8 @@
 //! [`merge_last_write_wins`] returns one batch with one row per identity, sorted by tags
 //! then time, where each field holds the value of the latest write that set it (non-null).
 
-use std::sync::Arc;
-
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array, new_null_array};
 use arrow::buffer::ScalarBuffer;

@@ -26,7 +26,7 @@ async fn channel(server: &TestServer) -> Channel {
         .unwrap()
 }
 
-async fn flight_sql(
+pub async fn flight_sql(
     server: &TestServer,
     database: Option<&str>,
 ) -> FlightSqlServiceClient<Channel> {

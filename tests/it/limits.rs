@@ -78,13 +78,7 @@ async fn the_query_timeout_stops_queries_on_every_protocol() {
     assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e:?}");
 
     // Flight SQL: DEADLINE_EXCEEDED.
-    let channel = tonic::transport::Channel::from_shared(server.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut flight = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
-    flight.set_header("database", "plant");
+    let mut flight = crate::flight::flight_sql(&server, Some("plant")).await;
     let info = flight.execute(SLOW.to_owned(), None).await.unwrap();
     let ticket = info.endpoint[0].ticket.clone().unwrap();
     let result: Result<Vec<_>, _> =
