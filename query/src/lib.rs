@@ -14,6 +14,7 @@
 //! PostgreSQL clients expect (see [`postgres`]). All sessions share one runtime, so the
 //! limits of [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
+pub mod gapfill;
 pub mod limits;
 pub mod postgres;
 pub mod provider;
@@ -23,9 +24,16 @@ pub mod time_bucket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use datafusion::catalog::Session;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::optimizer::{Optimizer, OptimizerRule};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use kiln_storage::Engine;
 
@@ -84,6 +92,23 @@ pub fn is_missing_table(plan_error: &str) -> bool {
     plan_error.starts_with("table") && plan_error.contains("not found")
 }
 
+/// DataFusion's physical planner, which also plans Kiln's logical nodes.
+#[derive(Debug)]
+struct KilnQueryPlanner;
+
+#[async_trait::async_trait]
+impl QueryPlanner for KilnQueryPlanner {
+    async fn create_physical_plan(
+        &self,
+        plan: &LogicalPlan,
+        session: &dyn Session,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(gapfill::GapFillPlanner)])
+            .create_physical_plan(plan, session)
+            .await
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct QueryEngine {
     engine: Arc<Engine>,
@@ -106,9 +131,20 @@ impl QueryEngine {
         })
     }
 
-    /// A session context on the shared runtime.
+    /// A session context on the shared runtime, with Kiln's planning: gap filling runs
+    /// before DataFusion's optimizer rules and is planned by [`gapfill::GapFillPlanner`].
     fn context(&self, config: SessionConfig) -> SessionContext {
-        SessionContext::new_with_config_rt(config, Arc::clone(&self.runtime))
+        let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> =
+            vec![Arc::new(gapfill::HandleGapFill)];
+        rules.extend(Optimizer::new().rules);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(Arc::clone(&self.runtime))
+            .with_default_features()
+            .with_optimizer_rules(rules)
+            .with_query_planner(Arc::new(KilnQueryPlanner))
+            .build();
+        SessionContext::new_with_state(state)
     }
 
     /// A session whose unqualified table names resolve in `database`.
@@ -131,6 +167,9 @@ impl QueryEngine {
             Arc::clone(self.engine.store()),
         );
         ctx.register_udf(time_bucket::time_bucket());
+        for f in gapfill::functions() {
+            ctx.register_udf(f);
+        }
         ctx.register_udaf(selectors::first());
         ctx.register_udaf(selectors::last());
     }

@@ -206,9 +206,14 @@ fn is_time(e: &Expr) -> bool {
 }
 
 fn nanos(e: &Expr) -> Option<i64> {
-    let Expr::Literal(v, _) = e else {
-        return None;
-    };
+    match e {
+        Expr::Literal(v, _) => scalar_nanos(v),
+        _ => None,
+    }
+}
+
+/// A timestamp value in nanoseconds since the epoch (`None` if not a timestamp).
+pub fn scalar_nanos(v: &ScalarValue) -> Option<i64> {
     match v {
         ScalarValue::TimestampNanosecond(Some(v), _) => Some(*v),
         ScalarValue::TimestampMicrosecond(Some(v), _) => v.checked_mul(1_000),

@@ -14,6 +14,31 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
 
+/// The type a bucketing function's interval argument is coerced to: an `INTERVAL`, or a
+/// string such as `'5 minutes'`.
+pub(crate) fn coerce_interval(function: &str, arg: &DataType) -> Result<DataType> {
+    match arg {
+        DataType::Interval(_)
+        | DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::Utf8View
+        | DataType::Null => Ok(DataType::Interval(IntervalUnit::MonthDayNano)),
+        other => plan_err!("{function}: the first argument must be an interval, not {other}"),
+    }
+}
+
+/// The type a bucketing function's timestamp argument (the `nth` one) is coerced to:
+/// timestamps stay as they are, strings are parsed as nanosecond timestamps.
+pub(crate) fn coerce_timestamp(function: &str, nth: &str, arg: &DataType) -> Result<DataType> {
+    match arg {
+        DataType::Timestamp(..) => Ok(arg.clone()),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null => {
+            Ok(DataType::Timestamp(TimeUnit::Nanosecond, None))
+        }
+        other => plan_err!("{function}: the {nth} argument must be a timestamp, not {other}"),
+    }
+}
+
 /// 2000-01-03T00:00:00Z in nanoseconds since the epoch.
 pub const TIMESCALE_ORIGIN_NANOS: i64 = 946_857_600_000_000_000;
 
@@ -47,30 +72,10 @@ impl ScalarUDFImpl for TimeBucket {
         let [interval, time] = arg_types else {
             return plan_err!("time_bucket takes two arguments: time_bucket(interval, time)");
         };
-        let interval = match interval {
-            DataType::Interval(_)
-            | DataType::Utf8
-            | DataType::LargeUtf8
-            | DataType::Utf8View
-            | DataType::Null => DataType::Interval(IntervalUnit::MonthDayNano),
-            other => {
-                return plan_err!(
-                    "time_bucket: the first argument must be an interval, not {other}"
-                );
-            }
-        };
-        let time = match time {
-            DataType::Timestamp(..) => time.clone(),
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null => {
-                DataType::Timestamp(TimeUnit::Nanosecond, None)
-            }
-            other => {
-                return plan_err!(
-                    "time_bucket: the second argument must be a timestamp, not {other}"
-                );
-            }
-        };
-        Ok(vec![interval, time])
+        Ok(vec![
+            coerce_interval("time_bucket", interval)?,
+            coerce_timestamp("time_bucket", "second", time)?,
+        ])
     }
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {

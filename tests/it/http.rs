@@ -395,3 +395,57 @@ async fn wide_sparse_tables_keep_each_column_typed() {
     assert_eq!(rows[0]["f7"], json!(7));
     assert_eq!(rows[1]["f49"], json!(49));
 }
+
+/// A Grafana time-series panel's query: buckets of its interval over its time range, one
+/// series per host, gaps carried forward. Each host must come back as a regular series.
+#[tokio::test]
+async fn gap_filled_dashboard_query_returns_regular_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    let start = 1_709_287_200i64; // 2024-03-01T10:00:00Z
+    let minute_has_data = |host: i64, m: i64| m >= host && (m * (host + 3)) % 7 != 0;
+    let mut lines = String::new();
+    for host in 0..3 {
+        for m in 0..30 {
+            if minute_has_data(host, m) {
+                for s in [0, 20, 40] {
+                    let usage = (host * 100 + m) as f64 + s as f64 / 100.0;
+                    let t = (start + m * 60 + s) * 1_000_000_000;
+                    lines.push_str(&format!("cpu,host=h{host} usage={usage} {t}\n"));
+                }
+            }
+        }
+    }
+    server.write_ok("plant", &lines).await;
+
+    let sql = "SELECT time_bucket_gapfill('60s', time) AS \"time\", host, locf(avg(usage)) AS usage \
+               FROM cpu WHERE time BETWEEN '2024-03-01T10:00:00Z' AND '2024-03-01T10:29:59Z' \
+               GROUP BY 1, host ORDER BY host, 1";
+    let rows = server.query_json("plant", sql).await;
+    assert_eq!(rows.len(), 3 * 30, "30 one-minute buckets per host");
+    for host in 0..3 {
+        let series: Vec<_> = rows
+            .iter()
+            .filter(|r| r["host"] == json!(format!("h{host}")))
+            .collect();
+        let mut carried = None;
+        for (m, row) in series.iter().enumerate() {
+            let m = m as i64;
+            let expected_time = chrono::DateTime::from_timestamp(start + m * 60, 0)
+                .unwrap()
+                .naive_utc()
+                .format("%Y-%m-%dT%H:%M:%S")
+                .to_string();
+            assert_eq!(row["time"], json!(expected_time), "host h{host} minute {m}");
+            if minute_has_data(host, m) {
+                carried = Some((host * 100 + m) as f64 + 0.2);
+            }
+            let got = row.get("usage").and_then(Value::as_f64);
+            match (got, carried) {
+                (Some(g), Some(c)) => assert!((g - c).abs() < 1e-9, "h{host} m{m}: {g} != {c}"),
+                (None, None) => {}
+                other => panic!("h{host} minute {m}: usage {other:?}"),
+            }
+        }
+    }
+}
