@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, Session, TableProvider};
 use datafusion::common::{DFSchema, ScalarValue};
@@ -48,6 +48,30 @@ pub const OBJECT_STORE_URL: &str = "kiln://objects";
 
 pub fn object_store_url() -> ObjectStoreUrl {
     ObjectStoreUrl::parse(OBJECT_STORE_URL).expect("constant URL parses")
+}
+
+/// The zone SQL sees `time` in: Kiln's timestamps are instants, stored as nanoseconds
+/// since the epoch in UTC.
+pub const TIME_ZONE: &str = "UTC";
+
+/// A table's schema as SQL sees it: the stored schema with `time` a `TIMESTAMP WITH TIME
+/// ZONE` in UTC (segments and the buffer store it without a zone; reading relabels it at
+/// no cost), so that `AT TIME ZONE` and clients convert it as the instant it is.
+pub fn query_schema(def: &TableDef) -> SchemaRef {
+    let stored = def.schema();
+    let fields: Vec<_> = stored
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Timestamp(unit, None) if f.name() == TIME_COLUMN => Arc::new(
+                f.as_ref()
+                    .clone()
+                    .with_data_type(DataType::Timestamp(*unit, Some(TIME_ZONE.into()))),
+            ),
+            _ => Arc::clone(f),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, stored.metadata().clone()))
 }
 
 /// The `kiln` catalog: one schema per database.
@@ -110,7 +134,7 @@ impl SchemaProvider for KilnSchema {
             Arc::new(KilnTable {
                 engine: Arc::clone(&self.engine),
                 table: def.id,
-                schema: def.schema(),
+                schema: query_schema(def),
             }) as Arc<dyn TableProvider>
         }))
     }
@@ -239,9 +263,9 @@ impl KilnTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut source = ParquetSource::new(def.schema()).with_enable_page_index(true);
+        let mut source = ParquetSource::new(query_schema(def)).with_enable_page_index(true);
         if let Some(predicate) = conjunction(filters.iter().cloned()) {
-            let df_schema = DFSchema::try_from(def.schema())?;
+            let df_schema = DFSchema::try_from(query_schema(def))?;
             match state.create_physical_expr(predicate, &df_schema) {
                 Ok(p) => source = source.with_predicate(p),
                 Err(e) => tracing::debug!(error = %e, "filter not usable for Parquet pruning"),
@@ -324,7 +348,7 @@ impl TableProvider for KilnTable {
             }
         }
 
-        let schema = def.schema();
+        let schema = query_schema(&def);
         let key = sort_key(&def);
         for sources in to_merge {
             let mut batches = Vec::new();

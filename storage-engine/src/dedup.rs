@@ -34,11 +34,29 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
         .iter()
         .map(|f| match batch.column_by_name(f.name()) {
             Some(c) if c.data_type() == f.data_type() => Ok(Arc::clone(c)),
+            // Kiln's time is UTC whether labelled or not: relabel without copying.
+            Some(c) if is_utc_relabel(c.data_type(), f.data_type()) => {
+                Ok(arrow::array::make_array(
+                    c.to_data()
+                        .into_builder()
+                        .data_type(f.data_type().clone())
+                        .build()?,
+                ))
+            }
             Some(c) => arrow::compute::cast(c, f.data_type()),
             None => Ok(new_null_array(f.data_type(), batch.num_rows())),
         })
         .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+/// Whether `from` is a zoneless timestamp and `to` the same in UTC.
+fn is_utc_relabel(from: &DataType, to: &DataType) -> bool {
+    matches!(
+        (from, to),
+        (DataType::Timestamp(a, None), DataType::Timestamp(b, Some(tz)))
+            if a == b && (tz.as_ref() == "UTC" || tz.as_ref() == "+00:00")
+    )
 }
 
 /// Merges `batches` (oldest write first) into one deduplicated batch sorted by `key`

@@ -38,7 +38,7 @@ with urllib.request.urlopen(req) as resp:
     assert resp.status == 204, resp.status
 
 # PostgreSQL type OIDs.
-TEXT, INT8, FLOAT8, TIMESTAMP = 25, 20, 701, 1114
+TEXT, INT8, FLOAT8, TIMESTAMPTZ = 25, 20, 701, 1184
 
 
 def psql():
@@ -72,7 +72,7 @@ def psycopg3():
         rows = cur.fetchall()
         check(
             "psycopg 3 binary results",
-            len(rows) == 2 and rows[0][0].isoformat() == "2024-05-01T10:00:10" and rows[1][1] == 3.5,
+            len(rows) == 2 and rows[0][0].isoformat() == "2024-05-01T10:00:10+00:00" and rows[1][1] == 3.5,
             rows,
         )
         try:
@@ -112,8 +112,8 @@ def psycopg2_grafana():
     cur.execute("SELECT time, host, usage FROM cpu ORDER BY time DESC LIMIT 1")
     check(
         "psycopg2 table panel: timestamp column",
-        [d.type_code for d in cur.description] == [TIMESTAMP, TEXT, FLOAT8]
-        and cur.fetchone()[0].isoformat() == "2024-05-01T10:00:20",
+        [d.type_code for d in cur.description] == [TIMESTAMPTZ, TEXT, FLOAT8]
+        and cur.fetchone()[0].isoformat() == "2024-05-01T10:00:20+00:00",
     )
     conn.close()
 

@@ -29,7 +29,7 @@ async fn written_rows_come_back_in_every_format() {
     assert_eq!(rows[0]["load"], json!(3));
     assert_eq!(rows[1]["ok"], json!(false));
     assert_eq!(rows[1]["note"], json!("hot, very"));
-    assert_eq!(rows[0]["time"], json!("2023-11-14T22:13:20"));
+    assert_eq!(rows[0]["time"], json!("2023-11-14T22:13:20Z"));
     assert!(rows[2].get("load").is_none_or(Value::is_null));
 
     // jsonl: one object per line.
@@ -300,9 +300,9 @@ async fn influxdb_v1_and_v2_write_paths_and_sql_features() {
     assert_eq!(
         times,
         [
-            "2023-11-14T22:13:20",
-            "2023-11-14T22:13:21",
-            "2023-11-14T22:13:22"
+            "2023-11-14T22:13:20Z",
+            "2023-11-14T22:13:21Z",
+            "2023-11-14T22:13:22Z"
         ]
     );
     let now = server
@@ -321,10 +321,10 @@ async fn influxdb_v1_and_v2_write_paths_and_sql_features() {
              time_bucket(INTERVAL '7 days', time) AS week FROM cpu WHERE host = 'a'",
         )
         .await;
-    assert_eq!(rows[0]["b1"], json!("2023-11-14T22:13:00"));
+    assert_eq!(rows[0]["b1"], json!("2023-11-14T22:13:00Z"));
     assert_eq!(rows[0]["b1"], rows[0]["b2"]);
     // Weekly buckets start on Monday (2023-11-13), TimescaleDB's default origin.
-    assert_eq!(rows[0]["week"], json!("2023-11-13T00:00:00"));
+    assert_eq!(rows[0]["week"], json!("2023-11-13T00:00:00Z"));
 
     // SHOW TABLES and information_schema.
     let rows = server.query_json("telemetry", "SHOW TABLES").await;
@@ -434,7 +434,7 @@ async fn gap_filled_dashboard_query_returns_regular_series() {
             let expected_time = chrono::DateTime::from_timestamp(start + m * 60, 0)
                 .unwrap()
                 .naive_utc()
-                .format("%Y-%m-%dT%H:%M:%S")
+                .format("%Y-%m-%dT%H:%M:%SZ")
                 .to_string();
             assert_eq!(row["time"], json!(expected_time), "host h{host} minute {m}");
             if minute_has_data(host, m) {

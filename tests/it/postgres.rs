@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::NaiveDateTime;
+use chrono::{DateTime, Utc};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -70,7 +70,7 @@ async fn simple_and_extended_queries_return_typed_rows() {
     assert_eq!(rows[0][1].as_deref(), Some("1.5"));
     assert_eq!(rows[0][2].as_deref(), Some("3"));
     assert_eq!(rows[0][3].as_deref(), Some("t"));
-    assert_eq!(rows[0][4].as_deref(), Some("2023-11-14 22:13:20.000000"));
+    assert_eq!(rows[0][4].as_deref(), Some("2023-11-14 22:13:20.000000+00"));
     assert_eq!(rows[2][2], None, "a missing field is NULL");
 
     // Extended protocol: a prepared statement with a parameter, binary results, standard OIDs.
@@ -87,7 +87,7 @@ async fn simple_and_extended_queries_return_typed_rows() {
             Type::INT8,
             Type::BOOL,
             Type::TEXT,
-            Type::TIMESTAMP
+            Type::TIMESTAMPTZ
         ]
     );
     assert_eq!(stmt.params(), [Type::TEXT]);
@@ -102,10 +102,8 @@ async fn simple_and_extended_queries_return_typed_rows() {
         Some("fine")
     );
     assert_eq!(
-        rows[1].get::<_, NaiveDateTime>("time"),
-        chrono::DateTime::from_timestamp(1_700_000_020, 0)
-            .unwrap()
-            .naive_utc()
+        rows[1].get::<_, DateTime<Utc>>("time"),
+        DateTime::from_timestamp(1_700_000_020, 0).unwrap()
     );
     assert_eq!(rows[1].get::<_, Option<i64>>("load"), None);
     // The same statement again with another parameter.
@@ -122,9 +120,7 @@ async fn simple_and_extended_queries_return_typed_rows() {
             "SELECT count(*) AS n, max(usage) AS top FROM cpu WHERE usage > $1 AND time >= $2",
             &[
                 &1.0f64,
-                &chrono::DateTime::from_timestamp(1_700_000_005, 0)
-                    .unwrap()
-                    .naive_utc(),
+                &DateTime::from_timestamp(1_700_000_005, 0).unwrap(),
             ],
         )
         .await
@@ -314,9 +310,9 @@ async fn grafana_panels_replayed_get_typed_regular_series() {
                 assert_eq!(t[0], start as f64);
                 assert!(t.windows(2).all(|w| w[1] - w[0] == 60.0), "{t:?}");
             }
-            &Type::TIMESTAMP => {
-                let t: Vec<NaiveDateTime> = typed.iter().step_by(2).map(|r| r.get(0)).collect();
-                assert_eq!(t[0].and_utc().timestamp(), start);
+            &Type::TIMESTAMPTZ => {
+                let t: Vec<DateTime<Utc>> = typed.iter().step_by(2).map(|r| r.get(0)).collect();
+                assert_eq!(t[0].timestamp(), start);
                 assert!(
                     t.windows(2).all(|w| (w[1] - w[0]).num_seconds() == 60),
                     "{t:?}"
@@ -334,9 +330,9 @@ async fn grafana_panels_replayed_get_typed_regular_series() {
     );
     let rows = simple_rows(&client, &sql).await;
     assert_eq!(rows.len(), 3);
-    assert_eq!(rows[0][0].as_deref(), Some("2024-05-01 10:59:50.000000"));
+    assert_eq!(rows[0][0].as_deref(), Some("2024-05-01 10:59:50.000000+00"));
     let stmt = client.prepare(&sql).await.unwrap();
-    assert_eq!(stmt.columns()[0].type_(), &Type::TIMESTAMP);
+    assert_eq!(stmt.columns()[0].type_(), &Type::TIMESTAMPTZ);
 
     // Template variable.
     let rows = simple_rows(&client, "SELECT DISTINCT hostname FROM cpu ORDER BY 1").await;
@@ -494,7 +490,7 @@ async fn jdbc_schema_browsing_queries_list_tables_and_typed_columns() {
         .collect();
     let oid = |name: &str| columns.iter().find(|(n, _)| n == name).map(|(_, o)| *o);
     assert_eq!(columns.len(), 7, "{columns:?}");
-    assert_eq!(oid("time"), Some(Type::TIMESTAMP.oid()));
+    assert_eq!(oid("time"), Some(Type::TIMESTAMPTZ.oid()));
     assert_eq!(oid("host"), Some(Type::TEXT.oid()));
     assert_eq!(oid("usage"), Some(Type::FLOAT8.oid()));
     assert_eq!(oid("load"), Some(Type::INT8.oid()));

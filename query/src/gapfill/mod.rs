@@ -56,6 +56,15 @@ pub use plan::{Fill, GapFill, HandleGapFill};
 
 use crate::time_bucket::{coerce_interval, coerce_timestamp};
 
+/// An instant argument (origin, start, finish): strings are read as the bucketed column's
+/// type, so that they compare with it in the same zone.
+fn coerce_instant(name: &str, nth: &str, arg: &DataType, time: &DataType) -> Result<DataType> {
+    match coerce_timestamp(name, nth, arg)? {
+        DataType::Timestamp(..) if !matches!(arg, DataType::Timestamp(..)) => Ok(time.clone()),
+        t => Ok(t),
+    }
+}
+
 /// The functions users write; all planned away by [`HandleGapFill`].
 pub fn functions() -> Vec<ScalarUDF> {
     vec![
@@ -119,10 +128,6 @@ impl ScalarUDFImpl for Placeholder {
         self.kind.name()
     }
 
-    fn aliases(&self) -> &[String] {
-        &[]
-    }
-
     fn signature(&self) -> &Signature {
         &self.signature
     }
@@ -131,12 +136,10 @@ impl ScalarUDFImpl for Placeholder {
         let name = self.kind.name();
         match (self.kind, args) {
             (Kind::DateBin, [interval, time, rest @ ..]) if rest.len() <= 1 => {
-                let mut types = vec![
-                    coerce_interval(name, interval)?,
-                    coerce_timestamp(name, "second", time)?,
-                ];
+                let time = coerce_timestamp(name, "second", time)?;
+                let mut types = vec![coerce_interval(name, interval)?, time.clone()];
                 for origin in rest {
-                    types.push(coerce_timestamp(name, "third (origin)", origin)?);
+                    types.push(coerce_instant(name, "third (origin)", origin, &time)?);
                 }
                 Ok(types)
             }
@@ -144,12 +147,10 @@ impl ScalarUDFImpl for Placeholder {
                 plan_err!("date_bin_gapfill takes date_bin_gapfill(interval, time [, origin])")
             }
             (Kind::TimeBucket, [interval, time, rest @ ..]) if rest.len() <= 2 => {
-                let mut types = vec![
-                    coerce_interval(name, interval)?,
-                    coerce_timestamp(name, "second", time)?,
-                ];
+                let time = coerce_timestamp(name, "second", time)?;
+                let mut types = vec![coerce_interval(name, interval)?, time.clone()];
                 for (bound, nth) in rest.iter().zip(["third (start)", "fourth (finish)"]) {
-                    types.push(coerce_timestamp(name, nth, bound)?);
+                    types.push(coerce_instant(name, nth, bound, &time)?);
                 }
                 Ok(types)
             }
