@@ -20,17 +20,20 @@ pub mod postgres;
 pub mod provider;
 pub mod selectors;
 pub mod time_bucket;
+pub mod zone;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use arrow::datatypes::DataType;
 use datafusion::catalog::Session;
+use datafusion::common::Column;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::session_state::SessionStateBuilder;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
 use datafusion::optimizer::{Optimizer, OptimizerRule};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, PhysicalPlanner};
@@ -149,7 +152,11 @@ impl QueryEngine {
 
     /// A session whose unqualified table names resolve in `database`.
     pub fn session(&self, database: &str) -> SessionContext {
-        let config = SessionConfig::new()
+        self.session_config(database, SessionConfig::new())
+    }
+
+    fn session_config(&self, database: &str, config: SessionConfig) -> SessionContext {
+        let config = config
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG_NAME, database)
             .with_create_default_catalog_and_schema(false);
@@ -184,13 +191,62 @@ impl QueryEngine {
 
     /// Plans `sql` against `database` without running it (its schema is the result's).
     pub async fn plan(&self, database: &str, sql: &str) -> Result<DataFrame, Error> {
+        self.plan_in_zone(database, sql, None).await
+    }
+
+    /// Plans `sql` as [`Self::plan`] does, in the time zone `zone` if given: the session's
+    /// zone is `zone` (so `time_bucket` and `time_bucket_gapfill` bucket in its local time,
+    /// see [`zone`]), and the result's timestamps are shown in it.
+    pub async fn plan_in_zone(
+        &self,
+        database: &str,
+        sql: &str,
+        zone: Option<&str>,
+    ) -> Result<DataFrame, Error> {
         self.require_database(database)?;
-        Ok(self.session(database).sql(sql).await?)
+        let Some(zone) = zone else {
+            return Ok(self.session(database).sql(sql).await?);
+        };
+        zone::parse(zone)?;
+        let mut config = SessionConfig::new();
+        config.options_mut().execution.time_zone = Some(zone.to_owned());
+        let df = self.session_config(database, config).sql(sql).await?;
+        // Relabel the result's instants: same values, shown in `zone`.
+        let zone: Arc<str> = Arc::from(zone);
+        let columns: Vec<Expr> = df
+            .schema()
+            .iter()
+            .map(|(qualifier, field)| {
+                let column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+                match field.data_type() {
+                    DataType::Timestamp(unit, Some(_)) => column
+                        .cast_to(
+                            &DataType::Timestamp(*unit, Some(Arc::clone(&zone))),
+                            df.schema(),
+                        )
+                        .map(|e| e.alias(field.name())),
+                    _ => Ok(column),
+                }
+            })
+            .collect::<datafusion::error::Result<_>>()?;
+        Ok(df.select(columns)?)
     }
 
     /// Plans and starts `sql` against `database`.
     pub async fn sql(&self, database: &str, sql: &str) -> Result<SendableRecordBatchStream, Error> {
         self.execute(self.plan(database, sql).await?).await
+    }
+
+    /// Plans and starts `sql` against `database` in the time zone `zone` (see
+    /// [`Self::plan_in_zone`]).
+    pub async fn sql_in_zone(
+        &self,
+        database: &str,
+        sql: &str,
+        zone: Option<&str>,
+    ) -> Result<SendableRecordBatchStream, Error> {
+        self.execute(self.plan_in_zone(database, sql, zone).await?)
+            .await
     }
 
     /// Starts a planned query under the engine's time limit.

@@ -1,13 +1,18 @@
-//! `time_bucket(interval, time)`: TimescaleDB's spelling of `date_bin`.
+//! `time_bucket(interval, time [, timezone])`: TimescaleDB's spelling of `date_bin`.
 //!
-//! Buckets are aligned to TimescaleDB's default origin, Monday 2000-01-03 00:00:00 UTC,
-//! so weekly buckets start on Mondays; for intervals that divide a day this gives the same
+//! Buckets are aligned to TimescaleDB's default origin, Monday 2000-01-03 00:00:00, so
+//! weekly buckets start on Mondays; for intervals that divide a day this gives the same
 //! buckets as `date_bin(interval, time)`. The interval may be an `INTERVAL` or a string
-//! such as `'5 minutes'`.
+//! such as `'5 minutes'`. In a time zone (see [`crate::zone`] for which applies) the origin
+//! and the buckets are local wall-clock time.
 
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, IntervalUnit, TimeUnit};
+use crate::zone;
+use arrow::array::timezone::Tz;
+use arrow::array::{AsArray, Int64Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Int64Type, IntervalUnit, TimeUnit};
 use datafusion::common::{ScalarValue, exec_err, plan_err};
 use datafusion::error::Result;
 use datafusion::logical_expr::{
@@ -69,13 +74,29 @@ impl ScalarUDFImpl for TimeBucket {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        let [interval, time] = arg_types else {
-            return plan_err!("time_bucket takes two arguments: time_bucket(interval, time)");
+        let (interval, time, zone) = match arg_types {
+            [interval, time] => (interval, time, None),
+            [interval, time, zone] => (interval, time, Some(zone)),
+            _ => {
+                return plan_err!("time_bucket takes time_bucket(interval, time [, timezone])");
+            }
         };
-        Ok(vec![
+        let mut types = vec![
             coerce_interval("time_bucket", interval)?,
             coerce_timestamp("time_bucket", "second", time)?,
-        ])
+        ];
+        match zone {
+            Some(DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null) => {
+                types.push(DataType::Utf8)
+            }
+            Some(other) => {
+                return plan_err!(
+                    "time_bucket: the third argument must be a time zone name, not {other}"
+                );
+            }
+            None => {}
+        }
+        Ok(types)
     }
 
     fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
@@ -86,29 +107,72 @@ impl ScalarUDFImpl for TimeBucket {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let Some(DataType::Timestamp(unit, tz)) =
-            args.arg_fields.get(1).map(|f| f.data_type().clone())
-        else {
+        let time_type = args.arg_fields.get(1).map(|f| f.data_type().clone());
+        let Some(DataType::Timestamp(unit, tz)) = time_type.clone() else {
             return exec_err!("time_bucket: the second argument must be a timestamp");
         };
+        let time_type = time_type.expect("matched above");
+        let explicit = match args.args.get(2) {
+            Some(ColumnarValue::Scalar(ScalarValue::Utf8(Some(name)))) => Some(name.clone()),
+            Some(_) => return exec_err!("time_bucket: the time zone must be a constant string"),
+            None => None,
+        };
+        let session = args.config_options.execution.time_zone.clone();
+        if let Some(zone) = zone::resolve(explicit.as_deref(), tz.as_deref(), session.as_deref())? {
+            return bucket_in_zone(&args, zone, unit, &time_type);
+        }
+        let origin = Some(TIMESCALE_ORIGIN_NANOS / zone::nanos_per(unit));
         let origin = match unit {
-            TimeUnit::Nanosecond => {
-                ScalarValue::TimestampNanosecond(Some(TIMESCALE_ORIGIN_NANOS), tz)
-            }
-            TimeUnit::Microsecond => {
-                ScalarValue::TimestampMicrosecond(Some(TIMESCALE_ORIGIN_NANOS / 1_000), tz)
-            }
-            TimeUnit::Millisecond => {
-                ScalarValue::TimestampMillisecond(Some(TIMESCALE_ORIGIN_NANOS / 1_000_000), tz)
-            }
-            TimeUnit::Second => {
-                ScalarValue::TimestampSecond(Some(TIMESCALE_ORIGIN_NANOS / 1_000_000_000), tz)
-            }
+            TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(origin, tz),
+            TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(origin, tz),
+            TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(origin, tz),
+            TimeUnit::Second => ScalarValue::TimestampSecond(origin, tz),
         };
         let origin_field = Arc::new(Field::new("origin", origin.data_type(), true));
         let mut args = args;
+        args.args.truncate(2);
+        args.arg_fields.truncate(2);
         args.args.push(ColumnarValue::Scalar(origin));
         args.arg_fields.push(origin_field);
         datafusion::functions::datetime::date_bin().invoke_with_args(args)
     }
+}
+
+/// `time_bucket` on wall-clock time in `zone` (intervals of fixed length only).
+fn bucket_in_zone(
+    args: &ScalarFunctionArgs,
+    zone: Tz,
+    unit: TimeUnit,
+    time_type: &DataType,
+) -> Result<ColumnarValue> {
+    let stride = match &args.args[0] {
+        ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(v))) if v.months == 0 => {
+            i64::from(v.days) * 86_400_000_000_000 + v.nanoseconds
+        }
+        ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(_))) => {
+            return exec_err!(
+                "time_bucket in a time zone needs an interval of fixed length (days, hours, …), \
+                 not months"
+            );
+        }
+        _ => return exec_err!("time_bucket: the interval must be a constant"),
+    };
+    if stride <= 0 {
+        return exec_err!("time_bucket: the interval must be positive");
+    }
+    let bins = zone::LocalBins {
+        zone,
+        origin: TIMESCALE_ORIGIN_NANOS,
+        stride,
+    };
+    let per_unit = zone::nanos_per(unit);
+    let bin = |t: i64| bins.bin(t.saturating_mul(per_unit)).div_euclid(per_unit);
+    let times = args.args[1].to_array(args.number_rows)?;
+    let times = cast(&times, &DataType::Int64)?;
+    let binned: Int64Array = times.as_primitive::<Int64Type>().unary(bin);
+    let binned = cast(&binned, time_type)?;
+    Ok(match &args.args[1] {
+        ColumnarValue::Scalar(_) => ColumnarValue::Scalar(ScalarValue::try_from_array(&binned, 0)?),
+        ColumnarValue::Array(_) => ColumnarValue::Array(binned),
+    })
 }

@@ -324,6 +324,8 @@ pub struct QueryParams {
     db: Option<String>,
     q: Option<String>,
     format: Option<String>,
+    /// Time zone: buckets in its local time, timestamps shown in it.
+    tz: Option<String>,
 }
 
 async fn query_get(State(s): State<AppState>, Query(p): Query<QueryParams>) -> Response {
@@ -348,6 +350,7 @@ async fn query_post(
                 db: p.db.or(qp.db),
                 q: p.q.or(qp.q),
                 format: p.format.or(qp.format),
+                tz: p.tz.or(qp.tz),
             },
             Err(e) => {
                 return ApiError::bad_request(format!("invalid JSON body: {e}")).into_response();
@@ -404,7 +407,11 @@ async fn run_query(s: AppState, p: QueryParams) -> Result<Response, ApiError> {
         p.q.ok_or_else(|| ApiError::bad_request("missing parameter `q`"))?;
     let format = Format::parse(p.format.as_deref())?;
     let start = Instant::now();
-    let mut stream = s.query.sql(&db, &q).await.map_err(query_error)?;
+    let mut stream = s
+        .query
+        .sql_in_zone(&db, &q, p.tz.as_deref())
+        .await
+        .map_err(query_error)?;
     let schema = stream.schema();
     // The whole result is encoded at once: bound what one query can hold.
     let mut batches: Vec<RecordBatch> = Vec::new();

@@ -449,3 +449,46 @@ async fn gap_filled_dashboard_query_returns_regular_series() {
         }
     }
 }
+
+/// `tz` on the query API: buckets start at local midnight (23-hour day at the change to
+/// summer time) and timestamps come back in local time; an unknown zone is a 400.
+#[tokio::test]
+async fn tz_buckets_and_shows_local_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    let start = 1_711_756_800i64; // 2024-03-30T00:00:00Z
+    let lines: String = (0..72)
+        .step_by(3)
+        .map(|h| format!("meter kwh={h} {}\n", (start + h * 3600) * 1_000_000_000))
+        .collect();
+    server.write_ok("plant", &lines).await;
+    let sql = "SELECT time_bucket('1 day', time) AS day, count(*) AS n FROM meter \
+               GROUP BY 1 ORDER BY 1";
+    let query = |tz: &'static str| {
+        server
+            .client
+            .get(server.url("/api/v3/query_sql"))
+            .query(&[("db", "plant"), ("q", sql), ("tz", tz)])
+            .send()
+    };
+    let resp = query("Europe/Berlin").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let rows: Vec<Value> = resp.json().await.unwrap();
+    let days: Vec<_> = rows.iter().map(|r| r["day"].as_str().unwrap()).collect();
+    assert_eq!(
+        days,
+        [
+            "2024-03-30T00:00:00+01:00",
+            "2024-03-31T00:00:00+01:00",
+            "2024-04-01T00:00:00+02:00"
+        ]
+    );
+    // Without tz: UTC days, shown in UTC.
+    let rows = server.query_json("plant", sql).await;
+    assert_eq!(rows[0]["day"], json!("2024-03-30T00:00:00Z"));
+
+    let resp = query("Mars/Olympus").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("unknown time zone"), "{body}");
+}

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use arrow::array::timezone::Tz;
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, RecordBatch,
     RecordBatchOptions, UInt32Array, new_null_array,
@@ -10,7 +11,7 @@ use arrow::array::{
 use arrow::compute::SortOptions;
 use arrow::compute::kernels::zip::zip;
 use arrow::compute::{cast, concat_batches, partition, take};
-use arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -36,6 +37,7 @@ use datafusion::physical_planner::{ExtensionPlanner, PhysicalPlanner};
 use futures::{StreamExt, TryStreamExt};
 
 use super::plan::{Bound, Fill, GapFill};
+use crate::zone;
 
 /// Most buckets gap filling makes per series; more means the interval is too small for
 /// the range.
@@ -67,8 +69,9 @@ impl ExtensionPlanner for GapFillPlanner {
             let physical = planner.create_physical_expr(expr, in_schema, session, planning_ctx)?;
             evaluate_constant(&physical)
         };
-        let time = in_schema.index_of_column(&node.time)?;
+        let time = in_schema.index_of_column(&node.buckets.time)?;
         let series = node
+            .buckets
             .series
             .iter()
             .map(|c| in_schema.index_of_column(c))
@@ -79,11 +82,18 @@ impl ExtensionPlanner for GapFillPlanner {
             .map(|f| Ok((in_schema.index_of_column(&f.source)?, f.fill)))
             .collect::<Result<Vec<_>>>()?;
 
-        let DataType::Timestamp(unit, _) = in_schema.field(time).data_type() else {
+        let DataType::Timestamp(unit, time_zone) = in_schema.field(time).data_type() else {
             return plan_err!("gap filling needs a timestamp bucket column");
         };
-        let per_unit = nanos_per(*unit);
-        let stride = match constant(&node.stride)? {
+        // time_bucket_gapfill's buckets follow local time as time_bucket's do.
+        let zone = if node.buckets.local {
+            let session = &session.config_options().execution.time_zone;
+            zone::resolve(None, time_zone.as_deref(), session.as_deref())?
+        } else {
+            None
+        };
+        let per_unit = zone::nanos_per(*unit);
+        let stride = match constant(&node.buckets.stride)? {
             ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
                 i64::from(v.days) * 86_400_000_000_000 + v.nanoseconds
             }
@@ -97,10 +107,10 @@ impl ExtensionPlanner for GapFillPlanner {
         if stride <= 0 || stride % per_unit != 0 {
             return plan_err!("gap filling: the interval must be positive and whole {unit:?}s");
         }
-        let origin = timestamp_nanos(&constant(&node.origin)?, "origin")?;
-        let start = bound_nanos(&node.start, true, &constant)?;
-        let end = bound_nanos(&node.end, false, &constant)?;
-        let buckets = Buckets::new(origin, stride, start, end, per_unit)?;
+        let origin = timestamp_nanos(&constant(&node.buckets.origin)?, "origin")?;
+        let start = bound_nanos(&node.buckets.start, true, &constant)?;
+        let end = bound_nanos(&node.buckets.end, false, &constant)?;
+        let buckets = Buckets::new(origin, stride, start, end, per_unit, zone)?;
 
         let schema = Arc::new(node.schema().as_arrow().clone());
         Ok(Some(Arc::new(GapFillExec::new(
@@ -127,15 +137,6 @@ fn evaluate_constant(expr: &Arc<dyn PhysicalExpr>) -> Result<ScalarValue> {
     }
 }
 
-fn nanos_per(unit: TimeUnit) -> i64 {
-    match unit {
-        TimeUnit::Second => 1_000_000_000,
-        TimeUnit::Millisecond => 1_000_000,
-        TimeUnit::Microsecond => 1_000,
-        TimeUnit::Nanosecond => 1,
-    }
-}
-
 fn timestamp_nanos(value: &ScalarValue, what: &str) -> Result<i64> {
     crate::provider::scalar_nanos(value)
         .ok_or_else(|| plan_datafusion_err!("gap filling: the {what} {value} is not a timestamp"))
@@ -156,43 +157,82 @@ fn bound_nanos(
     })
 }
 
-/// The buckets to fill, in the bucket column's unit: `first`, `first + stride`, … `last`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The buckets to fill: `first`, `first + stride`, … `last`, in nanoseconds of wall-clock
+/// time in `zone` (of UTC without one).
+#[derive(Debug, Clone)]
 pub struct Buckets {
-    pub first: i64,
-    pub last: i64,
-    pub stride: i64,
+    first: i64,
+    last: i64,
+    stride: i64,
+    zone: Option<Tz>,
+    /// Nanoseconds per unit of the bucket column.
+    per_unit: i64,
 }
 
 impl Buckets {
     /// The buckets holding the instants `start..=end` (nanoseconds), for buckets of
-    /// `stride` nanoseconds aligned on `origin`, in units of `per_unit` nanoseconds.
-    fn new(origin: i64, stride: i64, start: i64, end: i64, per_unit: i64) -> Result<Self> {
-        let bin = |t: i64| -> i64 {
-            let (t, origin, stride) = (i128::from(t), i128::from(origin), i128::from(stride));
-            let b = origin + (t - origin).div_euclid(stride) * stride;
-            b.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+    /// `stride` nanoseconds aligned on `origin` (in `zone`'s wall-clock time if any).
+    fn new(
+        origin: i64,
+        stride: i64,
+        start: i64,
+        end: i64,
+        per_unit: i64,
+        zone: Option<Tz>,
+    ) -> Result<Self> {
+        let local = |t: i64| match &zone {
+            Some(z) => zone::to_local(z, t),
+            None => t,
         };
-        let (first, last) = (bin(start), bin(end));
-        if end >= start
-            && (i128::from(last) - i128::from(first)) / i128::from(stride)
-                >= i128::from(MAX_BUCKETS)
-        {
+        let first = zone::floor(local(start), origin, stride);
+        let last = if end >= start {
+            zone::floor(local(end), origin, stride)
+        } else {
+            // An empty range: no bucket to make.
+            first.saturating_sub(1)
+        };
+        if (i128::from(last) - i128::from(first)) / i128::from(stride) >= i128::from(MAX_BUCKETS) {
             return plan_err!(
                 "gap filling would make more than {MAX_BUCKETS} buckets per series; \
                  widen the interval or narrow the time range"
             );
         }
         Ok(Self {
-            first: first.div_euclid(per_unit),
-            last: if end >= start {
-                last.div_euclid(per_unit)
-            } else {
-                // An empty range: no bucket to make.
-                first.div_euclid(per_unit) - 1
-            },
-            stride: stride / per_unit,
+            first,
+            last,
+            stride,
+            zone,
+            per_unit,
         })
+    }
+
+    /// The first bucket (wall-clock), if the range has any.
+    fn start(&self) -> Option<i64> {
+        (self.first <= self.last).then_some(self.first)
+    }
+
+    /// The bucket after `bucket`, if in the range.
+    fn after(&self, bucket: i64) -> Option<i64> {
+        bucket.checked_add(self.stride).filter(|b| *b <= self.last)
+    }
+
+    /// Where `bucket` starts, in the bucket column's unit.
+    fn instant(&self, bucket: i64) -> i64 {
+        let nanos = match &self.zone {
+            Some(z) => zone::from_local(z, bucket),
+            None => bucket,
+        };
+        nanos.div_euclid(self.per_unit)
+    }
+}
+
+impl fmt::Display for Buckets {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}..={} step {}ns", self.first, self.last, self.stride)?;
+        if let Some(z) = &self.zone {
+            write!(f, " in {z:?}")?;
+        }
+        Ok(())
     }
 }
 
@@ -261,12 +301,10 @@ impl DisplayAs for GapFillExec {
         let series: Vec<String> = self.series.iter().map(|&i| name(i)).collect();
         write!(
             f,
-            "GapFillExec: series=[{}], time={}, buckets={}..={} step {}",
+            "GapFillExec: series=[{}], time={}, buckets={}",
             series.join(", "),
             name(self.time),
-            self.buckets.first,
-            self.buckets.last,
-            self.buckets.stride
+            self.buckets,
         )?;
         for (i, (source, fill)) in self.fills.iter().enumerate() {
             let output = schema.fields().len() - self.fills.len() + i;
@@ -332,7 +370,7 @@ impl ExecutionPlan for GapFillExec {
             self.series.clone(),
             self.time,
             self.fills.clone(),
-            self.buckets,
+            self.buckets.clone(),
         )))
     }
 
@@ -365,7 +403,7 @@ impl ExecutionPlan for GapFillExec {
             series: self.series.clone(),
             time: self.time,
             fills: self.fills.clone(),
-            buckets: self.buckets,
+            buckets: self.buckets.clone(),
         };
         let batch_size = context.session_config().batch_size();
         let schema = self.schema();
@@ -474,19 +512,10 @@ impl Filler {
 
     /// The rows of one series: its input rows merged in time order with the buckets it
     /// lacks.
-    fn merge_series(
-        &self,
-        range: std::ops::Range<usize>,
-        times: &arrow::array::Int64Array,
-        out: &mut Vec<Row>,
-    ) {
-        let Buckets {
-            first,
-            last,
-            stride,
-        } = self.buckets;
+    fn merge_series(&self, range: std::ops::Range<usize>, times: &Int64Array, out: &mut Vec<Row>) {
+        let buckets = &self.buckets;
         let series_row = range.start as u32;
-        let mut next = (first <= last).then_some(first);
+        let mut next = buckets.start();
         let existing = |i: usize| Row {
             existing: Some(i as u32),
             series_row,
@@ -500,11 +529,11 @@ impl Filler {
                     out.push(existing(i));
                     i += 1;
                 }
-                (Some(Some(t)), Some(b)) if t <= b => {
+                (Some(Some(t)), Some(b)) if t <= buckets.instant(b) => {
                     out.push(existing(i));
                     i += 1;
-                    if t == b {
-                        next = advance(b, stride, last);
+                    if t == buckets.instant(b) {
+                        next = buckets.after(b);
                     }
                 }
                 (Some(Some(_)), None) => {
@@ -515,18 +544,14 @@ impl Filler {
                     out.push(Row {
                         existing: None,
                         series_row,
-                        time: Some(b),
+                        time: Some(buckets.instant(b)),
                     });
-                    next = advance(b, stride, last);
+                    next = buckets.after(b);
                 }
                 (None, None) => break,
             }
         }
     }
-}
-
-fn advance(bucket: i64, stride: i64, last: i64) -> Option<i64> {
-    bucket.checked_add(stride).filter(|b| *b <= last)
 }
 
 /// `values` at `rows`, NULL where a row is `None`.
@@ -614,14 +639,20 @@ mod tests {
     fn buckets_cover_the_range_on_the_origin() {
         let minute = 60_000_000_000;
         // [00:00:30, 00:03:00) → 00:00, 00:01, 00:02.
-        let b = Buckets::new(0, minute, 30_000_000_000, 3 * minute - 1, 1).unwrap();
+        let b = Buckets::new(0, minute, 30_000_000_000, 3 * minute - 1, 1, None).unwrap();
         assert_eq!((b.first, b.last, b.stride), (0, 2 * minute, minute));
+        assert_eq!(b.after(2 * minute), None);
         // Before the origin, buckets still start on it (floor, not truncation).
-        let b = Buckets::new(0, minute, -1, -1, 1).unwrap();
+        let b = Buckets::new(0, minute, -1, -1, 1, None).unwrap();
         assert_eq!(b.first, -minute);
         // An empty range makes no bucket.
-        let b = Buckets::new(0, minute, 10, 5, 1).unwrap();
-        assert!(b.first > b.last);
-        assert!(Buckets::new(0, 1, 0, MAX_BUCKETS * 10, 1).is_err());
+        let b = Buckets::new(0, minute, 10, 5, 1, None).unwrap();
+        assert_eq!(b.start(), None);
+        assert!(Buckets::new(0, 1, 0, MAX_BUCKETS * 10, 1, None).is_err());
+        // Hours in +05:30 start at half past the UTC hour.
+        let hour = 60 * minute;
+        let india = zone::parse("+05:30").unwrap();
+        let b = Buckets::new(0, hour, 0, 2 * hour, 1, india).unwrap();
+        assert_eq!(b.instant(b.first), -hour / 2);
     }
 }

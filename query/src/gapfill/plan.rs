@@ -46,14 +46,9 @@ pub struct Bound {
     pub inclusive: bool,
 }
 
-/// Fills the gaps in the output of an aggregate grouped by a time bucket.
-///
-/// Its output is its input's columns, the bucket column filled in for every bucket of the
-/// range in each series (other input columns NULL in new rows), followed by one column per
-/// [`FillColumn`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct GapFill {
-    pub input: Arc<LogicalPlan>,
+/// Which buckets to fill: the columns they are in and the range they cover.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd)]
+pub struct BucketSpec {
     /// The input columns that identify a series.
     pub series: Vec<Column>,
     /// The input column holding the bucket (its start time).
@@ -64,44 +59,44 @@ pub struct GapFill {
     pub origin: Expr,
     pub start: Bound,
     pub end: Bound,
+    /// Whether buckets follow local time (`time_bucket_gapfill`, see [`crate::zone`]) or
+    /// UTC (`date_bin_gapfill`).
+    pub local: bool,
+}
+
+/// Fills the gaps in the output of an aggregate grouped by a time bucket.
+///
+/// Its output is its input's columns, the bucket column filled in for every bucket of the
+/// range in each series (other input columns NULL in new rows), followed by one column per
+/// [`FillColumn`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GapFill {
+    pub input: Arc<LogicalPlan>,
+    pub buckets: BucketSpec,
     pub fills: Vec<FillColumn>,
     schema: DFSchemaRef,
 }
 
 impl PartialOrd for GapFill {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        let key = |g: &Self| {
-            (
-                Arc::clone(&g.input),
-                g.series.clone(),
-                g.time.clone(),
-                g.stride.clone(),
-                g.origin.clone(),
-                g.start.clone(),
-                g.end.clone(),
-                g.fills.clone(),
-            )
-        };
-        key(self).partial_cmp(&key(other))
+        (&self.input, &self.buckets, &self.fills).partial_cmp(&(
+            &other.input,
+            &other.buckets,
+            &other.fills,
+        ))
     }
 }
 
 impl GapFill {
-    #[allow(clippy::too_many_arguments)]
     pub fn try_new(
         input: Arc<LogicalPlan>,
-        series: Vec<Column>,
-        time: Column,
-        stride: Expr,
-        origin: Expr,
-        start: Bound,
-        end: Bound,
+        buckets: BucketSpec,
         fills: Vec<FillColumn>,
     ) -> Result<Self> {
         let in_schema = input.schema();
         // New rows have NULL where the input had a value: those columns become nullable.
-        let mut keep = vec![in_schema.index_of_column(&time)?];
-        for c in &series {
+        let mut keep = vec![in_schema.index_of_column(&buckets.time)?];
+        for c in &buckets.series {
             keep.push(in_schema.index_of_column(c)?);
         }
         let mut fields: Vec<_> = in_schema
@@ -126,12 +121,7 @@ impl GapFill {
         let schema = DFSchema::new_with_metadata(fields, in_schema.metadata().clone())?;
         Ok(Self {
             input,
-            series,
-            time,
-            stride,
-            origin,
-            start,
-            end,
+            buckets,
             fills,
             schema: Arc::new(schema),
         })
@@ -143,16 +133,7 @@ impl GapFill {
         if !fills.iter().any(|f| f.name == name) {
             fills.push(FillColumn { source, fill, name });
         }
-        Self::try_new(
-            Arc::clone(&self.input),
-            self.series.clone(),
-            self.time.clone(),
-            self.stride.clone(),
-            self.origin.clone(),
-            self.start.clone(),
-            self.end.clone(),
-            fills,
-        )
+        Self::try_new(Arc::clone(&self.input), self.buckets.clone(), fills)
     }
 }
 
@@ -172,27 +153,30 @@ impl UserDefinedLogicalNodeCore for GapFill {
     /// The constants (stride, origin, range), so that the optimizer folds them; columns
     /// are not expressions here.
     fn expressions(&self) -> Vec<Expr> {
+        let b = &self.buckets;
         vec![
-            self.stride.clone(),
-            self.origin.clone(),
-            self.start.expr.clone(),
-            self.end.expr.clone(),
+            b.stride.clone(),
+            b.origin.clone(),
+            b.start.expr.clone(),
+            b.end.expr.clone(),
         ]
     }
 
     fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let series: Vec<String> = self.series.iter().map(|c| c.flat_name()).collect();
+        let b = &self.buckets;
+        let series: Vec<String> = b.series.iter().map(|c| c.flat_name()).collect();
         write!(
             f,
-            "GapFill: series=[{}], time={}, stride={}, origin={}, range={}{}, {}{}",
+            "GapFill: series=[{}], time={}, stride={}, origin={}{}, range={}{}, {}{}",
             series.join(", "),
-            self.time.flat_name(),
-            self.stride,
-            self.origin,
-            if self.start.inclusive { "[" } else { "(" },
-            self.start.expr,
-            self.end.expr,
-            if self.end.inclusive { "]" } else { ")" },
+            b.time.flat_name(),
+            b.stride,
+            b.origin,
+            if b.local { " (local time)" } else { "" },
+            if b.start.inclusive { "[" } else { "(" },
+            b.start.expr,
+            b.end.expr,
+            if b.end.inclusive { "]" } else { ")" },
         )?;
         for fill in &self.fills {
             write!(f, ", {}", fill.name)?;
@@ -207,22 +191,20 @@ impl UserDefinedLogicalNodeCore for GapFill {
             <[LogicalPlan; 1]>::try_from(inputs)
                 .map_err(|_| plan_datafusion_err!("GapFill: one input"))?,
         );
-        Self::try_new(
-            Arc::new(input),
-            self.series.clone(),
-            self.time.clone(),
+        let buckets = BucketSpec {
             stride,
             origin,
-            Bound {
+            start: Bound {
                 expr: start,
-                inclusive: self.start.inclusive,
+                inclusive: self.buckets.start.inclusive,
             },
-            Bound {
+            end: Bound {
                 expr: end,
-                inclusive: self.end.inclusive,
+                inclusive: self.buckets.end.inclusive,
             },
-            self.fills.clone(),
-        )
+            ..self.buckets.clone()
+        };
+        Self::try_new(Arc::new(input), buckets, self.fills.clone())
     }
 }
 
@@ -354,14 +336,18 @@ fn gap_fill_aggregate(aggregate: Aggregate) -> Result<LogicalPlan> {
         .enumerate()
         .filter_map(|(i, c)| (i != index).then_some(c))
         .collect();
-    let node = GapFill::try_new(
-        Arc::new(LogicalPlan::Aggregate(binned)),
+    let buckets = BucketSpec {
         series,
         time,
         stride,
         origin,
         start,
         end,
+        local: kind == Kind::TimeBucket,
+    };
+    let node = GapFill::try_new(
+        Arc::new(LogicalPlan::Aggregate(binned)),
+        buckets,
         Vec::new(),
     )?;
     Ok(LogicalPlan::Extension(Extension {
@@ -387,14 +373,17 @@ fn range_from_where(input: &LogicalPlan, time: &Expr) -> Result<(Option<Bound>, 
         Ok(())
     };
     let constant = |e: &Expr| e.column_refs().is_empty();
+    // A bound on `time` bounds `time AT TIME ZONE …` (a cast between zones) as well.
+    let time = without_casts(time);
+    let is_time = |e: &Expr| without_casts(e) == time;
     let mut node = input;
     while let LogicalPlan::Filter(filter) = node {
         for conjunct in split_conjunction(&filter.predicate) {
             match conjunct {
                 Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-                    let (op, bound) = if left.as_ref() == time && constant(right) {
+                    let (op, bound) = if is_time(left) && constant(right) {
                         (*op, right.as_ref())
-                    } else if right.as_ref() == time && constant(left) {
+                    } else if is_time(right) && constant(left) {
                         match op.swap() {
                             Some(op) => (op, left.as_ref()),
                             None => continue,
@@ -415,10 +404,7 @@ fn range_from_where(input: &LogicalPlan, time: &Expr) -> Result<(Option<Bound>, 
                     }
                 }
                 Expr::Between(b)
-                    if !b.negated
-                        && b.expr.as_ref() == time
-                        && constant(&b.low)
-                        && constant(&b.high) =>
+                    if !b.negated && is_time(&b.expr) && constant(&b.low) && constant(&b.high) =>
                 {
                     set(&mut lower, &b.low, true, "lower")?;
                     set(&mut upper, &b.high, true, "upper")?;
@@ -429,6 +415,14 @@ fn range_from_where(input: &LogicalPlan, time: &Expr) -> Result<(Option<Bound>, 
         node = filter.input.as_ref();
     }
     Ok((lower, upper))
+}
+
+/// `e` without the casts around it.
+fn without_casts(mut e: &Expr) -> &Expr {
+    while let Expr::Cast(c) = e {
+        e = c.expr.as_ref();
+    }
+    e
 }
 
 /// Turns `locf(x)` / `interpolate(x)` in a projection over [`GapFill`] into the node's
