@@ -18,6 +18,7 @@ pub mod gapfill;
 pub mod limits;
 pub mod postgres;
 pub mod provider;
+pub mod scan;
 pub mod selectors;
 pub mod time_bucket;
 pub mod zone;

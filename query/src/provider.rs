@@ -43,6 +43,8 @@ use kiln_storage::dedup::merge_last_write_wins;
 use kiln_storage::ids::TableId;
 use kiln_storage::persist::sort_key;
 
+use crate::scan::{KilnScanExec, ScanSummary};
+
 /// The URL the engine's object store is registered under in every session.
 pub const OBJECT_STORE_URL: &str = "kiln://objects";
 
@@ -315,6 +317,14 @@ impl TableProvider for KilnTable {
         let Some(data) = self.engine.table_data(self.table, bounds.min, bounds.max) else {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
         };
+        let mut summary = ScanSummary {
+            table: data.def.name.clone(),
+            segments: data.segments.len(),
+            segments_total: data.segments_total,
+            buffer_partitions: data.buffer.len(),
+            buffer_partitions_total: data.buffer_partitions_total,
+            merged: 0,
+        };
         // The table may have gained columns since planning started; read with the schema
         // the plan was made for.
         let mut def = data.def.clone();
@@ -350,6 +360,7 @@ impl TableProvider for KilnTable {
 
         let schema = query_schema(&def);
         let key = sort_key(&def);
+        summary.merged = to_merge.len();
         for sources in to_merge {
             let mut batches = Vec::new();
             for segment in &sources.segments {
@@ -391,10 +402,12 @@ impl TableProvider for KilnTable {
                 projection.cloned(),
             )?);
         }
-        if inputs.is_empty() {
-            return Ok(Arc::new(EmptyExec::new(project(&schema, projection)?)));
-        }
-        UnionExec::try_new(inputs)
+        let scan = match inputs.len() {
+            0 => Arc::new(EmptyExec::new(project(&schema, projection)?)),
+            1 => inputs.remove(0),
+            _ => UnionExec::try_new(inputs)?,
+        };
+        Ok(Arc::new(KilnScanExec::new(scan, summary)))
     }
 }
 

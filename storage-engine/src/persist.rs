@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -50,7 +50,18 @@ pub fn encode_segment(
         .set_max_row_group_row_count(Some(1024 * 1024));
     for c in &def.columns {
         if c.ty == ColumnType::Tag {
-            props = props.set_column_dictionary_enabled(c.name.as_str().into(), true);
+            let column: parquet::schema::types::ColumnPath = c.name.as_str().into();
+            // A bloom filter sized for the segment's distinct values (at most its
+            // dictionary's), so `WHERE tag = '…'` skips row groups without the value.
+            let distinct = merged
+                .column_by_name(&c.name)
+                .and_then(|a| a.as_any_dictionary_opt().map(|d| d.values().len()))
+                .unwrap_or(merged.num_rows());
+            props = props
+                .set_column_dictionary_enabled(column.clone(), true)
+                .set_column_bloom_filter_enabled(column.clone(), true)
+                .set_column_bloom_filter_fpp(column.clone(), 0.01)
+                .set_column_bloom_filter_max_ndv(column, distinct.max(16) as u64);
         }
     }
     let mut out = Vec::new();

@@ -9,5 +9,6 @@ mod http;
 mod limits;
 mod persistence;
 mod postgres;
+mod pruning;
 mod sql;
 mod support;

@@ -101,11 +101,22 @@ impl AsyncDB for Kiln {
                 }
                 SimpleQueryMessage::Row(row) => {
                     columns = Some(row.len());
-                    rows.push(
-                        (0..row.len())
-                            .map(|i| row.get(i).unwrap_or("NULL").to_owned())
-                            .collect(),
-                    );
+                    let mut values: Vec<String> = (0..row.len())
+                        .map(|i| row.get(i).unwrap_or("NULL").to_owned())
+                        .collect();
+                    // A multi-line value (an EXPLAIN plan) is written one line per
+                    // result line: its first line in the row, the others as rows of their own.
+                    let more: Vec<Vec<String>> = match values.last_mut() {
+                        Some(last) if last.contains('\n') => {
+                            let text = std::mem::take(last);
+                            let mut lines = text.trim_end_matches('\n').lines();
+                            *last = lines.next().unwrap_or_default().to_owned();
+                            lines.map(|l| vec![l.to_owned()]).collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    rows.push(values);
+                    rows.extend(more);
                 }
                 _ => {}
             }

@@ -95,8 +95,12 @@ pub struct EngineStats {
 #[derive(Debug, Clone)]
 pub struct TableData {
     pub def: TableDef,
+    /// The segments and buffer partitions whose time range overlaps the one asked for.
     pub segments: Vec<SegmentMeta>,
     pub buffer: Vec<BufferPartition>,
+    /// How many the table has in all.
+    pub segments_total: usize,
+    pub buffer_partitions_total: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -258,6 +262,7 @@ impl Engine {
         // Buffer first, then catalog: a persistence that completes in between leaves the
         // rows in both (deduplicated by the reader), never in neither.
         let mut buffer = self.buffer.partitions(table);
+        let buffer_partitions_total = buffer.len();
         buffer.retain(|p| overlaps(p.min_time(), p.max_time()));
         let state = self.catalog.snapshot();
         let def = state.table_by_id(table)?.clone();
@@ -293,13 +298,15 @@ impl Engine {
                 }
             }
         }
+        let all_segments = state.segments(table);
         Some(TableData {
-            segments: state
-                .segments(table)
+            segments: all_segments
                 .iter()
                 .filter(|s| overlaps(s.min_time, s.max_time))
                 .cloned()
                 .collect(),
+            segments_total: all_segments.len(),
+            buffer_partitions_total,
             def,
             buffer,
         })
