@@ -15,6 +15,7 @@
 //! limits of [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
 pub mod gapfill;
+pub mod last_cache;
 pub mod limits;
 pub mod postgres;
 pub mod provider;
@@ -138,8 +139,10 @@ impl QueryEngine {
     /// A session context on the shared runtime, with Kiln's planning: gap filling runs
     /// before DataFusion's optimizer rules and is planned by [`gapfill::GapFillPlanner`].
     fn context(&self, config: SessionConfig) -> SessionContext {
-        let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> =
-            vec![Arc::new(gapfill::HandleGapFill)];
+        let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
+            Arc::new(gapfill::HandleGapFill),
+            Arc::new(last_cache::UseLastCache::new(Arc::clone(&self.engine))),
+        ];
         rules.extend(Optimizer::new().rules);
         let state = SessionStateBuilder::new()
             .with_config(config)
@@ -178,6 +181,10 @@ impl QueryEngine {
         for f in gapfill::functions() {
             ctx.register_udf(f);
         }
+        ctx.register_udtf(
+            "last_cache",
+            Arc::new(last_cache::LastCacheFunction::new(Arc::clone(&self.engine))),
+        );
         ctx.register_udaf(selectors::first());
         ctx.register_udaf(selectors::last());
     }

@@ -157,6 +157,12 @@ pub struct KilnTable {
     schema: SchemaRef,
 }
 
+impl KilnTable {
+    pub fn table_id(&self) -> TableId {
+        self.table
+    }
+}
+
 /// Inclusive bounds on `time` implied by a conjunction of filters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimeBounds {
@@ -407,7 +413,7 @@ impl TableProvider for KilnTable {
             1 => inputs.remove(0),
             _ => UnionExec::try_new(inputs)?,
         };
-        Ok(Arc::new(KilnScanExec::new(scan, summary)))
+        Ok(Arc::new(KilnScanExec::new(scan, summary.to_string())))
     }
 }
 

@@ -62,32 +62,29 @@ impl fmt::Display for ScanSummary {
 #[derive(Debug, Clone)]
 pub struct KilnScanExec {
     input: Arc<dyn ExecutionPlan>,
-    summary: ScanSummary,
+    /// What was read ([`ScanSummary`] for tables).
+    description: String,
     properties: Arc<PlanProperties>,
 }
 
 impl KilnScanExec {
-    pub fn new(input: Arc<dyn ExecutionPlan>, summary: ScanSummary) -> Self {
+    pub fn new(input: Arc<dyn ExecutionPlan>, description: String) -> Self {
         let properties = Arc::clone(input.properties());
         Self {
             input,
-            summary,
+            description,
             properties,
         }
     }
 
-    pub fn summary(&self) -> &ScanSummary {
-        &self.summary
-    }
-
     fn with_input(&self, input: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
-        Arc::new(Self::new(input, self.summary.clone()))
+        Arc::new(Self::new(input, self.description.clone()))
     }
 }
 
 impl DisplayAs for KilnScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "KilnScanExec: {}", self.summary)
+        write!(f, "KilnScanExec: {}", self.description)
     }
 }
 

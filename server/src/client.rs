@@ -1,9 +1,10 @@
-//! `kiln write` and `kiln query`: command-line clients of a running server.
+//! `kiln write`, `kiln query` and `kiln last-cache`: command-line clients of a running
+//! server.
 
 use std::io::Read;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientOptions {
@@ -56,6 +57,29 @@ pub struct QueryArgs {
 
     /// The SQL query.
     pub sql: String,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum LastCacheCommand {
+    /// Keep the latest row of every series of a table in memory: `last_cache('db',
+    /// 'table')` reads it, and "latest row per series" queries use it.
+    Create {
+        #[command(flatten)]
+        client: ClientOptions,
+        /// The table.
+        #[arg(long, short = 't')]
+        table: String,
+        /// Tags that identify a series (comma-separated); all the table's tags by default.
+        #[arg(long, value_delimiter = ',')]
+        key_columns: Vec<String>,
+    },
+    /// Drop a table's last-value cache.
+    Drop {
+        #[command(flatten)]
+        client: ClientOptions,
+        #[arg(long, short = 't')]
+        table: String,
+    },
 }
 
 fn http() -> Result<reqwest::Client, String> {
@@ -202,4 +226,50 @@ pub async fn query(args: QueryArgs) -> Result<(), String> {
     out.write_all(&bytes)
         .and_then(|()| out.flush())
         .map_err(|e| e.to_string())
+}
+
+pub async fn last_cache(command: LastCacheCommand) -> Result<(), String> {
+    let (client, request) = match &command {
+        LastCacheCommand::Create {
+            client,
+            table,
+            key_columns,
+        } => {
+            let url = format!(
+                "{}/api/v3/configure/last_cache",
+                client.host.trim_end_matches('/')
+            );
+            let mut body = serde_json::json!({"db": client.database, "table": table});
+            if !key_columns.is_empty() {
+                body["key_columns"] = serde_json::json!(key_columns);
+            }
+            (client, http()?.post(url).json(&body))
+        }
+        LastCacheCommand::Drop { client, table } => {
+            let url = format!(
+                "{}/api/v3/configure/last_cache",
+                client.host.trim_end_matches('/')
+            );
+            let query = [("db", client.database.as_str()), ("table", table.as_str())];
+            (client, http()?.delete(url).query(&query))
+        }
+    };
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", client.host))?;
+    if !resp.status().is_success() {
+        return Err(error_text(resp).await);
+    }
+    match command {
+        LastCacheCommand::Create { table, .. } => {
+            let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+            println!(
+                "last-value cache of {table} created, keyed by {}",
+                v["key_columns"]
+            );
+        }
+        LastCacheCommand::Drop { table, .. } => println!("last-value cache of {table} dropped"),
+    }
+    Ok(())
 }

@@ -41,6 +41,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/write", post(write_v2))
         .route("/write", post(write_v1))
         .route("/api/v3/query_sql", get(query_get).post(query_post))
+        .route(
+            "/api/v3/configure/last_cache",
+            post(create_last_cache).delete(drop_last_cache),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -317,6 +321,94 @@ async fn write(
             written.rejected.len()
         ))
     })
+}
+
+/// `POST /api/v3/configure/last_cache`: `{"db", "table", "key_columns"}` (JSON body or
+/// query parameters; `key_columns` defaults to the table's tags).
+#[derive(Debug, Deserialize)]
+pub struct LastCacheParams {
+    db: Option<String>,
+    table: Option<String>,
+    #[serde(default)]
+    key_columns: Option<Vec<String>>,
+}
+
+impl LastCacheParams {
+    fn names(&self) -> Result<(&str, &str), ApiError> {
+        match (&self.db, &self.table) {
+            (Some(db), Some(table)) => Ok((db, table)),
+            (None, _) => Err(ApiError::bad_request("missing parameter `db`")),
+            (_, None) => Err(ApiError::bad_request("missing parameter `table`")),
+        }
+    }
+}
+
+async fn create_last_cache(
+    State(s): State<AppState>,
+    Query(qp): Query<LastCacheParams>,
+    body: Bytes,
+) -> Response {
+    let params = if body.is_empty() {
+        qp
+    } else {
+        match serde_json::from_slice::<LastCacheParams>(&body) {
+            Ok(p) => LastCacheParams {
+                db: p.db.or(qp.db),
+                table: p.table.or(qp.table),
+                key_columns: p.key_columns.or(qp.key_columns),
+            },
+            Err(e) => {
+                return ApiError::bad_request(format!("invalid JSON body: {e}")).into_response();
+            }
+        }
+    };
+    let (db, table) = match params.names() {
+        Ok(names) => names,
+        Err(e) => return e.into_response(),
+    };
+    let keys = params.key_columns.clone().unwrap_or_default();
+    match s.engine.create_last_cache(db, table, &keys).await {
+        Ok(def) => (
+            StatusCode::CREATED,
+            axum::Json(serde_json::json!({
+                "db": db,
+                "table": table,
+                "key_columns": def.key_columns,
+            })),
+        )
+            .into_response(),
+        Err(kiln_storage::engine::Error::Catalog(
+            e @ kiln_storage::catalog::Error::InvalidLastCache(_),
+        )) => {
+            let status = if e.to_string().contains("not found") {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            ApiError::new(status, e.to_string()).into_response()
+        }
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `DELETE /api/v3/configure/last_cache?db=&table=`.
+async fn drop_last_cache(
+    State(s): State<AppState>,
+    Query(params): Query<LastCacheParams>,
+) -> Response {
+    let (db, table) = match params.names() {
+        Ok(names) => names,
+        Err(e) => return e.into_response(),
+    };
+    match s.engine.drop_last_cache(db, table).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("table {table:?} of database {db:?} has no last-value cache"),
+        )
+        .into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -31,6 +31,9 @@ enum Command {
     Write(client::WriteArgs),
     /// Run a SQL query on a running server and print the result.
     Query(client::QueryArgs),
+    /// Create or drop a table's last-value cache on a running server.
+    #[command(subcommand)]
+    LastCache(client::LastCacheCommand),
 }
 
 fn init_logging(json: bool) {
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Write(args) => client::write(args).await,
             Command::Query(args) => client::query(args).await,
+            Command::LastCache(command) => client::last_cache(command).await,
         }
     });
     match result {

@@ -17,6 +17,7 @@
 //! * [`persist`]: Parquet encoding of a partition.
 //! * [`catalog`]: databases, tables, columns and segments as an event-sourced log.
 //! * [`dedup`]: the last-write-wins rule used everywhere rows can repeat.
+//! * [`last_cache`]: the latest row of every series, for tables that ask for it.
 //! * [`engine`]: all of the above behind one handle.
 //!
 //! The engine knows nothing of HTTP, SQL text or Kafka.
@@ -27,6 +28,7 @@ pub mod dedup;
 pub mod durable_store;
 pub mod engine;
 pub mod ids;
+pub mod last_cache;
 pub mod persist;
 pub mod wal;
 pub mod write;

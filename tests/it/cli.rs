@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use crate::support::TestServer;
 
-fn kiln(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+pub(crate) fn kiln(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .stdin(Stdio::piped())

@@ -6,6 +6,7 @@ mod crash;
 mod flight;
 mod grpc;
 mod http;
+mod last_cache;
 mod limits;
 mod persistence;
 mod postgres;

@@ -59,6 +59,8 @@ pub enum Error {
     InvalidName { name: String, reason: &'static str },
     #[error("catalog task failed: {0}")]
     Task(String),
+    #[error("{0}")]
+    InvalidLastCache(String),
 }
 
 /// The type of a column: its role (tag, time, field) and, for fields, the value type.
@@ -192,6 +194,21 @@ pub enum CatalogEvent {
     WalPersisted {
         sequence: SequenceNumber,
     },
+    /// The table keeps its latest row per value of `key_columns` in memory.
+    LastCacheCreated {
+        table: TableId,
+        key_columns: Vec<String>,
+    },
+    LastCacheDropped {
+        table: TableId,
+    },
+}
+
+/// A table's last-value cache: the latest row for each value of its key columns (tags).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastCacheDef {
+    pub table: TableId,
+    pub key_columns: Vec<String>,
 }
 
 /// The fold of every catalog event so far.
@@ -206,6 +223,9 @@ pub struct CatalogState {
     pub next_database_id: u32,
     pub next_table_id: u32,
     pub next_segment_id: u64,
+    /// Tables with a last-value cache (absent from catalogs written before caches existed).
+    #[serde(default)]
+    pub last_caches: BTreeMap<TableId, LastCacheDef>,
 }
 
 impl CatalogState {
@@ -296,6 +316,30 @@ impl CatalogState {
             }
             CatalogEvent::WalPersisted { sequence } => {
                 self.persisted_sequence = self.persisted_sequence.max(*sequence);
+            }
+            CatalogEvent::LastCacheCreated { table, key_columns } => {
+                let def = self.tables.get(table).ok_or(Error::UnknownTable(*table))?;
+                for name in key_columns {
+                    match def.column(name) {
+                        Some(c) if c.ty == ColumnType::Tag => {}
+                        _ => {
+                            return Err(Error::InvalidLastCache(format!(
+                                "{name:?} is not a tag of table {:?}; key columns must be tags",
+                                def.name
+                            )));
+                        }
+                    }
+                }
+                self.last_caches.insert(
+                    *table,
+                    LastCacheDef {
+                        table: *table,
+                        key_columns: key_columns.clone(),
+                    },
+                );
+            }
+            CatalogEvent::LastCacheDropped { table } => {
+                self.last_caches.remove(table);
             }
         }
         Ok(())
@@ -460,6 +504,50 @@ impl Catalog {
         let next = Arc::new(next);
         *self.state.write() = Arc::clone(&next);
         Ok(next)
+    }
+
+    /// Gives table `table` of `database` a last-value cache keyed by `key_columns` (all its
+    /// tags if empty). Replaces the table's cache if it has one.
+    pub async fn create_last_cache(
+        self: &Arc<Self>,
+        database: &str,
+        table: &str,
+        key_columns: &[String],
+    ) -> Result<LastCacheDef> {
+        let state = self.snapshot();
+        let Some(def) = state.table(database, table) else {
+            return Err(Error::InvalidLastCache(format!(
+                "table {table:?} not found in database {database:?}"
+            )));
+        };
+        let key_columns = if key_columns.is_empty() {
+            def.tag_columns().map(|c| c.name.clone()).collect()
+        } else {
+            key_columns.to_vec()
+        };
+        let id = def.id;
+        let state = self
+            .commit(vec![CatalogEvent::LastCacheCreated {
+                table: id,
+                key_columns,
+            }])
+            .await?;
+        Ok(state.last_caches[&id].clone())
+    }
+
+    /// Drops the last-value cache of `table`; `false` if it had none.
+    pub async fn drop_last_cache(self: &Arc<Self>, database: &str, table: &str) -> Result<bool> {
+        let state = self.snapshot();
+        let Some(id) = state
+            .table(database, table)
+            .map(|t| t.id)
+            .filter(|id| state.last_caches.contains_key(id))
+        else {
+            return Ok(false);
+        };
+        self.commit(vec![CatalogEvent::LastCacheDropped { table: id }])
+            .await?;
+        Ok(true)
     }
 
     /// Creates the database, tables and columns `changes` name, as one transaction.

@@ -159,3 +159,42 @@ fn invalid_names_are_rejected() {
     assert!(validate_name(&"x".repeat(256)).is_err());
     assert!(validate_name("plant floor/line 1").is_ok());
 }
+
+#[tokio::test]
+async fn last_caches_survive_reload_and_need_tag_keys() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    catalog
+        .ensure_schema(
+            "plant",
+            &[
+                change("cpu", "host", ColumnType::Tag),
+                change("cpu", "usage", ColumnType::Float),
+            ],
+        )
+        .await
+        .unwrap();
+    let def = catalog
+        .create_last_cache("plant", "cpu", &[])
+        .await
+        .unwrap();
+    assert_eq!(def.key_columns, ["host"], "all tags by default");
+    let err = catalog
+        .create_last_cache("plant", "cpu", &["usage".into()])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("must be tags"), "{err}");
+    assert!(
+        catalog
+            .create_last_cache("plant", "nope", &[])
+            .await
+            .is_err()
+    );
+
+    let reloaded = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    assert_eq!(reloaded.snapshot().last_caches.get(&def.table), Some(&def));
+    assert!(reloaded.drop_last_cache("plant", "cpu").await.unwrap());
+    assert!(!reloaded.drop_last_cache("plant", "cpu").await.unwrap());
+    let again = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert!(again.snapshot().last_caches.is_empty());
+}

@@ -1,18 +1,23 @@
 //! The storage engine: WAL + write buffer + persistence + catalog, behind one handle.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arrow::array::RecordBatch;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::buffer::{BufferPartition, Chunk, WriteBuffer, time_range};
-use crate::catalog::{self, Catalog, CatalogEvent, CatalogState, SegmentMeta, TableDef};
+use crate::catalog::{
+    self, Catalog, CatalogEvent, CatalogState, LastCacheDef, SegmentMeta, TableDef,
+};
 use crate::dedup::merge_last_write_wins;
 use crate::ids::{SegmentId, SequenceNumber, TableId};
+use crate::last_cache::LastCache;
 use crate::persist::{encode_segment, sort_key};
 use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
 use crate::write::WriteBatch;
@@ -121,6 +126,27 @@ pub struct Engine {
     persist_lock: tokio::sync::Mutex<()>,
     persist_wanted: tokio::sync::Notify,
     stats: EngineStats,
+    last_caches: Arc<LastCaches>,
+}
+
+/// The tables' last-value caches, fed by every applied write.
+#[derive(Debug, Default)]
+struct LastCaches {
+    tables: parking_lot::RwLock<HashMap<TableId, Arc<LastCache>>>,
+}
+
+impl LastCaches {
+    fn offer(&self, write: &WriteBatch) {
+        let tables = self.tables.read();
+        if tables.is_empty() {
+            return;
+        }
+        for tw in &write.tables {
+            if let Some(cache) = tables.get(&tw.table) {
+                cache.offer(&tw.batch);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -183,7 +209,7 @@ impl Engine {
         if !removed.is_empty() {
             tracing::info!(files = removed.len(), "removed fully persisted WAL files");
         }
-        Ok(Arc::new(Self {
+        let engine = Arc::new(Self {
             config,
             catalog,
             store,
@@ -192,7 +218,128 @@ impl Engine {
             persist_lock: tokio::sync::Mutex::new(()),
             persist_wanted: tokio::sync::Notify::new(),
             stats: EngineStats::default(),
-        }))
+            last_caches: Arc::default(),
+        });
+        for def in engine.catalog.snapshot().last_caches.values() {
+            engine.start_last_cache(def);
+        }
+        Ok(engine)
+    }
+
+    /// Registers a cache for `def` (fed by writes from now on) and warms it in the
+    /// background from the table's segments and buffer.
+    fn start_last_cache(self: &Arc<Self>, def: &LastCacheDef) {
+        let cache = match LastCache::new(def.key_columns.clone()) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(error = %e, table = %def.table, "cannot make a last-value cache");
+                return;
+            }
+        };
+        self.last_caches
+            .tables
+            .write()
+            .insert(def.table, Arc::clone(&cache));
+        let engine = Arc::clone(self);
+        let table = def.table;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match engine.older_rows(table).await {
+                Ok(batches) => {
+                    let warmed = tokio::task::spawn_blocking({
+                        let cache = Arc::clone(&cache);
+                        move || cache.warm_with(&batches)
+                    })
+                    .await;
+                    match warmed {
+                        Ok(Ok(())) => tracing::info!(
+                            %table,
+                            series = cache.len(),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "last-value cache warm"
+                        ),
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, %table, "warming a last-value cache failed")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, %table, "warming a last-value cache failed")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, %table, "reading rows for a last-value cache failed")
+                }
+            }
+        });
+    }
+
+    /// Every row of `table` now in segments and the buffer, oldest write first.
+    async fn older_rows(&self, table: TableId) -> Result<Vec<RecordBatch>> {
+        let Some(data) = self.table_data(table, i64::MIN, i64::MAX) else {
+            return Ok(Vec::new());
+        };
+        let mut batches = Vec::new();
+        for segment in &data.segments {
+            let path = Path::from(segment.path.as_str());
+            let bytes = self
+                .store
+                .get(&path)
+                .await
+                .map_err(|source| Error::Store {
+                    path: segment.path.clone(),
+                    source,
+                })?
+                .bytes()
+                .await
+                .map_err(|source| Error::Store {
+                    path: segment.path.clone(),
+                    source,
+                })?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .and_then(|b| b.build())
+                    .map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?;
+            for batch in reader {
+                batches.push(
+                    batch.map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?,
+                );
+            }
+        }
+        for part in data.buffer {
+            batches.extend(part.chunks.into_iter().map(|c| c.batch));
+        }
+        Ok(batches)
+    }
+
+    /// Gives `table` of `database` a last-value cache keyed by `key_columns` (all its tags
+    /// if empty), recorded in the catalog; it is warm once the table's rows are read.
+    pub async fn create_last_cache(
+        self: &Arc<Self>,
+        database: &str,
+        table: &str,
+        key_columns: &[String],
+    ) -> Result<LastCacheDef> {
+        let def = self
+            .catalog
+            .create_last_cache(database, table, key_columns)
+            .await?;
+        self.start_last_cache(&def);
+        Ok(def)
+    }
+
+    /// Drops the last-value cache of `table`; `false` if it had none.
+    pub async fn drop_last_cache(&self, database: &str, table: &str) -> Result<bool> {
+        let id = self.catalog.snapshot().table(database, table).map(|t| t.id);
+        let dropped = self.catalog.drop_last_cache(database, table).await?;
+        if let Some(id) = id {
+            self.last_caches.tables.write().remove(&id);
+        }
+        Ok(dropped)
+    }
+
+    /// The last-value cache of `table`, if it has one.
+    pub fn last_cache(&self, table: TableId) -> Option<Arc<LastCache>> {
+        self.last_caches.tables.read().get(&table).cloned()
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -240,9 +387,11 @@ impl Engine {
         let wal = Arc::clone(&self.wal);
         let buffer = Arc::clone(&self.buffer);
         let catalog = Arc::clone(&self.catalog);
+        let last_caches = Arc::clone(&self.last_caches);
         let task = tokio::spawn(async move {
             let seq = wal.append(RecordKind::WriteBatch, payload).await?;
             buffer.apply(seq, &batch, &catalog.snapshot());
+            last_caches.offer(&batch);
             Ok::<_, Error>(seq)
         });
         let seq = task.await.map_err(|e| Error::Internal(e.to_string()))??;

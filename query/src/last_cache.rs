@@ -1,0 +1,276 @@
+//! Last-value caches in SQL: the table function `last_cache('db', 'table')`, and the rule
+//! [`UseLastCache`] that answers "latest row per series" queries from the cache.
+//!
+//! A table's cache (see `kiln_storage::last_cache`) holds the latest row of every value
+//! of its key columns. The rule rewrites
+//!
+//! ```sql
+//! SELECT DISTINCT ON (<key columns>) … FROM t [WHERE <only key columns>]
+//! ORDER BY <key columns>, time DESC
+//! ```
+//!
+//! to read the cache instead of the table, when the `ON` columns are exactly the cache's
+//! key columns, the filter reads nothing but key columns (so it keeps or drops whole
+//! series, never a series' latest row alone) and the cache is warm: the answer is the same
+//! row for every key. `EXPLAIN` shows `KilnScanExec: t, last-value cache (N series)`.
+
+use std::any::Any;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::tree_node::Transformed;
+use datafusion::common::{ScalarValue, plan_err};
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::error::Result;
+use datafusion::logical_expr::{
+    Distinct, DistinctOn, Expr, Filter, LogicalPlan, Projection, Sort, TableProviderFilterPushDown,
+    TableScanBuilder,
+};
+use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
+use datafusion::physical_plan::ExecutionPlan;
+use kiln_storage::Engine;
+use kiln_storage::catalog::{TIME_COLUMN, TableDef};
+use kiln_storage::dedup::align_to_schema;
+use kiln_storage::ids::TableId;
+use kiln_storage::last_cache::LastCache;
+
+use crate::provider::{KilnTable, query_schema};
+use crate::scan::KilnScanExec;
+
+/// `last_cache('db', 'table')`: the latest row of every series of the table.
+#[derive(Debug)]
+pub struct LastCacheFunction {
+    engine: Arc<Engine>,
+}
+
+impl LastCacheFunction {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+fn string_literal(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Literal(ScalarValue::Utf8(Some(s)), _)
+        | Expr::Literal(ScalarValue::Utf8View(Some(s)), _)
+        | Expr::Literal(ScalarValue::LargeUtf8(Some(s)), _) => Some(s),
+        _ => None,
+    }
+}
+
+impl TableFunctionImpl for LastCacheFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let (Some(database), Some(table)) = (
+            args.exprs().first().and_then(string_literal),
+            args.exprs().get(1).and_then(string_literal),
+        ) else {
+            return plan_err!(
+                "last_cache takes the database and table names: last_cache('db', 'table')"
+            );
+        };
+        if args.exprs().len() != 2 {
+            return plan_err!("last_cache takes two arguments: last_cache('db', 'table')");
+        }
+        let state = self.engine.catalog_state();
+        let Some(def) = state.table(database, table) else {
+            return plan_err!("table {table:?} not found in database {database:?}");
+        };
+        let Some(cache) = self.engine.last_cache(def.id) else {
+            return plan_err!(
+                "table {table:?} has no last-value cache; create one with \
+                 `kiln last-cache create --database {database} --table {table}`"
+            );
+        };
+        Ok(Arc::new(LastCacheTable::new(def, cache)))
+    }
+}
+
+/// A table's last-value cache as a table: its schema is the table's.
+#[derive(Debug)]
+pub struct LastCacheTable {
+    table: TableId,
+    name: String,
+    stored: SchemaRef,
+    schema: SchemaRef,
+    cache: Arc<LastCache>,
+}
+
+impl LastCacheTable {
+    fn new(def: &TableDef, cache: Arc<LastCache>) -> Self {
+        Self {
+            table: def.id,
+            name: def.name.clone(),
+            stored: def.schema(),
+            schema: query_schema(def),
+            cache,
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for LastCacheTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![
+            TableProviderFilterPushDown::Unsupported;
+            filters.len()
+        ])
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.cache.warmed().await;
+        let rows = self.cache.rows(&self.stored)?;
+        let rows = align_to_schema(&rows, &self.schema)?;
+        let series = rows.num_rows();
+        let exec = MemorySourceConfig::try_new_exec(
+            &[vec![rows]],
+            Arc::clone(&self.schema),
+            projection.cloned(),
+        )?;
+        Ok(Arc::new(KilnScanExec::new(
+            exec,
+            format!("{}, last-value cache ({series} series)", self.name),
+        )))
+    }
+}
+
+impl LastCacheTable {
+    pub fn table(&self) -> TableId {
+        self.table
+    }
+}
+
+/// Answers `DISTINCT ON (keys) … ORDER BY keys, time DESC` from the last-value cache (see
+/// the module docs).
+#[derive(Debug)]
+pub struct UseLastCache {
+    engine: Arc<Engine>,
+}
+
+impl UseLastCache {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    fn rewrite_distinct_on(&self, d: &DistinctOn) -> Result<Option<LogicalPlan>> {
+        let Some(sort) = &d.sort_expr else {
+            return Ok(None);
+        };
+        // ON columns.
+        let mut on = Vec::new();
+        for e in &d.on_expr {
+            let Expr::Column(c) = e else { return Ok(None) };
+            on.push(c.name.clone());
+        }
+        // ORDER BY the ON columns, then time descending, nothing else.
+        let n = d.on_expr.len();
+        if sort.len() != n + 1
+            || sort[..n].iter().zip(&d.on_expr).any(|(s, e)| &s.expr != e)
+            || sort[n].asc
+            || !matches!(&sort[n].expr, Expr::Column(c) if c.name == TIME_COLUMN)
+        {
+            return Ok(None);
+        }
+        // Filters over key columns only, then the table.
+        let mut filters = Vec::new();
+        let mut node = d.input.as_ref();
+        while let LogicalPlan::Filter(f) = node {
+            filters.push(f.predicate.clone());
+            node = f.input.as_ref();
+        }
+        let LogicalPlan::TableScan(scan) = node else {
+            return Ok(None);
+        };
+        if scan.fetch.is_some() || !scan.filters.is_empty() {
+            return Ok(None);
+        }
+        let provider = source_as_provider(&scan.source)?;
+        let any: &dyn Any = provider.as_ref();
+        let Some(table) = any.downcast_ref::<KilnTable>() else {
+            return Ok(None);
+        };
+        let Some(cache) = self.engine.last_cache(table.table_id()) else {
+            return Ok(None);
+        };
+        let keys: BTreeSet<&str> = cache.key_columns.iter().map(String::as_str).collect();
+        if !cache.is_warm() || on.iter().map(String::as_str).collect::<BTreeSet<_>>() != keys {
+            return Ok(None);
+        }
+        if filters.iter().any(|f| {
+            f.column_refs()
+                .iter()
+                .any(|c| !keys.contains(c.name.as_str()))
+        }) {
+            return Ok(None);
+        }
+        let state = self.engine.catalog_state();
+        let Some(def) = state.table_by_id(table.table_id()) else {
+            return Ok(None);
+        };
+        let cached = Arc::new(LastCacheTable::new(def, cache));
+        if cached.schema() != provider.schema() {
+            return Ok(None);
+        }
+        let mut plan = LogicalPlan::TableScan(
+            TableScanBuilder::new(scan.table_name.clone(), provider_as_source(cached))
+                .with_projection(scan.projection.clone())
+                .build()?,
+        );
+        for predicate in filters.into_iter().rev() {
+            plan = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(plan))?);
+        }
+        plan = LogicalPlan::Sort(Sort {
+            expr: sort[..n].to_vec(),
+            input: Arc::new(plan),
+            fetch: None,
+        });
+        let projection = Projection::try_new(d.select_expr.clone(), Arc::new(plan))?;
+        if projection.schema.as_ref() != d.schema.as_ref() {
+            return Ok(None);
+        }
+        Ok(Some(LogicalPlan::Projection(projection)))
+    }
+}
+
+impl OptimizerRule for UseLastCache {
+    fn name(&self) -> &str {
+        "use_last_cache"
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        plan.transform_up_with_subqueries(|node| {
+            let LogicalPlan::Distinct(Distinct::On(d)) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            match self.rewrite_distinct_on(d)? {
+                Some(rewritten) => Ok(Transformed::yes(rewritten)),
+                None => Ok(Transformed::no(node)),
+            }
+        })
+    }
+}

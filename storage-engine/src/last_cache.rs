@@ -1,0 +1,507 @@
+//! Last-value caches: the latest row of every series of a table, kept in memory.
+//!
+//! A table's cache ([`catalog::LastCacheDef`](crate::catalog::LastCacheDef)) is keyed by
+//! some of its tags (all of them by default). Every write applied to the buffer is offered
+//! to it; it keeps, per key, the row with the greatest `time`, and when a write repeats a
+//! key's latest time, the fields it sets replace those of the kept row — the last-write-wins
+//! rule of [`crate::dedup`], so the cache always holds the row a full query would return.
+//!
+//! A cache starts empty and *warming*: it takes writes at once, while the rows already in
+//! segments and the buffer are read into a second cache; the two are then merged, the
+//! live one winning where both have a key's latest time. Readers wait until it is warm.
+//!
+//! Rows are held in small batches (only the rows that updated a key), referenced by index;
+//! when there are many, they are compacted into one batch of exactly one row per key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
+use arrow::compute::{cast, interleave};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::row::{RowConverter, SortField};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::catalog::{ColumnType, TIME_COLUMN};
+use crate::dedup::align_to_schema;
+
+/// Batches held before they are compacted into one.
+const MAX_BATCHES: usize = 32;
+
+/// Where a key's latest row is.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    time: i64,
+    batch: usize,
+    row: usize,
+}
+
+/// A key's new latest row: the rows at its `time` to merge, oldest first, as (batch, row)
+/// in the sources being merged.
+struct Update {
+    key: Box<[u8]>,
+    time: i64,
+    sources: Vec<(usize, usize)>,
+}
+
+/// The latest rows of one table, per key.
+#[derive(Debug)]
+struct Rows {
+    entries: HashMap<Box<[u8]>, Entry>,
+    batches: Vec<RecordBatch>,
+}
+
+impl Rows {
+    fn new() -> Self {
+        Self {
+            entries: HashMap::new(),
+            batches: Vec::new(),
+        }
+    }
+
+    /// One row per key, aligned to `schema`, in no particular order.
+    fn materialize(&self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+        let aligned = self
+            .batches
+            .iter()
+            .map(|b| align_to_schema(b, schema))
+            .collect::<Result<Vec<_>, _>>()?;
+        let indices: Vec<(usize, usize)> =
+            self.entries.values().map(|e| (e.batch, e.row)).collect();
+        gather(schema, &aligned, &indices)
+    }
+
+    /// Offers `batch`'s rows as newer than everything held.
+    fn offer(&mut self, keys: &KeyEncoder, batch: &RecordBatch) -> Result<(), ArrowError> {
+        let Some(time) = batch.column_by_name(TIME_COLUMN) else {
+            return Ok(());
+        };
+        let time = cast(time, &DataType::Int64)?;
+        let time = time.as_primitive::<Int64Type>();
+        let encoded = keys.encode(batch)?;
+        let key_of = |i: usize| -> &[u8] {
+            match &encoded {
+                Some(rows) => rows.row(i).data(),
+                None => &[],
+            }
+        };
+        // The latest time of each key in this batch, and its rows at that time in order.
+        let mut latest: HashMap<&[u8], (i64, Vec<usize>)> = HashMap::new();
+        for i in 0..batch.num_rows() {
+            if time.is_null(i) {
+                continue;
+            }
+            let t = time.value(i);
+            let slot = latest.entry(key_of(i)).or_insert((t, Vec::new()));
+            if t > slot.0 {
+                *slot = (t, vec![i]);
+            } else if t == slot.0 {
+                slot.1.push(i);
+            }
+        }
+        let index = self.batches.len();
+        let mut updates = Vec::new();
+        for (key, (t, rows)) in latest {
+            let sources: Vec<(usize, usize)> = match self.entries.get(key) {
+                Some(e) if e.time > t => continue,
+                // The same time again: the held row first, overlaid by the new rows.
+                Some(e) if e.time == t => std::iter::once((e.batch, e.row))
+                    .chain(rows.iter().map(|&r| (index, r)))
+                    .collect(),
+                _ => rows.iter().map(|&r| (index, r)).collect(),
+            };
+            updates.push(Update {
+                key: key.into(),
+                time: t,
+                sources,
+            });
+        }
+        if updates.is_empty() {
+            return Ok(());
+        }
+        // Every source aligned to one schema: the batch's widened by columns held rows have.
+        let schema = wider_schema(&self.batches, batch.schema())?;
+        let mut sources: Vec<RecordBatch> = self
+            .batches
+            .iter()
+            .map(|b| align_to_schema(b, &schema))
+            .collect::<Result<_, _>>()?;
+        sources.push(align_to_schema(batch, &schema)?);
+        self.batches = sources;
+        self.apply(&schema, updates)?;
+        // The new batch is referenced only through the merged rows.
+        self.batches.remove(index);
+        for e in self.entries.values_mut() {
+            if e.batch > index {
+                e.batch -= 1;
+            }
+        }
+        if self.batches.len() > MAX_BATCHES {
+            self.compact(&schema)?;
+        }
+        Ok(())
+    }
+
+    /// Appends one batch holding each update's merged row, and points the keys at it.
+    fn apply(&mut self, schema: &SchemaRef, updates: Vec<Update>) -> Result<(), ArrowError> {
+        let merged = overlay(schema, &self.batches, &updates)?;
+        let at = self.batches.len();
+        self.batches.push(merged);
+        for (row, u) in updates.into_iter().enumerate() {
+            self.entries.insert(
+                u.key,
+                Entry {
+                    time: u.time,
+                    batch: at,
+                    row,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Adds `older`'s rows where they are newer than this cache's, merging where both have
+    /// a key's latest time (this cache's fields winning).
+    fn absorb_older(&mut self, older: Rows) -> Result<(), ArrowError> {
+        if older.entries.is_empty() {
+            return Ok(());
+        }
+        let mut schema = wider_schema(&self.batches, Arc::new(arrow::datatypes::Schema::empty()))?;
+        schema = wider_schema(&older.batches, schema)?;
+        let offset = self.batches.len();
+        let sources: Vec<RecordBatch> = self
+            .batches
+            .iter()
+            .chain(older.batches.iter())
+            .map(|b| align_to_schema(b, &schema))
+            .collect::<Result<_, _>>()?;
+        let mut updates = Vec::new();
+        for (key, e) in older.entries {
+            let old = (e.batch + offset, e.row);
+            let sources = match self.entries.get(&key) {
+                Some(mine) if mine.time > e.time => continue,
+                Some(mine) if mine.time == e.time => vec![old, (mine.batch, mine.row)],
+                _ => vec![old],
+            };
+            updates.push(Update {
+                key,
+                time: e.time,
+                sources,
+            });
+        }
+        self.batches = sources;
+        if !updates.is_empty() {
+            self.apply(&schema, updates)?;
+        }
+        self.compact(&schema)
+    }
+
+    /// Rewrites the held rows as one batch of exactly one row per key.
+    fn compact(&mut self, schema: &SchemaRef) -> Result<(), ArrowError> {
+        let aligned = self
+            .batches
+            .iter()
+            .map(|b| align_to_schema(b, schema))
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys: Vec<Box<[u8]>> = self.entries.keys().cloned().collect();
+        let indices: Vec<(usize, usize)> = keys
+            .iter()
+            .map(|k| {
+                let e = self.entries[k];
+                (e.batch, e.row)
+            })
+            .collect();
+        let one = gather(schema, &aligned, &indices)?;
+        for (row, key) in keys.into_iter().enumerate() {
+            if let Some(e) = self.entries.get_mut(&key) {
+                e.batch = 0;
+                e.row = row;
+            }
+        }
+        self.batches = vec![one];
+        Ok(())
+    }
+}
+
+/// `schema` widened by the columns of `batches` it lacks.
+fn wider_schema(batches: &[RecordBatch], schema: SchemaRef) -> Result<SchemaRef, ArrowError> {
+    let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+    for b in batches {
+        for f in b.schema().fields() {
+            if !fields.iter().any(|g| g.name() == f.name()) {
+                fields.push(Arc::clone(f));
+            }
+        }
+    }
+    if fields.len() == schema.fields().len() {
+        return Ok(schema);
+    }
+    Ok(Arc::new(arrow::datatypes::Schema::new(fields)))
+}
+
+/// The rows `indices` ((batch, row) pairs) of `sources` as one batch.
+fn gather(
+    schema: &SchemaRef,
+    sources: &[RecordBatch],
+    indices: &[(usize, usize)],
+) -> Result<RecordBatch, ArrowError> {
+    if sources.is_empty() || indices.is_empty() {
+        return Ok(RecordBatch::new_empty(Arc::clone(schema)));
+    }
+    let columns = (0..schema.fields().len())
+        .map(|c| {
+            let arrays: Vec<&dyn Array> = sources.iter().map(|b| b.column(c).as_ref()).collect();
+            interleave(&arrays, indices)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+/// One row per update: each field from the last of its sources (oldest first) where that
+/// field is not NULL, the last-write-wins merge of rows at one time.
+fn overlay(
+    schema: &SchemaRef,
+    sources: &[RecordBatch],
+    updates: &[Update],
+) -> Result<RecordBatch, ArrowError> {
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for c in 0..schema.fields().len() {
+        let picks: Vec<(usize, usize)> = updates
+            .iter()
+            .map(|u| {
+                let last = *u.sources.last().expect("at least one source");
+                if u.sources.len() == 1 {
+                    return last;
+                }
+                u.sources
+                    .iter()
+                    .rev()
+                    .find(|&&(b, r)| sources[b].column(c).is_valid(r))
+                    .copied()
+                    .unwrap_or(last)
+            })
+            .collect();
+        let arrays: Vec<&dyn Array> = sources.iter().map(|b| b.column(c).as_ref()).collect();
+        columns.push(interleave(&arrays, &picks)?);
+    }
+    RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+/// Encodes the key columns of a row as bytes (equal keys, equal bytes).
+#[derive(Debug)]
+struct KeyEncoder {
+    columns: Vec<String>,
+    converter: RowConverter,
+}
+
+impl KeyEncoder {
+    fn new(columns: Vec<String>) -> Result<Self, ArrowError> {
+        let tag = ColumnType::Tag.arrow_type();
+        let converter = RowConverter::new(
+            columns
+                .iter()
+                .map(|_| SortField::new(tag.clone()))
+                .collect(),
+        )?;
+        Ok(Self { columns, converter })
+    }
+
+    /// The keys of `batch`'s rows; `None` when the cache has no key columns (one row for
+    /// the whole table).
+    fn encode(&self, batch: &RecordBatch) -> Result<Option<arrow::row::Rows>, ArrowError> {
+        if self.columns.is_empty() {
+            return Ok(None);
+        }
+        let tag = ColumnType::Tag.arrow_type();
+        let arrays: Vec<ArrayRef> = self
+            .columns
+            .iter()
+            .map(|name| match batch.column_by_name(name) {
+                Some(a) if a.data_type() == &tag => Ok(Arc::clone(a)),
+                Some(a) => cast(a, &tag),
+                None => Ok(new_null_array(&tag, batch.num_rows())),
+            })
+            .collect::<Result<_, _>>()?;
+        self.converter.convert_columns(&arrays).map(Some)
+    }
+}
+
+/// One table's cache.
+#[derive(Debug)]
+pub struct LastCache {
+    pub key_columns: Vec<String>,
+    keys: KeyEncoder,
+    live: Mutex<Rows>,
+    warm: watch::Sender<bool>,
+}
+
+impl LastCache {
+    pub fn new(key_columns: Vec<String>) -> Result<Self, ArrowError> {
+        Ok(Self {
+            keys: KeyEncoder::new(key_columns.clone())?,
+            key_columns,
+            live: Mutex::new(Rows::new()),
+            warm: watch::channel(false).0,
+        })
+    }
+
+    /// Offers a write's rows (newer than any seen).
+    pub fn offer(&self, batch: &RecordBatch) {
+        if let Err(e) = self.live.lock().offer(&self.keys, batch) {
+            tracing::error!(error = %e, "updating a last-value cache failed");
+        }
+    }
+
+    /// Fills the cache with rows older than any offered since it was made (segments, then
+    /// the buffer, each oldest write first), and marks it warm.
+    pub fn warm_with(&self, older: &[RecordBatch]) -> Result<(), ArrowError> {
+        let mut rows = Rows::new();
+        for batch in older {
+            rows.offer(&self.keys, batch)?;
+        }
+        self.live.lock().absorb_older(rows)?;
+        self.warm.send_replace(true);
+        Ok(())
+    }
+
+    pub fn is_warm(&self) -> bool {
+        *self.warm.borrow()
+    }
+
+    /// Waits until the cache is warm.
+    pub async fn warmed(&self) {
+        let mut rx = self.warm.subscribe();
+        let _ = rx.wait_for(|w| *w).await;
+    }
+
+    /// The latest row of every key, aligned to `schema`.
+    pub fn rows(&self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+        self.live.lock().materialize(schema)
+    }
+
+    /// How many keys the cache holds.
+    pub fn len(&self) -> usize {
+        self.live.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{
+        DictionaryArray, Float64Array, Int32Array, StringArray, TimestampNanosecondArray,
+    };
+    use arrow::datatypes::{Field, Int32Type, Schema};
+
+    use super::*;
+
+    fn batch(rows: &[(&str, i64, Option<f64>, Option<f64>)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("host", ColumnType::Tag.arrow_type(), true),
+            Field::new("time", ColumnType::Time.arrow_type(), false),
+            Field::new("a", DataType::Float64, true),
+            Field::new("b", DataType::Float64, true),
+        ]));
+        let hosts: DictionaryArray<Int32Type> = DictionaryArray::new(
+            Int32Array::from((0..rows.len() as i32).collect::<Vec<_>>()),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+        );
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(hosts),
+                Arc::new(TimestampNanosecondArray::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn latest(
+        cache: &LastCache,
+        schema: &SchemaRef,
+    ) -> Vec<(String, i64, Option<f64>, Option<f64>)> {
+        let b = cache.rows(schema).unwrap();
+        let host = cast(b.column(0), &DataType::Utf8).unwrap();
+        let host = host.as_string::<i32>();
+        let time = cast(b.column(1), &DataType::Int64).unwrap();
+        let time = time.as_primitive::<Int64Type>();
+        let a = b.column(2).as_primitive::<arrow::datatypes::Float64Type>();
+        let bb = b.column(3).as_primitive::<arrow::datatypes::Float64Type>();
+        let mut out: Vec<_> = (0..b.num_rows())
+            .map(|i| {
+                (
+                    host.value(i).to_owned(),
+                    time.value(i),
+                    a.is_valid(i).then(|| a.value(i)),
+                    bb.is_valid(i).then(|| bb.value(i)),
+                )
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    }
+
+    #[test]
+    fn keeps_the_latest_row_per_key_and_merges_rewrites_of_its_time() {
+        let cache = LastCache::new(vec!["host".into()]).unwrap();
+        let schema = batch(&[]).schema();
+        cache.offer(&batch(&[
+            ("x", 1, Some(1.0), Some(1.0)),
+            ("y", 5, Some(5.0), None),
+        ]));
+        cache.offer(&batch(&[
+            ("x", 3, Some(3.0), None),
+            ("y", 4, Some(4.0), Some(4.0)),
+        ]));
+        // x's time 3 again, setting b only: a stays 3.0.
+        cache.offer(&batch(&[("x", 3, None, Some(33.0))]));
+        assert_eq!(
+            latest(&cache, &schema),
+            [
+                ("x".into(), 3, Some(3.0), Some(33.0)),
+                ("y".into(), 5, Some(5.0), None)
+            ]
+        );
+        // Older rows found while warming lose to live ones, or merge under them.
+        cache
+            .warm_with(&[batch(&[
+                ("x", 3, Some(0.5), Some(0.5)),
+                ("y", 5, None, Some(7.0)),
+                ("z", 9, Some(9.0), None),
+            ])])
+            .unwrap();
+        assert!(cache.is_warm());
+        assert_eq!(
+            latest(&cache, &schema),
+            [
+                ("x".into(), 3, Some(3.0), Some(33.0)),
+                ("y".into(), 5, Some(5.0), Some(7.0)),
+                ("z".into(), 9, Some(9.0), None)
+            ]
+        );
+        // Many writes compact into one batch and keep answering the same.
+        for t in 10..100 {
+            cache.offer(&batch(&[("x", t, Some(t as f64), None)]));
+        }
+        assert_eq!(cache.len(), 3);
+        assert_eq!(
+            latest(&cache, &schema)[0],
+            ("x".into(), 99, Some(99.0), None)
+        );
+    }
+}

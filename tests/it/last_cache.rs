@@ -1,0 +1,181 @@
+//! Last-value caches end to end: created and dropped with the CLI, the same answer as the
+//! full query after writes, persistence, a clean restart and a `kill -9`.
+
+use serde_json::{Map, Value};
+
+use crate::cli::kiln;
+use crate::support::TestServer;
+
+/// The latest row of every host, from the cache.
+const FROM_CACHE: &str = "SELECT * FROM last_cache('plant', 'cpu') ORDER BY host";
+/// The same, answered by the planner (from the cache when it can).
+const DISTINCT_ON: &str = "SELECT DISTINCT ON (host) * FROM cpu ORDER BY host, time DESC";
+/// The same, from the table: a time filter keeps the planner off the cache.
+const FULL: &str = "SELECT DISTINCT ON (host) * FROM cpu \
+                    WHERE time >= '1970-01-01T00:00:00Z' ORDER BY host, time DESC";
+
+async fn rows(server: &TestServer, sql: &str) -> Vec<Map<String, Value>> {
+    server.query_json("plant", sql).await
+}
+
+async fn plan(server: &TestServer, sql: &str) -> String {
+    let rows = rows(server, &format!("EXPLAIN {sql}")).await;
+    rows.iter()
+        .filter_map(|r| r.get("plan").and_then(Value::as_str))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Checks the cache, the planner's answer and the full query agree, and that the planner
+/// used the cache.
+async fn agree(server: &TestServer, hosts: usize) {
+    let full = rows(server, FULL).await;
+    assert_eq!(full.len(), hosts);
+    assert_eq!(rows(server, FROM_CACHE).await, full);
+    assert_eq!(rows(server, DISTINCT_ON).await, full);
+    assert!(
+        plan(server, DISTINCT_ON).await.contains("last-value cache"),
+        "DISTINCT ON should read the cache"
+    );
+    assert!(!plan(server, FULL).await.contains("last-value cache"));
+}
+
+fn lines(hosts: usize, from: i64, minutes: i64) -> String {
+    let mut out = String::new();
+    for m in from..from + minutes {
+        for h in 0..hosts {
+            let t = (1_704_067_200 + m * 60) * 1_000_000_000;
+            out.push_str(&format!(
+                "cpu,host=h{h},dc=eu usage={},idle={} {t}\n",
+                m * 10 + h as i64,
+                100 - m
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn last_cache_matches_the_full_query_through_writes_persistence_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(&data, &[]);
+    server.write_ok("plant", &lines(5, 0, 90)).await;
+    // Persist part of it, so the cache warms from segments and the buffer.
+    server.terminate();
+    server = TestServer::start(&data, &[]);
+    server.write_ok("plant", &lines(5, 90, 30)).await;
+
+    let host = server.base.clone();
+    // By default a series is all the table's tags.
+    let (ok, out, err) = kiln(
+        &[
+            "last-cache",
+            "create",
+            "--host",
+            &host,
+            "-d",
+            "plant",
+            "-t",
+            "cpu",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"host\"") && out.contains("\"dc\""), "{out}");
+    // DISTINCT ON must name exactly the cache's key columns for the planner to use it.
+    let by_host_dc = "SELECT DISTINCT ON (host, dc) * FROM cpu ORDER BY host, dc, time DESC";
+    assert!(
+        plan(&server, by_host_dc)
+            .await
+            .contains("last-value cache (5 series)")
+    );
+    assert!(
+        !plan(&server, DISTINCT_ON)
+            .await
+            .contains("last-value cache")
+    );
+    // Keyed by host alone (replacing the first).
+    let (ok, _, err) = kiln(
+        &[
+            "last-cache",
+            "create",
+            "--host",
+            &host,
+            "-d",
+            "plant",
+            "-t",
+            "cpu",
+            "--key-columns",
+            "host",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    agree(&server, 5).await;
+
+    // New series, late rows (older than the latest: ignored), a rewrite of a latest time
+    // that sets one field only (merged, as queries merge it).
+    let late = "cpu,host=h1,dc=eu usage=-1 1704067200000000000\n";
+    let new_series = "cpu,host=h9,dc=us usage=9 1704070000000000000\n";
+    let latest_h2 = (1_704_067_200 + 119 * 60) * 1_000_000_000i64;
+    let rewrite = format!("cpu,host=h2,dc=eu idle=-5 {latest_h2}\n");
+    server
+        .write_ok("plant", &format!("{late}{new_series}{rewrite}"))
+        .await;
+    agree(&server, 6).await;
+    let cached = rows(&server, FROM_CACHE).await;
+    let h2 = cached.iter().find(|r| r["host"] == "h2").unwrap();
+    assert_eq!(h2["idle"], serde_json::json!(-5.0));
+    assert_eq!(h2["usage"], serde_json::json!(1192.0));
+
+    // A clean restart (persists everything): the cache is in the catalog and warms again.
+    server.terminate();
+    server = TestServer::start(&data, &[]);
+    agree(&server, 6).await;
+
+    // kill -9 with writes only in the WAL: replayed, and still the same answer.
+    server.write_ok("plant", &lines(6, 120, 5)).await;
+    server.kill9();
+    server = TestServer::start(&data, &[]);
+    agree(&server, 7).await;
+
+    // Dropped: the table function says so and the planner reads the table.
+    let (ok, _, err) = kiln(
+        &[
+            "last-cache",
+            "drop",
+            "--host",
+            &server.base,
+            "-d",
+            "plant",
+            "-t",
+            "cpu",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let (status, body) = server.query("plant", FROM_CACHE, "json").await;
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("has no last-value cache"));
+    assert!(
+        !plan(&server, DISTINCT_ON)
+            .await
+            .contains("last-value cache")
+    );
+    assert_eq!(rows(&server, DISTINCT_ON).await.len(), 7);
+    let (ok, _, err) = kiln(
+        &[
+            "last-cache",
+            "drop",
+            "--host",
+            &server.base,
+            "-d",
+            "plant",
+            "-t",
+            "cpu",
+        ],
+        None,
+    );
+    assert!(!ok && err.contains("no last-value cache"), "{err}");
+}
