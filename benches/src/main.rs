@@ -81,6 +81,35 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Run the TSBS cpu-only query types on a server holding `ingest`'s data, and the same
+    /// queries on DuckDB over the server's Parquet segments; print medians and ratios.
+    Queries {
+        /// The workload the server holds (as given to `ingest`).
+        #[command(flatten)]
+        workload: Workload,
+        /// Server gRPC URL (Flight SQL).
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        grpc_url: String,
+        /// Database holding the data.
+        #[arg(long, default_value = "benchmark")]
+        db: String,
+        /// Instances of each query type (random hosts and windows).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Query types to run (comma-separated); all by default.
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        /// Glob of the Parquet segments DuckDB reads (the server's
+        /// `<data-dir>/objects/segments/*/*/*.parquet`).
+        #[arg(long)]
+        segments: String,
+        /// A Python that can `import duckdb` (benches/queries.sh makes one).
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The DuckDB runner script.
+        #[arg(long, default_value = "benches/duckdb_queries.py")]
+        script: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -97,6 +126,57 @@ fn intervals(w: &Workload) -> usize {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Queries {
+            workload,
+            grpc_url,
+            db,
+            runs,
+            types,
+            segments,
+            python,
+            script,
+        } => {
+            use kiln_bench::queries::{Data, Plan, QUERY_TYPES, report};
+            let mut chosen = Vec::new();
+            for t in &types {
+                match QUERY_TYPES.iter().find(|q| *q == t) {
+                    Some(q) => chosen.push(*q),
+                    None => {
+                        eprintln!(
+                            "error: unknown query type {t}; known: {}",
+                            QUERY_TYPES.join(", ")
+                        );
+                        return std::process::ExitCode::FAILURE;
+                    }
+                }
+            }
+            if chosen.is_empty() {
+                chosen = QUERY_TYPES.to_vec();
+            }
+            let plan = Plan {
+                grpc_url,
+                db,
+                data: Data {
+                    hosts: workload.scale,
+                    start: DEFAULT_START_NANOS,
+                    span: workload.duration.as_nanos() as i64,
+                },
+                runs: runs.max(1),
+                seed: workload.seed,
+                types: chosen,
+                python,
+                script,
+                segments,
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(report(&plan)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         Command::Results {
             url,
             grpc_url,

@@ -18,6 +18,7 @@ use crate::http::{AppState, router};
 use crate::metrics::{FsyncObserver, Metrics};
 use kiln_proto::ingest::v1::write_service_server::WriteServiceServer;
 use std::future::IntoFuture;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// Configuration of `kiln serve`. Every flag can also be set with its `KILN_*` variable.
@@ -238,10 +239,20 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         .add_service(ingest)
         .add_service(flight)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
+            // Small responses (acks, query results) go out at once: without TCP_NODELAY
+            // each waits for the client's delayed ACK (tens of milliseconds).
+            TcpListenerStream::new(grpc_listener).map(|stream| {
+                if let Ok(stream) = &stream {
+                    let _ = stream.set_nodelay(true);
+                }
+                stream
+            }),
             stopped(stop_rx.clone()),
         );
     let pg = crate::postgres::serve(pg_listener, state.query.clone(), stop_rx.clone());
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let http =
         axum::serve(listener, router(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
     let servers = async { tokio::join!(http.into_future(), grpc, pg) };

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The TSBS cpu-only query benchmark, Kiln against DuckDB on the same data:
+#   1. installs DuckDB (PyPI) in a venv, builds release binaries;
+#   2. ingests the workload through Kiln's normal write path (gRPC Arrow) into a fresh
+#      data directory, and restarts the server so that everything is in Parquet segments;
+#   3. gives `cpu` a last-value cache keyed by hostname (lastpoint reads it);
+#   4. runs `kiln-bench queries`: every query type on Kiln (Flight SQL) and on DuckDB over
+#      the segments Kiln wrote, and prints the table of medians.
+# Sizes: SCALE (hosts, default 4000), DURATION (default 1d), RUNS (per query type, 10).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+scale="${SCALE:-4000}"
+duration="${DURATION:-1d}"
+runs="${RUNS:-10}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+
+venv="${KILN_BENCH_VENV:-$HOME/.cache/kiln-bench-venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow
+cargo build --release -p kiln-server -p kiln-bench
+
+data="$(mktemp -d /tmp/kiln-queries.XXXXXX)"
+http=127.0.0.1:18581
+grpc=127.0.0.1:18551
+serve() {
+  "$target/release/kiln" serve --data-dir "$data" --http-bind "$http" --grpc-bind "$grpc" \
+    --pg-bind 127.0.0.1:18532 >>"$data.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do
+    curl -sf "http://$http/health" >/dev/null && return
+    sleep 0.2
+  done
+  echo "kiln did not start; see $data.log" >&2
+  exit 1
+}
+trap 'kill $pid 2>/dev/null || true' EXIT
+
+serve
+"$target/release/kiln-bench" ingest --protocol grpc-arrow --url "http://$http" \
+  --grpc-url "http://$grpc" --scale "$scale" --duration "$duration"
+kill -TERM "$pid"; wait "$pid"   # a clean stop persists the buffer
+serve
+"$target/release/kiln" last-cache create --host "http://$http" -d benchmark -t cpu \
+  --key-columns hostname
+echo "segments: $(find "$data/objects/segments" -name '*.parquet' | wc -l)," \
+  "$(du -sh "$data/objects/segments" | cut -f1)"
+"$target/release/kiln-bench" queries --grpc-url "http://$grpc" --scale "$scale" \
+  --duration "$duration" --runs "$runs" --python "$venv/bin/python" \
+  --script "$root/benches/duckdb_queries.py" \
+  --segments "$data/objects/segments/*/*/*.parquet"
+kill -TERM "$pid"; wait "$pid" || true
+rm -rf "$data" "$data.log"
