@@ -367,16 +367,51 @@ impl TableProvider for KilnTable {
         let schema = query_schema(&def);
         let key = sort_key(&def);
         summary.merged = to_merge.len();
+        // What a merged partition needs read: the query's columns plus the row identity,
+        // and only rows that filters on identity columns (tags, time) keep. Such a filter
+        // keeps or drops every version of a row alike, so merging what it keeps gives the
+        // rows the whole merge would; a filter on a field would not (it could drop the
+        // newest version and leave an older one).
+        let read = projection.map(|p| {
+            let mut columns = p.clone();
+            for k in &key {
+                if let Ok(i) = schema.index_of(k)
+                    && !columns.contains(&i)
+                {
+                    columns.push(i);
+                }
+            }
+            columns.sort_unstable();
+            columns
+        });
+        let read_schema = project(&schema, read.as_ref())?;
+        let identity_filters: Vec<Expr> = filters
+            .iter()
+            .filter(|f| {
+                f.column_refs()
+                    .iter()
+                    .all(|c| key.contains(&c.name.as_str()))
+            })
+            .cloned()
+            .collect();
         for sources in to_merge {
             let mut batches = Vec::new();
             for segment in &sources.segments {
                 // Segments are read one at a time so their order (= write order) holds.
-                let exec =
-                    self.parquet_exec(state, &def, std::slice::from_ref(segment), None, &[], None)?;
+                let exec = self.parquet_exec(
+                    state,
+                    &def,
+                    std::slice::from_ref(segment),
+                    read.as_ref(),
+                    &identity_filters,
+                    None,
+                )?;
                 batches.extend(datafusion::physical_plan::collect(exec, state.task_ctx()).await?);
             }
-            batches.extend(sources.buffer);
-            let merged = merge_last_write_wins(&batches, &schema, &key)?;
+            for b in sources.buffer {
+                batches.push(fit(&b, &read_schema)?);
+            }
+            let merged = merge_last_write_wins(&batches, &read_schema, &key)?;
             memory.push(merged);
         }
 
@@ -392,9 +427,10 @@ impl TableProvider for KilnTable {
             )?);
         }
         if !memory.is_empty() {
+            let out_schema = project(&schema, projection)?;
             let memory = memory
                 .iter()
-                .map(|b| kiln_storage::dedup::align_to_schema(b, &schema))
+                .map(|b| fit(b, &out_schema))
                 .collect::<Result<Vec<_>, _>>()?;
             let target = state.config().target_partitions().max(1);
             let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); target.min(memory.len())];
@@ -402,11 +438,7 @@ impl TableProvider for KilnTable {
                 let n = parts.len();
                 parts[i % n].push(b);
             }
-            inputs.push(MemorySourceConfig::try_new_exec(
-                &parts,
-                Arc::clone(&schema),
-                projection.cloned(),
-            )?);
+            inputs.push(MemorySourceConfig::try_new_exec(&parts, out_schema, None)?);
         }
         let scan = match inputs.len() {
             0 => Arc::new(EmptyExec::new(project(&schema, projection)?)),
@@ -415,6 +447,23 @@ impl TableProvider for KilnTable {
         };
         Ok(Arc::new(KilnScanExec::new(scan, summary.to_string())))
     }
+}
+
+/// `batch`'s columns that `schema` has, in `schema`'s order and types (NULL where the
+/// batch lacks one).
+fn fit(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let keep: Vec<usize> = batch
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| schema.field_with_name(f.name()).is_ok())
+        .map(|(i, _)| i)
+        .collect();
+    Ok(kiln_storage::dedup::align_to_schema(
+        &batch.project(&keep)?,
+        schema,
+    )?)
 }
 
 fn project(schema: &SchemaRef, projection: Option<&Vec<usize>>) -> Result<SchemaRef> {
