@@ -14,6 +14,7 @@
 //! PostgreSQL clients expect (see [`postgres`]). All sessions share one runtime, so the
 //! limits of [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
+pub mod dedup;
 pub mod gapfill;
 pub mod last_cache;
 pub mod limits;

@@ -13,7 +13,14 @@
 //!   segments through DataFusion's Parquet reader (row-group and page pruning with the
 //!   pushed-down filters), buffer chunks from memory;
 //! * a partition with several sources (segments persisted at different times, or a segment
-//!   plus newer buffered writes) is read whole and merged last-write-wins, oldest first.
+//!   plus newer buffered writes) is merged last-write-wins as it streams by [`DedupExec`]:
+//!   each segment read in identity order (tags, then time, as it is stored), the buffer
+//!   merged in memory, only the query's columns plus the identity, and only the rows that
+//!   filters on the identity keep (a filter on a field could drop a row's newest version
+//!   and leave an older one, so it is applied after the merge);
+//! * a partition with only buffer chunks is merged in memory.
+//!
+//! [`DedupExec`]: crate::dedup::DedupExec
 //!
 //! Filters are `Inexact`: DataFusion re-applies them above the scan.
 
@@ -21,6 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::compute::SortOptions;
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, Session, TableProvider};
@@ -34,8 +42,12 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_expr::expressions::Column as PhysicalColumn;
+use datafusion::physical_expr::projection::ProjectionExpr;
+use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use kiln_storage::Engine;
 use kiln_storage::catalog::{SegmentMeta, TIME_COLUMN, TableDef};
@@ -43,6 +55,7 @@ use kiln_storage::dedup::merge_last_write_wins;
 use kiln_storage::ids::TableId;
 use kiln_storage::persist::sort_key;
 
+use crate::dedup::DedupExec;
 use crate::scan::{KilnScanExec, ScanSummary};
 
 /// The URL the engine's object store is registered under in every session.
@@ -270,6 +283,7 @@ impl KilnTable {
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
+        ordering: Option<LexOrdering>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let mut source = ParquetSource::new(query_schema(def)).with_enable_page_index(true);
         if let Some(predicate) = conjunction(filters.iter().cloned()) {
@@ -290,6 +304,7 @@ impl KilnTable {
             .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
             .with_projection_indices(projection.cloned())?
             .with_limit(limit)
+            .with_output_ordering(ordering.into_iter().collect())
             .build();
         Ok(DataSourceExec::from_data_source(config))
     }
@@ -394,28 +409,80 @@ impl TableProvider for KilnTable {
             })
             .cloned()
             .collect();
+        // Segments are sorted by identity (tags, then time) on disk.
+        let identity_order = |over: &SchemaRef| -> Result<Option<LexOrdering>> {
+            let exprs = key
+                .iter()
+                .map(|k| {
+                    Ok(PhysicalSortExpr::new(
+                        Arc::new(PhysicalColumn::new(k, over.index_of(k)?)),
+                        SortOptions::new(false, true),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(LexOrdering::new(exprs))
+        };
+        let mut deduplicated: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         for sources in to_merge {
-            let mut batches = Vec::new();
+            let mut buffered = Vec::new();
+            for b in &sources.buffer {
+                buffered.push(fit(b, &read_schema)?);
+            }
+            if sources.segments.is_empty() {
+                // Only buffer chunks: merged in memory.
+                memory.push(merge_last_write_wins(&buffered, &read_schema, &key)?);
+                continue;
+            }
+            // Segments and the buffer: merged as they stream (see `DedupExec`), each
+            // source sorted and free of repeats, oldest write first.
+            let mut inputs = Vec::new();
             for segment in &sources.segments {
-                // Segments are read one at a time so their order (= write order) holds.
-                let exec = self.parquet_exec(
+                inputs.push(self.parquet_exec(
                     state,
                     &def,
                     std::slice::from_ref(segment),
                     read.as_ref(),
                     &identity_filters,
                     None,
-                )?;
-                batches.extend(datafusion::physical_plan::collect(exec, state.task_ctx()).await?);
+                    identity_order(&schema)?,
+                )?);
             }
-            for b in sources.buffer {
-                batches.push(fit(&b, &read_schema)?);
+            if !buffered.is_empty() {
+                let merged = merge_last_write_wins(&buffered, &read_schema, &key)?;
+                let source =
+                    MemorySourceConfig::try_new(&[vec![merged]], Arc::clone(&read_schema), None)?
+                        .try_with_sort_information(
+                        identity_order(&read_schema)?.into_iter().collect(),
+                    )?;
+                inputs.push(DataSourceExec::from_data_source(source));
             }
-            let merged = merge_last_write_wins(&batches, &read_schema, &key)?;
-            memory.push(merged);
+            let Some(ordering) = identity_order(&read_schema)? else {
+                return Err(DataFusionError::Internal(
+                    "a table without a time column".into(),
+                ));
+            };
+            let key_indices = key
+                .iter()
+                .map(|k| read_schema.index_of(k))
+                .collect::<Result<Vec<_>, _>>()?;
+            let dedup = Arc::new(DedupExec::try_new(inputs, ordering, key_indices)?);
+            // The query's columns, in its order.
+            let out = project(&schema, projection)?;
+            let columns = out
+                .fields()
+                .iter()
+                .map(|f| {
+                    let i = read_schema.index_of(f.name())?;
+                    Ok(ProjectionExpr::new(
+                        Arc::new(PhysicalColumn::new(f.name(), i)) as Arc<dyn PhysicalExpr>,
+                        f.name().clone(),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            deduplicated.push(Arc::new(ProjectionExec::try_new(columns, dedup)?));
         }
 
-        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = deduplicated;
         if !single_segments.is_empty() {
             inputs.push(self.parquet_exec(
                 state,
@@ -424,6 +491,7 @@ impl TableProvider for KilnTable {
                 projection,
                 filters,
                 limit,
+                None,
             )?);
         }
         if !memory.is_empty() {

@@ -251,3 +251,92 @@ async fn a_full_buffer_answers_429_until_persistence_catches_up() {
     assert_eq!(rows.len(), 2);
     assert!(server.metric("kiln_writes_refused_total").await >= 1.0);
 }
+
+/// Rows rewritten across two segments of one partition and the buffer come back once,
+/// each field from its latest write: the streaming merge across batch boundaries.
+#[tokio::test]
+async fn overlapping_segments_and_buffer_merge_last_write_wins() {
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(&data, &[]);
+    let t0 = 1_700_000_000i64; // all in one hour: one time partition
+    let mut expected: BTreeMap<(String, i64), (Option<i64>, Option<i64>)> = BTreeMap::new();
+    let mut write = |lines: &mut String, host: usize, s: i64, v: Option<i64>, w: Option<i64>| {
+        let fields: Vec<String> = [("v", v), ("w", w)]
+            .iter()
+            .filter_map(|(n, x)| x.map(|x| format!("{n}={x}i")))
+            .collect();
+        lines.push_str(&format!(
+            "t,host=h{host:02} {} {}\n",
+            fields.join(","),
+            t0 + s
+        ));
+        let e = expected.entry((format!("h{host:02}"), s)).or_default();
+        if v.is_some() {
+            e.0 = v;
+        }
+        if w.is_some() {
+            e.1 = w;
+        }
+    };
+    // 50 hosts × 400 seconds; then a third of the rows again; then every 7th, w only.
+    let mut first = String::new();
+    let mut second = String::new();
+    let mut third = String::new();
+    for host in 0..50 {
+        for s in 0..400 {
+            write(&mut first, host, s, Some(1), Some(10));
+            if (host + s as usize) % 3 == 0 {
+                write(&mut second, host, s, Some(2), None);
+            }
+            if (host * 400 + s as usize) % 7 == 0 {
+                write(&mut third, host, s, None, Some(70));
+            }
+        }
+    }
+    let (status, text) = server.write("plant", first, &[("precision", "s")]).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
+    server.terminate();
+    server = TestServer::start(&data, &[]);
+    let (status, text) = server.write("plant", second, &[("precision", "s")]).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
+    server.terminate();
+    server = TestServer::start(&data, &[]);
+    let (status, text) = server.write("plant", third, &[("precision", "s")]).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
+
+    let (status, body) = server
+        .query(
+            "plant",
+            "SELECT host, time, v, w FROM t ORDER BY host, time",
+            "csv",
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let got: Vec<String> = String::from_utf8(body.to_vec())
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(got.len(), expected.len(), "one row per identity");
+    for (line, ((host, s), (v, w))) in got.iter().zip(&expected) {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells[0], host);
+        let clock = format!("22:{:02}:{:02}", (800 + s) / 60, (800 + s) % 60);
+        assert!(cells[1].contains(&clock), "{line}");
+        let show = |x: &Option<i64>| x.map(|x| x.to_string()).unwrap_or_default();
+        assert_eq!(
+            (cells[2], cells[3]),
+            (show(v).as_str(), show(w).as_str()),
+            "{line}"
+        );
+    }
+    // A field filter sees only the newest versions.
+    let ones = expected.values().filter(|(v, _)| *v == Some(1)).count();
+    let rows = server
+        .query_json("plant", "SELECT count(*) AS n FROM t WHERE v = 1")
+        .await;
+    assert_eq!(rows[0]["n"], json!(ones));
+}
