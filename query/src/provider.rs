@@ -268,6 +268,15 @@ pub fn scalar_nanos(v: &ScalarValue) -> Option<i64> {
     }
 }
 
+/// What to read of some segments: columns (of the table schema), filters for pruning, a
+/// row limit, and the order the rows are stored in, if the reader should know it.
+struct SegmentRead<'a> {
+    projection: Option<&'a Vec<usize>>,
+    filters: &'a [Expr],
+    limit: Option<usize>,
+    ordering: Option<LexOrdering>,
+}
+
 #[derive(Default)]
 struct PartitionSources {
     segments: Vec<SegmentMeta>,
@@ -280,11 +289,14 @@ impl KilnTable {
         state: &dyn Session,
         def: &TableDef,
         segments: &[SegmentMeta],
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-        ordering: Option<LexOrdering>,
+        read: SegmentRead<'_>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        let SegmentRead {
+            projection,
+            filters,
+            limit,
+            ordering,
+        } = read;
         let mut source = ParquetSource::new(query_schema(def)).with_enable_page_index(true);
         if let Some(predicate) = conjunction(filters.iter().cloned()) {
             let df_schema = DFSchema::try_from(query_schema(def))?;
@@ -441,10 +453,12 @@ impl TableProvider for KilnTable {
                     state,
                     &def,
                     std::slice::from_ref(segment),
-                    read.as_ref(),
-                    &identity_filters,
-                    None,
-                    identity_order(&schema)?,
+                    SegmentRead {
+                        projection: read.as_ref(),
+                        filters: &identity_filters,
+                        limit: None,
+                        ordering: identity_order(&schema)?,
+                    },
                 )?);
             }
             if !buffered.is_empty() {
@@ -488,10 +502,12 @@ impl TableProvider for KilnTable {
                 state,
                 &def,
                 &single_segments,
-                projection,
-                filters,
-                limit,
-                None,
+                SegmentRead {
+                    projection,
+                    filters,
+                    limit,
+                    ordering: None,
+                },
             )?);
         }
         if !memory.is_empty() {

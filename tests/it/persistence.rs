@@ -287,10 +287,10 @@ async fn overlapping_segments_and_buffer_merge_last_write_wins() {
     for host in 0..50 {
         for s in 0..400 {
             write(&mut first, host, s, Some(1), Some(10));
-            if (host + s as usize) % 3 == 0 {
+            if (host + s as usize).is_multiple_of(3) {
                 write(&mut second, host, s, Some(2), None);
             }
-            if (host * 400 + s as usize) % 7 == 0 {
+            if (host * 400 + s as usize).is_multiple_of(7) {
                 write(&mut third, host, s, None, Some(70));
             }
         }
