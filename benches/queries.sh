@@ -7,6 +7,9 @@
 #   4. runs `kiln-bench queries`: every query type on Kiln (Flight SQL) and on DuckDB over
 #      the segments Kiln wrote, and prints the table of medians.
 # Sizes: SCALE (hosts, default 4000), DURATION (default 1d), RUNS (per query type, 10).
+# TYPES=a,b runs only those query types.
+# DATA=<dir> keeps the data directory there and, when it already holds data, queries it
+# again without ingesting (to compare builds on the same segments).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -22,7 +25,9 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check duckdb pyarrow
 cargo build --release -p kiln-server -p kiln-bench
 
-data="$(mktemp -d /tmp/kiln-queries.XXXXXX)"
+keep="${DATA:-}"
+data="${DATA:-$(mktemp -d /tmp/kiln-queries.XXXXXX)}"
+mkdir -p "$data"
 http=127.0.0.1:18581
 grpc=127.0.0.1:18551
 serve() {
@@ -38,18 +43,27 @@ serve() {
 }
 trap 'kill $pid 2>/dev/null || true' EXIT
 
-serve
-"$target/release/kiln-bench" ingest --protocol grpc-arrow --url "http://$http" \
-  --grpc-url "http://$grpc" --scale "$scale" --duration "$duration"
-kill -TERM "$pid"; wait "$pid"   # a clean stop persists the buffer
-serve
-"$target/release/kiln" last-cache create --host "http://$http" -d benchmark -t cpu \
-  --key-columns hostname
+if [ ! -d "$data/objects/segments" ]; then
+  serve
+  "$target/release/kiln-bench" ingest --protocol grpc-arrow --url "http://$http" \
+    --grpc-url "http://$grpc" --scale "$scale" --duration "$duration"
+  kill -TERM "$pid"; wait "$pid"   # a clean stop persists the buffer
+  serve
+  "$target/release/kiln" last-cache create --host "http://$http" -d benchmark -t cpu \
+    --key-columns hostname
+else
+  serve
+fi
+# Reading the cache waits until it is warm (filled from the segments).
+"$target/release/kiln" query --host "http://$http" -d benchmark \
+  "SELECT count(*) AS cached_series FROM last_cache('benchmark', 'cpu')"
 echo "segments: $(find "$data/objects/segments" -name '*.parquet' | wc -l)," \
   "$(du -sh "$data/objects/segments" | cut -f1)"
 "$target/release/kiln-bench" queries --grpc-url "http://$grpc" --scale "$scale" \
   --duration "$duration" --runs "$runs" --python "$venv/bin/python" \
   --script "$root/benches/duckdb_queries.py" \
-  --segments "$data/objects/segments/*/*/*.parquet"
+  --segments "$data/objects/segments/*/*/*.parquet" ${TYPES:+--types "$TYPES"}
 kill -TERM "$pid"; wait "$pid" || true
-rm -rf "$data" "$data.log"
+if [ -z "$keep" ]; then
+  rm -rf "$data" "$data.log"
+fi
