@@ -2,17 +2,23 @@
 //!
 //! ```text
 //!  SQL ──▶ SessionContext ──▶ catalog `kiln` ──▶ schema per database ──▶ KilnTable
-//!                                                                        │ scan
-//!                                          Parquet segments (pruned) ◀───┤
-//!                                          write buffer (in memory)  ◀───┘
+//!                                                                        │ scan (KilnScanExec)
+//!                       Parquet segments (pruned: time, statistics, ◀───┤
+//!                       page index, bloom filters)                      │
+//!                       partitions in several sources (DedupExec)  ◀───┤
+//!                       write buffer (in memory)                   ◀───┘
 //! ```
 //!
 //! [`QueryEngine::session`] makes a session whose default schema is the database being
 //! queried, with `information_schema` (and so `SHOW TABLES`) enabled and Kiln's
-//! time-series functions registered: `time_bucket`, and the selectors `first(value, time)`
-//! and `last(value, time)`. [`QueryEngine::postgres_session`] lays a database out the way
-//! PostgreSQL clients expect (see [`postgres`]). All sessions share one runtime, so the
-//! limits of [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
+//! time-series SQL: `time_bucket` ([`time_bucket`], local time per [`zone`]), the selectors
+//! `first(value, time)` and `last(value, time)` ([`selectors`]), gap filling
+//! ([`gapfill`]: `date_bin_gapfill`, `time_bucket_gapfill`, `locf`, `interpolate`, planned
+//! by an optimizer rule and an extension planner), and last-value caches ([`last_cache`]:
+//! the `last_cache('db', 'table')` table function and a rule answering latest-row queries
+//! from it). [`QueryEngine::postgres_session`] lays a database out the way PostgreSQL
+//! clients expect (see [`postgres`]). All sessions share one runtime, so the limits of
+//! [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
 pub mod dedup;
 pub mod gapfill;
@@ -137,8 +143,9 @@ impl QueryEngine {
         })
     }
 
-    /// A session context on the shared runtime, with Kiln's planning: gap filling runs
-    /// before DataFusion's optimizer rules and is planned by [`gapfill::GapFillPlanner`].
+    /// A session context on the shared runtime, with Kiln's planning: gap filling and the
+    /// last-value cache rule run before DataFusion's optimizer rules (they match plans as
+    /// SQL builds them), and gap filling is planned by [`gapfill::GapFillPlanner`].
     fn context(&self, config: SessionConfig) -> SessionContext {
         let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
             Arc::new(gapfill::HandleGapFill),

@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::compute::SortOptions;
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use async_trait::async_trait;
@@ -41,12 +41,13 @@ use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, Pa
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, col, lit};
 use datafusion::physical_expr::expressions::Column as PhysicalColumn;
 use datafusion::physical_expr::projection::ProjectionExpr;
 use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use kiln_storage::Engine;
@@ -275,12 +276,17 @@ struct SegmentRead<'a> {
     filters: &'a [Expr],
     limit: Option<usize>,
     ordering: Option<LexOrdering>,
+    /// Apply `filters` while decoding (read the filter columns first, then only the
+    /// matching rows of the others), not only to skip row groups and pages.
+    decode_filtered: bool,
 }
 
 #[derive(Default)]
 struct PartitionSources {
     segments: Vec<SegmentMeta>,
     buffer: Vec<RecordBatch>,
+    /// The time range of the buffer's rows.
+    buffer_times: Option<(i64, i64)>,
 }
 
 impl KilnTable {
@@ -296,8 +302,11 @@ impl KilnTable {
             filters,
             limit,
             ordering,
+            decode_filtered,
         } = read;
-        let mut source = ParquetSource::new(query_schema(def)).with_enable_page_index(true);
+        let mut source = ParquetSource::new(query_schema(def))
+            .with_enable_page_index(true)
+            .with_pushdown_filters(decode_filtered);
         if let Some(predicate) = conjunction(filters.iter().cloned()) {
             let df_schema = DFSchema::try_from(query_schema(def))?;
             match state.create_physical_expr(predicate, &df_schema) {
@@ -373,11 +382,12 @@ impl TableProvider for KilnTable {
                 .push(s.clone());
         }
         for p in &data.buffer {
-            partitions
-                .entry(p.partition)
-                .or_default()
-                .buffer
-                .extend(p.chunks.iter().map(|c| c.batch.clone()));
+            let sources = partitions.entry(p.partition).or_default();
+            for c in &p.chunks {
+                sources.buffer.push(c.batch.clone());
+                let (lo, hi) = sources.buffer_times.unwrap_or((c.min_time, c.max_time));
+                sources.buffer_times = Some((lo.min(c.min_time), hi.max(c.max_time)));
+            }
         }
 
         let mut single_segments = Vec::new();
@@ -393,7 +403,6 @@ impl TableProvider for KilnTable {
 
         let schema = query_schema(&def);
         let key = sort_key(&def);
-        summary.merged = to_merge.len();
         // What a merged partition needs read: the query's columns plus the row identity,
         // and only rows that filters on identity columns (tags, time) keep. Such a filter
         // keeps or drops every version of a row alike, so merging what it keeps gives the
@@ -434,7 +443,20 @@ impl TableProvider for KilnTable {
                 .collect::<Result<Vec<_>>>()?;
             Ok(LexOrdering::new(exprs))
         };
-        let mut deduplicated: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        let out_schema = project(&schema, projection)?;
+        // Plain reads of a partition's rows outside its overlap: the query's columns and
+        // time (to filter on).
+        let plain_read = projection.map(|p| {
+            let mut columns = p.clone();
+            if let Ok(t) = schema.index_of(TIME_COLUMN)
+                && !columns.contains(&t)
+            {
+                columns.push(t);
+                columns.sort_unstable();
+            }
+            columns
+        });
+        let mut merged_parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         for sources in to_merge {
             let mut buffered = Vec::new();
             for b in &sources.buffer {
@@ -445,29 +467,76 @@ impl TableProvider for KilnTable {
                 memory.push(merge_last_write_wins(&buffered, &read_schema, &key)?);
                 continue;
             }
-            // Segments and the buffer: merged as they stream (see `DedupExec`), each
-            // source sorted and free of repeats, oldest write first.
+            let buffer = match buffered.is_empty() {
+                true => None,
+                false => Some(merge_last_write_wins(&buffered, &read_schema, &key)?),
+            };
+            let mut ranges: Vec<(i64, i64)> = sources
+                .segments
+                .iter()
+                .map(|s| (s.min_time, s.max_time))
+                .collect();
+            ranges.extend(sources.buffer_times);
+            let Some((lo, hi)) = overlap_hull(&ranges) else {
+                // No two sources hold the same instant, so no row twice: plain reads.
+                single_segments.extend(sources.segments);
+                memory.extend(buffer);
+                continue;
+            };
+            summary.merged += 1;
+            // Outside [lo, hi] every row has one version: plain reads, in parallel.
+            let outside = col(TIME_COLUMN)
+                .lt(lit(utc_nanos(lo)))
+                .or(col(TIME_COLUMN).gt(lit(utc_nanos(hi))));
+            let inside = col(TIME_COLUMN).between(lit(utc_nanos(lo)), lit(utc_nanos(hi)));
+            let mut plain_filters = filters.to_vec();
+            plain_filters.push(outside.clone());
+            for segment in &sources.segments {
+                let scan = self.parquet_exec(
+                    state,
+                    &def,
+                    std::slice::from_ref(segment),
+                    SegmentRead {
+                        projection: plain_read.as_ref(),
+                        filters: &plain_filters,
+                        limit: None,
+                        ordering: None,
+                        decode_filtered: false,
+                    },
+                )?;
+                let kept = filter_exec(state, scan, outside.clone())?;
+                merged_parts.push(select(kept, &out_schema)?);
+            }
+            if let Some(b) = &buffer {
+                memory.push(filter_times(b, |t| t < lo || t > hi)?);
+            }
+            // Inside it, the versions of a row are merged as they stream (see
+            // `DedupExec`): each source sorted and free of repeats, oldest write first.
+            let mut inside_filters = identity_filters.clone();
+            inside_filters.push(inside.clone());
             let mut inputs = Vec::new();
             for segment in &sources.segments {
-                inputs.push(self.parquet_exec(
+                let scan = self.parquet_exec(
                     state,
                     &def,
                     std::slice::from_ref(segment),
                     SegmentRead {
                         projection: read.as_ref(),
-                        filters: &identity_filters,
+                        filters: &inside_filters,
                         limit: None,
                         ordering: identity_order(&schema)?,
+                        decode_filtered: true,
                     },
-                )?);
+                )?;
+                inputs.push(filter_exec(state, scan, inside.clone())?);
             }
-            if !buffered.is_empty() {
-                let merged = merge_last_write_wins(&buffered, &read_schema, &key)?;
+            if let Some(b) = &buffer {
+                let rows = filter_times(b, |t| t >= lo && t <= hi)?;
                 let source =
-                    MemorySourceConfig::try_new(&[vec![merged]], Arc::clone(&read_schema), None)?
+                    MemorySourceConfig::try_new(&[vec![rows]], Arc::clone(&read_schema), None)?
                         .try_with_sort_information(
-                        identity_order(&read_schema)?.into_iter().collect(),
-                    )?;
+                            identity_order(&read_schema)?.into_iter().collect(),
+                        )?;
                 inputs.push(DataSourceExec::from_data_source(source));
             }
             let Some(ordering) = identity_order(&read_schema)? else {
@@ -480,23 +549,10 @@ impl TableProvider for KilnTable {
                 .map(|k| read_schema.index_of(k))
                 .collect::<Result<Vec<_>, _>>()?;
             let dedup = Arc::new(DedupExec::try_new(inputs, ordering, key_indices)?);
-            // The query's columns, in its order.
-            let out = project(&schema, projection)?;
-            let columns = out
-                .fields()
-                .iter()
-                .map(|f| {
-                    let i = read_schema.index_of(f.name())?;
-                    Ok(ProjectionExpr::new(
-                        Arc::new(PhysicalColumn::new(f.name(), i)) as Arc<dyn PhysicalExpr>,
-                        f.name().clone(),
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            deduplicated.push(Arc::new(ProjectionExec::try_new(columns, dedup)?));
+            merged_parts.push(select(dedup, &out_schema)?);
         }
 
-        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = deduplicated;
+        let mut inputs: Vec<Arc<dyn ExecutionPlan>> = merged_parts;
         if !single_segments.is_empty() {
             inputs.push(self.parquet_exec(
                 state,
@@ -507,11 +563,11 @@ impl TableProvider for KilnTable {
                     filters,
                     limit,
                     ordering: None,
+                    decode_filtered: false,
                 },
             )?);
         }
         if !memory.is_empty() {
-            let out_schema = project(&schema, projection)?;
             let memory = memory
                 .iter()
                 .map(|b| fit(b, &out_schema))
@@ -531,6 +587,67 @@ impl TableProvider for KilnTable {
         };
         Ok(Arc::new(KilnScanExec::new(scan, summary.to_string())))
     }
+}
+
+/// The hull of the instants at which two of `ranges` (inclusive) overlap: where a row can
+/// have versions in two sources. `None` if no two overlap.
+fn overlap_hull(ranges: &[(i64, i64)]) -> Option<(i64, i64)> {
+    let mut hull: Option<(i64, i64)> = None;
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            let (lo, hi) = (a.0.max(b.0), a.1.min(b.1));
+            if lo <= hi {
+                hull = Some(hull.map_or((lo, hi), |(l, h)| (l.min(lo), h.max(hi))));
+            }
+        }
+    }
+    hull
+}
+
+/// A time literal of the type SQL sees `time` as.
+fn utc_nanos(nanos: i64) -> ScalarValue {
+    ScalarValue::TimestampNanosecond(Some(nanos), Some(TIME_ZONE.into()))
+}
+
+/// `input`'s rows for which `predicate` holds.
+fn filter_exec(
+    state: &dyn Session,
+    input: Arc<dyn ExecutionPlan>,
+    predicate: Expr,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let df_schema = DFSchema::try_from(input.schema())?;
+    let predicate = state.create_physical_expr(predicate, &df_schema)?;
+    Ok(Arc::new(FilterExec::try_new(predicate, input)?))
+}
+
+/// `input`'s columns named in `out`, in `out`'s order.
+fn select(input: Arc<dyn ExecutionPlan>, out: &SchemaRef) -> Result<Arc<dyn ExecutionPlan>> {
+    let schema = input.schema();
+    let columns = out
+        .fields()
+        .iter()
+        .map(|f| {
+            let i = schema.index_of(f.name())?;
+            Ok(ProjectionExpr::new(
+                Arc::new(PhysicalColumn::new(f.name(), i)) as Arc<dyn PhysicalExpr>,
+                f.name().clone(),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Arc::new(ProjectionExec::try_new(columns, input)?))
+}
+
+/// The rows of `batch` whose time `keep` keeps.
+fn filter_times(batch: &RecordBatch, keep: impl Fn(i64) -> bool) -> Result<RecordBatch> {
+    let times = arrow::compute::cast(
+        batch
+            .column_by_name(TIME_COLUMN)
+            .ok_or_else(|| DataFusionError::Internal("rows without time".into()))?,
+        &DataType::Int64,
+    )?;
+    let times = times.as_primitive::<arrow::datatypes::Int64Type>();
+    let mask: BooleanArray = times.iter().map(|t| Some(t.is_some_and(&keep))).collect();
+    Ok(arrow::compute::filter_record_batch(batch, &mask)?)
 }
 
 /// `batch`'s columns that `schema` has, in `schema`'s order and types (NULL where the
