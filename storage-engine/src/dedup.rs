@@ -34,7 +34,7 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
         .iter()
         .map(|f| match batch.column_by_name(f.name()) {
             Some(c) if c.data_type() == f.data_type() => Ok(Arc::clone(c)),
-            // Kiln's time is UTC whether labelled or not: relabel without copying.
+            // Kiln's time is UTC whether labelled so or not: relabel without copying.
             Some(c) if is_utc_relabel(c.data_type(), f.data_type()) => {
                 Ok(arrow::array::make_array(
                     c.to_data()
@@ -50,13 +50,15 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
     RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
-/// Whether `from` is a zoneless timestamp and `to` the same in UTC.
+/// Whether `from` and `to` are the same timestamps, one zoneless and the other in UTC
+/// (either way round): Kiln's times are UTC whether labelled so or not.
 fn is_utc_relabel(from: &DataType, to: &DataType) -> bool {
-    matches!(
-        (from, to),
+    let utc = |tz: &str| tz == "UTC" || tz == "+00:00";
+    match (from, to) {
         (DataType::Timestamp(a, None), DataType::Timestamp(b, Some(tz)))
-            if a == b && (tz.as_ref() == "UTC" || tz.as_ref() == "+00:00")
-    )
+        | (DataType::Timestamp(a, Some(tz)), DataType::Timestamp(b, None)) => a == b && utc(tz),
+        _ => false,
+    }
 }
 
 /// Merges `batches` (oldest write first) into one deduplicated batch sorted by `key`

@@ -7,14 +7,14 @@
 use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
 use crate::catalog::{ColumnType, TIME_COLUMN, TableDef};
-use crate::dedup::merge_last_write_wins;
+use crate::dedup::{align_to_schema, merge_last_write_wins};
 
 /// The columns that order a table's rows and identify them: tags, then time.
 pub fn sort_key(def: &TableDef) -> Vec<&str> {
@@ -22,6 +22,23 @@ pub fn sort_key(def: &TableDef) -> Vec<&str> {
         .map(|c| c.name.as_str())
         .chain(std::iter::once(TIME_COLUMN))
         .collect()
+}
+
+/// `schema` with `time` labelled UTC.
+pub fn utc_schema(schema: &SchemaRef) -> SchemaRef {
+    let fields: Vec<_> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Timestamp(unit, None) if f.name() == TIME_COLUMN => Arc::new(
+                f.as_ref()
+                    .clone()
+                    .with_data_type(DataType::Timestamp(*unit, Some("UTC".into()))),
+            ),
+            _ => Arc::clone(f),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
 /// Merges `batches` (oldest write first) and encodes them as a Parquet file.
@@ -64,10 +81,14 @@ pub fn encode_segment(
                 .set_column_bloom_filter_max_ndv(column, distinct.max(16) as u64);
         }
     }
+    // On disk `time` says what it is, an instant in UTC (TIMESTAMP(isAdjustedToUTC=true)):
+    // readers then take it as it is stored, with no conversion.
+    let file_schema = utc_schema(&schema);
+    let labelled = align_to_schema(&merged, &file_schema).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, Arc::clone(&schema), Some(props.build()))
+    let mut writer = ArrowWriter::try_new(&mut out, file_schema, Some(props.build()))
         .map_err(|e| e.to_string())?;
-    writer.write(&merged).map_err(|e| e.to_string())?;
+    writer.write(&labelled).map_err(|e| e.to_string())?;
     writer.close().map_err(|e| e.to_string())?;
     Ok((merged, out))
 }

@@ -83,6 +83,8 @@ async fn last_cache_matches_the_full_query_through_writes_persistence_and_restar
     );
     assert!(ok, "{err}");
     assert!(out.contains("\"host\"") && out.contains("\"dc\""), "{out}");
+    // Reading the cache waits until it is warm; the planner uses it only then.
+    assert_eq!(rows(&server, FROM_CACHE).await.len(), 5);
     // DISTINCT ON must name exactly the cache's key columns for the planner to use it.
     let by_host_dc = "SELECT DISTINCT ON (host, dc) * FROM cpu ORDER BY host, dc, time DESC";
     assert!(
