@@ -58,12 +58,13 @@ pub struct Query {
     pub duckdb: String,
 }
 
-/// A timestamp literal in each dialect.
+/// A timestamp literal in each dialect. Kiln's segments store `time` as UTC nanoseconds,
+/// which DuckDB reads as `TIMESTAMPTZ_NS` and compares only with literals of that type.
 fn at(nanos: i64) -> (String, String) {
     let t = chrono_like(nanos);
     (
         format!("'{t}Z'"),
-        format!("TIMESTAMP '{}'", t.replace('T', " ")),
+        format!("'{}+00'::TIMESTAMPTZ_NS", t.replace('T', " ")),
     )
 }
 
@@ -119,21 +120,28 @@ fn aggregates(func: &str, fields: &[&str]) -> String {
         .join(", ")
 }
 
-/// Both dialects of `sql`, where `{start}`/`{end}` are timestamp literals.
+/// Both dialects of `sql`, where `{start}`/`{end}` are timestamp literals and `{time}` the
+/// time column as `time_bucket` takes it (DuckDB has no `time_bucket` for `TIMESTAMPTZ_NS`).
 fn both(kind: &'static str, sql: &str, start: i64, end: i64) -> Query {
     let (ks, ds) = at(start);
     let (ke, de) = at(end);
     Query {
         kind,
-        kiln: sql.replace("{start}", &ks).replace("{end}", &ke),
-        duckdb: sql.replace("{start}", &ds).replace("{end}", &de),
+        kiln: sql
+            .replace("{start}", &ks)
+            .replace("{end}", &ke)
+            .replace("{time}", "time"),
+        duckdb: sql
+            .replace("{start}", &ds)
+            .replace("{end}", &de)
+            .replace("{time}", "time::TIMESTAMPTZ"),
     }
 }
 
 /// An instance of query type `kind`, as TSBS's TimescaleDB generator writes it.
 pub fn generate(kind: &'static str, data: &Data, rng: &mut SmallRng) -> Query {
-    let minute = "time_bucket(INTERVAL '1 minute', time)";
-    let hour = "time_bucket(INTERVAL '1 hour', time)";
+    let minute = "time_bucket(INTERVAL '1 minute', {time})";
+    let hour = "time_bucket(INTERVAL '1 hour', {time})";
     if let Some(rest) = kind.strip_prefix("single-groupby-") {
         let parts: Vec<usize> = rest.split('-').map(|p| p.parse().expect("n-n-n")).collect();
         let (m, h, hours) = (parts[0], parts[1], parts[2] as i64);
@@ -381,6 +389,7 @@ mod tests {
         assert_eq!(q.kiln.matches("host_").count(), 8);
         assert!(!q.kiln.contains("max(usage_guest)"));
         assert!(q.kiln.contains("max(usage_iowait)"));
-        assert!(q.duckdb.contains("TIMESTAMP '2016-01-01 "));
+        assert!(q.duckdb.contains("'2016-01-01 ") && q.duckdb.contains("+00'::TIMESTAMPTZ_NS"));
+        assert!(q.duckdb.contains("time::TIMESTAMPTZ)") && q.kiln.contains(", time)"));
     }
 }
