@@ -92,3 +92,66 @@ pub fn encode_segment(
     writer.close().map_err(|e| e.to_string())?;
     Ok((merged, out))
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{AsArray, Float64Array, TimestampNanosecondArray};
+    use arrow::datatypes::{Field, TimeUnit};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    use super::*;
+    use crate::catalog::ColumnDef;
+    use crate::ids::{DatabaseId, TableId};
+
+    #[test]
+    fn segments_store_time_as_utc_instants_sorted() {
+        let def = TableDef {
+            id: TableId(1),
+            database: DatabaseId(1),
+            name: "t".into(),
+            partition_nanos: 3_600_000_000_000,
+            columns: vec![
+                ColumnDef {
+                    name: TIME_COLUMN.into(),
+                    ty: ColumnType::Time,
+                },
+                ColumnDef {
+                    name: "v".into(),
+                    ty: ColumnType::Float,
+                },
+            ],
+        };
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new(
+                    TIME_COLUMN,
+                    DataType::Timestamp(TimeUnit::Nanosecond, None),
+                    false,
+                ),
+                Field::new("v", DataType::Float64, true),
+            ])),
+            vec![
+                Arc::new(TimestampNanosecondArray::from(vec![20, 10])),
+                Arc::new(Float64Array::from(vec![2.0, 1.0])),
+            ],
+        )
+        .unwrap();
+        let (merged, bytes) = encode_segment(&def, &[batch]).unwrap();
+        assert_eq!(merged.num_rows(), 2);
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .unwrap()
+            .build()
+            .unwrap();
+        let read: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+        let time = read[0].column(0);
+        assert_eq!(
+            time.data_type(),
+            &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+        );
+        let values: Vec<i64> = time
+            .as_primitive::<arrow::datatypes::TimestampNanosecondType>()
+            .values()
+            .to_vec();
+        assert_eq!(values, [10, 20], "sorted by time, the same instants");
+    }
+}
