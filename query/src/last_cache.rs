@@ -36,7 +36,6 @@ use datafusion::physical_plan::ExecutionPlan;
 use kiln_storage::Engine;
 use kiln_storage::catalog::{TIME_COLUMN, TableDef};
 use kiln_storage::dedup::align_to_schema;
-use kiln_storage::ids::TableId;
 use kiln_storage::last_cache::LastCache;
 
 use crate::provider::{KilnTable, query_schema};
@@ -93,7 +92,6 @@ impl TableFunctionImpl for LastCacheFunction {
 /// A table's last-value cache as a table: its schema is the table's.
 #[derive(Debug)]
 pub struct LastCacheTable {
-    table: TableId,
     name: String,
     stored: SchemaRef,
     schema: SchemaRef,
@@ -103,7 +101,6 @@ pub struct LastCacheTable {
 impl LastCacheTable {
     fn new(def: &TableDef, cache: Arc<LastCache>) -> Self {
         Self {
-            table: def.id,
             name: def.name.clone(),
             stored: def.schema(),
             schema: query_schema(def),
@@ -152,12 +149,6 @@ impl TableProvider for LastCacheTable {
             exec,
             format!("{}, last-value cache ({series} series)", self.name),
         )))
-    }
-}
-
-impl LastCacheTable {
-    pub fn table(&self) -> TableId {
-        self.table
     }
 }
 
