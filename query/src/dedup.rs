@@ -15,13 +15,13 @@
 use std::fmt;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
-use arrow::compute::{concat_batches, take};
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::plan_err;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::error::{DataFusionError, Result};
+use datafusion::error::Result;
 use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{
@@ -37,6 +37,7 @@ use datafusion::physical_plan::{
     ReplaceChildrenOptions,
 };
 use futures::StreamExt;
+use kiln_storage::dedup::fold_runs;
 
 #[derive(Debug)]
 pub struct DedupExec {
@@ -291,31 +292,15 @@ impl Folder {
     }
 }
 
-/// One row per run of `batch`: identity columns from the run, each other column from the
-/// run's last row where it is not NULL.
+/// One row per run of `batch` (runs of consecutive rows), folded last write wins.
 fn fold(batch: &RecordBatch, runs: &[(usize, usize)], key: &[usize]) -> Result<RecordBatch> {
     let end = runs.last().map_or(0, |r| r.1);
     if runs.len() == end {
         // No identity repeats: the rows as they are.
         return Ok(batch.slice(0, end));
     }
-    let last: UInt32Array = runs.iter().map(|&(_, e)| (e - 1) as u32).collect();
-    let columns = batch
-        .columns()
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            if key.contains(&i) || c.null_count() == 0 {
-                return take(c.as_ref(), &last, None);
-            }
-            let picks: UInt32Array = runs
-                .iter()
-                .map(|&(s, e)| (s..e).rev().find(|&r| c.is_valid(r)).unwrap_or(e - 1) as u32)
-                .collect();
-            take(c.as_ref(), &picks, None)
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(DataFusionError::from)?;
+    let order: Vec<u32> = (0..end as u32).collect();
+    let columns = fold_runs(batch, &order, runs, key)?;
     Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 

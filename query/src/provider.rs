@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::compute::SortOptions;
-use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{CatalogProvider, SchemaProvider, Session, TableProvider};
 use datafusion::common::{DFSchema, ScalarValue};
@@ -51,10 +51,11 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use kiln_storage::Engine;
+pub use kiln_storage::catalog::TIME_ZONE;
 use kiln_storage::catalog::{SegmentMeta, TIME_COLUMN, TableDef};
 use kiln_storage::dedup::merge_last_write_wins;
 use kiln_storage::ids::TableId;
-use kiln_storage::persist::sort_key;
+use kiln_storage::persist::{sort_key, utc_schema};
 
 use crate::dedup::DedupExec;
 use crate::scan::{KilnScanExec, ScanSummary};
@@ -66,28 +67,11 @@ pub fn object_store_url() -> ObjectStoreUrl {
     ObjectStoreUrl::parse(OBJECT_STORE_URL).expect("constant URL parses")
 }
 
-/// The zone SQL sees `time` in: Kiln's timestamps are instants, stored as nanoseconds
-/// since the epoch in UTC.
-pub const TIME_ZONE: &str = "UTC";
-
-/// A table's schema as SQL sees it: the stored schema with `time` a `TIMESTAMP WITH TIME
-/// ZONE` in UTC (segments and the buffer store it without a zone; reading relabels it at
-/// no cost), so that `AT TIME ZONE` and clients convert it as the instant it is.
+/// A table's schema as SQL sees it: `time` a `TIMESTAMP WITH TIME ZONE` in UTC, as segments
+/// store it (the buffer holds it without a zone; reading relabels it at no cost), so that
+/// `AT TIME ZONE` and clients convert it as the instant it is.
 pub fn query_schema(def: &TableDef) -> SchemaRef {
-    let stored = def.schema();
-    let fields: Vec<_> = stored
-        .fields()
-        .iter()
-        .map(|f| match f.data_type() {
-            DataType::Timestamp(unit, None) if f.name() == TIME_COLUMN => Arc::new(
-                f.as_ref()
-                    .clone()
-                    .with_data_type(DataType::Timestamp(*unit, Some(TIME_ZONE.into()))),
-            ),
-            _ => Arc::clone(f),
-        })
-        .collect();
-    Arc::new(Schema::new_with_metadata(fields, stored.metadata().clone()))
+    utc_schema(&def.schema())
 }
 
 /// The `kiln` catalog: one schema per database.
@@ -304,11 +288,12 @@ impl KilnTable {
             ordering,
             decode_filtered,
         } = read;
-        let mut source = ParquetSource::new(query_schema(def))
+        let schema = query_schema(def);
+        let mut source = ParquetSource::new(Arc::clone(&schema))
             .with_enable_page_index(true)
             .with_pushdown_filters(decode_filtered);
         if let Some(predicate) = conjunction(filters.iter().cloned()) {
-            let df_schema = DFSchema::try_from(query_schema(def))?;
+            let df_schema = DFSchema::try_from(schema)?;
             match state.create_physical_expr(predicate, &df_schema) {
                 Ok(p) => source = source.with_predicate(p),
                 Err(e) => tracing::debug!(error = %e, "filter not usable for Parquet pruning"),
@@ -408,18 +393,7 @@ impl TableProvider for KilnTable {
         // keeps or drops every version of a row alike, so merging what it keeps gives the
         // rows the whole merge would; a filter on a field would not (it could drop the
         // newest version and leave an older one).
-        let read = projection.map(|p| {
-            let mut columns = p.clone();
-            for k in &key {
-                if let Ok(i) = schema.index_of(k)
-                    && !columns.contains(&i)
-                {
-                    columns.push(i);
-                }
-            }
-            columns.sort_unstable();
-            columns
-        });
+        let read = with_columns(projection, &schema, &key);
         let read_schema = project(&schema, read.as_ref())?;
         let identity_filters: Vec<Expr> = filters
             .iter()
@@ -446,16 +420,18 @@ impl TableProvider for KilnTable {
         let out_schema = project(&schema, projection)?;
         // Plain reads of a partition's rows outside its overlap: the query's columns and
         // time (to filter on).
-        let plain_read = projection.map(|p| {
-            let mut columns = p.clone();
-            if let Ok(t) = schema.index_of(TIME_COLUMN)
-                && !columns.contains(&t)
-            {
-                columns.push(t);
-                columns.sort_unstable();
-            }
-            columns
-        });
+        let plain_read = with_columns(projection, &schema, &[TIME_COLUMN]);
+        // Segments are stored, and the buffer merged, in identity order.
+        let segment_order = identity_order(&schema)?;
+        let Some(merge_order) = identity_order(&read_schema)? else {
+            return Err(DataFusionError::Internal(
+                "a table without a time column".into(),
+            ));
+        };
+        let key_indices = key
+            .iter()
+            .map(|k| read_schema.index_of(k))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut merged_parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         for sources in to_merge {
             let mut buffered = Vec::new();
@@ -524,7 +500,7 @@ impl TableProvider for KilnTable {
                         projection: read.as_ref(),
                         filters: &inside_filters,
                         limit: None,
-                        ordering: identity_order(&schema)?,
+                        ordering: segment_order.clone(),
                         decode_filtered: true,
                     },
                 )?;
@@ -534,21 +510,14 @@ impl TableProvider for KilnTable {
                 let rows = filter_times(b, |t| t >= lo && t <= hi)?;
                 let source =
                     MemorySourceConfig::try_new(&[vec![rows]], Arc::clone(&read_schema), None)?
-                        .try_with_sort_information(
-                            identity_order(&read_schema)?.into_iter().collect(),
-                        )?;
+                        .try_with_sort_information(vec![merge_order.clone()])?;
                 inputs.push(DataSourceExec::from_data_source(source));
             }
-            let Some(ordering) = identity_order(&read_schema)? else {
-                return Err(DataFusionError::Internal(
-                    "a table without a time column".into(),
-                ));
-            };
-            let key_indices = key
-                .iter()
-                .map(|k| read_schema.index_of(k))
-                .collect::<Result<Vec<_>, _>>()?;
-            let dedup = Arc::new(DedupExec::try_new(inputs, ordering, key_indices)?);
+            let dedup = Arc::new(DedupExec::try_new(
+                inputs,
+                merge_order.clone(),
+                key_indices.clone(),
+            )?);
             merged_parts.push(select(dedup, &out_schema)?);
         }
 
@@ -587,6 +556,27 @@ impl TableProvider for KilnTable {
         };
         Ok(Arc::new(KilnScanExec::new(scan, summary.to_string())))
     }
+}
+
+/// `projection` (of `schema`) with the columns `names` added, in schema order; `None`
+/// (every column) stays `None`.
+fn with_columns(
+    projection: Option<&Vec<usize>>,
+    schema: &SchemaRef,
+    names: &[&str],
+) -> Option<Vec<usize>> {
+    projection.map(|p| {
+        let mut columns = p.clone();
+        for name in names {
+            if let Ok(i) = schema.index_of(name)
+                && !columns.contains(&i)
+            {
+                columns.push(i);
+            }
+        }
+        columns.sort_unstable();
+        columns
+    })
 }
 
 /// The hull of the instants at which two of `ranges` (inclusive) overlap: where a row can

@@ -377,13 +377,12 @@ async fn create_last_cache(
             })),
         )
             .into_response(),
-        Err(kiln_storage::engine::Error::Catalog(
-            e @ kiln_storage::catalog::Error::InvalidLastCache(_),
-        )) => {
-            let status = if e.to_string().contains("not found") {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::BAD_REQUEST
+        Err(kiln_storage::engine::Error::Catalog(e)) => {
+            use kiln_storage::catalog::Error as E;
+            let status = match e {
+                E::TableNotFound { .. } => StatusCode::NOT_FOUND,
+                E::InvalidLastCache(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             ApiError::new(status, e.to_string()).into_response()
         }

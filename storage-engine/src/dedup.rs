@@ -15,6 +15,8 @@ use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 
+use crate::catalog::TIME_ZONE;
+
 /// Widens `batch` to `schema`: columns are reordered to the schema's order and columns
 /// the batch lacks are filled with nulls. Columns not in `schema` are an error.
 pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
@@ -53,7 +55,7 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
 /// Whether `from` and `to` are the same timestamps, one zoneless and the other in UTC
 /// (either way round): Kiln's times are UTC whether labelled so or not.
 fn is_utc_relabel(from: &DataType, to: &DataType) -> bool {
-    let utc = |tz: &str| tz == "UTC" || tz == "+00:00";
+    let utc = |tz: &str| tz == TIME_ZONE || tz == "+00:00";
     match (from, to) {
         (DataType::Timestamp(a, None), DataType::Timestamp(b, Some(tz)))
         | (DataType::Timestamp(a, Some(tz)), DataType::Timestamp(b, None)) => a == b && utc(tz),
@@ -90,32 +92,43 @@ pub fn merge_last_write_wins(
             .map(|c| take(c.as_ref(), &indices, None))
             .collect::<Result<Vec<_>, _>>()?
     } else {
-        let last_of_group: Vec<u32> = runs.iter().map(|(_, end)| order[end - 1]).collect();
-        let last_indices = UInt32Array::from(last_of_group);
-        all.columns()
-            .iter()
-            .enumerate()
-            .map(|(ci, c)| {
-                if key_indices.contains(&ci) || c.null_count() == 0 {
-                    return take(c.as_ref(), &last_indices, None);
-                }
-                // Per group, the latest row where this field is set.
-                let picks: Vec<u32> = runs
-                    .iter()
-                    .map(|(s, e)| {
-                        order[*s..*e]
-                            .iter()
-                            .rev()
-                            .copied()
-                            .find(|r| c.is_valid(*r as usize))
-                            .unwrap_or(order[e - 1])
-                    })
-                    .collect();
-                take(c.as_ref(), &UInt32Array::from(picks), None)
-            })
-            .collect::<Result<Vec<_>, _>>()?
+        fold_runs(&all, &order, &runs, &key_indices)?
     };
     RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+/// The columns of one row per run of versions of a row: a run is `order[start..end]`, row
+/// indices of `batch`, oldest version first. Identity columns (`key`) and columns without
+/// nulls come from the run's last row; each other column from its last row that sets it.
+pub fn fold_runs(
+    batch: &RecordBatch,
+    order: &[u32],
+    runs: &[(usize, usize)],
+    key: &[usize],
+) -> Result<Vec<ArrayRef>, ArrowError> {
+    let last_indices: UInt32Array = runs.iter().map(|&(_, end)| order[end - 1]).collect();
+    batch
+        .columns()
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| {
+            if key.contains(&ci) || c.null_count() == 0 {
+                return take(c.as_ref(), &last_indices, None);
+            }
+            let picks: UInt32Array = runs
+                .iter()
+                .map(|&(s, e)| {
+                    order[s..e]
+                        .iter()
+                        .rev()
+                        .copied()
+                        .find(|r| c.is_valid(*r as usize))
+                        .unwrap_or(order[e - 1])
+                })
+                .collect();
+            take(c.as_ref(), &picks, None)
+        })
+        .collect()
 }
 
 /// The rows of a batch in key order (stable: equal keys keep their input order).

@@ -13,7 +13,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use crate::catalog::{ColumnType, TIME_COLUMN, TableDef};
+use crate::catalog::{ColumnType, TIME_COLUMN, TIME_ZONE, TableDef};
 use crate::dedup::{align_to_schema, merge_last_write_wins};
 
 /// The columns that order a table's rows and identify them: tags, then time.
@@ -33,7 +33,7 @@ pub fn utc_schema(schema: &SchemaRef) -> SchemaRef {
             DataType::Timestamp(unit, None) if f.name() == TIME_COLUMN => Arc::new(
                 f.as_ref()
                     .clone()
-                    .with_data_type(DataType::Timestamp(*unit, Some("UTC".into()))),
+                    .with_data_type(DataType::Timestamp(*unit, Some(TIME_ZONE.into()))),
             ),
             _ => Arc::clone(f),
         })

@@ -33,6 +33,10 @@ pub const SNAPSHOT_INTERVAL: u64 = 100;
 /// Name of the timestamp column every table has.
 pub const TIME_COLUMN: &str = "time";
 
+/// The zone of `time`: instants, nanoseconds since the epoch in UTC. The buffer holds it
+/// without a zone label, segments and SQL with this one; relabelling costs nothing.
+pub const TIME_ZONE: &str = "UTC";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("object store error on {path}: {source}")]
@@ -59,6 +63,8 @@ pub enum Error {
     InvalidName { name: String, reason: &'static str },
     #[error("catalog task failed: {0}")]
     Task(String),
+    #[error("table {table:?} not found in database {database:?}")]
+    TableNotFound { database: String, table: String },
     #[error("{0}")]
     InvalidLastCache(String),
 }
@@ -516,9 +522,10 @@ impl Catalog {
     ) -> Result<LastCacheDef> {
         let state = self.snapshot();
         let Some(def) = state.table(database, table) else {
-            return Err(Error::InvalidLastCache(format!(
-                "table {table:?} not found in database {database:?}"
-            )));
+            return Err(Error::TableNotFound {
+                database: database.to_owned(),
+                table: table.to_owned(),
+            });
         };
         let key_columns = if key_columns.is_empty() {
             def.tag_columns().map(|c| c.name.clone()).collect()

@@ -15,7 +15,7 @@ use crate::buffer::{BufferPartition, Chunk, WriteBuffer, time_range};
 use crate::catalog::{
     self, Catalog, CatalogEvent, CatalogState, LastCacheDef, SegmentMeta, TableDef,
 };
-use crate::dedup::{align_to_schema, merge_last_write_wins};
+use crate::dedup::merge_last_write_wins;
 use crate::ids::{SegmentId, SequenceNumber, TableId};
 use crate::last_cache::LastCache;
 use crate::persist::{encode_segment, sort_key};
@@ -300,27 +300,9 @@ impl Engine {
                     .and_then(|b| b.build())
                     .map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?;
             for batch in reader {
-                let batch =
-                    batch.map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?;
-                // As the buffer holds rows: `time` without its UTC label (no copy).
-                let stored = Arc::new(arrow::datatypes::Schema::new(
-                    batch
-                        .schema()
-                        .fields()
-                        .iter()
-                        .map(|f| match f.data_type() {
-                            arrow::datatypes::DataType::Timestamp(unit, Some(_)) => {
-                                Arc::new(f.as_ref().clone().with_data_type(
-                                    arrow::datatypes::DataType::Timestamp(*unit, None),
-                                ))
-                            }
-                            _ => Arc::clone(f),
-                        })
-                        .collect::<Vec<_>>(),
-                ));
+                // `time` comes labelled UTC; the cache aligns it with the buffer's at no cost.
                 batches.push(
-                    align_to_schema(&batch, &stored)
-                        .map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?,
+                    batch.map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?,
                 );
             }
         }
