@@ -9,3 +9,4 @@
 pub mod arrow_batch;
 pub mod line_protocol;
 pub mod rows;
+pub mod write;

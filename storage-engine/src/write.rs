@@ -1,13 +1,18 @@
 //! A validated write and its encoding as a WAL record payload.
 //!
-//! ## Payload of a [`RecordKind::WriteBatch`](crate::wal::RecordKind) record (version 1)
+//! ## Payload of a [`RecordKind::WriteBatch`](crate::wal::RecordKind) record (version 2)
 //!
 //! | offset | size | type | meaning                                          |
 //! |-------:|-----:|------|--------------------------------------------------|
-//! | 0      | 1    | u8   | payload version (1)                              |
+//! | 0      | 1    | u8   | payload version (2; version 1 is read too)       |
 //! | 1      | 4    | u32  | database id                                      |
 //! | 5      | 4    | u32  | number of tables `T`                             |
 //! | 9      | …    |      | `T` times: u32 table id, u32 length `L`, `L` bytes of an Arrow IPC stream holding one record batch whose column names are the table's column names |
+//! | …      | 4    | u32  | number of source ranges `S` (absent in version 1)|
+//! | …      | …    |      | `S` times: u16 length `N`, `N` bytes of UTF-8 source name, i32 partition, i64 first position, i64 last position |
+//!
+//! A source range says the write holds the data of positions `first..=last` of one partition
+//! of an outside source (a Kafka topic's offsets), so a consumer resumes after `last`.
 //!
 //! Integers are little-endian. The record's CRC has been verified before this is decoded;
 //! lengths are still bounds-checked.
@@ -20,13 +25,27 @@ use arrow::ipc::writer::StreamWriter;
 
 use crate::ids::{DatabaseId, TableId};
 
-const PAYLOAD_VERSION: u8 = 1;
+const PAYLOAD_VERSION: u8 = 2;
 
 /// Rows for several tables of one database, already checked against the catalog.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteBatch {
     pub database: DatabaseId,
     pub tables: Vec<TableWrite>,
+    /// Positions of outside sources this write consumed (may hold no rows at all, when
+    /// every message of the range was rejected).
+    pub sources: Vec<SourceRange>,
+}
+
+/// Positions `first..=last` of one partition of an outside source, such as the offsets of
+/// a Kafka topic partition read by one consumer group.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceRange {
+    /// Names the source and its reader (for Kafka: group and topic); opaque to the engine.
+    pub source: String,
+    pub partition: i32,
+    pub first: i64,
+    pub last: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,15 +83,30 @@ impl WriteBatch {
             let len = (out.len() - start) as u32;
             out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
         }
+        out.extend_from_slice(&(self.sources.len() as u32).to_le_bytes());
+        for r in &self.sources {
+            let name = r.source.as_bytes();
+            let len = u16::try_from(name.len()).map_err(|_| {
+                arrow::error::ArrowError::InvalidArgumentError(format!(
+                    "source name of {} bytes is longer than 65535",
+                    name.len()
+                ))
+            })?;
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(name);
+            out.extend_from_slice(&r.partition.to_le_bytes());
+            out.extend_from_slice(&r.first.to_le_bytes());
+            out.extend_from_slice(&r.last.to_le_bytes());
+        }
         Ok(out)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.take(1)?[0];
-        if version != PAYLOAD_VERSION {
+        if !(1..=PAYLOAD_VERSION).contains(&version) {
             return Err(format!(
-                "unsupported write batch version {version}; supported versions: [{PAYLOAD_VERSION}]"
+                "unsupported write batch version {version}; supported versions: [1, {PAYLOAD_VERSION}]"
             ));
         }
         let database = DatabaseId(r.u32()?);
@@ -90,13 +124,35 @@ impl WriteBatch {
                 .map_err(|e| e.to_string())?;
             tables.push(TableWrite { table, batch });
         }
+        let mut sources = Vec::new();
+        if version >= 2 {
+            for _ in 0..r.u32()? {
+                let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes")) as usize;
+                let source = std::str::from_utf8(r.take(len)?)
+                    .map_err(|e| format!("source name is not UTF-8: {e}"))?
+                    .to_string();
+                let partition = i32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes"));
+                let first = i64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+                let last = i64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+                sources.push(SourceRange {
+                    source,
+                    partition,
+                    first,
+                    last,
+                });
+            }
+        }
         if r.pos != bytes.len() {
             return Err(format!(
                 "{} trailing bytes after the last table",
                 bytes.len() - r.pos
             ));
         }
-        Ok(Self { database, tables })
+        Ok(Self {
+            database,
+            tables,
+            sources,
+        })
     }
 }
 
@@ -162,11 +218,26 @@ mod tests {
                 table: TableId(7),
                 batch,
             }],
+            sources: vec![SourceRange {
+                source: "kafka/g/telemetry".into(),
+                partition: 2,
+                first: 40,
+                last: 41,
+            }],
         };
         let bytes = wb.encode().unwrap();
         assert_eq!(WriteBatch::decode(&bytes).unwrap(), wb);
         for cut in 0..bytes.len() {
             assert!(WriteBatch::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+
+        // A version 1 payload (written before source ranges existed) is the same bytes
+        // without the trailing count, and reads with no sources.
+        let source_bytes = 4 + 2 + "kafka/g/telemetry".len() + 4 + 8 + 8;
+        let mut v1 = bytes[..bytes.len() - source_bytes].to_vec();
+        v1[0] = 1;
+        let old = WriteBatch::decode(&v1).unwrap();
+        assert_eq!(old.tables, wb.tables);
+        assert!(old.sources.is_empty());
     }
 }

@@ -208,6 +208,19 @@ pub enum CatalogEvent {
     LastCacheDropped {
         table: TableId,
     },
+    /// Outside sources (Kafka topic partitions) consumed through these positions; written
+    /// with `WalPersisted` so positions outlive the WAL files that recorded them.
+    SourcePositions {
+        positions: Vec<SourcePosition>,
+    },
+}
+
+/// The last position of one partition of an outside source whose data is durable.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourcePosition {
+    pub source: String,
+    pub partition: i32,
+    pub last: i64,
 }
 
 /// A table's last-value cache: the latest row for each value of its key columns (tags).
@@ -232,6 +245,10 @@ pub struct CatalogState {
     /// Tables with a last-value cache (absent from catalogs written before caches existed).
     #[serde(default)]
     pub last_caches: BTreeMap<TableId, LastCacheDef>,
+    /// Per source partition, the last position recorded when the WAL was last persisted
+    /// (sorted by source and partition; absent from catalogs written before sources).
+    #[serde(default)]
+    pub source_positions: Vec<SourcePosition>,
 }
 
 impl CatalogState {
@@ -242,6 +259,14 @@ impl CatalogState {
     pub fn table(&self, database: &str, table: &str) -> Option<&TableDef> {
         let id = self.databases.get(database)?.tables.get(table)?;
         self.tables.get(id)
+    }
+
+    /// The last recorded position of `partition` of `source`.
+    pub fn source_position(&self, source: &str, partition: i32) -> Option<i64> {
+        self.source_positions
+            .iter()
+            .find(|p| p.source == source && p.partition == partition)
+            .map(|p| p.last)
     }
 
     pub fn table_by_id(&self, id: TableId) -> Option<&TableDef> {
@@ -346,6 +371,20 @@ impl CatalogState {
             }
             CatalogEvent::LastCacheDropped { table } => {
                 self.last_caches.remove(table);
+            }
+            CatalogEvent::SourcePositions { positions } => {
+                for p in positions {
+                    let at = self
+                        .source_positions
+                        .binary_search_by(|q| (&q.source, q.partition).cmp(&(&p.source, p.partition)));
+                    match at {
+                        Ok(i) => {
+                            let q = &mut self.source_positions[i];
+                            q.last = q.last.max(p.last);
+                        }
+                        Err(i) => self.source_positions.insert(i, p.clone()),
+                    }
+                }
             }
         }
         Ok(())

@@ -13,14 +13,14 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::buffer::{BufferPartition, Chunk, WriteBuffer, time_range};
 use crate::catalog::{
-    self, Catalog, CatalogEvent, CatalogState, LastCacheDef, SegmentMeta, TableDef,
+    self, Catalog, CatalogEvent, CatalogState, LastCacheDef, SegmentMeta, SourcePosition, TableDef,
 };
 use crate::dedup::merge_last_write_wins;
 use crate::ids::{SegmentId, SequenceNumber, TableId};
 use crate::last_cache::LastCache;
 use crate::persist::{encode_segment, sort_key};
 use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
-use crate::write::WriteBatch;
+use crate::write::{SourceRange, WriteBatch};
 
 #[cfg(test)]
 mod tests;
@@ -127,6 +127,43 @@ pub struct Engine {
     persist_wanted: tokio::sync::Notify,
     stats: EngineStats,
     last_caches: Arc<LastCaches>,
+    sources: Arc<SourcePositions>,
+}
+
+/// Per partition of each outside source, the last position whose data is durable in the
+/// WAL: from the catalog at start, then from every record replayed or appended.
+#[derive(Debug, Default)]
+struct SourcePositions {
+    last: parking_lot::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
+}
+
+impl SourcePositions {
+    fn record(&self, ranges: &[SourceRange]) {
+        if ranges.is_empty() {
+            return;
+        }
+        let mut last = self.last.lock();
+        for r in ranges {
+            let at = last.entry((r.source.clone(), r.partition)).or_insert(r.last);
+            *at = (*at).max(r.last);
+        }
+    }
+
+    fn get(&self, source: &str, partition: i32) -> Option<i64> {
+        self.last.lock().get(&(source.to_string(), partition)).copied()
+    }
+
+    fn all(&self) -> Vec<SourcePosition> {
+        self.last
+            .lock()
+            .iter()
+            .map(|((source, partition), last)| SourcePosition {
+                source: source.clone(),
+                partition: *partition,
+                last: *last,
+            })
+            .collect()
+    }
 }
 
 /// The tables' last-value caches, fed by every applied write.
@@ -171,6 +208,15 @@ impl Engine {
         let state = catalog.snapshot();
         let persisted = state.persisted_sequence;
         let buffer = Arc::new(WriteBuffer::new(persisted));
+        let sources = Arc::new(SourcePositions::default());
+        for p in &state.source_positions {
+            sources.record(&[SourceRange {
+                source: p.source.clone(),
+                partition: p.partition,
+                first: p.last,
+                last: p.last,
+            }]);
+        }
 
         let wal_config = WalConfig {
             dir: config.wal_dir.clone(),
@@ -179,6 +225,7 @@ impl Engine {
             max_group_bytes: 16 * 1024 * 1024,
         };
         let replay_buffer = Arc::clone(&buffer);
+        let replay_sources = Arc::clone(&sources);
         let observer = wal_observer.unwrap_or_else(|| Arc::new(NoObserver));
         let (wal, stats) = tokio::task::spawn_blocking(move || {
             Wal::open_with_observer(
@@ -190,6 +237,7 @@ impl Engine {
                     }
                     let batch = WriteBatch::decode(record.payload)?;
                     replay_buffer.apply(record.sequence, &batch, &state);
+                    replay_sources.record(&batch.sources);
                     Ok(())
                 },
                 observer,
@@ -219,6 +267,7 @@ impl Engine {
             persist_wanted: tokio::sync::Notify::new(),
             stats: EngineStats::default(),
             last_caches: Arc::default(),
+            sources,
         });
         for def in engine.catalog.snapshot().last_caches.values() {
             engine.start_last_cache(def);
@@ -389,10 +438,12 @@ impl Engine {
         let buffer = Arc::clone(&self.buffer);
         let catalog = Arc::clone(&self.catalog);
         let last_caches = Arc::clone(&self.last_caches);
+        let sources = Arc::clone(&self.sources);
         let task = tokio::spawn(async move {
             let seq = wal.append(RecordKind::WriteBatch, payload).await?;
             buffer.apply(seq, &batch, &catalog.snapshot());
             last_caches.offer(&batch);
+            sources.record(&batch.sources);
             Ok::<_, Error>(seq)
         });
         let seq = task.await.map_err(|e| Error::Internal(e.to_string()))??;
@@ -401,6 +452,17 @@ impl Engine {
             self.persist_wanted.notify_one();
         }
         Ok(seq)
+    }
+
+    /// The last position of `partition` of `source` whose data is durable (in the WAL or
+    /// in segments), if any write recorded one.
+    pub fn source_position(&self, source: &str, partition: i32) -> Option<i64> {
+        self.sources.get(source, partition)
+    }
+
+    /// Every source partition's last durable position, sorted by source and partition.
+    pub fn source_positions(&self) -> Vec<SourcePosition> {
+        self.sources.all()
     }
 
     /// A consistent view of one table for a query. Buffer chunks that can be merged are
@@ -546,6 +608,11 @@ impl Engine {
             .map(CatalogEvent::SegmentPersisted)
             .collect();
         events.push(CatalogEvent::WalPersisted { sequence: through });
+        // Positions may run past `through`: the WAL files holding those records are kept.
+        let positions = self.sources.all();
+        if !positions.is_empty() && positions != state.source_positions {
+            events.push(CatalogEvent::SourcePositions { positions });
+        }
         self.catalog.commit(events).await?;
         self.stats
             .segments_persisted

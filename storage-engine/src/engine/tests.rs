@@ -21,6 +21,10 @@ async fn open(dir: &std::path::Path) -> Arc<Engine> {
 }
 
 async fn write(engine: &Engine, rows: &[(&str, i64, f64)]) {
+    write_from(engine, rows, Vec::new()).await
+}
+
+async fn write_from(engine: &Engine, rows: &[(&str, i64, f64)], sources: Vec<SourceRange>) {
     let state = engine
         .catalog()
         .ensure_schema(
@@ -71,6 +75,7 @@ async fn write(engine: &Engine, rows: &[(&str, i64, f64)]) {
                 table: def.id,
                 batch,
             }],
+            sources,
         })
         .await
         .unwrap();
@@ -181,6 +186,7 @@ async fn a_full_buffer_refuses_writes_until_persisted() {
                 table: def.id,
                 batch: batch.clone(),
             }],
+            sources: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -193,7 +199,57 @@ async fn a_full_buffer_refuses_writes_until_persisted() {
                 table: def.id,
                 batch,
             }],
+            sources: Vec::new(),
         })
         .await
         .unwrap();
+}
+
+fn range(partition: i32, first: i64, last: i64) -> SourceRange {
+    SourceRange {
+        source: "kafka/g/t".into(),
+        partition,
+        first,
+        last,
+    }
+}
+
+/// A source's positions survive a crash (WAL replay), persistence that deletes the WAL
+/// files recording them (catalog), and a write holding positions but no rows.
+#[tokio::test]
+async fn source_positions_survive_replay_and_persistence() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path()).await;
+        assert_eq!(engine.source_position("kafka/g/t", 0), None);
+        write_from(&engine, &[("a", 1, 1.0)], vec![range(0, 0, 9)]).await;
+        write_from(&engine, &[("a", 2, 2.0)], vec![range(0, 10, 19), range(1, 0, 4)]).await;
+        assert_eq!(engine.source_position("kafka/g/t", 0), Some(19));
+        // Dropped without shutdown: only the WAL knows.
+    }
+    let engine = open(dir.path()).await;
+    assert_eq!(engine.source_position("kafka/g/t", 0), Some(19));
+    assert_eq!(engine.source_position("kafka/g/t", 1), Some(4));
+    let outcome = engine.persist().await.unwrap();
+    assert!(outcome.wal_files_removed > 0, "{outcome:?}");
+    assert_eq!(
+        engine.catalog_state().source_position("kafka/g/t", 0),
+        Some(19)
+    );
+    // Every message of a range rejected: the write carries positions only.
+    let database = engine.catalog_state().database("db").unwrap().id;
+    engine
+        .write(WriteBatch {
+            database,
+            tables: Vec::new(),
+            sources: vec![range(1, 5, 7)],
+        })
+        .await
+        .unwrap();
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert_eq!(engine.source_position("kafka/g/t", 0), Some(19));
+    assert_eq!(engine.source_position("kafka/g/t", 1), Some(7));
+    assert_eq!(contents(&engine).await.num_rows(), 2);
+    assert_eq!(engine.source_positions().len(), 2);
 }
