@@ -7,6 +7,7 @@
 //! ```
 
 pub mod arrow_batch;
+pub mod kafka;
 pub mod line_protocol;
 pub mod rows;
 pub mod write;

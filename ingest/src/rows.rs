@@ -11,6 +11,16 @@ use crate::line_protocol::{FieldValue, Line, LineError, Precision, ValidatedLine
 /// Typed rows → validated Arrow columns, with the same rules as line protocol.
 pub fn validate_rows(rows: &Rows, db: &str, catalog: &CatalogState) -> ValidatedLines {
     let mut validator = Validator::new(db, catalog);
+    push_rows(&mut validator, rows);
+    let mut out = validator.finish();
+    for e in &mut out.rejected {
+        e.column = 0;
+    }
+    out
+}
+
+/// Validates typed rows into `validator`; a rejected row is numbered from 1 within `rows`.
+pub fn push_rows(validator: &mut Validator<'_>, rows: &Rows) {
     let mut tags: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
     let mut fields: Vec<(Cow<'_, str>, FieldValue<'_>)> = Vec::new();
     for (i, row) in rows.rows.iter().enumerate() {
@@ -80,9 +90,4 @@ pub fn validate_rows(rows: &Rows, db: &str, catalog: &CatalogState) -> Validated
         };
         validator.push(&line, Precision::Nanoseconds, 0);
     }
-    let mut out = validator.finish();
-    for e in &mut out.rejected {
-        e.column = 0;
-    }
-    out
 }

@@ -159,6 +159,11 @@ impl<'c> Validator<'c> {
         self.out.rejected.push(error);
     }
 
+    /// The rows rejected so far, in order.
+    pub fn rejected(&self) -> &[LineError] {
+        &self.out.rejected
+    }
+
     pub fn finish(mut self) -> ValidatedLines {
         for t in self.tables {
             if t.rows == 0 {
