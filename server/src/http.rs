@@ -23,6 +23,8 @@ use crate::write::{FailureKind, WriteError, classify, write_validated};
 
 #[derive(Clone)]
 pub struct AppState {
+    /// The Kafka sources' live figures.
+    pub kafka: Arc<Vec<Arc<kiln_ingest::kafka::SourceStatus>>>,
     pub engine: Arc<Engine>,
     pub query: QueryEngine,
     pub metrics: Arc<Metrics>,
@@ -48,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/api/v3/kafka", get(kafka_status))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -645,4 +648,14 @@ async fn metrics(State(s): State<AppState>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// `GET /api/v3/kafka`: every Kafka source with its partitions' positions, lag and counts.
+async fn kafka_status(State(state): State<AppState>) -> Response {
+    let sources: Vec<_> = state
+        .kafka
+        .iter()
+        .map(|s| s.report(&state.engine))
+        .collect();
+    axum::Json(serde_json::json!({ "sources": sources })).into_response()
 }

@@ -7,6 +7,7 @@ mod client;
 mod flight;
 mod grpc;
 mod http;
+mod kafka;
 mod metrics;
 mod postgres;
 mod serve;

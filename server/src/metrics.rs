@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use kiln_ingest::kafka::SourceStatus;
 use kiln_query::QueryEngine;
 use kiln_storage::Engine;
 use kiln_storage::wal::WalObserver;
@@ -43,7 +44,12 @@ impl Metrics {
     }
 
     /// A registry with these metrics and the engine's counters.
-    pub fn registry(self: &Arc<Self>, engine: Arc<Engine>, query: QueryEngine) -> Registry {
+    pub fn registry(
+        self: &Arc<Self>,
+        engine: Arc<Engine>,
+        query: QueryEngine,
+        kafka: Arc<Vec<Arc<SourceStatus>>>,
+    ) -> Registry {
         let mut r = Registry::default();
         r.register(
             INGEST_LINES,
@@ -75,7 +81,11 @@ impl Metrics {
             "Times a gRPC write stream paused because the write buffer was full",
             self.stream_backpressure_waits.clone(),
         );
-        r.register_collector(Box::new(EngineCollector { engine, query }));
+        r.register_collector(Box::new(EngineCollector {
+            engine,
+            query,
+            kafka,
+        }));
         r
     }
 }
@@ -94,6 +104,7 @@ impl WalObserver for FsyncObserver {
 struct EngineCollector {
     engine: Arc<Engine>,
     query: QueryEngine,
+    kafka: Arc<Vec<Arc<SourceStatus>>>,
 }
 
 impl prometheus_client::collector::Collector for EngineCollector {
@@ -150,6 +161,69 @@ impl prometheus_client::collector::Collector for EngineCollector {
         for (name, help, value) in gauges {
             let g = ConstGauge::new(value as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        self.encode_kafka(&mut encoder)
+    }
+}
+
+impl EngineCollector {
+    /// Per Kafka partition: lag, messages, rows and dead-lettered messages.
+    fn encode_kafka(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.kafka.is_empty() {
+            return Ok(());
+        }
+        let reports: Vec<_> = self.kafka.iter().map(|s| s.report(&self.engine)).collect();
+        type Pick = fn(&kiln_ingest::kafka::PartitionStatus) -> Option<u64>;
+        let families: [(&str, &str, bool, Pick); 4] = [
+            (
+                "kiln_kafka_lag_messages",
+                "Messages of a Kafka partition produced but not yet durable in Kiln",
+                false,
+                |p| p.lag.map(|l| l as u64),
+            ),
+            (
+                "kiln_kafka_messages",
+                "Kafka messages consumed and made durable",
+                true,
+                |p| Some(p.messages),
+            ),
+            (
+                "kiln_kafka_rows",
+                "Rows written from Kafka messages",
+                true,
+                |p| Some(p.rows),
+            ),
+            (
+                "kiln_kafka_dead_lettered",
+                "Kafka messages sent to the dead-letter topic",
+                true,
+                |p| Some(p.dead_lettered),
+            ),
+        ];
+        for (name, help, counter, pick) in families {
+            let ty = if counter {
+                prometheus_client::metrics::MetricType::Counter
+            } else {
+                prometheus_client::metrics::MetricType::Gauge
+            };
+            let mut family = encoder.encode_descriptor(name, help, None, ty)?;
+            for r in &reports {
+                for p in &r.partitions {
+                    let Some(value) = pick(p) else { continue };
+                    let partition = p.partition.to_string();
+                    let labels = [
+                        ("group", r.group.as_str()),
+                        ("topic", p.topic.as_str()),
+                        ("partition", partition.as_str()),
+                    ];
+                    let metric = family.encode_family(&labels)?;
+                    if counter {
+                        ConstCounter::new(value).encode(metric)?;
+                    } else {
+                        ConstGauge::new(value as i64).encode(metric)?;
+                    }
+                }
+            }
         }
         Ok(())
     }

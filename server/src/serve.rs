@@ -95,9 +95,13 @@ pub struct ServeConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+
+    #[command(flatten)]
+    pub kafka: crate::kafka::KafkaArgs,
 }
 
 pub async fn run(config: ServeConfig) -> Result<(), String> {
+    let kafka_sources = config.kafka.sources()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         format!(
             "cannot create data directory {}: {e}",
@@ -160,8 +164,15 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("cannot start the query engine: {e}"))?;
-    let registry = Arc::new(metrics.registry(Arc::clone(&engine), query.clone()));
+    let sources = crate::kafka::Sources::start(kafka_sources, &engine)?;
+    let kafka = Arc::new(sources.statuses.clone());
+    let registry = Arc::new(metrics.registry(
+        Arc::clone(&engine),
+        query.clone(),
+        Arc::clone(&kafka),
+    ));
     let state = AppState {
+        kafka,
         engine: Arc::clone(&engine),
         query,
         metrics,
@@ -274,6 +285,8 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         }
     }
 
+    tracing::info!("stopping Kafka sources");
+    sources.stop().await;
     let _ = persist_stop_tx.send(true);
     let _ = persister.await;
     tracing::info!("persisting the write buffer and syncing the WAL");

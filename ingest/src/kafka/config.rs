@@ -39,12 +39,39 @@ pub struct SourceConfig {
     /// e.g. `"security.protocol" = "SASL_SSL"`.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// The time of a row that has none: the Kafka message's timestamp (`message`, the
+    /// default) or the time Kiln reads it (`ingest`).
+    #[serde(default)]
+    pub default_time: DefaultTime,
     /// Most messages written as one WAL record per partition.
     #[serde(default = "default_batch_messages")]
     pub batch_messages: usize,
     /// How long a batch waits for more messages before it is written.
     #[serde(default = "default_linger", with = "humantime_serde_compat")]
     pub linger: Duration,
+}
+
+/// Where a row without a time gets one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultTime {
+    /// The Kafka message's timestamp: a message read twice gives the same rows.
+    #[default]
+    Message,
+    /// When Kiln reads the message.
+    Ingest,
+}
+
+impl std::str::FromStr for DefaultTime {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "message" => Ok(Self::Message),
+            "ingest" => Ok(Self::Ingest),
+            other => Err(format!("unknown default time {other:?}; use message or ingest")),
+        }
+    }
 }
 
 /// The payload format of a source's messages.

@@ -37,7 +37,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
 
-use super::config::SourceConfig;
+use super::config::{DefaultTime, SourceConfig};
 use super::decode::{Decoder, Message, validate_messages};
 use crate::write::{WriteError, write};
 
@@ -552,7 +552,8 @@ impl KafkaSource {
     /// Validates `msgs`, dead-letters the bad ones and writes the rest with their range.
     /// A message rejected only now (the catalog changed since) fails the whole call.
     async fn write_messages(&self, topic: &str, partition: i32, msgs: &[OwnedMessage]) -> Result<(), WriteError> {
-        let decoded: Vec<Message<'_>> = msgs.iter().map(message_of).collect();
+        let message_time = self.config.default_time == DefaultTime::Message;
+        let decoded: Vec<Message<'_>> = msgs.iter().map(|m| message_of(m, message_time)).collect();
         let now = now_nanos();
         let db = self.config.database.as_str();
         let first = validate_messages(&self.decoder, &decoded, db, &self.engine.catalog_state(), now);
@@ -648,12 +649,13 @@ impl KafkaSource {
     }
 }
 
-fn message_of(m: &OwnedMessage) -> Message<'_> {
+fn message_of(m: &OwnedMessage, message_time: bool) -> Message<'_> {
     Message {
         payload: m.payload(),
         timestamp: m
             .timestamp()
             .to_millis()
+            .filter(|_| message_time)
             .and_then(|ms| ms.checked_mul(1_000_000)),
     }
 }

@@ -6,5 +6,5 @@ pub mod consumer;
 pub mod decode;
 pub mod json;
 
-pub use config::{Format, SourceConfig, sources_from_toml};
+pub use config::{DefaultTime, Format, SourceConfig, sources_from_toml};
 pub use consumer::{KafkaSource, PartitionStatus, SourceReport, SourceStatus};
