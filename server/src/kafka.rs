@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use clap::Args;
 use kiln_ingest::kafka::json::JsonMapping;
-use kiln_ingest::kafka::{DefaultTime, Format, KafkaSource, SourceConfig, SourceStatus, sources_from_toml};
+use kiln_ingest::kafka::{
+    DefaultTime, Format, KafkaSource, SourceConfig, SourceStatus, sources_from_toml,
+};
 use kiln_storage::Engine;
 use tokio::task::JoinHandle;
 
@@ -52,7 +54,11 @@ pub struct KafkaArgs {
 
     /// A librdkafka setting for the source, `key=value` (repeat, or comma-separate in the
     /// variable), e.g. `security.protocol=SASL_SSL`.
-    #[arg(long = "kafka-option", env = "KILN_KAFKA_OPTIONS", value_delimiter = ',')]
+    #[arg(
+        long = "kafka-option",
+        env = "KILN_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
     pub kafka_options: Vec<String>,
 
     /// The time of a row without one: `message` (the Kafka message's timestamp) or

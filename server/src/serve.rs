@@ -166,11 +166,8 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     .map_err(|e| format!("cannot start the query engine: {e}"))?;
     let sources = crate::kafka::Sources::start(kafka_sources, &engine)?;
     let kafka = Arc::new(sources.statuses.clone());
-    let registry = Arc::new(metrics.registry(
-        Arc::clone(&engine),
-        query.clone(),
-        Arc::clone(&kafka),
-    ));
+    let registry =
+        Arc::new(metrics.registry(Arc::clone(&engine), query.clone(), Arc::clone(&kafka)));
     let state = AppState {
         kafka,
         engine: Arc::clone(&engine),

@@ -6,6 +6,7 @@ mod crash;
 mod flight;
 mod grpc;
 mod http;
+mod kafka;
 mod last_cache;
 mod limits;
 mod persistence;

@@ -69,7 +69,9 @@ impl std::str::FromStr for DefaultTime {
         match s {
             "message" => Ok(Self::Message),
             "ingest" => Ok(Self::Ingest),
-            other => Err(format!("unknown default time {other:?}; use message or ingest")),
+            other => Err(format!(
+                "unknown default time {other:?}; use message or ingest"
+            )),
         }
     }
 }
@@ -176,9 +178,15 @@ impl SourceConfig {
             _ => {}
         }
         if self.batch_messages == 0 {
-            return Err(format!("source {name:?}: batch_messages must be at least 1"));
+            return Err(format!(
+                "source {name:?}: batch_messages must be at least 1"
+            ));
         }
-        if self.topics.iter().any(|t| Some(t) == self.dead_letter_topic.as_ref()) {
+        if self
+            .topics
+            .iter()
+            .any(|t| Some(t) == self.dead_letter_topic.as_ref())
+        {
             return Err(format!(
                 "source {name:?}: the dead-letter topic must not be one of the topics read"
             ));
@@ -237,10 +245,18 @@ json = { table = "readings", tags = { device = "$.device" }, fields = { temp = "
         assert_eq!(sources[0].dead_letter_topic(), "kiln.dead-letter");
         assert_eq!(sources[1].position_source("gw"), "kafka/gateways/gw");
 
-        std::fs::write(&path, "[[source]]\nbrokers = \"b\"\ntopics = [\"t\"]\ndatabase = \"d\"\nformat = \"json\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[[source]]\nbrokers = \"b\"\ntopics = [\"t\"]\ndatabase = \"d\"\nformat = \"json\"\n",
+        )
+        .unwrap();
         let e = sources_from_toml(&path).unwrap_err();
         assert!(e.contains("needs a json mapping"), "{e}");
-        std::fs::write(&path, "[[source]]\nbrokers = \"b\"\ntopics = [\"t\"]\ndatabase = \"d\"\nformat = \"xml\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[[source]]\nbrokers = \"b\"\ntopics = [\"t\"]\ndatabase = \"d\"\nformat = \"xml\"\n",
+        )
+        .unwrap();
         let e = sources_from_toml(&path).unwrap_err();
         assert!(e.contains("line 5"), "{e}");
     }

@@ -122,7 +122,12 @@ impl SourceStatus {
         }
     }
 
-    fn with<R>(&self, topic: &str, partition: i32, f: impl FnOnce(&mut PartitionFigures) -> R) -> R {
+    fn with<R>(
+        &self,
+        topic: &str,
+        partition: i32,
+        f: impl FnOnce(&mut PartitionFigures) -> R,
+    ) -> R {
         let mut map = self.partitions.lock();
         f(map.entry((topic.to_string(), partition)).or_default())
     }
@@ -184,8 +189,12 @@ impl ClientContext for SourceContext {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(group = %self.group, fac, "librdkafka: {message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(group = %self.group, fac, "librdkafka: {message}"),
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(group = %self.group, fac, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(group = %self.group, fac, "librdkafka: {message}")
+            }
             _ => tracing::debug!(group = %self.group, fac, "librdkafka: {message}"),
         }
     }
@@ -210,7 +219,11 @@ impl ClientContext for SourceContext {
 
 impl SourceContext {
     /// The next offset to read of each partition Kiln has a position for.
-    fn resume_offsets(&self, base: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> Vec<(String, i32, i64)> {
+    fn resume_offsets(
+        &self,
+        base: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> Vec<(String, i32, i64)> {
         let committed = match base.committed_offsets(tpl.clone(), COMMITTED_TIMEOUT) {
             Ok(c) => c,
             Err(e) => {
@@ -323,7 +336,11 @@ impl KafkaSource {
     /// Checks the configuration and creates the Kafka clients (no network round trip yet).
     pub fn new(config: SourceConfig, engine: Arc<Engine>) -> Result<Self, String> {
         config.check()?;
-        if let Some(k) = config.options.keys().find(|k| RESERVED_OPTIONS.contains(&k.as_str())) {
+        if let Some(k) = config
+            .options
+            .keys()
+            .find(|k| RESERVED_OPTIONS.contains(&k.as_str()))
+        {
             return Err(format!(
                 "Kafka option {k:?} is set by Kiln (brokers, group and Kiln's own offset tracking); remove it"
             ));
@@ -357,9 +374,12 @@ impl KafkaSource {
         let consumer: StreamConsumer<SourceContext> = consumer_config
             .create_with_context(context)
             .map_err(|e| format!("Kafka consumer for group {:?}: {e}", config.group))?;
-        let producer: FutureProducer = producer_config
-            .create()
-            .map_err(|e| format!("Kafka dead-letter producer for group {:?}: {e}", config.group))?;
+        let producer: FutureProducer = producer_config.create().map_err(|e| {
+            format!(
+                "Kafka dead-letter producer for group {:?}: {e}",
+                config.group
+            )
+        })?;
         Ok(Self {
             config: Arc::new(config),
             decoder,
@@ -512,7 +532,10 @@ impl KafkaSource {
                 // Valid alone, refused together (a name the catalog refuses, a type another
                 // writer set meanwhile): one message at a time finds the culprits.
                 for m in msgs {
-                    match self.write_messages(topic, partition, std::slice::from_ref(m)).await {
+                    match self
+                        .write_messages(topic, partition, std::slice::from_ref(m))
+                        .await
+                    {
                         Ok(()) => {}
                         Err(WriteError::Invalid(e) | WriteError::Rejected { message: e, .. }) => {
                             if !self.dead_letter_and_skip(topic, partition, m, &e).await {
@@ -525,14 +548,21 @@ impl KafkaSource {
                 true
             }
             Err(WriteError::Invalid(e) | WriteError::Rejected { message: e, .. }) => {
-                self.dead_letter_and_skip(topic, partition, &msgs[0], &e).await
+                self.dead_letter_and_skip(topic, partition, &msgs[0], &e)
+                    .await
             }
             Err(WriteError::Engine(_)) => false,
         }
     }
 
     /// Sends `m` to the dead-letter topic and records its offset as consumed.
-    async fn dead_letter_and_skip(&self, topic: &str, partition: i32, m: &OwnedMessage, error: &str) -> bool {
+    async fn dead_letter_and_skip(
+        &self,
+        topic: &str,
+        partition: i32,
+        m: &OwnedMessage,
+        error: &str,
+    ) -> bool {
         self.dead_letter(m, error).await;
         let range = self.range(topic, partition, std::slice::from_ref(m));
         self.write_retrying(vec![range], &mut |_| Ok(Default::default()))
@@ -551,12 +581,23 @@ impl KafkaSource {
 
     /// Validates `msgs`, dead-letters the bad ones and writes the rest with their range.
     /// A message rejected only now (the catalog changed since) fails the whole call.
-    async fn write_messages(&self, topic: &str, partition: i32, msgs: &[OwnedMessage]) -> Result<(), WriteError> {
+    async fn write_messages(
+        &self,
+        topic: &str,
+        partition: i32,
+        msgs: &[OwnedMessage],
+    ) -> Result<(), WriteError> {
         let message_time = self.config.default_time == DefaultTime::Message;
         let decoded: Vec<Message<'_>> = msgs.iter().map(|m| message_of(m, message_time)).collect();
         let now = now_nanos();
         let db = self.config.database.as_str();
-        let first = validate_messages(&self.decoder, &decoded, db, &self.engine.catalog_state(), now);
+        let first = validate_messages(
+            &self.decoder,
+            &decoded,
+            db,
+            &self.engine.catalog_state(),
+            now,
+        );
         let bad: Vec<usize> = first.rejected.iter().map(|(i, _)| *i).collect();
         for (i, error) in &first.rejected {
             self.dead_letter(&msgs[*i], error).await;
@@ -585,7 +626,8 @@ impl KafkaSource {
             let now = Instant::now();
             match f.rate_window {
                 (Some(start), n) if now.duration_since(start) >= Duration::from_secs(2) => {
-                    f.rate = (n + msgs.len() as u64) as f64 / now.duration_since(start).as_secs_f64();
+                    f.rate =
+                        (n + msgs.len() as u64) as f64 / now.duration_since(start).as_secs_f64();
                     f.rate_window = (Some(now), 0);
                 }
                 (Some(start), n) => f.rate_window = (Some(start), n + msgs.len() as u64),
@@ -600,13 +642,32 @@ impl KafkaSource {
     async fn write_retrying(
         &self,
         sources: Vec<SourceRange>,
-        validate: &mut (dyn FnMut(&kiln_storage::catalog::CatalogState) -> Result<crate::line_protocol::ValidatedLines, String> + Send),
+        validate: &mut (
+                 dyn FnMut(
+            &kiln_storage::catalog::CatalogState,
+        ) -> Result<crate::line_protocol::ValidatedLines, String>
+                     + Send
+             ),
     ) -> Result<usize, WriteError> {
         let mut delay = Duration::from_millis(20);
         loop {
-            match write(&self.engine, &self.config.database, false, sources.clone(), &mut *validate).await {
+            match write(
+                &self.engine,
+                &self.config.database,
+                false,
+                sources.clone(),
+                &mut *validate,
+            )
+            .await
+            {
                 Ok(w) => return Ok(w.rows),
-                Err(WriteError::Engine(e)) if !matches!(e, kiln_storage::engine::Error::ShuttingDown | kiln_storage::engine::Error::Wal(kiln_storage::wal::Error::Closed)) => {
+                Err(WriteError::Engine(e))
+                    if !matches!(
+                        e,
+                        kiln_storage::engine::Error::ShuttingDown
+                            | kiln_storage::engine::Error::Wal(kiln_storage::wal::Error::Closed)
+                    ) =>
+                {
                     if !e.is_retryable() {
                         tracing::error!(group = %self.config.group, error = %e, "writing Kafka messages failed; retrying");
                     }
@@ -625,10 +686,22 @@ impl KafkaSource {
         let offset = m.offset().to_string();
         tracing::warn!(group = %self.config.group, source_topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "message dead-lettered");
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "kiln.error", value: Some(error) })
-            .insert(Header { key: "kiln.source.topic", value: Some(m.topic()) })
-            .insert(Header { key: "kiln.source.partition", value: Some(&partition) })
-            .insert(Header { key: "kiln.source.offset", value: Some(&offset) });
+            .insert(Header {
+                key: "kiln.error",
+                value: Some(error),
+            })
+            .insert(Header {
+                key: "kiln.source.topic",
+                value: Some(m.topic()),
+            })
+            .insert(Header {
+                key: "kiln.source.partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "kiln.source.offset",
+                value: Some(&offset),
+            });
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
         if let Some(p) = m.payload() {
             record = record.payload(p);
@@ -642,7 +715,9 @@ impl KafkaSource {
         match self.producer.send(record, DEAD_LETTER_TIMEOUT).await {
             Ok(_) => {}
             Err((e, _)) => {
-                self.status.dead_letter_failures.fetch_add(1, Ordering::Relaxed);
+                self.status
+                    .dead_letter_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(group = %self.config.group, dead_letter_topic = %topic, source_topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "could not dead-letter a message; it stays in its source topic at this offset");
             }
         }

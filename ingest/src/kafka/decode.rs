@@ -218,9 +218,17 @@ mod tests {
         let out = validate_messages(&d, &msgs, "db", &catalog, 0);
         let bad: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
         assert_eq!(bad, vec![1, 3, 4], "{:?}", out.rejected);
-        assert!(out.rejected[0].1.starts_with("line 2, column"), "{:?}", out.rejected);
+        assert!(
+            out.rejected[0].1.starts_with("line 2, column"),
+            "{:?}",
+            out.rejected
+        );
         assert_eq!(out.rejected[1].1, "empty message");
-        assert!(out.rejected[2].1.contains("is a float field"), "{:?}", out.rejected);
+        assert!(
+            out.rejected[2].1.contains("is a float field"),
+            "{:?}",
+            out.rejected
+        );
         assert_eq!(out.rows.accepted_lines, 2);
         assert!(out.rows.rejected.is_empty());
         let (_, batch) = &out.rows.tables[0];
@@ -323,7 +331,15 @@ time_unit = "ms"
         let out = validate_messages(&Decoder::Protobuf, &msgs, "db", &CatalogState::default(), 0);
         assert_eq!(out.rows.accepted_lines, 1);
         assert_eq!(out.rejected.len(), 2);
-        assert!(out.rejected[0].1.contains("\"elsewhere\""), "{:?}", out.rejected);
-        assert!(out.rejected[1].1.starts_with("not a kiln.ingest.v1.WriteRequest"));
+        assert!(
+            out.rejected[0].1.contains("\"elsewhere\""),
+            "{:?}",
+            out.rejected
+        );
+        assert!(
+            out.rejected[1]
+                .1
+                .starts_with("not a kiln.ingest.v1.WriteRequest")
+        );
     }
 }

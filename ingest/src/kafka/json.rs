@@ -101,7 +101,9 @@ impl Source {
 
 fn parse_path(text: &str) -> Result<Vec<Step>, String> {
     let bad = |why: &str| format!("JSON path {text:?}: {why}");
-    let mut rest = text.strip_prefix('$').ok_or_else(|| bad("must start with $"))?;
+    let mut rest = text
+        .strip_prefix('$')
+        .ok_or_else(|| bad("must start with $"))?;
     let mut steps = Vec::new();
     while !rest.is_empty() {
         if let Some(r) = rest.strip_prefix('.') {
@@ -250,7 +252,9 @@ impl CompiledMapping {
                         tags.push((name.into(), v.to_string().into()))
                     }
                     Some(other) => {
-                        bad = Some(format!("tag {name:?}: {other} is not a string, number or boolean"));
+                        bad = Some(format!(
+                            "tag {name:?}: {other} is not a string, number or boolean"
+                        ));
                         break;
                     }
                 }
@@ -375,7 +379,11 @@ mod tests {
             ]
         );
         assert!(parse_path("$.").unwrap_err().contains("empty name"));
-        assert!(parse_path("$[x]").unwrap_err().contains("non-negative integer"));
+        assert!(
+            parse_path("$[x]")
+                .unwrap_err()
+                .contains("non-negative integer")
+        );
         assert!(parse_path("$a").unwrap_err().contains("expected"));
         let doc: Value = serde_json::json!({"a": {"b.c": [0, 1, {"d": 5}]}, "n": null});
         assert_eq!(

@@ -374,9 +374,9 @@ impl CatalogState {
             }
             CatalogEvent::SourcePositions { positions } => {
                 for p in positions {
-                    let at = self
-                        .source_positions
-                        .binary_search_by(|q| (&q.source, q.partition).cmp(&(&p.source, p.partition)));
+                    let at = self.source_positions.binary_search_by(|q| {
+                        (&q.source, q.partition).cmp(&(&p.source, p.partition))
+                    });
                     match at {
                         Ok(i) => {
                             let q = &mut self.source_positions[i];

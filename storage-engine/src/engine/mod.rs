@@ -144,13 +144,18 @@ impl SourcePositions {
         }
         let mut last = self.last.lock();
         for r in ranges {
-            let at = last.entry((r.source.clone(), r.partition)).or_insert(r.last);
+            let at = last
+                .entry((r.source.clone(), r.partition))
+                .or_insert(r.last);
             *at = (*at).max(r.last);
         }
     }
 
     fn get(&self, source: &str, partition: i32) -> Option<i64> {
-        self.last.lock().get(&(source.to_string(), partition)).copied()
+        self.last
+            .lock()
+            .get(&(source.to_string(), partition))
+            .copied()
     }
 
     fn all(&self) -> Vec<SourcePosition> {

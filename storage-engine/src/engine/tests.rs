@@ -223,7 +223,12 @@ async fn source_positions_survive_replay_and_persistence() {
         let engine = open(dir.path()).await;
         assert_eq!(engine.source_position("kafka/g/t", 0), None);
         write_from(&engine, &[("a", 1, 1.0)], vec![range(0, 0, 9)]).await;
-        write_from(&engine, &[("a", 2, 2.0)], vec![range(0, 10, 19), range(1, 0, 4)]).await;
+        write_from(
+            &engine,
+            &[("a", 2, 2.0)],
+            vec![range(0, 10, 19), range(1, 0, 4)],
+        )
+        .await;
         assert_eq!(engine.source_position("kafka/g/t", 0), Some(19));
         // Dropped without shutdown: only the WAL knows.
     }

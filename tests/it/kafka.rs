@@ -1,0 +1,574 @@
+//! Kafka ingest against librdkafka's mock cluster (a real Kafka-protocol server on a TCP
+//! port): exactly once through `kill -9`, a rebalance between two Kiln processes, the
+//! dead-letter topic, JSON mapping and the status endpoint.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::support::{TestServer, eventually};
+
+const PARTITIONS: i32 = 3;
+
+fn cluster(topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    for t in topics {
+        cluster
+            .create_topic(t, PARTITIONS, 1)
+            .expect("create topic");
+    }
+    cluster
+}
+
+fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+/// Produces `(partition, payload)` messages and waits until all are acknowledged.
+fn produce(bootstrap: &str, topic: &str, messages: impl IntoIterator<Item = (i32, Vec<u8>)>) {
+    let p = producer(bootstrap);
+    for (partition, payload) in messages {
+        let mut record = BaseRecord::<(), [u8]>::to(topic)
+            .partition(partition)
+            .payload(&payload);
+        loop {
+            match p.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// Flags of a line-protocol source on `topic` into database `plant`. Short session
+/// timeouts let a restarted process take over from the member `kill -9` left behind.
+fn source_args(bootstrap: &str, topic: &str) -> Vec<String> {
+    [
+        "--kafka-brokers",
+        bootstrap,
+        "--kafka-topics",
+        topic,
+        "--kafka-database",
+        "plant",
+        "--kafka-option",
+        "session.timeout.ms=5000",
+        "--kafka-option",
+        "heartbeat.interval.ms=300",
+        "--kafka-batch-messages",
+        "100",
+        "--kafka-linger",
+        "5ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start(dir: &std::path::Path, args: &[String]) -> TestServer {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestServer::start(dir, &args)
+}
+
+async fn count(server: &TestServer, sql: &str) -> u64 {
+    let (status, body) = server.query("plant", sql, "json").await;
+    if !status.is_success() {
+        return 0;
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
+    rows.first()
+        .and_then(|r| r.get("n"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+}
+
+/// Every `id` tag in `table`, with how many rows carry it.
+async fn ids(server: &TestServer, table: &str) -> BTreeMap<u64, u64> {
+    let rows = server
+        .query_json(
+            "plant",
+            &format!("SELECT id, count(*) AS n FROM {table} GROUP BY id"),
+        )
+        .await;
+    rows.iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().parse().unwrap(),
+                r["n"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn reading(id: u64) -> (i32, Vec<u8>) {
+    (
+        (id % PARTITIONS as u64) as i32,
+        format!("reading,id={id} v={id}i").into_bytes(),
+    )
+}
+
+/// Rows get the time Kiln reads them, so a message written twice would show as two rows:
+/// only exactly-once delivery leaves one row per id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_consumption_loses_and_duplicates_nothing() {
+    let cluster = cluster(&["telemetry"]);
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kiln");
+    let mut args = source_args(&bootstrap, "telemetry");
+    args.extend(["--kafka-default-time".into(), "ingest".into()]);
+
+    // Produced all along, while Kiln consumes, crashes and restarts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producing = {
+        let bootstrap = bootstrap.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut next = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                produce(&bootstrap, "telemetry", (next..next + 100).map(reading));
+                next += 100;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            next
+        })
+    };
+
+    let mut seen = 0;
+    for round in 0..3 {
+        let mut server = start(&data, &args);
+        let target = seen + 500;
+        assert!(
+            eventually(Duration::from_secs(60), || async {
+                count(&server, "SELECT count(*) AS n FROM reading").await >= target
+            })
+            .await,
+            "round {round}: fewer than {target} rows arrived"
+        );
+        seen = count(&server, "SELECT count(*) AS n FROM reading").await;
+        server.kill9();
+    }
+    let server = start(&data, &args);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total = producing.join().unwrap();
+    assert!(total > seen, "production ended before the last crash");
+
+    assert!(
+        eventually(Duration::from_secs(90), || async {
+            count(&server, "SELECT count(*) AS n FROM reading").await >= total
+        })
+        .await,
+        "not every message arrived"
+    );
+    // A few more batches' time for a duplicate to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids = ids(&server, "reading").await;
+    assert_eq!(ids.len() as u64, total, "ids missing");
+    let repeated: Vec<_> = ids.iter().filter(|(_, n)| **n != 1).take(10).collect();
+    assert!(
+        repeated.is_empty(),
+        "ids written more than once: {repeated:?}"
+    );
+    assert_eq!(
+        count(&server, "SELECT count(*) AS n FROM reading").await,
+        total
+    );
+
+    // Kafka was told too (for lag tools): the group's committed offsets reach the end.
+    let end = end_offsets(&bootstrap, "telemetry");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            committed(&bootstrap, "kiln", "telemetry") == end
+        })
+        .await,
+        "committed {:?}, end {end:?}",
+        committed(&bootstrap, "kiln", "telemetry")
+    );
+    // The status endpoint agrees: every partition assigned, positions at the end, no lag.
+    let status_ok = || async {
+        let status: serde_json::Value = server
+            .client
+            .get(server.url("/api/v3/kafka"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let partitions = status["sources"][0]["partitions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ok = partitions.len() == PARTITIONS as usize
+            && partitions.iter().all(|p| {
+                p["assigned"] == true
+                    && p["lag"] == 0
+                    && p["position"].as_i64().map(|o| o + 1)
+                        == Some(end[&p["partition"].as_i64().unwrap()])
+            });
+        (ok, status)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async { status_ok().await.0 }).await,
+        "{}",
+        status_ok().await.1
+    );
+}
+
+fn end_offsets(bootstrap: &str, topic: &str) -> BTreeMap<i64, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    (0..PARTITIONS)
+        .map(|p| {
+            let (_, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            (p as i64, high)
+        })
+        .collect()
+}
+
+fn committed(bootstrap: &str, group: &str, topic: &str) -> BTreeMap<i64, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let Ok(committed) = c.committed_offsets(tpl, Duration::from_secs(10)) else {
+        return BTreeMap::new();
+    };
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition() as i64, o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two Kiln processes in one consumer group: the second joins mid-stream (partitions move
+/// to it), then the first leaves (they all move back). Every message is written by exactly
+/// one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_between_two_kilns_splits_messages_exactly() {
+    const TOTAL: u64 = 6_000;
+    let cluster = cluster(&["line"]);
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = source_args(&bootstrap, "line");
+    args.extend(["--kafka-default-time".into(), "ingest".into()]);
+    let third = TOTAL / 3;
+
+    let mut a = start(&dir.path().join("a"), &args);
+    produce(&bootstrap, "line", (0..third).map(reading));
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            count(&a, "SELECT count(*) AS n FROM reading").await >= third / 2
+        })
+        .await
+    );
+    let b = start(&dir.path().join("b"), &args);
+    produce(&bootstrap, "line", (third..2 * third).map(reading));
+    // B got partitions of its own once it has rows.
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            count(&b, "SELECT count(*) AS n FROM reading").await > 0
+        })
+        .await,
+        "the second consumer never received a partition"
+    );
+    a.terminate();
+    produce(&bootstrap, "line", (2 * third..TOTAL).map(reading));
+    // A again, without Kafka flags: only to read what it wrote.
+    let a = TestServer::start(&dir.path().join("a"), &[]);
+    let in_a = count(&a, "SELECT count(*) AS n FROM reading").await;
+    assert!(
+        eventually(Duration::from_secs(90), || async {
+            count(&b, "SELECT count(*) AS n FROM reading").await >= TOTAL - in_a
+        })
+        .await,
+        "the second consumer did not catch up"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let from_a = ids(&a, "reading").await;
+    let from_b = ids(&b, "reading").await;
+    let both: BTreeSet<_> = from_a.keys().filter(|k| from_b.contains_key(k)).collect();
+    assert!(
+        both.is_empty(),
+        "{} ids written by both, e.g. {:?}",
+        both.len(),
+        both.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(from_a.values().chain(from_b.values()).all(|n| *n == 1));
+    assert_eq!(from_a.len() + from_b.len(), TOTAL as usize);
+    assert!(!from_a.is_empty() && !from_b.is_empty());
+}
+
+/// Messages that cannot be written go to the dead-letter topic with the error and where
+/// they came from; the messages around them are written and the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_their_error() {
+    let cluster = cluster(&["plc", "kiln.dead-letter"]);
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("kiln"), &source_args(&bootstrap, "plc"));
+    let mut messages: Vec<(i32, Vec<u8>)> = Vec::new();
+    for i in 0..30u64 {
+        messages.push((
+            0,
+            format!("plc,line=l1 temp={i}.5 {}", 1_000 + i).into_bytes(),
+        ));
+    }
+    messages.push((0, b"plc,line=l1 temp=oops 5000".to_vec()));
+    messages.push((0, b"plc,line=l1 temp=7i 5001".to_vec()));
+    messages.push((1, vec![0xff, 0xfe, 0x00]));
+    messages.push((
+        1,
+        b"plc,line=l2 temp=1.0 2000\nplc,line=l2 temp= 2001".to_vec(),
+    ));
+    messages.push((1, b"plc,line=l2 temp=2.0 2002".to_vec()));
+    produce(&bootstrap, "plc", messages);
+
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            count(&server, "SELECT count(*) AS n FROM plc").await >= 31
+        })
+        .await
+    );
+    let dead = read_all(&bootstrap, "kiln.dead-letter", 4, Duration::from_secs(30));
+    let by_origin: BTreeMap<(String, String), (String, Vec<u8>)> = dead
+        .into_iter()
+        .map(|(headers, payload)| {
+            (
+                (
+                    headers["kiln.source.partition"].clone(),
+                    headers["kiln.source.offset"].clone(),
+                ),
+                (headers["kiln.error"].clone(), payload),
+            )
+        })
+        .collect();
+    let keys: Vec<_> = by_origin.keys().cloned().collect();
+    let key = |p: &str, o: &str| (p.to_string(), o.to_string());
+    assert_eq!(
+        keys,
+        vec![key("0", "30"), key("0", "31"), key("1", "0"), key("1", "1")],
+        "{by_origin:?}"
+    );
+    let error = |p: &str, o: &str| by_origin[&key(p, o)].0.clone();
+    assert!(
+        error("0", "30").starts_with("line 1, column 18:"),
+        "{}",
+        error("0", "30")
+    );
+    assert!(
+        error("0", "31").contains("is a float field"),
+        "{}",
+        error("0", "31")
+    );
+    assert!(error("1", "0").contains("not UTF-8"), "{}", error("1", "0"));
+    assert!(
+        error("1", "1").starts_with("line 2, column"),
+        "{}",
+        error("1", "1")
+    );
+    assert_eq!(by_origin[&key("1", "0")].1, vec![0xff, 0xfe, 0x00]);
+    // The good line of a message with a bad one is not written either: a message is whole.
+    let l2 = server
+        .query_json(
+            "plant",
+            "SELECT temp FROM plc WHERE line = 'l2' ORDER BY time",
+        )
+        .await;
+    assert_eq!(l2.len(), 1, "{l2:?}");
+    assert_eq!(l2[0]["temp"], 2.0);
+    assert_eq!(count(&server, "SELECT count(*) AS n FROM plc").await, 31);
+
+    // Status and metrics: every message counted, nothing left to read.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let text = server
+                .client
+                .get(server.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.contains(
+                "kiln_kafka_dead_lettered_total{group=\"kiln\",topic=\"plc\",partition=\"0\"} 2",
+            ) && text
+                .contains("kiln_kafka_lag_messages{group=\"kiln\",topic=\"plc\",partition=\"1\"} 0")
+        })
+        .await,
+        "{}",
+        server
+            .client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    );
+}
+
+/// Headers and payload of the first `n` messages of every partition of `topic`.
+fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(BTreeMap<String, String>, Vec<u8>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "reader")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n && std::time::Instant::now() < deadline {
+        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((headers, m.payload().unwrap_or_default().to_vec()));
+    }
+    out
+}
+
+/// Two sources from a TOML file: line protocol and JSON gateway messages mapped to rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_from_a_toml_file_with_a_json_mapping() {
+    let cluster = cluster(&["lp", "gateway"]);
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kafka.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[[source]]
+brokers = "{bootstrap}"
+topics = ["lp"]
+database = "plant"
+precision = "s"
+
+[[source]]
+brokers = "{bootstrap}"
+topics = ["gateway"]
+group = "gateways"
+database = "plant"
+format = "json"
+[source.json]
+rows = "$.readings"
+table = "machines"
+tags = {{ device = "$.device", site = "north" }}
+fields = {{ temp = "$.temp", rpm = {{ path = "$.rpm", type = "integer" }} }}
+time = "$.ts"
+time_unit = "ms"
+"#
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start(
+        &dir.path().join("kiln"),
+        &["--kafka-config", file.to_str().unwrap()],
+    );
+    produce(
+        &bootstrap,
+        "lp",
+        [(0, b"cpu,host=a usage=5 1700000000".to_vec())],
+    );
+    produce(
+        &bootstrap,
+        "gateway",
+        [(
+            2,
+            br#"{"readings": [
+                {"device": "press-4", "ts": 1700000000123, "temp": 81.5, "rpm": 1450},
+                {"device": "press-5", "ts": 1700000000456, "temp": 79}]}"#
+                .to_vec(),
+        )],
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            count(&server, "SELECT count(*) AS n FROM machines").await == 2
+                && count(&server, "SELECT count(*) AS n FROM cpu").await == 1
+        })
+        .await
+    );
+    let rows = server
+        .query_json(
+            "plant",
+            "SELECT device, site, temp, rpm, CAST(time AS BIGINT) AS t FROM machines ORDER BY device",
+        )
+        .await;
+    assert_eq!(rows[0]["device"], "press-4");
+    assert_eq!(rows[0]["site"], "north");
+    assert_eq!(rows[0]["rpm"], 1450);
+    assert_eq!(rows[0]["t"], 1_700_000_000_123_000_000i64);
+    assert_eq!(rows[1]["temp"], 79.0);
+    assert!(rows[1].get("rpm").is_none_or(|v| v.is_null()), "{rows:?}");
+    let cpu = server
+        .query_json("plant", "SELECT CAST(time AS BIGINT) AS t FROM cpu")
+        .await;
+    assert_eq!(cpu[0]["t"], 1_700_000_000_000_000_000i64);
+
+    // A bad file stops start-up with a message naming it.
+    std::fs::write(
+        &file,
+        "[[source]]\nbrokers = \"x\"\ntopics = []\ndatabase = \"d\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .args(["--kafka-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at least one topic"), "{stderr}");
+}
