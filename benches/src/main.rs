@@ -1,5 +1,6 @@
 //! `kiln-bench`: drives a running Kiln server with the TSBS cpu-only workload.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,32 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Rows/s from Kafka to queryable in Kiln (line protocol and JSON messages), against
+    /// HTTP line-protocol ingest measured in the same run. Starts its own Kiln processes
+    /// and, unless `--brokers` is given, an in-process Kafka mock cluster.
+    Kafka {
+        #[command(flatten)]
+        workload: Workload,
+        /// The `kiln` binary to run.
+        #[arg(long, default_value = "target/release/kiln")]
+        kiln: PathBuf,
+        /// Bootstrap servers of a Kafka-compatible broker; an in-process mock cluster
+        /// (librdkafka's) by default.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Formats to measure (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "lp,json")]
+        formats: Vec<kiln_bench::kafka::KafkaFormat>,
+        /// Rows of the workload per Kafka message.
+        #[arg(long, default_value_t = 100)]
+        rows_per_message: usize,
+        /// Runs per format (interleaved with the HTTP runs); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Directory for the servers' data (removed after each run).
+        #[arg(long, default_value = "/tmp/kiln-bench-kafka")]
+        data_dir: PathBuf,
+    },
     /// Run the TSBS cpu-only query types on a server holding `ingest`'s data, and the same
     /// queries on DuckDB over the server's Parquet segments; print medians and ratios.
     Queries {
@@ -126,6 +153,32 @@ fn intervals(w: &Workload) -> usize {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Kafka {
+            workload,
+            kiln,
+            brokers,
+            formats,
+            rows_per_message,
+            runs,
+            data_dir,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let plan = KafkaPlan {
+                kiln,
+                brokers,
+                formats,
+                rows_per_message: rows_per_message.max(1),
+                runs: runs.max(1),
+                data_dir,
+            };
+            match runtime.block_on(kafka(&workload, &plan)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
         Command::Queries {
             workload,
             grpc_url,
@@ -232,14 +285,14 @@ fn main() -> std::process::ExitCode {
                 Protocol::GrpcRows | Protocol::GrpcArrow => grpc_url,
             };
             match runtime.block_on(ingest(
-                workload,
+                &workload,
                 protocol,
                 target,
                 db,
                 batch_size,
                 connections,
             )) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
+                Ok(_) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
                     std::process::ExitCode::FAILURE
@@ -388,19 +441,20 @@ impl ArrowColumns {
     }
 }
 
+/// Sends the workload and prints (and returns) rows/s.
 async fn ingest(
-    w: Workload,
+    w: &Workload,
     protocol: Protocol,
     target: String,
     db: String,
     batch_size: usize,
     connections: usize,
-) -> Result<(), String> {
+) -> Result<f64, String> {
     eprintln!(
         "generating scale={} duration={:?} seed={} as {protocol:?} ...",
         w.scale, w.duration, w.seed
     );
-    let batches = payloads(&w, protocol, &db, batch_size);
+    let batches = payloads(w, protocol, &db, batch_size);
     let total_rows: usize = batches.iter().map(|(n, _, _)| n).sum();
     let total_bytes: usize = batches.iter().map(|(_, b, _)| b).sum();
     eprintln!(
@@ -488,5 +542,125 @@ async fn ingest(
         pct(0.5).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
     );
+    Ok(total_rows as f64 / elapsed.as_secs_f64())
+}
+
+struct KafkaPlan {
+    kiln: PathBuf,
+    brokers: Option<String>,
+    formats: Vec<kiln_bench::kafka::KafkaFormat>,
+    rows_per_message: usize,
+    runs: usize,
+    data_dir: PathBuf,
+}
+
+/// Interleaves, per run: HTTP line protocol into a fresh Kiln, then each Kafka format into
+/// a fresh Kiln reading a freshly loaded topic. Prints a table of medians.
+async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
+    use kiln_bench::kafka::{
+        KafkaFormat, Kiln, PARTITIONS, json_mapping, median, messages, produce, time_to_queryable,
+    };
+    let mock = match &plan.brokers {
+        Some(_) => None,
+        None => {
+            Some(rdkafka::mocking::MockCluster::new(1).map_err(|e| format!("mock cluster: {e}"))?)
+        }
+    };
+    let bootstrap = match (&plan.brokers, &mock) {
+        (Some(b), _) => b.clone(),
+        (None, Some(m)) => m.bootstrap_servers(),
+        (None, None) => unreachable!("a mock cluster when no brokers are given"),
+    };
+    let mut loaded = Vec::new();
+    for &format in &plan.formats {
+        eprintln!(
+            "generating scale={} duration={:?} as {format:?}, {} rows per message ...",
+            w.scale, w.duration, plan.rows_per_message
+        );
+        let (rows, msgs) = messages(w.scale, w.seed, intervals(w), format, plan.rows_per_message);
+        let bytes: usize = msgs.iter().map(|(_, m)| m.len()).sum();
+        eprintln!(
+            "{format:?}: {rows} rows in {} messages ({:.1} MB)",
+            msgs.len(),
+            bytes as f64 / 1e6
+        );
+        loaded.push((format, rows, msgs));
+    }
+    let mut http_rates = Vec::new();
+    let mut kafka_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
+    for run in 0..plan.runs {
+        let server = Kiln::start(&plan.kiln, &plan.data_dir.join("http"), &[])?;
+        let target = format!("{}/api/v3/write_lp?db=benchmark", server.http);
+        let rate = ingest(w, Protocol::HttpLp, target, "benchmark".into(), 5000, 4).await;
+        server.stop();
+        http_rates.push(rate?);
+        for (i, (format, rows, msgs)) in loaded.iter().enumerate() {
+            let topic = format!("tsbs-{format:?}-{run}").to_lowercase();
+            if let Some(m) = &mock {
+                m.create_topic(&topic, PARTITIONS, 1)
+                    .map_err(|e| format!("topic {topic}: {e}"))?;
+            }
+            let t = Instant::now();
+            let (b, msgs2, topic2) = (bootstrap.clone(), msgs.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || produce(&b, &topic2, &msgs2))
+                .await
+                .map_err(|e| e.to_string())??;
+            eprintln!(
+                "run {run}: produced {} messages to {topic} in {:.1}s",
+                msgs.len(),
+                t.elapsed().as_secs_f64()
+            );
+            let mut args: Vec<String> = [
+                "--kafka-brokers",
+                &bootstrap,
+                "--kafka-topics",
+                &topic,
+                "--kafka-database",
+                "benchmark",
+                "--kafka-group",
+                &format!("bench-{run}"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if *format == KafkaFormat::Json {
+                args.extend([
+                    "--kafka-format".into(),
+                    "json".into(),
+                    "--kafka-json-mapping".into(),
+                    json_mapping(),
+                ]);
+            }
+            let server = Kiln::start(&plan.kiln, &plan.data_dir.join("kafka"), &args)?;
+            let rate = time_to_queryable(&server.http, "benchmark", *rows as u64).await;
+            server.stop();
+            let rate = rate?;
+            println!("run {run}: kafka {format:?} rows_per_sec={rate:.0}");
+            kafka_rates[i].push(rate);
+        }
+    }
+    let http = median(&http_rates);
+    println!();
+    println!("| source | runs (rows/s) | **median rows/s** | vs HTTP LP |");
+    println!("|---|---|---:|---:|");
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "| HTTP line protocol | {} | **{http:.0}** | 1.00× |",
+        list(&http_rates)
+    );
+    for (format, rates) in plan.formats.iter().zip(&kafka_rates) {
+        let m = median(rates);
+        println!(
+            "| Kafka {format:?} ({} rows/message) | {} | **{m:.0}** | {:.2}× |",
+            plan.rows_per_message,
+            list(rates),
+            m / http
+        );
+    }
     Ok(())
 }

@@ -273,3 +273,111 @@ pub async fn last_cache(command: LastCacheCommand) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KafkaCommand {
+    /// Show every Kafka source of a running server: per partition, Kiln's durable
+    /// position, the high watermark, the lag between them, and counts.
+    Status {
+        /// Base URL of the Kiln server.
+        #[arg(long, env = "KILN_HOST", default_value = "http://127.0.0.1:8080")]
+        host: String,
+    },
+}
+
+pub async fn kafka(command: KafkaCommand) -> Result<(), String> {
+    let KafkaCommand::Status { host } = command;
+    let url = format!("{}/api/v3/kafka", host.trim_end_matches('/'));
+    let resp = http()?
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {host}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(error_text(resp).await);
+    }
+    let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    let sources = v["sources"].as_array().cloned().unwrap_or_default();
+    if sources.is_empty() {
+        println!("no Kafka sources (see `kiln serve --help`, --kafka-*)");
+        return Ok(());
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) if n.is_f64() => format!("{:.0}", n.as_f64().unwrap_or(0.0)),
+        other => other.to_string(),
+    };
+    let header = [
+        "topic",
+        "partition",
+        "assigned",
+        "position",
+        "high",
+        "lag",
+        "messages",
+        "rows",
+        "dead-lettered",
+        "msg/s",
+    ];
+    for s in sources {
+        println!(
+            "source: group {} -> database {}{}{}",
+            text(&s["group"]),
+            text(&s["database"]),
+            if s["paused"] == true {
+                " (paused: write buffer full)"
+            } else {
+                ""
+            },
+            match s["dead_letter_failures"].as_u64() {
+                Some(n) if n > 0 => format!(", {n} messages could not be dead-lettered"),
+                _ => String::new(),
+            }
+        );
+        let rows: Vec<Vec<String>> = s["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                [
+                    "topic",
+                    "partition",
+                    "assigned",
+                    "position",
+                    "high_watermark",
+                    "lag",
+                    "messages",
+                    "rows",
+                    "dead_lettered",
+                    "messages_per_second",
+                ]
+                .iter()
+                .map(|k| text(&p[*k]))
+                .collect()
+            })
+            .collect();
+        let widths: Vec<usize> = (0..header.len())
+            .map(|i| {
+                rows.iter()
+                    .map(|r| r[i].len())
+                    .chain([header[i].len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+        };
+        println!("{}", line(&header.map(String::from)));
+        for r in &rows {
+            println!("{}", line(r));
+        }
+    }
+    Ok(())
+}

@@ -35,6 +35,9 @@ enum Command {
     /// Create or drop a table's last-value cache on a running server.
     #[command(subcommand)]
     LastCache(client::LastCacheCommand),
+    /// Kafka sources of a running server.
+    #[command(subcommand)]
+    Kafka(client::KafkaCommand),
 }
 
 fn init_logging(json: bool) {
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
             Command::Write(args) => client::write(args).await,
             Command::Query(args) => client::query(args).await,
             Command::LastCache(command) => client::last_cache(command).await,
+            Command::Kafka(command) => client::kafka(command).await,
         }
     });
     match result {

@@ -434,6 +434,29 @@ async fn poison_messages_are_dead_lettered_with_their_error() {
             .await
             .unwrap()
     );
+    // `kiln kafka status` prints the same figures as a table.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["kafka", "status", "--host", &server.base])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("source: group kiln -> database plant"),
+        "{stdout}"
+    );
+    let p0: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.split_whitespace().take(2).eq(["plc", "0"]))
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .split_whitespace()
+        .collect();
+    // topic, partition, assigned, position, high, lag, messages, rows, dead-lettered
+    assert_eq!(
+        &p0[..9],
+        ["plc", "0", "true", "31", "32", "0", "32", "30", "2"],
+        "{stdout}"
+    );
 }
 
 /// Headers and payload of the first `n` messages of every partition of `topic`.
