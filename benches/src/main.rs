@@ -108,6 +108,16 @@ enum Command {
         #[arg(long, default_value = "/tmp/kiln-bench-kafka")]
         data_dir: PathBuf,
     },
+    /// Run librdkafka's mock Kafka cluster (for tests and scripts): prints
+    /// `bootstrap=host:port` once its topics exist, and runs until stdin closes.
+    MockKafka {
+        /// A topic to create, `name:partitions` (repeat).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+        /// Brokers in the cluster.
+        #[arg(long, default_value_t = 1)]
+        brokers: i32,
+    },
     /// Run the TSBS cpu-only query types on a server holding `ingest`'s data, and the same
     /// queries on DuckDB over the server's Parquet segments; print medians and ratios.
     Queries {
@@ -153,6 +163,13 @@ fn intervals(w: &Workload) -> usize {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::MockKafka { topics, brokers } => match mock_kafka(&topics, brokers) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Kafka {
             workload,
             kiln,
@@ -543,6 +560,27 @@ async fn ingest(
         pct(0.99).as_secs_f64() * 1e3,
     );
     Ok(total_rows as f64 / elapsed.as_secs_f64())
+}
+
+fn mock_kafka(topics: &[String], brokers: i32) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let cluster =
+        rdkafka::mocking::MockCluster::new(brokers).map_err(|e| format!("mock cluster: {e}"))?;
+    for t in topics {
+        let (name, partitions) = t
+            .rsplit_once(':')
+            .and_then(|(n, p)| Some((n, p.parse::<i32>().ok()?)))
+            .ok_or_else(|| format!("--topic {t:?}: expected name:partitions"))?;
+        cluster
+            .create_topic(name, partitions, 1)
+            .map_err(|e| format!("topic {name}: {e}"))?;
+    }
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "bootstrap={}", cluster.bootstrap_servers()).map_err(|e| e.to_string())?;
+    stdout.flush().map_err(|e| e.to_string())?;
+    // Until whoever started us closes our stdin (or kills us).
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    Ok(())
 }
 
 struct KafkaPlan {

