@@ -147,40 +147,41 @@ impl KafkaArgs {
 pub struct Sources {
     pub statuses: Vec<Arc<SourceStatus>>,
     tasks: Vec<JoinHandle<()>>,
-    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Sources {
-    /// Creates every source's clients (a bad setting fails start-up) and starts consuming.
-    pub fn start(configs: Vec<SourceConfig>, engine: &Arc<Engine>) -> Result<Self, String> {
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    /// Creates every source's clients (a bad setting fails start-up) and starts consuming
+    /// until `shutdown` turns true.
+    pub fn start(
+        configs: Vec<SourceConfig>,
+        engine: &Arc<Engine>,
+        shutdown: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Self, String> {
         let mut made = Vec::new();
         for config in configs {
-            made.push(KafkaSource::new(config, Arc::clone(engine))?);
+            made.push(KafkaSource::new(
+                config,
+                Arc::clone(engine),
+                shutdown.clone(),
+            )?);
         }
         let statuses = made.iter().map(KafkaSource::status).collect();
         let tasks = made
             .into_iter()
             .map(|source| {
-                let stop = crate::serve::stopped(stop_rx.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = source.run(stop).await {
+                    if let Err(e) = source.run().await {
                         tracing::error!(error = %e, "Kafka source failed");
                     }
                 })
             })
             .collect();
-        Ok(Self {
-            statuses,
-            tasks,
-            stop,
-        })
+        Ok(Self { statuses, tasks })
     }
 
-    /// Stops consuming: each source finishes the batch it is writing, commits its offsets
-    /// and leaves its group.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
+    /// Waits for the sources to stop (after the shutdown signal): each finishes the batch
+    /// it is writing, commits its offsets and leaves its group.
+    pub async fn stopped(self) {
         for task in self.tasks {
             let _ = task.await;
         }

@@ -164,7 +164,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("cannot start the query engine: {e}"))?;
-    let sources = crate::kafka::Sources::start(kafka_sources, &engine)?;
+    let sources = crate::kafka::Sources::start(kafka_sources, &engine, &stop_rx)?;
     let kafka = Arc::new(sources.statuses.clone());
     let registry =
         Arc::new(metrics.registry(Arc::clone(&engine), query.clone(), Arc::clone(&kafka)));
@@ -282,8 +282,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         }
     }
 
-    tracing::info!("stopping Kafka sources");
-    sources.stop().await;
+    sources.stopped().await;
     let _ = persist_stop_tx.send(true);
     let _ = persister.await;
     tracing::info!("persisting the write buffer and syncing the WAL");

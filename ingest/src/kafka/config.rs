@@ -129,6 +129,11 @@ mod humantime_serde_compat {
     }
 }
 
+/// The name the WAL records the positions of `group` in `topic` under.
+pub fn position_source(group: &str, topic: &str) -> String {
+    format!("kafka/{group}/{topic}")
+}
+
 /// A TOML file of sources: `[[source]]` tables with the fields of [`SourceConfig`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,7 +211,7 @@ impl SourceConfig {
 
     /// The name positions are recorded under for `topic`: unique per group and topic.
     pub fn position_source(&self, topic: &str) -> String {
-        format!("kafka/{}/{topic}", self.group)
+        position_source(&self.group, topic)
     }
 }
 

@@ -36,8 +36,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
+use tokio::sync::watch;
 
-use super::config::{DefaultTime, SourceConfig};
+use super::config::{DefaultTime, SourceConfig, position_source};
 use super::decode::{Decoder, Message, validate_messages};
 use crate::write::{WriteError, write};
 
@@ -53,6 +54,9 @@ const RESERVED_OPTIONS: &[&str] = &[
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a dead-letter message is retried before it is given up (and logged).
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A partition without a write for this long shows no throughput.
+const RATE_STALE: Duration = Duration::from_secs(5);
 
 /// Figures of one partition, as the status endpoint shows them.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -154,7 +158,11 @@ impl SourceStatus {
                     messages: f.messages,
                     rows: f.rows,
                     dead_lettered: f.dead_lettered,
-                    messages_per_second: f.rate,
+                    // No write for a while: nothing is flowing.
+                    messages_per_second: match f.rate_window.0 {
+                        Some(start) if start.elapsed() < RATE_STALE => f.rate,
+                        _ => 0.0,
+                    },
                 }
             })
             .collect();
@@ -168,10 +176,6 @@ impl SourceStatus {
             partitions,
         }
     }
-}
-
-fn position_source(group: &str, topic: &str) -> String {
-    format!("kafka/{group}/{topic}")
 }
 
 /// The consumer's context: rebalance handling and statistics.
@@ -330,11 +334,17 @@ pub struct KafkaSource {
     status: Arc<SourceStatus>,
     consumer: StreamConsumer<SourceContext>,
     producer: FutureProducer,
+    /// Turns true when the server stops: retries give up.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl KafkaSource {
     /// Checks the configuration and creates the Kafka clients (no network round trip yet).
-    pub fn new(config: SourceConfig, engine: Arc<Engine>) -> Result<Self, String> {
+    pub fn new(
+        config: SourceConfig,
+        engine: Arc<Engine>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, String> {
         config.check()?;
         if let Some(k) = config
             .options
@@ -387,6 +397,7 @@ impl KafkaSource {
             status,
             consumer,
             producer,
+            shutdown,
         })
     }
 
@@ -394,8 +405,12 @@ impl KafkaSource {
         Arc::clone(&self.status)
     }
 
-    /// Consumes until `shutdown` resolves; then commits and leaves the group.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    /// Consumes until the shutdown signal; then commits and leaves the group.
+    pub async fn run(self) -> Result<(), String> {
+        let mut signal = self.shutdown.clone();
+        let shutdown = async move {
+            let _ = signal.wait_for(|stop| *stop).await;
+        };
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
         self.consumer
             .subscribe(&topics)
