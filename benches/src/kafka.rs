@@ -60,6 +60,7 @@ impl Kiln {
         };
         let http = read("Kiln HTTP listening on ")?;
         let grpc = read("Kiln gRPC listening on ")?;
+        read("Kiln PostgreSQL listening on ")?;
         Ok(Self {
             child,
             http,
@@ -172,14 +173,38 @@ pub fn messages(
     (rows, out)
 }
 
+/// Counts messages the broker refused.
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::atomic::AtomicUsize,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.first_error
+                .lock()
+                .expect("not poisoned")
+                .get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
 /// Produces `messages` to `topic` and waits until every one is acknowledged.
 pub fn produce(bootstrap: &str, topic: &str, messages: &[(i32, Vec<u8>)]) -> Result<(), String> {
-    let producer: BaseProducer = ClientConfig::new()
+    let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
         .set("batch.size", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
-        .create()
+        .create_with_context(Deliveries::default())
         .map_err(|e| e.to_string())?;
     for (partition, payload) in messages {
         let mut record = BaseRecord::<(), [u8]>::to(topic)
@@ -198,7 +223,19 @@ pub fn produce(bootstrap: &str, topic: &str, messages: &[(i32, Vec<u8>)]) -> Res
     }
     producer
         .flush(Duration::from_secs(300))
-        .map_err(|e| format!("producing to {topic}: {e}"))
+        .map_err(|e| format!("producing to {topic}: {e}"))?;
+    let ctx = producer.context();
+    match ctx.failed.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Ok(()),
+        n => Err(format!(
+            "{n} messages to {topic} were not delivered: {}",
+            ctx.first_error
+                .lock()
+                .expect("not poisoned")
+                .clone()
+                .unwrap_or_default()
+        )),
+    }
 }
 
 /// Rows in `table` of `db` now (0 while the table does not exist).

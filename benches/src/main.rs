@@ -91,8 +91,9 @@ enum Command {
         /// The `kiln` binary to run.
         #[arg(long, default_value = "target/release/kiln")]
         kiln: PathBuf,
-        /// Bootstrap servers of a Kafka-compatible broker; an in-process mock cluster
-        /// (librdkafka's) by default.
+        /// Bootstrap servers of a Kafka-compatible broker holding topics `tsbs-lp-<run>`
+        /// and `tsbs-json-<run>` (3 partitions each); an in-process mock cluster
+        /// (librdkafka's, which keeps only 5 MB per partition) by default.
         #[arg(long)]
         brokers: Option<String>,
         /// Formats to measure (comma-separated).
@@ -107,6 +108,10 @@ enum Command {
         /// Directory for the servers' data (removed after each run).
         #[arg(long, default_value = "/tmp/kiln-bench-kafka")]
         data_dir: PathBuf,
+        /// An extra argument for the Kafka-consuming `kiln serve` (repeat), e.g.
+        /// `--kiln-arg=--kafka-option=fetch.wait.max.ms=10`.
+        #[arg(long = "kiln-arg", allow_hyphen_values = true)]
+        kiln_args: Vec<String>,
     },
     /// Run librdkafka's mock Kafka cluster (for tests and scripts): prints
     /// `bootstrap=host:port` once its topics exist, and runs until stdin closes.
@@ -178,6 +183,7 @@ fn main() -> std::process::ExitCode {
             rows_per_message,
             runs,
             data_dir,
+            kiln_args,
         } => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             let plan = KafkaPlan {
@@ -187,6 +193,7 @@ fn main() -> std::process::ExitCode {
                 rows_per_message: rows_per_message.max(1),
                 runs: runs.max(1),
                 data_dir,
+                kiln_args,
             };
             match runtime.block_on(kafka(&workload, &plan)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
@@ -590,6 +597,7 @@ struct KafkaPlan {
     rows_per_message: usize,
     runs: usize,
     data_dir: PathBuf,
+    kiln_args: Vec<String>,
 }
 
 /// Interleaves, per run: HTTP line protocol into a fresh Kiln, then each Kafka format into
@@ -622,7 +630,7 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
             msgs.len(),
             bytes as f64 / 1e6
         );
-        loaded.push((format, rows, msgs));
+        loaded.push((format, rows, Arc::new(msgs)));
     }
     let mut http_rates = Vec::new();
     let mut kafka_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
@@ -639,7 +647,7 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
                     .map_err(|e| format!("topic {topic}: {e}"))?;
             }
             let t = Instant::now();
-            let (b, msgs2, topic2) = (bootstrap.clone(), msgs.clone(), topic.clone());
+            let (b, msgs2, topic2) = (bootstrap.clone(), Arc::clone(msgs), topic.clone());
             tokio::task::spawn_blocking(move || produce(&b, &topic2, &msgs2))
                 .await
                 .map_err(|e| e.to_string())??;
@@ -661,6 +669,7 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            args.extend(plan.kiln_args.iter().cloned());
             if *format == KafkaFormat::Json {
                 args.extend([
                     "--kafka-format".into(),

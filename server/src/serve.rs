@@ -193,9 +193,15 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%http_addr, %grpc_addr, %pg_addr, data_dir = %config.data_dir.display(), "Kiln is serving");
     // Stable lines on stdout for scripts and tests that bind port 0.
-    println!("Kiln HTTP listening on http://{http_addr}");
-    println!("Kiln gRPC listening on http://{grpc_addr}");
-    println!("Kiln PostgreSQL listening on postgres://{pg_addr}");
+    // A closed stdout (the reader went away) must not stop the server.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "Kiln HTTP listening on http://{http_addr}");
+        let _ = writeln!(out, "Kiln gRPC listening on http://{grpc_addr}");
+        let _ = writeln!(out, "Kiln PostgreSQL listening on postgres://{pg_addr}");
+        let _ = out.flush();
+    }
 
     let (persist_stop_tx, persist_stop_rx) = tokio::sync::watch::channel(false);
     let persister = tokio::spawn(Arc::clone(&engine).run_persister(stopped(persist_stop_rx)));

@@ -595,3 +595,43 @@ time_unit = "ms"
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("at least one topic"), "{stderr}");
 }
+
+/// A write buffer that fills up pauses consumption (no unbounded memory) until persistence
+/// empties it; consumption resumes and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_buffer_pauses_consumption_and_loses_nothing() {
+    const TOTAL: u64 = 3_000;
+    let cluster = cluster(&["busy"]);
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = source_args(&bootstrap, "busy");
+    args.extend(
+        ["--max-buffer-bytes", "60000", "--persist-interval", "1h"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let server = start(&dir.path().join("kiln"), &args);
+    produce(&bootstrap, "busy", (0..TOTAL).map(reading));
+    assert!(
+        eventually(Duration::from_secs(90), || async {
+            count(&server, "SELECT count(*) AS n FROM reading").await >= TOTAL
+        })
+        .await,
+        "not every message arrived"
+    );
+    let status: serde_json::Value = server
+        .client
+        .get(server.url("/api/v3/kafka"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        status["sources"][0]["pauses"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    assert!(server.metric("kiln_segments_persisted_total").await >= 1.0);
+    assert_eq!(ids(&server, "reading").await.len() as u64, TOTAL);
+}

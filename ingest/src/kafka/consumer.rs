@@ -329,10 +329,20 @@ impl ConsumerContext for SourceContext {
 /// A running source.
 pub struct KafkaSource {
     config: Arc<SourceConfig>,
-    decoder: Decoder,
     engine: Arc<Engine>,
     status: Arc<SourceStatus>,
     consumer: StreamConsumer<SourceContext>,
+    shutdown: watch::Receiver<bool>,
+    writer: Arc<PartitionWriter>,
+}
+
+/// Turns one partition's messages into a WAL record (and dead letters); partitions are
+/// written side by side, each on its own task.
+struct PartitionWriter {
+    config: Arc<SourceConfig>,
+    decoder: Decoder,
+    engine: Arc<Engine>,
+    status: Arc<SourceStatus>,
     producer: FutureProducer,
     /// Turns true when the server stops: retries give up.
     shutdown: watch::Receiver<bool>,
@@ -390,14 +400,22 @@ impl KafkaSource {
                 config.group
             )
         })?;
-        Ok(Self {
-            config: Arc::new(config),
+        let config = Arc::new(config);
+        let writer = Arc::new(PartitionWriter {
+            config: Arc::clone(&config),
             decoder,
+            engine: Arc::clone(&engine),
+            status: Arc::clone(&status),
+            producer,
+            shutdown: shutdown.clone(),
+        });
+        Ok(Self {
+            config,
             engine,
             status,
             consumer,
-            producer,
             shutdown,
+            writer,
         })
     }
 
@@ -515,20 +533,30 @@ impl KafkaSource {
         if batches.is_empty() {
             return true;
         }
-        let results = futures::future::join_all(
-            batches
-                .iter()
-                .map(|((topic, partition), msgs)| self.write_partition(topic, *partition, msgs)),
-        )
-        .await;
+        // Decoding and validation are CPU work: one task per partition uses every core.
+        let tasks: Vec<_> = batches
+            .into_iter()
+            .map(|((topic, partition), msgs)| {
+                let writer = Arc::clone(&self.writer);
+                tokio::spawn(async move {
+                    let written = writer.write_partition(&topic, partition, &msgs).await;
+                    let next = msgs.last().map_or(0, |m| m.offset() + 1);
+                    (topic, partition, next, written)
+                })
+            })
+            .collect();
         let mut commit = TopicPartitionList::new();
         let mut up = true;
-        for (((topic, partition), msgs), written) in batches.iter().zip(results) {
-            if written {
-                let next = msgs.last().map_or(0, |m| m.offset() + 1);
-                let _ = commit.add_partition_offset(topic, *partition, Offset::Offset(next));
-            } else {
-                up = false;
+        for task in tasks {
+            match task.await {
+                Ok((topic, partition, next, true)) => {
+                    let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(next));
+                }
+                Ok((.., false)) => up = false,
+                Err(e) => {
+                    tracing::error!(group = %self.config.group, error = %e, "a partition write task failed");
+                    up = false;
+                }
             }
         }
         if commit.count() > 0
@@ -538,7 +566,9 @@ impl KafkaSource {
         }
         up
     }
+}
 
+impl PartitionWriter {
     /// Writes one partition's messages; `false` only if the engine is shutting down.
     async fn write_partition(&self, topic: &str, partition: i32, msgs: &[OwnedMessage]) -> bool {
         match self.write_messages(topic, partition, msgs).await {
@@ -677,11 +707,14 @@ impl KafkaSource {
             {
                 Ok(w) => return Ok(w.rows),
                 Err(WriteError::Engine(e))
-                    if !matches!(
-                        e,
-                        kiln_storage::engine::Error::ShuttingDown
-                            | kiln_storage::engine::Error::Wal(kiln_storage::wal::Error::Closed)
-                    ) =>
+                    if !*self.shutdown.borrow()
+                        && !matches!(
+                            e,
+                            kiln_storage::engine::Error::ShuttingDown
+                                | kiln_storage::engine::Error::Wal(
+                                    kiln_storage::wal::Error::Closed
+                                )
+                        ) =>
                 {
                     if !e.is_retryable() {
                         tracing::error!(group = %self.config.group, error = %e, "writing Kafka messages failed; retrying");

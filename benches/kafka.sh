@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Kafka to queryable vs HTTP line protocol (kiln-bench kafka), through the tansu broker
+# (built from crates.io into ~/.cache/kiln-tools once; librdkafka's mock cluster keeps only
+# 5 MB per partition, too little to preload a topic).
+#   SCALE=1000 DURATION=6h RUNS=3 ROWS_PER_MESSAGE=100 benches/kafka.sh [kiln-bench kafka flags]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+tools="${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}"
+if [ ! -x "$tools/bin/tansu" ]; then
+  cargo install --quiet --locked --root "$tools" tansu@0.6.0 --features dynostore,libsql
+fi
+cargo build --release --locked -p kiln-server -p kiln-bench
+port="${TANSU_PORT:-19092}"
+work="$(mktemp -d)"
+"$tools/bin/tansu" broker --listener-url "tcp://127.0.0.1:$port" \
+  --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine memory://tansu/ \
+  > "$work/tansu.log" 2>&1 &
+broker=$!
+trap 'kill "$broker" 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 100); do
+  (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.1
+done
+for run in $(seq 0 $(( ${RUNS:-3} - 1 ))); do
+  for format in lp json; do
+    "$tools/bin/tansu" topic create --broker "tcp://127.0.0.1:$port" --partitions 3 "tsbs-$format-$run" > /dev/null
+  done
+done
+./target/release/kiln-bench kafka --brokers "127.0.0.1:$port" \
+  --scale "${SCALE:-1000}" --duration "${DURATION:-6h}" --runs "${RUNS:-3}" \
+  --rows-per-message "${ROWS_PER_MESSAGE:-100}" "$@"
