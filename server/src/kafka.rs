@@ -70,6 +70,10 @@ pub struct KafkaArgs {
     #[arg(long, env = "KILN_KAFKA_BATCH_MESSAGES", default_value_t = 10_000)]
     pub kafka_batch_messages: usize,
 
+    /// Most payload bytes read before a batch is written (all partitions together).
+    #[arg(long, env = "KILN_KAFKA_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub kafka_batch_bytes: usize,
+
     /// How long a batch waits for more messages before it is written.
     #[arg(long, env = "KILN_KAFKA_LINGER", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub kafka_linger: Duration,
@@ -121,6 +125,7 @@ impl KafkaArgs {
                 options,
                 default_time: self.kafka_default_time,
                 batch_messages: self.kafka_batch_messages,
+                batch_bytes: self.kafka_batch_bytes,
                 linger: self.kafka_linger,
             };
             source.check()?;

@@ -46,6 +46,9 @@ pub struct SourceConfig {
     /// Most messages written as one WAL record per partition.
     #[serde(default = "default_batch_messages")]
     pub batch_messages: usize,
+    /// Most payload bytes read before a batch is written (all partitions together).
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
     /// How long a batch waits for more messages before it is written.
     #[serde(default = "default_linger", with = "humantime_serde_compat")]
     pub linger: Duration,
@@ -112,6 +115,9 @@ fn default_precision() -> String {
 }
 fn default_batch_messages() -> usize {
     10_000
+}
+fn default_batch_bytes() -> usize {
+    8 * 1024 * 1024
 }
 fn default_linger() -> Duration {
     Duration::from_millis(20)

@@ -37,6 +37,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::config::{DefaultTime, SourceConfig, position_source};
 use super::decode::{Decoder, Message, validate_messages};
@@ -185,7 +186,39 @@ struct SourceContext {
     status: Arc<SourceStatus>,
     /// Partitions revoked since the consumer loop last looked.
     revoked: Mutex<Vec<(String, i32)>>,
+    /// Writes under way, per partition, oldest first.
+    in_flight: Arc<InFlight>,
 }
+
+/// Partition writes under way: a partition has at most [`PIPELINE`] batches in flight, each
+/// written after the one before it (so its WAL records stay in offset order).
+#[derive(Default)]
+struct InFlight {
+    /// Per partition, its newest write (which waits for the one before it).
+    writes: Mutex<BTreeMap<(String, i32), JoinHandle<bool>>>,
+    /// Per partition, room for [`PIPELINE`] batches in flight.
+    room: Mutex<BTreeMap<(String, i32), Arc<tokio::sync::Semaphore>>>,
+    /// Next offsets written since the consumer loop last committed them to Kafka.
+    written: Mutex<BTreeMap<(String, i32), i64>>,
+}
+
+impl InFlight {
+    /// Takes every write of `partitions` (all if `None`), to be awaited.
+    fn take(&self, partitions: Option<&[(String, i32)]>) -> Vec<JoinHandle<bool>> {
+        let mut writes = self.writes.lock();
+        match partitions {
+            None => std::mem::take(&mut *writes).into_values().collect(),
+            Some(keys) => keys.iter().filter_map(|k| writes.remove(k)).collect(),
+        }
+    }
+}
+
+/// How often written offsets are committed to Kafka (and how long an idle source waits
+/// before committing what its last writes reached).
+const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Batches of one partition in flight at once: one being written, one decoding meanwhile.
+const PIPELINE: usize = 2;
 
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -302,6 +335,22 @@ impl ConsumerContext for SourceContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // What is being written becomes durable first, so the commit covers it.
+                let writes = self.in_flight.take(Some(&partitions));
+                if !writes.is_empty() {
+                    tokio::task::block_in_place(|| {
+                        tokio::runtime::Handle::current()
+                            .block_on(futures::future::join_all(writes))
+                    });
+                }
+                // Offsets not yet committed would arrive after this commit and move the
+                // group back: the commit below covers them.
+                {
+                    let mut written = self.in_flight.written.lock();
+                    for key in &partitions {
+                        written.remove(key);
+                    }
+                }
                 self.commit_durable(base, &partitions);
                 for (topic, partition) in &partitions {
                     self.status.with(topic, *partition, |f| f.assigned = false);
@@ -334,6 +383,7 @@ pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
     shutdown: watch::Receiver<bool>,
     writer: Arc<PartitionWriter>,
+    in_flight: Arc<InFlight>,
 }
 
 /// Turns one partition's messages into a WAL record (and dead letters); partitions are
@@ -367,6 +417,7 @@ impl KafkaSource {
         }
         let decoder = Decoder::new(config.format, config.precision()?, config.json.as_ref())?;
         let status = Arc::new(SourceStatus::new(&config));
+        let in_flight = Arc::new(InFlight::default());
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &config.brokers)
@@ -390,6 +441,7 @@ impl KafkaSource {
             group: config.group.clone(),
             status: Arc::clone(&status),
             revoked: Mutex::default(),
+            in_flight: Arc::clone(&in_flight),
         };
         let consumer: StreamConsumer<SourceContext> = consumer_config
             .create_with_context(context)
@@ -416,6 +468,7 @@ impl KafkaSource {
             consumer,
             shutdown,
             writer,
+            in_flight,
         })
     }
 
@@ -435,15 +488,21 @@ impl KafkaSource {
             .map_err(|e| format!("subscribing to {topics:?}: {e}"))?;
         tracing::info!(group = %self.config.group, ?topics, database = %self.config.database, "Kafka source started");
         tokio::pin!(shutdown);
-        let mut pending: BTreeMap<(String, i32), Vec<OwnedMessage>> = BTreeMap::new();
+        let mut pending = Pending::default();
+        let mut committed = Instant::now();
         'run: loop {
             // Wait for a first message, then gather more until the batch is full or lingered.
             tokio::select! {
                 _ = &mut shutdown => break 'run,
                 m = self.consumer.recv() => self.take(m.map(|m| m.detach()), &mut pending).await,
+                // Nothing to read: tell Kafka what the last writes made durable.
+                _ = tokio::time::sleep(COMMIT_INTERVAL) => {
+                    self.commit_written(&mut committed, true);
+                    continue 'run;
+                }
             }
             let deadline = tokio::time::Instant::now() + self.config.linger;
-            while pending.values().map(Vec::len).sum::<usize>() < self.config.batch_messages {
+            while !self.batch_full(&pending) {
                 tokio::select! {
                     _ = &mut shutdown => break 'run,
                     _ = tokio::time::sleep_until(deadline) => break,
@@ -454,11 +513,14 @@ impl KafkaSource {
                 break 'run;
             }
             self.drop_revoked(&mut pending);
-            if !self.flush(&mut pending).await {
-                break 'run;
-            }
+            self.flush(&mut pending).await;
+            self.commit_written(&mut committed, false);
         }
         tracing::info!(group = %self.config.group, "Kafka source stopping");
+        for write in self.in_flight.take(None) {
+            let _ = write.await;
+        }
+        self.commit_written(&mut committed, true);
         let consumer = self.consumer;
         // Closing commits durable offsets (revocation) and leaves the group; it blocks.
         tokio::task::spawn_blocking(move || drop(consumer))
@@ -467,18 +529,16 @@ impl KafkaSource {
         Ok(())
     }
 
-    async fn take(
-        &self,
-        m: Result<OwnedMessage, KafkaError>,
-        pending: &mut BTreeMap<(String, i32), Vec<OwnedMessage>>,
-    ) {
+    /// Whether `pending` holds a batch's worth of messages or bytes.
+    fn batch_full(&self, pending: &Pending) -> bool {
+        pending.messages >= self.config.batch_messages || pending.bytes >= self.config.batch_bytes
+    }
+
+    async fn take(&self, m: Result<OwnedMessage, KafkaError>, pending: &mut Pending) {
         // Revocations happen inside recv; what was pending for those partitions is stale.
         self.drop_revoked(pending);
         match m {
-            Ok(m) => pending
-                .entry((m.topic().to_string(), m.partition()))
-                .or_default()
-                .push(m),
+            Ok(m) => pending.push(m),
             Err(e) => {
                 tracing::warn!(group = %self.config.group, error = %e, "Kafka consumer error");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -486,7 +546,7 @@ impl KafkaSource {
         }
     }
 
-    fn drop_revoked(&self, pending: &mut BTreeMap<(String, i32), Vec<OwnedMessage>>) {
+    fn drop_revoked(&self, pending: &mut Pending) {
         for key in std::mem::take(&mut *self.consumer.context().revoked.lock()) {
             pending.remove(&key);
         }
@@ -495,7 +555,7 @@ impl KafkaSource {
     /// Pauses consumption while the write buffer is full. `false` if shut down meanwhile.
     async fn wait_for_buffer(
         &self,
-        pending: &mut BTreeMap<(String, i32), Vec<OwnedMessage>>,
+        pending: &mut Pending,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> bool {
         if !self.engine.buffer_full() {
@@ -526,59 +586,83 @@ impl KafkaSource {
         up
     }
 
-    /// Writes every pending partition batch, then commits the new offsets to Kafka.
-    /// `false` if the engine is shutting down (the batches are read again after restart).
-    async fn flush(&self, pending: &mut BTreeMap<(String, i32), Vec<OwnedMessage>>) -> bool {
-        let batches = std::mem::take(pending);
-        if batches.is_empty() {
-            return true;
+    /// Starts writing every pending partition batch, each after the partition's previous
+    /// one; waits only while a partition already has [`PIPELINE`] batches in flight.
+    async fn flush(&self, pending: &mut Pending) {
+        for ((topic, partition), msgs) in std::mem::take(pending).partitions {
+            let key = (topic.clone(), partition);
+            let room = Arc::clone(
+                self.in_flight
+                    .room
+                    .lock()
+                    .entry(key.clone())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PIPELINE))),
+            );
+            let Ok(permit) = room.acquire_owned().await else {
+                continue;
+            };
+            let previous = self.in_flight.writes.lock().remove(&key);
+            let writer = Arc::clone(&self.writer);
+            let in_flight = Arc::clone(&self.in_flight);
+            let task = tokio::spawn(async move {
+                let _permit = permit;
+                let written = writer
+                    .write_partition(&topic, partition, &msgs, previous)
+                    .await;
+                if written && let Some(last) = msgs.last() {
+                    in_flight
+                        .written
+                        .lock()
+                        .insert((topic, partition), last.offset() + 1);
+                }
+                written
+            });
+            self.in_flight.writes.lock().insert(key, task);
         }
-        // Decoding and validation are CPU work: one task per partition uses every core.
-        let tasks: Vec<_> = batches
-            .into_iter()
-            .map(|((topic, partition), msgs)| {
-                let writer = Arc::clone(&self.writer);
-                tokio::spawn(async move {
-                    let written = writer.write_partition(&topic, partition, &msgs).await;
-                    let next = msgs.last().map_or(0, |m| m.offset() + 1);
-                    (topic, partition, next, written)
-                })
-            })
-            .collect();
+    }
+
+    /// Tells Kafka the offsets written since last time, for lag tools (the WAL holds Kiln's
+    /// own), at most every [`COMMIT_INTERVAL`] unless `now`. Synchronously: an asynchronous
+    /// commit could reach the group after a later revocation's commit and move it back.
+    fn commit_written(&self, last: &mut Instant, now: bool) {
+        if !now && last.elapsed() < COMMIT_INTERVAL {
+            return;
+        }
+        *last = Instant::now();
+        let written = std::mem::take(&mut *self.in_flight.written.lock());
         let mut commit = TopicPartitionList::new();
-        let mut up = true;
-        for task in tasks {
-            match task.await {
-                Ok((topic, partition, next, true)) => {
-                    let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(next));
-                }
-                Ok((.., false)) => up = false,
-                Err(e) => {
-                    tracing::error!(group = %self.config.group, error = %e, "a partition write task failed");
-                    up = false;
-                }
-            }
+        for ((topic, partition), next) in written {
+            let _ = commit.add_partition_offset(&topic, partition, Offset::Offset(next));
         }
-        if commit.count() > 0
-            && let Err(e) = self.consumer.commit(&commit, CommitMode::Async)
-        {
+        if commit.count() == 0 {
+            return;
+        }
+        let result =
+            tokio::task::block_in_place(|| self.consumer.commit(&commit, CommitMode::Sync));
+        if let Err(e) = result {
             tracing::debug!(error = %e, "committing offsets to Kafka failed; Kiln's own are durable");
         }
-        up
     }
 }
 
 impl PartitionWriter {
-    /// Writes one partition's messages; `false` only if the engine is shutting down.
-    async fn write_partition(&self, topic: &str, partition: i32, msgs: &[OwnedMessage]) -> bool {
-        match self.write_messages(topic, partition, msgs).await {
+    /// Writes one partition's messages once `previous` (the partition's batch before) is
+    /// written; `false` if the engine is shutting down or `previous` was not written.
+    async fn write_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        msgs: &[OwnedMessage],
+        previous: Option<JoinHandle<bool>>,
+    ) -> bool {
+        match self.write_messages(topic, partition, msgs, previous).await {
             Ok(()) => true,
             Err(WriteError::Invalid(_) | WriteError::Rejected { .. }) if msgs.len() > 1 => {
                 // Valid alone, refused together (a name the catalog refuses, a type another
                 // writer set meanwhile): one message at a time finds the culprits.
                 for m in msgs {
                     match self
-                        .write_messages(topic, partition, std::slice::from_ref(m))
+                        .write_messages(topic, partition, std::slice::from_ref(m), None)
                         .await
                     {
                         Ok(()) => {}
@@ -631,18 +715,14 @@ impl PartitionWriter {
         topic: &str,
         partition: i32,
         msgs: &[OwnedMessage],
+        previous: Option<JoinHandle<bool>>,
     ) -> Result<(), WriteError> {
         let message_time = self.config.default_time == DefaultTime::Message;
         let decoded: Vec<Message<'_>> = msgs.iter().map(|m| message_of(m, message_time)).collect();
         let now = now_nanos();
         let db = self.config.database.as_str();
-        let first = validate_messages(
-            &self.decoder,
-            &decoded,
-            db,
-            &self.engine.catalog_state(),
-            now,
-        );
+        let catalog = self.engine.catalog_state();
+        let first = validate_messages(&self.decoder, &decoded, db, &catalog, now);
         let bad: Vec<usize> = first.rejected.iter().map(|(i, _)| *i).collect();
         for (i, error) in &first.rejected {
             self.dead_letter(&msgs[*i], error).await;
@@ -653,10 +733,26 @@ impl PartitionWriter {
             .filter(|(i, _)| !bad.contains(i))
             .map(|(_, m)| m.clone())
             .collect();
+        // Decoded while the partition's previous batch was written; written after it, never
+        // without it (its offsets would be skipped).
+        if let Some(previous) = previous
+            && !previous.await.unwrap_or(false)
+        {
+            return Err(WriteError::Engine(
+                kiln_storage::engine::Error::ShuttingDown,
+            ));
+        }
         let range = self.range(topic, partition, msgs);
+        // Validated against this catalog already; again only if it changes meanwhile.
+        let mut validated = Some(first.rows).filter(|rows| rows.rejected.is_empty());
         let written = self
-            .write_retrying(vec![range], &mut |catalog| {
-                let d = validate_messages(&self.decoder, &good, db, catalog, now);
+            .write_retrying(vec![range], &mut |current| {
+                if std::ptr::eq(current, &*catalog)
+                    && let Some(rows) = validated.take()
+                {
+                    return Ok(rows);
+                }
+                let d = validate_messages(&self.decoder, &good, db, current, now);
                 match d.rejected.first() {
                     Some((_, e)) => Err(e.clone()),
                     None if !d.rows.rejected.is_empty() => Err(d.rows.rejected[0].to_string()),
@@ -768,6 +864,32 @@ impl PartitionWriter {
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(group = %self.config.group, dead_letter_topic = %topic, source_topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "could not dead-letter a message; it stays in its source topic at this offset");
             }
+        }
+    }
+}
+
+/// Messages read and not yet written, per partition, with their totals.
+#[derive(Default)]
+struct Pending {
+    partitions: BTreeMap<(String, i32), Vec<OwnedMessage>>,
+    messages: usize,
+    bytes: usize,
+}
+
+impl Pending {
+    fn push(&mut self, m: OwnedMessage) {
+        self.messages += 1;
+        self.bytes += m.payload().map_or(0, <[u8]>::len);
+        self.partitions
+            .entry((m.topic().to_string(), m.partition()))
+            .or_default()
+            .push(m);
+    }
+
+    fn remove(&mut self, key: &(String, i32)) {
+        for m in self.partitions.remove(key).into_iter().flatten() {
+            self.messages -= 1;
+            self.bytes -= m.payload().map_or(0, <[u8]>::len);
         }
     }
 }

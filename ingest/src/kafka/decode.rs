@@ -136,10 +136,48 @@ pub struct DecodedBatch {
     pub rejected: Vec<(usize, String)>,
 }
 
-/// Validates `messages` against `catalog`'s view of `database`. Rows of different messages
-/// share one set of Arrow builders; when a message fails, the others are validated again
-/// without it, so none of its rows is written.
+/// Payload bytes validated into one set of Arrow builders: batches about this size stay in
+/// cache and grow without copying much; a large batch becomes several Arrow batches.
+const CHUNK_BYTES: usize = 2 * 1024 * 1024;
+
+/// Validates `messages` against `catalog`'s view of `database`, a chunk of messages at a
+/// time. Rows of one chunk share one set of Arrow builders; when a message fails, the
+/// others are validated again without it, so none of its rows is written.
 pub fn validate_messages(
+    decoder: &Decoder,
+    messages: &[Message<'_>],
+    database: &str,
+    catalog: &CatalogState,
+    now: i64,
+) -> DecodedBatch {
+    let mut out = DecodedBatch::default();
+    let mut start = 0;
+    while start < messages.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < messages.len() && (end == start || bytes < CHUNK_BYTES) {
+            bytes += messages[end].payload.map_or(0, <[u8]>::len);
+            end += 1;
+        }
+        let chunk = validate_chunk(decoder, &messages[start..end], database, catalog, now);
+        out.rejected
+            .extend(chunk.rejected.into_iter().map(|(i, e)| (start + i, e)));
+        let rows = chunk.rows;
+        out.rows.tables.extend(rows.tables);
+        // The catalog takes repeated changes once, and refuses conflicting ones.
+        for change in rows.schema_changes {
+            if !out.rows.schema_changes.contains(&change) {
+                out.rows.schema_changes.push(change);
+            }
+        }
+        out.rows.rejected.extend(rows.rejected);
+        out.rows.accepted_lines += rows.accepted_lines;
+        start = end;
+    }
+    out
+}
+
+fn validate_chunk(
     decoder: &Decoder,
     messages: &[Message<'_>],
     database: &str,
