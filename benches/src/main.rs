@@ -664,7 +664,7 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
                 "--kafka-database",
                 "benchmark",
                 "--kafka-group",
-                &format!("bench-{run}"),
+                &format!("bench-{topic}"),
             ]
             .iter()
             .map(|s| s.to_string())
