@@ -188,6 +188,8 @@ struct SourceContext {
     revoked: Mutex<Vec<(String, i32)>>,
     /// Writes under way, per partition, oldest first.
     in_flight: Arc<InFlight>,
+    /// Per assigned partition, the offset reading started from.
+    started_at: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 /// Partition writes under way: a partition has at most [`PIPELINE`] batches in flight, each
@@ -280,24 +282,34 @@ impl SourceContext {
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 });
-            if let Some(next) = own.max(theirs) {
+            let next = own.max(theirs);
+            if let Some(next) = next {
                 out.push((e.topic().to_string(), e.partition(), next));
             }
+            self.started_at.lock().insert(
+                (e.topic().to_string(), e.partition()),
+                next.unwrap_or(i64::MIN),
+            );
         }
         out
     }
 
-    /// Commits what Kiln holds durably of `partitions`, waiting for the answer.
+    /// Commits what Kiln made durable of `partitions` since they were assigned, waiting for
+    /// the answer. An older position of Kiln's own would move the group back.
     fn commit_durable(&self, base: &BaseConsumer<Self>, partitions: &[(String, i32)]) {
         let mut tpl = TopicPartitionList::new();
-        for (topic, partition) in partitions {
+        let mut started_at = self.started_at.lock();
+        for key @ (topic, partition) in partitions {
+            let started = started_at.remove(key).unwrap_or(i64::MIN);
             if let Some(last) = self
                 .engine
                 .source_position(&position_source(&self.group, topic), *partition)
+                .filter(|last| last + 1 > started)
             {
                 let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1));
             }
         }
+        drop(started_at);
         if tpl.count() > 0
             && let Err(e) = base.commit(&tpl, CommitMode::Sync)
         {
@@ -446,6 +458,7 @@ impl KafkaSource {
             status: Arc::clone(&status),
             revoked: Mutex::default(),
             in_flight: Arc::clone(&in_flight),
+            started_at: Mutex::default(),
         };
         let consumer: StreamConsumer<SourceContext> = consumer_config
             .create_with_context(context)
