@@ -442,9 +442,8 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            // Large fetches, and no long wait for them: some Kafka-compatible brokers hold
-            // every fetch for the whole wait, not only while the partition is empty.
-            .set("max.partition.fetch.bytes", "8388608")
+            // No long wait for fetches: some Kafka-compatible brokers hold every fetch for
+            // the whole wait, not only while the partition is empty.
             .set("fetch.wait.max.ms", "100");
         let mut producer_config = client;
         producer_config.set("statistics.interval.ms", "0");
