@@ -168,13 +168,7 @@ fn intervals(w: &Workload) -> usize {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::MockKafka { topics, brokers } => match mock_kafka(&topics, brokers) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        },
+        Command::MockKafka { topics, brokers } => exit_code(mock_kafka(&topics, brokers)),
         Command::Kafka {
             workload,
             kiln,
@@ -195,13 +189,7 @@ fn main() -> std::process::ExitCode {
                 data_dir,
                 kiln_args,
             };
-            match runtime.block_on(kafka(&workload, &plan)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            exit_code(runtime.block_on(kafka(&workload, &plan)))
         }
         Command::Queries {
             workload,
@@ -246,13 +234,7 @@ fn main() -> std::process::ExitCode {
                 segments,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(report(&plan)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            exit_code(runtime.block_on(report(&plan)))
         }
         Command::Results {
             url,
@@ -270,13 +252,7 @@ fn main() -> std::process::ExitCode {
                 sql,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(kiln_bench::results::report(&target, runs.max(1))) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            exit_code(runtime.block_on(kiln_bench::results::report(&target, runs.max(1))))
         }
         Command::Generate(w) => {
             use std::io::Write;
@@ -308,20 +284,14 @@ fn main() -> std::process::ExitCode {
                 }
                 Protocol::GrpcRows | Protocol::GrpcArrow => grpc_url,
             };
-            match runtime.block_on(ingest(
+            exit_code(runtime.block_on(ingest(
                 &workload,
                 protocol,
                 target,
                 db,
                 batch_size,
                 connections,
-            )) {
-                Ok(_) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+            )))
         }
     }
 }
@@ -567,6 +537,17 @@ async fn ingest(
         pct(0.99).as_secs_f64() * 1e3,
     );
     Ok(total_rows as f64 / elapsed.as_secs_f64())
+}
+
+/// Success, or the error printed on stderr and a failing exit status.
+fn exit_code<T>(result: Result<T, String>) -> std::process::ExitCode {
+    match result {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn mock_kafka(topics: &[String], brokers: i32) -> Result<(), String> {

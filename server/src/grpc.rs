@@ -75,7 +75,7 @@ impl IngestService {
         let payload = req.payload.as_ref().ok_or_else(|| {
             WriteError::Invalid("the request has no payload (rows, arrow or line_protocol)".into())
         })?;
-        let default_time = crate::http::now_nanos();
+        let default_time = kiln_ingest::write::now_nanos();
         let precision = match payload {
             write_request::Payload::LineProtocol(lp) if !lp.precision.is_empty() => lp
                 .precision

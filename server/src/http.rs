@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use axum::Router;
@@ -198,13 +198,6 @@ async fn handle_write(
     }
 }
 
-pub(crate) fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
-}
-
 /// Gunzips `body` if the request says it is gzip, refusing to inflate past `limit`.
 fn decode_body(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, ApiError> {
     let encoding = headers
@@ -294,7 +287,7 @@ async fn write(
         ))
     })?;
 
-    let default_time = now_nanos();
+    let default_time = kiln_ingest::write::now_nanos();
     let result = write_validated(&s.engine, &s.metrics, &db, accept_partial, |catalog| {
         Ok(validate_lines(text, &db, catalog, precision, default_time))
     })

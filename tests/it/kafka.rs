@@ -8,7 +8,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::support::{TestServer, eventually};
@@ -25,33 +25,23 @@ fn cluster(topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
     cluster
 }
 
-fn producer(bootstrap: &str) -> BaseProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer")
+/// Produces `(partition, payload)` messages and waits until the broker acknowledged all.
+fn produce(bootstrap: &str, topic: &str, messages: impl IntoIterator<Item = (i32, Vec<u8>)>) {
+    let messages: Vec<_> = messages.into_iter().collect();
+    kiln_bench::kafka::produce(bootstrap, topic, &messages).expect("produce");
 }
 
-/// Produces `(partition, payload)` messages and waits until all are acknowledged.
-fn produce(bootstrap: &str, topic: &str, messages: impl IntoIterator<Item = (i32, Vec<u8>)>) {
-    let p = producer(bootstrap);
-    for (partition, payload) in messages {
-        let mut record = BaseRecord::<(), [u8]>::to(topic)
-            .partition(partition)
-            .payload(&payload);
-        loop {
-            match p.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    p.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        p.poll(Duration::ZERO);
-    }
-    p.flush(Duration::from_secs(30)).expect("flush");
+/// `GET /api/v3/kafka`.
+async fn kafka_status(server: &TestServer) -> serde_json::Value {
+    server
+        .client
+        .get(server.url("/api/v3/kafka"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Flags of a line-protocol source on `topic` into database `plant`. Short session
@@ -188,15 +178,7 @@ async fn kill9_mid_consumption_loses_and_duplicates_nothing() {
     );
     // The status endpoint agrees: every partition assigned, positions at the end, no lag.
     let status_ok = || async {
-        let status: serde_json::Value = server
-            .client
-            .get(server.url("/api/v3/kafka"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = kafka_status(&server).await;
         let partitions = status["sources"][0]["partitions"]
             .as_array()
             .cloned()
@@ -647,15 +629,7 @@ async fn a_full_write_buffer_pauses_consumption_and_loses_nothing() {
         .await,
         "not every message arrived"
     );
-    let status: serde_json::Value = server
-        .client
-        .get(server.url("/api/v3/kafka"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = kafka_status(&server).await;
     assert!(
         status["sources"][0]["pauses"].as_u64().unwrap() > 0,
         "{status}"

@@ -4,7 +4,7 @@
 //!  recv ─▶ pending, per partition ─▶ (batch full or linger over) ─▶ per partition:
 //!          validate ─▶ bad messages to the dead-letter topic (acknowledged by Kafka)
 //!                   ─▶ one WAL record: the good rows + the partition's offset range
-//!                   ─▶ commit next offsets to Kafka (asynchronously, for lag tools)
+//!                   ─▶ next offsets committed to Kafka every 500 ms (for lag tools)
 //! ```
 //!
 //! Exactly once: a partition's offsets are recorded in the same WAL record as its rows, so
@@ -12,10 +12,12 @@
 //! was told about but whose rows were lost, nor from before rows already written. On
 //! assignment a partition starts after the larger of Kiln's recorded offset and the group's
 //! committed one (another Kiln may have consumed it meanwhile: it commits only what its own
-//! WAL holds). On revocation the durable offsets are committed synchronously and messages
-//! not yet written are dropped, for the next owner to read.
+//! WAL holds). A partition's next batch is decoded while its previous one is written, and
+//! written after it. On revocation the writes under way finish, what was written since
+//! the assignment is committed synchronously, and messages not yet written are dropped,
+//! for the next owner to read.
 //!
-//! Rebalance callbacks run inside `recv`, on this task, never while a write is awaited.
+//! Rebalance callbacks run inside `recv`, on the consumer's task.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{DefaultTime, SourceConfig, position_source};
 use super::decode::{Decoder, Message, validate_messages};
-use crate::write::{WriteError, write};
+use crate::write::{WriteError, now_nanos, write};
 
 /// Settings Kiln sets itself; a source's `options` may not change them.
 const RESERVED_OPTIONS: &[&str] = &[
@@ -186,7 +188,7 @@ struct SourceContext {
     status: Arc<SourceStatus>,
     /// Partitions revoked since the consumer loop last looked.
     revoked: Mutex<Vec<(String, i32)>>,
-    /// Writes under way, per partition, oldest first.
+    /// Writes under way.
     in_flight: Arc<InFlight>,
     /// Per assigned partition, the offset reading started from.
     started_at: Mutex<BTreeMap<(String, i32), i64>>,
@@ -746,7 +748,7 @@ impl PartitionWriter {
         let good: Vec<Message<'_>> = decoded
             .iter()
             .enumerate()
-            .filter(|(i, _)| !bad.contains(i))
+            .filter(|(i, _)| bad.binary_search(i).is_err())
             .map(|(_, m)| m.clone())
             .collect();
         // Decoded while the partition's previous batch was written; written after it, never
@@ -919,10 +921,4 @@ fn message_of(m: &OwnedMessage, message_time: bool) -> Message<'_> {
             .filter(|_| message_time)
             .and_then(|ms| ms.checked_mul(1_000_000)),
     }
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }

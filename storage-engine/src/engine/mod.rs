@@ -132,12 +132,24 @@ pub struct Engine {
 
 /// Per partition of each outside source, the last position whose data is durable in the
 /// WAL: from the catalog at start, then from every record replayed or appended.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct SourcePositions {
     last: parking_lot::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
 }
 
 impl SourcePositions {
+    /// The positions the catalog recorded at the last persistence.
+    fn from_catalog(positions: &[SourcePosition]) -> Self {
+        Self {
+            last: parking_lot::Mutex::new(
+                positions
+                    .iter()
+                    .map(|p| ((p.source.clone(), p.partition), p.last))
+                    .collect(),
+            ),
+        }
+    }
+
     fn record(&self, ranges: &[SourceRange]) {
         if ranges.is_empty() {
             return;
@@ -213,15 +225,7 @@ impl Engine {
         let state = catalog.snapshot();
         let persisted = state.persisted_sequence;
         let buffer = Arc::new(WriteBuffer::new(persisted));
-        let sources = Arc::new(SourcePositions::default());
-        for p in &state.source_positions {
-            sources.record(&[SourceRange {
-                source: p.source.clone(),
-                partition: p.partition,
-                first: p.last,
-                last: p.last,
-            }]);
-        }
+        let sources = Arc::new(SourcePositions::from_catalog(&state.source_positions));
 
         let wal_config = WalConfig {
             dir: config.wal_dir.clone(),
