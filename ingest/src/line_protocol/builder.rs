@@ -120,6 +120,8 @@ pub struct Validator<'c> {
     catalog: &'c CatalogState,
     tables: Vec<TableBuilder>,
     table_index: HashMap<String, usize>,
+    /// The table of the last row: rows of one table tend to come together.
+    last_table: usize,
     out: ValidatedLines,
 }
 
@@ -130,16 +132,22 @@ impl<'c> Validator<'c> {
             catalog,
             tables: Vec::new(),
             table_index: HashMap::new(),
+            last_table: 0,
             out: ValidatedLines::default(),
         }
     }
 
     /// Validates one row; it is either accepted whole or recorded as rejected.
     pub fn push(&mut self, line: &Line<'_, '_>, precision: Precision, default_time: i64) {
-        let idx = match self.table_index.get(line.measurement.as_ref()) {
-            Some(i) => *i,
+        let name = line.measurement.as_ref();
+        let last = self.tables.get(self.last_table).filter(|t| t.name == name);
+        let idx = match last
+            .map(|_| self.last_table)
+            .or_else(|| self.table_index.get(name).copied())
+        {
+            Some(i) => i,
             None => {
-                let name = line.measurement.to_string();
+                let name = name.to_string();
                 self.tables.push(TableBuilder::new(
                     name.clone(),
                     self.catalog.table(self.database, &name),
@@ -148,6 +156,7 @@ impl<'c> Validator<'c> {
                 self.tables.len() - 1
             }
         };
+        self.last_table = idx;
         match self.tables[idx].append(line, precision, default_time) {
             Ok(()) => self.out.accepted_lines += 1,
             Err(e) => self.out.rejected.push(e),
@@ -237,9 +246,15 @@ struct TableBuilder {
     known: HashMap<String, ColumnType>,
     time: TimestampNanosecondBuilder,
     rows: usize,
-    /// Scratch: column index per tag/field of the current line.
+    /// Scratch: column index per tag/field of the current line ([`NEW`] until created).
     scratch: Vec<usize>,
+    /// The column index per tag/field of the last row: rows tend to name their columns in
+    /// the same order, so a name is found by one comparison rather than a hash lookup.
+    last: Vec<usize>,
 }
+
+/// A tag or field of the current line with no column yet.
+const NEW: usize = usize::MAX;
 
 /// 1-based character column where `key` (as written, possibly escaped) starts in the line:
 /// the last `key=` occurrence, since fields follow tags and duplicates resolve to the last.
@@ -275,34 +290,47 @@ impl TableBuilder {
             time: TimestampNanosecondBuilder::new(),
             rows: 0,
             scratch: Vec::new(),
+            last: Vec::new(),
         }
     }
 
-    /// The type `name` has in the catalog or earlier in this request.
-    fn type_of(&self, name: &str) -> Option<ColumnType> {
-        match self.index.get(name) {
-            Some(i) => Some(self.columns[*i].ty),
-            None => self.known.get(name).copied(),
+    /// The column of the tag or field at `pos` of a line, if this request has one.
+    fn resolve(&self, pos: usize, name: &str) -> usize {
+        match self.last.get(pos) {
+            Some(&ci) if ci != NEW && self.columns[ci].name == name => ci,
+            _ => self.index.get(name).copied().unwrap_or(NEW),
         }
     }
 
-    fn check(&self, line: &Line<'_, '_>, name: &str, ty: ColumnType) -> Result<(), LineError> {
+    /// Checks `name`, resolved to column `ci`, against the type it has in this request or
+    /// the catalog. Returns whether the column is unknown to both.
+    fn check(
+        &self,
+        line: &Line<'_, '_>,
+        name: &str,
+        ty: ColumnType,
+        ci: usize,
+    ) -> Result<bool, LineError> {
         let err = |message: String| LineError {
             line: line.number,
             column: column_of(line, name),
             message,
         };
-        if name == TIME_COLUMN {
+        let existing = if ci != NEW {
+            Some(self.columns[ci].ty)
+        } else if name == TIME_COLUMN {
             return Err(err(format!(
                 "{name:?} is reserved for the timestamp and cannot be a tag or field name"
             )));
-        }
-        match self.type_of(name) {
+        } else {
+            self.known.get(name).copied()
+        };
+        match existing {
             Some(existing) if existing != ty => Err(err(format!(
                 "column {name:?} of table {:?} is {existing}; this line writes it as {ty}",
                 self.name
             ))),
-            _ => Ok(()),
+            _ => Ok(existing.is_none()),
         }
     }
 
@@ -333,12 +361,25 @@ impl TableBuilder {
         default_time: i64,
     ) -> Result<(), LineError> {
         // Validate the whole line first.
-        for (k, _) in line.tags {
-            self.check(line, k, ColumnType::Tag)?;
+        self.scratch.clear();
+        for (pos, k) in line
+            .tags
+            .iter()
+            .map(|(k, _)| k)
+            .chain(line.fields.iter().map(|(k, _)| k))
+            .enumerate()
+        {
+            let ci = self.resolve(pos, k);
+            self.scratch.push(ci);
         }
-        for (k, v) in line.fields {
-            self.check(line, k, field_type(v))?;
-            if line.tags.iter().any(|(t, _)| t == k) {
+        let tag_count = line.tags.len();
+        for (pos, (k, _)) in line.tags.iter().enumerate() {
+            self.check(line, k, ColumnType::Tag, self.scratch[pos])?;
+        }
+        for (j, (k, v)) in line.fields.iter().enumerate() {
+            let unknown = self.check(line, k, field_type(v), self.scratch[tag_count + j])?;
+            // A known column has one type, so a name both tag and field fails the check.
+            if unknown && line.tags.iter().any(|(t, _)| t == k) {
                 return Err(LineError {
                     line: line.number,
                     column: column_of(line, k),
@@ -359,17 +400,17 @@ impl TableBuilder {
         };
 
         // Then append. Duplicate keys within a line: the last one wins.
-        self.scratch.clear();
-        for (k, _) in line.tags {
-            let i = self.column_for(k, ColumnType::Tag);
-            self.scratch.push(i);
+        for (pos, (k, _)) in line.tags.iter().enumerate() {
+            if self.scratch[pos] == NEW {
+                self.scratch[pos] = self.column_for(k, ColumnType::Tag);
+            }
         }
-        for (k, v) in line.fields {
-            let i = self.column_for(k, field_type(v));
-            self.scratch.push(i);
+        for (j, (k, v)) in line.fields.iter().enumerate() {
+            if self.scratch[tag_count + j] == NEW {
+                self.scratch[tag_count + j] = self.column_for(k, field_type(v));
+            }
         }
         let row = self.rows;
-        let tag_count = line.tags.len();
         for (pos, &ci) in self.scratch.iter().enumerate().rev() {
             let col = &mut self.columns[ci];
             if col.filled > row {
@@ -396,6 +437,7 @@ impl TableBuilder {
                 col.filled = self.rows;
             }
         }
+        std::mem::swap(&mut self.scratch, &mut self.last);
         self.time.append_value(time);
         Ok(())
     }
