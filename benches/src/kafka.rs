@@ -238,6 +238,51 @@ pub fn produce(bootstrap: &str, topic: &str, messages: &[(i32, Vec<u8>)]) -> Res
     }
 }
 
+/// Reads `topic` from the beginning with a plain consumer that does nothing with the
+/// messages, as fast as the broker delivers them, with librdkafka `options` (those Kiln is
+/// given). Returns the seconds from the first message to the last of `messages`.
+pub fn drain(
+    bootstrap: &str,
+    topic: &str,
+    options: &[(String, String)],
+    messages: usize,
+) -> Result<f64, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("drain-{topic}"))
+        .set("enable.auto.commit", "false");
+    for (k, v) in options {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    let (mut seen, mut first) = (0, None);
+    let started = Instant::now();
+    while seen < messages {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(_)) => {
+                first.get_or_insert_with(Instant::now);
+                seen += 1;
+            }
+            Some(Err(e)) => return Err(format!("draining {topic}: {e}")),
+            None if started.elapsed() > Duration::from_secs(600) => {
+                return Err(format!("draining {topic}: {seen} of {messages} messages"));
+            }
+            None => {}
+        }
+    }
+    Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()))
+}
+
 /// Rows in `table` of `db` now (0 while the table does not exist).
 pub async fn count(http: &reqwest::Client, base: &str, db: &str, table: &str) -> u64 {
     let resp = http

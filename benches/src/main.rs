@@ -585,8 +585,17 @@ struct KafkaPlan {
 /// a fresh Kiln reading a freshly loaded topic. Prints a table of medians.
 async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
     use kiln_bench::kafka::{
-        KafkaFormat, Kiln, PARTITIONS, json_mapping, median, messages, produce, time_to_queryable,
+        KafkaFormat, Kiln, PARTITIONS, drain, json_mapping, median, messages, produce,
+        time_to_queryable,
     };
+    // The librdkafka options Kiln is given, for the plain consumer that measures the broker.
+    let options: Vec<(String, String)> = plan
+        .kiln_args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--kafka-option="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let mock = match &plan.brokers {
         Some(_) => None,
         None => {
@@ -615,6 +624,7 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
     }
     let mut http_rates = Vec::new();
     let mut kafka_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
+    let mut broker_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
     for run in 0..plan.runs {
         let server = Kiln::start(&plan.kiln, &plan.data_dir.join("http"), &[])?;
         let target = format!("{}/api/v3/write_lp?db=benchmark", server.http);
@@ -665,12 +675,27 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
             let rate = rate?;
             println!("run {run}: kafka {format:?} rows_per_sec={rate:.0}");
             kafka_rates[i].push(rate);
+            // What the broker delivers to a consumer that does nothing, for comparison.
+            let (b, topic2, options2, n) = (
+                bootstrap.clone(),
+                topic.clone(),
+                options.clone(),
+                msgs.len(),
+            );
+            let secs = tokio::task::spawn_blocking(move || drain(&b, &topic2, &options2, n))
+                .await
+                .map_err(|e| e.to_string())??;
+            let delivered = *rows as f64 / secs;
+            println!("run {run}: broker alone {format:?} rows_per_sec={delivered:.0}");
+            broker_rates[i].push(delivered);
         }
     }
     let http = median(&http_rates);
     println!();
-    println!("| source | runs (rows/s) | **median rows/s** | vs HTTP LP |");
-    println!("|---|---|---:|---:|");
+    println!(
+        "| source | runs (rows/s) | **median rows/s** | vs HTTP LP | broker alone, median rows/s | vs broker alone |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
     let list = |v: &[f64]| {
         v.iter()
             .map(|r| format!("{r:.0}"))
@@ -678,16 +703,18 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
             .join(", ")
     };
     println!(
-        "| HTTP line protocol | {} | **{http:.0}** | 1.00× |",
+        "| HTTP line protocol | {} | **{http:.0}** | 1.00× | | |",
         list(&http_rates)
     );
-    for (format, rates) in plan.formats.iter().zip(&kafka_rates) {
-        let m = median(rates);
+    for ((format, rates), broker) in plan.formats.iter().zip(&kafka_rates).zip(&broker_rates) {
+        let (m, b) = (median(rates), median(broker));
         println!(
-            "| Kafka {format:?} ({} rows/message) | {} | **{m:.0}** | {:.2}× |",
+            "| Kafka {format:?} ({} rows/message) | {} | **{m:.0}** | {:.2}× | {b:.0} ({}) | {:.2}× |",
             plan.rows_per_message,
             list(rates),
-            m / http
+            m / http,
+            list(broker),
+            m / b
         );
     }
     Ok(())

@@ -346,15 +346,18 @@ impl<'a, 'v, 'c> Reader<'a, 'v, 'c> {
         }
     }
 
-    fn child(&mut self, tree: Tree, node: usize, key: &str) -> Option<usize> {
-        let keys = &self.tree(tree).nodes[node].keys;
+    /// The node under `node` for `key`, and its slot.
+    fn child(&mut self, tree: Tree, node: usize, key: &str) -> Option<(usize, Option<usize>)> {
+        let nodes = &self.tree(tree).nodes;
+        let keys = &nodes[node].keys;
         let hint = &mut self.hints[tree as usize][node];
-        let start = (*hint).min(keys.len());
-        let found = (start..keys.len())
-            .chain(0..start)
-            .find(|&j| keys[j].0 == key)?;
+        let found = match keys.get(*hint) {
+            Some((k, _)) if k == key => *hint,
+            _ => keys.iter().position(|(k, _)| k == key)?,
+        };
         *hint = found + 1;
-        Some(keys[found].1)
+        let child = keys[found].1;
+        Some((child, nodes[child].slot))
     }
 
     /// Validates the row whose values are in the slots, then empties them.
@@ -443,13 +446,24 @@ struct Walk<'r, 'a, 'v, 'c> {
     reader: &'r mut Reader<'a, 'v, 'c>,
     tree: Tree,
     node: usize,
+    /// The node's slot (only nodes of a row have one).
+    slot: Option<usize>,
 }
 
-impl<'a> Walk<'_, 'a, '_, '_> {
+impl<'r, 'a, 'v, 'c> Walk<'r, 'a, 'v, 'c> {
+    /// At the root of `tree`.
+    fn root(reader: &'r mut Reader<'a, 'v, 'c>, tree: Tree) -> Self {
+        let slot = reader.tree(tree).nodes[0].slot;
+        Self {
+            reader,
+            tree,
+            node: 0,
+            slot,
+        }
+    }
+
     fn set(&mut self, value: Option<Scalar<'a>>) {
-        if self.tree == Tree::Row
-            && let Some(slot) = self.reader.tree(Tree::Row).nodes[self.node].slot
-        {
+        if let Some(slot) = self.slot {
             self.reader.slots[slot] = value;
         }
     }
@@ -520,10 +534,11 @@ impl<'de: 'a, 'a> Visitor<'de> for Walk<'_, 'a, '_, '_> {
         self.set(Some(Scalar::Object));
         while let Some(key) = map.next_key_seed(KeySeed)? {
             match self.reader.child(self.tree, self.node, &key) {
-                Some(node) => map.next_value_seed(Walk {
+                Some((node, slot)) => map.next_value_seed(Walk {
                     reader: &mut *self.reader,
                     tree: self.tree,
                     node,
+                    slot,
                 })?,
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -535,7 +550,8 @@ impl<'de: 'a, 'a> Visitor<'de> for Walk<'_, 'a, '_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         self.set(Some(Scalar::Array));
-        let indices = &self.reader.tree(self.tree).nodes[self.node].indices;
+        let nodes = &self.reader.tree(self.tree).nodes;
+        let indices = &nodes[self.node].indices;
         for i in 0.. {
             let more = match indices.iter().find(|(n, _)| *n == i) {
                 Some(&(_, node)) => seq
@@ -543,6 +559,7 @@ impl<'de: 'a, 'a> Visitor<'de> for Walk<'_, 'a, '_, '_> {
                         reader: &mut *self.reader,
                         tree: self.tree,
                         node,
+                        slot: nodes[node].slot,
                     })?
                     .is_some(),
                 None => seq.next_element::<IgnoredAny>()?.is_some(),
@@ -595,11 +612,7 @@ impl<'de: 'a, 'a> Visitor<'de> for RowsVisitor<'_, 'a, '_, '_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         self.0.rows_found = RowsFound::Array;
-        while let Some(()) = seq.next_element_seed(Walk {
-            reader: &mut *self.0,
-            tree: Tree::Row,
-            node: 0,
-        })? {
+        while let Some(()) = seq.next_element_seed(Walk::root(&mut *self.0, Tree::Row))? {
             self.0.push_row();
         }
         Ok(())
@@ -679,14 +692,10 @@ impl CompiledMapping {
         let text = std::str::from_utf8(payload)
             .map_err(|e| format!("invalid JSON: the message is not UTF-8: {e}"))?;
         let mut de = serde_json::Deserializer::from_str(text);
-        Walk {
-            reader: &mut reader,
-            tree,
-            node: 0,
-        }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| format!("invalid JSON: {e}"))?;
+        Walk::root(&mut reader, tree)
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| format!("invalid JSON: {e}"))?;
         match (tree, reader.rows_found) {
             (Tree::Row, _) => reader.push_row(),
             (Tree::Rows, RowsFound::Array) => {}
@@ -725,6 +734,7 @@ impl CompiledMapping {
     }
 }
 
+/// `v` as a field of type `ty`; a number is a float unless the mapping says otherwise.
 fn field_value<'a>(v: &Scalar<'a>, ty: Option<FieldType>) -> Result<FieldValue<'a>, String> {
     let wrong = |want: &str| format!("{v} is not {want}");
     Ok(match (ty, v) {
@@ -809,14 +819,10 @@ mod tests {
             fields: Vec::new(),
         };
         let mut de = serde_json::Deserializer::from_str(doc);
-        Walk {
-            reader: &mut reader,
-            tree: Tree::Row,
-            node: 0,
-        }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| e.to_string())?;
+        Walk::root(&mut reader, Tree::Row)
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| e.to_string())?;
         Ok(slots
             .iter()
             .map(|&s| {
