@@ -283,6 +283,25 @@ pub fn drain(
     Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()))
 }
 
+/// Deletes `topic`, so that the broker holds only the topic of the next measurement (a
+/// broker that keeps every earlier topic in memory gets slower run by run).
+pub async fn delete_topic(bootstrap: &str, topic: &str) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let results = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .map_err(|e| format!("deleting {topic}: {e}"))?;
+    for r in results {
+        r.map_err(|(t, e)| format!("deleting {t}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Rows in `table` of `db` now (0 while the table does not exist).
 pub async fn count(http: &reqwest::Client, base: &str, db: &str, table: &str) -> u64 {
     let resp = http

@@ -585,8 +585,8 @@ struct KafkaPlan {
 /// a fresh Kiln reading a freshly loaded topic. Prints a table of medians.
 async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
     use kiln_bench::kafka::{
-        KafkaFormat, Kiln, PARTITIONS, drain, json_mapping, median, messages, produce,
-        time_to_queryable,
+        KafkaFormat, Kiln, PARTITIONS, delete_topic, drain, json_mapping, median, messages,
+        produce, time_to_queryable,
     };
     // The librdkafka options Kiln is given, for the plain consumer that measures the broker.
     let options: Vec<(String, String)> = plan
@@ -688,6 +688,7 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
             let delivered = *rows as f64 / secs;
             println!("run {run}: broker alone {format:?} rows_per_sec={delivered:.0}");
             broker_rates[i].push(delivered);
+            delete_topic(&bootstrap, &topic).await?;
         }
     }
     let http = median(&http_rates);

@@ -221,8 +221,9 @@ impl InFlight {
 /// before committing what its last writes reached).
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Batches of one partition in flight at once: one being written, one decoding meanwhile.
-const PIPELINE: usize = 2;
+/// Batches of one partition in flight at once: one being written, the next ones decoding
+/// meanwhile (each waits for its predecessor before it is written).
+const PIPELINE: usize = 4;
 
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
