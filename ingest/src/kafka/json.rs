@@ -328,8 +328,7 @@ struct Reader<'a, 'v, 'c> {
     validator: &'v mut Validator<'c>,
     default_time: i64,
     slots: Vec<Option<Scalar<'a>>>,
-    /// Per node of each tree, the key to try first: the one after the key matched last,
-    /// so keys written in the same order in every row are found at the first try.
+    /// Per node of each tree (indexed by [`Tree`]), the key to try first.
     hints: [Vec<usize>; 2],
     rows_found: RowsFound,
     rows: usize,
@@ -346,25 +345,9 @@ impl<'a, 'v, 'c> Reader<'a, 'v, 'c> {
         }
     }
 
-    /// The node under `node` for `key`, and its slot.
-    fn child(&mut self, tree: Tree, node: usize, key: &str) -> Option<(usize, Option<usize>)> {
-        let nodes = &self.tree(tree).nodes;
-        let keys = &nodes[node].keys;
-        let hint = &mut self.hints[tree as usize][node];
-        let found = match keys.get(*hint) {
-            Some((k, _)) if k == key => *hint,
-            _ => keys.iter().position(|(k, _)| k == key)?,
-        };
-        *hint = found + 1;
-        let child = keys[found].1;
-        Some((child, nodes[child].slot))
-    }
-
     /// Validates the row whose values are in the slots, then empties them.
     fn push_row(&mut self) {
         self.rows += 1;
-        self.tags.clear();
-        self.fields.clear();
         let number = self.rows;
         let reject = |message: String| LineError {
             line: number,
@@ -397,6 +380,7 @@ impl<'a, 'v, 'c> Reader<'a, 'v, 'c> {
 
     /// Fills `tags` and `fields` from the slots; returns the table and time.
     fn read_row(&mut self, m: &'a CompiledMapping) -> Result<(Cow<'a, str>, i64), String> {
+        let (mut tags, mut fields) = (0, 0);
         let table = match &m.table {
             Source::Constant(c) => Cow::Borrowed(c.as_str()),
             Source::Slot(s) => match &self.slots[*s] {
@@ -422,22 +406,38 @@ impl<'a, 'v, 'c> Reader<'a, 'v, 'c> {
                 },
             };
             if !value.is_empty() {
-                self.tags.push((Cow::Borrowed(name.as_str()), value));
+                put(&mut self.tags, &mut tags, name, value);
             }
         }
         for (name, slot, ty) in &m.fields {
             if let Some(value) = &self.slots[*slot] {
                 let value =
                     field_value(value, *ty).map_err(|why| format!("field {name:?}: {why}"))?;
-                self.fields.push((Cow::Borrowed(name.as_str()), value));
+                put(&mut self.fields, &mut fields, name, value);
             }
         }
+        self.tags.truncate(tags);
+        self.fields.truncate(fields);
         let time = match m.time.and_then(|s| self.slots[s].as_ref()) {
             Some(v) => m.time_of(v)?,
             None => self.default_time,
         };
         Ok((table, time))
     }
+}
+
+/// Sets entry `n` of `list` to `(name, value)` and moves `n` on: in place when the entry
+/// already has that name (the rows of a message name the same columns), rather than
+/// building the list again for every row.
+fn put<'a, V>(list: &mut Vec<(Cow<'a, str>, V)>, n: &mut usize, name: &'a str, value: V) {
+    match list.get_mut(*n) {
+        Some((Cow::Borrowed(k), v)) if std::ptr::eq(*k, name) => *v = value,
+        _ => {
+            list.truncate(*n);
+            list.push((Cow::Borrowed(name), value));
+        }
+    }
+    *n += 1;
 }
 
 /// Reads the value at one node of a path tree: records it in the node's slot, descends
@@ -473,12 +473,13 @@ impl<'de: 'a, 'a> DeserializeSeed<'de> for Walk<'_, 'a, '_, '_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        match &self.reader.mapping.rows {
-            Some((_, rows)) if self.tree == Tree::Rows && self.node == *rows => {
-                deserializer.deserialize_any(RowsVisitor(self.reader))
-            }
-            _ => deserializer.deserialize_any(self),
+        if self.tree == Tree::Rows
+            && let Some((_, rows)) = &self.reader.mapping.rows
+            && self.node == *rows
+        {
+            return deserializer.deserialize_any(RowsVisitor(self.reader));
         }
+        deserializer.deserialize_any(self)
     }
 }
 
@@ -532,19 +533,33 @@ impl<'de: 'a, 'a> Visitor<'de> for Walk<'_, 'a, '_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
         self.set(Some(Scalar::Object));
+        let nodes = &self.reader.tree(self.tree).nodes;
+        let keys = &nodes[self.node].keys;
+        // The key to try first: the one after the key matched last, so keys written in the
+        // same order in every row are found at the first try.
+        let mut hint = self.reader.hints[self.tree as usize][self.node];
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            match self.reader.child(self.tree, self.node, &key) {
-                Some((node, slot)) => map.next_value_seed(Walk {
-                    reader: &mut *self.reader,
-                    tree: self.tree,
-                    node,
-                    slot,
-                })?,
+            let found = match keys.get(hint) {
+                Some((k, _)) if *k == key => Some(hint),
+                _ => keys.iter().position(|(k, _)| *k == key),
+            };
+            match found {
+                Some(i) => {
+                    hint = i + 1;
+                    let node = keys[i].1;
+                    map.next_value_seed(Walk {
+                        reader: &mut *self.reader,
+                        tree: self.tree,
+                        node,
+                        slot: nodes[node].slot,
+                    })?;
+                }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
+        self.reader.hints[self.tree as usize][self.node] = hint;
         Ok(())
     }
 
@@ -657,6 +672,19 @@ impl RowsVisitor<'_, '_, '_, '_> {
     }
 }
 
+/// Reads `text` as one JSON document from the root of `tree`.
+fn read_document<'a>(
+    reader: &mut Reader<'a, '_, '_>,
+    tree: Tree,
+    text: &'a str,
+) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    Walk::root(reader, tree)
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| format!("invalid JSON: {e}"))
+}
+
 impl CompiledMapping {
     /// Pushes the rows of one JSON message into `validator`, reading the message once and
     /// building nothing but the mapped values. `default_time` is used for rows without a
@@ -691,11 +719,7 @@ impl CompiledMapping {
         // One check of the whole message is faster than serde_json's check of each string.
         let text = std::str::from_utf8(payload)
             .map_err(|e| format!("invalid JSON: the message is not UTF-8: {e}"))?;
-        let mut de = serde_json::Deserializer::from_str(text);
-        Walk::root(&mut reader, tree)
-            .deserialize(&mut de)
-            .and_then(|()| de.end())
-            .map_err(|e| format!("invalid JSON: {e}"))?;
+        read_document(&mut reader, tree, text)?;
         match (tree, reader.rows_found) {
             (Tree::Row, _) => reader.push_row(),
             (Tree::Rows, RowsFound::Array) => {}
@@ -818,11 +842,7 @@ mod tests {
             tags: Vec::new(),
             fields: Vec::new(),
         };
-        let mut de = serde_json::Deserializer::from_str(doc);
-        Walk::root(&mut reader, Tree::Row)
-            .deserialize(&mut de)
-            .and_then(|()| de.end())
-            .map_err(|e| e.to_string())?;
+        read_document(&mut reader, Tree::Row, doc)?;
         Ok(slots
             .iter()
             .map(|&s| {
@@ -896,6 +916,57 @@ mod tests {
         assert!(read(&paths, r#"{"a": 1,}"#).is_err());
         assert!(read(&paths, r#"{"a": 1} 2"#).is_err());
         assert!(read(&paths, r#"{"skip": [1, 2}"#).is_err());
+    }
+
+    #[test]
+    fn rows_of_one_message_may_lack_different_values() {
+        let mapping: JsonMapping = toml::from_str(
+            r#"
+rows = "$.r"
+table = "t"
+tags = { a = "$.a", b = "$.b" }
+fields = { x = "$.x", y = "$.y" }
+time = "$.ts"
+"#,
+        )
+        .unwrap();
+        let compiled = mapping.compile().unwrap();
+        let catalog = CatalogState::default();
+        let mut v = Validator::new("db", &catalog);
+        let doc = r#"{"r": [
+            {"a": "a1", "b": "b1", "x": 1, "y": 2, "ts": 1},
+            {"a": "a2", "x": 3, "ts": 2},
+            {"a": "a3", "y": 4, "ts": 3},
+            {"a": "a4", "b": "", "x": 5, "y": null, "ts": 4},
+            {"a": "a5", "b": "b5", "x": 6, "y": 7, "ts": 5}]}"#;
+        compiled.push(&mut v, doc.as_bytes(), 0).unwrap();
+        let out = v.finish();
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        let batch = &out.tables[0].1;
+        let column = |name: &str| {
+            let c = batch.column_by_name(name).unwrap();
+            let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).unwrap();
+            (0..c.len())
+                .map(|i| {
+                    (!c.is_null(i))
+                        .then(|| arrow::util::display::array_value_to_string(&c, i).unwrap())
+                })
+                .collect::<Vec<_>>()
+        };
+        let s = |v: &[Option<&str>]| v.iter().map(|o| o.map(String::from)).collect::<Vec<_>>();
+        assert_eq!(
+            column("a"),
+            s(&[Some("a1"), Some("a2"), Some("a3"), Some("a4"), Some("a5")])
+        );
+        assert_eq!(column("b"), s(&[Some("b1"), None, None, None, Some("b5")]));
+        assert_eq!(
+            column("x"),
+            s(&[Some("1.0"), Some("3.0"), None, Some("5.0"), Some("6.0")])
+        );
+        assert_eq!(
+            column("y"),
+            s(&[Some("2.0"), None, Some("4.0"), None, Some("7.0")])
+        );
     }
 
     fn json() -> impl Strategy<Value = Value> {
