@@ -511,10 +511,11 @@ fn read_all(
     out
 }
 
-/// Two sources from a TOML file: line protocol and JSON gateway messages mapped to rows.
+/// Three sources from a TOML file: line protocol, JSON gateway messages mapped to rows, and
+/// protobuf `WriteRequest`s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sources_from_a_toml_file_with_a_json_mapping() {
-    let cluster = cluster(&["lp", "gateway"]);
+async fn sources_from_a_toml_file_with_json_and_protobuf() {
+    let cluster = cluster(&["lp", "gateway", "proto", "proto.dead-letter"]);
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("kafka.toml");
@@ -541,6 +542,13 @@ tags = {{ device = "$.device", site = "north" }}
 fields = {{ temp = "$.temp", rpm = {{ path = "$.rpm", type = "integer" }} }}
 time = "$.ts"
 time_unit = "ms"
+
+[[source]]
+brokers = "{bootstrap}"
+topics = ["proto"]
+group = "proto"
+database = "plant"
+format = "protobuf"
 "#
         ),
     )
@@ -565,12 +573,88 @@ time_unit = "ms"
                 .to_vec(),
         )],
     );
+    // kiln.ingest.v1.WriteRequest messages: rows, line protocol, and one for another
+    // database (dead-lettered, not written).
+    use kiln_proto::ingest::v1::{Field, LineProtocol, Row, Rows, WriteRequest, field};
+    use prost::Message as _;
+    let request = |database: &str, payload| WriteRequest {
+        database: database.into(),
+        payload: Some(payload),
+        ..Default::default()
+    };
+    use kiln_proto::ingest::v1::write_request::Payload;
+    let rows = request(
+        "",
+        Payload::Rows(Rows {
+            rows: vec![Row {
+                table: "valves".into(),
+                tags: [("valve".to_string(), "v1".to_string())].into(),
+                fields: vec![Field {
+                    name: "open".into(),
+                    value: Some(field::Value::Boolean(true)),
+                }],
+                time_unix_nano: 1_700_000_000_000_000_000,
+            }],
+        }),
+    );
+    let lines = request(
+        "plant",
+        Payload::LineProtocol(LineProtocol {
+            text: "valves,valve=v2 open=false 1700000001".into(),
+            precision: "s".into(),
+        }),
+    );
+    let elsewhere = request(
+        "other",
+        Payload::LineProtocol(LineProtocol {
+            text: "valves,valve=v3 open=true 1700000002".into(),
+            precision: "s".into(),
+        }),
+    );
+    produce(
+        &bootstrap,
+        "proto",
+        [&rows, &lines, &elsewhere].map(|r| (1, r.encode_to_vec())),
+    );
     assert!(
         eventually(Duration::from_secs(60), || async {
             count(&server, "SELECT count(*) AS n FROM machines").await == 2
                 && count(&server, "SELECT count(*) AS n FROM cpu").await == 1
+                && count(&server, "SELECT count(*) AS n FROM valves").await == 2
         })
         .await
+    );
+    let valves = server
+        .query_json(
+            "plant",
+            "SELECT valve, open, CAST(time AS BIGINT) AS t FROM valves ORDER BY valve",
+        )
+        .await;
+    assert_eq!(valves[0]["valve"], "v1");
+    assert_eq!(valves[0]["open"], true);
+    assert_eq!(valves[1]["valve"], "v2");
+    assert_eq!(valves[1]["t"], 1_700_000_001_000_000_000i64);
+    let status = kafka_status(&server).await;
+    let proto = status["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["group"] == "proto")
+        .unwrap_or_else(|| panic!("{status}"));
+    let dead: u64 = proto["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["dead_lettered"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(dead, 1, "{status}");
+    let dead = read_all(&bootstrap, "proto.dead-letter", 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1, elsewhere.encode_to_vec());
+    assert!(
+        dead[0].0["kiln.error"].contains("\"other\""),
+        "{:?}",
+        dead[0].0
     );
     let rows = server
         .query_json(

@@ -13,6 +13,11 @@
 //!
 //! Paths are `$` followed by `.name`, `["name"]` or `[index]` steps. A value that does not
 //! start with `$` is a constant (for `table` and tags).
+//!
+//! A message is read once, front to back, by a serde visitor that follows the mapping's
+//! paths (a tree of their steps) and skips everything else without building it; strings are
+//! borrowed from the message unless they have escapes, and each element of a `rows` array is
+//! validated as soon as it has been read.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
