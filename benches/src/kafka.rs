@@ -351,7 +351,7 @@ pub async fn time_to_queryable(base: &str, db: &str, total: u64) -> Result<f64, 
                     "the table holds {rows} rows; {total} were produced"
                 ));
             }
-            if secs <= 0.0 {
+            if secs <= 0.0 || first_rows >= total {
                 return Err("every row arrived before the first look; use more rows".into());
             }
             return Ok((total - first_rows) as f64 / secs);
