@@ -302,8 +302,7 @@ impl std::fmt::Display for Scalar<'_> {
     }
 }
 
-/// A string of the message (or the mapping) for a row, without copying unless it had
-/// escapes.
+/// A string of the message for a row: borrowed, or copied if it had escapes.
 fn share<'a>(s: &Cow<'a, str>) -> Cow<'a, str> {
     match s {
         Cow::Borrowed(s) => Cow::Borrowed(s),
