@@ -418,15 +418,7 @@ async fn poison_messages_are_dead_lettered_with_their_error() {
     // Status and metrics: every message counted, nothing left to read.
     assert!(
         eventually(Duration::from_secs(20), || async {
-            let text = server
-                .client
-                .get(server.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = server.metrics().await;
             text.contains(
                 "kiln_kafka_dead_lettered_total{group=\"kiln\",topic=\"plc\",partition=\"0\"} 2",
             ) && text
@@ -434,15 +426,7 @@ async fn poison_messages_are_dead_lettered_with_their_error() {
         })
         .await,
         "{}",
-        server
-            .client
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        server.metrics().await
     );
     // `kiln kafka status` prints the same figures as a table.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))

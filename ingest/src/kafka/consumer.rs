@@ -742,16 +742,9 @@ impl PartitionWriter {
         let db = self.config.database.as_str();
         let catalog = self.engine.catalog_state();
         let first = validate_messages(&self.decoder, &decoded, db, &catalog, now);
-        let bad: Vec<usize> = first.rejected.iter().map(|(i, _)| *i).collect();
         for (i, error) in &first.rejected {
             self.dead_letter(&msgs[*i], error).await;
         }
-        let good: Vec<Message<'_>> = decoded
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| bad.binary_search(i).is_err())
-            .map(|(_, m)| m.clone())
-            .collect();
         // Decoded while the partition's previous batch was written; written after it, never
         // without it (its offsets would be skipped).
         if let Some(previous) = previous
@@ -763,6 +756,7 @@ impl PartitionWriter {
         }
         let range = self.range(topic, partition, msgs);
         // Validated against this catalog already; again only if it changes meanwhile.
+        let bad = first.rejected;
         let mut validated = Some(first.rows).filter(|rows| rows.rejected.is_empty());
         let written = self
             .write_retrying(vec![range], &mut |current| {
@@ -771,6 +765,13 @@ impl PartitionWriter {
                 {
                     return Ok(rows);
                 }
+                // Rejected indices are sorted.
+                let good: Vec<Message<'_>> = decoded
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| bad.binary_search_by_key(i, |(b, _)| *b).is_err())
+                    .map(|(_, m)| m.clone())
+                    .collect();
                 let d = validate_messages(&self.decoder, &good, db, current, now);
                 match d.rejected.first() {
                     Some((_, e)) => Err(e.clone()),

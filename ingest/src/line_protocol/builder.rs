@@ -140,11 +140,11 @@ impl<'c> Validator<'c> {
     /// Validates one row; it is either accepted whole or recorded as rejected.
     pub fn push(&mut self, line: &Line<'_, '_>, precision: Precision, default_time: i64) {
         let name = line.measurement.as_ref();
-        let last = self.tables.get(self.last_table).filter(|t| t.name == name);
-        let idx = match last
-            .map(|_| self.last_table)
-            .or_else(|| self.table_index.get(name).copied())
-        {
+        let idx = match self.tables.get(self.last_table) {
+            Some(t) if t.name == name => Some(self.last_table),
+            _ => self.table_index.get(name).copied(),
+        };
+        let idx = match idx {
             Some(i) => i,
             None => {
                 let name = name.to_string();

@@ -148,17 +148,23 @@ impl TestServer {
         serde_json::from_slice(&body).expect("JSON array of objects")
     }
 
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        self.client
             .get(self.url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .text()
             .await
-            .unwrap_or_default();
-        text.lines()
+            .unwrap_or_default()
+    }
+
+    /// A metric's value; 0 when the server does not show it.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
             .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
