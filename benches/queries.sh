@@ -3,7 +3,8 @@
 #   1. installs DuckDB (PyPI) in a venv, builds release binaries;
 #   2. ingests the workload through Kiln's normal write path (gRPC Arrow) into a fresh
 #      data directory, and restarts the server so that everything is in Parquet segments;
-#   3. gives `cpu` a last-value cache keyed by hostname (lastpoint reads it);
+#   3. gives `cpu` a last-value cache keyed by hostname (lastpoint reads it) and compacts
+#      (`kiln compact`: a partition persisted in several segments becomes one);
 #   4. runs `kiln-bench queries`: every query type on Kiln (Flight SQL) and on DuckDB over
 #      the segments Kiln wrote, and prints the table of medians.
 # Sizes: SCALE (hosts, default 4000), DURATION (default 1d), RUNS (per query type, 10).
@@ -57,6 +58,9 @@ fi
 # Reading the cache waits until it is warm (filled from the segments).
 "$target/release/kiln" query --host "http://$http" -d benchmark \
   "SELECT count(*) AS cached_series FROM last_cache('benchmark', 'cpu')"
+# Partitions the ingest persisted in two parts are merged, as the background compactor
+# would within a minute; now, so that DuckDB's glob sees only the merged files.
+"$target/release/kiln" compact --host "http://$http"
 echo "segments: $(find "$data/objects/segments" -name '*.parquet' | wc -l)," \
   "$(du -sh "$data/objects/segments" | cut -f1)"
 "$target/release/kiln-bench" queries --grpc-url "http://$grpc" --scale "$scale" \

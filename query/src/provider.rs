@@ -523,6 +523,12 @@ impl TableProvider for KilnTable {
 
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = merged_parts;
         if !single_segments.is_empty() {
+            // A filter on a tag or field (`usage_user > 90`) is applied while decoding, so
+            // the other columns are decoded only for the rows it keeps. Time alone is left
+            // to row-group and page pruning: a window keeps whole runs of every series.
+            let decode_filtered = filters
+                .iter()
+                .any(|f| f.column_refs().iter().any(|c| c.name != TIME_COLUMN));
             inputs.push(self.parquet_exec(
                 state,
                 &def,
@@ -532,7 +538,7 @@ impl TableProvider for KilnTable {
                     filters,
                     limit,
                     ordering: None,
-                    decode_filtered: false,
+                    decode_filtered,
                 },
             )?);
         }
@@ -554,7 +560,9 @@ impl TableProvider for KilnTable {
             1 => inputs.remove(0),
             _ => UnionExec::try_new(inputs)?,
         };
-        Ok(Arc::new(KilnScanExec::new(scan, summary.to_string())))
+        Ok(Arc::new(
+            KilnScanExec::new(scan, summary.to_string()).with_lease(data.lease),
+        ))
     }
 }
 

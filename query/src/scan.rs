@@ -23,10 +23,13 @@ use datafusion::physical_plan::filter_pushdown::{
     ChildPushdownResult, FilterDescription, FilterPushdownPhase, FilterPushdownPropagation,
 };
 use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     ChildStats, DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties,
     ReplaceChildrenOptions, SortOrderPushdownResult, StatisticsArgs, replace_children_if_necessary,
 };
+use futures::StreamExt;
+use kiln_storage::ReadLease;
 
 /// What a scan read, out of what the table has.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,6 +68,8 @@ pub struct KilnScanExec {
     /// What was read ([`ScanSummary`] for tables).
     description: String,
     properties: Arc<PlanProperties>,
+    /// Keeps the segment files the scan reads until the plan and its streams are dropped.
+    lease: Option<ReadLease>,
 }
 
 impl KilnScanExec {
@@ -74,11 +79,20 @@ impl KilnScanExec {
             input,
             description,
             properties,
+            lease: None,
         }
     }
 
+    /// Holds `lease` for as long as the plan or any of its output streams lives.
+    pub fn with_lease(mut self, lease: ReadLease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
     fn with_input(&self, input: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
-        Arc::new(Self::new(input, self.description.clone()))
+        let mut scan = Self::new(input, self.description.clone());
+        scan.lease = self.lease.clone();
+        Arc::new(scan)
     }
 }
 
@@ -140,7 +154,18 @@ impl ExecutionPlan for KilnScanExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        self.input.execute(partition, context)
+        let stream = self.input.execute(partition, context)?;
+        let Some(lease) = self.lease.clone() else {
+            return Ok(stream);
+        };
+        let schema = stream.schema();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            stream.map(move |batch| {
+                let _held = &lease;
+                batch
+            }),
+        )))
     }
 
     fn child_stats_requests(&self, partition: Option<usize>) -> Vec<ChildStats> {

@@ -285,6 +285,36 @@ pub enum KafkaCommand {
     },
 }
 
+/// Asks a running server to compact now and prints what it did.
+pub async fn compact(host: String) -> Result<(), String> {
+    let url = format!("{}/api/v3/compact", host.trim_end_matches('/'));
+    let resp = http()?
+        .post(url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {host}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(error_text(resp).await);
+    }
+    let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    println!(
+        "compacted {} partitions: {} segments ({} bytes) into {} ({} bytes, {} rows)",
+        v["partitions"],
+        v["segments_replaced"],
+        v["bytes_before"],
+        v["partitions"],
+        v["bytes_after"],
+        v["rows"]
+    );
+    if v["skipped_too_large"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "left {} partitions larger than --compaction-max-bytes as they are",
+            v["skipped_too_large"]
+        );
+    }
+    Ok(())
+}
+
 pub async fn kafka(command: KafkaCommand) -> Result<(), String> {
     let KafkaCommand::Status { host } = command;
     let url = format!("{}/api/v3/kafka", host.trim_end_matches('/'));

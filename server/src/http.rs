@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v3/kafka", get(kafka_status))
+        .route("/api/v3/compact", post(compact))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -383,6 +384,26 @@ async fn create_last_cache(
             ApiError::new(status, e.to_string()).into_response()
         }
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `POST /api/v3/compact`: merges now every time partition persisted in several segments
+/// that the buffer holds no rows of, the newest partition of each table included; answers
+/// with what it did once done.
+async fn compact(State(s): State<AppState>) -> Response {
+    match s.engine.compact(true).await {
+        Ok(outcome) => axum::Json(outcome).into_response(),
+        Err(e) => {
+            s.engine
+                .stats()
+                .compaction_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("compaction failed: {e}"),
+            )
+            .into_response()
+        }
     }
 }
 

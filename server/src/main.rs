@@ -38,6 +38,13 @@ enum Command {
     /// Kafka sources of a running server.
     #[command(subcommand)]
     Kafka(client::KafkaCommand),
+    /// Merge now every time partition persisted in several segments (and not being
+    /// written) into one segment, on a running server.
+    Compact {
+        /// Base URL of the Kiln server.
+        #[arg(long, env = "KILN_HOST", default_value = "http://127.0.0.1:8080")]
+        host: String,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -74,6 +81,7 @@ fn main() -> std::process::ExitCode {
             Command::Query(args) => client::query(args).await,
             Command::LastCache(command) => client::last_cache(command).await,
             Command::Kafka(command) => client::kafka(command).await,
+            Command::Compact { host } => client::compact(host).await,
         }
     });
     match result {

@@ -136,6 +136,21 @@ impl prometheus_client::collector::Collector for EngineCollector {
                 "Writes refused because the buffer was full",
                 &stats.writes_refused,
             ),
+            (
+                "kiln_compactions",
+                "Time partitions merged into one segment by compaction",
+                &stats.compactions,
+            ),
+            (
+                "kiln_segments_compacted",
+                "Segments replaced by compaction",
+                &stats.segments_compacted,
+            ),
+            (
+                "kiln_compaction_failures",
+                "Compaction passes that failed",
+                &stats.compaction_failures,
+            ),
         ];
         for (name, help, value) in counters {
             let c = ConstCounter::new(value.load(Ordering::Relaxed));

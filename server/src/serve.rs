@@ -63,6 +63,16 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_PERSIST_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub persist_interval: Duration,
 
+    /// How often to merge each time partition persisted in several segments (and no longer
+    /// written) into one segment (`0s`: only on request, `kiln compact`).
+    #[arg(long, env = "KILN_COMPACTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub compaction_interval: Duration,
+
+    /// Compaction leaves alone a partition whose segments hold more than this many bytes in
+    /// all: it merges a partition in memory.
+    #[arg(long, env = "KILN_COMPACTION_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub compaction_max_bytes: u64,
+
     /// Refuse writes with 429 (retry later) while the buffer holds more than this many bytes.
     #[arg(long, env = "KILN_MAX_BUFFER_BYTES", default_value_t = 1024 * 1024 * 1024)]
     pub max_buffer_bytes: usize,
@@ -139,6 +149,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         persist_buffer_bytes: config.persist_buffer_bytes,
         persist_interval: config.persist_interval,
         max_buffer_bytes: config.max_buffer_bytes,
+        compaction_max_bytes: config.compaction_max_bytes,
     };
     let engine = Engine::open(
         engine_config,
@@ -204,7 +215,12 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     }
 
     let (persist_stop_tx, persist_stop_rx) = tokio::sync::watch::channel(false);
-    let persister = tokio::spawn(Arc::clone(&engine).run_persister(stopped(persist_stop_rx)));
+    let persister =
+        tokio::spawn(Arc::clone(&engine).run_persister(stopped(persist_stop_rx.clone())));
+    let compactor = tokio::spawn(Arc::clone(&engine).run_compactor(
+        Some(config.compaction_interval).filter(|t| !t.is_zero()),
+        stopped(persist_stop_rx),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -291,6 +307,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     sources.stopped().await;
     let _ = persist_stop_tx.send(true);
     let _ = persister.await;
+    let _ = compactor.await;
     tracing::info!("persisting the write buffer and syncing the WAL");
     engine
         .shutdown()

@@ -33,4 +33,4 @@ pub mod persist;
 pub mod wal;
 pub mod write;
 
-pub use engine::{Engine, EngineConfig, TableData};
+pub use engine::{CompactionOutcome, Engine, EngineConfig, ReadLease, TableData};

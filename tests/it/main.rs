@@ -2,6 +2,7 @@
 //! One test binary (modules below) so the workspace links it once.
 
 mod cli;
+mod compaction;
 mod crash;
 mod flight;
 mod grpc;

@@ -205,7 +205,7 @@ async fn assert_overwritten_row(server: &TestServer) {
     assert_eq!(rows[0]["count"], json!(0));
 }
 
-fn walk(dir: &std::path::Path) -> Vec<String> {
+pub(crate) fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {

@@ -5,7 +5,8 @@
 //! Transaction (`catalog/log/{sequence:020}.json`):
 //! `{"version": 1, "sequence": N, "events": [CatalogEvent, …]}` where each event is an
 //! object tagged by `"type"` (`database_created`, `table_created`, `column_added`,
-//! `segment_persisted`, `wal_persisted`).
+//! `segment_persisted`, `segments_compacted`, `wal_persisted`, `last_cache_created`,
+//! `last_cache_dropped`, `source_positions`).
 //!
 //! Snapshot (`catalog/snapshots/{sequence:020}.json`):
 //! `{"version": 1, "state": CatalogState}`.

@@ -57,6 +57,8 @@ pub enum Error {
     },
     #[error("unknown database id {0}")]
     UnknownDatabase(DatabaseId),
+    #[error("compaction does not fit the catalog: {0}")]
+    Compaction(String),
     #[error("unknown table id {0}")]
     UnknownTable(TableId),
     #[error("invalid name {name:?}: {reason}")]
@@ -196,6 +198,13 @@ pub enum CatalogEvent {
         column: ColumnDef,
     },
     SegmentPersisted(SegmentMeta),
+    /// The segments `replaced`, all of one time partition of `segment.table`, were merged
+    /// (last write wins) into `segment`, which takes their place among the table's
+    /// segments: after every older segment of the partition, before every newer one.
+    SegmentsCompacted {
+        replaced: Vec<SegmentId>,
+        segment: SegmentMeta,
+    },
     /// Every WAL record at or below `sequence` is in persisted segments.
     WalPersisted {
         sequence: SequenceNumber,
@@ -344,6 +353,42 @@ impl CatalogState {
                     .or_default()
                     .push(meta.clone());
                 self.next_segment_id = self.next_segment_id.max(meta.id.get() + 1);
+            }
+            CatalogEvent::SegmentsCompacted { replaced, segment } => {
+                let list = self
+                    .segments
+                    .get_mut(&segment.table)
+                    .ok_or(Error::UnknownTable(segment.table))?;
+                let mut places = Vec::with_capacity(replaced.len());
+                for id in replaced {
+                    let i = list
+                        .iter()
+                        .position(|s| s.id == *id && s.partition == segment.partition)
+                        .ok_or_else(|| {
+                            Error::Compaction(format!(
+                                "segment {id} is not in partition {} of table {}",
+                                segment.partition, segment.table
+                            ))
+                        })?;
+                    places.push(i);
+                }
+                let (Some(&first), Some(&last)) = (places.iter().min(), places.iter().max()) else {
+                    return Err(Error::Compaction("a compaction replaced no segment".into()));
+                };
+                // The merged segment takes the first one's place, which keeps the
+                // partition's order only if no other segment of it lies in between.
+                if list[first..=last]
+                    .iter()
+                    .any(|s| s.partition == segment.partition && !replaced.contains(&s.id))
+                {
+                    return Err(Error::Compaction(format!(
+                        "segments {replaced:?} are not consecutive in partition {} of table {}",
+                        segment.partition, segment.table
+                    )));
+                }
+                list.retain(|s| !replaced.contains(&s.id));
+                list.insert(first, segment.clone());
+                self.next_segment_id = self.next_segment_id.max(segment.id.get() + 1);
             }
             CatalogEvent::WalPersisted { sequence } => {
                 self.persisted_sequence = self.persisted_sequence.max(*sequence);

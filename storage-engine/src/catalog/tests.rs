@@ -198,3 +198,76 @@ async fn last_caches_survive_reload_and_need_tag_keys() {
     let again = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
     assert!(again.snapshot().last_caches.is_empty());
 }
+
+fn segment(id: u64, table: TableId, partition: i64) -> SegmentMeta {
+    SegmentMeta {
+        id: SegmentId(id),
+        table,
+        partition,
+        path: format!("segments/1/{}/{partition}-{id:020}.parquet", table.get()),
+        min_time: partition,
+        max_time: partition + 10,
+        rows: 1,
+        bytes: 1,
+        max_sequence: SequenceNumber(id),
+    }
+}
+
+#[tokio::test]
+async fn compactions_replace_a_partitions_segments_in_place_and_survive_reload() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let state = catalog
+        .ensure_schema("plant", &[change("cpu", "v", ColumnType::Float)])
+        .await
+        .unwrap();
+    let cpu = state.table("plant", "cpu").unwrap().id;
+    // Partition 0 in segments 0, 2 and 3; partition HOUR in 1 and 4.
+    let persisted = [(0, 0), (1, HOUR), (2, 0), (3, 0), (4, HOUR)];
+    catalog
+        .commit(
+            persisted
+                .iter()
+                .map(|&(id, p)| CatalogEvent::SegmentPersisted(segment(id, cpu, p)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let order = |c: &Catalog| -> Vec<u64> {
+        c.snapshot()
+            .segments(cpu)
+            .iter()
+            .map(|s| s.id.get())
+            .collect()
+    };
+
+    // Segments not all of one partition, or not consecutive in it, are refused.
+    for replaced in [vec![0, 1], vec![0, 3], vec![7]] {
+        let err = catalog
+            .commit(vec![CatalogEvent::SegmentsCompacted {
+                replaced: replaced.iter().copied().map(SegmentId).collect(),
+                segment: segment(9, cpu, 0),
+            }])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Compaction(_)), "{replaced:?}: {err}");
+    }
+    assert_eq!(
+        order(&catalog),
+        [0, 1, 2, 3, 4],
+        "a refused compaction changes nothing"
+    );
+
+    catalog
+        .commit(vec![CatalogEvent::SegmentsCompacted {
+            replaced: vec![SegmentId(0), SegmentId(2), SegmentId(3)],
+            segment: segment(5, cpu, 0),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(order(&catalog), [5, 1, 4]);
+    assert_eq!(catalog.snapshot().next_segment_id, 6);
+
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
+}

@@ -22,8 +22,12 @@ use crate::persist::{encode_segment, sort_key};
 use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
 use crate::write::{SourceRange, WriteBatch};
 
+mod compact;
 #[cfg(test)]
 mod tests;
+
+pub use compact::{CompactionOutcome, ReadLease};
+use compact::{ReadGeneration, segment_path, sweep_unreferenced};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -70,6 +74,9 @@ pub struct EngineConfig {
     pub persist_interval: Duration,
     /// Refuse writes (retry later) while the buffer holds more than this.
     pub max_buffer_bytes: usize,
+    /// Compaction leaves alone a partition whose segments hold more bytes than this in all
+    /// (it merges a partition in memory).
+    pub compaction_max_bytes: u64,
 }
 
 impl EngineConfig {
@@ -82,6 +89,7 @@ impl EngineConfig {
             persist_buffer_bytes: 256 * 1024 * 1024,
             persist_interval: Duration::from_secs(300),
             max_buffer_bytes: 1024 * 1024 * 1024,
+            compaction_max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -94,6 +102,10 @@ pub struct EngineStats {
     pub bytes_persisted: AtomicU64,
     pub persist_failures: AtomicU64,
     pub writes_refused: AtomicU64,
+    /// Partitions merged by compaction, the segments they had, and failed passes.
+    pub compactions: AtomicU64,
+    pub segments_compacted: AtomicU64,
+    pub compaction_failures: AtomicU64,
 }
 
 /// What a query needs of one table: its definition, persisted segments and buffer.
@@ -106,6 +118,8 @@ pub struct TableData {
     /// How many the table has in all.
     pub segments_total: usize,
     pub buffer_partitions_total: usize,
+    /// Keeps `segments`' files from deletion by compaction while it is held.
+    pub lease: ReadLease,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -125,6 +139,10 @@ pub struct Engine {
     buffer: Arc<WriteBuffer>,
     persist_lock: tokio::sync::Mutex<()>,
     persist_wanted: tokio::sync::Notify,
+    compact_lock: tokio::sync::Mutex<()>,
+    /// The current generation of readers, and the files theirs have left to delete.
+    generation: parking_lot::Mutex<Arc<ReadGeneration>>,
+    deletable: Arc<parking_lot::Mutex<Vec<String>>>,
     stats: EngineStats,
     last_caches: Arc<LastCaches>,
     sources: Arc<SourcePositions>,
@@ -266,6 +284,8 @@ impl Engine {
         if !removed.is_empty() {
             tracing::info!(files = removed.len(), "removed fully persisted WAL files");
         }
+        sweep_unreferenced(&store, &catalog.snapshot()).await?;
+        let deletable = Arc::default();
         let engine = Arc::new(Self {
             config,
             catalog,
@@ -274,6 +294,11 @@ impl Engine {
             buffer,
             persist_lock: tokio::sync::Mutex::new(()),
             persist_wanted: tokio::sync::Notify::new(),
+            compact_lock: tokio::sync::Mutex::new(()),
+            generation: parking_lot::Mutex::new(Arc::new(ReadGeneration::new(Arc::clone(
+                &deletable,
+            )))),
+            deletable,
             stats: EngineStats::default(),
             last_caches: Arc::default(),
             sources,
@@ -338,36 +363,37 @@ impl Engine {
         };
         let mut batches = Vec::new();
         for segment in &data.segments {
-            let path = Path::from(segment.path.as_str());
-            let bytes = self
-                .store
-                .get(&path)
-                .await
-                .map_err(|source| Error::Store {
-                    path: segment.path.clone(),
-                    source,
-                })?
-                .bytes()
-                .await
-                .map_err(|source| Error::Store {
-                    path: segment.path.clone(),
-                    source,
-                })?;
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                    .and_then(|b| b.build())
-                    .map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?;
-            for batch in reader {
-                // `time` comes labelled UTC; the cache aligns it with the buffer's at no cost.
-                batches.push(
-                    batch.map_err(|e| Error::Internal(format!("reading {}: {e}", segment.path)))?,
-                );
-            }
+            batches.extend(self.read_segment(segment).await?);
         }
         for part in data.buffer {
             batches.extend(part.chunks.into_iter().map(|c| c.batch));
         }
         Ok(batches)
+    }
+
+    /// Every row of one segment. `time` comes labelled UTC; merging relabels it for free.
+    async fn read_segment(&self, segment: &SegmentMeta) -> Result<Vec<RecordBatch>> {
+        let path = Path::from(segment.path.as_str());
+        let store_error = |source| Error::Store {
+            path: segment.path.clone(),
+            source,
+        };
+        let bytes = self
+            .store
+            .get(&path)
+            .await
+            .map_err(store_error)?
+            .bytes()
+            .await
+            .map_err(store_error)?;
+        let read_error = |e: &dyn std::fmt::Display| {
+            Error::Internal(format!("reading segment {}: {e}", segment.path))
+        };
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| read_error(&e))?
+            .map(|batch| batch.map_err(|e| read_error(&e)))
+            .collect()
     }
 
     /// Gives `table` of `database` a last-value cache keyed by `key_columns` (all its tags
@@ -480,6 +506,8 @@ impl Engine {
     /// Only data whose time range overlaps `min_time..=max_time` is returned.
     pub fn table_data(&self, table: TableId, min_time: i64, max_time: i64) -> Option<TableData> {
         let overlaps = |lo: i64, hi: i64| lo <= max_time && hi >= min_time;
+        // The lease before the catalog snapshot: the files it names outlive the reader.
+        let lease = self.lease();
         // Buffer first, then catalog: a persistence that completes in between leaves the
         // rows in both (deduplicated by the reader), never in neither.
         let mut buffer = self.buffer.partitions(table);
@@ -530,6 +558,7 @@ impl Engine {
             buffer_partitions_total,
             def,
             buffer,
+            lease,
         })
     }
 
@@ -657,13 +686,7 @@ impl Engine {
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?
                 .map_err(Error::Encode)?;
-        let path = format!(
-            "segments/{}/{}/{}-{:020}.parquet",
-            def.database.get(),
-            def.id.get(),
-            part.partition,
-            id.get()
-        );
+        let path = segment_path(def, part.partition, id);
         let size = bytes.len() as u64;
         self.store
             .put(&Path::from(path.as_str()), PutPayload::from(bytes))

@@ -258,3 +258,132 @@ async fn source_positions_survive_replay_and_persistence() {
     assert_eq!(contents(&engine).await.num_rows(), 2);
     assert_eq!(engine.source_positions().len(), 2);
 }
+
+/// The segment files under the store's `segments/` folder.
+async fn segment_files(engine: &Engine) -> Vec<String> {
+    let mut files: Vec<String> = engine
+        .store()
+        .list(Some(&object_store::path::Path::from("segments")))
+        .map_ok(|o| o.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    files.sort();
+    files
+}
+
+fn catalog_files(engine: &Engine) -> Vec<String> {
+    let state = engine.catalog_state();
+    let mut files: Vec<String> = state
+        .segments
+        .values()
+        .flatten()
+        .map(|s| s.path.clone())
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn compaction_merges_a_partition_last_write_wins_and_keeps_files_its_readers_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    // Hour 0 persisted twice, the second time overwriting a row and adding others; hour 1
+    // once, then hour 0 once more (late data).
+    write(&engine, &[("a", 0, 1.0), ("a", 10, 2.0), ("b", 0, 3.0)]).await;
+    engine.persist().await.unwrap();
+    write(&engine, &[("a", 10, 20.0), ("c", 5, 4.0)]).await;
+    engine.persist().await.unwrap();
+    write(&engine, &[("a", HOUR, 5.0)]).await;
+    engine.persist().await.unwrap();
+    write(&engine, &[("b", 0, 30.0), ("d", 1, 6.0)]).await;
+    engine.persist().await.unwrap();
+    let expected = contents(&engine).await;
+    assert_eq!(expected.num_rows(), 6);
+    assert_eq!(segment_files(&engine).await.len(), 4);
+
+    // A query in flight when the compaction commits.
+    let state = engine.catalog_state();
+    let table = state.table("db", "m").unwrap().id;
+    let reader = engine.table_data(table, i64::MIN, i64::MAX).unwrap();
+    let replaced: Vec<String> = reader
+        .segments
+        .iter()
+        .filter(|s| s.partition == 0)
+        .map(|s| s.path.clone())
+        .collect();
+
+    // The newest partition (hour 1) is left for later; hour 0 becomes one segment.
+    let outcome = engine.compact(false).await.unwrap();
+    assert_eq!(outcome.partitions, 1);
+    assert_eq!(outcome.segments_replaced, 3);
+    assert_eq!(outcome.rows, 5, "hour 0 holds five distinct rows");
+    let segments = engine.catalog_state().segments(table).to_vec();
+    assert_eq!(segments.len(), 2);
+    assert_eq!(segments[0].partition, 0);
+    assert_eq!(segments[0].rows, 5);
+    assert_eq!(
+        segments[0].max_sequence,
+        SequenceNumber(4),
+        "the newest write merged"
+    );
+    assert_eq!(
+        contents(&engine).await,
+        expected,
+        "last write wins, as before"
+    );
+    assert_eq!(engine.stats().segments_compacted.load(Ordering::Relaxed), 3);
+
+    // The reader's files are still there, however often deletion runs, until it is done.
+    assert_eq!(engine.delete_retired().await, 0);
+    assert_eq!(segment_files(&engine).await.len(), 5);
+    drop(reader);
+    assert_eq!(engine.delete_retired().await, 3);
+    let files = segment_files(&engine).await;
+    assert_eq!(files, catalog_files(&engine));
+    assert!(replaced.iter().all(|p| !files.contains(p)), "{files:?}");
+
+    // Nothing left to merge; with the newest partition included, still nothing (one segment).
+    assert_eq!(engine.compact(true).await.unwrap().partitions, 0);
+    engine.wal().shutdown();
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert_eq!(
+        contents(&engine).await,
+        expected,
+        "the same after a restart"
+    );
+    assert_eq!(segment_files(&engine).await, catalog_files(&engine));
+}
+
+#[tokio::test]
+async fn files_a_crash_left_unreferenced_are_swept_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    write(&engine, &[("a", 0, 1.0)]).await;
+    engine.persist().await.unwrap();
+    write(&engine, &[("a", 0, 2.0), ("b", 0, 3.0)]).await;
+    engine.persist().await.unwrap();
+    let expected = contents(&engine).await;
+    // A crash after the compaction's commit, before its deletions: a reader still held
+    // the old files when the process died.
+    let table = engine.catalog_state().table("db", "m").unwrap().id;
+    let reader = engine.table_data(table, i64::MIN, i64::MAX).unwrap();
+    assert_eq!(engine.compact(true).await.unwrap().segments_replaced, 2);
+    // And a crash after writing a segment, before committing it.
+    let stray = object_store::path::Path::from("segments/1/1/0-00000000000000000099.parquet");
+    engine
+        .store()
+        .put(&stray, object_store::PutPayload::from_static(b"PAR1"))
+        .await
+        .unwrap();
+    assert_eq!(segment_files(&engine).await.len(), 4);
+    engine.wal().shutdown();
+    drop(engine);
+
+    let engine = open(dir.path()).await;
+    assert_eq!(segment_files(&engine).await, catalog_files(&engine));
+    assert_eq!(segment_files(&engine).await.len(), 1);
+    assert_eq!(contents(&engine).await, expected);
+    drop(reader);
+}

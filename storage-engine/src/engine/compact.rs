@@ -1,0 +1,338 @@
+//! Compaction: a time partition persisted in several segments is merged into one.
+//!
+//! Persistence writes whatever the buffer holds, so a partition that was written across
+//! two persistences (an ingest that crossed the buffer limit, late data) ends up in
+//! several segments, which every query must then merge row by row where their times
+//! overlap. Once the partition is no longer being written, compaction reads its segments,
+//! merges them last write wins (the same rule as the buffer and the reader) into one
+//! sorted segment, and records a [`CatalogEvent::SegmentsCompacted`] that swaps them in
+//! one catalog transaction.
+//!
+//! The replaced files are deleted only when no reader can still be using them: every
+//! [`TableData`](super::TableData) holds a [`ReadLease`] on the generation of the catalog
+//! it was taken from, and a generation's retired files go once its last lease (and every
+//! older generation's) is gone. Files that a crash left behind, referenced by no catalog
+//! entry, are removed when the engine opens.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::Serialize;
+
+use super::{Engine, Error, Result};
+use crate::buffer::time_range;
+use crate::catalog::{CatalogEvent, CatalogState, SegmentMeta, TableDef};
+use crate::ids::{SegmentId, TableId};
+use crate::persist::encode_segment;
+
+/// Where segments live in the object store.
+pub(super) const SEGMENTS_PREFIX: &str = "segments";
+
+/// What one compaction pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CompactionOutcome {
+    /// Partitions merged into one segment each.
+    pub partitions: usize,
+    /// Segments replaced.
+    pub segments_replaced: usize,
+    /// Rows in the merged segments (duplicates resolved).
+    pub rows: u64,
+    /// Bytes of the replaced segments, and of the segments that replaced them.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Partitions of several segments left as they are because they are larger than the
+    /// configured limit.
+    pub skipped_too_large: usize,
+}
+
+/// The readers of one generation of the catalog's segment lists.
+#[derive(Debug)]
+pub(super) struct ReadGeneration {
+    /// Files replaced while this generation was current: some reader of it may read them.
+    retired: parking_lot::Mutex<Vec<String>>,
+    /// The generation after this one, kept alive while this one is: a reader of this
+    /// generation may have seen the catalog before the next compaction committed too.
+    next: parking_lot::Mutex<Option<Arc<ReadGeneration>>>,
+    /// Where retired files go once no reader is left.
+    deletable: Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+impl ReadGeneration {
+    pub(super) fn new(deletable: Arc<parking_lot::Mutex<Vec<String>>>) -> Self {
+        Self {
+            retired: parking_lot::Mutex::default(),
+            next: parking_lot::Mutex::default(),
+            deletable,
+        }
+    }
+}
+
+impl Drop for ReadGeneration {
+    fn drop(&mut self) {
+        let retired = std::mem::take(self.retired.get_mut());
+        self.deletable.lock().extend(retired);
+    }
+}
+
+/// Held by whoever reads segment files named by a catalog snapshot: the files stay until
+/// it is dropped. Clones share it.
+#[derive(Debug, Clone)]
+pub struct ReadLease {
+    _generation: Arc<ReadGeneration>,
+}
+
+impl Engine {
+    /// A lease on the current generation; take it before the catalog snapshot it covers.
+    pub(super) fn lease(&self) -> ReadLease {
+        ReadLease {
+            _generation: Arc::clone(&self.generation.lock()),
+        }
+    }
+
+    /// Starts a new generation; `paths` are deleted once the readers of the old one are done.
+    fn retire(&self, paths: Vec<String>) {
+        let fresh = Arc::new(ReadGeneration::new(Arc::clone(&self.deletable)));
+        let old = std::mem::replace(&mut *self.generation.lock(), Arc::clone(&fresh));
+        old.retired.lock().extend(paths);
+        *old.next.lock() = Some(fresh);
+    }
+
+    /// Deletes the replaced segment files no reader can use any more. A file that cannot
+    /// be deleted now is tried again next time (and, after a restart, by the start-up sweep).
+    pub async fn delete_retired(&self) -> usize {
+        let paths = std::mem::take(&mut *self.deletable.lock());
+        let mut deleted = 0;
+        let mut failed = Vec::new();
+        for path in paths {
+            match self.store.delete(&Path::from(path.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, %path, "deleting a compacted segment failed");
+                    failed.push(path);
+                }
+            }
+        }
+        self.deletable.lock().extend(failed);
+        deleted
+    }
+
+    /// Merges every time partition that is in several segments and no longer written into
+    /// one segment. A partition is no longer written when the buffer holds none of its rows
+    /// and, unless `newest_too`, the table has a newer partition.
+    pub async fn compact(&self, newest_too: bool) -> Result<CompactionOutcome> {
+        let _one_at_a_time = self.compact_lock.lock().await;
+        let state = self.catalog.snapshot();
+        let mut outcome = CompactionOutcome::default();
+        for (&table, segments) in &state.segments {
+            let buffered: BTreeSet<i64> = self
+                .buffer
+                .partitions(table)
+                .iter()
+                .map(|p| p.partition)
+                .collect();
+            let newest = segments
+                .iter()
+                .map(|s| s.partition)
+                .chain(buffered.iter().copied())
+                .max();
+            let mut partitions: BTreeMap<i64, Vec<SegmentMeta>> = BTreeMap::new();
+            for s in segments {
+                partitions.entry(s.partition).or_default().push(s.clone());
+            }
+            for (partition, group) in partitions {
+                if group.len() < 2
+                    || buffered.contains(&partition)
+                    || (!newest_too && Some(partition) == newest)
+                {
+                    continue;
+                }
+                let bytes: u64 = group.iter().map(|s| s.bytes).sum();
+                if bytes > self.config.compaction_max_bytes {
+                    outcome.skipped_too_large += 1;
+                    tracing::debug!(%table, partition, bytes, "partition too large to compact");
+                    continue;
+                }
+                let done = self.compact_partition(&state, table, group).await?;
+                outcome.partitions += 1;
+                outcome.segments_replaced += done.segments_replaced;
+                outcome.rows += done.rows;
+                outcome.bytes_before += done.bytes_before;
+                outcome.bytes_after += done.bytes_after;
+            }
+        }
+        self.delete_retired().await;
+        Ok(outcome)
+    }
+
+    /// Merges `segments` (one partition's, in catalog order) into one new segment.
+    async fn compact_partition(
+        &self,
+        state: &CatalogState,
+        table: TableId,
+        segments: Vec<SegmentMeta>,
+    ) -> Result<CompactionOutcome> {
+        let started = Instant::now();
+        let def = state
+            .table_by_id(table)
+            .ok_or_else(|| Error::Internal(format!("segments of unknown table {table}")))?
+            .clone();
+        let mut batches = Vec::new();
+        for segment in &segments {
+            batches.extend(self.read_segment(segment).await?);
+        }
+        let encode_def = def.clone();
+        let (merged, bytes) =
+            tokio::task::spawn_blocking(move || encode_segment(&encode_def, &batches))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(Error::Encode)?;
+        let partition = segments[0].partition;
+        let max_sequence = segments
+            .iter()
+            .map(|s| s.max_sequence)
+            .max()
+            .unwrap_or_default();
+        let size = bytes.len() as u64;
+        let (min_time, max_time) = time_range(&merged);
+
+        // Segment ids are handed out under the persistence lock.
+        let _persisting = self.persist_lock.lock().await;
+        let id = SegmentId(self.catalog.snapshot().next_segment_id);
+        let path = segment_path(&def, partition, id);
+        self.store
+            .put(&Path::from(path.as_str()), PutPayload::from(bytes))
+            .await
+            .map_err(|source| Error::Store {
+                path: path.clone(),
+                source,
+            })?;
+        let event = CatalogEvent::SegmentsCompacted {
+            replaced: segments.iter().map(|s| s.id).collect(),
+            segment: SegmentMeta {
+                id,
+                table,
+                partition,
+                path: path.clone(),
+                min_time,
+                max_time,
+                rows: merged.num_rows() as u64,
+                bytes: size,
+                max_sequence,
+            },
+        };
+        if let Err(e) = self.catalog.commit(vec![event]).await {
+            // Nothing names the new file: it goes, and the old segments stay as they were.
+            let _ = self.store.delete(&Path::from(path.as_str())).await;
+            return Err(e.into());
+        }
+        self.retire(segments.iter().map(|s| s.path.clone()).collect());
+        self.stats.compactions.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .segments_compacted
+            .fetch_add(segments.len() as u64, Ordering::Relaxed);
+        let outcome = CompactionOutcome {
+            partitions: 1,
+            segments_replaced: segments.len(),
+            rows: merged.num_rows() as u64,
+            bytes_before: segments.iter().map(|s| s.bytes).sum(),
+            bytes_after: size,
+            skipped_too_large: 0,
+        };
+        tracing::info!(
+            %table,
+            partition,
+            segments = segments.len(),
+            rows = outcome.rows,
+            bytes_before = outcome.bytes_before,
+            bytes_after = outcome.bytes_after,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compacted partition"
+        );
+        Ok(outcome)
+    }
+
+    /// Runs [`Engine::compact`] every `every` (never if `None`) and deletes replaced files
+    /// once their readers are done, until `shutdown` resolves.
+    pub async fn run_compactor(
+        self: Arc<Self>,
+        every: Option<Duration>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            self.delete_retired().await;
+            let Some(every) = every else { continue };
+            if last.elapsed() < every {
+                continue;
+            }
+            if let Err(e) = self.compact(false).await {
+                self.stats
+                    .compaction_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "compaction failed; will retry");
+            }
+            last = Instant::now();
+        }
+    }
+}
+
+/// The object path of segment `id` of `partition` of table `def`.
+pub(super) fn segment_path(def: &TableDef, partition: i64, id: SegmentId) -> String {
+    format!(
+        "{SEGMENTS_PREFIX}/{}/{}/{partition}-{:020}.parquet",
+        def.database.get(),
+        def.id.get(),
+        id.get()
+    )
+}
+
+/// Deletes segment files that no catalog entry names: left by a crash between writing a
+/// segment and committing it, or between a compaction's commit and its deletions. Runs
+/// before anything else can write segments.
+pub(super) async fn sweep_unreferenced(
+    store: &Arc<dyn ObjectStore>,
+    state: &CatalogState,
+) -> Result<usize> {
+    let referenced: HashSet<&str> = state
+        .segments
+        .values()
+        .flatten()
+        .map(|s| s.path.as_str())
+        .collect();
+    let prefix = Path::from(SEGMENTS_PREFIX);
+    let listed: Vec<_> = store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|source| Error::Store {
+            path: SEGMENTS_PREFIX.into(),
+            source,
+        })?;
+    let mut removed = 0;
+    for object in listed {
+        let path = object.location.as_ref();
+        if !path.ends_with(".parquet") || referenced.contains(path) {
+            continue;
+        }
+        store
+            .delete(&object.location)
+            .await
+            .map_err(|source| Error::Store {
+                path: path.to_string(),
+                source,
+            })?;
+        tracing::info!(%path, "removed a segment file no catalog entry names");
+        removed += 1;
+    }
+    Ok(removed)
+}

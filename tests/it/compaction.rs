@@ -1,0 +1,116 @@
+//! Compaction: a partition persisted in several segments becomes one, in the background
+//! or on request, and every answer stays the same, across `kill -9` too.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::cli::kiln;
+use crate::persistence::walk;
+use crate::support::{TestServer, eventually};
+
+const T0: i64 = 1_700_000_000; // 2023-11-14T22:13:20Z
+
+async fn everything(server: &TestServer) -> String {
+    let (status, body) = server
+        .query("plant", "SELECT * FROM temp ORDER BY line, time", "csv")
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+fn parquet_files(data: &Path) -> usize {
+    walk(&data.join("objects/segments"))
+        .iter()
+        .filter(|p| p.ends_with(".parquet"))
+        .count()
+}
+
+async fn write(server: &TestServer, body: String) {
+    let (status, text) = server.write("plant", body, &[("precision", "s")]).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
+}
+
+/// Readings of three lines over `seconds` from `from`, with `value` in every row.
+fn readings(from: i64, seconds: i64, value: f64) -> String {
+    (0..seconds)
+        .map(|s| format!("temp,line=l{} celsius={value} {}\n", s % 3, from + s))
+        .collect()
+}
+
+#[tokio::test]
+async fn partitions_in_several_segments_become_one_and_answers_stay_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let background = ["--compaction-interval", "1s"];
+    // One hour partition persisted twice (each stop persists the buffer); the second
+    // write overwrites half the rows and adds others.
+    let mut server = TestServer::start(&data, &background);
+    write(&server, readings(T0, 600, 1.0)).await;
+    server.terminate();
+    server = TestServer::start(&data, &background);
+    write(&server, readings(T0 + 300, 600, 2.0)).await;
+    server.terminate();
+    server = TestServer::start(&data, &background);
+    assert_eq!(parquet_files(&data), 2);
+    let expected = everything(&server).await;
+    assert_eq!(expected.lines().count(), 1 + 900);
+
+    // While it is the table's newest partition it may still be written: left alone.
+    // A row in the next hour moves writing on, and the background compactor merges it.
+    write(&server, readings(T0 + 3600, 1, 3.0)).await;
+    // The same before, during and after the merge.
+    let expected_now = everything(&server).await;
+    assert_eq!(expected_now.lines().count(), 1 + 901);
+    assert!(expected.lines().all(|l| expected_now.contains(l)));
+    let compacted = eventually(Duration::from_secs(30), || async {
+        server.metric("kiln_segments_compacted_total").await == 2.0
+    })
+    .await;
+    assert!(compacted, "{}", server.metrics().await);
+    assert_eq!(server.metric("kiln_compactions_total").await, 1.0);
+    assert_eq!(everything(&server).await, expected_now);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            parquet_files(&data) == 1
+        })
+        .await,
+        "replaced files not deleted: {:?}",
+        walk(&data.join("objects/segments"))
+    );
+    let plan = server
+        .query_json("plant", "EXPLAIN SELECT * FROM temp")
+        .await;
+    let plan = serde_json::to_string(&plan).unwrap();
+    assert!(plan.contains("segments 1 of 1"), "{plan}");
+    assert!(plan.contains("merged 0"), "{plan}");
+
+    // kill -9 and restart: the catalog names the merged segment, the WAL the new row.
+    server.kill9();
+    server = TestServer::start(&data, &["--compaction-interval", "0s"]);
+    assert_eq!(everything(&server).await, expected_now);
+    assert_eq!(parquet_files(&data), 1);
+
+    // On request (`kiln compact`), the newest partition too: persisted twice, merged once.
+    server.terminate();
+    server = TestServer::start(&data, &["--compaction-interval", "0s"]);
+    write(&server, readings(T0 + 3600, 2, 4.0)).await;
+    let expected = everything(&server).await;
+    server.terminate();
+    server = TestServer::start(&data, &["--compaction-interval", "0s"]);
+    assert_eq!(parquet_files(&data), 3);
+    let (ok, out, err) = kiln(&["compact", "--host", &server.url("")], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("compacted 1 partitions: 2 segments"), "{out}");
+    assert_eq!(everything(&server).await, expected);
+    assert_eq!(parquet_files(&data), 2);
+    let (ok, out, _) = kiln(&["compact", "--host", &server.url("")], None);
+    assert!(ok && out.contains("compacted 0 partitions"), "{out}");
+    let plan = server
+        .query_json("plant", "EXPLAIN SELECT * FROM temp")
+        .await;
+    let plan = serde_json::to_string(&plan).unwrap();
+    assert!(
+        plan.contains("segments 2 of 2") && plan.contains("merged 0"),
+        "{plan}"
+    );
+}
