@@ -297,19 +297,24 @@ pub async fn compact(host: String) -> Result<(), String> {
         return Err(error_text(resp).await);
     }
     let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    let count = |key: &str| v[key].as_u64().unwrap_or(0);
+    let partitions = |n: u64| match n {
+        1 => "1 partition".to_string(),
+        n => format!("{n} partitions"),
+    };
     println!(
-        "compacted {} partitions: {} segments ({} bytes) into {} ({} bytes, {} rows)",
-        v["partitions"],
-        v["segments_replaced"],
-        v["bytes_before"],
-        v["partitions"],
-        v["bytes_after"],
-        v["rows"]
+        "compacted {}: {} segments ({} bytes) merged into {} ({} bytes, {} rows)",
+        partitions(count("partitions")),
+        count("segments_replaced"),
+        count("bytes_before"),
+        count("partitions"),
+        count("bytes_after"),
+        count("rows")
     );
-    if v["skipped_too_large"].as_u64().unwrap_or(0) > 0 {
+    if count("skipped_too_large") > 0 {
         println!(
-            "left {} partitions larger than --compaction-max-bytes as they are",
-            v["skipped_too_large"]
+            "left {} larger than --compaction-max-bytes as they are",
+            partitions(count("skipped_too_large"))
         );
     }
     Ok(())

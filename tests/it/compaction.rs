@@ -100,7 +100,7 @@ async fn partitions_in_several_segments_become_one_and_answers_stay_the_same() {
     assert_eq!(parquet_files(&data), 3);
     let (ok, out, err) = kiln(&["compact", "--host", &server.url("")], None);
     assert!(ok, "{err}");
-    assert!(out.contains("compacted 1 partitions: 2 segments"), "{out}");
+    assert!(out.contains("compacted 1 partition: 2 segments"), "{out}");
     assert_eq!(everything(&server).await, expected);
     assert_eq!(parquet_files(&data), 2);
     let (ok, out, _) = kiln(&["compact", "--host", &server.url("")], None);
