@@ -8,7 +8,8 @@
 #   4. runs `kiln-bench queries`: every query type on Kiln (Flight SQL) and on DuckDB over
 #      the segments Kiln wrote, and prints the table of medians.
 # Sizes: SCALE (hosts, default 4000), DURATION (default 1d), RUNS (per query type, 10).
-# TYPES=a,b runs only those query types.
+# TYPES=a,b runs only those query types. KEEP_DICTIONARIES=1 receives tags as Arrow
+# dictionaries (the `kiln-dictionaries: keep` Flight header) instead of strings.
 # DATA=<dir> keeps the data directory there and, when it already holds data, queries it
 # again without ingesting (to compare builds on the same segments).
 set -euo pipefail
@@ -66,7 +67,8 @@ echo "segments: $(find "$data/objects/segments" -name '*.parquet' | wc -l)," \
 "$target/release/kiln-bench" queries --grpc-url "http://$grpc" --scale "$scale" \
   --duration "$duration" --runs "$runs" --python "$venv/bin/python" \
   --script "$root/benches/duckdb_queries.py" \
-  --segments "$data/objects/segments/*/*/*.parquet" ${TYPES:+--types "$TYPES"}
+  --segments "$data/objects/segments/*/*/*.parquet" ${TYPES:+--types "$TYPES"} \
+  ${KEEP_DICTIONARIES:+--keep-dictionaries}
 kill -TERM "$pid"; wait "$pid" || true
 if [ -z "$keep" ]; then
   rm -rf "$data" "$data.log"

@@ -151,6 +151,10 @@ enum Command {
         /// The DuckDB runner script.
         #[arg(long, default_value = "benches/duckdb_queries.py")]
         script: String,
+        /// Receive tags as Arrow dictionaries, as Kiln stores them (the
+        /// `kiln-dictionaries: keep` header), instead of as strings.
+        #[arg(long)]
+        keep_dictionaries: bool,
     },
 }
 
@@ -200,6 +204,7 @@ fn main() -> std::process::ExitCode {
             segments,
             python,
             script,
+            keep_dictionaries,
         } => {
             use kiln_bench::queries::{Data, Plan, QUERY_TYPES, report};
             let mut chosen = Vec::new();
@@ -232,6 +237,7 @@ fn main() -> std::process::ExitCode {
                 python,
                 script,
                 segments,
+                keep_dictionaries,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             exit_code(runtime.block_on(report(&plan)))

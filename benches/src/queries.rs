@@ -220,7 +220,12 @@ pub struct Kiln {
 }
 
 impl Kiln {
-    pub async fn connect(grpc_url: &str, db: &str) -> Result<Self, String> {
+    /// With `keep_dictionaries`, tags come as Arrow dictionaries (`kiln-dictionaries: keep`).
+    pub async fn connect(
+        grpc_url: &str,
+        db: &str,
+        keep_dictionaries: bool,
+    ) -> Result<Self, String> {
         let channel = Channel::from_shared(grpc_url.to_owned())
             .map_err(|e| e.to_string())?
             .connect()
@@ -228,6 +233,9 @@ impl Kiln {
             .map_err(|e| format!("Flight SQL connect: {e}"))?;
         let mut client = FlightSqlServiceClient::new(channel);
         client.set_header("database", db);
+        if keep_dictionaries {
+            client.set_header("kiln-dictionaries", "keep");
+        }
         Ok(Self { client })
     }
 
@@ -312,12 +320,14 @@ pub struct Plan {
     pub python: String,
     pub script: String,
     pub segments: String,
+    /// Ask Kiln for tags as dictionaries rather than strings.
+    pub keep_dictionaries: bool,
 }
 
 /// Runs every query type on both engines and prints the table.
 pub async fn report(plan: &Plan) -> Result<(), String> {
     let mut rng = SmallRng::seed_from_u64(plan.seed);
-    let mut kiln = Kiln::connect(&plan.grpc_url, &plan.db).await?;
+    let mut kiln = Kiln::connect(&plan.grpc_url, &plan.db, plan.keep_dictionaries).await?;
     println!("| query type | Kiln median | DuckDB median | Kiln / DuckDB | rows (median) |");
     println!("|---|---:|---:|---:|---:|");
     for &kind in &plan.types {

@@ -6,6 +6,10 @@
 //! accepted too, as InfluxDB clients send them); other databases are reachable as
 //! `<database>.<table>`.
 //!
+//! Tags are dictionary-encoded in Kiln; results carry them as plain strings, which every
+//! client reads, unless the request has the header `kiln-dictionaries: keep`: then they
+//! stay dictionaries (schema and data alike), much less to send and to decode.
+//!
 //! Statements and prepared statements are stateless: their handle carries the database, the
 //! SQL and any bound parameters, so any Kiln process can serve the ticket and closing one
 //! frees nothing.
@@ -23,7 +27,7 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow::ipc::writer::StreamWriter;
 use arrow_flight::decode::FlightRecordBatchStream;
-use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
@@ -48,6 +52,35 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
+
+/// The request header (value `keep`) that asks for dictionary columns as dictionaries.
+const DICTIONARIES_HEADER: &str = "kiln-dictionaries";
+
+/// How dictionary-encoded columns (tags) travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dictionaries {
+    /// As their values: what every Flight client reads.
+    Hydrate,
+    /// As dictionaries, sent with each batch.
+    Keep,
+}
+
+impl Dictionaries {
+    fn of(metadata: &MetadataMap) -> Self {
+        match metadata.get(DICTIONARIES_HEADER).map(|v| v.to_str()) {
+            Some(Ok(v)) if v.eq_ignore_ascii_case("keep") => Self::Keep,
+            _ => Self::Hydrate,
+        }
+    }
+
+    /// `schema` as the data will carry it.
+    fn schema(self, schema: &Schema) -> Schema {
+        match self {
+            Self::Hydrate => as_sent(schema),
+            Self::Keep => schema.clone(),
+        }
+    }
+}
 
 /// Request headers that name the database, in the order they are looked at.
 const DATABASE_HEADERS: [&str; 4] = ["database", "bucket", "bucket-name", "iox-namespace-name"];
@@ -132,13 +165,18 @@ impl FlightSql {
             .map_err(query_status)
     }
 
-    async fn schema_of(&self, handle: &StatementHandle) -> Result<Schema, Status> {
-        Ok(as_sent(self.plan(handle).await?.schema().as_arrow()))
+    async fn schema_of(
+        &self,
+        handle: &StatementHandle,
+        dictionaries: Dictionaries,
+    ) -> Result<Schema, Status> {
+        Ok(dictionaries.schema(self.plan(handle).await?.schema().as_arrow()))
     }
 
     async fn run(
         &self,
         handle: &StatementHandle,
+        dictionaries: Dictionaries,
     ) -> Result<FlightStream<arrow_flight::FlightData>, Status> {
         let mut df = self.plan(handle).await?;
         if let Some(ipc) = &handle.parameters {
@@ -147,7 +185,7 @@ impl FlightSql {
                 .map_err(|e| query_status(e.into()))?;
         }
         let stream = self.query.execute(df).await.map_err(query_status)?;
-        Ok(encode(stream))
+        Ok(encode(stream, dictionaries))
     }
 }
 
@@ -236,21 +274,29 @@ fn as_sent(schema: &Schema) -> Schema {
 }
 
 /// Streams a query's record batches as Flight data.
-fn encode(stream: SendableRecordBatchStream) -> FlightStream<arrow_flight::FlightData> {
+fn encode(
+    stream: SendableRecordBatchStream,
+    dictionaries: Dictionaries,
+) -> FlightStream<arrow_flight::FlightData> {
     let schema = stream.schema();
     let batches =
         stream.map_err(|e| FlightError::Tonic(Box::new(query_status(kiln_query::Error::from(e)))));
-    flight_data(schema, batches)
+    flight_data(schema, batches, dictionaries)
 }
 
 /// Record batches of `schema` as a stream of Flight data.
 fn flight_data(
     schema: arrow::datatypes::SchemaRef,
     batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+    dictionaries: Dictionaries,
 ) -> FlightStream<arrow_flight::FlightData> {
     Box::pin(
         FlightDataEncoderBuilder::new()
             .with_schema(schema)
+            .with_dictionary_handling(match dictionaries {
+                Dictionaries::Hydrate => DictionaryHandling::Hydrate,
+                Dictionaries::Keep => DictionaryHandling::Resend,
+            })
             .build(batches)
             .map_err(Status::from),
     )
@@ -312,7 +358,11 @@ fn one_batch(
     schema: arrow::datatypes::SchemaRef,
     batch: Result<RecordBatch, FlightError>,
 ) -> Response<FlightStream<arrow_flight::FlightData>> {
-    Response::new(flight_data(schema, stream::once(async { batch })))
+    Response::new(flight_data(
+        schema,
+        stream::once(async { batch }),
+        Dictionaries::Hydrate,
+    ))
 }
 
 #[tonic::async_trait]
@@ -340,7 +390,9 @@ impl FlightSqlService for FlightSql {
             sql: query.query,
             parameters: None,
         };
-        let schema = self.schema_of(&handle).await?;
+        let schema = self
+            .schema_of(&handle, Dictionaries::of(request.metadata()))
+            .await?;
         let ticket = TicketStatementQuery {
             statement_handle: handle.encode().into(),
         };
@@ -350,10 +402,11 @@ impl FlightSqlService for FlightSql {
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
         let handle = StatementHandle::decode(&ticket.statement_handle)?;
-        Ok(Response::new(self.run(&handle).await?))
+        let dictionaries = Dictionaries::of(request.metadata());
+        Ok(Response::new(self.run(&handle, dictionaries).await?))
     }
 
     async fn do_action_create_prepared_statement(
@@ -369,7 +422,9 @@ impl FlightSqlService for FlightSql {
         let df = self.plan(&handle).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.encode().into(),
-            dataset_schema: schema_bytes(&as_sent(df.schema().as_arrow()))?,
+            dataset_schema: schema_bytes(
+                &Dictionaries::of(request.metadata()).schema(df.schema().as_arrow()),
+            )?,
             parameter_schema: schema_bytes(&parameter_schema(&df)?)?,
         })
     }
@@ -393,17 +448,20 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
-        let schema = self.schema_of(&handle).await?;
+        let schema = self
+            .schema_of(&handle, Dictionaries::of(request.metadata()))
+            .await?;
         command_info(&schema, &cmd, request)
     }
 
     async fn do_get_prepared_statement(
         &self,
         cmd: CommandPreparedStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
-        Ok(Response::new(self.run(&handle).await?))
+        let dictionaries = Dictionaries::of(request.metadata());
+        Ok(Response::new(self.run(&handle, dictionaries).await?))
     }
 
     async fn do_action_close_prepared_statement(
@@ -559,7 +617,8 @@ impl FlightService for KilnFlight {
             sql: ticket.sql_query,
             parameters: None,
         };
-        Ok(Response::new(self.0.run(&handle).await?))
+        let dictionaries = Dictionaries::of(request.metadata());
+        Ok(Response::new(self.0.run(&handle, dictionaries).await?))
     }
 
     async fn handshake(

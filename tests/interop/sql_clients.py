@@ -164,6 +164,29 @@ def adbc():
             cur.execute("SELECT usage FROM cpu WHERE host = $1 ORDER BY time", ("a",))
             usage = cur.fetch_arrow_table().column("usage").to_pylist()
             check("ADBC Flight SQL bound parameter", usage == [1.5, 3.5], usage)
+    # Tags as dictionaries on request: replacement dictionaries batch after batch.
+    with flightsql.connect(
+        f"grpc://{grpc_addr}",
+        db_kwargs={
+            "adbc.flight.sql.rpc.call_header.database": "plant",
+            "adbc.flight.sql.rpc.call_header.kiln-dictionaries": "keep",
+        },
+        autocommit=True,
+    ) as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT c.host FROM cpu c CROSS JOIN generate_series(1, 20000) g"
+                " ORDER BY g.value, c.time"
+            )
+            table = cur.fetch_arrow_table()
+            host = table.column("host")
+            check(
+                "ADBC Flight SQL tags as dictionaries",
+                str(host.type) == "dictionary<values=string, indices=int32, ordered=0>"
+                and host.num_chunks > 1
+                and host.to_pylist() == ["a", "b", "a"] * 20000,
+                (host.type, host.num_chunks, host.to_pylist()[:6]),
+            )
         objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
         names = [
             t["table_name"]

@@ -262,3 +262,51 @@ async fn influxdb3_json_tickets_are_answered() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
 }
+
+/// `kiln-dictionaries: keep` sends tags as the dictionaries Kiln stores, in the announced
+/// schema and the data alike; without it they are strings. The values are the same.
+#[tokio::test]
+async fn tags_come_as_dictionaries_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", LINES).await;
+    let sql = "SELECT host, region, usage FROM cpu ORDER BY time";
+    let dictionary = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+    let mut answers = Vec::new();
+    for (keep, tag_type) in [(false, DataType::Utf8), (true, dictionary)] {
+        let mut client = flight_sql(&server, Some("plant")).await;
+        if keep {
+            client.set_header("kiln-dictionaries", "keep");
+        }
+        let info = client.execute(sql.to_owned(), None).await.unwrap();
+        let schema = info.clone().try_decode_schema().unwrap();
+        let batches = fetch(&mut client, info).await;
+        for field in ["host", "region"] {
+            assert_eq!(
+                schema.field_with_name(field).unwrap().data_type(),
+                &tag_type
+            );
+            for b in &batches {
+                assert_eq!(b.column_by_name(field).unwrap().data_type(), &tag_type);
+            }
+        }
+        assert_eq!(
+            schema.field_with_name("usage").unwrap().data_type(),
+            &DataType::Float64
+        );
+        let prepared = client.prepare(sql.to_owned(), None).await.unwrap();
+        assert_eq!(
+            prepared
+                .dataset_schema()
+                .unwrap()
+                .field_with_name("host")
+                .unwrap()
+                .data_type(),
+            &tag_type
+        );
+        answers.push((strings(&batches, "host"), strings(&batches, "region")));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, ["a", "b", "a"]);
+    assert_eq!(answers[0].1, ["eu", "us", "eu"]);
+}
