@@ -226,12 +226,7 @@ impl Kiln {
         db: &str,
         keep_dictionaries: bool,
     ) -> Result<Self, String> {
-        let channel = Channel::from_shared(grpc_url.to_owned())
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("Flight SQL connect: {e}"))?;
-        let mut client = FlightSqlServiceClient::new(channel);
+        let mut client = FlightSqlServiceClient::new(crate::flight_channel(grpc_url).await?);
         client.set_header("database", db);
         if keep_dictionaries {
             client.set_header("kiln-dictionaries", "keep");

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use futures::{StreamExt, TryStreamExt};
-use tonic::transport::Channel;
 
 /// Where the server listens and what to run.
 #[derive(Debug, Clone)]
@@ -104,12 +103,7 @@ async fn flight(target: &Target) -> Result<usize, String> {
     fn err(e: impl std::fmt::Display) -> String {
         format!("Flight SQL: {e}")
     }
-    let channel = Channel::from_shared(target.grpc_url.clone())
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("Flight SQL connect: {e}"))?;
-    let mut client = FlightSqlServiceClient::new(channel);
+    let mut client = FlightSqlServiceClient::new(crate::flight_channel(&target.grpc_url).await?);
     client.set_header("database", &target.db);
     let info = client
         .execute(target.sql.clone(), None)

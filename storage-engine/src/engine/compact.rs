@@ -225,11 +225,10 @@ impl Engine {
                 max_sequence,
             },
         };
-        if let Err(e) = self.catalog.commit(vec![event]).await {
-            // Nothing names the new file: it goes, and the old segments stay as they were.
-            let _ = self.store.delete(&Path::from(path.as_str())).await;
-            return Err(e.into());
-        }
+        // On failure the old segments stay as they were. The new file is not deleted here:
+        // a failed commit may still have been written (a store that timed out), and then
+        // the catalog names it. The start-up sweep removes it if nothing does.
+        self.catalog.commit(vec![event]).await?;
         self.retire(segments.iter().map(|s| s.path.clone()).collect());
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         self.stats
