@@ -114,3 +114,71 @@ async fn partitions_in_several_segments_become_one_and_answers_stay_the_same() {
         "{plan}"
     );
 }
+
+/// A query streaming the old segments when compaction replaces them reads on to the end:
+/// the files go only once it is done.
+#[tokio::test]
+async fn a_query_reading_replaced_segments_finishes_before_they_are_deleted() {
+    use futures::TryStreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--compaction-interval", "0s"];
+    // 50 lines; the first half hour, then a half hour overlapping it by a quarter.
+    let lines = |from: i64, seconds: i64, value: f64| -> String {
+        (0..seconds)
+            .flat_map(|s| {
+                (0..50).map(move |l| format!("temp,line=l{l:02} celsius={value} {}\n", from + s))
+            })
+            .collect()
+    };
+    let mut server = TestServer::start(&data, &args);
+    write(&server, lines(T0, 1800, 1.0)).await;
+    server.terminate();
+    server = TestServer::start(&data, &args);
+    write(&server, lines(T0 + 900, 1800, 2.0)).await;
+    server.terminate();
+    server = TestServer::start(&data, &args);
+    assert_eq!(parquet_files(&data), 2);
+
+    let mut client = crate::flight::flight_sql(&server, Some("plant")).await;
+    let info = client
+        .execute("SELECT line, time, celsius FROM temp".to_owned(), None)
+        .await
+        .unwrap();
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let mut stream = client.do_get(ticket).await.unwrap();
+    let first = stream.try_next().await.unwrap().expect("a first batch");
+    let mut rows = first.num_rows();
+
+    let (ok, out, err) = kiln(&["compact", "--host", &server.url("")], None);
+    assert!(
+        ok && out.contains("compacted 1 partition: 2 segments"),
+        "{out}{err}"
+    );
+    assert_eq!(
+        parquet_files(&data),
+        3,
+        "the replaced files wait for the reader"
+    );
+    while let Some(batch) = stream.try_next().await.unwrap() {
+        rows += batch.num_rows();
+    }
+    assert_eq!(
+        rows,
+        50 * 2700,
+        "every row once, read from the replaced segments"
+    );
+    drop(stream);
+    drop(client);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            parquet_files(&data) == 1
+        })
+        .await,
+        "replaced files not deleted after the reader finished"
+    );
+    let n = server
+        .query_json("plant", "SELECT count(*) AS n FROM temp")
+        .await;
+    assert_eq!(n[0]["n"], serde_json::json!(50 * 2700));
+}
