@@ -19,7 +19,10 @@
 //!  {"database","sql_query","query_type":"sql"} ─────────────────▶ DoGet(ticket) ─▶ batches
 //! ```
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Schema};
@@ -91,6 +94,36 @@ type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'st
 pub struct FlightSql {
     query: QueryEngine,
     sql_info: SqlInfoData,
+    planned: Planned,
+}
+
+/// Plans made to answer `GetFlightInfo`, kept for the `DoGet` of the same ticket that
+/// usually follows, so that a statement is planned once. A plan is taken at most once and
+/// only while fresh; a `DoGet` that finds none plans the statement itself. The plan is
+/// logical: the data is read when it runs, so rows written in between are in the answer.
+#[derive(Default)]
+struct Planned {
+    plans: Mutex<VecDeque<(Vec<u8>, Instant, DataFrame)>>,
+}
+
+impl Planned {
+    const KEPT: usize = 64;
+    const FRESH: Duration = Duration::from_secs(60);
+
+    fn keep(&self, ticket: Vec<u8>, plan: DataFrame) {
+        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        if plans.len() == Self::KEPT {
+            plans.pop_front();
+        }
+        plans.push_back((ticket, Instant::now(), plan));
+    }
+
+    fn take(&self, ticket: &[u8]) -> Option<DataFrame> {
+        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        plans.retain(|(_, at, _)| at.elapsed() < Self::FRESH);
+        let i = plans.iter().position(|(t, _, _)| t == ticket)?;
+        plans.remove(i).map(|(_, _, plan)| plan)
+    }
 }
 
 /// What a statement ticket or prepared-statement handle carries.
@@ -150,6 +183,7 @@ impl FlightSql {
         Self {
             query,
             sql_info: info.build().expect("static SQL info builds"),
+            planned: Planned::default(),
         }
     }
 
@@ -165,20 +199,30 @@ impl FlightSql {
             .map_err(query_status)
     }
 
+    /// The schema of `handle`'s result; its plan is kept for the `DoGet` of `ticket`.
     async fn schema_of(
         &self,
         handle: &StatementHandle,
         dictionaries: Dictionaries,
+        ticket: Vec<u8>,
     ) -> Result<Schema, Status> {
-        Ok(dictionaries.schema(self.plan(handle).await?.schema().as_arrow()))
+        let df = self.plan(handle).await?;
+        let schema = dictionaries.schema(df.schema().as_arrow());
+        self.planned.keep(ticket, df);
+        Ok(schema)
     }
 
+    /// Runs `handle`, with the plan `GetFlightInfo` made for `ticket` if it is still kept.
     async fn run(
         &self,
         handle: &StatementHandle,
         dictionaries: Dictionaries,
+        ticket: &[u8],
     ) -> Result<FlightStream<arrow_flight::FlightData>, Status> {
-        let mut df = self.plan(handle).await?;
+        let mut df = match self.planned.take(ticket) {
+            Some(df) => df,
+            None => self.plan(handle).await?,
+        };
         if let Some(ipc) = &handle.parameters {
             df = df
                 .with_param_values(decode_parameters(ipc)?)
@@ -390,12 +434,16 @@ impl FlightSqlService for FlightSql {
             sql: query.query,
             parameters: None,
         };
-        let schema = self
-            .schema_of(&handle, Dictionaries::of(request.metadata()))
-            .await?;
         let ticket = TicketStatementQuery {
             statement_handle: handle.encode().into(),
         };
+        let schema = self
+            .schema_of(
+                &handle,
+                Dictionaries::of(request.metadata()),
+                ticket.statement_handle.to_vec(),
+            )
+            .await?;
         command_info(&schema, &ticket, request)
     }
 
@@ -406,7 +454,10 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
         let handle = StatementHandle::decode(&ticket.statement_handle)?;
         let dictionaries = Dictionaries::of(request.metadata());
-        Ok(Response::new(self.run(&handle, dictionaries).await?))
+        Ok(Response::new(
+            self.run(&handle, dictionaries, &ticket.statement_handle)
+                .await?,
+        ))
     }
 
     async fn do_action_create_prepared_statement(
@@ -449,7 +500,11 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
         let schema = self
-            .schema_of(&handle, Dictionaries::of(request.metadata()))
+            .schema_of(
+                &handle,
+                Dictionaries::of(request.metadata()),
+                cmd.prepared_statement_handle.to_vec(),
+            )
             .await?;
         command_info(&schema, &cmd, request)
     }
@@ -461,7 +516,10 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
         let dictionaries = Dictionaries::of(request.metadata());
-        Ok(Response::new(self.run(&handle, dictionaries).await?))
+        Ok(Response::new(
+            self.run(&handle, dictionaries, &cmd.prepared_statement_handle)
+                .await?,
+        ))
     }
 
     async fn do_action_close_prepared_statement(
@@ -618,7 +676,7 @@ impl FlightService for KilnFlight {
             parameters: None,
         };
         let dictionaries = Dictionaries::of(request.metadata());
-        Ok(Response::new(self.0.run(&handle, dictionaries).await?))
+        Ok(Response::new(self.0.run(&handle, dictionaries, &[]).await?))
     }
 
     async fn handshake(

@@ -310,3 +310,31 @@ async fn tags_come_as_dictionaries_when_asked() {
     assert_eq!(answers[0].0, ["a", "b", "a"]);
     assert_eq!(answers[0].1, ["eu", "us", "eu"]);
 }
+
+/// The plan `GetFlightInfo` made is run by the `DoGet` that follows, but the data is read
+/// then: rows written in between are in the answer. A ticket fetched twice runs twice.
+#[tokio::test]
+async fn a_ticket_reads_the_data_as_of_its_do_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    server.write_ok("plant", LINES).await;
+    let mut client = flight_sql(&server, Some("plant")).await;
+    let info = client
+        .execute("SELECT count(*) AS n FROM cpu".to_owned(), None)
+        .await
+        .unwrap();
+    server
+        .write_ok("plant", "cpu,host=c usage=9.5 1700000030000000000\n")
+        .await;
+    let count =
+        |batches: Vec<RecordBatch>| batches[0].column(0).as_primitive::<Int64Type>().value(0);
+    assert_eq!(count(fetch(&mut client, info.clone()).await), 4);
+    server
+        .write_ok("plant", "cpu,host=d usage=1.5 1700000040000000000\n")
+        .await;
+    assert_eq!(
+        count(fetch(&mut client, info).await),
+        5,
+        "planned again, read again"
+    );
+}
