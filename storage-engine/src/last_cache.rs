@@ -361,7 +361,20 @@ impl LastCache {
         for batch in older {
             rows.offer(&self.keys, batch)?;
         }
-        self.live.lock().absorb_older(rows)?;
+        self.absorb_warm(rows)
+    }
+
+    /// Gathers the older rows of [`Self::warm_with`] a batch at a time, so that no more
+    /// than one batch of them need be in memory; [`Warming::finish`] warms the cache.
+    pub fn warming(self: &Arc<Self>) -> Warming {
+        Warming {
+            cache: Arc::clone(self),
+            rows: Rows::new(),
+        }
+    }
+
+    fn absorb_warm(&self, older: Rows) -> Result<(), ArrowError> {
+        self.live.lock().absorb_older(older)?;
         self.warm.send_replace(true);
         Ok(())
     }
@@ -388,6 +401,23 @@ impl LastCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Older rows being gathered for a cache's warm-up, oldest write first.
+pub struct Warming {
+    cache: Arc<LastCache>,
+    rows: Rows,
+}
+
+impl Warming {
+    pub fn offer(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
+        self.rows.offer(&self.cache.keys, batch)
+    }
+
+    /// Adds what was gathered to the cache and marks it warm.
+    pub fn finish(self) -> Result<(), ArrowError> {
+        self.cache.absorb_warm(self.rows)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::catalog::{
 };
 use crate::dedup::merge_last_write_wins;
 use crate::ids::{SegmentId, SequenceNumber, TableId};
-use crate::last_cache::LastCache;
+use crate::last_cache::{LastCache, Warming};
 use crate::persist::{encode_segment, sort_key};
 use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
 use crate::write::{SourceRange, WriteBatch};
@@ -327,48 +327,38 @@ impl Engine {
         let table = def.table;
         tokio::spawn(async move {
             let started = Instant::now();
-            match engine.older_rows(table).await {
-                Ok(batches) => {
-                    let warmed = tokio::task::spawn_blocking({
-                        let cache = Arc::clone(&cache);
-                        move || cache.warm_with(&batches)
-                    })
-                    .await;
-                    match warmed {
-                        Ok(Ok(())) => tracing::info!(
-                            %table,
-                            series = cache.len(),
-                            elapsed_ms = started.elapsed().as_millis() as u64,
-                            "last-value cache warm"
-                        ),
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, %table, "warming a last-value cache failed")
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, %table, "warming a last-value cache failed")
-                        }
-                    }
-                }
+            match engine.warm_last_cache(table, &cache).await {
+                Ok(()) => tracing::info!(
+                    %table,
+                    series = cache.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "last-value cache warm"
+                ),
                 Err(e) => {
-                    tracing::error!(error = %e, %table, "reading rows for a last-value cache failed")
+                    tracing::error!(error = %e, %table, "warming a last-value cache failed")
                 }
             }
         });
     }
 
-    /// Every row of `table` now in segments and the buffer, oldest write first.
-    async fn older_rows(&self, table: TableId) -> Result<Vec<RecordBatch>> {
-        let Some(data) = self.table_data(table, i64::MIN, i64::MAX) else {
-            return Ok(Vec::new());
-        };
-        let mut batches = Vec::new();
-        for segment in &data.segments {
-            batches.extend(self.read_segment(segment).await?);
+    /// Feeds `cache` every row of `table` now in segments and the buffer, oldest write
+    /// first, one segment at a time (never the whole table in memory), and marks it warm.
+    async fn warm_last_cache(&self, table: TableId, cache: &Arc<LastCache>) -> Result<()> {
+        let mut warming = cache.warming();
+        if let Some(data) = self.table_data(table, i64::MIN, i64::MAX) {
+            for segment in &data.segments {
+                warming = gather(warming, self.read_segment(segment).await?).await?;
+            }
+            let buffered = data
+                .buffer
+                .into_iter()
+                .flat_map(|p| p.chunks.into_iter().map(|c| c.batch))
+                .collect();
+            warming = gather(warming, buffered).await?;
         }
-        for part in data.buffer {
-            batches.extend(part.chunks.into_iter().map(|c| c.batch));
-        }
-        Ok(batches)
+        warming
+            .finish()
+            .map_err(|e| Error::Internal(format!("warming a last-value cache: {e}")))
     }
 
     /// Every row of one segment. `time` comes labelled UTC; merging relabels it for free.
@@ -722,6 +712,21 @@ impl Engine {
     pub fn catalog_state(&self) -> Arc<CatalogState> {
         self.catalog.snapshot()
     }
+}
+
+/// Offers `batches` to a cache's warm-up on a blocking thread.
+async fn gather(mut warming: Warming, batches: Vec<RecordBatch>) -> Result<Warming> {
+    tokio::task::spawn_blocking(move || {
+        for batch in &batches {
+            warming.offer(batch)?;
+        }
+        Ok(warming)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .map_err(|e: arrow::error::ArrowError| {
+        Error::Internal(format!("warming a last-value cache: {e}"))
+    })
 }
 
 struct NoObserver;
