@@ -88,6 +88,19 @@ fn http() -> Result<reqwest::Client, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Sends `request` to the server at `host`; a failure status becomes the server's error.
+async fn send(request: reqwest::RequestBuilder, host: &str) -> Result<reqwest::Response, String> {
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {host}: {e}"))?;
+    if resp.status().is_success() {
+        Ok(resp)
+    } else {
+        Err(error_text(resp).await)
+    }
+}
+
 async fn error_text(resp: reqwest::Response) -> String {
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
@@ -127,7 +140,7 @@ pub async fn write(args: WriteArgs) -> Result<(), String> {
         return write_grpc(&args, body).await;
     }
     let url = format!("{}/api/v3/write_lp", args.client.host.trim_end_matches('/'));
-    let resp = http()?
+    let request = http()?
         .post(url)
         .query(&[
             ("db", args.client.database.as_str()),
@@ -141,15 +154,8 @@ pub async fn write(args: WriteArgs) -> Result<(), String> {
                 },
             ),
         ])
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", args.client.host))?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(error_text(resp).await)
-    }
+        .body(body);
+    send(request, &args.client.host).await.map(drop)
 }
 
 async fn write_grpc(args: &WriteArgs, text: String) -> Result<(), String> {
@@ -209,17 +215,10 @@ pub async fn query(args: QueryArgs) -> Result<(), String> {
         "{}/api/v3/query_sql",
         args.client.host.trim_end_matches('/')
     );
-    let resp = http()?
-        .post(url)
-        .json(
-            &serde_json::json!({"db": args.client.database, "q": args.sql, "format": args.format}),
-        )
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", args.client.host))?;
-    if !resp.status().is_success() {
-        return Err(error_text(resp).await);
-    }
+    let request = http()?.post(url).json(
+        &serde_json::json!({"db": args.client.database, "q": args.sql, "format": args.format}),
+    );
+    let resp = send(request, &args.client.host).await?;
     let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -254,13 +253,7 @@ pub async fn last_cache(command: LastCacheCommand) -> Result<(), String> {
             (client, http()?.delete(url).query(&query))
         }
     };
-    let resp = request
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", client.host))?;
-    if !resp.status().is_success() {
-        return Err(error_text(resp).await);
-    }
+    let resp = send(request, &client.host).await?;
     match command {
         LastCacheCommand::Create { table, .. } => {
             let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
@@ -288,14 +281,7 @@ pub enum KafkaCommand {
 /// Asks a running server to compact now and prints what it did.
 pub async fn compact(host: String) -> Result<(), String> {
     let url = format!("{}/api/v3/compact", host.trim_end_matches('/'));
-    let resp = http()?
-        .post(url)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {host}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(error_text(resp).await);
-    }
+    let resp = send(http()?.post(url), &host).await?;
     let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
     let count = |key: &str| v[key].as_u64().unwrap_or(0);
     let partitions = |n: u64| match n {
@@ -323,14 +309,7 @@ pub async fn compact(host: String) -> Result<(), String> {
 pub async fn kafka(command: KafkaCommand) -> Result<(), String> {
     let KafkaCommand::Status { host } = command;
     let url = format!("{}/api/v3/kafka", host.trim_end_matches('/'));
-    let resp = http()?
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {host}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(error_text(resp).await);
-    }
+    let resp = send(http()?.get(url), &host).await?;
     let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
     let sources = v["sources"].as_array().cloned().unwrap_or_default();
     if sources.is_empty() {

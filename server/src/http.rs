@@ -393,17 +393,11 @@ async fn create_last_cache(
 async fn compact(State(s): State<AppState>) -> Response {
     match s.engine.compact(true).await {
         Ok(outcome) => axum::Json(outcome).into_response(),
-        Err(e) => {
-            s.engine
-                .stats()
-                .compaction_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("compaction failed: {e}"),
-            )
-            .into_response()
-        }
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("compaction failed: {e}"),
+        )
+        .into_response(),
     }
 }
 

@@ -180,6 +180,16 @@ impl WriteBuffer {
         self.bytes.fetch_add(added, Ordering::Relaxed);
     }
 
+    /// The partitions of `table` that hold rows.
+    pub fn partition_keys(&self, table: TableId) -> std::collections::BTreeSet<i64> {
+        let inner = self.inner.read();
+        inner
+            .tables
+            .get(&table)
+            .map(|parts| parts.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// The partitions of `table`, each with its chunks ordered oldest write first.
     pub fn partitions(&self, table: TableId) -> Vec<BufferPartition> {
         let inner = self.inner.read();

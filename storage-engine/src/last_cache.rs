@@ -354,29 +354,14 @@ impl LastCache {
         }
     }
 
-    /// Fills the cache with rows older than any offered since it was made (segments, then
-    /// the buffer, each oldest write first), and marks it warm.
-    pub fn warm_with(&self, older: &[RecordBatch]) -> Result<(), ArrowError> {
-        let mut rows = Rows::new();
-        for batch in older {
-            rows.offer(&self.keys, batch)?;
-        }
-        self.absorb_warm(rows)
-    }
-
-    /// Gathers the older rows of [`Self::warm_with`] a batch at a time, so that no more
-    /// than one batch of them need be in memory; [`Warming::finish`] warms the cache.
+    /// Starts filling the cache with rows older than any offered since it was made
+    /// (segments, then the buffer, each oldest write first), a batch at a time so that no
+    /// more than one batch of them need be in memory; [`Warming::finish`] marks it warm.
     pub fn warming(self: &Arc<Self>) -> Warming {
         Warming {
             cache: Arc::clone(self),
             rows: Rows::new(),
         }
-    }
-
-    fn absorb_warm(&self, older: Rows) -> Result<(), ArrowError> {
-        self.live.lock().absorb_older(older)?;
-        self.warm.send_replace(true);
-        Ok(())
     }
 
     pub fn is_warm(&self) -> bool {
@@ -417,7 +402,9 @@ impl Warming {
 
     /// Adds what was gathered to the cache and marks it warm.
     pub fn finish(self) -> Result<(), ArrowError> {
-        self.cache.absorb_warm(self.rows)
+        self.cache.live.lock().absorb_older(self.rows)?;
+        self.cache.warm.send_replace(true);
+        Ok(())
     }
 }
 
@@ -488,7 +475,7 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_row_per_key_and_merges_rewrites_of_its_time() {
-        let cache = LastCache::new(vec!["host".into()]).unwrap();
+        let cache = Arc::new(LastCache::new(vec!["host".into()]).unwrap());
         let schema = batch(&[]).schema();
         cache.offer(&batch(&[
             ("x", 1, Some(1.0), Some(1.0)),
@@ -508,13 +495,15 @@ mod tests {
             ]
         );
         // Older rows found while warming lose to live ones, or merge under them.
-        cache
-            .warm_with(&[batch(&[
+        let mut warming = cache.warming();
+        warming
+            .offer(&batch(&[
                 ("x", 3, Some(0.5), Some(0.5)),
                 ("y", 5, None, Some(7.0)),
                 ("z", 9, Some(9.0), None),
-            ])])
+            ]))
             .unwrap();
+        warming.finish().unwrap();
         assert!(cache.is_warm());
         assert_eq!(
             latest(&cache, &schema),

@@ -5,18 +5,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::cli::kiln;
-use crate::persistence::walk;
+use crate::persistence::{snapshot, walk};
 use crate::support::{TestServer, eventually};
 
 const T0: i64 = 1_700_000_000; // 2023-11-14T22:13:20Z
-
-async fn everything(server: &TestServer) -> String {
-    let (status, body) = server
-        .query("plant", "SELECT * FROM temp ORDER BY line, time", "csv")
-        .await;
-    assert_eq!(status, reqwest::StatusCode::OK);
-    String::from_utf8(body.to_vec()).unwrap()
-}
 
 fn parquet_files(data: &Path) -> usize {
     walk(&data.join("objects/segments"))
@@ -28,6 +20,21 @@ fn parquet_files(data: &Path) -> usize {
 async fn write(server: &TestServer, body: String) {
     let (status, text) = server.write("plant", body, &[("precision", "s")]).await;
     assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
+}
+
+/// Writes each body on a server of its own on `data` and stops it (a stop persists the
+/// buffer: one segment per body and partition); returns a server started afresh.
+async fn persisted_in_parts<const N: usize>(
+    data: &Path,
+    args: &[&str],
+    bodies: [String; N],
+) -> TestServer {
+    for body in bodies {
+        let mut server = TestServer::start(data, args);
+        write(&server, body).await;
+        server.terminate();
+    }
+    TestServer::start(data, args)
 }
 
 /// Readings of three lines over `seconds` from `from`, with `value` in every row.
@@ -44,22 +51,21 @@ async fn partitions_in_several_segments_become_one_and_answers_stay_the_same() {
     let background = ["--compaction-interval", "1s"];
     // One hour partition persisted twice (each stop persists the buffer); the second
     // write overwrites half the rows and adds others.
-    let mut server = TestServer::start(&data, &background);
-    write(&server, readings(T0, 600, 1.0)).await;
-    server.terminate();
-    server = TestServer::start(&data, &background);
-    write(&server, readings(T0 + 300, 600, 2.0)).await;
-    server.terminate();
-    server = TestServer::start(&data, &background);
+    let mut server = persisted_in_parts(
+        &data,
+        &background,
+        [readings(T0, 600, 1.0), readings(T0 + 300, 600, 2.0)],
+    )
+    .await;
     assert_eq!(parquet_files(&data), 2);
-    let expected = everything(&server).await;
+    let expected = snapshot(&server).await;
     assert_eq!(expected.lines().count(), 1 + 900);
 
     // While it is the table's newest partition it may still be written: left alone.
     // A row in the next hour moves writing on, and the background compactor merges it.
     write(&server, readings(T0 + 3600, 1, 3.0)).await;
     // The same before, during and after the merge.
-    let expected_now = everything(&server).await;
+    let expected_now = snapshot(&server).await;
     assert_eq!(expected_now.lines().count(), 1 + 901);
     assert!(expected.lines().all(|l| expected_now.contains(l)));
     let compacted = eventually(Duration::from_secs(30), || async {
@@ -68,7 +74,7 @@ async fn partitions_in_several_segments_become_one_and_answers_stay_the_same() {
     .await;
     assert!(compacted, "{}", server.metrics().await);
     assert_eq!(server.metric("kiln_compactions_total").await, 1.0);
-    assert_eq!(everything(&server).await, expected_now);
+    assert_eq!(snapshot(&server).await, expected_now);
     assert!(
         eventually(Duration::from_secs(10), || async {
             parquet_files(&data) == 1
@@ -87,21 +93,21 @@ async fn partitions_in_several_segments_become_one_and_answers_stay_the_same() {
     // kill -9 and restart: the catalog names the merged segment, the WAL the new row.
     server.kill9();
     server = TestServer::start(&data, &["--compaction-interval", "0s"]);
-    assert_eq!(everything(&server).await, expected_now);
+    assert_eq!(snapshot(&server).await, expected_now);
     assert_eq!(parquet_files(&data), 1);
 
     // On request (`kiln compact`), the newest partition too: persisted twice, merged once.
     server.terminate();
     server = TestServer::start(&data, &["--compaction-interval", "0s"]);
     write(&server, readings(T0 + 3600, 2, 4.0)).await;
-    let expected = everything(&server).await;
+    let expected = snapshot(&server).await;
     server.terminate();
     server = TestServer::start(&data, &["--compaction-interval", "0s"]);
     assert_eq!(parquet_files(&data), 3);
     let (ok, out, err) = kiln(&["compact", "--host", &server.url("")], None);
     assert!(ok, "{err}");
     assert!(out.contains("compacted 1 partition: 2 segments"), "{out}");
-    assert_eq!(everything(&server).await, expected);
+    assert_eq!(snapshot(&server).await, expected);
     assert_eq!(parquet_files(&data), 2);
     let (ok, out, _) = kiln(&["compact", "--host", &server.url("")], None);
     assert!(ok && out.contains("compacted 0 partitions"), "{out}");
@@ -131,13 +137,12 @@ async fn a_query_reading_replaced_segments_finishes_before_they_are_deleted() {
             })
             .collect()
     };
-    let mut server = TestServer::start(&data, &args);
-    write(&server, lines(T0, 1800, 1.0)).await;
-    server.terminate();
-    server = TestServer::start(&data, &args);
-    write(&server, lines(T0 + 900, 1800, 2.0)).await;
-    server.terminate();
-    server = TestServer::start(&data, &args);
+    let server = persisted_in_parts(
+        &data,
+        &args,
+        [lines(T0, 1800, 1.0), lines(T0 + 900, 1800, 2.0)],
+    )
+    .await;
     assert_eq!(parquet_files(&data), 2);
 
     let mut client = crate::flight::flight_sql(&server, Some("plant")).await;

@@ -6,7 +6,8 @@ use serde_json::json;
 
 use crate::support::{TestServer, eventually, wal_files};
 
-async fn snapshot(server: &TestServer) -> String {
+/// Every row of `plant.temp` as CSV, ordered by line and time.
+pub(crate) async fn snapshot(server: &TestServer) -> String {
     let (status, body) = server
         .query("plant", "SELECT * FROM temp ORDER BY line, time", "csv")
         .await;

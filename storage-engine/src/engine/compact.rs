@@ -14,21 +14,19 @@
 //! older generation's) is gone. Files that a crash left behind, referenced by no catalog
 //! entry, are removed when the engine opens.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
-use super::{Engine, Error, Result};
-use crate::buffer::time_range;
+use super::{Engine, Error, Result, encode};
 use crate::catalog::{CatalogEvent, CatalogState, SegmentMeta, TableDef};
 use crate::ids::{SegmentId, TableId};
-use crate::persist::encode_segment;
 
 /// Where segments live in the object store.
 pub(super) const SEGMENTS_PREFIX: &str = "segments";
@@ -123,18 +121,24 @@ impl Engine {
 
     /// Merges every time partition that is in several segments and no longer written into
     /// one segment. A partition is no longer written when the buffer holds none of its rows
-    /// and, unless `newest_too`, the table has a newer partition.
+    /// and, unless `newest_too`, the table has a newer partition. A failed pass is counted
+    /// in the engine's stats.
     pub async fn compact(&self, newest_too: bool) -> Result<CompactionOutcome> {
+        let result = self.compact_pass(newest_too).await;
+        if result.is_err() {
+            self.stats
+                .compaction_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn compact_pass(&self, newest_too: bool) -> Result<CompactionOutcome> {
         let _one_at_a_time = self.compact_lock.lock().await;
         let state = self.catalog.snapshot();
         let mut outcome = CompactionOutcome::default();
         for (&table, segments) in &state.segments {
-            let buffered: BTreeSet<i64> = self
-                .buffer
-                .partitions(table)
-                .iter()
-                .map(|p| p.partition)
-                .collect();
+            let buffered = self.buffer.partition_keys(table);
             let newest = segments
                 .iter()
                 .map(|s| s.partition)
@@ -157,25 +161,23 @@ impl Engine {
                     tracing::debug!(%table, partition, bytes, "partition too large to compact");
                     continue;
                 }
-                let done = self.compact_partition(&state, table, group).await?;
-                outcome.partitions += 1;
-                outcome.segments_replaced += done.segments_replaced;
-                outcome.rows += done.rows;
-                outcome.bytes_before += done.bytes_before;
-                outcome.bytes_after += done.bytes_after;
+                self.compact_partition(&state, table, group, &mut outcome)
+                    .await?;
             }
         }
         self.delete_retired().await;
         Ok(outcome)
     }
 
-    /// Merges `segments` (one partition's, in catalog order) into one new segment.
+    /// Merges `segments` (one partition's, in catalog order) into one new segment, and
+    /// adds what it did to `outcome`.
     async fn compact_partition(
         &self,
         state: &CatalogState,
         table: TableId,
         segments: Vec<SegmentMeta>,
-    ) -> Result<CompactionOutcome> {
+        outcome: &mut CompactionOutcome,
+    ) -> Result<()> {
         let started = Instant::now();
         let def = state
             .table_by_id(table)
@@ -185,45 +187,24 @@ impl Engine {
         for segment in &segments {
             batches.extend(self.read_segment(segment).await?);
         }
-        let encode_def = def.clone();
-        let (merged, bytes) =
-            tokio::task::spawn_blocking(move || encode_segment(&encode_def, &batches))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(Error::Encode)?;
+        let (merged, bytes) = encode(&def, batches).await?;
         let partition = segments[0].partition;
         let max_sequence = segments
             .iter()
             .map(|s| s.max_sequence)
             .max()
             .unwrap_or_default();
-        let size = bytes.len() as u64;
-        let (min_time, max_time) = time_range(&merged);
 
         // Segment ids are handed out under the persistence lock.
         let _persisting = self.persist_lock.lock().await;
         let id = SegmentId(self.catalog.snapshot().next_segment_id);
-        let path = segment_path(&def, partition, id);
-        self.store
-            .put(&Path::from(path.as_str()), PutPayload::from(bytes))
-            .await
-            .map_err(|source| Error::Store {
-                path: path.clone(),
-                source,
-            })?;
+        let segment = self
+            .put_segment(&def, partition, id, &merged, bytes, max_sequence)
+            .await?;
+        let (rows, bytes_after) = (segment.rows, segment.bytes);
         let event = CatalogEvent::SegmentsCompacted {
             replaced: segments.iter().map(|s| s.id).collect(),
-            segment: SegmentMeta {
-                id,
-                table,
-                partition,
-                path: path.clone(),
-                min_time,
-                max_time,
-                rows: merged.num_rows() as u64,
-                bytes: size,
-                max_sequence,
-            },
+            segment,
         };
         // On failure the old segments stay as they were. The new file is not deleted here:
         // a failed commit may still have been written (a store that timed out), and then
@@ -234,25 +215,23 @@ impl Engine {
         self.stats
             .segments_compacted
             .fetch_add(segments.len() as u64, Ordering::Relaxed);
-        let outcome = CompactionOutcome {
-            partitions: 1,
-            segments_replaced: segments.len(),
-            rows: merged.num_rows() as u64,
-            bytes_before: segments.iter().map(|s| s.bytes).sum(),
-            bytes_after: size,
-            skipped_too_large: 0,
-        };
+        let bytes_before: u64 = segments.iter().map(|s| s.bytes).sum();
+        outcome.partitions += 1;
+        outcome.segments_replaced += segments.len();
+        outcome.rows += rows;
+        outcome.bytes_before += bytes_before;
+        outcome.bytes_after += bytes_after;
         tracing::info!(
             %table,
             partition,
             segments = segments.len(),
-            rows = outcome.rows,
-            bytes_before = outcome.bytes_before,
-            bytes_after = outcome.bytes_after,
+            rows,
+            bytes_before,
+            bytes_after,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compacted partition"
         );
-        Ok(outcome)
+        Ok(())
     }
 
     /// Runs [`Engine::compact`] every `every` (never if `None`) and deletes replaced files
@@ -275,9 +254,6 @@ impl Engine {
                 continue;
             }
             if let Err(e) = self.compact(false).await {
-                self.stats
-                    .compaction_failures
-                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "compaction failed; will retry");
             }
             last = Instant::now();

@@ -670,13 +670,23 @@ impl Engine {
             .map(|c| c.max_sequence)
             .max()
             .unwrap_or(through);
-        let encode_def = def.clone();
-        let (merged, bytes) =
-            tokio::task::spawn_blocking(move || encode_segment(&encode_def, &batches))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(Error::Encode)?;
-        let path = segment_path(def, part.partition, id);
+        let (merged, bytes) = encode(def, batches).await?;
+        self.put_segment(def, part.partition, id, &merged, bytes, max_sequence)
+            .await
+    }
+
+    /// Writes the encoding `bytes` of `merged` as segment `id` of `partition` and describes
+    /// it for the catalog.
+    async fn put_segment(
+        &self,
+        def: &TableDef,
+        partition: i64,
+        id: SegmentId,
+        merged: &RecordBatch,
+        bytes: Vec<u8>,
+        max_sequence: SequenceNumber,
+    ) -> Result<SegmentMeta> {
+        let path = segment_path(def, partition, id);
         let size = bytes.len() as u64;
         self.store
             .put(&Path::from(path.as_str()), PutPayload::from(bytes))
@@ -685,11 +695,11 @@ impl Engine {
                 path: path.clone(),
                 source,
             })?;
-        let (min_time, max_time) = time_range(&merged);
+        let (min_time, max_time) = time_range(merged);
         Ok(SegmentMeta {
             id,
-            table,
-            partition: part.partition,
+            table: def.id,
+            partition,
             path,
             min_time,
             max_time,
@@ -712,6 +722,16 @@ impl Engine {
     pub fn catalog_state(&self) -> Arc<CatalogState> {
         self.catalog.snapshot()
     }
+}
+
+/// Merges `batches` (oldest write first) and encodes them as a segment, on a blocking
+/// thread: the merged rows and the Parquet bytes.
+async fn encode(def: &TableDef, batches: Vec<RecordBatch>) -> Result<(RecordBatch, Vec<u8>)> {
+    let def = def.clone();
+    tokio::task::spawn_blocking(move || encode_segment(&def, &batches))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(Error::Encode)
 }
 
 /// Offers `batches` to a cache's warm-up on a blocking thread.
