@@ -20,6 +20,7 @@
 //! clients expect (see [`postgres`]). All sessions share one runtime, so the limits of
 //! [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
+mod avg;
 pub mod dedup;
 pub mod gapfill;
 pub mod last_cache;
@@ -193,6 +194,7 @@ impl QueryEngine {
             "last_cache",
             Arc::new(last_cache::LastCacheFunction::new(Arc::clone(&self.engine))),
         );
+        ctx.register_udaf(avg::avg());
         ctx.register_udaf(selectors::first());
         ctx.register_udaf(selectors::last());
     }
