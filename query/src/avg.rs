@@ -185,16 +185,15 @@ impl GroupsAccumulator for RunAvg {
         total_num_groups: usize,
     ) -> Result<()> {
         let column = values[0].as_primitive::<Float64Type>();
-        let runs = 1 + group_indices.windows(2).filter(|w| w[0] != w[1]).count();
-        if opt_filter.is_some()
-            || column.null_count() > 0
-            || group_indices.is_empty()
-            || runs * MIN_MEAN_RUN > group_indices.len()
-        {
+        // Runs only where every row counts (no NULLs, no FILTER) and they are long enough.
+        let runs = (opt_filter.is_none() && column.null_count() == 0)
+            .then(|| 1 + group_indices.windows(2).filter(|w| w[0] != w[1]).count())
+            .filter(|runs| runs * MIN_MEAN_RUN <= group_indices.len());
+        let Some(runs) = runs else {
             return self
                 .inner
                 .update_batch(values, group_indices, opt_filter, total_num_groups);
-        }
+        };
         let values = column.values();
         let mut groups = Vec::with_capacity(runs);
         let mut counts = Vec::with_capacity(runs);
