@@ -356,9 +356,7 @@ impl Engine {
                 .collect();
             warming = gather(warming, buffered).await?;
         }
-        warming
-            .finish()
-            .map_err(|e| Error::Internal(format!("warming a last-value cache: {e}")))
+        warming.finish().map_err(warming_failed)
     }
 
     /// Every row of one segment. `time` comes labelled UTC; merging relabels it for free.
@@ -744,9 +742,11 @@ async fn gather(mut warming: Warming, batches: Vec<RecordBatch>) -> Result<Warmi
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))?
-    .map_err(|e: arrow::error::ArrowError| {
-        Error::Internal(format!("warming a last-value cache: {e}"))
-    })
+    .map_err(warming_failed)
+}
+
+fn warming_failed(e: arrow::error::ArrowError) -> Error {
+    Error::Internal(format!("warming a last-value cache: {e}"))
 }
 
 struct NoObserver;
