@@ -22,7 +22,10 @@
 //!
 //! [`DedupExec`]: crate::dedup::DedupExec
 //!
-//! Filters are `Inexact`: DataFusion re-applies them above the scan.
+//! Bounds on `time` (comparisons with timestamp literals) are `Exact` filters: the scan
+//! applies them itself, and only to the sources that straddle them (a window's first and
+//! last segments, buffer chunks); the readers of the segments within them are given no
+//! filter on time. Every other filter is `Inexact`: DataFusion re-applies it above the scan.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -178,6 +181,7 @@ impl Default for TimeBounds {
 }
 
 impl TimeBounds {
+    /// The bounds the conjunction `filters` implies (what it keeps lies within them).
     pub fn from_filters(filters: &[Expr]) -> Self {
         let mut b = Self::default();
         for f in filters {
@@ -186,48 +190,90 @@ impl TimeBounds {
         b
     }
 
-    fn narrow(&mut self, expr: &Expr) {
-        match expr {
-            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-                if *op == Operator::And {
-                    self.narrow(left);
-                    self.narrow(right);
-                    return;
-                }
-                let (op, value) = match (is_time(left), nanos(right), is_time(right), nanos(left)) {
-                    (true, Some(v), _, _) => (*op, v),
-                    (_, _, true, Some(v)) => match op.swap() {
-                        Some(op) => (op, v),
-                        None => return,
-                    },
-                    _ => return,
-                };
-                match op {
-                    Operator::Eq => {
-                        self.min = self.min.max(value);
-                        self.max = self.max.min(value);
-                    }
-                    Operator::Gt => self.min = self.min.max(value.saturating_add(1)),
-                    Operator::GtEq => self.min = self.min.max(value),
-                    Operator::Lt => self.max = self.max.min(value.saturating_sub(1)),
-                    Operator::LtEq => self.max = self.max.min(value),
-                    _ => {}
-                }
-            }
-            Expr::Between(between) if !between.negated && is_time(&between.expr) => {
-                if let Some(lo) = nanos(&between.low) {
-                    self.min = self.min.max(lo);
-                }
-                if let Some(hi) = nanos(&between.high) {
-                    self.max = self.max.min(hi);
-                }
-            }
-            _ => {}
+    /// The bounds `expr` states exactly, if it does: it keeps a row if and only if the
+    /// row's time lies within them. So do comparisons of `time` with a timestamp literal
+    /// (`=`, `<`, `<=`, `>`, `>=`), `time BETWEEN` two literals, and conjunctions of them.
+    pub fn exact(expr: &Expr) -> Option<Self> {
+        if let Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And,
+            right,
+        }) = expr
+        {
+            let mut b = Self::exact(left)?;
+            b.intersect(Self::exact(right)?);
+            return Some(b);
         }
+        match Self::implied(expr)? {
+            (b, true) => Some(b),
+            (_, false) => None,
+        }
+    }
+
+    /// Whether every instant from `min` to `max` (inclusive) lies within these bounds.
+    pub fn contains(&self, min: i64, max: i64) -> bool {
+        self.min <= min && max <= self.max
     }
 
     pub fn overlaps(&self, min: i64, max: i64) -> bool {
         min <= self.max && max >= self.min
+    }
+
+    fn narrow(&mut self, expr: &Expr) {
+        match expr {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => {
+                self.narrow(left);
+                self.narrow(right);
+            }
+            _ => {
+                if let Some((b, _)) = Self::implied(expr) {
+                    self.intersect(b);
+                }
+            }
+        }
+    }
+
+    fn intersect(&mut self, other: Self) {
+        self.min = self.min.max(other.min);
+        self.max = self.max.min(other.max);
+    }
+
+    /// The bounds one comparison of `time` with literals implies, and whether they are
+    /// exactly what it keeps.
+    fn implied(expr: &Expr) -> Option<(Self, bool)> {
+        let all = Self::default();
+        match expr {
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                let (op, value) = match (is_time(left), nanos(right), is_time(right), nanos(left)) {
+                    (true, Some(v), _, _) => (*op, v),
+                    (_, _, true, Some(v)) => (op.swap()?, v),
+                    _ => return None,
+                };
+                let (min, max) = match op {
+                    Operator::Eq => (value, value),
+                    Operator::Gt => (value.checked_add(1)?, i64::MAX),
+                    Operator::GtEq => (value, i64::MAX),
+                    Operator::Lt => (i64::MIN, value.checked_sub(1)?),
+                    Operator::LtEq => (i64::MIN, value),
+                    _ => return None,
+                };
+                Some((Self { min, max }, true))
+            }
+            Expr::Between(between) if !between.negated && is_time(&between.expr) => {
+                let (low, high) = (nanos(&between.low), nanos(&between.high));
+                let exact = low.is_some() && high.is_some();
+                let b = Self {
+                    min: low.unwrap_or(all.min),
+                    max: high.unwrap_or(all.max),
+                };
+                Some((b, exact))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -330,7 +376,15 @@ impl TableProvider for KilnTable {
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+        // A bound on time the scan applies itself, and only to the sources that straddle
+        // it (see `scan`); DataFusion re-applies every other filter above the scan.
+        Ok(filters
+            .iter()
+            .map(|f| match TimeBounds::exact(f) {
+                Some(_) => TableProviderFilterPushDown::Exact,
+                None => TableProviderFilterPushDown::Inexact,
+            })
+            .collect())
     }
 
     async fn scan(
@@ -343,6 +397,30 @@ impl TableProvider for KilnTable {
         let bounds = TimeBounds::from_filters(filters);
         let Some(data) = self.engine.table_data(self.table, bounds.min, bounds.max) else {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
+        };
+        // Bounds on time are `Exact` filters: applied here, to the rows of the sources that
+        // straddle them. A source within them needs no filter on time, and its reader is
+        // not given one either (it would test every row's time).
+        let needed = |filters: &[Expr], min: i64, max: i64| -> Vec<Expr> {
+            filters
+                .iter()
+                .filter(|f| !TimeBounds::exact(f).is_some_and(|b| b.contains(min, max)))
+                .cloned()
+                .collect()
+        };
+        let time_filter = conjunction(
+            filters
+                .iter()
+                .filter(|f| TimeBounds::exact(f).is_some())
+                .cloned(),
+        );
+        let within = |predicate: Expr, s: &SegmentMeta| -> Expr {
+            match &time_filter {
+                Some(time) if !bounds.contains(s.min_time, s.max_time) => {
+                    predicate.and(time.clone())
+                }
+                _ => predicate,
+            }
         };
         let mut summary = ScanSummary {
             table: data.def.name.clone(),
@@ -465,9 +543,9 @@ impl TableProvider for KilnTable {
                 .lt(lit(utc_nanos(lo)))
                 .or(col(TIME_COLUMN).gt(lit(utc_nanos(hi))));
             let inside = col(TIME_COLUMN).between(lit(utc_nanos(lo)), lit(utc_nanos(hi)));
-            let mut plain_filters = filters.to_vec();
-            plain_filters.push(outside.clone());
             for segment in &sources.segments {
+                let mut plain_filters = needed(filters, segment.min_time, segment.max_time);
+                plain_filters.push(outside.clone());
                 let scan = self.parquet_exec(
                     state,
                     &def,
@@ -480,7 +558,7 @@ impl TableProvider for KilnTable {
                         decode_filtered: false,
                     },
                 )?;
-                let kept = filter_exec(state, scan, outside.clone())?;
+                let kept = filter_exec(state, scan, within(outside.clone(), segment))?;
                 merged_parts.push(select(kept, &out_schema)?);
             }
             if let Some(b) = &buffer {
@@ -488,10 +566,11 @@ impl TableProvider for KilnTable {
             }
             // Inside it, the versions of a row are merged as they stream (see
             // `DedupExec`): each source sorted and free of repeats, oldest write first.
-            let mut inside_filters = identity_filters.clone();
-            inside_filters.push(inside.clone());
             let mut inputs = Vec::new();
             for segment in &sources.segments {
+                let mut inside_filters =
+                    needed(&identity_filters, segment.min_time, segment.max_time);
+                inside_filters.push(inside.clone());
                 let scan = self.parquet_exec(
                     state,
                     &def,
@@ -504,7 +583,7 @@ impl TableProvider for KilnTable {
                         decode_filtered: true,
                     },
                 )?;
-                inputs.push(filter_exec(state, scan, inside.clone())?);
+                inputs.push(filter_exec(state, scan, within(inside.clone(), segment))?);
             }
             if let Some(b) = &buffer {
                 let rows = filter_times(b, |t| t >= lo && t <= hi)?;
@@ -522,30 +601,57 @@ impl TableProvider for KilnTable {
         }
 
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = merged_parts;
-        if !single_segments.is_empty() {
-            // A filter on a tag or field (`usage_user > 90`) is applied while decoding, so
-            // the other columns are decoded only for the rows it keeps. Time alone is left
-            // to row-group and page pruning: a window keeps whole runs of every series.
-            let decode_filtered = filters
-                .iter()
-                .any(|f| f.column_refs().iter().any(|c| c.name != TIME_COLUMN));
+        // A filter on a tag or field (`usage_user > 90`) is applied while decoding, so the
+        // other columns are decoded only for the rows it keeps. Time alone is left to
+        // row-group and page pruning: a window keeps whole runs of every series.
+        let decode_filtered = filters
+            .iter()
+            .any(|f| f.column_refs().iter().any(|c| c.name != TIME_COLUMN));
+        let (inner, straddling): (Vec<SegmentMeta>, Vec<SegmentMeta>) = single_segments
+            .into_iter()
+            .partition(|s| bounds.contains(s.min_time, s.max_time));
+        if !inner.is_empty() {
             inputs.push(self.parquet_exec(
                 state,
                 &def,
-                &single_segments,
+                &inner,
                 SegmentRead {
                     projection,
-                    filters,
+                    filters: &needed(filters, bounds.min, bounds.max),
                     limit,
                     ordering: None,
                     decode_filtered,
                 },
             )?);
         }
+        if !straddling.is_empty() {
+            // The first and last segments of a window: read with their time (to filter
+            // on), and no row limit (it would count rows before the filter).
+            let scan = self.parquet_exec(
+                state,
+                &def,
+                &straddling,
+                SegmentRead {
+                    projection: plain_read.as_ref(),
+                    filters,
+                    limit: None,
+                    ordering: None,
+                    decode_filtered,
+                },
+            )?;
+            let scan = match &time_filter {
+                Some(time) => filter_exec(state, scan, time.clone())?,
+                None => scan,
+            };
+            inputs.push(select(scan, &out_schema)?);
+        }
         if !memory.is_empty() {
             let memory = memory
                 .iter()
-                .map(|b| fit(b, &out_schema))
+                .map(|b| match time_filter {
+                    Some(_) => fit(&filter_times(b, |t| bounds.contains(t, t))?, &out_schema),
+                    None => fit(b, &out_schema),
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let target = state.config().target_partitions().max(1);
             let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); target.min(memory.len())];
@@ -713,5 +819,41 @@ mod tests {
         ]);
         assert_eq!(b, TimeBounds::default());
         assert!(b.overlaps(i64::MIN, i64::MIN));
+    }
+
+    #[test]
+    fn exact_time_bounds_only_for_what_they_state_whole() {
+        let exact = |e: Expr| TimeBounds::exact(&e);
+        assert_eq!(
+            exact(col("time").gt_eq(ts(10)).and(ts(20).gt(col("time")))),
+            Some(TimeBounds { min: 10, max: 19 })
+        );
+        assert_eq!(
+            exact(col("time").between(ts(5), ts(7))),
+            Some(TimeBounds { min: 5, max: 7 })
+        );
+        assert_eq!(
+            exact(col("time").eq(ts(3))),
+            Some(TimeBounds { min: 3, max: 3 })
+        );
+        // Implied bounds, but the filter keeps fewer rows (or other columns decide).
+        assert_eq!(exact(col("time").between(ts(5), col("other"))), None);
+        assert_eq!(exact(col("time").not_eq(ts(3))), None);
+        assert_eq!(
+            exact(col("time").gt(ts(1)).and(col("host").eq(lit("a")))),
+            None
+        );
+        assert_eq!(exact(col("time").gt(ts(1)).or(col("time").lt(ts(0)))), None);
+        assert_eq!(exact(col("time").not_between(ts(5), ts(7))), None);
+        assert_eq!(exact(col("time").gt(ts(i64::MAX))), None);
+        assert_eq!(exact(col("time").lt(ts(i64::MIN))), None);
+        assert_eq!(
+            exact(col("time").gt_eq(lit(ScalarValue::TimestampNanosecond(None, None)))),
+            None
+        );
+
+        let b = TimeBounds { min: 10, max: 19 };
+        assert!(b.contains(10, 19) && b.contains(12, 12));
+        assert!(!b.contains(9, 12) && !b.contains(12, 20));
     }
 }
