@@ -192,9 +192,14 @@ impl ExecutionPlan for KilnScanExec {
         &self,
         projection: &ProjectionExec,
     ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        // The scan passes its input's rows through, so `projection` of the scan is the scan
+        // of the same projection of its input; offered to the input as such (its input is
+        // the input, not the scan: a projection below would otherwise be handed one that
+        // is not over it).
+        let below = ProjectionExec::try_new(projection.expr().to_vec(), Arc::clone(&self.input))?;
         Ok(self
             .input
-            .try_swapping_with_projection(projection)?
+            .try_swapping_with_projection(&below)?
             .map(|input| self.with_input(input)))
     }
 
