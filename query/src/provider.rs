@@ -40,6 +40,7 @@ use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::object_store::ObjectStoreUrl;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
@@ -335,7 +336,16 @@ impl KilnTable {
             decode_filtered,
         } = read;
         let schema = query_schema(def);
+        // A segment never changes once committed (a new one gets a new id, so a new name):
+        // its footer and page index are read once and kept in the session runtime's
+        // metadata cache (`datafusion.runtime.metadata_cache_limit`), not read again by
+        // every query.
+        let metadata = CachedParquetFileReaderFactory::new(
+            Arc::clone(self.engine.store()),
+            state.runtime_env().cache_manager.get_file_metadata_cache(),
+        );
         let mut source = ParquetSource::new(Arc::clone(&schema))
+            .with_parquet_file_reader_factory(Arc::new(metadata))
             .with_enable_page_index(true)
             .with_pushdown_filters(decode_filtered);
         if let Some(predicate) = conjunction(filters.iter().cloned()) {
