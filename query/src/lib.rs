@@ -23,6 +23,7 @@
 mod avg;
 pub mod dedup;
 pub mod gapfill;
+mod int_compare;
 pub mod last_cache;
 pub mod limits;
 pub mod postgres;
@@ -151,6 +152,7 @@ impl QueryEngine {
         let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
             Arc::new(gapfill::HandleGapFill),
             Arc::new(last_cache::UseLastCache::new(Arc::clone(&self.engine))),
+            Arc::new(int_compare::IntCompare),
         ];
         rules.extend(Optimizer::new().rules);
         let state = SessionStateBuilder::new()
