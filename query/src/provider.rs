@@ -522,9 +522,15 @@ impl TableProvider for KilnTable {
             .collect::<Result<Vec<_>, _>>()?;
         let mut merged_parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         for sources in to_merge {
+            // Buffered rows outside the bounds on time go before the merge (all versions
+            // of a row share its time): they reach the output by every path below.
             let mut buffered = Vec::new();
             for b in &sources.buffer {
-                buffered.push(fit(b, &read_schema)?);
+                let b = fit(b, &read_schema)?;
+                buffered.push(match time_filter {
+                    Some(_) => filter_times(&b, |t| bounds.contains(t, t))?,
+                    None => b,
+                });
             }
             if sources.segments.is_empty() {
                 // Only buffer chunks: merged in memory.
