@@ -66,3 +66,139 @@ async fn explain_analyze_shows_segments_and_row_groups_skipped() {
         "{plan}"
     );
 }
+
+/// Lines of `hosts` hosts every `step` seconds over `[from, to)`, values from `seed`.
+fn readings(hosts: u64, from: i64, to: i64, step: i64, seed: &mut u64) -> String {
+    let mut lines = String::new();
+    for t in (from..to).step_by(step as usize) {
+        for h in 0..hosts {
+            // A small LCG: deterministic, and different for every write.
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let usage = (*seed >> 33) % 1000;
+            lines.push_str(&format!(
+                "cpu,host=host_{h} usage={usage}i {}\n",
+                t * 1_000_000_000
+            ));
+        }
+    }
+    lines
+}
+
+/// Bounds on time are applied by the scan, only to the sources that straddle them
+/// (segments, segments merged with other segments and with buffered rows, buffered rows):
+/// every window returns what the same window on the time as an integer returns (a filter
+/// DataFusion applies to every row).
+#[tokio::test]
+async fn time_bounds_keep_what_a_filter_on_time_as_an_integer_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--compaction-interval", "0s"];
+    let start = 1_704_067_200i64; // 2024-01-01T00:00:00Z, three hourly partitions
+    let mut seed = 7u64;
+    let mut server = TestServer::start(&data, &args);
+    server
+        .write_ok(
+            "plant",
+            &readings(4, start, start + 3 * 3600, 300, &mut seed),
+        )
+        .await;
+    server.terminate();
+    // Overwrites and new instants in the first two hours: a second segment in each.
+    server = TestServer::start(&data, &args);
+    server
+        .write_ok(
+            "plant",
+            &readings(3, start + 1200, start + 5400, 420, &mut seed),
+        )
+        .await;
+    server.terminate();
+    // And newer ones in the buffer, over the first and the last hour.
+    server = TestServer::start(&data, &args);
+    server
+        .write_ok(
+            "plant",
+            &readings(2, start + 600, start + 2700, 600, &mut seed),
+        )
+        .await;
+    server
+        .write_ok(
+            "plant",
+            &readings(4, start + 9000, start + 11100, 240, &mut seed),
+        )
+        .await;
+
+    let ts = |s: i64| {
+        let at = chrono::DateTime::from_timestamp(s, 0).unwrap();
+        (
+            format!("'{}'", at.to_rfc3339()),
+            (s * 1_000_000_000).to_string(),
+        )
+    };
+    let mut checked = 0;
+    for (i, (lo, hi)) in [
+        (start, start + 3 * 3600),
+        (start + 3600, start + 7200),
+        (start + 1000, start + 2000),
+        (start + 1200, start + 6000),
+        (start - 600, start + 700),
+        (start + 3599, start + 3601),
+        (start + 2700, start + 9300),
+        (start + 9000, start + 20_000),
+        (start + 300, start + 300),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ((a, a_int), (b, b_int)) = (ts(lo), ts(hi));
+        // `abs()` keeps DataFusion from turning it back into a comparison of `time`.
+        let int = "abs(arrow_cast(time, 'Int64'))";
+        let tag = if i % 2 == 0 {
+            ""
+        } else {
+            " AND host != 'host_1'"
+        };
+        for (by_time, by_int) in [
+            (
+                format!("time >= {a} AND time < {b}"),
+                format!("{int} >= {a_int} AND {int} < {b_int}"),
+            ),
+            (
+                format!("time > {a} AND time <= {b}"),
+                format!("{int} > {a_int} AND {int} <= {b_int}"),
+            ),
+            (
+                format!("time BETWEEN {a} AND {b}"),
+                format!("{int} BETWEEN {a_int} AND {b_int}"),
+            ),
+            (format!("time >= {a}"), format!("{int} >= {a_int}")),
+            (format!("time < {b}"), format!("{int} < {b_int}")),
+            (format!("time = {a}"), format!("{int} = {a_int}")),
+        ] {
+            let q = |filter: &str| {
+                format!(
+                    "SELECT host, {int} AS t, usage FROM cpu WHERE {filter}{tag} ORDER BY host, t"
+                )
+            };
+            let expected = server.query_json("plant", &q(&by_int)).await;
+            let got = server.query_json("plant", &q(&by_time)).await;
+            assert_eq!(got, expected, "WHERE {by_time}{tag}");
+            // A row limit counts rows after the filter.
+            let limited = format!(
+                "SELECT count(*) AS n FROM (SELECT usage FROM cpu WHERE {by_time}{tag} LIMIT 5)"
+            );
+            assert_eq!(
+                count(&server, &limited).await,
+                expected.len().min(5) as i64,
+                "{limited}"
+            );
+            checked += expected.len();
+        }
+    }
+    assert!(checked > 1000, "too few rows compared: {checked}");
+    // Every hour is merged: two segments and buffered rows, two segments, a segment and
+    // buffered rows.
+    let plan = explain_analyze(&server, "SELECT count(*) FROM cpu").await;
+    assert!(plan.contains("merged 3"), "{plan}");
+}
