@@ -457,7 +457,15 @@ impl TableProvider for KilnTable {
         for p in &data.buffer {
             let sources = partitions.entry(p.partition).or_default();
             for c in &p.chunks {
-                sources.buffer.push(c.batch.clone());
+                // Buffered rows outside the bounds on time go here, before any merge (all
+                // versions of a row share its time): every path below then has only rows
+                // within them.
+                sources.buffer.push(match time_filter {
+                    Some(_) if !bounds.contains(c.min_time, c.max_time) => {
+                        filter_times(&c.batch, |t| bounds.contains(t, t))?
+                    }
+                    _ => c.batch.clone(),
+                });
                 let (lo, hi) = sources.buffer_times.unwrap_or((c.min_time, c.max_time));
                 sources.buffer_times = Some((lo.min(c.min_time), hi.max(c.max_time)));
             }
@@ -522,15 +530,9 @@ impl TableProvider for KilnTable {
             .collect::<Result<Vec<_>, _>>()?;
         let mut merged_parts: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         for sources in to_merge {
-            // Buffered rows outside the bounds on time go before the merge (all versions
-            // of a row share its time): they reach the output by every path below.
             let mut buffered = Vec::new();
             for b in &sources.buffer {
-                let b = fit(b, &read_schema)?;
-                buffered.push(match time_filter {
-                    Some(_) => filter_times(&b, |t| bounds.contains(t, t))?,
-                    None => b,
-                });
+                buffered.push(fit(b, &read_schema)?);
             }
             if sources.segments.is_empty() {
                 // Only buffer chunks: merged in memory.
@@ -664,10 +666,7 @@ impl TableProvider for KilnTable {
         if !memory.is_empty() {
             let memory = memory
                 .iter()
-                .map(|b| match time_filter {
-                    Some(_) => fit(&filter_times(b, |t| bounds.contains(t, t))?, &out_schema),
-                    None => fit(b, &out_schema),
-                })
+                .map(|b| fit(b, &out_schema))
                 .collect::<Result<Vec<_>, _>>()?;
             let target = state.config().target_partitions().max(1);
             let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); target.min(memory.len())];

@@ -17,14 +17,14 @@ fn parquet_files(data: &Path) -> usize {
         .count()
 }
 
-async fn write(server: &TestServer, body: String) {
+pub(crate) async fn write(server: &TestServer, body: String) {
     let (status, text) = server.write("plant", body, &[("precision", "s")]).await;
     assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
 }
 
 /// Writes each body on a server of its own on `data` and stops it (a stop persists the
 /// buffer: one segment per body and partition); returns a server started afresh.
-async fn persisted_in_parts<const N: usize>(
+pub(crate) async fn persisted_in_parts<const N: usize>(
     data: &Path,
     args: &[&str],
     bodies: [String; N],

@@ -1,6 +1,7 @@
 //! What a query skips, as `EXPLAIN ANALYZE` tells it: segments outside the time range,
 //! row groups whose bloom filter rules a tag value out.
 
+use crate::compaction::{persisted_in_parts, write};
 use crate::support::TestServer;
 
 /// `EXPLAIN ANALYZE` of `sql` as one string.
@@ -67,7 +68,8 @@ async fn explain_analyze_shows_segments_and_row_groups_skipped() {
     );
 }
 
-/// Lines of `hosts` hosts every `step` seconds over `[from, to)`, values from `seed`.
+/// Lines of `hosts` hosts every `step` seconds over `[from, to)` (times in seconds), values
+/// from `seed`.
 fn readings(hosts: u64, from: i64, to: i64, step: i64, seed: &mut u64) -> String {
     let mut lines = String::new();
     for t in (from..to).step_by(step as usize) {
@@ -77,10 +79,7 @@ fn readings(hosts: u64, from: i64, to: i64, step: i64, seed: &mut u64) -> String
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let usage = (*seed >> 33) % 1000;
-            lines.push_str(&format!(
-                "cpu,host=host_{h} usage={usage}i {}\n",
-                t * 1_000_000_000
-            ));
+            lines.push_str(&format!("cpu,host=host_{h} usage={usage}i {t}\n"));
         }
     }
     lines
@@ -97,37 +96,27 @@ async fn time_bounds_keep_what_a_filter_on_time_as_an_integer_keeps() {
     let args = ["--compaction-interval", "0s"];
     let start = 1_704_067_200i64; // 2024-01-01T00:00:00Z, three hourly partitions
     let mut seed = 7u64;
-    let mut server = TestServer::start(&data, &args);
-    server
-        .write_ok(
-            "plant",
-            &readings(4, start, start + 3 * 3600, 300, &mut seed),
-        )
-        .await;
-    server.terminate();
-    // Overwrites and new instants in the first two hours: a second segment in each.
-    server = TestServer::start(&data, &args);
-    server
-        .write_ok(
-            "plant",
-            &readings(3, start + 1200, start + 5400, 420, &mut seed),
-        )
-        .await;
-    server.terminate();
-    // And newer ones in the buffer, over the first and the last hour.
-    server = TestServer::start(&data, &args);
-    server
-        .write_ok(
-            "plant",
-            &readings(2, start + 600, start + 2700, 600, &mut seed),
-        )
-        .await;
-    server
-        .write_ok(
-            "plant",
-            &readings(4, start + 9000, start + 11100, 240, &mut seed),
-        )
-        .await;
+    // Segments of the three hours, then overwrites and new instants in the first two
+    // (a second segment in each), then newer ones in the buffer over the first and last.
+    let server = persisted_in_parts(
+        &data,
+        &args,
+        [
+            readings(4, start, start + 3 * 3600, 300, &mut seed),
+            readings(3, start + 1200, start + 5400, 420, &mut seed),
+        ],
+    )
+    .await;
+    write(
+        &server,
+        readings(2, start + 600, start + 2700, 600, &mut seed),
+    )
+    .await;
+    write(
+        &server,
+        readings(4, start + 9000, start + 11100, 240, &mut seed),
+    )
+    .await;
 
     let ts = |s: i64| {
         let at = chrono::DateTime::from_timestamp(s, 0).unwrap();
