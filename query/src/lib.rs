@@ -21,6 +21,7 @@
 //! [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
 mod avg;
+mod coarse;
 pub mod dedup;
 pub mod gapfill;
 mod int_compare;

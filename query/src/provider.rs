@@ -61,6 +61,7 @@ use kiln_storage::dedup::merge_last_write_wins;
 use kiln_storage::ids::TableId;
 use kiln_storage::persist::{sort_key, utc_schema};
 
+use crate::coarse::coarse;
 use crate::dedup::DedupExec;
 use crate::scan::{KilnScanExec, ScanSummary};
 
@@ -351,6 +352,9 @@ impl KilnTable {
         if let Some(predicate) = conjunction(filters.iter().cloned()) {
             let df_schema = DFSchema::try_from(schema)?;
             match state.create_physical_expr(predicate, &df_schema) {
+                // The reader keeps short gaps between matching rows (`coarse`); the
+                // exact filter runs above the scan.
+                Ok(p) if decode_filtered => source = source.with_predicate(coarse(p)),
                 Ok(p) => source = source.with_predicate(p),
                 Err(e) => tracing::debug!(error = %e, "filter not usable for Parquet pruning"),
             }
@@ -620,7 +624,8 @@ impl TableProvider for KilnTable {
 
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = merged_parts;
         // A filter on a tag or field (`usage_user > 90`) is applied while decoding, so the
-        // other columns are decoded only for the rows it keeps. Time alone is left to
+        // other columns are decoded only for the rows it keeps and the short gaps between
+        // them (`coarse`; the exact filter runs above the scan). Time alone is left to
         // row-group and page pruning: a window keeps whole runs of every series.
         let decode_filtered = filters
             .iter()

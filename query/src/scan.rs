@@ -9,6 +9,7 @@
 //! projection and sort push-down) so that it costs nothing and hides nothing from the
 //! optimizer.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
@@ -18,9 +19,11 @@ use datafusion::common::{Statistics, plan_err};
 use datafusion::error::Result;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{PhysicalExpr, PhysicalSortExpr};
+use datafusion::physical_expr_common::physical_expr::snapshot_physical_expr_opt;
 use datafusion::physical_plan::execution_plan::CardinalityEffect;
 use datafusion::physical_plan::filter_pushdown::{
-    ChildPushdownResult, FilterDescription, FilterPushdownPhase, FilterPushdownPropagation,
+    ChildFilterDescription, ChildPushdownResult, FilterDescription, FilterPushdownPhase,
+    FilterPushdownPropagation,
 };
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -209,7 +212,27 @@ impl ExecutionPlan for KilnScanExec {
         parent_filters: Vec<Arc<dyn PhysicalExpr>>,
         _config: &ConfigOptions,
     ) -> Result<FilterDescription> {
-        FilterDescription::from_children(parent_filters, &self.children())
+        // A filter of the query is already the scan's (see `KilnTable::scan`), where the
+        // reader applies it coarsely (`coarse`); it stays above the scan, exact. Filters
+        // that change as the query runs (a `TopK`'s bound, a join's keys) go down.
+        let dynamic: HashSet<usize> = parent_filters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| match snapshot_physical_expr_opt(Arc::clone(f)) {
+                Ok(s) if s.transformed => Some(i),
+                _ => None,
+            })
+            .collect();
+        let mut description = FilterDescription::new();
+        for child in self.children() {
+            description =
+                description.with_child(ChildFilterDescription::from_child_with_allowed_indices(
+                    &parent_filters,
+                    dynamic.clone(),
+                    child,
+                )?);
+        }
+        Ok(description)
     }
 
     fn handle_child_pushdown_result(
