@@ -117,22 +117,15 @@ fn fill_gaps(kept: &BooleanArray, gap: usize) -> BooleanArray {
         0 => kept.clone(),
         _ => prep_null_mask_filter(kept),
     };
+    // Each run of kept rows is appended after the gap before it: kept too if it is short
+    // and follows a run (`out` then ends where that run ended).
     let mut out = BooleanBufferBuilder::new(kept.len());
-    let mut run: Option<(usize, usize)> = None;
+    let mut after_run = false;
     for (start, end) in kept.values().set_slices() {
-        run = match run {
-            Some((s, e)) if start - e <= gap => Some((s, end)),
-            Some((s, e)) => {
-                out.append_n(s - out.len(), false);
-                out.append_n(e - s, true);
-                Some((start, end))
-            }
-            None => Some((start, end)),
-        };
-    }
-    if let Some((s, e)) = run {
-        out.append_n(s - out.len(), false);
-        out.append_n(e - s, true);
+        let gap_len = start - out.len();
+        out.append_n(gap_len, after_run && gap_len <= gap);
+        out.append_n(end - start, true);
+        after_run = true;
     }
     out.append_n(kept.len() - out.len(), false);
     BooleanArray::new(out.finish(), None)

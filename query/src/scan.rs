@@ -223,16 +223,13 @@ impl ExecutionPlan for KilnScanExec {
                 _ => None,
             })
             .collect();
-        let mut description = FilterDescription::new();
-        for child in self.children() {
-            description =
-                description.with_child(ChildFilterDescription::from_child_with_allowed_indices(
-                    &parent_filters,
-                    dynamic.clone(),
-                    child,
-                )?);
-        }
-        Ok(description)
+        Ok(FilterDescription::new().with_child(
+            ChildFilterDescription::from_child_with_allowed_indices(
+                &parent_filters,
+                dynamic,
+                &self.input,
+            )?,
+        ))
     }
 
     fn handle_child_pushdown_result(
