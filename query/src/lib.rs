@@ -26,6 +26,7 @@ pub mod dedup;
 pub mod gapfill;
 mod int_compare;
 pub mod last_cache;
+pub mod like_escape;
 pub mod limits;
 pub mod postgres;
 pub mod provider;
@@ -154,6 +155,7 @@ impl QueryEngine {
             Arc::new(gapfill::HandleGapFill),
             Arc::new(last_cache::UseLastCache::new(Arc::clone(&self.engine))),
             Arc::new(int_compare::IntCompare),
+            Arc::new(like_escape::LikeEscape),
         ];
         rules.extend(Optimizer::new().rules);
         let state = SessionStateBuilder::new()

@@ -8,6 +8,11 @@
 //!   its own DataFusion session, made at startup by [`QueryEngine::postgres_session`]
 //!   (tables in `public`, plus `pg_catalog` and `information_schema`); an unknown
 //!   database ends the startup with `FATAL 3D000`, as PostgreSQL does;
+//! * **PostgreSQL's reading of client SQL**: every statement goes through
+//!   [`PostgresSession::rewrite`] (Grafana's, SQLAlchemy's and psql's spellings DataFusion
+//!   reads differently) with the connection's settings brought up to date for
+//!   `current_setting()` and `SHOW`, in the simple protocol and when the extended protocol
+//!   parses ([`KilnParser`]);
 //! * **SQLSTATE codes** on errors (42P01 undefined table, 42703 undefined column, 42601
 //!   syntax error, 57014 canceled, …) so tools show the right message;
 //! * **cancel**: a cancel request stops the statement until its first row is ready, which
@@ -21,19 +26,23 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::error::DataFusionError;
 use datafusion::sql::sqlparser::parser::ParserError;
-use datafusion_postgres::DfSessionService;
 use datafusion_postgres::pgwire;
+use datafusion_postgres::{DfSessionService, Parser};
 use futures::{Sink, StreamExt, stream};
 use kiln_query::QueryEngine;
-use kiln_query::postgres::server_version;
+use kiln_query::postgres::settings::UNRECOGNIZED;
+use kiln_query::postgres::{PostgresSession, server_version};
+use pgwire::api::Type;
 use pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
     save_startup_parameters_to_metadata,
 };
 use pgwire::api::cancel::CancelHandler;
+use pgwire::api::portal::Format;
 use pgwire::api::portal::Portal;
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::Response;
+use pgwire::api::results::{FieldInfo, Response};
+use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
     ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, METADATA_DATABASE,
@@ -110,11 +119,18 @@ struct Connection(Arc<ConnectionState>);
 struct ConnectionState {
     shared: Arc<Shared>,
     /// Made by the startup handler, which pgwire runs before any query message.
-    session: OnceLock<Arc<DfSessionService>>,
+    session: OnceLock<Session>,
+}
+
+/// A connection's session, and the `datafusion-postgres` service that runs its statements.
+struct Session {
+    postgres: Arc<PostgresSession>,
+    service: Arc<DfSessionService>,
+    parser: Arc<KilnParser>,
 }
 
 impl Connection {
-    fn session(&self) -> PgWireResult<&Arc<DfSessionService>> {
+    fn session(&self) -> PgWireResult<&Session> {
         self.0.session.get().ok_or(PgWireError::NotReadyForQuery)
     }
 }
@@ -165,8 +181,8 @@ impl StartupHandler for Connection {
             .or_else(|| metadata.get(METADATA_USER))
             .cloned()
             .unwrap_or_default();
-        let ctx = match self.0.shared.query.postgres_session(&database) {
-            Ok(ctx) => ctx,
+        let postgres = match self.0.shared.query.postgres_session(&database) {
+            Ok(session) => Arc::new(session),
             Err(kiln_query::Error::DatabaseNotFound(_)) => {
                 return Err(fatal(
                     "3D000",
@@ -178,10 +194,16 @@ impl StartupHandler for Connection {
                 return Err(fatal("XX000", e.to_string()));
             }
         };
-        let _ = self
-            .0
-            .session
-            .set(Arc::new(DfSessionService::new(Arc::new(ctx))));
+        let service = Arc::new(DfSessionService::new(Arc::clone(&postgres.context)));
+        let parser = Arc::new(KilnParser {
+            inner: service.query_parser(),
+            postgres: Arc::clone(&postgres),
+        });
+        let _ = self.0.session.set(Session {
+            postgres,
+            service,
+            parser,
+        });
 
         let (pid, secret_key) = new_backend_key();
         client.set_pid_and_secret_key(pid, secret_key.clone());
@@ -191,6 +213,7 @@ impl StartupHandler for Connection {
 
         let mut parameters = DefaultServerParameterProvider::default();
         parameters.server_version = server_version();
+        parameters.is_superuser = false;
         finish_authentication(client, &parameters).await
     }
 }
@@ -232,10 +255,13 @@ impl SimpleQueryHandler for Connection {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let session = Arc::clone(self.session()?);
+        let session = self.session()?;
         let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
+        session.postgres.settings.sync(client.metadata());
+        let query = session.postgres.rewrite(query);
+        let service = Arc::clone(&session.service);
         let run = async {
-            let mut responses = SimpleQueryHandler::do_query(&*session, client, query).await?;
+            let mut responses = SimpleQueryHandler::do_query(&*service, client, &query).await?;
             for response in &mut responses {
                 first_row_ready(response).await;
             }
@@ -248,15 +274,18 @@ impl SimpleQueryHandler for Connection {
 #[async_trait]
 impl ExtendedQueryHandler for Connection {
     type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
-    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+    type QueryParser = KilnParser;
 
     fn query_parser(&self) -> Arc<Self::QueryParser> {
         // pgwire hands query messages to this handler only after startup succeeded.
-        self.0
-            .session
-            .get()
-            .expect("the session is made at startup, before any query message")
-            .query_parser()
+        Arc::clone(
+            &self
+                .0
+                .session
+                .get()
+                .expect("the session is made at startup, before any query message")
+                .parser,
+        )
     }
 
     async fn do_query<C>(
@@ -271,15 +300,54 @@ impl ExtendedQueryHandler for Connection {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let session = Arc::clone(self.session()?);
+        let service = Arc::clone(&self.session()?.service);
         let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
         let run = async {
             let mut response =
-                ExtendedQueryHandler::do_query(&*session, client, portal, max_rows).await?;
+                ExtendedQueryHandler::do_query(&*service, client, portal, max_rows).await?;
             first_row_ready(&mut response).await;
             Ok(response)
         };
         within(timeout, run).await
+    }
+}
+
+/// The extended protocol's parser: `datafusion-postgres`'s, on the statement as
+/// [`PostgresSession::rewrite`] gives it, with the connection's settings brought up to date
+/// first (`current_setting()` is evaluated while planning).
+pub struct KilnParser {
+    inner: Arc<Parser>,
+    postgres: Arc<PostgresSession>,
+}
+
+#[async_trait]
+impl QueryParser for KilnParser {
+    type Statement = <Parser as QueryParser>::Statement;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<Self::Statement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        self.postgres.settings.sync(client.metadata());
+        let sql = self.postgres.rewrite(sql);
+        self.inner.parse_sql(client, &sql, types).await
+    }
+
+    fn get_parameter_types(&self, statement: &Self::Statement) -> PgWireResult<Vec<Type>> {
+        self.inner.get_parameter_types(statement)
+    }
+
+    fn get_result_schema(
+        &self,
+        statement: &Self::Statement,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        self.inner.get_result_schema(statement, column_format)
     }
 }
 
@@ -379,6 +447,7 @@ fn classify(e: &DataFusionError) -> (&'static str, String) {
             | arrow::error::ArrowError::ArithmeticOverflow(_) => "22000",
             _ => "XX000",
         },
+        DataFusionError::Execution(msg) if msg.starts_with(UNRECOGNIZED) => "42704",
         DataFusionError::Execution(_) => "22000",
         DataFusionError::ResourcesExhausted(_) => "53200",
         _ => "XX000",

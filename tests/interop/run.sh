@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Interop tests with clients outside Rust: installs them (PyPI into a virtualenv, psql and
-# kcat from Debian, the tansu Kafka broker from crates.io), starts a real `kiln serve` on
+# Interop tests with clients outside Rust: installs them (PyPI into a virtualenv; psql, kcat,
+# a JDK and pgJDBC from Debian; the tansu Kafka broker from crates.io), starts a real `kiln serve` on
 # ephemeral ports and runs each client script against it; the Kafka checks start their own.
 #   usage: tests/interop/run.sh [path/to/kiln]
 set -euo pipefail
@@ -18,6 +18,9 @@ fi
 missing=""
 command -v psql > /dev/null || missing="$missing postgresql-client"
 command -v kcat > /dev/null || missing="$missing kcat"
+command -v javac > /dev/null || missing="$missing default-jdk-headless"
+pgjdbc=/usr/share/java/postgresql.jar
+[ -f "$pgjdbc" ] || missing="$missing libpostgresql-jdbc-java"
 if [ -n "$missing" ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq && $sudo apt-get install -y -qq $missing > /dev/null
@@ -52,4 +55,5 @@ grpc_addr="${grpc_url#http://}"
 
 "$venv/bin/python" "$root/tests/interop/grpc_client.py" "$root/proto" "$grpc_addr" "$http_url"
 "$venv/bin/python" "$root/tests/interop/sql_clients.py" "$http_url" "$pg_addr" "$grpc_addr"
+java -cp "$pgjdbc" "$root/tests/interop/JdbcMetadata.java" "$pg_addr"
 "$venv/bin/python" "$root/tests/interop/kafka.py" "$kiln" "$bench" "$tools/bin/tansu"

@@ -1,5 +1,6 @@
 """Kiln's query protocols driven by the clients analysts and tools already use:
-psql, psycopg 3, psycopg2, SQLAlchemy and asyncpg over the PostgreSQL wire protocol;
+psql, psycopg 3, psycopg2, SQLAlchemy and asyncpg over the PostgreSQL wire protocol, with
+the catalog queries of Grafana, SQLAlchemy's inspector and DBeaver;
 ADBC's Flight SQL driver and pyarrow.flight over Arrow Flight; the influxdb3 Python client.
 
 Usage: sql_clients.py HTTP_URL PG_ADDR GRPC_ADDR
@@ -83,12 +84,17 @@ def psycopg3():
             conn.rollback()
 
 
-def psycopg2_grafana():
+def psycopg2_cursor():
+    """A psycopg2 connection in autocommit, as Grafana and DBeaver use it, and a cursor."""
     import psycopg2
 
     conn = psycopg2.connect(DSN)
     conn.autocommit = True
-    cur = conn.cursor()
+    return conn, conn.cursor()
+
+
+def psycopg2_grafana():
+    conn, cur = psycopg2_cursor()
     # What Grafana's PostgreSQL data source sends for a time-series panel (simple protocol).
     cur.execute(
         'SELECT floor(extract(epoch from time)/60)*60 AS "time", host AS metric, '
@@ -118,15 +124,199 @@ def psycopg2_grafana():
     conn.close()
 
 
+# Grafana's PostgreSQL data source: the metadata queries its query builder sends
+# (postgresMetaQuery.ts), replayed as it sends them. The schema constraint resolves the
+# search path with current_setting('search_path').
+GRAFANA_SEARCH_PATH = """quote_ident(table_schema) IN (
+          SELECT
+            CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE trim(s[i]) END
+          FROM
+            generate_series(
+              array_lower(string_to_array(current_setting('search_path'),','),1),
+              array_upper(string_to_array(current_setting('search_path'),','),1)
+            ) as i,
+            string_to_array(current_setting('search_path'),',') s
+          )"""
+
+
+def grafana_tables_query():
+    return f"""SELECT
+    CASE WHEN {GRAFANA_SEARCH_PATH}
+      THEN quote_ident(table_name)
+      ELSE quote_ident(table_schema) || '.' || quote_ident(table_name)
+    END AS "table"
+    FROM information_schema.tables
+    WHERE quote_ident(table_schema) NOT IN ('information_schema',
+                             'pg_catalog',
+                             '_timescaledb_cache',
+                             '_timescaledb_catalog',
+                             '_timescaledb_internal',
+                             '_timescaledb_config',
+                             'timescaledb_information',
+                             'timescaledb_experimental')
+    ORDER BY CASE WHEN {GRAFANA_SEARCH_PATH} THEN 0 ELSE 1 END, 1"""
+
+
+def grafana_columns_query(table):
+    quoted = "'" + table.replace("'", "''") + "'"
+    return f"""SELECT quote_ident(column_name) AS "column", data_type AS "type"
+    FROM information_schema.columns
+    WHERE
+      CASE WHEN array_length(parse_ident({quoted}),1) = 2
+        THEN quote_ident(table_schema) = (parse_ident({quoted}))[1]
+          AND quote_ident(table_name) = (parse_ident({quoted}))[2]
+        ELSE quote_ident(table_name) = {quoted}
+          AND {GRAFANA_SEARCH_PATH}
+      END"""
+
+
+CPU_COLUMN_TYPES = {
+    "time": "timestamp with time zone",
+    "host": "text",
+    "region": "text",
+    "usage": "double precision",
+    "load": "bigint",
+}
+
+
+def grafana_catalog():
+    conn, cur = psycopg2_cursor()
+    cur.execute("SELECT current_setting('server_version_num')::int/100 as version")
+    version = cur.fetchone()[0]
+    check("Grafana server version (current_setting)", version == 1600, version)
+    cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+    check("Grafana TimescaleDB probe finds none", cur.fetchall() == [])
+    cur.execute(grafana_tables_query())
+    tables = cur.fetchall()
+    check("Grafana table picker", tables == [("cpu",)], tables)
+    for table in ("cpu", "public.cpu"):
+        cur.execute(grafana_columns_query(table))
+        columns = dict(cur.fetchall())
+        check(
+            f"Grafana column picker ({table}): PostgreSQL type names",
+            columns == CPU_COLUMN_TYPES,
+            columns,
+        )
+    cur.execute("SELECT current_setting('TimeZone'), current_setting('DateStyle')")
+    check("Grafana session settings", cur.fetchone() == ("UTC", "ISO, MDY"))
+    conn.close()
+
+
 def sqlalchemy():
     import sqlalchemy as sa
 
     engine = sa.create_engine(f"postgresql+psycopg2://analyst@{pg_host}:{pg_port}/plant")
     with engine.connect() as conn:
-        tables = sa.inspect(conn).get_table_names()
+        inspector = sa.inspect(conn)
+        tables = inspector.get_table_names()
         check("SQLAlchemy inspector lists tables", "cpu" in tables, tables)
+        columns = {c["name"]: c for c in inspector.get_columns("cpu")}
+        types = {name: type(c["type"]).__name__ for name, c in columns.items()}
+        check(
+            "SQLAlchemy get_columns: types and nullability",
+            types
+            == {
+                "time": "TIMESTAMP",
+                "host": "TEXT",
+                "region": "TEXT",
+                "usage": "DOUBLE_PRECISION",
+                "load": "BIGINT",
+            }
+            and columns["time"]["type"].timezone
+            and not columns["time"]["nullable"]
+            and columns["usage"]["nullable"]
+            and all(c["default"] is None for c in columns.values()),
+            columns,
+        )
+        reflected = {
+            "pk": inspector.get_pk_constraint("cpu")["constrained_columns"],
+            "indexes": inspector.get_indexes("cpu"),
+            "foreign keys": inspector.get_foreign_keys("cpu"),
+            "unique": inspector.get_unique_constraints("cpu"),
+            "check": inspector.get_check_constraints("cpu"),
+            "comment": inspector.get_table_comment("cpu")["text"],
+            "schemas": inspector.get_schema_names(),
+        }
+        check(
+            "SQLAlchemy keys, indexes, constraints, comment, schemas",
+            reflected
+            == {
+                "pk": [],
+                "indexes": [],
+                "foreign keys": [],
+                "unique": [],
+                "check": [],
+                "comment": None,
+                "schemas": ["public"],
+            },
+            reflected,
+        )
+        # What pandas' read_sql_table does: reflect the table, then select it.
+        table = sa.Table("cpu", sa.MetaData(), autoload_with=conn)
+        rows = conn.execute(sa.select(table).order_by(table.c.time)).fetchall()
+        check(
+            "SQLAlchemy reflected table (pandas read_sql_table)",
+            [c.name for c in table.columns] == list(CPU_COLUMN_TYPES) and len(rows) == 3,
+            (table.columns, rows),
+        )
         n = conn.execute(sa.text("SELECT count(*) FROM cpu WHERE load >= :load"), {"load": 4}).scalar()
         check("SQLAlchemy query with a bound parameter", n == 2, n)
+
+
+def dbeaver():
+    """DBeaver's navigator queries for a table, as DBeaver sends them (simple protocol)."""
+    conn, cur = psycopg2_cursor()
+    cur.execute("SELECT c.oid FROM pg_catalog.pg_class c WHERE c.relname = 'cpu'")
+    oid = cur.fetchone()[0]
+    queries = {
+        "startup": "SELECT current_schema(),session_user",
+        "schemas": "SELECT n.oid,n.*,d.description FROM pg_catalog.pg_namespace n LEFT OUTER JOIN "
+        "pg_catalog.pg_description d ON d.objoid=n.oid AND d.objsubid=0 AND "
+        "d.classoid='pg_namespace'::regclass ORDER BY nspname",
+        "settings": "SELECT * FROM pg_catalog.pg_settings where name='standard_conforming_strings'",
+        "tables": "SELECT c.oid,c.*,d.description,pg_catalog.pg_get_expr(c.relpartbound, c.oid) as "
+        "partition_expr, pg_catalog.pg_get_partkeydef(c.oid) as partition_key FROM "
+        "pg_catalog.pg_class c LEFT OUTER JOIN pg_catalog.pg_description d ON d.objoid=c.oid AND "
+        "d.objsubid=0 AND d.classoid='pg_class'::regclass WHERE c.relname='cpu' AND c.relkind "
+        "not in ('i','I','c')",
+        "columns": "SELECT c.relname,a.*,pg_catalog.pg_get_expr(ad.adbin, ad.adrelid, true) as "
+        "def_value,dsc.description FROM pg_catalog.pg_attribute a INNER JOIN pg_catalog.pg_class c "
+        "ON (a.attrelid=c.oid) LEFT OUTER JOIN pg_catalog.pg_attrdef ad ON (a.attrelid=ad.adrelid "
+        f"AND a.attnum = ad.adnum) LEFT OUTER JOIN pg_catalog.pg_description dsc ON "
+        f"(c.oid=dsc.objoid AND a.attnum = dsc.objsubid) WHERE NOT a.attisdropped AND c.oid={oid} "
+        "ORDER BY a.attnum",
+        "indexes": "SELECT i.*,i.indkey as keys,c.relname,c.relnamespace,c.relam,c.reltablespace,"
+        "tc.relname as tabrelname,dsc.description,pg_catalog.pg_get_expr(i.indpred, i.indrelid) as "
+        "pred_expr,pg_catalog.pg_get_expr(i.indexprs, i.indrelid, true) as expr,"
+        "pg_catalog.pg_relation_size(i.indexrelid) as index_rel_size,"
+        "pg_catalog.pg_stat_get_numscans(i.indexrelid) as index_num_scans FROM "
+        "pg_catalog.pg_index i INNER JOIN pg_catalog.pg_class c ON c.oid=i.indexrelid INNER JOIN "
+        "pg_catalog.pg_class tc ON tc.oid=i.indrelid LEFT OUTER JOIN pg_catalog.pg_description dsc "
+        f"ON i.indexrelid=dsc.objoid WHERE i.indrelid={oid} ORDER BY tabrelname, c.relname",
+        "constraints": "SELECT c.oid,c.*,t.relname as tabrelname,rt.relnamespace as refnamespace,"
+        "d.description, case when c.contype='c' then \"substring\"(pg_get_constraintdef(c.oid), "
+        "7) else null end consrc_copy FROM pg_catalog.pg_constraint c INNER JOIN "
+        "pg_catalog.pg_class t ON t.oid=c.conrelid LEFT OUTER JOIN pg_catalog.pg_class rt ON "
+        "rt.oid=c.confrelid LEFT OUTER JOIN pg_catalog.pg_description d ON d.objoid=c.oid AND "
+        f"d.objsubid=0 AND d.classoid='pg_constraint'::regclass WHERE c.conrelid={oid} ORDER BY "
+        "c.oid",
+    }
+    rows = {}
+    for name, sql in queries.items():
+        cur.execute(sql)
+        names = [d.name for d in cur.description]
+        rows[name] = [dict(zip(names, r)) for r in cur.fetchall()]
+    check(
+        "DBeaver navigator: schemas, table, columns, no indexes or constraints",
+        [r["nspname"] for r in rows["schemas"]] == ["pg_catalog", "public"]
+        and [r["attname"] for r in rows["columns"]] == list(CPU_COLUMN_TYPES)
+        and len(rows["tables"]) == 1
+        and len(rows["columns"]) == 5
+        and rows["indexes"] == []
+        and rows["constraints"] == [],
+        rows,
+    )
+    conn.close()
 
 
 def asyncpg_client():
@@ -222,7 +412,9 @@ for name, fn in [
     ("psql", psql),
     ("psycopg 3", psycopg3),
     ("psycopg2", psycopg2_grafana),
+    ("Grafana catalog", grafana_catalog),
     ("SQLAlchemy", sqlalchemy),
+    ("DBeaver", dbeaver),
     ("asyncpg", asyncpg_client),
     ("ADBC Flight SQL", adbc),
     ("pyarrow.flight", pyarrow_flight),

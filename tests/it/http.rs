@@ -137,6 +137,44 @@ async fn partial_writes_keep_valid_lines_and_list_rejected_ones() {
 }
 
 #[tokio::test]
+async fn backslashes_unescape_and_overlong_names_are_refused_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    let long = "x".repeat(65_536);
+    let body = format!(
+        "my\\\\wea\\\\ther,k=\\\\wea\\\\ther v=1 1\n\
+         with\\\\\\ backslash v=2 2\n\
+         m,t={long} v=3 3\n\
+         m,t=ok,f\\\\k=a\\\\ v=4 4\n"
+    );
+    let (status, text) = server.write("db", body, &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let rejected = v["data"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1, "{text}");
+    assert_eq!(rejected[0]["line_number"], json!(3));
+    assert_eq!(rejected[0]["column"], json!(5));
+    assert_eq!(
+        rejected[0]["error_message"],
+        json!("tag value is 65536 bytes long; the limit is 65535 bytes")
+    );
+
+    let rows = server
+        .query_json("db", r#"SELECT k, v FROM "my\wea\ther""#)
+        .await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["k"], json!(r"\wea\ther"));
+    let rows = server
+        .query_json("db", r#"SELECT v FROM "with\ backslash""#)
+        .await;
+    assert_eq!(rows[0]["v"], json!(2.0));
+    let rows = server.query_json("db", r#"SELECT t, "f\k" FROM m"#).await;
+    assert_eq!(rows.len(), 1, "only the valid line of m was written");
+    assert_eq!(rows[0]["t"], json!("ok"));
+    assert_eq!(rows[0][r"f\k"], json!(r"a\"));
+}
+
+#[tokio::test]
 async fn reject_all_writes_nothing_from_a_request_with_a_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("data"), &[]);

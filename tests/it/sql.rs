@@ -16,6 +16,8 @@
 //! `WRITE` sends the lines that follow as line protocol (HTTP, nanosecond timestamps);
 //! `RESTART` stops the server cleanly (which persists the write buffer to Parquet) and starts
 //! it again on the same data, so a file can set up segments, overlaps and late data.
+//!
+//! `KILN_SLT=<part of a file name>` runs only the files whose name contains it.
 
 use std::path::{Path, PathBuf};
 
@@ -163,6 +165,12 @@ async fn sql_behaviour_suite() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "slt"))
+        .filter(|p| {
+            std::env::var("KILN_SLT").map_or(true, |only| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains(&only))
+            })
+        })
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no .slt files in {dir}");

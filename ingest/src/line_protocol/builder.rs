@@ -258,13 +258,17 @@ const NEW: usize = usize::MAX;
 
 /// 1-based character column where `key` (as written, possibly escaped) starts in the line:
 /// the last `key=` occurrence, since fields follow tags and duplicates resolve to the last.
+/// A backslash may have been written doubled (`\\`) or alone (before a character it does
+/// not escape), so both spellings are looked for.
 fn column_of(line: &Line<'_, '_>, key: &str) -> usize {
     let mut escaped = String::with_capacity(key.len() + 1);
     super::parser::escape::key(key, &mut escaped);
     escaped.push('=');
-    line.raw
-        .rfind(&escaped)
-        .map_or(1, |i| line.raw[..i].chars().count() + 1)
+    let found = line.raw.rfind(&escaped).or_else(|| {
+        let single = escaped.replace("\\\\", "\\");
+        line.raw.rfind(&single)
+    });
+    found.map_or(1, |i| line.raw[..i].chars().count() + 1)
 }
 
 fn field_type(v: &FieldValue<'_>) -> ColumnType {

@@ -4,8 +4,11 @@
 //! measurement[,tag_key=tag_value…] field_key=field_value[,field_key=field_value…] [timestamp]
 //! ```
 //!
-//! * Measurement: `\,` and `\ ` are escapes. Tag keys, tag values and field keys: `\,`,
-//!   `\=` and `\ `. A backslash before any other character is literal (as in InfluxDB).
+//! * Measurement: `\,`, `\ ` and `\\` are escapes. Tag keys, tag values and field keys:
+//!   `\,`, `\=`, `\ ` and `\\`. Two backslashes are one literal backslash; a backslash
+//!   before any other character is literal (as in InfluxDB).
+//! * Names (measurement, tag keys, tag values, field keys) are at most
+//!   [`MAX_NAME_BYTES`] bytes once unescaped, as in InfluxDB.
 //! * Field values: float (`1`, `-1.5`, `1e3`), integer `1i`, unsigned `1u`, boolean
 //!   (`t`, `T`, `true`, `True`, `TRUE`, `f`, `F`, `false`, `False`, `FALSE`) and
 //!   double-quoted string with `\"` and `\\` escapes. Floats must be finite.
@@ -46,15 +49,56 @@ pub struct Line<'p, 'a> {
 pub enum ErrorKind {
     MissingMeasurement,
     MissingTagKey,
-    MissingTagValue { key: String },
+    MissingTagValue {
+        key: String,
+    },
     MissingFields,
     MissingFieldKey,
-    MissingFieldValue { key: String },
-    InvalidFieldValue { key: String, value: String },
-    NonFiniteFloat { key: String },
-    UnterminatedString { key: String },
-    InvalidTimestamp { value: String },
+    MissingFieldValue {
+        key: String,
+    },
+    InvalidFieldValue {
+        key: String,
+        value: String,
+    },
+    NonFiniteFloat {
+        key: String,
+    },
+    UnterminatedString {
+        key: String,
+    },
+    InvalidTimestamp {
+        value: String,
+    },
     TrailingCharacters,
+    /// A measurement, tag key, tag value or field key longer than [`MAX_NAME_BYTES`].
+    NameTooLong {
+        part: NamePart,
+        bytes: usize,
+    },
+}
+
+/// The longest measurement name, tag key, tag value or field key, in bytes (unescaped).
+pub const MAX_NAME_BYTES: usize = 65_535;
+
+/// Which part of a line a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamePart {
+    Measurement,
+    TagKey,
+    TagValue,
+    FieldKey,
+}
+
+impl std::fmt::Display for NamePart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Measurement => "measurement name",
+            Self::TagKey => "tag key",
+            Self::TagValue => "tag value",
+            Self::FieldKey => "field key",
+        })
+    }
 }
 
 impl std::fmt::Display for ErrorKind {
@@ -87,6 +131,10 @@ impl std::fmt::Display for ErrorKind {
                 )
             }
             Self::TrailingCharacters => write!(f, "unexpected characters after the timestamp"),
+            Self::NameTooLong { part, bytes } => write!(
+                f,
+                "{part} is {bytes} bytes long; the limit is {MAX_NAME_BYTES} bytes"
+            ),
         }
     }
 }
@@ -122,9 +170,11 @@ pub struct Parser<'a> {
     fields: Vec<(Cow<'a, str>, FieldValue<'a>)>,
 }
 
-/// Escape sets for the name kinds.
+/// Where a name of each kind ends, and what a backslash escapes in it.
 const MEASUREMENT_STOPS: &[u8] = b", ";
+const MEASUREMENT_ESCAPES: &[u8] = b", \\";
 const KEY_STOPS: &[u8] = b",= ";
+const KEY_ESCAPES: &[u8] = b",= \\";
 
 impl<'a> Parser<'a> {
     pub fn new(input: &'a str) -> Self {
@@ -188,22 +238,24 @@ fn parse_line<'a>(
     fields: &mut Vec<(Cow<'a, str>, FieldValue<'a>)>,
 ) -> LineResult<'a> {
     let bytes = line.as_bytes();
-    let (end, escaped) = scan(bytes, 0, MEASUREMENT_STOPS, MEASUREMENT_STOPS);
+    let (end, escaped) = scan(bytes, 0, MEASUREMENT_STOPS, MEASUREMENT_ESCAPES);
     if end == 0 {
         return Err((0, ErrorKind::MissingMeasurement));
     }
-    let measurement = unescape(&line[..end], escaped, MEASUREMENT_STOPS);
+    let measurement = unescape(&line[..end], escaped, MEASUREMENT_ESCAPES);
+    within_limit(&measurement, 0, NamePart::Measurement)?;
     let mut pos = end;
 
     // Tags.
     while bytes.get(pos) == Some(&b',') {
         pos += 1;
         let key_start = pos;
-        let (key_end, escaped) = scan(bytes, pos, KEY_STOPS, KEY_STOPS);
+        let (key_end, escaped) = scan(bytes, pos, KEY_STOPS, KEY_ESCAPES);
         if key_end == key_start {
             return Err((key_start, ErrorKind::MissingTagKey));
         }
-        let key = unescape(&line[key_start..key_end], escaped, KEY_STOPS);
+        let key = unescape(&line[key_start..key_end], escaped, KEY_ESCAPES);
+        within_limit(&key, key_start, NamePart::TagKey)?;
         if bytes.get(key_end) != Some(&b'=') {
             return Err((
                 key_end,
@@ -213,7 +265,7 @@ fn parse_line<'a>(
             ));
         }
         let value_start = key_end + 1;
-        let (value_end, escaped) = scan(bytes, value_start, KEY_STOPS, KEY_STOPS);
+        let (value_end, escaped) = scan(bytes, value_start, KEY_STOPS, KEY_ESCAPES);
         if value_end == value_start {
             return Err((
                 value_start,
@@ -230,7 +282,8 @@ fn parse_line<'a>(
                 },
             ));
         }
-        let value = unescape(&line[value_start..value_end], escaped, KEY_STOPS);
+        let value = unescape(&line[value_start..value_end], escaped, KEY_ESCAPES);
+        within_limit(&value, value_start, NamePart::TagValue)?;
         tags.push((key, value));
         pos = value_end;
     }
@@ -247,11 +300,12 @@ fn parse_line<'a>(
     }
     loop {
         let key_start = pos;
-        let (key_end, escaped) = scan(bytes, pos, KEY_STOPS, KEY_STOPS);
+        let (key_end, escaped) = scan(bytes, pos, KEY_STOPS, KEY_ESCAPES);
         if key_end == key_start {
             return Err((key_start, ErrorKind::MissingFieldKey));
         }
-        let key = unescape(&line[key_start..key_end], escaped, KEY_STOPS);
+        let key = unescape(&line[key_start..key_end], escaped, KEY_ESCAPES);
+        within_limit(&key, key_start, NamePart::FieldKey)?;
         if bytes.get(key_end) != Some(&b'=') {
             return Err((
                 key_end,
@@ -325,6 +379,20 @@ fn parse_line<'a>(
         return Err((rest, ErrorKind::TrailingCharacters));
     }
     Ok((measurement, Some(ts)))
+}
+
+/// Refuses a name longer than [`MAX_NAME_BYTES`]; `at` is where it starts in the line.
+fn within_limit(name: &str, at: usize, part: NamePart) -> Result<(), (usize, ErrorKind)> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err((
+            at,
+            ErrorKind::NameTooLong {
+                part,
+                bytes: name.len(),
+            },
+        ));
+    }
+    Ok(())
 }
 
 type ScalarError = fn(String, &str) -> ErrorKind;
@@ -451,7 +519,7 @@ fn unescape<'a>(raw: &'a str, escaped: bool, escapable: &[u8]) -> Cow<'a, str> {
 pub mod escape {
     pub fn measurement(s: &str, out: &mut String) {
         for c in s.chars() {
-            if matches!(c, ',' | ' ') {
+            if matches!(c, ',' | ' ' | '\\') {
                 out.push('\\');
             }
             out.push(c);
@@ -460,7 +528,7 @@ pub mod escape {
 
     pub fn key(s: &str, out: &mut String) {
         for c in s.chars() {
-            if matches!(c, ',' | '=' | ' ') {
+            if matches!(c, ',' | '=' | ' ' | '\\') {
                 out.push('\\');
             }
             out.push(c);

@@ -161,6 +161,88 @@ fn escaping_corner_cases_of_the_spec() {
 }
 
 #[test]
+fn two_backslashes_are_one_in_every_name() {
+    // The examples of InfluxDB's line protocol reference.
+    assert_eq!(parse_one(r"my\\wea\\ther v=1").measurement, r"my\wea\ther");
+    assert_eq!(
+        parse_one(r"m,k=\\wea\\ther v=1").tags,
+        vec![("k".into(), r"\wea\ther".into())]
+    );
+    // An escaped backslash, then an escaped space.
+    assert_eq!(
+        parse_one(r"with\\\ backslash v=1").measurement,
+        r"with\ backslash"
+    );
+    // Tag keys and field keys.
+    let r = parse_one(r"m,a\\b=c d\\e=1i");
+    assert_eq!(r.tags, vec![(r"a\b".into(), "c".into())]);
+    assert_eq!(r.fields[0].0, r"d\e");
+    // A name ending in a backslash: the next separator is not escaped.
+    let r = parse_one(r"m\\,t\\=v\\ f\\=1 7");
+    assert_eq!(r.measurement, r"m\");
+    assert_eq!(r.tags, vec![(r"t\".into(), r"v\".into())]);
+    assert_eq!(r.fields[0], (r"f\".into(), Value::F(1.0)));
+    assert_eq!(r.timestamp, Some(7));
+    // Three backslashes before a separator: one literal backslash, then the escape.
+    let r = parse_one(r"m,t=a\\\,b f\\\==1");
+    assert_eq!(r.tags, vec![("t".into(), r"a\,b".into())]);
+    assert_eq!(r.fields[0].0, r"f\=");
+    // Four backslashes are two.
+    assert_eq!(parse_one(r"a\\\\b v=1").measurement, r"a\\b");
+    // A lone backslash before another character stays literal, next to escaped ones.
+    assert_eq!(parse_one(r"a\b\\c v=1").measurement, r"a\b\c");
+    // `\=` is not an escape in a measurement; `\"` and `\\` in string values as before.
+    assert_eq!(parse_one(r"a\=b v=1").measurement, r"a\=b");
+    let r = parse_one(r#"m s="x\\\"y\\" 1"#);
+    assert_eq!(r.fields[0].1, Value::S(r#"x\"y\"#.into()));
+}
+
+#[test]
+fn names_longer_than_the_limit_are_refused_with_their_part() {
+    use super::parser::{MAX_NAME_BYTES, NamePart};
+    let long = "x".repeat(MAX_NAME_BYTES + 1);
+    let at_limit = "x".repeat(MAX_NAME_BYTES);
+    // At the limit is fine, escapes counted once.
+    let r = parse_one(&format!("{at_limit},{at_limit}={at_limit} {at_limit}=1"));
+    assert_eq!(r.measurement.len(), MAX_NAME_BYTES);
+    let escaped_at_limit = r"\ ".repeat(MAX_NAME_BYTES);
+    assert_eq!(
+        parse_one(&format!("m {escaped_at_limit}=1")).fields[0]
+            .0
+            .len(),
+        MAX_NAME_BYTES
+    );
+    let cases = [
+        (format!("{long} f=1"), 1, NamePart::Measurement),
+        (format!("m,{long}=v f=1"), 3, NamePart::TagKey),
+        (format!("m,t=v,u={long} f=1"), 9, NamePart::TagValue),
+        (format!("m,t=v f=1,{long}=2"), 11, NamePart::FieldKey),
+    ];
+    for (input, column, part) in cases {
+        let rows = parse_all(&format!("ok f=1\n{input}\nok f=2\n"));
+        assert!(rows[0].is_ok() && rows[2].is_ok(), "the other lines parse");
+        let err = rows[1].clone().unwrap_err();
+        assert_eq!(
+            (err.line, err.column, err.kind.clone()),
+            (
+                2,
+                column,
+                ErrorKind::NameTooLong {
+                    part,
+                    bytes: MAX_NAME_BYTES + 1
+                }
+            )
+        );
+        assert!(
+            err.to_string().ends_with(&format!(
+                "{part} is 65536 bytes long; the limit is 65535 bytes"
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn comments_blank_lines_and_crlf() {
     let rows = parse_all("# a comment\r\n\r\n   \nm f=1 1\r\n  # indented comment\nm f=2 2\r\n");
     assert_eq!(rows.len(), 2);
@@ -282,9 +364,9 @@ fn each_error_kind_with_line_and_column() {
 }
 
 fn name() -> impl Strategy<Value = String> {
-    // Printable names with the characters that need escaping; never ending in a backslash
-    // (which line protocol cannot express before a separator) nor starting with '#'.
-    proptest::string::string_regex(r#"[a-zA-Z0-9_ ,=\\"é東\-\.]{0,11}[a-zA-Z0-9_ ,="é東]"#)
+    // Printable names with the characters that need escaping (a backslash anywhere, the
+    // last character included, is written doubled); never starting with '#'.
+    proptest::string::string_regex(r#"[a-zA-Z0-9_ ,=\\"é東\-\.]{1,12}"#)
         .unwrap()
         .prop_filter("no leading #", |s| !s.starts_with('#'))
 }

@@ -11,13 +11,28 @@
 //! ```
 //!
 //! That is what psql's `\dt` and `\d cpu`, DBeaver's, Metabase's and Superset's schema
-//! browsers, and Grafana's PostgreSQL data source query. `version()` answers as a
-//! PostgreSQL server does, since tools read it to pick their SQL dialect.
+//! browsers, Grafana's PostgreSQL data source and SQLAlchemy's inspector query. What Kiln
+//! adds to `datafusion-pg-catalog`'s catalog:
+//!
+//! * [`information_schema`]: column types by their PostgreSQL names;
+//! * [`pg_catalog`]: `pg_index` and `pg_constraint` with PostgreSQL's array types;
+//! * [`settings`]: `current_setting()` and `SHOW`, per connection;
+//! * [`functions`]: reflection functions about objects Kiln does not have;
+//! * [`rewrite`]: PostgreSQL spellings DataFusion reads differently;
+//! * `version()` answering as a PostgreSQL server does, since tools read it to pick their
+//!   SQL dialect.
 
+pub mod functions;
+pub mod information_schema;
+pub mod pg_catalog;
+pub mod rewrite;
+pub mod settings;
+
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arrow::datatypes::DataType;
-use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
+use datafusion::catalog::CatalogProvider;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -26,6 +41,9 @@ use datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 
 use crate::provider::KilnSchema;
 use crate::{Error, QueryEngine};
+use information_schema::PgDatabaseCatalog;
+use pg_catalog::KilnPgCatalog;
+use settings::PgSettings;
 
 /// The schema that holds a database's tables in a PostgreSQL session.
 pub const PUBLIC_SCHEMA: &str = "public";
@@ -38,26 +56,59 @@ pub fn server_version() -> String {
     format!("{POSTGRES_VERSION} (Kiln {})", env!("CARGO_PKG_VERSION"))
 }
 
+/// A PostgreSQL connection's session: the DataFusion context, the connection's settings
+/// and what [`Self::rewrite`] needs.
+pub struct PostgresSession {
+    pub context: Arc<SessionContext>,
+    /// `current_setting()` and `SHOW` read these; the protocol layer keeps them in step
+    /// with the client's (see [`PgSettings::sync`]).
+    pub settings: Arc<PgSettings>,
+}
+
+impl PostgresSession {
+    /// `sql` as DataFusion should read it (see [`rewrite`]).
+    pub fn rewrite<'a>(&self, sql: &'a str) -> Cow<'a, str> {
+        rewrite::rewrite(sql, &self.settings)
+    }
+}
+
 impl QueryEngine {
     /// A session for a PostgreSQL client connected to `database` (see the module docs).
-    pub fn postgres_session(&self, database: &str) -> Result<SessionContext, Error> {
+    pub fn postgres_session(&self, database: &str) -> Result<PostgresSession, Error> {
         self.require_database(database)?;
+        // `information_schema` is this module's, registered as a schema of the catalog
+        // (DataFusion's own would answer in its place if enabled).
         let config = SessionConfig::new()
-            .with_information_schema(true)
+            .with_information_schema(false)
             .with_default_catalog_and_schema(database, PUBLIC_SCHEMA)
             .with_create_default_catalog_and_schema(false);
         let ctx = self.context(config);
-        let catalog = MemoryCatalogProvider::new();
+        let catalog = Arc::new(PgDatabaseCatalog::default());
         catalog.register_schema(
             PUBLIC_SCHEMA,
             Arc::new(KilnSchema::new(Arc::clone(&self.engine), database)),
         )?;
-        ctx.register_catalog(database, Arc::new(catalog));
+        ctx.register_catalog(database, Arc::clone(&catalog) as _);
+        catalog.set_information_schema(Arc::clone(ctx.state().catalog_list()));
         self.register_storage_and_functions(&ctx);
         setup_pg_catalog(&ctx, database, EmptyContextProvider)
             .map_err(|e| Error::Internal(format!("setting up pg_catalog: {e}")))?;
+        let settings = Arc::new(PgSettings::default());
+        if let Some(crate_catalog) = catalog.schema("pg_catalog") {
+            catalog.register_schema(
+                "pg_catalog",
+                Arc::new(KilnPgCatalog::new(crate_catalog, Arc::clone(&settings))),
+            )?;
+        }
         ctx.register_udf(version());
-        Ok(ctx)
+        ctx.register_udf(settings::current_setting(Arc::clone(&settings)));
+        for f in functions::functions() {
+            ctx.register_udf(f);
+        }
+        Ok(PostgresSession {
+            context: Arc::new(ctx),
+            settings,
+        })
     }
 }
 
