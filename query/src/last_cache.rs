@@ -45,11 +45,13 @@ use crate::scan::KilnScanExec;
 #[derive(Debug)]
 pub struct LastCacheFunction {
     engine: Arc<Engine>,
+    visible: crate::Visible,
 }
 
 impl LastCacheFunction {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// Reads the caches of the databases `visible` shows.
+    pub fn new(engine: Arc<Engine>, visible: crate::Visible) -> Self {
+        Self { engine, visible }
     }
 }
 
@@ -76,7 +78,10 @@ impl TableFunctionImpl for LastCacheFunction {
             return plan_err!("last_cache takes two arguments: last_cache('db', 'table')");
         }
         let state = self.engine.catalog_state();
-        let Some(def) = state.table(database, table) else {
+        let Some(def) = state
+            .table(database, table)
+            .filter(|_| self.visible.allows(database))
+        else {
             return plan_err!("table {table:?} not found in database {database:?}");
         };
         let Some(cache) = self.engine.last_cache(def.id) else {

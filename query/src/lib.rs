@@ -59,6 +59,27 @@ pub use provider::{KilnCatalog, KilnTable, TimeBounds};
 /// Name of the DataFusion catalog that holds every database.
 pub const CATALOG_NAME: &str = "kiln";
 
+/// The databases a session shows: all, or only some (those a token may read). A database
+/// it does not show is, to SQL, one that does not exist.
+#[derive(Debug, Clone, Default)]
+pub struct Visible(Option<Arc<std::collections::BTreeSet<String>>>);
+
+impl Visible {
+    /// Every database.
+    pub fn all() -> Self {
+        Self(None)
+    }
+
+    /// Only `databases`.
+    pub fn only(databases: impl IntoIterator<Item = String>) -> Self {
+        Self(Some(Arc::new(databases.into_iter().collect())))
+    }
+
+    pub fn allows(&self, database: &str) -> bool {
+        self.0.as_ref().is_none_or(|only| only.contains(database))
+    }
+}
+
 /// What went wrong with a query, sorted by what the client can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -129,6 +150,8 @@ impl QueryPlanner for KilnQueryPlanner {
 pub struct QueryEngine {
     engine: Arc<Engine>,
     catalog: Arc<KilnCatalog>,
+    /// The databases this engine's sessions show (see [`Self::visible_to`]).
+    visible: Visible,
     /// Memory pool and spill files, shared by every session.
     runtime: Arc<RuntimeEnv>,
     config: QueryConfig,
@@ -139,12 +162,23 @@ pub struct QueryEngine {
 impl QueryEngine {
     pub fn new(engine: Arc<Engine>, config: QueryConfig) -> Result<Self, Error> {
         Ok(Self {
-            catalog: Arc::new(KilnCatalog::new(Arc::clone(&engine))),
+            catalog: Arc::new(KilnCatalog::new(Arc::clone(&engine), Visible::all())),
+            visible: Visible::all(),
             runtime: config.runtime()?,
             config,
             running: Arc::default(),
             engine,
         })
+    }
+
+    /// This engine, with sessions that show only the databases `visible` allows (those a
+    /// token may read): cheap, everything else is shared.
+    pub fn visible_to(&self, visible: Visible) -> Self {
+        Self {
+            catalog: Arc::new(KilnCatalog::new(Arc::clone(&self.engine), visible.clone())),
+            visible,
+            ..self.clone()
+        }
     }
 
     /// A session context on the shared runtime, with Kiln's planning: gap filling and the
@@ -197,18 +231,21 @@ impl QueryEngine {
         }
         ctx.register_udtf(
             "last_cache",
-            Arc::new(last_cache::LastCacheFunction::new(Arc::clone(&self.engine))),
+            Arc::new(last_cache::LastCacheFunction::new(
+                Arc::clone(&self.engine),
+                self.visible.clone(),
+            )),
         );
         ctx.register_udaf(avg::avg());
         ctx.register_udaf(selectors::first());
         ctx.register_udaf(selectors::last());
     }
 
-    /// `DatabaseNotFound` unless `database` exists.
+    /// `DatabaseNotFound` unless `database` exists and this engine shows it.
     fn require_database(&self, database: &str) -> Result<(), Error> {
         match self.engine.catalog_state().database(database) {
-            Some(_) => Ok(()),
-            None => Err(Error::DatabaseNotFound(database.to_owned())),
+            Some(_) if self.visible.allows(database) => Ok(()),
+            _ => Err(Error::DatabaseNotFound(database.to_owned())),
         }
     }
 

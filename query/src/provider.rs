@@ -83,11 +83,13 @@ pub fn query_schema(def: &TableDef) -> SchemaRef {
 #[derive(Debug)]
 pub struct KilnCatalog {
     engine: Arc<Engine>,
+    visible: crate::Visible,
 }
 
 impl KilnCatalog {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// Every database of `engine` that `visible` shows, as a schema.
+    pub fn new(engine: Arc<Engine>, visible: crate::Visible) -> Self {
+        Self { engine, visible }
     }
 }
 
@@ -97,11 +99,15 @@ impl CatalogProvider for KilnCatalog {
             .catalog_state()
             .databases
             .keys()
+            .filter(|d| self.visible.allows(d))
             .cloned()
             .collect()
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        if !self.visible.allows(name) {
+            return None;
+        }
         self.engine.catalog_state().database(name)?;
         Some(Arc::new(KilnSchema::new(Arc::clone(&self.engine), name)))
     }

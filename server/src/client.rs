@@ -1,16 +1,51 @@
-//! `kiln write`, `kiln query` and `kiln last-cache`: command-line clients of a running
-//! server.
+//! `kiln write`, `kiln query`, `kiln last-cache`, `kiln compact` and `kiln kafka`:
+//! command-line clients of a running server.
 
 use std::io::Read;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+/// How to reach a running server.
 #[derive(Debug, Clone, Args)]
-pub struct ClientOptions {
+pub struct ServerOptions {
     /// Base URL of the Kiln server.
     #[arg(long, env = "KILN_HOST", default_value = "http://127.0.0.1:8080")]
     pub host: String,
+
+    /// Token to send (`Authorization: Bearer …`), once the server enforces tokens.
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ServerOptions {
+    /// A request to `path` (`/api/v3/…`) of the server, with the token.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, String> {
+        let url = format!("{}{path}", self.host.trim_end_matches('/'));
+        let mut request = http()?.request(method, url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        Ok(request)
+    }
+
+    /// Sends `request`; a failure status becomes the server's error.
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, String> {
+        send(request, &self.host).await
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientOptions {
+    #[command(flatten)]
+    pub server: ServerOptions,
 
     /// Database to write to or query.
     #[arg(long, short = 'd', env = "KILN_DATABASE")]
@@ -139,9 +174,9 @@ pub async fn write(args: WriteArgs) -> Result<(), String> {
     if args.grpc {
         return write_grpc(&args, body).await;
     }
-    let url = format!("{}/api/v3/write_lp", args.client.host.trim_end_matches('/'));
-    let request = http()?
-        .post(url)
+    let server = &args.client.server;
+    let request = server
+        .request(reqwest::Method::POST, "/api/v3/write_lp")?
         .query(&[
             ("db", args.client.database.as_str()),
             ("precision", args.precision.as_str()),
@@ -155,7 +190,7 @@ pub async fn write(args: WriteArgs) -> Result<(), String> {
             ),
         ])
         .body(body);
-    send(request, &args.client.host).await.map(drop)
+    server.send(request).await.map(drop)
 }
 
 async fn write_grpc(args: &WriteArgs, text: String) -> Result<(), String> {
@@ -163,9 +198,26 @@ async fn write_grpc(args: &WriteArgs, text: String) -> Result<(), String> {
     use kiln_proto::ingest::v1::{LineProtocol, WriteRequest, WriteResponse, write_request};
     use prost::Message;
 
-    let mut client = WriteServiceClient::connect(args.grpc_host.clone())
+    let channel = tonic::transport::Endpoint::from_shared(args.grpc_host.clone())
+        .map_err(|e| format!("invalid gRPC address {}: {e}", args.grpc_host))?
+        .connect()
         .await
         .map_err(|e| format!("cannot reach {}: {e}", args.grpc_host))?;
+    let authorization = match &args.client.server.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse::<tonic::metadata::MetadataValue<_>>()
+                .map_err(|_| "the token is not a valid header value".to_owned())?,
+        ),
+        None => None,
+    };
+    let mut client =
+        WriteServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            if let Some(value) = &authorization {
+                r.metadata_mut().insert("authorization", value.clone());
+            }
+            Ok(r)
+        });
     let request = WriteRequest {
         batch_id: 0,
         database: args.client.database.clone(),
@@ -211,14 +263,13 @@ async fn write_grpc(args: &WriteArgs, text: String) -> Result<(), String> {
 }
 
 pub async fn query(args: QueryArgs) -> Result<(), String> {
-    let url = format!(
-        "{}/api/v3/query_sql",
-        args.client.host.trim_end_matches('/')
-    );
-    let request = http()?.post(url).json(
-        &serde_json::json!({"db": args.client.database, "q": args.sql, "format": args.format}),
-    );
-    let resp = send(request, &args.client.host).await?;
+    let server = &args.client.server;
+    let request = server
+        .request(reqwest::Method::POST, "/api/v3/query_sql")?
+        .json(
+            &serde_json::json!({"db": args.client.database, "q": args.sql, "format": args.format}),
+        );
+    let resp = server.send(request).await?;
     let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -227,6 +278,8 @@ pub async fn query(args: QueryArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+const LAST_CACHE_PATH: &str = "/api/v3/configure/last_cache";
+
 pub async fn last_cache(command: LastCacheCommand) -> Result<(), String> {
     let (client, request) = match &command {
         LastCacheCommand::Create {
@@ -234,26 +287,26 @@ pub async fn last_cache(command: LastCacheCommand) -> Result<(), String> {
             table,
             key_columns,
         } => {
-            let url = format!(
-                "{}/api/v3/configure/last_cache",
-                client.host.trim_end_matches('/')
-            );
             let mut body = serde_json::json!({"db": client.database, "table": table});
             if !key_columns.is_empty() {
                 body["key_columns"] = serde_json::json!(key_columns);
             }
-            (client, http()?.post(url).json(&body))
+            let request = client
+                .server
+                .request(reqwest::Method::POST, LAST_CACHE_PATH)?
+                .json(&body);
+            (client, request)
         }
         LastCacheCommand::Drop { client, table } => {
-            let url = format!(
-                "{}/api/v3/configure/last_cache",
-                client.host.trim_end_matches('/')
-            );
             let query = [("db", client.database.as_str()), ("table", table.as_str())];
-            (client, http()?.delete(url).query(&query))
+            let request = client
+                .server
+                .request(reqwest::Method::DELETE, LAST_CACHE_PATH)?
+                .query(&query);
+            (client, request)
         }
     };
-    let resp = send(request, &client.host).await?;
+    let resp = client.server.send(request).await?;
     match command {
         LastCacheCommand::Create { table, .. } => {
             let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
@@ -272,16 +325,15 @@ pub enum KafkaCommand {
     /// Show every Kafka source of a running server: per partition, Kiln's durable
     /// position, the high watermark, the lag between them, and counts.
     Status {
-        /// Base URL of the Kiln server.
-        #[arg(long, env = "KILN_HOST", default_value = "http://127.0.0.1:8080")]
-        host: String,
+        #[command(flatten)]
+        server: ServerOptions,
     },
 }
 
 /// Asks a running server to compact now and prints what it did.
-pub async fn compact(host: String) -> Result<(), String> {
-    let url = format!("{}/api/v3/compact", host.trim_end_matches('/'));
-    let resp = send(http()?.post(url), &host).await?;
+pub async fn compact(server: ServerOptions) -> Result<(), String> {
+    let request = server.request(reqwest::Method::POST, "/api/v3/compact")?;
+    let resp = server.send(request).await?;
     let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
     let count = |key: &str| v[key].as_u64().unwrap_or(0);
     let partitions = |n: u64| match n {
@@ -307,9 +359,9 @@ pub async fn compact(host: String) -> Result<(), String> {
 }
 
 pub async fn kafka(command: KafkaCommand) -> Result<(), String> {
-    let KafkaCommand::Status { host } = command;
-    let url = format!("{}/api/v3/kafka", host.trim_end_matches('/'));
-    let resp = send(http()?.get(url), &host).await?;
+    let KafkaCommand::Status { server } = command;
+    let request = server.request(reqwest::Method::GET, "/api/v3/kafka")?;
+    let resp = server.send(request).await?;
     let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
     let sources = v["sources"].as_array().cloned().unwrap_or_default();
     if sources.is_empty() {

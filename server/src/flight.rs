@@ -14,6 +14,12 @@
 //! SQL and any bound parameters, so any Kiln process can serve the ticket and closing one
 //! frees nothing.
 //!
+//! Once tokens are enforced every call carries one (`authorization: Bearer …`, see
+//! [`crate::auth::grpc`]); a statement needs read on its database and sees only the
+//! databases its token may read, and the metadata commands list only those. The handshake
+//! takes `Basic` credentials (the password is the token) and answers with the token as
+//! `authorization: Bearer …`, as ADBC and the JDBC driver expect.
+//!
 //! ```text
 //!  CommandStatementQuery ─▶ FlightInfo(schema, ticket = handle) ─▶ DoGet(ticket) ─▶ batches
 //!  {"database","sql_query","query_type":"sql"} ─────────────────▶ DoGet(ticket) ─▶ batches
@@ -21,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
@@ -55,6 +61,9 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::grpc::{Authenticate, authorize, credential, principal};
+use crate::auth::{Action as Access, Authorizer, Door, Principal};
 
 /// The request header (value `keep`) that asks for dictionary columns as dictionaries.
 const DICTIONARIES_HEADER: &str = "kiln-dictionaries";
@@ -95,7 +104,12 @@ pub struct FlightSql {
     query: QueryEngine,
     sql_info: SqlInfoData,
     planned: Planned,
+    auth: Arc<Authorizer>,
 }
+
+/// The tonic service with every call authenticated.
+pub type FlightServer =
+    tonic::service::interceptor::InterceptedService<FlightServiceServer<KilnFlight>, Authenticate>;
 
 /// Plans made to answer `GetFlightInfo`, kept for the `DoGet` of the same ticket that
 /// usually follows, so that a statement is planned once. A plan is taken at most once and
@@ -103,26 +117,41 @@ pub struct FlightSql {
 /// logical: the data is read when it runs, so rows written in between are in the answer.
 #[derive(Default)]
 struct Planned {
-    plans: Mutex<VecDeque<(Vec<u8>, Instant, DataFrame)>>,
+    plans: Mutex<VecDeque<KeptPlan>>,
+}
+
+/// A plan made for `principal`'s `ticket`: given back only to the same principal.
+struct KeptPlan {
+    principal: Principal,
+    ticket: Vec<u8>,
+    at: Instant,
+    plan: DataFrame,
 }
 
 impl Planned {
     const KEPT: usize = 64;
     const FRESH: Duration = Duration::from_secs(60);
 
-    fn keep(&self, ticket: Vec<u8>, plan: DataFrame) {
+    fn keep(&self, principal: &Principal, ticket: Vec<u8>, plan: DataFrame) {
         let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
         if plans.len() == Self::KEPT {
             plans.pop_front();
         }
-        plans.push_back((ticket, Instant::now(), plan));
+        plans.push_back(KeptPlan {
+            principal: principal.clone(),
+            ticket,
+            at: Instant::now(),
+            plan,
+        });
     }
 
-    fn take(&self, ticket: &[u8]) -> Option<DataFrame> {
+    fn take(&self, principal: &Principal, ticket: &[u8]) -> Option<DataFrame> {
         let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
-        plans.retain(|(_, at, _)| at.elapsed() < Self::FRESH);
-        let i = plans.iter().position(|(t, _, _)| t == ticket)?;
-        plans.remove(i).map(|(_, _, plan)| plan)
+        plans.retain(|kept| kept.at.elapsed() < Self::FRESH);
+        let i = plans
+            .iter()
+            .position(|kept| kept.principal == *principal && kept.ticket == ticket)?;
+        plans.remove(i).map(|kept| kept.plan)
     }
 }
 
@@ -161,7 +190,7 @@ fn sql() -> String {
 }
 
 impl FlightSql {
-    pub fn new(query: QueryEngine) -> Self {
+    pub fn new(query: QueryEngine, auth: Arc<Authorizer>) -> Self {
         let mut info = SqlInfoDataBuilder::new();
         info.append(SqlInfo::FlightSqlServerName, "Kiln");
         info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
@@ -184,16 +213,40 @@ impl FlightSql {
             query,
             sql_info: info.build().expect("static SQL info builds"),
             planned: Planned::default(),
+            auth,
         }
     }
 
-    /// The tonic service: Flight SQL plus InfluxDB 3's JSON tickets.
-    pub fn into_server(self, max_message_bytes: usize) -> FlightServiceServer<KilnFlight> {
-        FlightServiceServer::new(KilnFlight(self)).max_decoding_message_size(max_message_bytes)
+    /// The tonic service: Flight SQL plus InfluxDB 3's JSON tickets, every call
+    /// authenticated.
+    pub fn into_server(self, max_message_bytes: usize) -> FlightServer {
+        let authenticate = Authenticate::new(Arc::clone(&self.auth), Door::FlightSql);
+        let server =
+            FlightServiceServer::new(KilnFlight(self)).max_decoding_message_size(max_message_bytes);
+        tonic::service::interceptor::InterceptedService::new(server, authenticate)
     }
 
-    async fn plan(&self, handle: &StatementHandle) -> Result<DataFrame, Status> {
-        self.query
+    /// The databases `principal` may read: the engine its statements run on.
+    fn engine_for(&self, principal: &Principal) -> QueryEngine {
+        match principal.readable_databases() {
+            None => self.query.clone(),
+            Some(only) => self.query.visible_to(kiln_query::Visible::only(only)),
+        }
+    }
+
+    /// Plans `handle` for `principal`, who must be allowed to read its database.
+    async fn plan(
+        &self,
+        principal: &Principal,
+        handle: &StatementHandle,
+    ) -> Result<DataFrame, Status> {
+        authorize(
+            &self.auth,
+            Door::FlightSql,
+            principal,
+            Access::Read(&handle.database),
+        )?;
+        self.engine_for(principal)
             .plan(&handle.database, &handle.sql)
             .await
             .map_err(query_status)
@@ -202,26 +255,28 @@ impl FlightSql {
     /// The schema of `handle`'s result; its plan is kept for the `DoGet` of `ticket`.
     async fn schema_of(
         &self,
+        principal: &Principal,
         handle: &StatementHandle,
         dictionaries: Dictionaries,
         ticket: Vec<u8>,
     ) -> Result<Schema, Status> {
-        let df = self.plan(handle).await?;
+        let df = self.plan(principal, handle).await?;
         let schema = dictionaries.schema(df.schema().as_arrow());
-        self.planned.keep(ticket, df);
+        self.planned.keep(principal, ticket, df);
         Ok(schema)
     }
 
     /// Runs `handle`, with the plan `GetFlightInfo` made for `ticket` if it is still kept.
     async fn run(
         &self,
+        principal: &Principal,
         handle: &StatementHandle,
         dictionaries: Dictionaries,
         ticket: &[u8],
     ) -> Result<FlightStream<arrow_flight::FlightData>, Status> {
-        let mut df = match self.planned.take(ticket) {
+        let mut df = match self.planned.take(principal, ticket) {
             Some(df) => df,
-            None => self.plan(handle).await?,
+            None => self.plan(principal, handle).await?,
         };
         if let Some(ipc) = &handle.parameters {
             df = df
@@ -413,15 +468,23 @@ fn one_batch(
 impl FlightSqlService for FlightSql {
     type FlightService = FlightSql;
 
-    /// No authentication yet: every handshake succeeds (JDBC and some ADBC setups send one).
+    /// The interceptor has checked the credentials (`Basic`, password = token, or
+    /// `Bearer`); the answer gives the token back as the bearer token to send from now on.
     async fn do_handshake(
         &self,
-        _request: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<FlightStream<HandshakeResponse>>, Status> {
+        let token = credential(request.metadata());
         let response = HandshakeResponse::default();
-        Ok(Response::new(Box::pin(stream::once(async {
-            Ok(response)
-        }))))
+        let mut response = Response::new(
+            Box::pin(stream::once(async { Ok(response) })) as FlightStream<HandshakeResponse>
+        );
+        if let Some(token) = token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            response.metadata_mut().insert("authorization", value);
+        }
+        Ok(response)
     }
 
     async fn get_flight_info_statement(
@@ -429,6 +492,7 @@ impl FlightSqlService for FlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        let principal = principal(&request)?;
         let handle = StatementHandle {
             database: database_header(request.metadata())?,
             sql: query.query,
@@ -439,6 +503,7 @@ impl FlightSqlService for FlightSql {
         };
         let schema = self
             .schema_of(
+                &principal,
                 &handle,
                 Dictionaries::of(request.metadata()),
                 ticket.statement_handle.to_vec(),
@@ -452,10 +517,11 @@ impl FlightSqlService for FlightSql {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let principal = principal(&request)?;
         let handle = StatementHandle::decode(&ticket.statement_handle)?;
         let dictionaries = Dictionaries::of(request.metadata());
         Ok(Response::new(
-            self.run(&handle, dictionaries, &ticket.statement_handle)
+            self.run(&principal, &handle, dictionaries, &ticket.statement_handle)
                 .await?,
         ))
     }
@@ -465,12 +531,13 @@ impl FlightSqlService for FlightSql {
         query: ActionCreatePreparedStatementRequest,
         request: Request<Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let principal = principal(&request)?;
         let handle = StatementHandle {
             database: database_header(request.metadata())?,
             sql: query.query,
             parameters: None,
         };
-        let df = self.plan(&handle).await?;
+        let df = self.plan(&principal, &handle).await?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.encode().into(),
             dataset_schema: schema_bytes(
@@ -498,9 +565,11 @@ impl FlightSqlService for FlightSql {
         cmd: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        let principal = principal(&request)?;
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
         let schema = self
             .schema_of(
+                &principal,
                 &handle,
                 Dictionaries::of(request.metadata()),
                 cmd.prepared_statement_handle.to_vec(),
@@ -514,11 +583,17 @@ impl FlightSqlService for FlightSql {
         cmd: CommandPreparedStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let principal = principal(&request)?;
         let handle = StatementHandle::decode(&cmd.prepared_statement_handle)?;
         let dictionaries = Dictionaries::of(request.metadata());
         Ok(Response::new(
-            self.run(&handle, dictionaries, &cmd.prepared_statement_handle)
-                .await?,
+            self.run(
+                &principal,
+                &handle,
+                dictionaries,
+                &cmd.prepared_statement_handle,
+            )
+            .await?,
         ))
     }
 
@@ -580,11 +655,14 @@ impl FlightSqlService for FlightSql {
     async fn do_get_schemas(
         &self,
         query: CommandGetDbSchemas,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let principal = principal(&request)?;
         let mut builder = query.into_builder();
         for database in self.query.engine().catalog_state().databases.keys() {
-            builder.append(CATALOG_NAME, database);
+            if principal.allows(Access::Read(database)) {
+                builder.append(CATALOG_NAME, database);
+            }
         }
         Ok(one_batch(builder.schema(), builder.build()))
     }
@@ -600,11 +678,15 @@ impl FlightSqlService for FlightSql {
     async fn do_get_tables(
         &self,
         query: CommandGetTables,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let principal = principal(&request)?;
         let state = self.query.engine().catalog_state();
         let mut builder = query.into_builder();
         for (database, def) in &state.databases {
+            if !principal.allows(Access::Read(database)) {
+                continue;
+            }
             for (name, id) in &def.tables {
                 let schema = state
                     .tables
@@ -675,8 +757,11 @@ impl FlightService for KilnFlight {
             sql: ticket.sql_query,
             parameters: None,
         };
+        let principal = principal(&request)?;
         let dictionaries = Dictionaries::of(request.metadata());
-        Ok(Response::new(self.0.run(&handle, dictionaries, &[]).await?))
+        Ok(Response::new(
+            self.0.run(&principal, &handle, dictionaries, &[]).await?,
+        ))
     }
 
     async fn handshake(

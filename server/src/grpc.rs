@@ -1,5 +1,6 @@
 //! gRPC: `kiln.ingest.v1.WriteService` (unary and streaming writes with durable acks),
-//! the standard health service and server reflection.
+//! the standard health service and server reflection. Writes carry a token once tokens
+//! are enforced ([`crate::auth::grpc`]) that may write the request's database.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,6 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::grpc::{Authenticate, authorize, principal};
+use crate::auth::{Action, Authorizer, Door, Principal};
 use crate::metrics::Metrics;
 use crate::serve::stopped;
 use crate::write::{FailureKind, WriteError, Written, classify, write_validated};
@@ -33,29 +36,51 @@ pub struct IngestService {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    auth: Arc<Authorizer>,
 }
+
+/// The tonic service with every call authenticated.
+pub type IngestServer = tonic::service::interceptor::InterceptedService<
+    WriteServiceServer<IngestService>,
+    Authenticate,
+>;
 
 impl IngestService {
     pub fn new(
         engine: Arc<Engine>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
+        auth: Arc<Authorizer>,
     ) -> Self {
         Self {
             engine,
             metrics,
             shutdown,
+            auth,
         }
     }
 
-    /// The tonic service, accepting gzip and zstd and limiting message size.
-    pub fn into_server(self, max_message_bytes: usize) -> WriteServiceServer<Self> {
-        WriteServiceServer::new(self)
+    /// The tonic service, accepting gzip and zstd, limiting message size and
+    /// authenticating every call.
+    pub fn into_server(self, max_message_bytes: usize) -> IngestServer {
+        let authenticate = Authenticate::new(Arc::clone(&self.auth), Door::Grpc);
+        let server = WriteServiceServer::new(self)
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd)
             .send_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Zstd)
-            .max_decoding_message_size(max_message_bytes)
+            .max_decoding_message_size(max_message_bytes);
+        tonic::service::interceptor::InterceptedService::new(server, authenticate)
+    }
+
+    /// `principal` may write `req`'s database.
+    fn may_write(&self, principal: &Principal, req: &WriteRequest) -> Result<(), Status> {
+        authorize(
+            &self.auth,
+            Door::Grpc,
+            principal,
+            Action::Write(&req.database),
+        )
     }
 
     fn shutting_down(&self) -> bool {
@@ -111,8 +136,11 @@ impl IngestService {
     }
 
     /// Writes one batch of a stream, waiting while the buffer is full, and builds its ack.
-    async fn write_for_stream(self, req: WriteRequest) -> WriteAck {
+    async fn write_for_stream(self, principal: Principal, req: WriteRequest) -> WriteAck {
         let batch_id = req.batch_id;
+        if let Err(refused) = self.may_write(&principal, &req) {
+            return failed_ack(batch_id, &refused, Vec::new());
+        }
         let started = Instant::now();
         let mut waited = false;
         let result = loop {
@@ -213,7 +241,9 @@ impl WriteService for IngestService {
         &self,
         request: Request<WriteRequest>,
     ) -> Result<Response<WriteResponse>, Status> {
+        let principal = principal(&request)?;
         let req = request.into_inner();
+        self.may_write(&principal, &req)?;
         let batch_id = req.batch_id;
         let written = self.write_one(&req).await.map_err(status_of)?;
         Ok(Response::new(WriteResponse {
@@ -232,6 +262,7 @@ impl WriteService for IngestService {
         if self.shutting_down() {
             return Err(Status::unavailable("the server is shutting down"));
         }
+        let principal = principal(&request)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT * 2);
         let svc = self.clone();
@@ -243,7 +274,7 @@ impl WriteService for IngestService {
             loop {
                 tokio::select! {
                     next = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT => match next {
-                        Ok(Some(req)) => in_flight.push_back(svc.clone().write_for_stream(req)),
+                        Ok(Some(req)) => in_flight.push_back(svc.clone().write_for_stream(principal.clone(), req)),
                         Ok(None) => reading = false,
                         Err(status) => {
                             reading = false;

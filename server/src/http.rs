@@ -1,23 +1,27 @@
 //! The HTTP API: line protocol writes (InfluxDB v1, v2 and v3 paths), SQL queries,
-//! health, readiness and metrics.
+//! health, readiness and metrics. Every request but health, readiness and metrics carries
+//! a token once tokens are enforced ([`crate::auth::http`]); each handler checks what the
+//! token may do.
 
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
-use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
 use futures::TryStreamExt;
 use kiln_ingest::line_protocol::{LineError, Precision, validate_lines};
 use kiln_query::QueryEngine;
 use kiln_storage::Engine;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::http::{refusal, require};
+use crate::auth::{Action, Authorizer, Principal};
 use crate::metrics::Metrics;
 use crate::write::{FailureKind, WriteError, classify, write_validated};
 
@@ -34,10 +38,26 @@ pub struct AppState {
     pub max_result_bytes: usize,
     /// True once the server is shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub auth: Arc<Authorizer>,
+}
+
+impl FromRef<AppState> for Arc<Authorizer> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.auth)
+    }
+}
+
+/// The engine as `principal` may query it: only the databases it may read.
+fn query_engine(s: &AppState, principal: &Principal) -> QueryEngine {
+    match principal.readable_databases() {
+        None => s.query.clone(),
+        Some(only) => s.query.visible_to(kiln_query::Visible::only(only)),
+    }
 }
 
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    let auth = Arc::clone(&state.auth);
     Router::new()
         .route("/api/v3/write_lp", post(write_v3))
         .route("/api/v2/write", post(write_v2))
@@ -52,6 +72,15 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v3/kafka", get(kafka_status))
         .route("/api/v3/compact", post(compact))
+        .route(
+            "/api/v3/tokens",
+            post(crate::auth::http::create).get(crate::auth::http::list),
+        )
+        .route("/api/v3/tokens/{name}", delete(crate::auth::http::revoke))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::http::authenticate,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -152,33 +181,37 @@ enum WriteApi {
 
 async fn write_v1(
     State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(p): Query<WriteParams>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle_write(s, WriteApi::V1, p, headers, body).await
+    handle_write(s, &principal, WriteApi::V1, p, headers, body).await
 }
 
 async fn write_v2(
     State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(p): Query<WriteParams>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle_write(s, WriteApi::V2, p, headers, body).await
+    handle_write(s, &principal, WriteApi::V2, p, headers, body).await
 }
 
 async fn write_v3(
     State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(p): Query<WriteParams>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle_write(s, WriteApi::V3, p, headers, body).await
+    handle_write(s, &principal, WriteApi::V3, p, headers, body).await
 }
 
 async fn handle_write(
     s: AppState,
+    principal: &Principal,
     api: WriteApi,
     p: WriteParams,
     headers: HeaderMap,
@@ -193,6 +226,11 @@ async fn handle_write(
         WriteApi::V1 | WriteApi::V2 => true,
     };
     let db = db.ok_or_else(|| ApiError::bad_request(format!("missing query parameter `{name}`")));
+    if let Ok(db) = &db
+        && let Err(e) = require(&s.auth, principal, Action::Write(db))
+    {
+        return refusal(&e);
+    }
     match write(s, db, p.precision, accept_partial, headers, body).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
@@ -342,9 +380,13 @@ impl LastCacheParams {
 
 async fn create_last_cache(
     State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(qp): Query<LastCacheParams>,
     body: Bytes,
 ) -> Response {
+    if let Err(e) = require(&s.auth, &principal, Action::Admin) {
+        return refusal(&e);
+    }
     let params = if body.is_empty() {
         qp
     } else {
@@ -390,7 +432,13 @@ async fn create_last_cache(
 /// `POST /api/v3/compact`: merges now every time partition persisted in several segments
 /// that the buffer holds no rows of, the newest partition of each table included; answers
 /// with what it did once done.
-async fn compact(State(s): State<AppState>) -> Response {
+async fn compact(
+    State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Response {
+    if let Err(e) = require(&s.auth, &principal, Action::Admin) {
+        return refusal(&e);
+    }
     match s.engine.compact(true).await {
         Ok(outcome) => axum::Json(outcome).into_response(),
         Err(e) => ApiError::new(
@@ -404,8 +452,12 @@ async fn compact(State(s): State<AppState>) -> Response {
 /// `DELETE /api/v3/configure/last_cache?db=&table=`.
 async fn drop_last_cache(
     State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(params): Query<LastCacheParams>,
 ) -> Response {
+    if let Err(e) = require(&s.auth, &principal, Action::Admin) {
+        return refusal(&e);
+    }
     let (db, table) = match params.names() {
         Ok(names) => names,
         Err(e) => return e.into_response(),
@@ -430,14 +482,17 @@ pub struct QueryParams {
     tz: Option<String>,
 }
 
-async fn query_get(State(s): State<AppState>, Query(p): Query<QueryParams>) -> Response {
-    run_query(s, p)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+async fn query_get(
+    State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Query(p): Query<QueryParams>,
+) -> Response {
+    run_query(s, &principal, p).await.unwrap_or_else(|e| e)
 }
 
 async fn query_post(
     State(s): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     Query(qp): Query<QueryParams>,
     body: Bytes,
@@ -461,9 +516,7 @@ async fn query_post(
     } else {
         qp
     };
-    run_query(s, params)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    run_query(s, &principal, params).await.unwrap_or_else(|e| e)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -502,15 +555,31 @@ impl Format {
     }
 }
 
-async fn run_query(s: AppState, p: QueryParams) -> Result<Response, ApiError> {
+async fn run_query(
+    s: AppState,
+    principal: &Principal,
+    mut p: QueryParams,
+) -> Result<Response, Response> {
     let db =
-        p.db.ok_or_else(|| ApiError::bad_request("missing parameter `db`"))?;
+        p.db.take()
+            .ok_or_else(|| ApiError::bad_request("missing parameter `db`").into_response())?;
+    require(&s.auth, principal, Action::Read(&db)).map_err(|e| refusal(&e))?;
+    answer_query(&s, principal, db, p)
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
+async fn answer_query(
+    s: &AppState,
+    principal: &Principal,
+    db: String,
+    p: QueryParams,
+) -> Result<Response, ApiError> {
     let q =
         p.q.ok_or_else(|| ApiError::bad_request("missing parameter `q`"))?;
     let format = Format::parse(p.format.as_deref())?;
     let start = Instant::now();
-    let mut stream = s
-        .query
+    let mut stream = query_engine(s, principal)
         .sql_in_zone(&db, &q, p.tz.as_deref())
         .await
         .map_err(query_error)?;
@@ -659,7 +728,13 @@ async fn metrics(State(s): State<AppState>) -> Response {
 }
 
 /// `GET /api/v3/kafka`: every Kafka source with its partitions' positions, lag and counts.
-async fn kafka_status(State(state): State<AppState>) -> Response {
+async fn kafka_status(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+) -> Response {
+    if let Err(e) = require(&state.auth, &principal, Action::Admin) {
+        return refusal(&e);
+    }
     let sources: Vec<_> = state
         .kafka
         .iter()

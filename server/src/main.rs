@@ -1,8 +1,10 @@
 //! `kiln`: Kiln's single binary.
 //!
 //! * `kiln serve` runs the server (see [`serve::ServeConfig`] for every flag).
-//! * `kiln write` and `kiln query` talk to a running server.
+//! * `kiln write`, `kiln query` and the other commands talk to a running server;
+//!   `kiln token create --data-dir` also works on a stopped one's data directory.
 
+mod auth;
 mod client;
 mod flight;
 mod grpc;
@@ -41,10 +43,12 @@ enum Command {
     /// Merge now every time partition persisted in several segments (and not being
     /// written) into one segment, on a running server.
     Compact {
-        /// Base URL of the Kiln server.
-        #[arg(long, env = "KILN_HOST", default_value = "http://127.0.0.1:8080")]
-        host: String,
+        #[command(flatten)]
+        server: client::ServerOptions,
     },
+    /// Create, list and revoke access tokens.
+    #[command(subcommand)]
+    Token(auth::cli::TokenCommand),
 }
 
 fn init_logging(json: bool) {
@@ -81,7 +85,8 @@ fn main() -> std::process::ExitCode {
             Command::Query(args) => client::query(args).await,
             Command::LastCache(command) => client::last_cache(command).await,
             Command::Kafka(command) => client::kafka(command).await,
-            Command::Compact { host } => client::compact(host).await,
+            Command::Compact { server } => client::compact(server).await,
+            Command::Token(command) => auth::cli::run(command).await,
         }
     });
     match result {

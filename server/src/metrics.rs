@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -20,6 +21,7 @@ pub const INGEST_REJECTED_LINES: &str = "kiln_ingest_rejected_lines";
 pub const INGEST_BYTES: &str = "kiln_ingest_request_bytes";
 pub const WAL_FSYNC_SECONDS: &str = "kiln_wal_fsync_seconds";
 pub const QUERY_SECONDS: &str = "kiln_query_seconds";
+pub const AUTH_FAILURES: &str = "kiln_auth_failures";
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -49,8 +51,14 @@ impl Metrics {
         engine: Arc<Engine>,
         query: QueryEngine,
         kafka: Arc<Vec<Arc<SourceStatus>>>,
+        auth_failures: Family<crate::auth::FailureLabels, Counter>,
     ) -> Registry {
         let mut r = Registry::default();
+        r.register(
+            AUTH_FAILURES,
+            "Requests refused for their token (labels: door, reason)",
+            auth_failures,
+        );
         r.register(
             INGEST_LINES,
             "Line protocol lines accepted",

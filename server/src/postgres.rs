@@ -4,6 +4,10 @@
 //! binary results, cancel requests) is `pgwire`'s; planning and result encoding are
 //! `datafusion-postgres`'s. What Kiln adds:
 //!
+//! * **the token is the password** once tokens are enforced (see [`crate::auth`]): asked as
+//!   a cleartext password, so only over TLS or from loopback (a token is a bearer secret;
+//!   SCRAM would mean keeping a second, password-derived verifier per token); a wrong one
+//!   ends the startup with `28P01`, one that may not read the database with `42501`;
 //! * **the database in the connection selects the Kiln database**: every connection gets
 //!   its own DataFusion session, made at startup by [`QueryEngine::postgres_session`]
 //!   (tables in `public`, plus `pg_catalog` and `information_schema`); an unknown
@@ -28,10 +32,11 @@ use datafusion::error::DataFusionError;
 use datafusion::sql::sqlparser::parser::ParserError;
 use datafusion_postgres::pgwire;
 use datafusion_postgres::{DfSessionService, Parser};
-use futures::{Sink, StreamExt, stream};
+use futures::{Sink, SinkExt, StreamExt, stream};
 use kiln_query::QueryEngine;
 use kiln_query::postgres::settings::UNRECOGNIZED;
 use kiln_query::postgres::{PostgresSession, server_version};
+use pgwire::api::PgWireConnectionState;
 use pgwire::api::Type;
 use pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
@@ -52,16 +57,19 @@ use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::PgWireFrontendMessage;
 use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::startup::Authentication;
 use pgwire::messages::startup::SecretKey;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::auth::{Action, Authorizer, Door, Principal};
 use crate::serve::stopped;
 
 /// What all connections share.
 #[derive(Debug)]
 struct Shared {
     query: QueryEngine,
+    auth: Arc<Authorizer>,
     /// Maps a cancel request's (pid, secret key) to the connection it cancels.
     connections: Arc<ConnectionManager>,
 }
@@ -70,10 +78,12 @@ struct Shared {
 pub async fn serve(
     listener: TcpListener,
     query: QueryEngine,
+    auth: Arc<Authorizer>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
     let shared = Arc::new(Shared {
         query,
+        auth,
         connections: Arc::new(ConnectionManager::new()),
     });
     let mut connections = JoinSet::new();
@@ -169,11 +179,62 @@ impl StartupHandler for Connection {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let PgWireFrontendMessage::Startup(startup) = message else {
-            return Ok(());
-        };
-        protocol_negotiation(client, &startup).await?;
-        save_startup_parameters_to_metadata(client, &startup);
+        let auth = &self.0.shared.auth;
+        match message {
+            PgWireFrontendMessage::Startup(startup) => {
+                protocol_negotiation(client, &startup).await?;
+                save_startup_parameters_to_metadata(client, &startup);
+                if !auth.enforced() {
+                    return self.open_session(client, Principal::Anyone).await;
+                }
+                // The token travels as a cleartext password: only inside TLS, or on the
+                // machine itself.
+                if !client.is_secure() && !client.socket_addr().ip().is_loopback() {
+                    return Err(fatal(
+                        "28000",
+                        "Kiln takes the token as the password only over TLS: connect with \
+                         sslmode=require (or verify-full)"
+                            .to_owned(),
+                    ));
+                }
+                client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                client
+                    .send(PgWireBackendMessage::Authentication(
+                        Authentication::CleartextPassword,
+                    ))
+                    .await?;
+                Ok(())
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(password) => {
+                let password = password.into_password()?;
+                let principal = auth
+                    .authenticate(Door::Postgres, Some(&password.password))
+                    .map_err(|e| {
+                        let user = client.metadata().get(METADATA_USER).cloned();
+                        fatal(
+                            "28P01",
+                            format!(
+                                "password authentication failed for user \"{}\": {e}",
+                                user.unwrap_or_default()
+                            ),
+                        )
+                    })?;
+                self.open_session(client, principal).await
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Connection {
+    /// Makes the connection's session on its database for `principal`, who must be
+    /// allowed to read it, and finishes the startup.
+    async fn open_session<C>(&self, client: &mut C, principal: Principal) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: std::fmt::Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
         // PostgreSQL's rule: without a database name, the database is the user's name.
         let metadata = client.metadata();
         let database = metadata
@@ -181,6 +242,11 @@ impl StartupHandler for Connection {
             .or_else(|| metadata.get(METADATA_USER))
             .cloned()
             .unwrap_or_default();
+        self.0
+            .shared
+            .auth
+            .authorize(Door::Postgres, &principal, Action::Read(&database))
+            .map_err(|e| fatal("42501", e.to_string()))?;
         let postgres = match self.0.shared.query.postgres_session(&database) {
             Ok(session) => Arc::new(session),
             Err(kiln_query::Error::DatabaseNotFound(_)) => {

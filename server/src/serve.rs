@@ -13,6 +13,7 @@ use kiln_storage::wal::SyncPolicy;
 use kiln_storage::{Engine, EngineConfig};
 use object_store::ObjectStore;
 
+use crate::auth::{AuthConfig, Authorizer};
 use crate::grpc::IngestService;
 use crate::http::{AppState, router};
 use crate::metrics::{FsyncObserver, Metrics};
@@ -102,6 +103,17 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Serve without tokens, even on a non-loopback address. Without this flag a server
+    /// that listens beyond loopback needs an admin token (in the catalog or from
+    /// `--admin-token-file`) and enforces tokens on every request.
+    #[arg(long, env = "KILN_WITHOUT_AUTH")]
+    pub without_auth: bool,
+
+    /// A file holding an admin token (a mounted Kubernetes Secret, say): accepted as an
+    /// admin token and never stored. With it, tokens are enforced from the first start.
+    #[arg(long, env = "KILN_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -140,6 +152,18 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
             )
         })?,
     );
+    let admin_token = match &config.admin_token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+            let token = text.trim().to_owned();
+            if token.is_empty() {
+                return Err(format!("the admin token file {} is empty", path.display()));
+            }
+            Some(token)
+        }
+    };
     let metrics = Arc::new(Metrics::new());
     let engine_config = EngineConfig {
         wal_dir: config.data_dir.join("wal"),
@@ -175,10 +199,22 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("cannot start the query engine: {e}"))?;
+    let auth = Arc::new(Authorizer::new(
+        Arc::clone(engine.catalog()),
+        AuthConfig {
+            without_auth: config.without_auth,
+            admin_token,
+        },
+    ));
+    auth.check_startup(&[config.http_bind, config.grpc_bind, config.pg_bind])?;
     let sources = crate::kafka::Sources::start(kafka_sources, &engine, &stop_rx)?;
     let kafka = Arc::new(sources.statuses.clone());
-    let registry =
-        Arc::new(metrics.registry(Arc::clone(&engine), query.clone(), Arc::clone(&kafka)));
+    let registry = Arc::new(metrics.registry(
+        Arc::clone(&engine),
+        query.clone(),
+        Arc::clone(&kafka),
+        auth.failures(),
+    ));
     let state = AppState {
         kafka,
         engine: Arc::clone(&engine),
@@ -188,6 +224,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         max_body_bytes: config.max_request_bytes,
         max_result_bytes: config.max_result_bytes,
         shutdown: stop_rx.clone(),
+        auth: Arc::clone(&auth),
     };
 
     let listener = tokio::net::TcpListener::bind(config.http_bind)
@@ -202,7 +239,7 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.pg_bind))?;
     let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%http_addr, %grpc_addr, %pg_addr, data_dir = %config.data_dir.display(), "Kiln is serving");
+    tracing::info!(%http_addr, %grpc_addr, %pg_addr, data_dir = %config.data_dir.display(), tokens_enforced = auth.enforced(), "Kiln is serving");
     // Stable lines on stdout for scripts and tests that bind port 0.
     // A closed stdout (the reader went away) must not stop the server.
     {
@@ -254,10 +291,11 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         Arc::clone(&engine),
         Arc::clone(&state.metrics),
         stop_rx.clone(),
+        Arc::clone(&auth),
     )
     .into_server(config.max_request_bytes);
-    let flight =
-        crate::flight::FlightSql::new(state.query.clone()).into_server(config.max_request_bytes);
+    let flight = crate::flight::FlightSql::new(state.query.clone(), Arc::clone(&auth))
+        .into_server(config.max_request_bytes);
     // Gateways send batches of a megabyte or more: HTTP/2's default 64 KiB flow-control
     // window would cost a round trip per 64 KiB.
     let grpc = tonic::transport::Server::builder()
@@ -279,7 +317,12 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
             }),
             stopped(stop_rx.clone()),
         );
-    let pg = crate::postgres::serve(pg_listener, state.query.clone(), stop_rx.clone());
+    let pg = crate::postgres::serve(
+        pg_listener,
+        state.query.clone(),
+        Arc::clone(&auth),
+        stop_rx.clone(),
+    );
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });

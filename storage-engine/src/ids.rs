@@ -54,3 +54,7 @@ id_type!(
     /// Position of a transaction in the catalog log.
     CatalogSequence(u64)
 );
+id_type!(
+    /// An access token in the catalog.
+    TokenId(u32)
+);

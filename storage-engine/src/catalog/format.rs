@@ -6,7 +6,7 @@
 //! `{"version": 1, "sequence": N, "events": [CatalogEvent, …]}` where each event is an
 //! object tagged by `"type"` (`database_created`, `table_created`, `column_added`,
 //! `segment_persisted`, `segments_compacted`, `wal_persisted`, `last_cache_created`,
-//! `last_cache_dropped`, `source_positions`).
+//! `last_cache_dropped`, `source_positions`, `token_created`, `token_revoked`).
 //!
 //! Snapshot (`catalog/snapshots/{sequence:020}.json`):
 //! `{"version": 1, "state": CatalogState}`.

@@ -7,6 +7,10 @@
 //! [`SNAPSHOT_INTERVAL`] transactions the whole state is written to
 //! `catalog/snapshots/{sequence:020}.json`; loading starts from the newest snapshot and
 //! replays the log after it. The encodings are in [`format`].
+//!
+//! Access tokens live here too ([`TokenDef`]): created and revoked by events, so they
+//! survive restarts and reach every process that follows the catalog. A token is kept only
+//! as the hash its holder's secret gives; the catalog never sees the secret.
 
 pub mod format;
 
@@ -23,7 +27,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{CatalogSequence, DatabaseId, SegmentId, SequenceNumber, TableId};
+use crate::ids::{CatalogSequence, DatabaseId, SegmentId, SequenceNumber, TableId, TokenId};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -69,6 +73,9 @@ pub enum Error {
     TableNotFound { database: String, table: String },
     #[error("{0}")]
     InvalidLastCache(String),
+    /// A token cannot be created or revoked as asked (a duplicate name, the last admin).
+    #[error("{0}")]
+    InvalidToken(String),
 }
 
 /// The type of a column: its role (tag, time, field) and, for fields, the value type.
@@ -222,6 +229,41 @@ pub enum CatalogEvent {
     SourcePositions {
         positions: Vec<SourcePosition>,
     },
+    /// A token was created; its name and hash are unique among the live tokens.
+    TokenCreated(TokenDef),
+    /// A token was revoked: it is refused from then on.
+    TokenRevoked {
+        id: TokenId,
+    },
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TokenPermissions {
+    /// Everything, token management and configuration included.
+    Admin,
+    /// Reading and/or writing the named databases (`*`: every database).
+    Database {
+        databases: Vec<String>,
+        read: bool,
+        write: bool,
+    },
+}
+
+/// An access token: its name, what it may do, and the hash of its secret (never the
+/// secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenDef {
+    pub id: TokenId,
+    pub name: String,
+    /// Hex SHA-256 of the token's text.
+    pub hash: String,
+    pub permissions: TokenPermissions,
+    /// Nanoseconds since the epoch.
+    pub created_at: i64,
+    /// Nanoseconds since the epoch; the token is refused from then on.
+    pub expires_at: Option<i64>,
 }
 
 /// The last position of one partition of an outside source whose data is durable.
@@ -258,6 +300,11 @@ pub struct CatalogState {
     /// (sorted by source and partition; absent from catalogs written before sources).
     #[serde(default)]
     pub source_positions: Vec<SourcePosition>,
+    /// Live (not revoked) access tokens (absent from catalogs written before tokens).
+    #[serde(default)]
+    pub tokens: BTreeMap<TokenId, TokenDef>,
+    #[serde(default)]
+    pub next_token_id: u32,
 }
 
 impl CatalogState {
@@ -276,6 +323,18 @@ impl CatalogState {
             .iter()
             .find(|p| p.source == source && p.partition == partition)
             .map(|p| p.last)
+    }
+
+    /// The live token named `name`.
+    pub fn token(&self, name: &str) -> Option<&TokenDef> {
+        self.tokens.values().find(|t| t.name == name)
+    }
+
+    /// Whether any live token is an admin token (expired or not).
+    pub fn has_admin_token(&self) -> bool {
+        self.tokens
+            .values()
+            .any(|t| t.permissions == TokenPermissions::Admin)
     }
 
     pub fn table_by_id(&self, id: TableId) -> Option<&TableDef> {
@@ -416,6 +475,22 @@ impl CatalogState {
             }
             CatalogEvent::LastCacheDropped { table } => {
                 self.last_caches.remove(table);
+            }
+            CatalogEvent::TokenCreated(def) => {
+                if self.token(&def.name).is_some() {
+                    return Err(Error::InvalidToken(format!(
+                        "a token named {:?} exists already",
+                        def.name
+                    )));
+                }
+                if self.tokens.values().any(|t| t.hash == def.hash) {
+                    return Err(Error::InvalidToken("the token's hash is in use".into()));
+                }
+                self.tokens.insert(def.id, def.clone());
+                self.next_token_id = self.next_token_id.max(def.id.get() + 1);
+            }
+            CatalogEvent::TokenRevoked { id } => {
+                self.tokens.remove(id);
             }
             CatalogEvent::SourcePositions { positions } => {
                 for p in positions {
@@ -639,6 +714,55 @@ impl Catalog {
         self.commit(vec![CatalogEvent::LastCacheDropped { table: id }])
             .await?;
         Ok(true)
+    }
+
+    /// Records a new token (its id is assigned here): `def.id` is ignored.
+    pub async fn create_token(self: &Arc<Self>, mut def: TokenDef) -> Result<TokenDef> {
+        let this = Arc::clone(self);
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            validate_name(&def.name)?;
+            def.id = TokenId(this.snapshot().next_token_id);
+            let id = def.id;
+            let state = this
+                .commit_locked(vec![CatalogEvent::TokenCreated(def)])
+                .await?;
+            Ok(state.tokens[&id].clone())
+        })
+        .await
+    }
+
+    /// Revokes the token named `name`; `None` if there is none. The last admin token is
+    /// revoked only with `allow_last_admin` (a server started with an admin token file
+    /// has another).
+    pub async fn revoke_token(
+        self: &Arc<Self>,
+        name: &str,
+        allow_last_admin: bool,
+    ) -> Result<Option<TokenDef>> {
+        let this = Arc::clone(self);
+        let name = name.to_owned();
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            let state = this.snapshot();
+            let Some(def) = state.token(&name).cloned() else {
+                return Ok(None);
+            };
+            let admins = state
+                .tokens
+                .values()
+                .filter(|t| t.permissions == TokenPermissions::Admin)
+                .count();
+            if def.permissions == TokenPermissions::Admin && admins == 1 && !allow_last_admin {
+                return Err(Error::InvalidToken(format!(
+                    "{name:?} is the last admin token: create another admin token first"
+                )));
+            }
+            this.commit_locked(vec![CatalogEvent::TokenRevoked { id: def.id }])
+                .await?;
+            Ok(Some(def))
+        })
+        .await
     }
 
     /// Creates the database, tables and columns `changes` name, as one transaction.

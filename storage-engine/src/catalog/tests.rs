@@ -271,3 +271,78 @@ async fn compactions_replace_a_partitions_segments_in_place_and_survive_reload()
     let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
     assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
 }
+
+fn token(name: &str, hash: &str, permissions: TokenPermissions) -> TokenDef {
+    TokenDef {
+        id: TokenId(0),
+        name: name.into(),
+        hash: hash.into(),
+        permissions,
+        created_at: 1,
+        expires_at: None,
+    }
+}
+
+#[tokio::test]
+async fn tokens_survive_reload_names_are_unique_and_the_last_admin_stays() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let admin = catalog
+        .create_token(token("ops", "aa", TokenPermissions::Admin))
+        .await
+        .unwrap();
+    let reader = TokenPermissions::Database {
+        databases: vec!["plant".into()],
+        read: true,
+        write: false,
+    };
+    let grafana = catalog
+        .create_token(token("grafana", "bb", reader.clone()))
+        .await
+        .unwrap();
+    assert_ne!(admin.id, grafana.id);
+    assert!(catalog.snapshot().has_admin_token());
+
+    // A name or a hash in use is refused, and nothing is committed.
+    let sequence = catalog.snapshot().sequence;
+    for (name, hash) in [("grafana", "cc"), ("other", "bb")] {
+        let err = catalog
+            .create_token(token(name, hash, reader.clone()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidToken(_)), "{err}");
+    }
+    assert_eq!(catalog.snapshot().sequence, sequence);
+
+    // The only admin token is not revoked unless told; another one can be.
+    let err = catalog.revoke_token("ops", false).await.unwrap_err();
+    assert!(err.to_string().contains("last admin token"), "{err}");
+    assert_eq!(
+        catalog.revoke_token("grafana", false).await.unwrap(),
+        Some(grafana.clone())
+    );
+    assert_eq!(catalog.revoke_token("grafana", false).await.unwrap(), None);
+    // A revoked token's name can be used again; ids are never reused.
+    let again = catalog
+        .create_token(token("grafana", "dd", reader))
+        .await
+        .unwrap();
+    assert!(again.id > grafana.id);
+
+    let reloaded = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let state = reloaded.snapshot();
+    assert_eq!(*state, *catalog.snapshot());
+    let names: Vec<_> = state.tokens.values().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["ops", "grafana"]);
+    assert_eq!(state.token("ops").unwrap().hash, "aa");
+}
+
+#[test]
+fn catalogs_written_before_tokens_still_load() {
+    // A snapshot of the format before tokens: no `tokens`, no `next_token_id`.
+    let old = br#"{"version":1,"state":{"sequence":3,"databases":{},"tables":{},"segments":{},
+        "persisted_sequence":0,"next_database_id":0,"next_table_id":0,"next_segment_id":0}}"#;
+    let state = format::decode_snapshot(old).unwrap();
+    assert!(state.tokens.is_empty());
+    assert_eq!(state.next_token_id, 0);
+}
