@@ -88,7 +88,11 @@ pub async fn write(
             Ok(state) => break (validated, state),
             // Another request set a column's type first: validate again against it.
             Err(catalog::Error::TypeConflict { .. }) if attempt < 3 => continue,
-            Err(e @ (catalog::Error::TypeConflict { .. } | catalog::Error::InvalidName { .. })) => {
+            Err(
+                e @ (catalog::Error::TypeConflict { .. }
+                | catalog::Error::InvalidName { .. }
+                | catalog::Error::LimitExceeded(_)),
+            ) => {
                 return Err(WriteError::Invalid(e.to_string()));
             }
             Err(e) => return Err(kiln_storage::engine::Error::from(e).into()),

@@ -129,6 +129,42 @@ pub fn is_missing_table(plan_error: &str) -> bool {
     plan_error.starts_with("table") && plan_error.contains("not found")
 }
 
+/// SQL reads; it writes no file and no table, whatever protocol it came in on: `COPY …
+/// TO` and `INSERT`/`UPDATE`/`DELETE` plans are refused before they run (writes go through
+/// the write APIs).
+fn refuse_writes(plan: &LogicalPlan) -> datafusion::error::Result<()> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut refused = None;
+    plan.apply_with_subqueries(|node| {
+        Ok(match node {
+            LogicalPlan::Copy(_) => {
+                refused = Some("COPY … TO");
+                TreeNodeRecursion::Stop
+            }
+            LogicalPlan::Dml(_) => {
+                refused = Some("INSERT, UPDATE and DELETE");
+                TreeNodeRecursion::Stop
+            }
+            _ => TreeNodeRecursion::Continue,
+        })
+    })?;
+    match refused {
+        Some(what) => datafusion::common::plan_err!(
+            "{what} is not allowed: Kiln's SQL reads data; write through the write APIs"
+        ),
+        None => Ok(()),
+    }
+}
+
+/// What SQL may do over HTTP and Flight SQL: queries only, no DDL (`CREATE EXTERNAL
+/// TABLE`, `CREATE VIEW`), no DML, no `SET` (each request is its own session).
+pub fn read_only_sql() -> datafusion::execution::context::SQLOptions {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
 /// DataFusion's physical planner, which also plans Kiln's logical nodes.
 #[derive(Debug)]
 struct KilnQueryPlanner;
@@ -140,6 +176,7 @@ impl QueryPlanner for KilnQueryPlanner {
         plan: &LogicalPlan,
         session: &dyn Session,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        refuse_writes(plan)?;
         DefaultPhysicalPlanner::with_extension_planners(vec![Arc::new(gapfill::GapFillPlanner)])
             .create_physical_plan(plan, session)
             .await
@@ -265,12 +302,18 @@ impl QueryEngine {
     ) -> Result<DataFrame, Error> {
         self.require_database(database)?;
         let Some(zone) = zone else {
-            return Ok(self.session(database).sql(sql).await?);
+            return Ok(self
+                .session(database)
+                .sql_with_options(sql, read_only_sql())
+                .await?);
         };
         zone::parse(zone)?;
         let mut config = SessionConfig::new();
         config.options_mut().execution.time_zone = Some(zone.to_owned());
-        let df = self.session_config(database, config).sql(sql).await?;
+        let df = self
+            .session_config(database, config)
+            .sql_with_options(sql, read_only_sql())
+            .await?;
         // Relabel the result's instants: same values, shown in `zone`.
         let zone: Arc<str> = Arc::from(zone);
         let columns: Vec<Expr> = df

@@ -52,7 +52,17 @@ impl QueryConfig {
             FairSpillPool::new(self.memory_limit),
             std::num::NonZeroUsize::new(5).expect("5 is not zero"),
         );
-        let mut builder = RuntimeEnvBuilder::new().with_memory_pool(Arc::new(pool));
+        // SQL reaches no file of the server's: the registry starts without DataFusion's
+        // `file://` store; sessions add only the engine's own.
+        let registry = datafusion::execution::object_store::DefaultObjectStoreRegistry::new();
+        let file = datafusion::execution::object_store::ObjectStoreUrl::local_filesystem();
+        let _ = datafusion::execution::object_store::ObjectStoreRegistry::deregister_store(
+            &registry,
+            file.as_ref(),
+        );
+        let mut builder = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(pool))
+            .with_object_store_registry(Arc::new(registry));
         if let Some(dir) = &self.spill_dir {
             builder = builder.with_temp_file_path(dir);
         }

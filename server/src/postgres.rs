@@ -304,6 +304,15 @@ fn new_backend_key() -> (i32, SecretKey) {
     (rng.random_range(1..i32::MAX), SecretKey::I32(rng.random()))
 }
 
+/// A statement the session does not run: `42501` (insufficient privilege).
+fn refused(e: kiln_query::postgres::rewrite::Refused) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".to_owned(),
+        "42501".to_owned(),
+        e.0,
+    )))
+}
+
 fn fatal(code: &str, message: String) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "FATAL".to_owned(),
@@ -324,7 +333,7 @@ impl SimpleQueryHandler for Connection {
         let session = self.session()?;
         let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
         session.postgres.settings.sync(client.metadata());
-        let query = session.postgres.rewrite(query);
+        let query = session.postgres.rewrite(query).map_err(refused)?;
         let service = Arc::clone(&session.service);
         let run = async {
             let mut responses = SimpleQueryHandler::do_query(&*service, client, &query).await?;
@@ -400,7 +409,7 @@ impl QueryParser for KilnParser {
         C: ClientInfo + Unpin + Send + Sync,
     {
         self.postgres.settings.sync(client.metadata());
-        let sql = self.postgres.rewrite(sql);
+        let sql = self.postgres.rewrite(sql).map_err(refused)?;
         self.inner.parse_sql(client, &sql, types).await
     }
 

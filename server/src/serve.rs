@@ -103,6 +103,18 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Most databases writes may create.
+    #[arg(long, env = "KILN_MAX_DATABASES", default_value_t = 100)]
+    pub max_databases: usize,
+
+    /// Most tables writes may create, across all databases.
+    #[arg(long, env = "KILN_MAX_TABLES", default_value_t = 10_000)]
+    pub max_tables: usize,
+
+    /// Most columns a table may have (`time` included).
+    #[arg(long, env = "KILN_MAX_COLUMNS_PER_TABLE", default_value_t = 1_000)]
+    pub max_columns_per_table: usize,
+
     /// Serve without tokens, even on a non-loopback address. Without this flag a server
     /// that listens beyond loopback needs an admin token (in the catalog or from
     /// `--admin-token-file`) and enforces tokens on every request.
@@ -174,6 +186,11 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         persist_interval: config.persist_interval,
         max_buffer_bytes: config.max_buffer_bytes,
         compaction_max_bytes: config.compaction_max_bytes,
+        schema_limits: kiln_storage::catalog::SchemaLimits {
+            max_databases: config.max_databases,
+            max_tables: config.max_tables,
+            max_columns_per_table: config.max_columns_per_table,
+        },
     };
     let engine = Engine::open(
         engine_config,

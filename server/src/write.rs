@@ -38,7 +38,9 @@ pub fn classify(e: &kiln_storage::engine::Error) -> (FailureKind, String) {
                     .into(),
             )
         }
-        E::Catalog(catalog::Error::InvalidName { .. }) => (FailureKind::Invalid, e.to_string()),
+        E::Catalog(catalog::Error::InvalidName { .. } | catalog::Error::LimitExceeded(_)) => {
+            (FailureKind::Invalid, e.to_string())
+        }
         _ => {
             tracing::error!(error = %e, "write failed");
             (

@@ -697,11 +697,13 @@ async fn a_full_write_buffer_pauses_consumption_and_loses_nothing() {
         .await,
         "not every message arrived"
     );
+    // The full buffer held the source back: its loop paused consumption, or (when
+    // persistence emptied the buffer before the loop looked) its writes were refused and
+    // retried, which holds the pipeline and so the reading too. Which one depends on timing.
     let status = kafka_status(&server).await;
-    assert!(
-        status["sources"][0]["pauses"].as_u64().unwrap() > 0,
-        "{status}"
-    );
+    let pauses = status["sources"][0]["pauses"].as_u64().unwrap();
+    let refused = server.metric("kiln_writes_refused_total").await;
+    assert!(pauses > 0 || refused > 0.0, "{status}; refused {refused}");
     assert!(server.metric("kiln_segments_persisted_total").await >= 1.0);
     assert_eq!(ids(&server, "reading").await.len() as u64, TOTAL);
 }

@@ -15,4 +15,5 @@ mod persistence;
 mod postgres;
 mod pruning;
 mod sql;
+mod sql_access;
 mod support;

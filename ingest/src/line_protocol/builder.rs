@@ -147,6 +147,17 @@ impl<'c> Validator<'c> {
         let idx = match idx {
             Some(i) => i,
             None => {
+                // A table this write would create: its name must be one the catalog takes.
+                if self.catalog.table(self.database, name).is_none()
+                    && let Err(e) = kiln_storage::catalog::validate_name(name)
+                {
+                    self.out.rejected.push(LineError {
+                        line: line.number,
+                        column: 1,
+                        message: format!("measurement: {e}"),
+                    });
+                    return;
+                }
                 let name = name.to_string();
                 self.tables.push(TableBuilder::new(
                     name.clone(),
@@ -334,7 +345,11 @@ impl TableBuilder {
                 "column {name:?} of table {:?} is {existing}; this line writes it as {ty}",
                 self.name
             ))),
-            _ => Ok(existing.is_none()),
+            Some(_) => Ok(false),
+            // A column this write would create: its name must be one the catalog takes.
+            None => kiln_storage::catalog::validate_column_name(name)
+                .map(|()| true)
+                .map_err(|e| err(e.to_string())),
         }
     }
 

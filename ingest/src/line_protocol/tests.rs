@@ -547,3 +547,36 @@ fn precision_scales_and_overflow_is_rejected() {
     assert!("h".parse::<Precision>().is_err());
     assert_eq!("u".parse::<Precision>(), Ok(Precision::Microseconds));
 }
+
+#[test]
+fn names_the_catalog_would_refuse_reject_their_line() {
+    let long = "k".repeat(256);
+    let body = format!(
+        "cpu,host=a usage=1 1\nplant/line1 v=1 2\ncpu,host=a {long}=1 3\ncpu,ho\u{1}st=a usage=2 4\nok v=1 5\n"
+    );
+    let v = validate_lines(&body, "db", &catalog_with_cpu(), Precision::Nanoseconds, 0);
+    assert_eq!(v.accepted_lines, 2);
+    let rejected: Vec<(usize, &str)> = v
+        .rejected
+        .iter()
+        .map(|e| (e.line, e.message.as_str()))
+        .collect();
+    assert_eq!(rejected.len(), 3, "{rejected:?}");
+    assert_eq!(rejected[0].0, 2);
+    assert!(
+        rejected[0].1.contains("must not contain '/'"),
+        "{rejected:?}"
+    );
+    assert_eq!(rejected[1].0, 3);
+    assert!(rejected[1].1.contains("at most 255 bytes"), "{rejected:?}");
+    assert_eq!(rejected[2].0, 4);
+    assert!(rejected[2].1.contains("control characters"), "{rejected:?}");
+    // No schema change for a refused name.
+    assert!(
+        v.schema_changes
+            .iter()
+            .all(|c| c.column.len() <= 255 && c.table != "plant/line1"),
+        "{:?}",
+        v.schema_changes
+    );
+}

@@ -66,8 +66,9 @@ pub struct PostgresSession {
 }
 
 impl PostgresSession {
-    /// `sql` as DataFusion should read it (see [`rewrite`]).
-    pub fn rewrite<'a>(&self, sql: &'a str) -> Cow<'a, str> {
+    /// `sql` as DataFusion should read it (see [`rewrite`]), or why the session does not
+    /// run it ([`rewrite::allowed`]).
+    pub fn rewrite<'a>(&self, sql: &'a str) -> Result<Cow<'a, str>, rewrite::Refused> {
         rewrite::rewrite(sql, &self.settings)
     }
 }

@@ -36,27 +36,106 @@ use datafusion::sql::sqlparser::parser::Parser;
 
 use super::settings::PgSettings;
 
-/// Rewrites `sql` (see the module docs) for a connection with `settings`. Text that does not
-/// parse is passed on unchanged, for the planner to report.
-pub fn rewrite<'a>(sql: &'a str, settings: &PgSettings) -> Cow<'a, str> {
-    let Ok(mut statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-        return Cow::Borrowed(sql);
+/// A statement a PostgreSQL session does not run (see [`allowed`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Whether a PostgreSQL session runs `statement`. SQL reads: queries, `EXPLAIN` of one,
+/// `SHOW`, `SET` of session settings, transactions and cursors as drivers send them. No
+/// DDL (`CREATE`, `DROP`, `ALTER`: the session's in-memory catalog stays as Kiln made it),
+/// no `COPY`, no `INSERT`/`UPDATE`/`DELETE`, and no `SET` of DataFusion's runtime or catalog
+/// options (memory limit, temporary directory), which would take a session out of the
+/// server's shared limits.
+pub fn allowed(statement: &Statement) -> Result<(), Refused> {
+    use datafusion::sql::sqlparser::ast::Set;
+    let refuse = |what: &str| {
+        Err(Refused(format!(
+            "{what} is not allowed: Kiln's SQL reads data; write through the write APIs"
+        )))
     };
+    let check_setting = |name: &ObjectName| {
+        let name = name.to_string().to_ascii_lowercase();
+        if name.starts_with("datafusion.runtime") || name.starts_with("datafusion.catalog") {
+            return Err(Refused(format!(
+                "SET {name} is not allowed: the server's limits hold for every session"
+            )));
+        }
+        Ok(())
+    };
+    match statement {
+        Statement::Query(_)
+        | Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowStatus { .. }
+        | Statement::ShowFunctions { .. }
+        | Statement::ShowCatalogs { .. }
+        | Statement::ShowSchemas { .. }
+        | Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. }
+        | Statement::Declare { .. }
+        | Statement::Fetch { .. }
+        | Statement::Close { .. }
+        | Statement::Deallocate { .. }
+        | Statement::Discard { .. }
+        | Statement::Execute { .. } => Ok(()),
+        Statement::Prepare { statement, .. } => allowed(statement),
+        Statement::Explain { statement, .. } => allowed(statement),
+        Statement::ExplainTable { .. } => Ok(()),
+        Statement::Set(set) => match set {
+            Set::SingleAssignment { variable, .. } => check_setting(variable),
+            Set::ParenthesizedAssignments { variables, .. } => {
+                variables.iter().try_for_each(check_setting)
+            }
+            Set::MultipleAssignments { assignments } => {
+                assignments.iter().try_for_each(|a| check_setting(&a.name))
+            }
+            _ => Ok(()),
+        },
+        Statement::Copy { .. } => refuse("COPY"),
+        Statement::Insert(_) | Statement::Update { .. } | Statement::Delete(_) => {
+            refuse("INSERT, UPDATE and DELETE")
+        }
+        other => {
+            let text = other.to_string();
+            let verb: String = text
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            refuse(&verb)
+        }
+    }
+}
+
+/// Rewrites `sql` (see the module docs) for a connection with `settings`, refusing a
+/// statement a session does not run ([`allowed`]). Text that does not parse is passed on
+/// unchanged, for the planner to report.
+pub fn rewrite<'a>(sql: &'a str, settings: &PgSettings) -> Result<Cow<'a, str>, Refused> {
+    let Ok(mut statements) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return Ok(Cow::Borrowed(sql));
+    };
+    statements.iter().try_for_each(allowed)?;
     let mut rewriter = Rewriter {
         settings,
         changed: false,
     };
     let _ = VisitMut::visit(&mut statements, &mut rewriter);
     if !rewriter.changed {
-        return Cow::Borrowed(sql);
+        return Ok(Cow::Borrowed(sql));
     }
-    Cow::Owned(
+    Ok(Cow::Owned(
         statements
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(";\n"),
-    )
+    ))
 }
 
 struct Rewriter<'a> {
@@ -383,7 +462,7 @@ mod tests {
             "user".to_owned(),
             "grafana".to_owned(),
         )]));
-        rewrite(sql, &settings).into_owned()
+        rewrite(sql, &settings).unwrap().into_owned()
     }
 
     #[test]
@@ -465,5 +544,58 @@ mod tests {
         assert_eq!(rewritten("SHOW TABLES"), "SHOW TABLES");
         // Text that does not parse goes on as written.
         assert_eq!(rewritten("SELEC 1"), "SELEC 1");
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+
+    fn refused(sql: &str) -> Option<String> {
+        rewrite(sql, &PgSettings::default()).err().map(|e| e.0)
+    }
+
+    #[test]
+    fn sessions_read_and_set_their_own_settings_only() {
+        for sql in [
+            "SELECT 1",
+            "EXPLAIN SELECT 1",
+            "SHOW TIME ZONE",
+            "SET application_name = 'x'",
+            "SET datafusion.execution.target_partitions = 2",
+            "BEGIN",
+            "COMMIT",
+            "ROLLBACK",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "PREPARE p AS SELECT 1",
+        ] {
+            assert_eq!(refused(sql), None, "{sql}");
+        }
+        for (sql, says) in [
+            ("COPY (SELECT 1) TO '/tmp/x.csv'", "COPY is not allowed"),
+            ("COPY cpu TO STDOUT", "COPY is not allowed"),
+            ("INSERT INTO cpu VALUES (1)", "INSERT, UPDATE and DELETE"),
+            ("DELETE FROM cpu", "INSERT, UPDATE and DELETE"),
+            ("CREATE SCHEMA s", "CREATE SCHEMA is not allowed"),
+            ("CREATE TABLE t AS SELECT 1", "CREATE TABLE is not allowed"),
+            ("CREATE VIEW v AS SELECT 1", "CREATE VIEW is not allowed"),
+            ("DROP TABLE cpu", "DROP TABLE is not allowed"),
+            (
+                "EXPLAIN ANALYZE COPY (SELECT 1) TO '/tmp/x'",
+                "COPY is not allowed",
+            ),
+            ("SELECT 1; DROP TABLE cpu", "DROP TABLE"),
+            (
+                "SET datafusion.runtime.memory_limit = '100G'",
+                "datafusion.runtime.memory_limit is not allowed",
+            ),
+            (
+                "SET datafusion.catalog.default_catalog = 'x'",
+                "is not allowed",
+            ),
+        ] {
+            let message = refused(sql).unwrap_or_else(|| panic!("{sql} runs"));
+            assert!(message.contains(says), "{sql}: {message}");
+        }
     }
 }

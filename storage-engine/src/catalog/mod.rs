@@ -67,6 +67,9 @@ pub enum Error {
     UnknownTable(TableId),
     #[error("invalid name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
+    /// A write would create more databases, tables or columns than the limits allow.
+    #[error("{0}")]
+    LimitExceeded(String),
     #[error("catalog task failed: {0}")]
     Task(String),
     #[error("table {table:?} not found in database {database:?}")]
@@ -511,6 +514,27 @@ impl CatalogState {
     }
 }
 
+/// How many databases, tables and columns the catalog takes: a bound on what client
+/// writes can make it hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaLimits {
+    pub max_databases: usize,
+    /// Across all databases.
+    pub max_tables: usize,
+    /// Per table, `time` included.
+    pub max_columns_per_table: usize,
+}
+
+impl Default for SchemaLimits {
+    fn default() -> Self {
+        Self {
+            max_databases: 100,
+            max_tables: 10_000,
+            max_columns_per_table: 1_000,
+        }
+    }
+}
+
 /// A change to a table's schema that a write needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchemaChange {
@@ -526,6 +550,7 @@ pub struct Catalog {
     state: RwLock<Arc<CatalogState>>,
     commit: tokio::sync::Mutex<()>,
     default_partition_nanos: i64,
+    limits: SchemaLimits,
 }
 
 const LOG_PREFIX: &str = "catalog/log";
@@ -591,7 +616,14 @@ impl Catalog {
             state: RwLock::new(Arc::new(state)),
             commit: tokio::sync::Mutex::new(()),
             default_partition_nanos,
+            limits: SchemaLimits::default(),
         })
+    }
+
+    /// The catalog with other bounds on what writes may create (existing objects stay).
+    pub fn with_limits(mut self, limits: SchemaLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The current state; cheap, and unaffected by later commits.
@@ -791,6 +823,13 @@ impl Catalog {
             Some(db) => db.id,
             None => {
                 validate_name(database)?;
+                if state.databases.len() >= self.limits.max_databases {
+                    return Err(Error::LimitExceeded(format!(
+                        "cannot create database {database:?}: the server holds {} databases, \
+                         its limit (--max-databases)",
+                        state.databases.len()
+                    )));
+                }
                 let id = DatabaseId(state.next_database_id);
                 events.push(CatalogEvent::DatabaseCreated {
                     id,
@@ -822,6 +861,14 @@ impl Catalog {
                     Some(id) => *id,
                     None => {
                         validate_name(&change.table)?;
+                        let tables = state.tables.len() + new_tables.len();
+                        if tables >= self.limits.max_tables {
+                            return Err(Error::LimitExceeded(format!(
+                                "cannot create table {:?}: the server holds {tables} tables, its \
+                                 limit (--max-tables)",
+                                change.table
+                            )));
+                        }
                         let id = TableId(next_table);
                         next_table += 1;
                         new_tables.insert(&change.table, id);
@@ -847,6 +894,18 @@ impl Catalog {
                 }
                 None => {}
             }
+            validate_column_name(&change.column)?;
+            let existing = state.table_by_id(table_id).map_or(1, |t| t.columns.len());
+            let new = added.keys().filter(|(t, _)| *t == table_id).count();
+            if existing + new >= self.limits.max_columns_per_table {
+                return Err(Error::LimitExceeded(format!(
+                    "cannot add column {:?} to table {:?}: it has {} columns, the limit \
+                     (--max-columns-per-table)",
+                    change.column,
+                    change.table,
+                    existing + new
+                )));
+            }
             added.insert((table_id, &change.column), change.ty);
             events.push(CatalogEvent::ColumnAdded {
                 table: table_id,
@@ -869,10 +928,31 @@ async fn run_to_completion<T: Send + 'static>(
         .map_err(|e| Error::Task(e.to_string()))?
 }
 
-fn validate_name(name: &str) -> Result<()> {
+/// The longest database, table or column name, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Checks a database or table name: not empty, at most [`MAX_NAME_BYTES`], no control
+/// characters (NUL included), no `/` and no `..` (names may one day be paths in an object
+/// store).
+pub fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.contains('/') {
+        "names must not contain '/'"
+    } else if name.contains("..") {
+        "names must not contain '..'"
+    } else {
+        return validate_column_name(name);
+    };
+    Err(Error::InvalidName {
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+/// Checks a column name: not empty, at most [`MAX_NAME_BYTES`], no control characters.
+pub fn validate_column_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() {
         "names must not be empty"
-    } else if name.len() > 255 {
+    } else if name.len() > MAX_NAME_BYTES {
         "names must be at most 255 bytes"
     } else if name.chars().any(char::is_control) {
         "names must not contain control characters"
@@ -880,7 +960,7 @@ fn validate_name(name: &str) -> Result<()> {
         return Ok(());
     };
     Err(Error::InvalidName {
-        name: name.to_owned(),
+        name: name.chars().take(64).collect(),
         reason,
     })
 }

@@ -156,8 +156,69 @@ async fn a_commit_whose_caller_gives_up_still_completes() {
 fn invalid_names_are_rejected() {
     assert!(validate_name("").is_err());
     assert!(validate_name("a\nb").is_err());
+    assert!(validate_name("a\0b").is_err());
     assert!(validate_name(&"x".repeat(256)).is_err());
-    assert!(validate_name("plant floor/line 1").is_ok());
+    assert!(validate_name("plant floor/line 1").is_err());
+    assert!(validate_name("..").is_err());
+    assert!(validate_name("a..b").is_err());
+    assert!(validate_name("plant floor, line 1.5 (ß)").is_ok());
+    assert!(validate_name(&"x".repeat(255)).is_ok());
+    // Columns may hold '/' (`flow/min`), not control characters.
+    assert!(validate_column_name("flow/min").is_ok());
+    assert!(validate_column_name("a\tb").is_err());
+    assert!(validate_column_name(&"x".repeat(256)).is_err());
+}
+
+#[tokio::test]
+async fn writes_create_no_more_databases_tables_and_columns_than_the_limits() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(
+        Catalog::load(Arc::clone(&store), HOUR)
+            .await
+            .unwrap()
+            .with_limits(SchemaLimits {
+                max_databases: 2,
+                max_tables: 2,
+                max_columns_per_table: 3,
+            }),
+    );
+    catalog
+        .ensure_schema("a", &[change("t1", "x", ColumnType::Float)])
+        .await
+        .unwrap();
+    let err = catalog
+        .ensure_schema(
+            "a",
+            &[
+                change("t1", "y", ColumnType::Float),
+                change("t1", "z", ColumnType::Float),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--max-columns-per-table"), "{err}");
+    catalog
+        .ensure_schema("b", &[change("t2", "x", ColumnType::Float)])
+        .await
+        .unwrap();
+    let err = catalog
+        .ensure_schema("c", &[change("t3", "x", ColumnType::Float)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--max-databases"), "{err}");
+    let err = catalog
+        .ensure_schema("a", &[change("t3", "x", ColumnType::Float)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--max-tables"), "{err}");
+    // Nothing of a refused change was committed; what exists is still written to.
+    let state = catalog.snapshot();
+    assert_eq!(state.tables.len(), 2);
+    assert_eq!(state.table("a", "t1").unwrap().columns.len(), 2);
+    catalog
+        .ensure_schema("a", &[change("t1", "x", ColumnType::Float)])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

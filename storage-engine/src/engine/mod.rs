@@ -77,6 +77,8 @@ pub struct EngineConfig {
     /// Compaction leaves alone a partition whose segments hold more bytes than this in all
     /// (it merges a partition in memory).
     pub compaction_max_bytes: u64,
+    /// How many databases, tables and columns writes may create.
+    pub schema_limits: crate::catalog::SchemaLimits,
 }
 
 impl EngineConfig {
@@ -90,6 +92,7 @@ impl EngineConfig {
             persist_interval: Duration::from_secs(300),
             max_buffer_bytes: 1024 * 1024 * 1024,
             compaction_max_bytes: 256 * 1024 * 1024,
+            schema_limits: crate::catalog::SchemaLimits::default(),
         }
     }
 }
@@ -239,7 +242,11 @@ impl Engine {
         let partition_nanos = i64::try_from(config.partition_duration.as_nanos())
             .map_err(|_| Error::Internal("partition duration too large".into()))?
             .max(1);
-        let catalog = Arc::new(Catalog::load(Arc::clone(&store), partition_nanos).await?);
+        let catalog = Arc::new(
+            Catalog::load(Arc::clone(&store), partition_nanos)
+                .await?
+                .with_limits(config.schema_limits),
+        );
         let state = catalog.snapshot();
         let persisted = state.persisted_sequence;
         let buffer = Arc::new(WriteBuffer::new(persisted));
