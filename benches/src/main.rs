@@ -170,6 +170,8 @@ fn intervals(w: &Workload) -> usize {
 }
 
 fn main() -> std::process::ExitCode {
+    // The HTTP client's TLS uses ring, as the server's does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::MockKafka { topics, brokers } => exit_code(mock_kafka(&topics, brokers)),

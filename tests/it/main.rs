@@ -17,3 +17,4 @@ mod pruning;
 mod sql;
 mod sql_access;
 mod support;
+mod tls;

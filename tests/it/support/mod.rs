@@ -17,6 +17,11 @@ pub struct TestServer {
     pub client: reqwest::Client,
 }
 
+/// Makes ring the TLS provider of the test process (reqwest and tonic clients need one).
+pub fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl TestServer {
     /// Starts `kiln serve` on `data_dir` with extra flags; waits until it listens.
     pub fn start(data_dir: &Path, args: &[&str]) -> Self {
@@ -62,6 +67,7 @@ impl TestServer {
                 }
             }
         };
+        tls_provider();
         let url = read_url("Kiln HTTP listening on ");
         let grpc = read_url("Kiln gRPC listening on ");
         let pg = read_url("Kiln PostgreSQL listening on postgres://");
