@@ -8,6 +8,7 @@
 pub mod kafka;
 pub mod queries;
 pub mod results;
+pub mod security;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};

@@ -59,6 +59,29 @@ enum Command {
         /// Concurrent connections.
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        #[command(flatten)]
+        access: kiln_bench::security::Access,
+    },
+    /// Median latency of a small query over a kept-alive HTTP connection, and of a new
+    /// connection's first request (with TLS: the handshake); compare a server with
+    /// tokens and TLS to one without.
+    Latency {
+        /// Server HTTP base URL (`https://` for TLS).
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value = "benchmark")]
+        db: String,
+        /// The query.
+        #[arg(
+            long,
+            default_value = "SELECT max(usage_user) FROM cpu WHERE hostname = 'host_0'"
+        )]
+        query: String,
+        /// Measured requests of each kind.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        #[command(flatten)]
+        access: kiln_bench::security::Access,
     },
     /// Stream a large query result over each query protocol (PostgreSQL wire text and
     /// binary, Flight SQL, HTTP JSON Lines and Parquet) and report the median rows/s.
@@ -284,6 +307,7 @@ fn main() -> std::process::ExitCode {
             db,
             batch_size,
             connections,
+            access,
         } => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             let target = match protocol {
@@ -299,7 +323,28 @@ fn main() -> std::process::ExitCode {
                 db,
                 batch_size,
                 connections,
+                access,
             )))
+        }
+        Command::Latency {
+            url,
+            db,
+            query,
+            runs,
+            access,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let result = runtime.block_on(kiln_bench::security::latency(
+                &access, &url, &db, &query, runs,
+            ));
+            if let Ok((query, connect)) = &result {
+                println!(
+                    "url={url} query_p50_ms={:.3} connect_p50_ms={:.3}",
+                    query.as_secs_f64() * 1e3,
+                    connect.as_secs_f64() * 1e3
+                );
+            }
+            exit_code(result)
         }
     }
 }
@@ -451,6 +496,7 @@ async fn ingest(
     db: String,
     batch_size: usize,
     connections: usize,
+    access: kiln_bench::security::Access,
 ) -> Result<f64, String> {
     eprintln!(
         "generating scale={} duration={:?} seed={} as {protocol:?} ...",
@@ -470,19 +516,32 @@ async fn ingest(
     for _ in 0..connections {
         let queue = Arc::clone(&queue);
         let target = target.clone();
+        let access = access.clone();
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = access.http_client()?;
+            let authorization = access.grpc_authorization()?;
             let mut grpc = match protocol {
                 Protocol::HttpLp => None,
                 _ => {
-                    let channel = tonic::transport::Endpoint::from_shared(target.clone())
-                        .map_err(|e| e.to_string())?
+                    let channel = access
+                        .grpc_endpoint(&target)?
                         .initial_stream_window_size(4 * 1024 * 1024)
                         .initial_connection_window_size(16 * 1024 * 1024)
                         .connect()
                         .await
                         .map_err(|e| format!("cannot connect to {target}: {e}"))?;
-                    Some(WriteServiceClient::new(channel).max_decoding_message_size(usize::MAX))
+                    Some(
+                        WriteServiceClient::with_interceptor(
+                            channel,
+                            move |mut r: tonic::Request<()>| {
+                                if let Some(value) = &authorization {
+                                    r.metadata_mut().insert("authorization", value.clone());
+                                }
+                                Ok(r)
+                            },
+                        )
+                        .max_decoding_message_size(usize::MAX),
+                    )
                 }
             };
             let mut latencies = Vec::new();
@@ -636,7 +695,16 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
     for run in 0..plan.runs {
         let server = Kiln::start(&plan.kiln, &plan.data_dir.join("http"), &[])?;
         let target = format!("{}/api/v3/write_lp?db=benchmark", server.http);
-        let rate = ingest(w, Protocol::HttpLp, target, "benchmark".into(), 5000, 4).await;
+        let rate = ingest(
+            w,
+            Protocol::HttpLp,
+            target,
+            "benchmark".into(),
+            5000,
+            4,
+            kiln_bench::security::Access::default(),
+        )
+        .await;
         server.stop();
         http_rates.push(rate?);
         for (i, (format, rows, msgs)) in loaded.iter().enumerate() {

@@ -49,7 +49,18 @@ fn is_string(dt: &DataType) -> bool {
 
 /// Decodes an Arrow IPC stream into its schema and one batch. Aligned column data stays
 /// in `ipc`'s memory (no copy).
-fn decode_ipc(mut ipc: Buffer) -> Result<(SchemaRef, RecordBatch), ArrowError> {
+fn decode_ipc(ipc: Buffer) -> Result<(SchemaRef, RecordBatch), ArrowError> {
+    kiln_storage::ipc::check_framing(ipc.as_slice()).map_err(ArrowError::IpcError)?;
+    let mut result = None;
+    kiln_storage::ipc::guarded("the arrow payload", || {
+        result = Some(decode_ipc_unguarded(ipc));
+        Ok(())
+    })
+    .map_err(ArrowError::IpcError)?;
+    result.unwrap_or_else(|| Err(ArrowError::IpcError("the stream was not decoded".into())))
+}
+
+fn decode_ipc_unguarded(mut ipc: Buffer) -> Result<(SchemaRef, RecordBatch), ArrowError> {
     let mut decoder = StreamDecoder::new();
     let mut batches = Vec::new();
     while !ipc.is_empty() {
@@ -308,5 +319,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("invalid Arrow IPC"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// A gateway's Arrow payload is untrusted: damaged, it is an error, never a panic
+        /// or an allocation its bytes cannot back.
+        #[test]
+        fn damaged_arrow_payloads_are_errors(
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()),
+                1..8,
+            )
+        ) {
+            let b = batch(vec![
+                ("time", Arc::new(TimestampMillisecondArray::from(vec![1, 2])) as ArrayRef),
+                ("host", Arc::new(StringArray::from(vec!["a", "b"]))),
+                ("v", Arc::new(Float64Array::from(vec![Some(1.5), None]))),
+            ]);
+            let mut bytes = ipc(&b).to_vec();
+            let len = bytes.len();
+            for (at, value) in edits {
+                bytes[at % len] = value;
+            }
+            let _ = validate_arrow(
+                "db",
+                &CatalogState::default(),
+                "m",
+                Buffer::from(bytes),
+                &["host".into()],
+            );
+        }
     }
 }

@@ -313,11 +313,16 @@ fn parameter_schema(df: &DataFrame) -> Result<Schema, Status> {
 
 /// One row of parameter values, as bound by `DoPut`, into the encoding a handle carries.
 async fn encode_parameters(stream: PeekableFlightDataStream) -> Result<Vec<u8>, Status> {
-    let batches: Vec<RecordBatch> =
+    use futures::FutureExt;
+    // The client's bytes are decoded here: a malformed stream must not panic the call.
+    let batches: Vec<RecordBatch> = std::panic::AssertUnwindSafe(
         FlightRecordBatchStream::new_from_flight_data(stream.map_err(FlightError::from))
-            .try_collect()
-            .await
-            .map_err(Status::from)?;
+            .try_collect(),
+    )
+    .catch_unwind()
+    .await
+    .map_err(|_| Status::invalid_argument("the parameters are not a valid Arrow IPC stream"))?
+    .map_err(Status::from)?;
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     if rows != 1 {
         return Err(Status::invalid_argument(format!(
@@ -339,14 +344,15 @@ async fn encode_parameters(stream: PeekableFlightDataStream) -> Result<Vec<u8>, 
 }
 
 fn decode_parameters(ipc: &[u8]) -> Result<ParamValues, Status> {
-    let bad = |e: arrow::error::ArrowError| {
+    kiln_storage::ipc::check_framing(ipc).map_err(|e| {
         Status::invalid_argument(format!("bad parameters in the statement handle: {e}"))
-    };
-    let mut reader = StreamReader::try_new(ipc, None).map_err(bad)?;
-    let batch =
-        reader.next().transpose().map_err(bad)?.ok_or_else(|| {
-            Status::invalid_argument("no parameter values in the statement handle")
-        })?;
+    })?;
+    let batch = kiln_storage::ipc::guarded("the statement handle's parameters", || {
+        let mut reader = StreamReader::try_new(ipc, None).map_err(|e| e.to_string())?;
+        reader.next().transpose().map_err(|e| e.to_string())
+    })
+    .map_err(|e| Status::invalid_argument(format!("bad parameters in the statement handle: {e}")))?
+    .ok_or_else(|| Status::invalid_argument("no parameter values in the statement handle"))?;
     let values = batch
         .columns()
         .iter()

@@ -28,6 +28,7 @@ pub mod dedup;
 pub mod durable_store;
 pub mod engine;
 pub mod ids;
+pub mod ipc;
 pub mod last_cache;
 pub mod persist;
 pub mod wal;

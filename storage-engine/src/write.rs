@@ -116,12 +116,15 @@ impl WriteBatch {
             let table = TableId(r.u32()?);
             let len = r.u32()? as usize;
             let ipc = r.take(len)?;
-            let mut reader =
-                StreamReader::try_new(Cursor::new(ipc), None).map_err(|e| e.to_string())?;
-            let batch = reader
-                .next()
-                .ok_or_else(|| format!("table {table}: IPC stream holds no batch"))?
-                .map_err(|e| e.to_string())?;
+            crate::ipc::check_framing(ipc).map_err(|e| format!("table {table}: {e}"))?;
+            let batch = crate::ipc::guarded("a table's batch", || {
+                let mut reader =
+                    StreamReader::try_new(Cursor::new(ipc), None).map_err(|e| e.to_string())?;
+                reader
+                    .next()
+                    .ok_or_else(|| format!("table {table}: IPC stream holds no batch"))?
+                    .map_err(|e| e.to_string())
+            })?;
             tables.push(TableWrite { table, batch });
         }
         let mut sources = Vec::new();
@@ -239,5 +242,57 @@ mod tests {
         let old = WriteBatch::decode(&v1).unwrap();
         assert_eq!(old.tables, wb.tables);
         assert!(old.sources.is_empty());
+    }
+
+    fn sample() -> Vec<u8> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "time",
+                DataType::Timestamp(TimeUnit::Nanosecond, None),
+                false,
+            ),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(TimestampNanosecondArray::from(vec![1, 2, 3])),
+                Arc::new(Float64Array::from(vec![Some(1.5), None, Some(2.5)])),
+            ],
+        )
+        .unwrap();
+        WriteBatch {
+            database: DatabaseId(1),
+            tables: vec![TableWrite {
+                table: TableId(2),
+                batch,
+            }],
+            sources: vec![],
+        }
+        .encode()
+        .unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// A WAL payload is untrusted input: any bytes decode to a batch or an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = WriteBatch::decode(&bytes);
+        }
+
+        /// Nor does a valid payload with bytes changed (counts, lengths, Arrow metadata).
+        #[test]
+        fn damaged_payloads_never_panic(
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..8)
+        ) {
+            let mut bytes = sample();
+            let len = bytes.len();
+            for (at, value) in edits {
+                bytes[at % len] = value;
+            }
+            let _ = WriteBatch::decode(&bytes);
+        }
     }
 }

@@ -185,3 +185,52 @@ async fn writes_beyond_the_schema_limits_are_refused_and_the_rest_kept() {
         .await;
     assert_eq!(rows[0]["n"], 2);
 }
+
+/// Junk on every port: random bytes, a PostgreSQL startup claiming a huge length, an
+/// HTTP/2 preface followed by garbage. The server answers or hangs up, and keeps serving.
+#[tokio::test]
+async fn junk_on_every_port_leaves_the_server_serving() {
+    use rand::{Rng, SeedableRng};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    let http = server.base.trim_start_matches("http://").to_owned();
+    let grpc = server.grpc.trim_start_matches("http://").to_owned();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(19);
+    let mut payloads: Vec<Vec<u8>> = (0..8)
+        .map(|_| {
+            let len = rng.random_range(1..65_536);
+            (0..len).map(|_| rng.random()).collect()
+        })
+        .collect();
+    // PostgreSQL startup and SSLRequest framing with absurd lengths.
+    payloads.push([0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0].to_vec());
+    payloads.push([0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f, 0xff, 0xff].to_vec());
+    // An HTTP/2 connection preface, then garbage frames.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend([0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    payloads.push(h2);
+    for addr in [&http, &grpc, &server.pg] {
+        for payload in &payloads {
+            let Ok(mut socket) = tokio::net::TcpStream::connect(addr.as_str()).await else {
+                panic!("{addr} stopped accepting connections");
+            };
+            let _ = socket.write_all(payload).await;
+            let mut answer = [0u8; 1024];
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_millis(300),
+                socket.read(&mut answer),
+            )
+            .await;
+        }
+    }
+    server.write_ok("plant", "m v=1 1").await;
+    let rows = server
+        .query_json("plant", "SELECT count(*) AS n FROM m")
+        .await;
+    assert_eq!(rows[0]["n"], 1);
+    let client = crate::postgres::connect(&server, "plant").await.unwrap();
+    let rows = crate::postgres::simple_rows(&client, "SELECT count(*) FROM m").await;
+    assert_eq!(rows, [[Some("1".to_owned())]]);
+}

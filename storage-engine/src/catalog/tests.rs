@@ -407,3 +407,34 @@ fn catalogs_written_before_tokens_still_load() {
     assert!(state.tokens.is_empty());
     assert_eq!(state.next_token_id, 0);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Catalog entries are read from the object store: any bytes are an entry or an error.
+    #[test]
+    fn arbitrary_catalog_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+        let _ = format::decode_transaction(&bytes);
+        let _ = format::decode_snapshot(&bytes);
+    }
+
+    /// JSON-shaped damage too: a valid transaction with characters changed.
+    #[test]
+    fn damaged_transactions_never_panic(
+        edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..6)
+    ) {
+        let tx = format::Transaction {
+            sequence: CatalogSequence(4),
+            events: vec![
+                CatalogEvent::DatabaseCreated { id: DatabaseId(0), name: "plant".into() },
+                CatalogEvent::TokenRevoked { id: TokenId(3) },
+            ],
+        };
+        let mut bytes = format::encode_transaction(&tx);
+        let len = bytes.len();
+        for (at, value) in edits {
+            bytes[at % len] = value;
+        }
+        let _ = format::decode_transaction(&bytes);
+    }
+}

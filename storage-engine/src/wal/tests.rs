@@ -310,3 +310,14 @@ fn files_at_or_below_the_persisted_sequence_are_removed() {
     assert!(seen.is_empty());
     assert_eq!(stats.records, 0);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+
+    /// WAL bytes are untrusted input: any bytes are a record, a header or an error.
+    #[test]
+    fn arbitrary_wal_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        let _ = format::decode_record(&bytes);
+        let _ = format::FileHeader::decode(&bytes);
+    }
+}
