@@ -62,6 +62,16 @@ enum Command {
         #[command(flatten)]
         access: kiln_bench::security::Access,
     },
+    /// Write a throwaway CA and a server certificate signed by it (ca.pem, tls.crt,
+    /// tls.key), for measuring Kiln with TLS.
+    Certs {
+        /// Directory to write them to.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names the certificate is for.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        names: Vec<String>,
+    },
     /// Median latency of a small query over a kept-alive HTTP connection, and of a new
     /// connection's first request (with TLS: the handshake); compare a server with
     /// tokens and TLS to one without.
@@ -326,6 +336,7 @@ fn main() -> std::process::ExitCode {
                 access,
             )))
         }
+        Command::Certs { dir, names } => exit_code(kiln_bench::security::certs(&dir, &names)),
         Command::Latency {
             url,
             db,

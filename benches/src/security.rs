@@ -1,6 +1,7 @@
 //! Tokens and TLS for kiln-bench's clients, and what they cost: `kiln-bench latency`
 //! measures a small query over a kept-alive connection and a new connection's first
-//! request (the TLS handshake, when the URL is `https://`).
+//! request (the TLS handshake, when the URL is `https://`); `kiln-bench certs` makes a
+//! throwaway CA and server certificate for the measurement (`benches/security.sh`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -115,4 +116,32 @@ pub async fn latency(
         connects.push(t.elapsed());
     }
     Ok((median(queries), median(connects)))
+}
+
+/// Writes a new CA (`ca.pem`) and a certificate for `names` signed by it (`tls.crt`,
+/// `tls.key`) into `dir`: for benchmarks and trials, never for production.
+pub fn certs(dir: &std::path::Path, names: &[String]) -> Result<(), String> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let err = |e: rcgen::Error| e.to_string();
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "kiln-bench CA");
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let ca_pem = ca.self_signed(&ca_key).map_err(err)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = CertificateParams::new(names.to_vec())
+        .map_err(err)?
+        .signed_by(&key, &issuer)
+        .map_err(err)?;
+    for (name, text) in [
+        ("ca.pem", ca_pem),
+        ("tls.crt", cert.pem()),
+        ("tls.key", key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), text).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

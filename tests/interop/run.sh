@@ -59,5 +59,5 @@ grpc_addr="${grpc_url#http://}"
 "$venv/bin/python" "$root/tests/interop/sql_clients.py" "$http_url" "$pg_addr" "$grpc_addr"
 java -cp "$pgjdbc" "$root/tests/interop/JdbcMetadata.java" "$pg_addr"
 # A server of its own with TLS on every listener and tokens enforced.
-"$venv/bin/python" "$root/tests/interop/secure.py" "$kiln" "$work/secure"
+KILN_PGJDBC_JAR="$pgjdbc" "$venv/bin/python" "$root/tests/interop/secure.py" "$kiln" "$work/secure"
 "$venv/bin/python" "$root/tests/interop/kafka.py" "$kiln" "$bench" "$tools/bin/tansu"

@@ -1,6 +1,7 @@
 """Kiln with TLS on every listener and tokens enforced, driven by the clients users have:
-curl, Telegraf's request shape, psql and psycopg (sslmode=verify-full, the token as the
-password), ADBC Flight SQL over TLS, grpcurl, influxdb3-python with token=.
+curl, Telegraf's request shape, psql, psycopg, psycopg2, SQLAlchemy, asyncpg and pgJDBC
+(TLS verified, the token as the password), pyarrow.flight and ADBC Flight SQL over TLS,
+grpcurl, influxdb3-python with token=.
 
 Starts its own `kiln serve` with a test CA's certificate (made here with trustme, never
 stored anywhere but a temporary directory) and an admin token file.
@@ -123,6 +124,63 @@ try:
         check("psycopg: a wrong token is refused", False, "connected")
     except psycopg.OperationalError as e:
         check("psycopg: a wrong token is refused (28P01)", "28P01" in str(getattr(e, "sqlstate", "")) or "password authentication failed" in str(e), e)
+
+    import psycopg2
+
+    conn = psycopg2.connect(dsn, password=reader)
+    cur = conn.cursor()
+    cur.execute("SELECT count(*) FROM cpu")
+    n = cur.fetchone()[0]
+    check("psycopg2 verify-full with the token as password", n == 2, n)
+    conn.close()
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(
+        f"postgresql+psycopg2://grafana:{reader}@localhost:{pg_port}/plant",
+        connect_args={"sslmode": "verify-full", "sslrootcert": ca_pem},
+    )
+    with engine.connect() as conn:
+        columns = [c["name"] for c in sa.inspect(conn).get_columns("cpu")]
+        check("SQLAlchemy over TLS with a token: inspector", columns == ["time", "host", "usage"], columns)
+    engine.dispose()
+
+    import asyncio
+
+    import asyncpg
+
+    async def asyncpg_count():
+        conn = await asyncpg.connect(host="localhost", port=int(pg_port), user="grafana", database="plant",
+                                     password=reader, ssl=ssl.create_default_context(cafile=ca_pem))
+        try:
+            return await conn.fetchval("SELECT count(*) FROM cpu")
+        finally:
+            await conn.close()
+
+    n = asyncio.run(asyncpg_count())
+    check("asyncpg over TLS with the token as password", n == 2, n)
+
+    jar = os.environ.get("KILN_PGJDBC_JAR")
+    if jar:
+        r = subprocess.run(
+            ["java", "-cp", jar, os.path.join(os.path.dirname(__file__), "JdbcMetadata.java"),
+             f"localhost:{pg_port}", reader, ca_pem],
+            capture_output=True, text=True, timeout=300,
+        )
+        check("pgJDBC over TLS with the token as password", r.returncode == 0, r.stdout + r.stderr)
+
+    # pyarrow.flight over TLS with a bearer header.
+    import pyarrow.flight as flight
+
+    with open(ca_pem, "rb") as f:
+        root = f.read()
+    fc = flight.FlightClient(f"grpc+tls://localhost:{grpc_port}", tls_root_certs=root)
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {reader}".encode())])
+    ticket = flight.Ticket(json.dumps({"database": "plant", "sql_query": "SELECT count(*) AS n FROM cpu",
+                                       "query_type": "sql"}))
+    table = fc.do_get(ticket, options).read_all()
+    check("pyarrow.flight over TLS with a bearer token", table.column("n").to_pylist() == [2], table)
+    fc.close()
 
     # ADBC Flight SQL over TLS, with the token as the authorization header.
     import adbc_driver_flightsql.dbapi as flightsql
