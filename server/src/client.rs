@@ -123,7 +123,7 @@ pub enum LastCacheCommand {
 }
 
 /// An error and its causes, `: `-separated (a TLS failure is several levels down).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -491,4 +491,50 @@ pub async fn kafka(command: KafkaCommand) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `kiln probe`: asks a server's `/health` (or `/ready`) and exits 0 only on 200, for a
+/// container's `HEALTHCHECK` or a probe that has no shell or curl to run.
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    #[command(flatten)]
+    pub server: ServerOptions,
+    /// Ask `/ready` (accepting writes) instead of `/health` (the process answers).
+    #[arg(long)]
+    pub ready: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Skip verifying the server's certificate: a probe of the server's own address in
+    /// its container, whose certificate names the service, not `127.0.0.1`.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+pub async fn probe(args: ProbeArgs) -> Result<(), String> {
+    let path = if args.ready { "/ready" } else { "/health" };
+    let mut builder = reqwest::Client::builder().timeout(args.timeout);
+    if args.insecure {
+        builder = builder.tls_danger_accept_invalid_certs(true);
+    } else if let Some(ca) = &args.server.tls_ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{} holds no PEM certificate: {e}", ca.display()))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
+    let url = format!("{}{path}", args.server.host.trim_end_matches('/'));
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {}", chain(&e)))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if status.is_success() {
+        println!("{url}: {}", body.trim());
+        Ok(())
+    } else {
+        Err(format!("{url}: {status}: {}", body.trim()))
+    }
 }

@@ -71,7 +71,7 @@ pub struct KafkaArgs {
     pub kafka_batch_messages: usize,
 
     /// Most payload bytes read before a batch is written (all partitions together).
-    #[arg(long, env = "KILN_KAFKA_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "KILN_KAFKA_BATCH_BYTES", default_value = "8MiB", value_parser = crate::config::size::parse_usize)]
     pub kafka_batch_bytes: usize,
 
     /// How long a batch waits for more messages before it is written.

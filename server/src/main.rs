@@ -6,6 +6,7 @@
 
 mod auth;
 mod client;
+mod config;
 mod flight;
 mod grpc;
 mod http;
@@ -16,7 +17,7 @@ mod serve;
 mod tls;
 mod write;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// Kiln: an event-sourced time-series database for industrial IoT.
@@ -47,6 +48,9 @@ enum Command {
         #[command(flatten)]
         server: client::ServerOptions,
     },
+    /// Check that a server answers `/health` (or `/ready`): exit status 0 if so. For
+    /// container health checks and probes without a shell.
+    Probe(client::ProbeArgs),
     /// Create, list and revoke access tokens.
     #[command(subcommand)]
     Token(auth::cli::TokenCommand),
@@ -65,7 +69,16 @@ fn init_logging(json: bool) {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // `serve`'s settings from files, profiles and the memory limit become flags first
+    // (see `config`), then the command line is parsed once with all of them.
+    let (argv, notes) = match config::resolve(Cli::command(), std::env::args_os().collect()) {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            eprintln!("error: {}", client::chain(&e));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     // Every TLS client and server of the process uses ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -82,7 +95,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(config) => {
                 init_logging(config.log_format == "json");
-                serve::run(*config).await
+                serve::run(*config, notes).await
             }
             Command::Write(args) => client::write(args).await,
             Command::Query(args) => client::query(args).await,
@@ -90,6 +103,7 @@ fn main() -> std::process::ExitCode {
             Command::Kafka(command) => client::kafka(command).await,
             Command::Compact { server } => client::compact(server).await,
             Command::Token(command) => auth::cli::run(command).await,
+            Command::Probe(args) => client::probe(args).await,
         }
     });
     match result {

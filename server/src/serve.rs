@@ -22,9 +22,26 @@ use std::future::IntoFuture;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Configuration of `kiln serve`. Every flag can also be set with its `KILN_*` variable.
+/// Configuration of `kiln serve`. Every flag can also be set with its `KILN_*` variable
+/// (or `KILN_*_FILE`, a file holding the value), a key of the `--config` file, or the
+/// `--profile` (see [`crate::config`]). Sizes take units: `64MiB`, `8GiB`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
+    /// A TOML file setting any of these flags, one key per flag named as the flag
+    /// (`persist-buffer-bytes = "64MiB"`); flags and variables win over it.
+    #[arg(long, env = "KILN_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Built-in settings for a kind of machine, under the configuration file's: `edge`
+    /// (a 512 MiB gateway or K3s node).
+    #[arg(long, env = "KILN_PROFILE", value_enum)]
+    pub profile: Option<crate::config::profile::Profile>,
+
+    /// Check the configuration (flags, variables, file, profile; TLS and token files, Kafka
+    /// sources) and exit, without opening the data directory or listening.
+    #[arg(long)]
+    pub check: bool,
+
     /// Directory for the WAL, catalog and Parquet segments.
     #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
     pub data_dir: PathBuf,
@@ -49,7 +66,7 @@ pub struct ServeConfig {
     pub wal_sync: SyncPolicy,
 
     /// WAL files are rotated past this size (bytes).
-    #[arg(long, env = "KILN_WAL_MAX_FILE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "KILN_WAL_MAX_FILE_BYTES", default_value = "64MiB", value_parser = crate::config::size::parse_bytes)]
     pub wal_max_file_bytes: u64,
 
     /// Width of the time partitions of new tables (a Parquet segment holds one partition).
@@ -57,7 +74,7 @@ pub struct ServeConfig {
     pub partition_duration: Duration,
 
     /// Persist the write buffer to Parquet once it holds this many bytes.
-    #[arg(long, env = "KILN_PERSIST_BUFFER_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "KILN_PERSIST_BUFFER_BYTES", default_value = "256MiB", value_parser = crate::config::size::parse_usize)]
     pub persist_buffer_bytes: usize,
 
     /// Persist the write buffer once its oldest write is this old.
@@ -71,21 +88,21 @@ pub struct ServeConfig {
 
     /// Compaction leaves alone a partition whose segments hold more than this many bytes in
     /// all: it merges a partition in memory.
-    #[arg(long, env = "KILN_COMPACTION_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "KILN_COMPACTION_MAX_BYTES", default_value = "256MiB", value_parser = crate::config::size::parse_bytes)]
     pub compaction_max_bytes: u64,
 
     /// Refuse writes with 429 (retry later) while the buffer holds more than this many bytes.
-    #[arg(long, env = "KILN_MAX_BUFFER_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    #[arg(long, env = "KILN_MAX_BUFFER_BYTES", default_value = "1GiB", value_parser = crate::config::size::parse_usize)]
     pub max_buffer_bytes: usize,
 
     /// Largest accepted request body in bytes (after gzip decompression); larger gets 413
     /// over HTTP and RESOURCE_EXHAUSTED over gRPC.
-    #[arg(long, env = "KILN_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "KILN_MAX_REQUEST_BYTES", default_value = "64MiB", value_parser = crate::config::size::parse_usize)]
     pub max_request_bytes: usize,
 
     /// Memory all running queries may hold together (bytes); sorts and aggregations spill
     /// to `<data-dir>/spill` beyond it, other queries fail with a clear error.
-    #[arg(long, env = "KILN_QUERY_MEMORY_LIMIT", default_value_t = 2 * 1024 * 1024 * 1024)]
+    #[arg(long, env = "KILN_QUERY_MEMORY_LIMIT", default_value = "2GiB", value_parser = crate::config::size::parse_usize)]
     pub query_memory_limit: usize,
 
     /// Longest a query may run (`0s`: no limit). Over HTTP and Flight SQL the whole query;
@@ -95,7 +112,7 @@ pub struct ServeConfig {
 
     /// Largest result (bytes of Arrow data) the HTTP query API assembles; PostgreSQL and
     /// Flight SQL stream and are not bound by it.
-    #[arg(long, env = "KILN_MAX_RESULT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    #[arg(long, env = "KILN_MAX_RESULT_BYTES", default_value = "1GiB", value_parser = crate::config::size::parse_usize)]
     pub max_result_bytes: usize,
 
     /// On shutdown, how long to wait for open requests and connections to finish before
@@ -147,8 +164,54 @@ pub struct ServeConfig {
     pub kafka: crate::kafka::KafkaArgs,
 }
 
-pub async fn run(config: ServeConfig) -> Result<(), String> {
+pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> {
+    for note in &notes {
+        tracing::info!("{note}");
+    }
     let kafka_sources = config.kafka.sources()?;
+    let admin_token = match &config.admin_token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+            let token = text.trim().to_owned();
+            if token.is_empty() {
+                return Err(format!("the admin token file {} is empty", path.display()));
+            }
+            Some(token)
+        }
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::tls::Tls::load(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            })
+            .map_err(|e| format!("cannot set up TLS: {e}"))?,
+        ),
+        _ => None,
+    };
+    if config.check {
+        use crate::config::size::display;
+        println!(
+            "configuration OK: HTTP {}, gRPC {}, PostgreSQL {}{}, data in {}, {} Kafka source(s); \
+             buffer persists at {} and refuses writes at {}, queries may hold {}",
+            config.http_bind,
+            config.grpc_bind,
+            config.pg_bind,
+            if tls.is_some() { " (TLS)" } else { "" },
+            config.data_dir.display(),
+            kafka_sources.len(),
+            display(config.persist_buffer_bytes as u64),
+            display(config.max_buffer_bytes as u64),
+            display(config.query_memory_limit as u64),
+        );
+        for note in &notes {
+            println!("{note}");
+        }
+        return Ok(());
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         format!(
             "cannot create data directory {}: {e}",
@@ -177,29 +240,6 @@ pub async fn run(config: ServeConfig) -> Result<(), String> {
             )
         })?,
     );
-    let admin_token = match &config.admin_token_file {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
-            let token = text.trim().to_owned();
-            if token.is_empty() {
-                return Err(format!("the admin token file {} is empty", path.display()));
-            }
-            Some(token)
-        }
-    };
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            crate::tls::Tls::load(crate::tls::TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: config.tls_client_ca.clone(),
-            })
-            .map_err(|e| format!("cannot set up TLS: {e}"))?,
-        ),
-        _ => None,
-    };
     let metrics = Arc::new(Metrics::new());
     let engine_config = EngineConfig {
         wal_dir: config.data_dir.join("wal"),

@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod compaction;
+mod config;
 mod crash;
 mod flight;
 mod grpc;
