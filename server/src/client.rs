@@ -497,33 +497,61 @@ pub async fn kafka(command: KafkaCommand) -> Result<(), String> {
 /// container's `HEALTHCHECK` or a probe that has no shell or curl to run.
 #[derive(Debug, Clone, Args)]
 pub struct ProbeArgs {
-    #[command(flatten)]
-    pub server: ServerOptions,
+    /// Base URL of the server. By default the server of this container or machine:
+    /// loopback at the port of `KILN_HTTP_BIND` (8080 without it), `https://` when
+    /// `KILN_TLS_CERT` is set (its certificate then goes unverified: it names the
+    /// service, not loopback).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// PEM file of the CA that signed the server's certificate, for an `https://` host.
+    #[arg(long, env = "KILN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Ask `/ready` (accepting writes) instead of `/health` (the process answers).
     #[arg(long)]
     pub ready: bool,
     /// Give up after this long.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: std::time::Duration,
-    /// Skip verifying the server's certificate: a probe of the server's own address in
-    /// its container, whose certificate names the service, not `127.0.0.1`.
+    /// Skip verifying the server's certificate.
     #[arg(long)]
     pub insecure: bool,
 }
 
+/// The server `kiln serve` would run here, from its own variables: (URL, whether TLS
+/// is on).
+fn own_server() -> (String, bool) {
+    let port = std::env::var("KILN_HTTP_BIND")
+        .ok()
+        .and_then(|bind| bind.parse::<std::net::SocketAddr>().ok())
+        .map_or(8080, |addr| addr.port());
+    let tls = std::env::var_os("KILN_TLS_CERT").is_some_and(|v| !v.is_empty());
+    let scheme = if tls { "https" } else { "http" };
+    (format!("{scheme}://127.0.0.1:{port}"), tls)
+}
+
 pub async fn probe(args: ProbeArgs) -> Result<(), String> {
     let path = if args.ready { "/ready" } else { "/health" };
+    let (host, insecure) = match args.host {
+        Some(host) => (host, args.insecure),
+        None => {
+            let (host, tls) = own_server();
+            (host, args.insecure || tls)
+        }
+    };
     let mut builder = reqwest::Client::builder().timeout(args.timeout);
-    if args.insecure {
+    if host.starts_with("http://") {
+        // No certificate to verify: the probe works in an image without a CA bundle.
+        builder = builder.tls_certs_only([]);
+    } else if insecure {
         builder = builder.tls_danger_accept_invalid_certs(true);
-    } else if let Some(ca) = &args.server.tls_ca {
+    } else if let Some(ca) = &args.tls_ca {
         let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| format!("{} holds no PEM certificate: {e}", ca.display()))?;
         builder = builder.tls_certs_only(certs);
     }
     let client = builder.build().map_err(|e| e.to_string())?;
-    let url = format!("{}{path}", args.server.host.trim_end_matches('/'));
+    let url = format!("{}{path}", host.trim_end_matches('/'));
     let resp = client
         .get(&url)
         .send()

@@ -151,6 +151,15 @@ async fn a_running_server_takes_its_settings_from_the_file() {
     assert!(out.contains("/health"), "{out}");
     let (ok, _, err) = kiln_env(&["probe", "--ready", "--host", &server.base], &[]);
     assert!(ok, "{err}");
+    // Without --host: the port of the server's own KILN_HTTP_BIND, as in its container.
+    let port = server.base.rsplit(':').next().unwrap();
+    let bind = format!("0.0.0.0:{port}");
+    let (ok, out, err) = kiln_env(&["probe"], &[("KILN_HTTP_BIND", &bind)]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("http://127.0.0.1:{port}/health")),
+        "{out}"
+    );
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
