@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Checks deploy/kubernetes: every overlay renders with `kubectl kustomize`, every object
+validates against the Kubernetes OpenAPI schema of a pinned version, every Kiln container
+meets our own policy (limits, probes, non-root, read-only root, no capabilities, grace
+period above the shutdown timeout, NetworkPolicy on exactly the container's ports), and
+the ConfigMap's kiln.toml passes `kiln serve --config … --check` with the pod's variables.
+
+usage: tests/kubernetes/check.py path/to/kiln
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+KUSTOMIZE = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.31.0"
+OVERLAYS = ["base", "overlays/edge-k3s", "overlays/cloud"]
+
+failures: list[str] = []
+
+
+def fail(where: str, what: str) -> None:
+    failures.append(f"{where}: {what}")
+
+
+def seconds(text: str) -> float:
+    """A humantime duration as kiln.toml writes it (30s, 2m, 1m30s)."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+)\s*(ms|s|m|h)", text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != text.replace(" ", ""):
+        raise ValueError(f"not a duration: {text!r}")
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def render(overlay: str) -> tuple[str, list[dict]]:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(KUSTOMIZE / overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out, [d for d in yaml.safe_load_all(out) if d]
+
+
+def validate_schema(overlay: str, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        run = subprocess.run(
+            ["kubernetes-validate", "--strict", "-k", KUBERNETES_VERSION, f.name],
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode != 0:
+            fail(overlay, f"kubernetes-validate {KUBERNETES_VERSION}:\n{run.stdout}{run.stderr}")
+    finally:
+        os.unlink(f.name)
+
+
+def check_policy(overlay: str, objects: list[dict]) -> dict:
+    by_kind: dict[str, list[dict]] = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    for kind in ["Namespace", "StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget",
+                 "NetworkPolicy", "ServiceAccount"]:
+        if kind not in by_kind:
+            fail(overlay, f"no {kind}")
+    ns = by_kind.get("Namespace", [{}])[0]
+    if ns.get("metadata", {}).get("labels", {}).get("pod-security.kubernetes.io/enforce") != "restricted":
+        fail(overlay, "the namespace does not enforce the restricted Pod Security Standard")
+
+    config = by_kind["ConfigMap"][0]
+    toml_text = config["data"]["kiln.toml"]
+    settings = tomllib.loads(toml_text)
+    shutdown = seconds(settings.get("shutdown-timeout", "30s"))
+
+    sts = by_kind["StatefulSet"][0]
+    spec = sts["spec"]["template"]["spec"]
+    where = f"{overlay} StatefulSet/{sts['metadata']['name']}"
+    if spec.get("terminationGracePeriodSeconds", 30) <= shutdown:
+        fail(where, f"terminationGracePeriodSeconds is not above shutdown-timeout ({shutdown}s)")
+    pod_sc = spec.get("securityContext", {})
+    if pod_sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        fail(where, "no RuntimeDefault seccomp profile")
+    if spec.get("automountServiceAccountToken") is not False:
+        fail(where, "mounts a service account token")
+    if not sts["spec"].get("volumeClaimTemplates"):
+        fail(where, "no volume claim for the data directory")
+    container_ports: set[int] = set()
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        cw = f"{where} container {c['name']}"
+        limits = c.get("resources", {}).get("limits", {})
+        requests = c.get("resources", {}).get("requests", {})
+        if "memory" not in limits:
+            fail(cw, "no memory limit")
+        if "memory" not in requests or "cpu" not in requests:
+            fail(cw, "no cpu and memory requests")
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
+            if probe not in c:
+                fail(cw, f"no {probe}")
+        if c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/ready":
+            fail(cw, "readiness is not /ready")
+        if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/health":
+            fail(cw, "liveness is not /health")
+        startup = c.get("startupProbe", {})
+        if startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) < 300:
+            fail(cw, "the startup probe gives WAL replay less than 5 minutes")
+        sc = c.get("securityContext", {})
+        if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+            fail(cw, "may run as root")
+        if (sc.get("runAsUser") or pod_sc.get("runAsUser")) in (None, 0):
+            fail(cw, "no non-root runAsUser")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            fail(cw, "root file system is writable")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            fail(cw, "allows privilege escalation")
+        if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+            fail(cw, "does not drop all capabilities")
+        container_ports |= {p["containerPort"] for p in c.get("ports", [])}
+    annotations = sts["spec"]["template"]["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") != "true":
+        fail(where, "no Prometheus scrape annotations")
+    for np in by_kind.get("NetworkPolicy", []):
+        ports = {p["port"] for rule in np["spec"].get("ingress", []) for p in rule.get("ports", [])}
+        if ports != container_ports:
+            fail(overlay, f"NetworkPolicy opens {sorted(ports)}, the container listens on {sorted(container_ports)}")
+        if any(not rule.get("from") for rule in np["spec"].get("ingress", [])):
+            fail(overlay, "NetworkPolicy lets anyone in")
+    return {"config": toml_text, "container": spec["containers"][0]}
+
+
+def check_config(overlay: str, kiln: str, found: dict) -> None:
+    """`kiln serve --config kiln.toml --check` with the pod's variables; the admin token
+    file and the data directory are this machine's stand-ins for the Secret and volume."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "kiln.toml"
+        config.write_text(found["config"])
+        token = Path(tmp) / "admin-token"
+        token.write_text("kiln_" + "ab" * 32 + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+        for var in found["container"].get("env", []):
+            if "value" in var:
+                env[var["name"]] = var["value"]
+        # The image's own variables.
+        env.update({
+            "KILN_DATA_DIR": str(Path(tmp) / "data"),
+            "KILN_HTTP_BIND": "0.0.0.0:8080",
+            "KILN_GRPC_BIND": "0.0.0.0:50051",
+            "KILN_PG_BIND": "0.0.0.0:5433",
+            "KILN_CONFIG": str(config),
+            "KILN_ADMIN_TOKEN_FILE": str(token),
+        })
+        run = subprocess.run([kiln, "serve", "--check"], env=env, capture_output=True, text=True)
+        if run.returncode != 0 or not run.stdout.startswith("configuration OK"):
+            fail(overlay, f"kiln serve --check refused kiln.toml:\n{run.stdout}{run.stderr}")
+        else:
+            print(f"  {overlay}: {run.stdout.strip().splitlines()[0]}")
+
+
+def main() -> int:
+    kiln = sys.argv[1]
+    for overlay in OVERLAYS:
+        text, objects = render(overlay)
+        print(f"{overlay}: {len(objects)} objects ({', '.join(sorted({o['kind'] for o in objects}))})")
+        validate_schema(overlay, text)
+        found = check_policy(overlay, objects)
+        check_config(overlay, kiln, found)
+    if failures:
+        print("\n".join(f"FAIL {f}" for f in failures), file=sys.stderr)
+        return 1
+    print("kubernetes: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
