@@ -72,6 +72,33 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
         names: Vec<String>,
     },
+    /// Line protocol at a fixed rate for a fixed time while sampling a server's resident
+    /// memory (`/proc/PID/status`): the edge footprint benchmark.
+    Sustain {
+        /// Server HTTP base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Database to write into.
+        #[arg(long, default_value = "benchmark")]
+        db: String,
+        /// The server's process id, whose memory is sampled.
+        #[arg(long)]
+        pid: u32,
+        /// Rows per second.
+        #[arg(long, default_value_t = 100_000)]
+        rate: usize,
+        /// How long to keep the rate.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Hosts of the TSBS cpu-only workload: rows per request.
+        #[arg(long, default_value_t = 1000)]
+        scale: usize,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+        #[command(flatten)]
+        access: kiln_bench::security::Access,
+    },
     /// Median latency of a small query over a kept-alive HTTP connection, and of a new
     /// connection's first request (with TLS: the handshake); compare a server with
     /// tokens and TLS to one without.
@@ -335,6 +362,48 @@ fn main() -> std::process::ExitCode {
                 connections,
                 access,
             )))
+        }
+        Command::Sustain {
+            url,
+            db,
+            pid,
+            rate,
+            duration,
+            scale,
+            connections,
+            access,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let target = format!("{}/api/v3/write_lp?db={db}", url.trim_end_matches('/'));
+            let result = access.http_client().and_then(|http| {
+                runtime.block_on(kiln_bench::footprint::sustain(
+                    http,
+                    &target,
+                    scale,
+                    rate,
+                    duration.as_secs(),
+                    connections,
+                    pid,
+                ))
+            });
+            if let Ok(r) = &result {
+                let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                let mut sorted = r.rss.clone();
+                sorted.sort_unstable();
+                let median = sorted.get(sorted.len() / 2).copied().unwrap_or_default();
+                let peak = sorted.last().copied().unwrap_or_default();
+                println!(
+                    "rows={} seconds={:.1} rows_per_sec={:.0} refused_429={} rss_median_mib={:.1} rss_peak_sampled_mib={:.1} rss_hwm_mib={:.1}",
+                    r.rows,
+                    r.seconds,
+                    r.rows as f64 / r.seconds,
+                    r.refused,
+                    mib(median),
+                    mib(peak),
+                    mib(r.hwm)
+                );
+            }
+            exit_code(result)
         }
         Command::Certs { dir, names } => exit_code(kiln_bench::security::certs(&dir, &names)),
         Command::Latency {

@@ -1,8 +1,9 @@
 //! Memory sizes that fit the box: the write buffer and the query pool sized from the
 //! memory the process may use, when no flag, variable, file or profile sets them.
 //!
-//! The budget is the cgroup v2 limit of the process (`/sys/fs/cgroup/memory.max`: a
-//! container's or a Kubernetes pod's limit) or, without one, the profile's. Of the
+//! The budget is the smallest memory limit of the process's cgroup and its ancestors
+//! (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`: a container's, a Kubernetes pod's,
+//! a systemd unit's `MemoryMax=`) or, without one, the profile's. Of the
 //! budget, a quarter may sit in the write buffer before writes are refused, an eighth
 //! makes the buffer persist, and a quarter is the queries' shared pool; the rest is the
 //! process itself, Parquet encoding and the caches. Without a limit and a profile, the
@@ -10,10 +11,9 @@
 
 use super::profile::Profile;
 
-/// Where cgroup v2 keeps a process's memory limit (in a container, its own).
-const CGROUP_MEMORY_MAX: &str = "/sys/fs/cgroup/memory.max";
-/// Where cgroup v1 keeps it, on hosts that still run v1.
-const CGROUP_V1_LIMIT: &str = "/sys/fs/cgroup/memory/memory.limit_in_bytes";
+/// Where the cgroup hierarchies are mounted: v2 (unified) and v1's memory controller.
+const CGROUP_V2: &str = "/sys/fs/cgroup";
+const CGROUP_V1_MEMORY: &str = "/sys/fs/cgroup/memory";
 
 /// The memory budget and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,19 +22,50 @@ pub struct Sizing {
     pub source: String,
 }
 
-/// The memory limit of this process's cgroup, if it has one.
-pub fn cgroup_limit() -> Option<(u64, &'static str)> {
-    [CGROUP_MEMORY_MAX, CGROUP_V1_LIMIT]
+/// The memory limit of this process's cgroup, if it has one, and the file that set it.
+pub fn cgroup_limit() -> Option<(u64, String)> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    limit_of(&own, |path| std::fs::read_to_string(path).ok())
+}
+
+/// The smallest memory limit on the way from the process's cgroups (as `/proc/self/cgroup`
+/// lists them) up to the root: a container's own (its namespace shows it as `/`), a pod's,
+/// or a systemd unit's `MemoryMax=`.
+fn limit_of(proc_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<(u64, String)> {
+    let mut files = Vec::new();
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (root, file) = if id == "0" && controllers.is_empty() {
+            (CGROUP_V2, "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (CGROUP_V1_MEMORY, "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        // The cgroup and each of its ancestors.
+        let mut dir = path.trim_end_matches('/').to_owned();
+        loop {
+            files.push(format!("{root}{dir}/{file}"));
+            match dir.rfind('/') {
+                Some(i) => dir.truncate(i),
+                None => break,
+            }
+        }
+    }
+    files
         .into_iter()
-        .find_map(|path| {
-            let text = std::fs::read_to_string(path).ok()?;
-            Some((parse_limit(&text)?, path))
-        })
+        .filter_map(|path| Some((parse_limit(&read(&path)?)?, path)))
+        .min_by_key(|(limit, _)| *limit)
 }
 
 impl Sizing {
     /// The budget: the cgroup's limit, else the profile's.
-    pub fn choose(cgroup: Option<(u64, &str)>, profile: Option<Profile>) -> Option<Self> {
+    pub fn choose(cgroup: Option<(u64, String)>, profile: Option<Profile>) -> Option<Self> {
         match (cgroup, profile) {
             (Some((limit, path)), _) => Some(Self {
                 budget: limit,
@@ -92,11 +123,12 @@ mod tests {
         );
         // The cgroup's limit wins over the profile's budget.
         assert_eq!(parse_limit("9223372036854771712\n"), None);
-        let pod = Sizing::choose(Some((2 << 30, CGROUP_MEMORY_MAX)), Some(Profile::Edge)).unwrap();
+        let pod =
+            Sizing::choose(Some((2 << 30, "memory.max".into())), Some(Profile::Edge)).unwrap();
         assert_eq!(pod.budget, 2 << 30);
         assert!(pod.source.contains("cgroup"));
         // A big machine keeps the flags' defaults.
-        let big = Sizing::choose(Some((64 << 30, CGROUP_MEMORY_MAX)), None).unwrap();
+        let big = Sizing::choose(Some((64 << 30, "memory.max".into())), None).unwrap();
         assert_eq!(
             big.defaults(),
             [
@@ -105,5 +137,38 @@ mod tests {
                 ("query-memory-limit", 2 << 30),
             ]
         );
+    }
+
+    #[test]
+    fn the_smallest_limit_from_the_cgroup_up() {
+        let files = |path: &str| -> Option<String> {
+            match path {
+                // cgroup v1 on a host: a systemd unit's limit on its slice, none on it.
+                "/sys/fs/cgroup/memory/system.slice/memory.limit_in_bytes" => {
+                    Some("1073741824\n".into())
+                }
+                "/sys/fs/cgroup/memory/system.slice/kiln.service/memory.limit_in_bytes"
+                | "/sys/fs/cgroup/memory/memory.limit_in_bytes" => {
+                    Some("9223372036854771712\n".into())
+                }
+                // cgroup v2 in a container: its namespace's root is its own cgroup.
+                "/sys/fs/cgroup/memory.max" => Some("536870912\n".into()),
+                _ => None,
+            }
+        };
+        let v1 = "4:memory:/system.slice/kiln.service\n1:cpu:/\n";
+        assert_eq!(
+            limit_of(v1, files),
+            Some((
+                1 << 30,
+                "/sys/fs/cgroup/memory/system.slice/memory.limit_in_bytes".into()
+            ))
+        );
+        assert_eq!(
+            limit_of("0::/\n", files),
+            Some((512 << 20, "/sys/fs/cgroup/memory.max".into()))
+        );
+        assert_eq!(limit_of("0::/user.slice\n", |_| Some("max".into())), None);
+        assert_eq!(limit_of("", files), None);
     }
 }

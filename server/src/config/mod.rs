@@ -95,7 +95,7 @@ fn resolve_with(
     cli: Command,
     argv: Vec<OsString>,
     env: impl IntoIterator<Item = (OsString, OsString)>,
-    cgroup: Option<(u64, &str)>,
+    cgroup: Option<(u64, String)>,
 ) -> Result<(Vec<OsString>, Vec<String>), ConfigError> {
     let Ok(matches) = cli.clone().try_get_matches_from(&argv) else {
         return Ok((argv, Vec::new()));

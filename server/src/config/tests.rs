@@ -21,7 +21,7 @@ fn serve(
         Cli::command(),
         argv,
         env,
-        cgroup.map(|limit| (limit, "/sys/fs/cgroup/memory.max")),
+        cgroup.map(|limit| (limit, "/sys/fs/cgroup/memory.max".to_owned())),
     )?;
     let cli = Cli::try_parse_from(argv).expect("the resolved command line parses");
     match cli.command {
@@ -194,8 +194,13 @@ fn other_commands_pass_through() {
         .iter()
         .map(OsString::from)
         .collect();
-    let (out, notes) =
-        resolve_with(Cli::command(), argv.clone(), [], Some((1 << 30, "x"))).unwrap();
+    let (out, notes) = resolve_with(
+        Cli::command(),
+        argv.clone(),
+        [],
+        Some((1 << 30, "x".into())),
+    )
+    .unwrap();
     assert_eq!(out, argv);
     assert!(notes.is_empty());
 }
