@@ -86,16 +86,17 @@ pub fn resolve(
     cli: Command,
     argv: Vec<OsString>,
 ) -> Result<(Vec<OsString>, Vec<String>), ConfigError> {
-    resolve_with(cli, argv, std::env::vars_os(), memory::cgroup_limit())
+    resolve_with(cli, argv, std::env::vars_os(), memory::cgroup_limit(), true)
 }
 
 /// [`resolve`] with the environment's `KILN_*_FILE` variables and the cgroup's memory
-/// limit given.
+/// limit given; `apply_process_settings` lets it change the process (malloc arenas).
 fn resolve_with(
     cli: Command,
     argv: Vec<OsString>,
     env: impl IntoIterator<Item = (OsString, OsString)>,
     cgroup: Option<(u64, String)>,
+    apply_process_settings: bool,
 ) -> Result<(Vec<OsString>, Vec<String>), ConfigError> {
     let Ok(matches) = cli.clone().try_get_matches_from(&argv) else {
         return Ok((argv, Vec::new()));
@@ -141,6 +142,9 @@ fn resolve_with(
                 sizing.source,
                 chosen.join(", ")
             ));
+        }
+        if apply_process_settings && let Some(arenas) = memory::cap_malloc_arenas() {
+            notes.push(format!("malloc arenas capped at {arenas}"));
         }
     }
     let mut out = argv;

@@ -22,6 +22,7 @@ fn serve(
         argv,
         env,
         cgroup.map(|limit| (limit, "/sys/fs/cgroup/memory.max".to_owned())),
+        false,
     )?;
     let cli = Cli::try_parse_from(argv).expect("the resolved command line parses");
     match cli.command {
@@ -150,16 +151,16 @@ fn memory_follows_the_limit_under_everything_else() {
     assert_eq!(plain.query_memory_limit, 2 << 30);
 
     let (edge, notes) = serve(&["--profile", "edge"], &[], None).unwrap();
-    assert_eq!(edge.max_buffer_bytes, 128 << 20);
-    assert_eq!(edge.persist_buffer_bytes, 64 << 20);
+    assert_eq!(edge.max_buffer_bytes, 64 << 20);
+    assert_eq!(edge.persist_buffer_bytes, 32 << 20);
     assert_eq!(edge.query_memory_limit, 128 << 20);
     assert_eq!(edge.compaction_max_bytes, 64 << 20, "from edge.toml");
     assert!(notes[0].contains("the edge profile"), "{notes:?}");
 
     // A pod of 1 GiB: the cgroup decides; the profile's other settings stay.
     let (pod, notes) = serve(&["--profile", "edge"], &[], Some(1 << 30)).unwrap();
-    assert_eq!(pod.max_buffer_bytes, 256 << 20);
-    assert_eq!(pod.persist_buffer_bytes, 128 << 20);
+    assert_eq!(pod.max_buffer_bytes, 128 << 20);
+    assert_eq!(pod.persist_buffer_bytes, 64 << 20);
     assert!(notes[0].contains("cgroup"), "{notes:?}");
 
     // What is set by hand stays, and is not reported as chosen.
@@ -173,9 +174,9 @@ fn memory_follows_the_limit_under_everything_else() {
     .unwrap();
     assert_eq!(mixed.max_buffer_bytes, 300 << 20);
     assert_eq!(mixed.query_memory_limit, 1 << 30);
-    assert_eq!(mixed.persist_buffer_bytes, 64 << 20);
+    assert_eq!(mixed.persist_buffer_bytes, 32 << 20);
     assert!(
-        notes[0].contains("--persist-buffer-bytes 64 MiB"),
+        notes[0].contains("--persist-buffer-bytes 32 MiB"),
         "{notes:?}"
     );
     assert!(!notes[0].contains("query-memory-limit"), "{notes:?}");
@@ -199,6 +200,7 @@ fn other_commands_pass_through() {
         argv.clone(),
         [],
         Some((1 << 30, "x".into())),
+        false,
     )
     .unwrap();
     assert_eq!(out, argv);
