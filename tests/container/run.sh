@@ -17,8 +17,9 @@ cd "$(dirname "$0")/../.."
 KILN_BIN=$(realpath "${1:?usage: $0 path/to/kiln}")
 
 if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; then
-    echo "== installing buildah and mmdebstrap"
-    apt-get install -y -q buildah mmdebstrap >/dev/null
+    echo "== installing buildah and mmdebstrap (Debian)"
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq buildah mmdebstrap >/dev/null
 fi
 
 WORK=$(mktemp -d /tmp/kiln-image.XXXXXX)
@@ -34,6 +35,7 @@ cleanup() {
 }
 trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
+command -v curl >/dev/null || fail "curl is missing (tests/interop/run.sh installs it)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 HTTP_PORT=$(free_port); GRPC_PORT=$(free_port); PG_PORT=$(free_port)
 
