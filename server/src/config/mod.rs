@@ -143,8 +143,8 @@ fn resolve_with(
                 chosen.join(", ")
             ));
         }
-        if apply_process_settings && let Some(arenas) = memory::cap_malloc_arenas() {
-            notes.push(format!("malloc arenas capped at {arenas}"));
+        if apply_process_settings {
+            notes.extend(memory::tune_malloc());
         }
     }
     let mut out = argv;
