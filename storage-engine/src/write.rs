@@ -197,8 +197,8 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn write_batch_round_trips_and_rejects_every_truncation() {
+    /// A batch of `time` and a nullable float `v`.
+    fn batch(times: Vec<i64>, values: Vec<Option<f64>>) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new(
                 "time",
@@ -207,14 +207,19 @@ mod tests {
             ),
             Field::new("v", DataType::Float64, true),
         ]));
-        let batch = RecordBatch::try_new(
+        RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(TimestampNanosecondArray::from(vec![1, 2])),
-                Arc::new(Float64Array::from(vec![Some(1.5), None])),
+                Arc::new(TimestampNanosecondArray::from(times)),
+                Arc::new(Float64Array::from(values)),
             ],
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn write_batch_round_trips_and_rejects_every_truncation() {
+        let batch = batch(vec![1, 2], vec![Some(1.5), None]);
         let wb = WriteBatch {
             database: DatabaseId(3),
             tables: vec![TableWrite {
@@ -245,22 +250,7 @@ mod tests {
     }
 
     fn sample() -> Vec<u8> {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new(
-                "time",
-                DataType::Timestamp(TimeUnit::Nanosecond, None),
-                false,
-            ),
-            Field::new("v", DataType::Float64, true),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(TimestampNanosecondArray::from(vec![1, 2, 3])),
-                Arc::new(Float64Array::from(vec![Some(1.5), None, Some(2.5)])),
-            ],
-        )
-        .unwrap();
+        let batch = batch(vec![1, 2, 3], vec![Some(1.5), None, Some(2.5)]);
         WriteBatch {
             database: DatabaseId(1),
             tables: vec![TableWrite {

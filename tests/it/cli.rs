@@ -6,8 +6,18 @@ use std::process::{Command, Stdio};
 use crate::support::TestServer;
 
 pub(crate) fn kiln(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    kiln_env(args, stdin, &[])
+}
+
+/// [`kiln`] with extra environment variables.
+pub(crate) fn kiln_env(
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

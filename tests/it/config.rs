@@ -1,24 +1,13 @@
 //! `kiln serve`'s settings from a file, the environment and secret files, `--check`, and
 //! `kiln probe`, on the real binary.
 
-use std::process::Command;
-
 use reqwest::StatusCode;
 
 use crate::support::TestServer;
 
 /// Runs `kiln ARGS` with extra environment variables: (success, stdout, stderr).
 fn kiln_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::cli::kiln_env(args, None, env)
 }
 
 #[test]

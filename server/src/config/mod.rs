@@ -131,7 +131,7 @@ fn resolve_with(
     if let Some(sizing) = sizing {
         let mut chosen = Vec::new();
         for (key, value) in sizing.defaults() {
-            if layers.add(key, &value.to_string(), "memory sizing")? {
+            if layers.add(key, &[value.to_string()], "memory sizing")? {
                 chosen.push(format!("--{key} {}", size::display(value)));
             }
         }
@@ -177,9 +177,12 @@ impl<'a> Layers<'a> {
         )
     }
 
-    /// Adds `--key value` unless a layer above set it; `false` if one did. `key` must
-    /// name a flag.
-    fn add(&mut self, key: &str, value: &str, origin: &str) -> Result<bool, ConfigError> {
+    /// Adds `--key value` for each value (a list sets a flag that repeats, such as
+    /// `kafka-option`) unless a layer above set the flag; `false` if one did.
+    fn add(&mut self, key: &str, values: &[String], origin: &str) -> Result<bool, ConfigError> {
+        if values.is_empty() {
+            return Ok(false);
+        }
         let Some(arg) = self.arg(key) else {
             return Err(ConfigError::UnknownKey {
                 key: key.into(),
@@ -198,21 +201,23 @@ impl<'a> Layers<'a> {
             return Ok(false);
         }
         self.set.insert(id);
-        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
-            match value {
-                "true" => self.added.push(format!("--{long}").into()),
-                "false" => {}
-                other => {
-                    return Err(ConfigError::NotABool {
-                        key: key.into(),
-                        origin: origin.into(),
-                        value: other.into(),
-                    });
+        for value in values {
+            if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+                match value.as_str() {
+                    "true" => self.added.push(format!("--{long}").into()),
+                    "false" => {}
+                    other => {
+                        return Err(ConfigError::NotABool {
+                            key: key.into(),
+                            origin: origin.into(),
+                            value: other.into(),
+                        });
+                    }
                 }
+            } else {
+                self.check(arg, key, value, origin)?;
+                self.added.push(format!("--{long}={value}").into());
             }
-        } else {
-            self.check(arg, key, value, origin)?;
-            self.added.push(format!("--{long}={value}").into());
         }
         Ok(true)
     }
@@ -249,17 +254,14 @@ impl<'a> Layers<'a> {
             let Some(stem) = name.strip_suffix("_FILE") else {
                 continue;
             };
-            let command: &'a Command = self.command;
+            // (`KILN_ADMIN_TOKEN_FILE`, a flag's own variable, names no flag by its stem.)
+            let command = self.command;
             let Some(arg) = command
                 .get_arguments()
                 .find(|a| a.get_env().and_then(|e| e.to_str()) == Some(stem))
             else {
                 continue;
             };
-            // `KILN_ADMIN_TOKEN_FILE` and friends are flags of their own.
-            if arg.get_env().and_then(|e| e.to_str()) == Some(name) {
-                continue;
-            }
             let id = arg.get_id().to_string();
             if self.given(&id) {
                 continue;
@@ -304,27 +306,7 @@ impl<'a> Layers<'a> {
                     }
                 });
             }
-            // A list sets a flag that repeats (`kafka-option`); the first value decides
-            // whether a layer above set it.
-            let mut first = true;
-            for text in texts {
-                if first {
-                    if !self.add(key, &text, origin)? {
-                        break;
-                    }
-                    first = false;
-                } else {
-                    let long = self
-                        .arg(key)
-                        .and_then(|a| a.get_long())
-                        .unwrap_or(key)
-                        .to_owned();
-                    if let Some(arg) = self.arg(key) {
-                        self.check(arg, key, &text, origin)?;
-                    }
-                    self.added.push(format!("--{long}={text}").into());
-                }
-            }
+            self.add(key, &texts, origin)?;
         }
         Ok(())
     }
