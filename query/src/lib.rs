@@ -20,6 +20,7 @@
 //! clients expect (see [`postgres`]). All sessions share one runtime, so the limits of
 //! [`QueryConfig`] (memory pool with spilling, timeout) hold across queries.
 
+pub mod alerts;
 mod avg;
 mod coarse;
 pub mod dedup;
@@ -194,12 +195,20 @@ pub struct QueryEngine {
     config: QueryConfig,
     /// Queries started by [`Self::execute`] whose stream is still alive.
     running: Arc<AtomicUsize>,
+    /// How alert rules' latest evaluations went (for the `system` tables).
+    rule_status: Arc<alerts::scheduler::RuleStatuses>,
 }
 
 impl QueryEngine {
     pub fn new(engine: Arc<Engine>, config: QueryConfig) -> Result<Self, Error> {
+        let rule_status = Arc::<alerts::scheduler::RuleStatuses>::default();
         Ok(Self {
-            catalog: Arc::new(KilnCatalog::new(Arc::clone(&engine), Visible::all())),
+            catalog: Arc::new(KilnCatalog::new(
+                Arc::clone(&engine),
+                Visible::all(),
+                Arc::clone(&rule_status),
+            )),
+            rule_status,
             visible: Visible::all(),
             runtime: config.runtime()?,
             config,
@@ -212,7 +221,11 @@ impl QueryEngine {
     /// token may read): cheap, everything else is shared.
     pub fn visible_to(&self, visible: Visible) -> Self {
         Self {
-            catalog: Arc::new(KilnCatalog::new(Arc::clone(&self.engine), visible.clone())),
+            catalog: Arc::new(KilnCatalog::new(
+                Arc::clone(&self.engine),
+                visible.clone(),
+                Arc::clone(&self.rule_status),
+            )),
             visible,
             ..self.clone()
         }
@@ -370,6 +383,20 @@ impl QueryEngine {
     /// The limits queries run under.
     pub fn config(&self) -> &QueryConfig {
         &self.config
+    }
+
+    /// The `system` schema as this engine shows it.
+    pub fn system_schema(&self) -> alerts::system::SystemSchema {
+        alerts::system::SystemSchema::new(
+            Arc::clone(&self.engine),
+            self.visible.clone(),
+            Arc::clone(&self.rule_status),
+        )
+    }
+
+    /// How alert rules' latest evaluations went.
+    pub fn rule_statuses(&self) -> &alerts::scheduler::RuleStatuses {
+        &self.rule_status
     }
 
     /// The storage engine the sessions read.

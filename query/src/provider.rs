@@ -55,6 +55,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use kiln_storage::Engine;
+use kiln_storage::catalog::SYSTEM_SCHEMA;
 pub use kiln_storage::catalog::TIME_ZONE;
 use kiln_storage::catalog::{SegmentMeta, TIME_COLUMN, TableDef};
 use kiln_storage::dedup::merge_last_write_wins;
@@ -84,27 +85,47 @@ pub fn query_schema(def: &TableDef) -> SchemaRef {
 pub struct KilnCatalog {
     engine: Arc<Engine>,
     visible: crate::Visible,
+    rule_status: Arc<crate::alerts::scheduler::RuleStatuses>,
 }
 
 impl KilnCatalog {
-    /// Every database of `engine` that `visible` shows, as a schema.
-    pub fn new(engine: Arc<Engine>, visible: crate::Visible) -> Self {
-        Self { engine, visible }
+    /// Every database of `engine` that `visible` shows, as a schema, and the `system`
+    /// schema (alerts; see [`crate::alerts::system`]).
+    pub fn new(
+        engine: Arc<Engine>,
+        visible: crate::Visible,
+        rule_status: Arc<crate::alerts::scheduler::RuleStatuses>,
+    ) -> Self {
+        Self {
+            engine,
+            visible,
+            rule_status,
+        }
     }
 }
 
 impl CatalogProvider for KilnCatalog {
     fn schema_names(&self) -> Vec<String> {
-        self.engine
+        let mut names: Vec<String> = self
+            .engine
             .catalog_state()
             .databases
             .keys()
             .filter(|d| self.visible.allows(d))
             .cloned()
-            .collect()
+            .collect();
+        names.push(SYSTEM_SCHEMA.to_owned());
+        names
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        if name == SYSTEM_SCHEMA {
+            return Some(Arc::new(crate::alerts::system::SystemSchema::new(
+                Arc::clone(&self.engine),
+                self.visible.clone(),
+                Arc::clone(&self.rule_status),
+            )));
+        }
         if !self.visible.allows(name) {
             return None;
         }

@@ -48,7 +48,7 @@ impl FromRef<AppState> for Arc<Authorizer> {
 }
 
 /// The engine as `principal` may query it: only the databases it may read.
-fn query_engine(s: &AppState, principal: &Principal) -> QueryEngine {
+pub(crate) fn query_engine(s: &AppState, principal: &Principal) -> QueryEngine {
     match principal.readable_databases() {
         None => s.query.clone(),
         Some(only) => s.query.visible_to(kiln_query::Visible::only(only)),
@@ -77,6 +77,15 @@ pub fn router(state: AppState) -> Router {
             post(crate::auth::http::create).get(crate::auth::http::list),
         )
         .route("/api/v3/tokens/{name}", delete(crate::auth::http::revoke))
+        .route(
+            "/api/v3/alerts/rules",
+            post(crate::alerts::http::create).get(crate::alerts::http::list),
+        )
+        .route(
+            "/api/v3/alerts/rules/{name}",
+            get(crate::alerts::http::show).delete(crate::alerts::http::delete),
+        )
+        .route("/api/v3/alerts", get(crate::alerts::http::alerts))
         .layer(axum::middleware::from_fn_with_state(
             auth,
             crate::auth::http::authenticate,

@@ -4,6 +4,7 @@
 //! * `kiln write`, `kiln query` and the other commands talk to a running server;
 //!   `kiln token create --data-dir` also works on a stopped one's data directory.
 
+mod alerts;
 mod auth;
 mod client;
 mod config;
@@ -54,6 +55,9 @@ enum Command {
     /// Create, list and revoke access tokens.
     #[command(subcommand)]
     Token(auth::cli::TokenCommand),
+    /// Create, list, show and delete alert rules on a running server.
+    #[command(subcommand)]
+    Alert(alerts::cli::AlertCommand),
 }
 
 fn init_logging(json: bool) {
@@ -103,6 +107,7 @@ fn main() -> std::process::ExitCode {
             Command::Kafka(command) => client::kafka(command).await,
             Command::Compact { server } => client::compact(server).await,
             Command::Token(command) => auth::cli::run(command).await,
+            Command::Alert(command) => alerts::cli::run(command).await,
             Command::Probe(args) => client::probe(args).await,
         }
     });

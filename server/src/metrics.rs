@@ -22,6 +22,7 @@ pub const INGEST_BYTES: &str = "kiln_ingest_request_bytes";
 pub const WAL_FSYNC_SECONDS: &str = "kiln_wal_fsync_seconds";
 pub const QUERY_SECONDS: &str = "kiln_query_seconds";
 pub const AUTH_FAILURES: &str = "kiln_auth_failures";
+pub const ALERT_NOTIFICATIONS: &str = "kiln_alert_notifications";
 
 #[derive(Debug)]
 pub struct Metrics {

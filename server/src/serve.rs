@@ -162,6 +162,9 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub kafka: crate::kafka::KafkaArgs,
+
+    #[command(flatten)]
+    pub alerts: crate::alerts::AlertArgs,
 }
 
 pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> {
@@ -169,6 +172,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         tracing::info!("{note}");
     }
     let kafka_sources = config.kafka.sources()?;
+    let notify_config = config.alerts.notify_config()?;
     let admin_token = match &config.admin_token_file {
         None => None,
         Some(path) => {
@@ -290,12 +294,20 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     auth.check_startup(&[config.http_bind, config.grpc_bind, config.pg_bind])?;
     let sources = crate::kafka::Sources::start(kafka_sources, &engine, &stop_rx)?;
     let kafka = Arc::new(sources.statuses.clone());
-    let registry = Arc::new(metrics.registry(
+    let notify_counters = crate::alerts::notify::NotifyCounters::default();
+    let mut registry = metrics.registry(
         Arc::clone(&engine),
         query.clone(),
         Arc::clone(&kafka),
         auth.failures(),
-    ));
+    );
+    registry.register(
+        crate::metrics::ALERT_NOTIFICATIONS,
+        "Alert notification attempts (labels: receiver webhook|alertmanager, outcome sent|failed)",
+        notify_counters.clone(),
+    );
+    let registry = Arc::new(registry);
+    let alert_tasks = crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?;
     let state = AppState {
         kafka,
         engine: Arc::clone(&engine),
@@ -475,6 +487,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     }
 
     sources.stopped().await;
+    for task in alert_tasks {
+        let _ = task.await;
+    }
     let _ = persist_stop_tx.send(true);
     let _ = persister.await;
     let _ = compactor.await;

@@ -58,3 +58,11 @@ id_type!(
     /// An access token in the catalog.
     TokenId(u32)
 );
+id_type!(
+    /// An alert rule in the catalog.
+    AlertRuleId(u32)
+);
+id_type!(
+    /// An alert transition, in the order they were recorded; never reused.
+    AlertEventId(u64)
+);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interop tests with clients outside Rust: installs them (PyPI into a virtualenv; psql, kcat,
-# a JDK and pgJDBC from Debian; the tansu Kafka broker from crates.io), starts a real `kiln serve` on
+# a JDK, pgJDBC and Prometheus Alertmanager from Debian; the tansu Kafka broker from crates.io), starts a real `kiln serve` on
 # ephemeral ports and runs each client script against it; the Kafka checks start their own.
 #   usage: tests/interop/run.sh [path/to/kiln]
 set -euo pipefail
@@ -21,6 +21,7 @@ command -v psql > /dev/null || missing="$missing postgresql-client"
 command -v kcat > /dev/null || missing="$missing kcat"
 command -v curl > /dev/null || missing="$missing curl"
 command -v javac > /dev/null || missing="$missing default-jdk-headless"
+command -v prometheus-alertmanager > /dev/null || missing="$missing prometheus-alertmanager"
 pgjdbc=/usr/share/java/postgresql.jar
 [ -f "$pgjdbc" ] || missing="$missing libpostgresql-jdbc-java"
 if [ -n "$missing" ]; then
@@ -61,3 +62,5 @@ java -cp "$pgjdbc" "$root/tests/interop/JdbcMetadata.java" "$pg_addr"
 # A server of its own with TLS on every listener and tokens enforced.
 KILN_PGJDBC_JAR="$pgjdbc" "$venv/bin/python" "$root/tests/interop/secure.py" "$kiln" "$work/secure"
 "$venv/bin/python" "$root/tests/interop/kafka.py" "$kiln" "$bench" "$tools/bin/tansu"
+# Alerts through a real Prometheus Alertmanager (Debian's), to a receiver of the script.
+"$venv/bin/python" "$root/tests/interop/alertmanager.py" "$kiln" "$work/alertmanager"

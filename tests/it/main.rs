@@ -1,6 +1,7 @@
 //! End-to-end tests: a real `kiln` process on ephemeral ports, driven by real clients.
 //! One test binary (modules below) so the workspace links it once.
 
+mod alerts;
 mod auth;
 mod cli;
 mod compaction;

@@ -6,7 +6,8 @@
 //! `{"version": 1, "sequence": N, "events": [CatalogEvent, …]}` where each event is an
 //! object tagged by `"type"` (`database_created`, `table_created`, `column_added`,
 //! `segment_persisted`, `segments_compacted`, `wal_persisted`, `last_cache_created`,
-//! `last_cache_dropped`, `source_positions`, `token_created`, `token_revoked`).
+//! `last_cache_dropped`, `source_positions`, `token_created`, `token_revoked`,
+//! `alert_rule_created`, `alert_rule_deleted`, `alert_transitioned`, `alert_delivered`).
 //!
 //! Snapshot (`catalog/snapshots/{sequence:020}.json`):
 //! `{"version": 1, "state": CatalogState}`.
@@ -19,7 +20,7 @@ use crate::ids::CatalogSequence;
 pub const VERSION: u32 = 1;
 pub const SUPPORTED_VERSIONS: &[u32] = &[1];
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transaction {
     pub sequence: CatalogSequence,
     pub events: Vec<CatalogEvent>,

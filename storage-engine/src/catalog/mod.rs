@@ -12,6 +12,7 @@
 //! survive restarts and reach every process that follows the catalog. A token is kept only
 //! as the hash its holder's secret gives; the catalog never sees the secret.
 
+pub mod alerts;
 pub mod format;
 
 #[cfg(test)]
@@ -27,12 +28,18 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{CatalogSequence, DatabaseId, SegmentId, SequenceNumber, TableId, TokenId};
+use crate::ids::{
+    AlertEventId, AlertRuleId, CatalogSequence, DatabaseId, SegmentId, SequenceNumber, TableId,
+    TokenId,
+};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Transactions between two snapshots.
 pub const SNAPSHOT_INTERVAL: u64 = 100;
+
+/// Name of the schema of Kiln's own tables (`system.alerts`, …): no database takes it.
+pub const SYSTEM_SCHEMA: &str = "system";
 
 /// Name of the timestamp column every table has.
 pub const TIME_COLUMN: &str = "time";
@@ -79,6 +86,10 @@ pub enum Error {
     /// A token cannot be created or revoked as asked (a duplicate name, the last admin).
     #[error("{0}")]
     InvalidToken(String),
+    /// An alert rule or transition does not fit the catalog (a duplicate name, a
+    /// transition from a state the alert is not in).
+    #[error("{0}")]
+    InvalidAlert(String),
 }
 
 /// The type of a column: its role (tag, time, field) and, for fields, the value type.
@@ -190,7 +201,7 @@ pub struct SegmentMeta {
 }
 
 /// One change to the catalog.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CatalogEvent {
     DatabaseCreated {
@@ -237,6 +248,21 @@ pub enum CatalogEvent {
     /// A token was revoked: it is refused from then on.
     TokenRevoked {
         id: TokenId,
+    },
+    /// An alert rule was created; its name is unique among rules.
+    AlertRuleCreated(alerts::AlertRuleDef),
+    /// An alert rule was deleted, with its alerts.
+    AlertRuleDeleted {
+        id: AlertRuleId,
+    },
+    /// A series' alert changed state.
+    AlertTransitioned(alerts::AlertTransition),
+    /// `receiver` took the notification of transition `id`; with `done`, every receiver
+    /// has, and it leaves the outbox.
+    AlertDelivered {
+        id: AlertEventId,
+        receiver: String,
+        done: bool,
     },
 }
 
@@ -285,7 +311,7 @@ pub struct LastCacheDef {
 }
 
 /// The fold of every catalog event so far.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CatalogState {
     pub sequence: CatalogSequence,
     pub databases: BTreeMap<String, DatabaseDef>,
@@ -308,6 +334,9 @@ pub struct CatalogState {
     pub tokens: BTreeMap<TokenId, TokenDef>,
     #[serde(default)]
     pub next_token_id: u32,
+    /// Alert rules and their alerts (absent from catalogs written before alerts).
+    #[serde(default)]
+    pub alerts: alerts::AlertsState,
 }
 
 impl CatalogState {
@@ -494,6 +523,16 @@ impl CatalogState {
             }
             CatalogEvent::TokenRevoked { id } => {
                 self.tokens.remove(id);
+            }
+            CatalogEvent::AlertRuleCreated(def) => {
+                self.alerts.create_rule(def).map_err(Error::InvalidAlert)?;
+            }
+            CatalogEvent::AlertRuleDeleted { id } => self.alerts.delete_rule(*id),
+            CatalogEvent::AlertTransitioned(t) => {
+                self.alerts.transition(t).map_err(Error::InvalidAlert)?;
+            }
+            CatalogEvent::AlertDelivered { id, receiver, done } => {
+                self.alerts.delivered(*id, receiver, *done);
             }
             CatalogEvent::SourcePositions { positions } => {
                 for p in positions {
@@ -797,6 +836,72 @@ impl Catalog {
         .await
     }
 
+    /// Records a new alert rule (its id is assigned here: `def.id` is ignored).
+    pub async fn create_alert_rule(
+        self: &Arc<Self>,
+        mut def: alerts::AlertRuleDef,
+    ) -> Result<alerts::AlertRuleDef> {
+        let this = Arc::clone(self);
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            validate_name(&def.name)?;
+            def.id = AlertRuleId(this.snapshot().alerts.next_rule_id);
+            let id = def.id;
+            let state = this
+                .commit_locked(vec![CatalogEvent::AlertRuleCreated(def)])
+                .await?;
+            Ok(state.alerts.rules[&id].clone())
+        })
+        .await
+    }
+
+    /// Deletes the alert rule named `name` (`None` if there is none). Its pending and
+    /// firing alerts are resolved first, in the same transaction, by `resolve`, which
+    /// turns an alert into its resolving transition.
+    pub async fn delete_alert_rule(
+        self: &Arc<Self>,
+        name: &str,
+        resolve: impl Fn(&alerts::AlertRuleDef, &alerts::AlertInstance) -> alerts::AlertTransition
+        + Send
+        + 'static,
+    ) -> Result<Option<alerts::AlertRuleDef>> {
+        let this = Arc::clone(self);
+        let name = name.to_owned();
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            let state = this.snapshot();
+            let Some(def) = state.alerts.rule(&name).cloned() else {
+                return Ok(None);
+            };
+            let mut events: Vec<_> = state
+                .alerts
+                .instances
+                .get(&def.id)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .map(|i| CatalogEvent::AlertTransitioned(resolve(&def, i)))
+                .collect();
+            number_transitions(&state, &mut events);
+            events.push(CatalogEvent::AlertRuleDeleted { id: def.id });
+            this.commit_locked(events).await?;
+            Ok(Some(def))
+        })
+        .await
+    }
+
+    /// Records alert transitions (and deliveries) as one transaction, numbering the
+    /// transitions.
+    pub async fn record_alerts(self: &Arc<Self>, events: Vec<CatalogEvent>) -> Result<()> {
+        let this = Arc::clone(self);
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            let mut events = events;
+            number_transitions(&this.snapshot(), &mut events);
+            this.commit_locked(events).await.map(drop)
+        })
+        .await
+    }
+
     /// Creates the database, tables and columns `changes` name, as one transaction.
     /// Changes already in the catalog are skipped; a column that exists with another type
     /// is a [`Error::TypeConflict`] and nothing is committed.
@@ -823,6 +928,12 @@ impl Catalog {
             Some(db) => db.id,
             None => {
                 validate_name(database)?;
+                if database == SYSTEM_SCHEMA {
+                    return Err(Error::InvalidName {
+                        name: database.to_owned(),
+                        reason: "the name is reserved for Kiln's system tables",
+                    });
+                }
                 if state.databases.len() >= self.limits.max_databases {
                     return Err(Error::LimitExceeded(format!(
                         "cannot create database {database:?}: the server holds {} databases, \
@@ -916,6 +1027,17 @@ impl Catalog {
             });
         }
         self.commit_locked(events).await
+    }
+}
+
+/// Gives each transition among `events` the next event id after `state`'s.
+fn number_transitions(state: &CatalogState, events: &mut [CatalogEvent]) {
+    let mut next = state.alerts.next_event_id;
+    for event in events {
+        if let CatalogEvent::AlertTransitioned(t) = event {
+            t.id = AlertEventId(next);
+            next += 1;
+        }
     }
 }
 

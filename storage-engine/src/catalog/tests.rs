@@ -1,6 +1,7 @@
 use object_store::memory::InMemory;
 
 use super::*;
+use crate::ids::{AlertEventId, AlertRuleId};
 
 fn change(table: &str, column: &str, ty: ColumnType) -> SchemaChange {
     SchemaChange {
@@ -436,5 +437,173 @@ proptest::proptest! {
             bytes[at % len] = value;
         }
         let _ = format::decode_transaction(&bytes);
+    }
+}
+
+fn rule(name: &str) -> alerts::AlertRuleDef {
+    alerts::AlertRuleDef {
+        id: AlertRuleId(99),
+        name: name.into(),
+        database: "plant".into(),
+        kind: alerts::AlertRuleKind::Threshold {
+            sql: "SELECT host, max(temp) AS value FROM machine GROUP BY host".into(),
+            value_column: "value".into(),
+            condition: "> 90".into(),
+            recovery: Some("< 85".into()),
+        },
+        every_nanos: 1_000_000_000,
+        for_nanos: 0,
+        severity: "critical".into(),
+        summary: "{{ $labels.host }} is hot".into(),
+        description: String::new(),
+        labels: BTreeMap::new(),
+        receiver: None,
+        created_at: 0,
+    }
+}
+
+fn transition(
+    rule: AlertRuleId,
+    host: &str,
+    from: alerts::AlertState,
+    to: alerts::AlertState,
+) -> CatalogEvent {
+    CatalogEvent::AlertTransitioned(alerts::AlertTransition {
+        id: AlertEventId(12345),
+        rule,
+        series: BTreeMap::from([("host".to_owned(), host.to_owned())]),
+        rule_name: "hot".into(),
+        severity: "critical".into(),
+        labels: BTreeMap::new(),
+        receiver: None,
+        from,
+        to,
+        value: Some(95.5),
+        at: 10,
+        active_at: 5,
+        summary: format!("{host} is hot"),
+        description: String::new(),
+    })
+}
+
+#[tokio::test]
+async fn alert_rules_states_and_outbox_survive_reload() {
+    use alerts::AlertState::*;
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let hot = catalog.create_alert_rule(rule("hot")).await.unwrap();
+    assert_eq!(hot.id, AlertRuleId(0), "ids are assigned by the catalog");
+    let err = catalog.create_alert_rule(rule("hot")).await.unwrap_err();
+    assert!(err.to_string().contains("exists already"), "{err}");
+
+    catalog
+        .record_alerts(vec![
+            transition(hot.id, "a", Inactive, Firing),
+            transition(hot.id, "b", Inactive, Pending),
+        ])
+        .await
+        .unwrap();
+    // A transition from a state the alert is not in is refused, and commits nothing.
+    let err = catalog
+        .record_alerts(vec![
+            transition(hot.id, "b", Pending, Firing),
+            transition(hot.id, "c", Firing, Resolved),
+        ])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is inactive, not firing"), "{err}");
+
+    let state = catalog.snapshot();
+    let a = &state.alerts.instances[&hot.id]["host=a"];
+    assert_eq!((a.state, a.fired_at), (Firing, Some(10)));
+    assert_eq!(state.alerts.instances[&hot.id]["host=b"].state, Pending);
+    // Only the firing is notified; transitions are numbered in order.
+    let outbox: Vec<_> = state.alerts.outbox.keys().copied().collect();
+    assert_eq!(outbox, [AlertEventId(0)]);
+    assert_eq!(state.alerts.history.len(), 2);
+    assert_eq!(state.alerts.history[1].id, AlertEventId(1));
+
+    catalog
+        .record_alerts(vec![CatalogEvent::AlertDelivered {
+            id: AlertEventId(0),
+            receiver: "webhook".into(),
+            done: false,
+        }])
+        .await
+        .unwrap();
+    let reloaded = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
+    let outbox = &reloaded.snapshot().alerts.outbox[&AlertEventId(0)];
+    assert!(outbox.delivered.contains("webhook"));
+
+    // Deleting the rule resolves its alerts in the same transaction.
+    let deleted = reloaded
+        .delete_alert_rule("hot", |r, i| alerts::AlertTransition {
+            id: AlertEventId(0),
+            rule: i.rule,
+            series: i.series.clone(),
+            rule_name: r.name.clone(),
+            severity: r.severity.clone(),
+            labels: alerts::alert_labels(r, &i.series),
+            receiver: r.receiver.clone(),
+            from: i.state,
+            to: if i.state == Firing {
+                Resolved
+            } else {
+                Inactive
+            },
+            value: None,
+            at: 20,
+            active_at: i.active_at,
+            summary: i.summary.clone(),
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(deleted.is_some());
+    let state = reloaded.snapshot();
+    assert!(state.alerts.rules.is_empty() && state.alerts.instances.is_empty());
+    let resolved: Vec<_> = state
+        .alerts
+        .outbox
+        .values()
+        .map(|o| (o.transition.id, o.transition.to))
+        .collect();
+    assert_eq!(
+        resolved,
+        [(AlertEventId(0), Firing), (AlertEventId(2), Resolved)]
+    );
+    assert!(
+        reloaded
+            .delete_alert_rule("hot", |_, _| unreachable!())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn conditions_parse_and_hold() {
+    use alerts::Condition;
+    let cases = [
+        ("> 90", 90.5, true),
+        (">90", 90.0, false),
+        (">= 90", 90.0, true),
+        ("< 5", 4.0, true),
+        ("<= 5", 5.0, true),
+        ("== 1", 1.0, true),
+        ("!= 0", 0.0, false),
+        ("between 10 and 20", 20.0, true),
+        ("BETWEEN 10 AND 20", 9.0, false),
+        ("outside 10 and 20", 21.0, true),
+    ];
+    for (text, v, holds) in cases {
+        let c: Condition = text.parse().unwrap();
+        assert_eq!(c.holds(v), holds, "{text} on {v}");
+        let again: Condition = c.to_string().parse().unwrap();
+        assert_eq!(again, c);
+    }
+    for bad in ["", "90", "> hot", "between 20 and 10", "> inf", "between 1"] {
+        assert!(bad.parse::<Condition>().is_err(), "{bad:?} parsed");
     }
 }
