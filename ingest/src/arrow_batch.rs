@@ -190,6 +190,7 @@ pub fn validate_arrow(
         },
         schema_changes: if rows > 0 { changes } else { Vec::new() },
         rejected: Vec::new(),
+        rejected_by_table: Default::default(),
         accepted_lines: rows,
     })
 }

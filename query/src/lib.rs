@@ -33,6 +33,7 @@ pub mod postgres;
 pub mod provider;
 pub mod scan;
 pub mod selectors;
+pub mod system;
 pub mod time_bucket;
 pub mod zone;
 
@@ -386,8 +387,8 @@ impl QueryEngine {
     }
 
     /// The `system` schema as this engine shows it.
-    pub fn system_schema(&self) -> alerts::system::SystemSchema {
-        alerts::system::SystemSchema::new(
+    pub fn system_schema(&self) -> system::SystemSchema {
+        system::SystemSchema::new(
             Arc::clone(&self.engine),
             self.visible.clone(),
             Arc::clone(&self.rule_status),

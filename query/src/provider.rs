@@ -120,7 +120,7 @@ impl CatalogProvider for KilnCatalog {
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
         if name == SYSTEM_SCHEMA {
-            return Some(Arc::new(crate::alerts::system::SystemSchema::new(
+            return Some(Arc::new(crate::system::SystemSchema::new(
                 Arc::clone(&self.engine),
                 self.visible.clone(),
                 Arc::clone(&self.rule_status),

@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRef, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Extension, Router};
 use futures::TryStreamExt;
 use kiln_ingest::line_protocol::{LineError, Precision, validate_lines};
@@ -86,6 +86,14 @@ pub fn router(state: AppState) -> Router {
             get(crate::alerts::http::show).delete(crate::alerts::http::delete),
         )
         .route("/api/v3/alerts", get(crate::alerts::http::alerts))
+        .route(
+            "/api/v3/devices",
+            put(crate::devices::set).get(crate::devices::list),
+        )
+        .route(
+            "/api/v3/series/staleness",
+            put(crate::devices::set_staleness),
+        )
         .layer(axum::middleware::from_fn_with_state(
             auth,
             crate::auth::http::authenticate,

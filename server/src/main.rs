@@ -8,6 +8,7 @@ mod alerts;
 mod auth;
 mod client;
 mod config;
+mod devices;
 mod flight;
 mod grpc;
 mod http;
@@ -58,6 +59,9 @@ enum Command {
     /// Create, list, show and delete alert rules on a running server.
     #[command(subcommand)]
     Alert(alerts::cli::AlertCommand),
+    /// Device attributes and series staleness on a running server.
+    #[command(subcommand)]
+    Device(devices::cli::DeviceCommand),
 }
 
 fn init_logging(json: bool) {
@@ -108,6 +112,7 @@ fn main() -> std::process::ExitCode {
             Command::Compact { server } => client::compact(server).await,
             Command::Token(command) => auth::cli::run(command).await,
             Command::Alert(command) => alerts::cli::run(command).await,
+            Command::Device(command) => devices::cli::run(command).await,
             Command::Probe(args) => client::probe(args).await,
         }
     });

@@ -59,9 +59,22 @@ pub async fn write_validated(
     metrics: &Metrics,
     db: &str,
     accept_partial: bool,
-    validate: impl FnMut(&CatalogState) -> Result<ValidatedLines, String>,
+    mut validate: impl FnMut(&CatalogState) -> Result<ValidatedLines, String>,
 ) -> Result<Written, WriteError> {
+    let mut rejected_by_table = std::collections::BTreeMap::new();
+    let validate = |state: &CatalogState| {
+        let validated = validate(state)?;
+        rejected_by_table.clone_from(&validated.rejected_by_table);
+        Ok(validated)
+    };
     let written = kiln_ingest::write::write(engine, db, accept_partial, Vec::new(), validate).await;
+    // Per-table data quality (`system.data_quality`): tables that exist.
+    let state = engine.catalog_state();
+    for (table, lines) in rejected_by_table {
+        if let Some(def) = state.table(db, &table) {
+            engine.series().reject(def.id, lines);
+        }
+    }
     match &written {
         Ok(w) => {
             metrics.ingest_lines.inc_by(w.rows as u64);

@@ -18,6 +18,7 @@
 //! * [`catalog`]: databases, tables, columns and segments as an event-sourced log.
 //! * [`dedup`]: the last-write-wins rule used everywhere rows can repeat.
 //! * [`last_cache`]: the latest row of every series, for tables that ask for it.
+//! * [`series`]: every series seen (first and last seen, recent rows) and write quality.
 //! * [`engine`]: all of the above behind one handle.
 //!
 //! The engine knows nothing of HTTP, SQL text or Kafka.
@@ -31,6 +32,7 @@ pub mod ids;
 pub mod ipc;
 pub mod last_cache;
 pub mod persist;
+pub mod series;
 pub mod wal;
 pub mod write;
 

@@ -449,3 +449,76 @@ async fn bad_rules_are_refused_and_a_failing_rule_reports_its_error_while_others
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("reserved"), "{text}");
 }
+
+/// Every message of `topic` (all partitions), read from the start: (key, idempotency
+/// header, JSON value).
+fn consume_all(bootstrap: &str, topic: &str, want: usize) -> Vec<(String, String, Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "alerts-test")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < want && std::time::Instant::now() < deadline {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let header = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "kiln-idempotency-key"))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        out.push((
+            String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            header,
+            serde_json::from_slice(m.payload().unwrap_or_default()).unwrap(),
+        ));
+    }
+    out
+}
+
+#[tokio::test]
+async fn transitions_reach_a_kafka_topic_keyed_by_rule_and_series() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("alerts", 2, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        &dir.path().join("data"),
+        &[
+            "--alert-kafka-brokers",
+            &bootstrap,
+            "--alert-kafka-topic",
+            "alerts",
+        ],
+    );
+    write_temps(&server, &[("m1", 95.0)]).await;
+    let (status, body) = create_rule(&server, hot_rule("0s")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            server
+                .metrics()
+                .await
+                .contains(r#"kiln_alert_notifications_total{receiver="kafka",outcome="sent"} 1"#)
+        })
+        .await
+    );
+    write_temps(&server, &[("m1", 20.0)]).await;
+    let messages = tokio::task::spawn_blocking(move || consume_all(&bootstrap, "alerts", 2))
+        .await
+        .unwrap();
+    let statuses: Vec<_> = messages.iter().map(|m| m.2["status"].clone()).collect();
+    assert_eq!(statuses, ["firing", "resolved"], "{messages:?}");
+    for (key, header, value) in &messages {
+        assert_eq!(key, "bearing-hot/host=m1");
+        assert_eq!(header, value["key"].as_str().unwrap());
+        assert_eq!(value["labels"]["host"], "m1");
+    }
+}

@@ -7,6 +7,7 @@ mod cli;
 mod compaction;
 mod config;
 mod crash;
+mod devices;
 mod flight;
 mod grpc;
 mod http;

@@ -351,7 +351,15 @@ async fn grafana_panels_replayed_get_typed_regular_series() {
     .await;
     // Kiln's own tables are in schema `system`; Grafana's picker shows them qualified
     // (`system.alerts`), as it does every table outside the search path.
-    let expected = ["alert_events", "alert_rules", "alerts", "cpu"];
+    let expected = [
+        "alert_events",
+        "alert_rules",
+        "alerts",
+        "cpu",
+        "data_quality",
+        "devices",
+        "series",
+    ];
     assert_eq!(rows, expected.map(|t| [Some(t.to_owned())]));
     let rows = simple_rows(
         &client,

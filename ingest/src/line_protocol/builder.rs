@@ -90,6 +90,8 @@ pub struct ValidatedLines {
     /// Tables and columns the catalog must gain before these rows can be written.
     pub schema_changes: Vec<SchemaChange>,
     pub rejected: Vec<LineError>,
+    /// Rejected lines per table, for those whose table was read.
+    pub rejected_by_table: std::collections::BTreeMap<String, u64>,
     pub accepted_lines: usize,
 }
 
@@ -170,7 +172,14 @@ impl<'c> Validator<'c> {
         self.last_table = idx;
         match self.tables[idx].append(line, precision, default_time) {
             Ok(()) => self.out.accepted_lines += 1,
-            Err(e) => self.out.rejected.push(e),
+            Err(e) => {
+                self.out.rejected.push(e);
+                *self
+                    .out
+                    .rejected_by_table
+                    .entry(self.tables[idx].name.clone())
+                    .or_default() += 1;
+            }
         }
     }
 

@@ -13,12 +13,11 @@
 //!
 //! The rules and the alerts' state are catalog events (`kiln_storage::catalog::alerts`);
 //! nothing here keeps state a restart needs. Notifications are the server's: it reads the
-//! outbox. `system.alerts`, `system.alert_rules` and `system.alert_events` ([`system`])
-//! show the state in SQL.
+//! outbox. `system.alerts`, `system.alert_rules` and `system.alert_events`
+//! ([`crate::system`]) show the state in SQL.
 
 pub mod eval;
 pub mod scheduler;
-pub mod system;
 pub mod template;
 
 #[cfg(test)]

@@ -89,10 +89,7 @@ impl QueryEngine {
             PUBLIC_SCHEMA,
             Arc::new(KilnSchema::new(Arc::clone(&self.engine), database)),
         )?;
-        catalog.register_schema(
-            crate::alerts::system::SYSTEM_SCHEMA,
-            Arc::new(self.system_schema()),
-        )?;
+        catalog.register_schema(crate::system::SYSTEM_SCHEMA, Arc::new(self.system_schema()))?;
         ctx.register_catalog(database, Arc::clone(&catalog) as _);
         catalog.set_information_schema(Arc::clone(ctx.state().catalog_list()));
         self.register_storage_and_functions(&ctx);

@@ -1,6 +1,6 @@
 //! Alerting in the server: the rules' HTTP API and CLI, the scheduler that evaluates
 //! them (`kiln_query::alerts`) and the notifier that delivers their transitions
-//! ([`notify`]).
+//! ([`notify`]: webhooks, Alertmanager, a Kafka topic).
 //!
 //! | method and path | what | needs |
 //! |---|---|---|
@@ -44,6 +44,24 @@ pub struct AlertArgs {
     )]
     pub alertmanager_urls: Vec<String>,
 
+    /// Kafka bootstrap servers of a topic that receives every firing and resolution as
+    /// JSON (with --alert-kafka-topic).
+    #[arg(long, env = "KILN_ALERT_KAFKA_BROKERS", requires = "alert_kafka_topic")]
+    pub alert_kafka_brokers: Option<String>,
+
+    /// The topic for alert notifications (key `rule/series`, value the webhook's JSON).
+    #[arg(long, env = "KILN_ALERT_KAFKA_TOPIC", requires = "alert_kafka_brokers")]
+    pub alert_kafka_topic: Option<String>,
+
+    /// A librdkafka setting of the notification producer, `name=value` (repeat):
+    /// `security.protocol=SSL`, `sasl.mechanism=PLAIN`, …
+    #[arg(
+        long = "alert-kafka-option",
+        env = "KILN_ALERT_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub alert_kafka_options: Vec<String>,
+
     /// How often firing alerts are sent to Alertmanager again while they fire.
     #[arg(long, env = "KILN_ALERT_RESEND_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub alert_resend_interval: Duration,
@@ -76,7 +94,27 @@ impl AlertArgs {
                 Some(secret.as_bytes().to_vec())
             }
         };
+        let kafka = match (&self.alert_kafka_brokers, &self.alert_kafka_topic) {
+            (Some(brokers), Some(topic)) => {
+                let options = self
+                    .alert_kafka_options
+                    .iter()
+                    .map(|o| {
+                        o.split_once('=')
+                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                            .ok_or_else(|| format!("--alert-kafka-option {o:?} is not name=value"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Some(notify::KafkaTarget {
+                    brokers: brokers.clone(),
+                    topic: topic.clone(),
+                    options,
+                })
+            }
+            _ => None,
+        };
         Ok(notify::NotifyConfig {
+            kafka,
             default_webhook: self.alert_webhook_url.clone(),
             webhook_secret,
             alertmanagers: self.alertmanager_urls.clone(),

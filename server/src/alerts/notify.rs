@@ -1,4 +1,4 @@
-//! Delivering alert transitions: webhooks and Alertmanager, at least once.
+//! Delivering alert transitions: webhooks, Alertmanager and a Kafka topic, at least once.
 //!
 //! The outbox is in the catalog (`AlertsState::outbox`): a firing or resolved transition
 //! enters it when it is recorded and leaves once every receiver has taken it, each
@@ -32,11 +32,22 @@ pub struct NotifyConfig {
     pub alertmanagers: Vec<String>,
     /// How often firing alerts are sent to Alertmanager again.
     pub resend_interval: Duration,
+    /// A Kafka topic that receives every firing and resolution as JSON.
+    pub kafka: Option<KafkaTarget>,
+}
+
+/// A Kafka topic for notifications.
+#[derive(Debug, Clone)]
+pub struct KafkaTarget {
+    pub brokers: String,
+    pub topic: String,
+    /// librdkafka settings (`security.protocol=SSL`, …).
+    pub options: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NotifyLabels {
-    /// `webhook` or `alertmanager`.
+    /// `webhook`, `alertmanager` or `kafka`.
     pub receiver: String,
     /// `sent` or `failed`.
     pub outcome: String,
@@ -55,6 +66,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 enum Receiver {
     Webhook(String),
     Alertmanager(String),
+    Kafka(String),
 }
 
 impl Receiver {
@@ -62,6 +74,7 @@ impl Receiver {
         match self {
             Self::Webhook(url) => format!("webhook {url}"),
             Self::Alertmanager(url) => format!("alertmanager {url}"),
+            Self::Kafka(topic) => format!("kafka {topic}"),
         }
     }
 
@@ -69,6 +82,7 @@ impl Receiver {
         match self {
             Self::Webhook(_) => "webhook",
             Self::Alertmanager(_) => "alertmanager",
+            Self::Kafka(_) => "kafka",
         }
     }
 }
@@ -83,6 +97,7 @@ pub struct Notifier {
     catalog: Arc<Catalog>,
     config: NotifyConfig,
     client: reqwest::Client,
+    kafka: Option<rdkafka::producer::FutureProducer>,
     counters: NotifyCounters,
     retries: HashMap<(AlertEventId, Receiver), Retry>,
     last_resend: Option<Instant>,
@@ -110,10 +125,26 @@ impl Notifier {
             .timeout(TIMEOUT)
             .build()
             .map_err(|e| format!("cannot build the alert notifier's HTTP client: {e}"))?;
+        let kafka = match &config.kafka {
+            None => None,
+            Some(target) => {
+                let mut c = rdkafka::ClientConfig::new();
+                c.set("bootstrap.servers", &target.brokers)
+                    .set("enable.idempotence", "true")
+                    .set("message.timeout.ms", "10000");
+                for (k, v) in &target.options {
+                    c.set(k, v);
+                }
+                Some(c.create().map_err(|e| {
+                    format!("cannot create the Kafka producer for alert notifications: {e}")
+                })?)
+            }
+        };
         Ok(Self {
             catalog,
             config,
             client,
+            kafka,
             counters,
             retries: HashMap::new(),
             last_resend: None,
@@ -134,6 +165,12 @@ impl Notifier {
                 .iter()
                 .cloned()
                 .map(Receiver::Alertmanager),
+        );
+        out.extend(
+            self.config
+                .kafka
+                .iter()
+                .map(|k| Receiver::Kafka(k.topic.clone())),
         );
         out
     }
@@ -240,6 +277,7 @@ impl Notifier {
     async fn send(&self, r: &Receiver, t: &AlertTransition) -> Result<(), String> {
         match r {
             Receiver::Webhook(url) => self.send_webhook(url, t).await,
+            Receiver::Kafka(topic) => self.send_kafka(topic, t).await,
             Receiver::Alertmanager(url) => {
                 let ends_at = if t.to == AlertState::Firing {
                     None
@@ -283,6 +321,35 @@ impl Notifier {
         } else {
             Err(format!("the receiver answered {}", response.status()))
         }
+    }
+
+    /// One message per transition: key `rule/series` (a series' transitions stay in
+    /// order on one partition), the webhook's JSON as the value, the idempotency key in
+    /// header `kiln-idempotency-key`.
+    async fn send_kafka(&self, topic: &str, t: &AlertTransition) -> Result<(), String> {
+        use rdkafka::message::{Header, OwnedHeaders};
+        let Some(producer) = &self.kafka else {
+            return Err("no Kafka producer".into());
+        };
+        let body = serde_json::to_vec(&webhook_payload(t)).map_err(|e| e.to_string())?;
+        let key = format!(
+            "{}/{}",
+            t.rule_name,
+            kiln_storage::catalog::alerts::series_key(&t.series)
+        );
+        let idempotency = t.key();
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .key(&key)
+            .payload(&body)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "kiln-idempotency-key",
+                value: Some(&idempotency),
+            }));
+        producer
+            .send(record, TIMEOUT)
+            .await
+            .map(drop)
+            .map_err(|(e, _)| format!("Kafka: {e}"))
     }
 
     /// `endsAt` of a firing alert sent to Alertmanager: far enough ahead that it stays

@@ -7,7 +7,8 @@
 //! object tagged by `"type"` (`database_created`, `table_created`, `column_added`,
 //! `segment_persisted`, `segments_compacted`, `wal_persisted`, `last_cache_created`,
 //! `last_cache_dropped`, `source_positions`, `token_created`, `token_revoked`,
-//! `alert_rule_created`, `alert_rule_deleted`, `alert_transitioned`, `alert_delivered`).
+//! `alert_rule_created`, `alert_rule_deleted`, `alert_transitioned`, `alert_delivered`,
+//! `device_attributes_set`, `series_staleness_set`).
 //!
 //! Snapshot (`catalog/snapshots/{sequence:020}.json`):
 //! `{"version": 1, "state": CatalogState}`.

@@ -13,6 +13,7 @@
 //! as the hash its holder's secret gives; the catalog never sees the secret.
 
 pub mod alerts;
+pub mod devices;
 pub mod format;
 
 #[cfg(test)]
@@ -264,6 +265,18 @@ pub enum CatalogEvent {
         receiver: String,
         done: bool,
     },
+    /// Attributes of the device `tag`=`value` in `database` set (`None`: removed).
+    DeviceAttributesSet {
+        database: String,
+        tag: String,
+        value: String,
+        attributes: BTreeMap<String, Option<String>>,
+    },
+    /// When the table's series count as stale and offline.
+    SeriesStalenessSet {
+        table: TableId,
+        staleness: devices::Staleness,
+    },
 }
 
 /// What a token may do.
@@ -337,6 +350,12 @@ pub struct CatalogState {
     /// Alert rules and their alerts (absent from catalogs written before alerts).
     #[serde(default)]
     pub alerts: alerts::AlertsState,
+    /// Device attributes (absent from catalogs written before devices).
+    #[serde(default)]
+    pub devices: devices::Devices,
+    /// Tables whose series go stale on a schedule of their own.
+    #[serde(default)]
+    pub staleness: BTreeMap<TableId, devices::Staleness>,
 }
 
 impl CatalogState {
@@ -533,6 +552,18 @@ impl CatalogState {
             }
             CatalogEvent::AlertDelivered { id, receiver, done } => {
                 self.alerts.delivered(*id, receiver, *done);
+            }
+            CatalogEvent::DeviceAttributesSet {
+                database,
+                tag,
+                value,
+                attributes,
+            } => devices::set_attributes(&mut self.devices, database, tag, value, attributes),
+            CatalogEvent::SeriesStalenessSet { table, staleness } => {
+                if !self.tables.contains_key(table) {
+                    return Err(Error::UnknownTable(*table));
+                }
+                self.staleness.insert(*table, *staleness);
             }
             CatalogEvent::SourcePositions { positions } => {
                 for p in positions {
@@ -886,6 +917,55 @@ impl Catalog {
             this.commit_locked(events).await?;
             Ok(Some(def))
         })
+        .await
+    }
+
+    /// Sets (or, with `None`, removes) attributes of the device `tag`=`value` of `database`.
+    pub async fn set_device_attributes(
+        self: &Arc<Self>,
+        database: &str,
+        tag: &str,
+        value: &str,
+        attributes: BTreeMap<String, Option<String>>,
+    ) -> Result<Arc<CatalogState>> {
+        for name in [tag]
+            .into_iter()
+            .chain(attributes.keys().map(String::as_str))
+        {
+            validate_column_name(name)?;
+        }
+        if self.snapshot().database(database).is_none() {
+            return Err(Error::InvalidName {
+                name: database.to_owned(),
+                reason: "no database has this name",
+            });
+        }
+        self.commit(vec![CatalogEvent::DeviceAttributesSet {
+            database: database.to_owned(),
+            tag: tag.to_owned(),
+            value: value.to_owned(),
+            attributes,
+        }])
+        .await
+    }
+
+    /// Sets when the series of table `table` of `database` count as stale and offline.
+    pub async fn set_staleness(
+        self: &Arc<Self>,
+        database: &str,
+        table: &str,
+        staleness: devices::Staleness,
+    ) -> Result<Arc<CatalogState>> {
+        let Some(id) = self.snapshot().table(database, table).map(|t| t.id) else {
+            return Err(Error::TableNotFound {
+                database: database.to_owned(),
+                table: table.to_owned(),
+            });
+        };
+        self.commit(vec![CatalogEvent::SeriesStalenessSet {
+            table: id,
+            staleness,
+        }])
         .await
     }
 

@@ -19,6 +19,7 @@ use crate::dedup::merge_last_write_wins;
 use crate::ids::{SegmentId, SequenceNumber, TableId};
 use crate::last_cache::{LastCache, Warming};
 use crate::persist::{encode_segment, sort_key};
+use crate::series::SeriesTracker;
 use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
 use crate::write::{SourceRange, WriteBatch};
 
@@ -149,6 +150,7 @@ pub struct Engine {
     stats: EngineStats,
     last_caches: Arc<LastCaches>,
     sources: Arc<SourcePositions>,
+    series: Arc<SeriesTracker>,
 }
 
 /// Per partition of each outside source, the last position whose data is durable in the
@@ -204,6 +206,26 @@ impl SourcePositions {
     }
 }
 
+/// Loads the series inventory's snapshot, if there is one. It is a projection: one that
+/// cannot be read is logged, and the inventory starts from the WAL.
+async fn load_series(store: &Arc<dyn ObjectStore>, series: &SeriesTracker) {
+    let path = Path::from(crate::series::SNAPSHOT_PATH);
+    let bytes = match store.get(&path).await {
+        Ok(got) => got.bytes().await,
+        Err(object_store::Error::NotFound { .. }) => return,
+        Err(e) => Err(e),
+    };
+    match bytes
+        .map_err(|e| e.to_string())
+        .and_then(|b| series.load(&b))
+    {
+        Ok(n) => tracing::info!(series = n, "series inventory loaded"),
+        Err(e) => {
+            tracing::warn!(%path, error = %e, "the series inventory cannot be read; it restarts from the WAL")
+        }
+    }
+}
+
 /// The tables' last-value caches, fed by every applied write.
 #[derive(Debug, Default)]
 struct LastCaches {
@@ -251,6 +273,8 @@ impl Engine {
         let persisted = state.persisted_sequence;
         let buffer = Arc::new(WriteBuffer::new(persisted));
         let sources = Arc::new(SourcePositions::from_catalog(&state.source_positions));
+        let series = Arc::new(SeriesTracker::default());
+        load_series(&store, &series).await;
 
         let wal_config = WalConfig {
             dir: config.wal_dir.clone(),
@@ -260,6 +284,7 @@ impl Engine {
         };
         let replay_buffer = Arc::clone(&buffer);
         let replay_sources = Arc::clone(&sources);
+        let replay_series = Arc::clone(&series);
         let observer = wal_observer.unwrap_or_else(|| Arc::new(NoObserver));
         let (wal, stats) = tokio::task::spawn_blocking(move || {
             Wal::open_with_observer(
@@ -272,6 +297,9 @@ impl Engine {
                     let batch = WriteBatch::decode(record.payload)?;
                     replay_buffer.apply(record.sequence, &batch, &state);
                     replay_sources.record(&batch.sources);
+                    for tw in &batch.tables {
+                        replay_series.offer(&state, tw.table, &tw.batch, false);
+                    }
                     Ok(())
                 },
                 observer,
@@ -309,6 +337,7 @@ impl Engine {
             stats: EngineStats::default(),
             last_caches: Arc::default(),
             sources,
+            series,
         });
         for def in engine.catalog.snapshot().last_caches.values() {
             engine.start_last_cache(def);
@@ -422,6 +451,11 @@ impl Engine {
         self.last_caches.tables.read().get(&table).cloned()
     }
 
+    /// Every series seen, and per-table write quality.
+    pub fn series(&self) -> &SeriesTracker {
+        &self.series
+    }
+
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
     }
@@ -469,11 +503,16 @@ impl Engine {
         let catalog = Arc::clone(&self.catalog);
         let last_caches = Arc::clone(&self.last_caches);
         let sources = Arc::clone(&self.sources);
+        let series = Arc::clone(&self.series);
         let task = tokio::spawn(async move {
             let seq = wal.append(RecordKind::WriteBatch, payload).await?;
-            buffer.apply(seq, &batch, &catalog.snapshot());
+            let state = catalog.snapshot();
+            buffer.apply(seq, &batch, &state);
             last_caches.offer(&batch);
             sources.record(&batch.sources);
+            for tw in &batch.tables {
+                series.offer(&state, tw.table, &tw.batch, true);
+            }
             Ok::<_, Error>(seq)
         });
         let seq = task.await.map_err(|e| Error::Internal(e.to_string()))??;
@@ -646,6 +685,16 @@ impl Engine {
         if !positions.is_empty() && positions != state.source_positions {
             events.push(CatalogEvent::SourcePositions { positions });
         }
+        // The series inventory holds every write applied so far (those through `through`
+        // included): stored before the WAL files that also hold them may go.
+        let path = Path::from(crate::series::SNAPSHOT_PATH);
+        self.store
+            .put(&path, PutPayload::from(self.series.encode()))
+            .await
+            .map_err(|source| Error::Store {
+                path: path.to_string(),
+                source,
+            })?;
         self.catalog.commit(events).await?;
         self.stats
             .segments_persisted

@@ -387,3 +387,70 @@ async fn files_a_crash_left_unreferenced_are_swept_at_start() {
     assert_eq!(contents(&engine).await, expected);
     drop(reader);
 }
+
+/// (host, first_seen, last_seen) of every series of table `m`, sorted.
+fn series_of(engine: &Engine) -> Vec<(String, i64, i64)> {
+    let mut out: Vec<_> = engine
+        .series()
+        .series()
+        .into_iter()
+        .map(|s| (s.tags["host"].clone(), s.first_seen, s.last_seen))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn the_series_inventory_survives_restarts_through_its_snapshot_and_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    write(&engine, &[("a", 10, 1.0), ("b", 20, 1.0), ("a", 30, 1.0)]).await;
+    // Out of order for `a` (25 < 30) and, once persisted, late for its partition.
+    write(&engine, &[("a", 25, 1.0)]).await;
+    let quality = engine.series().quality();
+    let q = quality.values().next().unwrap();
+    assert_eq!((q.rows, q.out_of_order_rows, q.late_rows), (4, 1, 0));
+    engine.persist().await.unwrap();
+    write(&engine, &[("a", 5, 1.0), ("c", HOUR + 1, 1.0)]).await;
+    let q = engine.series().quality().values().next().copied().unwrap();
+    assert_eq!((q.out_of_order_rows, q.late_rows), (2, 1));
+    let expected = vec![
+        ("a".to_owned(), 5, 30),
+        ("b".to_owned(), 20, 20),
+        ("c".to_owned(), HOUR + 1, HOUR + 1),
+    ];
+    assert_eq!(series_of(&engine), expected);
+    let (minute, hour) = engine.series().series()[0].recent_rows(engine.series().now());
+    assert!(minute >= 1 && hour >= minute, "{minute} {hour}");
+    drop(engine);
+
+    // The persisted part comes from the snapshot (its WAL files are gone), the rest from
+    // the WAL; replayed rows are not counted as recent.
+    let engine = open(dir.path()).await;
+    assert_eq!(series_of(&engine), expected);
+    assert!(
+        engine
+            .series()
+            .series()
+            .iter()
+            .all(|s| s.recent_rows(engine.series().now()) == (0, 0))
+    );
+    assert!(engine.series().quality().is_empty());
+    engine.persist().await.unwrap();
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert_eq!(series_of(&engine), expected);
+
+    // A snapshot that cannot be read leaves the inventory to the WAL, and start-up goes on.
+    engine
+        .store()
+        .put(
+            &Path::from(crate::series::SNAPSHOT_PATH),
+            PutPayload::from_static(b"{\"version\": 7}"),
+        )
+        .await
+        .unwrap();
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert!(series_of(&engine).is_empty());
+}

@@ -1,11 +1,16 @@
-//! The `system` schema: alert rules, alerts and their history as SQL tables, built from
-//! the catalog when a query reads them, showing only the databases the session shows.
+//! The `system` schema: Kiln's own state as SQL tables, built from the catalog and the
+//! engine when a query reads them, showing only the databases the session shows.
 //!
 //! | table | a row per |
 //! |---|---|
 //! | `system.alert_rules` | rule: its definition and how its latest evaluation went |
 //! | `system.alerts` | pending or firing alert (rule and series), and rule whose latest evaluation failed (state `error`) |
 //! | `system.alert_events` | transition, the latest 10,000 |
+//! | `system.series` | series (table and tag set): first and last seen, recent rows, status ([`devices`]) |
+//! | `system.devices` | device (a tag value) with attributes, one column per attribute name |
+//! | `system.data_quality` | table written since start: rows, rejected lines, late and out-of-order rows |
+
+mod devices;
 
 use std::sync::Arc;
 
@@ -24,12 +29,19 @@ use kiln_storage::Engine;
 use kiln_storage::catalog::CatalogState;
 use kiln_storage::catalog::alerts::{AlertRuleKind, series_key};
 
-use super::scheduler::RuleStatuses;
 use crate::Visible;
+use crate::alerts::scheduler::RuleStatuses;
 
 pub use kiln_storage::catalog::SYSTEM_SCHEMA;
 
-const TABLES: &[&str] = &["alert_events", "alert_rules", "alerts"];
+const TABLES: &[&str] = &[
+    "alert_events",
+    "alert_rules",
+    "alerts",
+    "data_quality",
+    "devices",
+    "series",
+];
 
 /// The `system` schema.
 #[derive(Debug)]
@@ -61,7 +73,7 @@ impl SchemaProvider for SystemSchema {
         }
         Ok(Some(Arc::new(SystemTable {
             name: name.to_owned(),
-            schema: schema_of(name),
+            schema: schema_of(name, &self.engine.catalog_state(), &self.visible),
             engine: Arc::clone(&self.engine),
             visible: self.visible.clone(),
             statuses: Arc::clone(&self.statuses),
@@ -85,8 +97,9 @@ fn text(name: &str, nullable: bool) -> Field {
     Field::new(name, DataType::Utf8, nullable)
 }
 
-fn schema_of(name: &str) -> SchemaRef {
+fn schema_of(name: &str, state: &CatalogState, visible: &Visible) -> SchemaRef {
     let fields = match name {
+        "series" | "devices" | "data_quality" => return devices::schema(name, state, visible),
         "alert_rules" => vec![
             text("rule", false),
             text("database", false),
@@ -155,6 +168,9 @@ impl SystemTable {
     fn batch(&self) -> Result<RecordBatch, arrow::error::ArrowError> {
         let state = self.engine.catalog_state();
         let columns = match self.name.as_str() {
+            "series" => devices::series(&self.engine, &state, &self.visible),
+            "devices" => devices::devices(&state, &self.visible, &self.schema),
+            "data_quality" => devices::quality(&self.engine, &state, &self.visible),
             "alert_rules" => self.rules(&state),
             "alerts" => self.alerts(&state),
             _ => self.events(&state),
