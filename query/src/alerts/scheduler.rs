@@ -105,12 +105,20 @@ impl AlertScheduler {
             next_due.retain(|id, _| rules.contains_key(id));
             self.query.rule_status.retain(|id| rules.contains_key(id));
             let now = Instant::now();
+            // Due rules, the longest overdue first (a rule not yet evaluated is due since
+            // it was first seen), so that rules that take long cannot starve the others.
             for rule in rules.values() {
+                next_due.entry(rule.id).or_insert(now);
+            }
+            let mut due: Vec<(Instant, &AlertRuleDef)> = rules
+                .values()
+                .filter(|r| !running.contains(&r.id))
+                .filter_map(|r| next_due.get(&r.id).filter(|t| **t <= now).map(|t| (*t, r)))
+                .collect();
+            due.sort_by_key(|(t, r)| (*t, r.id));
+            for (_, rule) in due {
                 if running.len() >= CONCURRENT_EVALUATIONS {
                     break;
-                }
-                if running.contains(&rule.id) || next_due.get(&rule.id).is_some_and(|t| *t > now) {
-                    continue;
                 }
                 running.insert(rule.id);
                 let this = self.clone();

@@ -258,6 +258,9 @@ impl Notifier {
                     done: true,
                 });
             }
+            if events.is_empty() {
+                continue;
+            }
             if let Err(e) = self.catalog.record_alerts(events).await {
                 tracing::warn!(error = %e, "recording alert deliveries failed");
                 return;
