@@ -114,9 +114,21 @@ pub struct TableQuality {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Per table, series by their canonical key ([`crate::catalog::alerts::series_key`]).
-    series: HashMap<TableId, HashMap<String, SeriesRecord>>,
+    /// Per table, series by [`raw_key`].
+    series: HashMap<TableId, HashMap<Box<[u8]>, SeriesRecord, ahash::RandomState>>,
     quality: HashMap<TableId, TableQuality>,
+}
+
+/// A tag set's key in the inventory: each tag (sorted by name) as name, 0, value, 1.
+/// Built in a reused buffer, so a known series costs no allocation.
+fn raw_key<'a>(out: &mut Vec<u8>, tags: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    out.clear();
+    for (name, value) in tags {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(value.as_bytes());
+        out.push(1);
+    }
 }
 
 /// Every series seen, and per-table write quality (see the module docs).
@@ -143,6 +155,61 @@ impl Default for SeriesTracker {
 struct Snapshot {
     version: u32,
     series: Vec<SeriesRecord>,
+}
+
+/// A batch's rows grouped by series.
+struct Groups {
+    /// Group of each row.
+    group_of: Vec<u32>,
+    /// First row of each group.
+    first_rows: Vec<usize>,
+}
+
+/// Groups rows by their tags' dictionary keys (`-1` for null): a hash of the keys finds a
+/// candidate group, whose first row is compared key by key; rows whose hash collides
+/// with another tag set's go through a map of the keys themselves.
+fn group_rows(dicts: &[&arrow::array::DictionaryArray<Int32Type>], rows: usize) -> Groups {
+    let keys: Vec<_> = dicts.iter().map(|d| (d.keys(), d.nulls())).collect();
+    let key = |i: usize, row: usize| -> i32 {
+        let (k, nulls) = &keys[i];
+        if nulls.is_some_and(|n| n.is_null(row)) {
+            -1
+        } else {
+            k.value(row)
+        }
+    };
+    let same = |a: usize, b: usize| (0..keys.len()).all(|i| key(i, a) == key(i, b));
+    let mut by_hash: HashMap<u64, u32, ahash::RandomState> = HashMap::default();
+    let mut collided: HashMap<Vec<i32>, u32> = HashMap::new();
+    let mut out = Groups {
+        group_of: Vec::with_capacity(rows),
+        first_rows: Vec::new(),
+    };
+    for row in 0..rows {
+        // FNV-1a over the keys.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for i in 0..keys.len() {
+            h = (h ^ u64::from(key(i, row) as u32)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let next = out.first_rows.len() as u32;
+        let g = match by_hash.get(&h) {
+            None => {
+                by_hash.insert(h, next);
+                out.first_rows.push(row);
+                next
+            }
+            Some(&g) if same(out.first_rows[g as usize], row) => g,
+            Some(_) => {
+                let tuple: Vec<i32> = (0..keys.len()).map(|i| key(i, row)).collect();
+                *collided.entry(tuple).or_insert_with(|| {
+                    out.first_rows.push(row);
+                    next
+                })
+            }
+        };
+        out.group_of.push(g);
+    }
+    out
 }
 
 /// Path of the snapshot in the object store.
@@ -188,102 +255,86 @@ impl SeriesTracker {
             .iter()
             .map(|(_, c)| c.as_dictionary::<Int32Type>())
             .collect();
-        // Rows grouped by their tags' dictionary keys (-1: null).
-        let mut groups: HashMap<Vec<i32>, usize> = HashMap::new();
-        let mut group_of = Vec::with_capacity(batch.num_rows());
-        let mut firsts = Vec::new();
-        let mut key = Vec::with_capacity(dicts.len());
-        for row in 0..batch.num_rows() {
-            key.clear();
-            key.extend(dicts.iter().map(|d| {
-                if d.is_valid(row) {
-                    d.keys().value(row)
-                } else {
-                    -1
-                }
-            }));
-            let next = groups.len();
-            let g = *groups.entry(key.clone()).or_insert_with(|| {
-                firsts.push(row);
-                next
-            });
-            group_of.push(g);
+        let groups = group_rows(&dicts, batch.num_rows());
+        // Per group: row count, earliest and latest time.
+        let n = groups.first_rows.len();
+        let mut counts = vec![0u32; n];
+        let mut earliest = vec![i64::MAX; n];
+        let mut latest = vec![i64::MIN; n];
+        for (row, &g) in groups.group_of.iter().enumerate() {
+            if times.is_valid(row) {
+                let (g, t) = (g as usize, times.value(row));
+                counts[g] = counts[g].saturating_add(1);
+                earliest[g] = earliest[g].min(t);
+                latest[g] = latest[g].max(t);
+            }
         }
         let now = (self.clock)();
         let minute = now.div_euclid(MINUTE);
-        let persisted: Vec<i64> = if arrived {
-            let mut p: Vec<i64> = state.segments(table).iter().map(|s| s.partition).collect();
-            p.sort_unstable();
-            p.dedup();
-            p
-        } else {
-            Vec::new()
-        };
         let mut inner = self.inner.lock();
         let Inner { series, quality } = &mut *inner;
         let table_series = series.entry(table).or_default();
-        // Per group: its key, the latest time before this batch, and this batch's stats.
-        let mut previous = Vec::with_capacity(firsts.len());
-        let mut keys = Vec::with_capacity(firsts.len());
-        for &row in &firsts {
-            let mut tagset = BTreeMap::new();
-            for ((name, _), d) in tags.iter().zip(&dicts) {
-                if d.is_valid(row) {
-                    let values = d.values().as_string::<i32>();
-                    let k = d.keys().value(row) as usize;
-                    if k < values.len() {
-                        tagset.insert((*name).to_owned(), values.value(k).to_owned());
-                    }
+        // Each group's series: the latest time it had before this batch, then updated.
+        let mut previous = Vec::with_capacity(n);
+        let mut key = Vec::new();
+        for (g, &row) in groups.first_rows.iter().enumerate() {
+            let row_tags = tags.iter().zip(&dicts).filter_map(|((name, _), d)| {
+                if !d.is_valid(row) {
+                    return None;
                 }
-            }
-            let key = crate::catalog::alerts::series_key(&tagset);
-            previous.push(table_series.get(&key).map(|s| s.last_seen));
-            if !table_series.contains_key(&key) {
-                table_series.insert(
-                    key.clone(),
-                    SeriesRecord {
+                let values = d.values().as_string::<i32>();
+                let k = usize::try_from(d.keys().value(row)).ok()?;
+                (k < values.len()).then(|| (*name, values.value(k)))
+            });
+            raw_key(&mut key, row_tags.clone());
+            let record = match table_series.get_mut(key.as_slice()) {
+                Some(record) => record,
+                None => table_series
+                    .entry(key.clone().into_boxed_slice())
+                    .or_insert_with(|| SeriesRecord {
                         table,
-                        tags: tagset,
+                        tags: row_tags
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
                         first_seen: i64::MAX,
                         last_seen: i64::MIN,
                         minutes: Minutes::default(),
-                    },
-                );
+                    }),
+            };
+            previous.push((record.last_seen != i64::MIN).then_some(record.last_seen));
+            if counts[g] > 0 {
+                record.first_seen = record.first_seen.min(earliest[g]);
+                record.last_seen = record.last_seen.max(latest[g]);
+                if arrived {
+                    record.minutes.add(minute, counts[g]);
+                }
             }
-            keys.push(key);
         }
-        let mut counts = vec![0u32; keys.len()];
+        if !arrived {
+            return;
+        }
+        // Out of order: older than the series' latest row before this batch. Late: for a
+        // partition already persisted.
+        let mut persisted: Vec<i64> = state.segments(table).iter().map(|s| s.partition).collect();
+        persisted.sort_unstable();
+        persisted.dedup();
         let (mut out_of_order, mut late) = (0u64, 0u64);
-        for (row, &g) in group_of.iter().enumerate() {
+        for (row, &g) in groups.group_of.iter().enumerate() {
             if !times.is_valid(row) {
                 continue;
             }
             let t = times.value(row);
-            counts[g] = counts[g].saturating_add(1);
-            if let Some(record) = table_series.get_mut(&keys[g]) {
-                record.first_seen = record.first_seen.min(t);
-                record.last_seen = record.last_seen.max(t);
+            if previous[g as usize].is_some_and(|p| t < p) {
+                out_of_order += 1;
             }
-            if arrived {
-                if previous[g].is_some_and(|p| t < p) {
-                    out_of_order += 1;
-                }
-                if !persisted.is_empty() && persisted.binary_search(&def.partition_of(t)).is_ok() {
-                    late += 1;
-                }
+            if !persisted.is_empty() && persisted.binary_search(&def.partition_of(t)).is_ok() {
+                late += 1;
             }
         }
-        if arrived {
-            for (g, key) in keys.iter().enumerate() {
-                if let Some(record) = table_series.get_mut(key) {
-                    record.minutes.add(minute, counts[g]);
-                }
-            }
-            let q = quality.entry(table).or_default();
-            q.rows += batch.num_rows() as u64;
-            q.out_of_order_rows += out_of_order;
-            q.late_rows += late;
-        }
+        let q = quality.entry(table).or_default();
+        q.rows += batch.num_rows() as u64;
+        q.out_of_order_rows += out_of_order;
+        q.late_rows += late;
     }
 
     /// Counts `lines` rejected lines of `table`.
@@ -331,13 +382,17 @@ impl SeriesTracker {
         }
         let n = snapshot.series.len();
         let mut inner = self.inner.lock();
+        let mut key = Vec::new();
         for s in snapshot.series {
-            let key = crate::catalog::alerts::series_key(&s.tags);
+            raw_key(
+                &mut key,
+                s.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            );
             let entry = inner
                 .series
                 .entry(s.table)
                 .or_default()
-                .entry(key)
+                .entry(key.clone().into_boxed_slice())
                 .or_insert_with(|| s.clone());
             entry.first_seen = entry.first_seen.min(s.first_seen);
             entry.last_seen = entry.last_seen.max(s.last_seen);
@@ -347,5 +402,53 @@ impl SeriesTracker {
 
     pub fn now(&self) -> i64 {
         (self.clock)()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int32Array, StringArray};
+
+    use super::*;
+
+    fn dict(keys: &[Option<i32>], values: &[&str]) -> ArrayRef {
+        Arc::new(
+            arrow::array::DictionaryArray::<Int32Type>::try_new(
+                Int32Array::from(keys.to_vec()),
+                Arc::new(StringArray::from(values.to_vec())),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn rows_group_by_their_tag_set_with_nulls_as_absent() {
+        let host = dict(&[Some(0), Some(0), Some(1), Some(0), Some(1)], &["a", "b"]);
+        let line = dict(&[None, Some(0), Some(0), None, Some(0)], &["x"]);
+        let dicts = [
+            host.as_dictionary::<Int32Type>(),
+            line.as_dictionary::<Int32Type>(),
+        ];
+        let groups = group_rows(&dicts, 5);
+        assert_eq!(groups.group_of, [0, 1, 2, 0, 2]);
+        assert_eq!(groups.first_rows, [0, 1, 2]);
+    }
+
+    #[test]
+    fn minute_buckets_count_the_last_minute_and_hour() {
+        let mut m = Minutes::default();
+        m.add(100, 5);
+        m.add(101, 7);
+        assert_eq!((m.sum(101, 1), m.sum(101, BUCKETS)), (7, 12));
+        assert_eq!((m.sum(102, 1), m.sum(102, BUCKETS)), (0, 12));
+        m.add(100 + BUCKETS as i64, 1);
+        assert_eq!(
+            m.sum(100 + BUCKETS as i64, BUCKETS),
+            8,
+            "minute 100 left the hour"
+        );
+        assert_eq!(m.sum(1_000, BUCKETS), 0);
     }
 }
