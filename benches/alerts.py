@@ -25,7 +25,7 @@ REPEAT = int(os.environ.get("REPEAT", "6"))
 RULES = int(os.environ.get("RULES", "1000"))
 EVERY = os.environ.get("EVERY", "10s")
 
-received = {}  # (sensor, status) -> wall time
+received = {}  # (sensor, status) -> wall time of the first webhook
 lock = threading.Lock()
 
 
@@ -63,25 +63,30 @@ def ingest(url, seed, duration):
 
 
 def probe(url, stop, delays):
-    """Crossings of one sensor, one at a time: write a value above the rule's threshold,
-    time its firing webhook; write one below, wait for the resolution."""
+    """A new sensor crosses the probe rule's threshold every second (so crossings fall at
+    every phase of the rule's interval); each one's delay is from its write to its firing
+    webhook."""
+    written = {}
     n = 0
     while not stop.is_set():
         n += 1
         sensor = f"s{n}"
-        t0 = time.time()
+        written[sensor] = time.time()
         request("POST", f"{url}/api/v3/write_lp?db=benchmark", f"probe,sensor={sensor} v=1".encode())
-        while not stop.is_set() and (sensor, "firing") not in received:
-            time.sleep(0.01)
-        if (sensor, "firing") in received:
-            delays.append(received[(sensor, "firing")] - t0)
-        request("POST", f"{url}/api/v3/write_lp?db=benchmark", f"probe,sensor={sensor} v=0".encode())
-        while not stop.is_set() and (sensor, "resolved") not in received:
-            time.sleep(0.01)
+        stop.wait(1.0)
+    # Crossings written in the last interval get their evaluation too.
+    deadline = time.time() + 30
+    while time.time() < deadline and any((s, "firing") not in received for s in written):
+        time.sleep(0.1)
+    with lock:
+        delays.extend(received[(s, "firing")] - t for s, t in written.items()
+                      if (s, "firing") in received)
 
 
 def run(mode, work):
     data = os.path.join(work, mode)
+    with lock:
+        received.clear()
     server = subprocess.Popen(
         [KILN, "serve", "--data-dir", data, "--http-bind", "127.0.0.1:0", "--grpc-bind",
          "127.0.0.1:0", "--pg-bind", "127.0.0.1:0", "--alert-webhook-url", HOOK],
