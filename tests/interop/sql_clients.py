@@ -188,7 +188,10 @@ def grafana_catalog():
     check("Grafana TimescaleDB probe finds none", cur.fetchall() == [])
     cur.execute(grafana_tables_query())
     tables = cur.fetchall()
-    check("Grafana table picker", tables == [("cpu",)], tables)
+    # Kiln's own tables (schema `system`, outside the search path) come qualified.
+    system = [(f"system.{t}",) for t in
+              ("alert_events", "alert_rules", "alerts", "data_quality", "devices", "series")]
+    check("Grafana table picker", tables == [("cpu",)] + system, tables)
     for table in ("cpu", "public.cpu"):
         cur.execute(grafana_columns_query(table))
         columns = dict(cur.fetchall())
@@ -247,7 +250,7 @@ def sqlalchemy():
                 "unique": [],
                 "check": [],
                 "comment": None,
-                "schemas": ["public"],
+                "schemas": ["public", "system"],
             },
             reflected,
         )
@@ -308,7 +311,7 @@ def dbeaver():
         rows[name] = [dict(zip(names, r)) for r in cur.fetchall()]
     check(
         "DBeaver navigator: schemas, table, columns, no indexes or constraints",
-        [r["nspname"] for r in rows["schemas"]] == ["pg_catalog", "public"]
+        [r["nspname"] for r in rows["schemas"]] == ["pg_catalog", "public", "system"]
         and [r["attname"] for r in rows["columns"]] == list(CPU_COLUMN_TYPES)
         and len(rows["tables"]) == 1
         and len(rows["columns"]) == 5
