@@ -8,11 +8,7 @@ use kiln_storage::write::{SourceRange, TableWrite, WriteBatch};
 use crate::line_protocol::{LineError, ValidatedLines};
 
 /// Now, in nanoseconds since the Unix epoch: the time of a row written without one.
-pub fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
+pub use kiln_storage::now_nanos;
 
 /// What was written.
 #[derive(Debug, Default)]

@@ -6,6 +6,26 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+/// `name=value` (a label, an attribute, a tag): the name must not be empty.
+pub fn name_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not name=value"))
+}
+
+/// `name` as one URL path segment.
+pub fn percent_encode(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// How to reach a running server.
 #[derive(Debug, Clone, Args)]
 pub struct ServerOptions {

@@ -126,6 +126,20 @@ struct ErrorBody<'a> {
     data: &'a [RejectedLine],
 }
 
+/// `{"error": message}` with `status`: the answer of every JSON API's failures.
+pub(crate) fn error_response(status: StatusCode, message: impl Into<String>) -> Response {
+    ApiError::new(status, message).into_response()
+}
+
+/// `nanos` since the epoch as RFC 3339 in UTC, to the precision `format` names.
+pub(crate) fn rfc3339(nanos: i64, format: chrono::SecondsFormat) -> String {
+    let secs = nanos.div_euclid(1_000_000_000);
+    let sub = u32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0);
+    chrono::DateTime::from_timestamp(secs, sub)
+        .map(|t| t.to_rfc3339_opts(format, true))
+        .unwrap_or_default()
+}
+
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {

@@ -106,13 +106,7 @@ impl KafkaArgs {
                         .map_err(|e| format!("--kafka-json-mapping: {e}"))
                 })
                 .transpose()?;
-            let mut options = BTreeMap::new();
-            for kv in &self.kafka_options {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| format!("--kafka-option {kv:?}: expected key=value"))?;
-                options.insert(k.trim().to_string(), v.trim().to_string());
-            }
+            let options = options("--kafka-option", &self.kafka_options)?;
             let source = SourceConfig {
                 brokers: brokers.clone(),
                 topics: self.kafka_topics.clone(),
@@ -191,4 +185,16 @@ impl Sources {
             let _ = task.await;
         }
     }
+}
+
+/// librdkafka settings given as `key=value` to `flag`.
+pub fn options(flag: &str, given: &[String]) -> Result<BTreeMap<String, String>, String> {
+    given
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| format!("{flag} {kv:?}: expected key=value"))
+        })
+        .collect()
 }

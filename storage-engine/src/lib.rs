@@ -36,4 +36,11 @@ pub mod series;
 pub mod wal;
 pub mod write;
 
+/// Now, in nanoseconds since the Unix epoch (the wall clock every part of Kiln reads).
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
 pub use engine::{CompactionOutcome, Engine, EngineConfig, ReadLease, TableData};

@@ -138,15 +138,9 @@ pub struct SeriesTracker {
     clock: fn() -> i64,
 }
 
-fn system_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-}
-
 impl Default for SeriesTracker {
     fn default() -> Self {
-        Self::with_clock(system_now)
+        Self::with_clock(crate::now_nanos)
     }
 }
 

@@ -30,7 +30,7 @@ pub fn observations(
     batches: &[RecordBatch],
     value_column: &str,
 ) -> Result<Vec<Observation>, String> {
-    let mut seen = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     let options = FormatOptions::default();
     for batch in batches {
@@ -61,7 +61,7 @@ pub fn observations(
                 }
             }
             let key = series_key(&series);
-            if seen.insert(key.clone(), ()).is_some() {
+            if !seen.insert(key.clone()) {
                 return Err(format!(
                     "the query returned several rows for the series {{{key}}}; a rule's query \
                      returns one row per series (group by its labels)"

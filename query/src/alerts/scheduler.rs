@@ -64,19 +64,12 @@ pub struct AlertScheduler {
     clock: fn() -> i64,
 }
 
-/// Nanoseconds since the epoch, from the system clock.
-pub fn system_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-}
-
 impl AlertScheduler {
     /// A scheduler running rules through `query` (which must show every database).
     pub fn new(query: QueryEngine) -> Self {
         Self {
             query,
-            clock: system_now,
+            clock: kiln_storage::now_nanos,
         }
     }
 
@@ -178,16 +171,13 @@ impl AlertScheduler {
             .await
             .map_err(|e| e.to_string())?;
         let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(|e| e.to_string())?;
-        let observed = if matches!(rule.kind, AlertRuleKind::NoData { .. }) {
+        let mut observed = eval::observations(&batches, value_column)?;
+        if matches!(rule.kind, AlertRuleKind::NoData { .. }) {
             // Seconds since each series' last row (`last_seen` is in nanoseconds).
-            let mut observed = eval::observations(&batches, value_column)?;
             for o in &mut observed {
                 o.value = o.value.map(|last_nanos| (now as f64 - last_nanos) / 1e9);
             }
-            observed
-        } else {
-            eval::observations(&batches, value_column)?
-        };
+        }
         let transitions =
             eval::evaluate(rule, state.alerts.instances.get(&rule.id), &observed, now)?;
         if !transitions.is_empty() {

@@ -232,9 +232,7 @@ impl SystemTable {
                     .map(|_| status.last_duration.as_secs_f64() * 1e3),
             );
             error.append_option(status.last_error.as_deref());
-            let alerts = state.alerts.instances.get(&rule.id);
-            let count =
-                |s| alerts.map_or(0, |m| m.values().filter(|i| i.state == s).count()) as u64;
+            let count = |s| state.alerts.count(rule.id, s) as u64;
             counts[0].append_value(status.evaluations);
             counts[1].append_value(status.failures);
             counts[2].append_value(count(kiln_storage::catalog::alerts::AlertState::Pending));

@@ -3,7 +3,7 @@
 use clap::{Args, Subcommand};
 
 use super::http::{CreateRule, RuleInfo};
-use crate::client::ServerOptions;
+use crate::client::{ServerOptions, name_value, percent_encode};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum AlertCommand {
@@ -76,18 +76,11 @@ pub struct CreateArgs {
     #[arg(long)]
     description: Option<String>,
     /// A label added to the rule's alerts, `name=value` (repeat).
-    #[arg(long = "label", value_parser = label)]
+    #[arg(long = "label", value_parser = name_value)]
     labels: Vec<(String, String)>,
     /// Webhook URL for this rule instead of the server's.
     #[arg(long)]
     receiver: Option<String>,
-}
-
-fn label(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("{text:?} is not name=value"))
 }
 
 pub async fn run(command: AlertCommand) -> Result<(), String> {
@@ -167,7 +160,7 @@ pub async fn run(command: AlertCommand) -> Result<(), String> {
             }
         }
         AlertCommand::Show { server, name } => {
-            let path = format!("/api/v3/alerts/rules/{}", encode(&name));
+            let path = format!("/api/v3/alerts/rules/{}", percent_encode(&name));
             let request = server.request(reqwest::Method::GET, &path)?;
             let rule: serde_json::Value = server
                 .send(request)
@@ -193,23 +186,11 @@ pub async fn run(command: AlertCommand) -> Result<(), String> {
             );
         }
         AlertCommand::Delete { server, name } => {
-            let path = format!("/api/v3/alerts/rules/{}", encode(&name));
+            let path = format!("/api/v3/alerts/rules/{}", percent_encode(&name));
             let request = server.request(reqwest::Method::DELETE, &path)?;
             server.send(request).await?;
             println!("deleted alert rule {name:?}");
         }
     }
     Ok(())
-}
-
-/// `name` as one path segment.
-fn encode(name: &str) -> String {
-    name.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::http::{refusal, require};
 use crate::auth::{Action, Principal};
-use crate::http::{AppState, query_engine};
+use crate::http::{AppState, error_response as error, query_engine};
 
 /// `POST /api/v3/alerts/rules`: a threshold rule (`sql` and `condition`) or a no-data
 /// rule (`table` and `no_data_after`).
@@ -97,20 +97,12 @@ pub struct AlertInfo {
     pub description: String,
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
-}
-
 fn duration(nanos: i64) -> String {
     humantime::format_duration(Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))).to_string()
 }
 
 fn rfc3339(nanos: i64) -> String {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let sub = u32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0);
-    chrono::DateTime::from_timestamp(secs, sub)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
+    crate::http::rfc3339(nanos, chrono::SecondsFormat::Millis)
 }
 
 fn info(s: &AppState, state: &CatalogState, rule: &AlertRuleDef) -> RuleInfo {
@@ -132,8 +124,8 @@ fn info(s: &AppState, state: &CatalogState, rule: &AlertRuleDef) -> RuleInfo {
         description: rule.description.clone(),
         labels: rule.labels.clone(),
         receiver: rule.receiver.clone(),
-        pending: 0,
-        firing: 0,
+        pending: state.alerts.count(rule.id, AlertState::Pending),
+        firing: state.alerts.count(rule.id, AlertState::Firing),
         last_evaluated_at: None,
         last_error: None,
     };
@@ -159,19 +151,6 @@ fn info(s: &AppState, state: &CatalogState, rule: &AlertRuleDef) -> RuleInfo {
             out.table = Some(table.clone());
             out.no_data_after = Some(duration(*after_nanos));
             out.lookback = Some(duration(*lookback_nanos));
-        }
-    }
-    for i in state
-        .alerts
-        .instances
-        .get(&rule.id)
-        .into_iter()
-        .flat_map(|m| m.values())
-    {
-        match i.state {
-            AlertState::Pending => out.pending += 1,
-            AlertState::Firing => out.firing += 1,
-            _ => {}
         }
     }
     if let Some(status) = s.query.rule_statuses().get(rule.id) {
@@ -275,7 +254,7 @@ pub async fn create(
         }
     };
     let mut def = def;
-    def.created_at = kiln_query::alerts::scheduler::system_now();
+    def.created_at = kiln_storage::now_nanos();
     match s.engine.catalog().create_alert_rule(def).await {
         Ok(def) => {
             let state = s.engine.catalog_state();
@@ -342,7 +321,7 @@ pub async fn delete(
     if let Err(e) = require(&s.auth, &principal, Action::Write(&rule.database)) {
         return refusal(&e);
     }
-    let now = kiln_query::alerts::scheduler::system_now();
+    let now = kiln_storage::now_nanos();
     match s
         .engine
         .catalog()

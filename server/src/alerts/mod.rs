@@ -96,15 +96,8 @@ impl AlertArgs {
         };
         let kafka = match (&self.alert_kafka_brokers, &self.alert_kafka_topic) {
             (Some(brokers), Some(topic)) => {
-                let options = self
-                    .alert_kafka_options
-                    .iter()
-                    .map(|o| {
-                        o.split_once('=')
-                            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                            .ok_or_else(|| format!("--alert-kafka-option {o:?} is not name=value"))
-                    })
-                    .collect::<Result<_, _>>()?;
+                let options =
+                    crate::kafka::options("--alert-kafka-option", &self.alert_kafka_options)?;
                 Some(notify::KafkaTarget {
                     brokers: brokers.clone(),
                     topic: topic.clone(),

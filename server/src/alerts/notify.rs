@@ -42,7 +42,7 @@ pub struct KafkaTarget {
     pub brokers: String,
     pub topic: String,
     /// librdkafka settings (`security.protocol=SSL`, …).
-    pub options: Vec<(String, String)>,
+    pub options: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,15 +104,7 @@ pub struct Notifier {
 }
 
 fn rfc3339(nanos: i64) -> String {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let sub = u32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0);
-    chrono::DateTime::from_timestamp(secs, sub)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
-
-fn now_nanos() -> i64 {
-    kiln_query::alerts::scheduler::system_now()
+    crate::http::rfc3339(nanos, chrono::SecondsFormat::Millis)
 }
 
 impl Notifier {
@@ -369,7 +361,8 @@ impl Notifier {
     /// firing between re-sends, near enough that it resolves if Kiln stops sending.
     fn firing_ends_at(&self) -> i64 {
         let ahead = self.config.resend_interval.max(Duration::from_secs(15)) * 4;
-        now_nanos().saturating_add(i64::try_from(ahead.as_nanos()).unwrap_or(i64::MAX))
+        kiln_storage::now_nanos()
+            .saturating_add(i64::try_from(ahead.as_nanos()).unwrap_or(i64::MAX))
     }
 
     async fn post_alertmanager(

@@ -11,7 +11,7 @@ use kiln_storage::durable_store::DurableLocalStore;
 
 use super::http::{CreatedToken, TokenInfo};
 use super::{NewToken, issue_token, permissions};
-use crate::client::ServerOptions;
+use crate::client::{ServerOptions, percent_encode};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum TokenCommand {
@@ -232,16 +232,4 @@ fn print_list(tokens: &[TokenInfo]) {
             .collect();
         println!("{}", cells.join("  ").trim_end());
     }
-}
-
-/// `name` as one path segment.
-fn percent_encode(name: &str) -> String {
-    name.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -136,11 +136,7 @@ pub struct CreatedToken {
 }
 
 fn rfc3339(nanos: i64) -> String {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let sub = u32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or(0);
-    chrono::DateTime::from_timestamp(secs, sub)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
+    crate::http::rfc3339(nanos, chrono::SecondsFormat::Secs)
 }
 
 pub fn info(def: &TokenDef, now: i64) -> TokenInfo {

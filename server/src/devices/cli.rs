@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use clap::Subcommand;
 
 use super::{DeviceInfo, SetDevice, SetStaleness};
-use crate::client::ServerOptions;
+use crate::client::{ServerOptions, name_value};
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum DeviceCommand {
@@ -17,10 +17,10 @@ pub enum DeviceCommand {
         #[arg(long, short = 'd', env = "KILN_DATABASE")]
         database: String,
         /// The device, as the tag its readings carry: `host=m1`.
-        #[arg(long, value_parser = pair)]
+        #[arg(long, value_parser = name_value)]
         tag: (String, String),
         /// An attribute, `name=value` (repeat): `location=hall-2`, `firmware=4.1`.
-        #[arg(long = "attr", value_parser = pair)]
+        #[arg(long = "attr", value_parser = name_value)]
         attributes: Vec<(String, String)>,
         /// An attribute to remove (repeat).
         #[arg(long = "remove")]
@@ -46,13 +46,6 @@ pub enum DeviceCommand {
         #[arg(long)]
         offline_after: String,
     },
-}
-
-fn pair(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("{text:?} is not name=value"))
 }
 
 pub async fn run(command: DeviceCommand) -> Result<(), String> {

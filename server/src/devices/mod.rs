@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::http::{refusal, require};
 use crate::auth::{Action, Principal};
-use crate::http::AppState;
+use crate::http::{AppState, error_response as error};
 
 /// `PUT /api/v3/devices`: the device `tag`=`value` of `database`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,10 +53,6 @@ pub struct SetStaleness {
     pub stale_after: String,
     /// A duration (`1h`), at least `stale_after`: series silent this long are `offline`.
     pub offline_after: String,
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
 fn catalog_error(e: kiln_storage::catalog::Error) -> Response {

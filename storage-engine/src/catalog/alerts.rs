@@ -298,6 +298,13 @@ impl AlertsState {
         self.rules.values().find(|r| r.name == name)
     }
 
+    /// How many of `rule`'s alerts are in `state`.
+    pub fn count(&self, rule: AlertRuleId, state: AlertState) -> usize {
+        self.instances
+            .get(&rule)
+            .map_or(0, |m| m.values().filter(|i| i.state == state).count())
+    }
+
     pub fn create_rule(&mut self, def: &AlertRuleDef) -> Result<(), String> {
         if self.rule(&def.name).is_some() {
             return Err(format!("an alert rule named {:?} exists already", def.name));
