@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
 use arrow::buffer::Buffer;
 use arrow::compute::kernels::numeric::mul;
 use arrow::compute::{cast, concat_batches};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use arrow::ipc::reader::StreamDecoder;
 use kiln_storage::catalog::{CatalogState, ColumnType, SchemaChange, TIME_COLUMN};
@@ -118,11 +118,24 @@ pub fn validate_arrow(
     };
     // The raw values are UTC instants in their unit, whatever the time zone annotation.
     let raw = cast(time, &DataType::Int64).map_err(|e| err(format!("column `time`: {e}")))?;
+    let stored = |t: &i64| {
+        t.checked_mul(unit_nanos)
+            .is_some_and(|n| kiln_storage::time::check(n).is_ok())
+    };
+    let values = raw.as_primitive::<Int64Type>().values();
+    if let Some(row) = values.iter().position(|t| !stored(t)) {
+        return Err(err(format!(
+            "column `time`, row {row}: {} ({}) is outside the range Kiln stores \
+             (1678-01-01T00:00:00Z to 2261-12-31T23:59:59.999999999Z)",
+            values[row],
+            time.data_type()
+        )));
+    }
     let nanos = if unit_nanos == 1 {
         raw
     } else {
         mul(&raw, &Int64Array::new_scalar(unit_nanos))
-            .map_err(|_| err("column `time` is out of range for nanoseconds"))?
+            .map_err(|e| err(format!("column `time`: {e}")))?
     };
     let time = cast(&nanos, &ColumnType::Time.arrow_type())
         .map_err(|e| err(format!("column `time`: {e}")))?;

@@ -33,7 +33,13 @@ pub enum WriteError {
 
 impl From<kiln_storage::engine::Error> for WriteError {
     fn from(e: kiln_storage::engine::Error) -> Self {
-        Self::Engine(e)
+        match e {
+            // Rows the engine's own check refused are the client's to fix, not a retry.
+            kiln_storage::engine::Error::InvalidWrite(_) => {
+                Self::Invalid(kiln_storage::error_chain(&e))
+            }
+            e => Self::Engine(e),
+        }
     }
 }
 

@@ -34,6 +34,8 @@ pub mod provider;
 pub mod scan;
 pub mod selectors;
 pub mod system;
+#[cfg(test)]
+mod time_arith_tests;
 pub mod time_bucket;
 pub mod zone;
 

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use crate::zone;
-use arrow::array::timezone::Tz;
 use arrow::array::{AsArray, Int64Array};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Int64Type, IntervalUnit, TimeUnit};
@@ -118,58 +117,80 @@ impl ScalarUDFImpl for TimeBucket {
             None => None,
         };
         let session = args.config_options.execution.time_zone.clone();
-        if let Some(zone) = zone::resolve(explicit.as_deref(), tz.as_deref(), session.as_deref())? {
-            return bucket_in_zone(&args, zone, unit, &time_type);
-        }
-        let origin = Some(TIMESCALE_ORIGIN_NANOS / zone::nanos_per(unit));
-        let origin = match unit {
-            TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(origin, tz),
-            TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(origin, tz),
-            TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(origin, tz),
-            TimeUnit::Second => ScalarValue::TimestampSecond(origin, tz),
+        let zone = zone::resolve(explicit.as_deref(), tz.as_deref(), session.as_deref())?;
+        let fixed = match &args.args[0] {
+            ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(v))) if v.months == 0 => {
+                match zone::fixed_interval_nanos(*v) {
+                    Some(n) if n > 0 => Some(n),
+                    Some(_) => return exec_err!("time_bucket: the interval must be positive"),
+                    None => return exec_err!("time_bucket: the interval {v:?} is too long"),
+                }
+            }
+            ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(_))) => None,
+            _ => return exec_err!("time_bucket: the interval must be a constant"),
         };
-        let origin_field = Arc::new(Field::new("origin", origin.data_type(), true));
-        let mut args = args;
-        args.args.truncate(2);
-        args.arg_fields.truncate(2);
-        args.args.push(ColumnarValue::Scalar(origin));
-        args.arg_fields.push(origin_field);
-        datafusion::functions::datetime::date_bin().invoke_with_args(args)
+        match (fixed, zone) {
+            (Some(stride), Some(zone)) => {
+                let bins = zone::LocalBins {
+                    zone,
+                    origin: TIMESCALE_ORIGIN_NANOS,
+                    stride,
+                };
+                bucket_each(&args, unit, &time_type, |t| bins.bin(t))
+            }
+            (Some(stride), None) => bucket_each(&args, unit, &time_type, |t| {
+                zone::floor(t, TIMESCALE_ORIGIN_NANOS, stride)
+            }),
+            (None, Some(_)) => exec_err!(
+                "time_bucket in a time zone needs an interval of fixed length (days, hours, …), \
+                 not months"
+            ),
+            // Months: calendar arithmetic, as date_bin does it.
+            (None, None) => {
+                let origin = Some(TIMESCALE_ORIGIN_NANOS / zone::nanos_per(unit));
+                let origin = match unit {
+                    TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(origin, tz),
+                    TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(origin, tz),
+                    TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(origin, tz),
+                    TimeUnit::Second => ScalarValue::TimestampSecond(origin, tz),
+                };
+                let origin_field = Arc::new(Field::new("origin", origin.data_type(), true));
+                let mut args = args;
+                args.args.truncate(2);
+                args.arg_fields.truncate(2);
+                args.args.push(ColumnarValue::Scalar(origin));
+                args.arg_fields.push(origin_field);
+                datafusion::functions::datetime::date_bin().invoke_with_args(args)
+            }
+        }
     }
 }
 
-/// `time_bucket` on wall-clock time in `zone` (intervals of fixed length only).
-fn bucket_in_zone(
+/// Applies `bin` (instant in nanoseconds → start of its bucket in nanoseconds) to every
+/// time of the second argument, kept in its unit. A time whose bucket is outside the
+/// timestamp range is an error, not a wrapped value.
+fn bucket_each(
     args: &ScalarFunctionArgs,
-    zone: Tz,
     unit: TimeUnit,
     time_type: &DataType,
+    bin: impl Fn(i64) -> i64,
 ) -> Result<ColumnarValue> {
-    let stride = match &args.args[0] {
-        ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(v))) if v.months == 0 => {
-            i64::from(v.days) * 86_400_000_000_000 + v.nanoseconds
-        }
-        ColumnarValue::Scalar(ScalarValue::IntervalMonthDayNano(Some(_))) => {
-            return exec_err!(
-                "time_bucket in a time zone needs an interval of fixed length (days, hours, …), \
-                 not months"
-            );
-        }
-        _ => return exec_err!("time_bucket: the interval must be a constant"),
-    };
-    if stride <= 0 {
-        return exec_err!("time_bucket: the interval must be positive");
-    }
-    let bins = zone::LocalBins {
-        zone,
-        origin: TIMESCALE_ORIGIN_NANOS,
-        stride,
-    };
     let per_unit = zone::nanos_per(unit);
-    let bin = |t: i64| bins.bin(t.saturating_mul(per_unit)).div_euclid(per_unit);
     let times = args.args[1].to_array(args.number_rows)?;
     let times = cast(&times, &DataType::Int64)?;
-    let binned: Int64Array = times.as_primitive::<Int64Type>().unary(bin);
+    let binned: Int64Array = times.as_primitive::<Int64Type>().try_unary(|t| {
+        // Instants beyond what nanoseconds hold (seconds near i64's edges) cannot be
+        // binned in nanoseconds; neither can a bucket that starts beyond them.
+        let nanos = t
+            .checked_mul(per_unit)
+            .filter(|n| *n != i64::MIN && *n != i64::MAX);
+        match nanos.map(&bin) {
+            Some(b) if b != i64::MIN && b != i64::MAX => Ok(b.div_euclid(per_unit)),
+            _ => Err(arrow::error::ArrowError::ComputeError(format!(
+                "time_bucket: the bucket of {t} ({unit:?}s) is outside the timestamp range"
+            ))),
+        }
+    })?;
     let binned = cast(&binned, time_type)?;
     Ok(match &args.args[1] {
         ColumnarValue::Scalar(_) => ColumnarValue::Scalar(ScalarValue::try_from_array(&binned, 0)?),

@@ -51,6 +51,14 @@ pub fn resolve(
 }
 
 /// Nanoseconds in one `unit`.
+/// The length of an interval without months (`days` of 24 hours plus `nanoseconds`), if
+/// it fits in nanoseconds: `INTERVAL '2147483647 days'` does not.
+pub fn fixed_interval_nanos(v: arrow::datatypes::IntervalMonthDayNano) -> Option<i64> {
+    i64::from(v.days)
+        .checked_mul(86_400_000_000_000)
+        .and_then(|d| d.checked_add(v.nanoseconds))
+}
+
 pub fn nanos_per(unit: arrow::datatypes::TimeUnit) -> i64 {
     use arrow::datatypes::TimeUnit;
     match unit {

@@ -142,16 +142,7 @@ pub enum LastCacheCommand {
     },
 }
 
-/// An error and its causes, `: `-separated (a TLS failure is several levels down).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
+pub use kiln_storage::error_chain as chain;
 
 /// An HTTP client trusting `ca` (a PEM file) alone if given, the system's roots otherwise.
 fn http(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> {

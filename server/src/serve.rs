@@ -60,6 +60,13 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_PG_BIND", default_value = "127.0.0.1:5433")]
     pub pg_bind: SocketAddr,
 
+    /// On start-up, skip a WAL record that cannot be applied (it is logged with its file,
+    /// offset and reason, and its bytes kept in `<data-dir>/wal/skipped/`) instead of
+    /// refusing to start with an error naming it. Its rows are lost: use it only to bring
+    /// back a server whose log holds a record no release of Kiln can apply.
+    #[arg(long, env = "KILN_WAL_REPLAY_SKIP_INVALID")]
+    pub wal_replay_skip_invalid: bool,
+
     /// When a write is acknowledged: `always` (after fsync) or a duration such as `100ms`
     /// (after write; fsync at most that long later, so a power loss can lose that much).
     #[arg(long, env = "KILN_WAL_SYNC", default_value = "always")]
@@ -69,8 +76,9 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_WAL_MAX_FILE_BYTES", default_value = "64MiB", value_parser = crate::config::size::parse_bytes)]
     pub wal_max_file_bytes: u64,
 
-    /// Width of the time partitions of new tables (a Parquet segment holds one partition).
-    #[arg(long, env = "KILN_PARTITION_DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    /// Width of the time partitions of new tables (a Parquet segment holds one partition);
+    /// at most 7 days.
+    #[arg(long, env = "KILN_PARTITION_DURATION", default_value = "1h", value_parser = parse_partition_duration)]
     pub partition_duration: Duration,
 
     /// Persist the write buffer to Parquet once it holds this many bytes.
@@ -259,6 +267,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             max_tables: config.max_tables,
             max_columns_per_table: config.max_columns_per_table,
         },
+        wal_replay_skip_invalid: config.wal_replay_skip_invalid,
     };
     let engine = Engine::open(
         engine_config,
@@ -266,7 +275,18 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         Some(Arc::new(FsyncObserver(Arc::clone(&metrics)))),
     )
     .await
-    .map_err(|e| format!("cannot start the storage engine: {e}"))?;
+    .map_err(|e| {
+        let hint = match &e {
+            kiln_storage::engine::Error::Wal(kiln_storage::wal::Error::Replay { .. }) => {
+                " (to start anyway, losing that record's rows, pass --wal-replay-skip-invalid)"
+            }
+            _ => "",
+        };
+        format!(
+            "cannot start the storage engine: {}{hint}",
+            kiln_storage::error_chain(&e)
+        )
+    })?;
 
     // Turns true on SIGTERM/SIGINT: both listeners stop taking requests.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -533,4 +553,16 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = terminate => {},
     }
+}
+
+/// A partition width: a positive duration of at most seven days.
+fn parse_partition_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let max = Duration::from_nanos(kiln_storage::time::MAX_PARTITION_NANOS.unsigned_abs());
+    if d.is_zero() || d > max {
+        return Err(format!(
+            "{text:?}: a partition is wider than 0s and at most 7 days"
+        ));
+    }
+    Ok(d)
 }

@@ -41,8 +41,9 @@ pub fn classify(e: &kiln_storage::engine::Error) -> (FailureKind, String) {
         E::Catalog(catalog::Error::InvalidName { .. } | catalog::Error::LimitExceeded(_)) => {
             (FailureKind::Invalid, e.to_string())
         }
+        E::InvalidWrite(_) => (FailureKind::Invalid, kiln_storage::error_chain(e)),
         _ => {
-            tracing::error!(error = %e, "write failed");
+            tracing::error!(error = %kiln_storage::error_chain(e), "write failed");
             (
                 FailureKind::Internal,
                 "internal error while writing; see the server log".into(),

@@ -85,6 +85,24 @@ struct Inner {
     oldest_unpersisted: Option<Instant>,
 }
 
+impl Inner {
+    /// Moves the applied watermark over `sequence` and every pending one it joins up with.
+    fn mark_applied(&mut self, sequence: SequenceNumber) {
+        if sequence == self.applied_through.next() {
+            self.applied_through = sequence;
+            while let Some(first) = self.pending.first().copied() {
+                if first != self.applied_through.next() {
+                    break;
+                }
+                self.pending.remove(&first);
+                self.applied_through = first;
+            }
+        } else if sequence > self.applied_through {
+            self.pending.insert(sequence);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct WriteBuffer {
     inner: RwLock<Inner>,
@@ -165,19 +183,14 @@ impl WriteBuffer {
                 .push(chunk);
         }
         inner.oldest_unpersisted.get_or_insert_with(Instant::now);
-        if sequence == inner.applied_through.next() {
-            inner.applied_through = sequence;
-            while let Some(first) = inner.pending.first().copied() {
-                if first != inner.applied_through.next() {
-                    break;
-                }
-                inner.pending.remove(&first);
-                inner.applied_through = first;
-            }
-        } else if sequence > inner.applied_through {
-            inner.pending.insert(sequence);
-        }
+        inner.mark_applied(sequence);
         self.bytes.fetch_add(added, Ordering::Relaxed);
+    }
+
+    /// Counts WAL record `sequence` as applied without adding rows (a record skipped on
+    /// replay), so the applied watermark moves past it.
+    pub fn skip(&self, sequence: SequenceNumber) {
+        self.inner.write().mark_applied(sequence);
     }
 
     /// The partitions of `table` that hold rows.
@@ -322,7 +335,10 @@ fn split_by_partition(
     let Some(col) = batch.column_by_name(TIME_COLUMN) else {
         return Vec::new();
     };
-    let times = col.as_primitive::<TimestampNanosecondType>();
+    // A write is checked before it is logged; a time column of another type is not one.
+    let Some(times) = col.as_primitive_opt::<TimestampNanosecondType>() else {
+        return Vec::new();
+    };
     if times.is_empty() {
         return Vec::new();
     }

@@ -19,6 +19,7 @@
 //! * [`dedup`]: the last-write-wins rule used everywhere rows can repeat.
 //! * [`last_cache`]: the latest row of every series, for tables that ask for it.
 //! * [`series`]: every series seen (first and last seen, recent rows) and write quality.
+//! * [`time`]: the range of times Kiln stores and overflow-free partition arithmetic.
 //! * [`engine`]: all of the above behind one handle.
 //!
 //! The engine knows nothing of HTTP, SQL text or Kafka.
@@ -33,14 +34,27 @@ pub mod ipc;
 pub mod last_cache;
 pub mod persist;
 pub mod series;
+pub mod time;
 pub mod wal;
 pub mod write;
 
-/// Now, in nanoseconds since the Unix epoch (the wall clock every part of Kiln reads).
-pub fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+pub use time::now_nanos;
+
+/// An error and its causes, `: `-separated, for a log line or a message that must name
+/// the real cause (a TLS failure or a bad WAL record is several levels down). A cause an
+/// error already prints at the end of its own message is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 pub use engine::{CompactionOutcome, Engine, EngineConfig, ReadLease, TableData};

@@ -41,14 +41,23 @@ pub fn utc_schema(schema: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
+/// Why a partition could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("merging the partition's rows")]
+    Merge(#[source] arrow::error::ArrowError),
+    #[error("writing Parquet")]
+    Parquet(#[from] parquet::errors::ParquetError),
+}
+
 /// Merges `batches` (oldest write first) and encodes them as a Parquet file.
 pub fn encode_segment(
     def: &TableDef,
     batches: &[RecordBatch],
-) -> Result<(RecordBatch, Vec<u8>), String> {
+) -> Result<(RecordBatch, Vec<u8>), Error> {
     let schema: SchemaRef = def.schema();
     let key = sort_key(def);
-    let merged = merge_last_write_wins(batches, &schema, &key).map_err(|e| e.to_string())?;
+    let merged = merge_last_write_wins(batches, &schema, &key).map_err(Error::Merge)?;
     let sorting: Vec<SortingColumn> = key
         .iter()
         .filter_map(|k| schema.index_of(k).ok())
@@ -59,9 +68,7 @@ pub fn encode_segment(
         })
         .collect();
     let mut props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(1).map_err(|e| e.to_string())?,
-        ))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_sorting_columns(Some(sorting))
         .set_max_row_group_row_count(Some(1024 * 1024));
@@ -84,12 +91,11 @@ pub fn encode_segment(
     // On disk `time` says what it is, an instant in UTC (TIMESTAMP(isAdjustedToUTC=true)):
     // readers then take it as it is stored, with no conversion.
     let file_schema = utc_schema(&schema);
-    let labelled = align_to_schema(&merged, &file_schema).map_err(|e| e.to_string())?;
+    let labelled = align_to_schema(&merged, &file_schema).map_err(Error::Merge)?;
     let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, file_schema, Some(props.build()))
-        .map_err(|e| e.to_string())?;
-    writer.write(&labelled).map_err(|e| e.to_string())?;
-    writer.close().map_err(|e| e.to_string())?;
+    let mut writer = ArrowWriter::try_new(&mut out, file_schema, Some(props.build()))?;
+    writer.write(&labelled)?;
+    writer.close()?;
     Ok((merged, out))
 }
 

@@ -19,11 +19,14 @@
 
 use std::io::Cursor;
 
-use arrow::array::RecordBatch;
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, TimestampNanosecondType};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 
+use crate::catalog::{CatalogState, TIME_COLUMN};
 use crate::ids::{DatabaseId, TableId};
+use crate::time::OutOfRange;
 
 const PAYLOAD_VERSION: u8 = 2;
 
@@ -54,9 +57,101 @@ pub struct TableWrite {
     pub batch: RecordBatch,
 }
 
+/// Why a write cannot be logged or applied: it does not fit the catalog it was checked
+/// against. Front ends refuse such rows themselves; this is the engine's own guard, so a
+/// record in the WAL can always be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidWrite {
+    #[error("database {0} is not in the catalog")]
+    UnknownDatabase(DatabaseId),
+    #[error("table {table} is not in database {database}")]
+    UnknownTable {
+        database: DatabaseId,
+        table: TableId,
+    },
+    #[error("table {table:?} has no column {column:?}")]
+    UnknownColumn { table: String, column: String },
+    #[error("column {column:?} of table {table:?} is {actual}, not {expected}")]
+    ColumnType {
+        table: String,
+        column: String,
+        expected: DataType,
+        actual: DataType,
+    },
+    #[error("table {table:?}: every row needs a time")]
+    MissingTime { table: String },
+    #[error("table {table:?}, row {row}: {source}")]
+    TimeOutOfRange {
+        table: String,
+        row: usize,
+        #[source]
+        source: OutOfRange,
+    },
+}
+
 impl WriteBatch {
     pub fn rows(&self) -> usize {
         self.tables.iter().map(|t| t.batch.num_rows()).sum()
+    }
+
+    /// Checks that every table, column and type is the catalog's and every time is in
+    /// the range Kiln stores: what applying the write to the buffer relies on.
+    pub fn check(&self, catalog: &CatalogState) -> Result<(), InvalidWrite> {
+        let database = self.database;
+        if !catalog.databases.values().any(|d| d.id == database) {
+            return Err(InvalidWrite::UnknownDatabase(database));
+        }
+        for tw in &self.tables {
+            let def = catalog
+                .table_by_id(tw.table)
+                .filter(|d| d.database == database)
+                .ok_or(InvalidWrite::UnknownTable {
+                    database,
+                    table: tw.table,
+                })?;
+            let schema = tw.batch.schema();
+            for field in schema.fields() {
+                let column =
+                    def.column(field.name())
+                        .ok_or_else(|| InvalidWrite::UnknownColumn {
+                            table: def.name.clone(),
+                            column: field.name().clone(),
+                        })?;
+                let expected = column.ty.arrow_type();
+                if field.data_type() != &expected {
+                    return Err(InvalidWrite::ColumnType {
+                        table: def.name.clone(),
+                        column: column.name.clone(),
+                        expected,
+                        actual: field.data_type().clone(),
+                    });
+                }
+            }
+            let missing = || InvalidWrite::MissingTime {
+                table: def.name.clone(),
+            };
+            let times = tw.batch.column_by_name(TIME_COLUMN).ok_or_else(missing)?;
+            if times.null_count() > 0 {
+                return Err(missing());
+            }
+            let times = times
+                .as_primitive_opt::<TimestampNanosecondType>()
+                .ok_or_else(missing)?;
+            if let Some(row) = times
+                .values()
+                .iter()
+                .position(|t| crate::time::check(*t).is_err())
+            {
+                return Err(InvalidWrite::TimeOutOfRange {
+                    table: def.name.clone(),
+                    row,
+                    source: OutOfRange {
+                        time: times.value(row),
+                    },
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, arrow::error::ArrowError> {

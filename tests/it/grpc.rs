@@ -17,20 +17,20 @@ use tonic::transport::Channel;
 
 use crate::support::TestServer;
 
-async fn client(server: &TestServer) -> WriteServiceClient<Channel> {
+pub(crate) async fn client(server: &TestServer) -> WriteServiceClient<Channel> {
     WriteServiceClient::connect(server.grpc.clone())
         .await
         .expect("connect gRPC")
 }
 
-fn float(name: &str, v: f64) -> Field {
+pub(crate) fn float(name: &str, v: f64) -> Field {
     Field {
         name: name.into(),
         value: Some(field::Value::Float(v)),
     }
 }
 
-fn row(table: &str, tags: &[(&str, &str)], fields: Vec<Field>, time: i64) -> Row {
+pub(crate) fn row(table: &str, tags: &[(&str, &str)], fields: Vec<Field>, time: i64) -> Row {
     Row {
         table: table.into(),
         tags: tags
@@ -42,7 +42,7 @@ fn row(table: &str, tags: &[(&str, &str)], fields: Vec<Field>, time: i64) -> Row
     }
 }
 
-fn rows_request(batch_id: u64, db: &str, rows: Vec<Row>) -> WriteRequest {
+pub(crate) fn rows_request(batch_id: u64, db: &str, rows: Vec<Row>) -> WriteRequest {
     WriteRequest {
         batch_id,
         database: db.into(),
@@ -51,7 +51,7 @@ fn rows_request(batch_id: u64, db: &str, rows: Vec<Row>) -> WriteRequest {
     }
 }
 
-fn arrow_request(
+pub(crate) fn arrow_request(
     batch_id: u64,
     db: &str,
     table: &str,

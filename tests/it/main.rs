@@ -17,6 +17,7 @@ mod limits;
 mod persistence;
 mod postgres;
 mod pruning;
+mod robustness;
 mod sql;
 mod sql_access;
 mod support;

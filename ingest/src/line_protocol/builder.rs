@@ -415,16 +415,26 @@ impl TableBuilder {
                 });
             }
         }
+        let timestamp_error = |message: String| LineError {
+            line: line.number,
+            column: line
+                .raw
+                .rfind(' ')
+                .map_or(1, |i| line.raw[..=i].chars().count() + 1),
+            message,
+        };
         let time = match line.timestamp {
-            Some(ts) => ts.checked_mul(precision.nanos()).ok_or_else(|| LineError {
-                line: line.number,
-                column: line
-                    .raw
-                    .rfind(' ')
-                    .map_or(1, |i| line.raw[..=i].chars().count() + 1),
-                message: format!("timestamp {ts} is out of range for the given precision"),
-            })?,
-            None => default_time,
+            Some(ts) => ts
+                .checked_mul(precision.nanos())
+                .and_then(|t| kiln_storage::time::check(t).ok())
+                .ok_or_else(|| {
+                    timestamp_error(format!(
+                        "timestamp {ts} ({precision:?}) is outside the range Kiln stores \
+                         (1678-01-01T00:00:00Z to 2261-12-31T23:59:59.999999999Z)"
+                    ))
+                })?,
+            None => kiln_storage::time::check(default_time)
+                .map_err(|e| timestamp_error(e.to_string()))?,
         };
 
         // Then append. Duplicate keys within a line: the last one wins.

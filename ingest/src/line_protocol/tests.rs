@@ -540,7 +540,7 @@ fn precision_scales_and_overflow_is_rejected() {
     );
     assert_eq!(v.accepted_lines, 1);
     assert_eq!(v.rejected[0].line, 2);
-    assert!(v.rejected[0].message.contains("out of range"));
+    assert!(v.rejected[0].message.contains("outside the range"));
     let times =
         column(&v.tables[0].1, "time").as_primitive::<arrow::datatypes::TimestampNanosecondType>();
     assert_eq!(times.value(0), 2_000_000);
@@ -579,4 +579,44 @@ fn names_the_catalog_would_refuse_reject_their_line() {
         "{:?}",
         v.schema_changes
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Any timestamp at any precision: the row is accepted with exactly `ts × precision`
+    /// nanoseconds if Kiln stores that time, refused with an error at the timestamp's
+    /// column otherwise; never a panic or a wrapped time.
+    #[test]
+    fn timestamps_are_stored_exactly_or_refused(
+        ts in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), -9_300_000_000i64..9_300_000_000],
+        precision in prop_oneof![
+            Just(Precision::Nanoseconds),
+            Just(Precision::Microseconds),
+            Just(Precision::Milliseconds),
+            Just(Precision::Seconds),
+        ],
+    ) {
+        let line = format!("cpu,host=a usage=1 {ts}");
+        let v = validate_lines(&line, "db", &catalog_with_cpu(), precision, 0);
+        let per = match precision {
+            Precision::Nanoseconds => 1,
+            Precision::Microseconds => 1_000,
+            Precision::Milliseconds => 1_000_000,
+            Precision::Seconds => 1_000_000_000,
+        };
+        let exact = i128::from(ts) * per;
+        let stored = i128::from(kiln_storage::time::MIN_TIME)..=i128::from(kiln_storage::time::MAX_TIME);
+        if stored.contains(&exact) {
+            prop_assert!(v.rejected.is_empty(), "{:?}", v.rejected);
+            let times = column(&v.tables[0].1, "time")
+                .as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+            prop_assert_eq!(i128::from(times.value(0)), exact);
+        } else {
+            prop_assert_eq!(v.accepted_lines, 0);
+            prop_assert_eq!(v.rejected.len(), 1);
+            prop_assert_eq!(v.rejected[0].column, "cpu,host=a usage=1 ".len() + 1);
+            prop_assert!(v.rejected[0].message.contains("outside the range"), "{}", v.rejected[0].message);
+        }
+    }
 }

@@ -95,7 +95,9 @@ impl ExtensionPlanner for GapFillPlanner {
         let per_unit = zone::nanos_per(*unit);
         let stride = match constant(&node.buckets.stride)? {
             ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
-                i64::from(v.days) * 86_400_000_000_000 + v.nanoseconds
+                zone::fixed_interval_nanos(v).ok_or_else(|| {
+                    plan_datafusion_err!("gap filling: the interval {v:?} is too long")
+                })?
             }
             ScalarValue::IntervalMonthDayNano(Some(_)) => {
                 return plan_err!(

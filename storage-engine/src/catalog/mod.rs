@@ -176,7 +176,7 @@ impl TableDef {
 
     /// Start of the partition `time` falls in.
     pub fn partition_of(&self, time: i64) -> i64 {
-        time.div_euclid(self.partition_nanos) * self.partition_nanos
+        crate::time::partition_start(time, self.partition_nanos)
     }
 }
 

@@ -42,8 +42,12 @@ pub enum Error {
         "write buffer is full ({bytes} bytes buffered, limit {limit}); persistence is behind, retry later"
     )]
     BufferFull { bytes: usize, limit: usize },
-    #[error("encoding failed: {0}")]
-    Encode(String),
+    #[error("encoding a WAL record failed")]
+    Encode(#[source] arrow::error::ArrowError),
+    #[error("encoding a segment failed")]
+    Segment(#[from] crate::persist::Error),
+    #[error("the write does not fit the catalog")]
+    InvalidWrite(#[from] crate::write::InvalidWrite),
     #[error("writing segment {path}: {source}")]
     Store {
         path: String,
@@ -53,6 +57,8 @@ pub enum Error {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("a partition of {0:?} is not allowed: widths are positive and at most 7 days")]
+    PartitionWidth(Duration),
 }
 
 impl Error {
@@ -80,6 +86,10 @@ pub struct EngineConfig {
     pub compaction_max_bytes: u64,
     /// How many databases, tables and columns writes may create.
     pub schema_limits: crate::catalog::SchemaLimits,
+    /// On start-up, skip a WAL record that cannot be applied (logged with its file and
+    /// offset, its bytes kept under `skipped/` in the WAL directory) instead of stopping
+    /// with an error naming it.
+    pub wal_replay_skip_invalid: bool,
 }
 
 impl EngineConfig {
@@ -94,6 +104,7 @@ impl EngineConfig {
             max_buffer_bytes: 1024 * 1024 * 1024,
             compaction_max_bytes: 256 * 1024 * 1024,
             schema_limits: crate::catalog::SchemaLimits::default(),
+            wal_replay_skip_invalid: false,
         }
     }
 }
@@ -262,8 +273,9 @@ impl Engine {
         wal_observer: Option<Arc<dyn WalObserver>>,
     ) -> Result<Arc<Self>> {
         let partition_nanos = i64::try_from(config.partition_duration.as_nanos())
-            .map_err(|_| Error::Internal("partition duration too large".into()))?
-            .max(1);
+            .ok()
+            .filter(|n| (1..=crate::time::MAX_PARTITION_NANOS).contains(n))
+            .ok_or(Error::PartitionWidth(config.partition_duration))?;
         let catalog = Arc::new(
             Catalog::load(Arc::clone(&store), partition_nanos)
                 .await?
@@ -286,6 +298,8 @@ impl Engine {
         let replay_sources = Arc::clone(&sources);
         let replay_series = Arc::clone(&series);
         let observer = wal_observer.unwrap_or_else(|| Arc::new(NoObserver));
+        let skip_invalid = config.wal_replay_skip_invalid;
+        let skipped_dir = config.wal_dir.join("skipped");
         let (wal, stats) = tokio::task::spawn_blocking(move || {
             Wal::open_with_observer(
                 wal_config,
@@ -294,7 +308,21 @@ impl Engine {
                     if record.sequence <= persisted {
                         return Ok(());
                     }
-                    let batch = WriteBatch::decode(record.payload)?;
+                    let checked = WriteBatch::decode(record.payload)
+                        .map_err(wal::BoxError::from)
+                        .and_then(|batch| match batch.check(&state) {
+                            Ok(()) => Ok(batch),
+                            Err(e) => Err(e.into()),
+                        });
+                    let batch = match checked {
+                        Ok(batch) => batch,
+                        Err(reason) if skip_invalid => {
+                            keep_skipped(&skipped_dir, record.sequence, record.payload);
+                            replay_buffer.skip(record.sequence);
+                            return Err(Box::new(wal::SkipRecord(reason)));
+                        }
+                        Err(reason) => return Err(reason),
+                    };
                     replay_buffer.apply(record.sequence, &batch, &state);
                     replay_sources.record(&batch.sources);
                     for tw in &batch.tables {
@@ -310,6 +338,7 @@ impl Engine {
         tracing::info!(
             files = stats.files,
             records = stats.records,
+            skipped = stats.skipped,
             truncated_bytes = stats.truncated_bytes,
             persisted = %persisted,
             buffered_bytes = buffer.bytes(),
@@ -496,7 +525,10 @@ impl Engine {
                 limit: self.config.max_buffer_bytes,
             });
         }
-        let payload = batch.encode().map_err(|e| Error::Encode(e.to_string()))?;
+        // Everything applying relies on is checked before the write is logged: a record
+        // in the WAL can always be applied, now and on replay.
+        batch.check(&self.catalog.snapshot())?;
+        let payload = batch.encode().map_err(Error::Encode)?;
         let rows = batch.rows() as u64;
         let wal = Arc::clone(&self.wal);
         let buffer = Arc::clone(&self.buffer);
@@ -508,10 +540,17 @@ impl Engine {
             let seq = wal.append(RecordKind::WriteBatch, payload).await?;
             let state = catalog.snapshot();
             buffer.apply(seq, &batch, &state);
-            last_caches.offer(&batch);
             sources.record(&batch.sources);
-            for tw in &batch.tables {
-                series.offer(&state, tw.table, &tw.batch, true);
+            // The projections below are conveniences rebuilt from the log; a bug in one
+            // must not leave a logged write unapplied (the buffer has it already).
+            let projections = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                last_caches.offer(&batch);
+                for tw in &batch.tables {
+                    series.offer(&state, tw.table, &tw.batch, true);
+                }
+            }));
+            if projections.is_err() {
+                tracing::error!(sequence = %seq, "updating the last-value caches or the series inventory panicked; the write is applied");
             }
             Ok::<_, Error>(seq)
         });
@@ -785,7 +824,7 @@ async fn encode(def: &TableDef, batches: Vec<RecordBatch>) -> Result<(RecordBatc
     tokio::task::spawn_blocking(move || encode_segment(&def, &batches))
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
-        .map_err(Error::Encode)
+        .map_err(Error::Segment)
 }
 
 /// Offers `batches` to a cache's warm-up on a blocking thread.
@@ -807,3 +846,16 @@ fn warming_failed(e: arrow::error::ArrowError) -> Error {
 
 struct NoObserver;
 impl WalObserver for NoObserver {}
+
+/// Keeps the bytes of a WAL record skipped on replay as `<dir>/<sequence>.record`, for
+/// whoever investigates; failing to is logged, not fatal (the operator chose to skip).
+fn keep_skipped(dir: &std::path::Path, sequence: SequenceNumber, payload: &[u8]) {
+    let path = dir.join(format!("{}.record", sequence.0));
+    let kept = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, payload));
+    match kept {
+        Ok(()) => tracing::warn!(file = %path.display(), "kept the skipped WAL record's bytes"),
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "cannot keep a skipped WAL record's bytes")
+        }
+    }
+}

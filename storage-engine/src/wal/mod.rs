@@ -135,12 +135,22 @@ impl WalConfig {
     }
 }
 
+/// What a replay visitor returns for a record it chose to leave out (the operator asked to
+/// skip records that cannot be applied): replay logs the record's file, offset, sequence
+/// and this reason, counts it in [`ReplayStats::skipped`] and goes on. Any other error
+/// from the visitor stops replay with [`Error::Replay`].
+#[derive(Debug, thiserror::Error)]
+#[error("record skipped")]
+pub struct SkipRecord(#[source] pub BoxError);
+
 /// What recovery found.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayStats {
     pub files: usize,
     pub records: u64,
     pub replayed: u64,
+    /// Records the visitor skipped ([`SkipRecord`]).
+    pub skipped: u64,
     pub truncated_bytes: u64,
     pub last_sequence: Option<SequenceNumber>,
 }
@@ -649,11 +659,26 @@ fn replay_dir(
                             found: record.sequence,
                         });
                     }
-                    visit(record).map_err(|source| Error::Replay {
-                        path: path.clone(),
-                        offset: offset as u64,
-                        source,
-                    })?;
+                    match visit(record) {
+                        Ok(()) => {}
+                        Err(skip) if skip.is::<SkipRecord>() => {
+                            tracing::error!(
+                                file = %path.display(),
+                                offset,
+                                sequence = %record.sequence,
+                                reason = %crate::error_chain(&*skip),
+                                "WAL record skipped on replay"
+                            );
+                            stats.skipped += 1;
+                        }
+                        Err(source) => {
+                            return Err(Error::Replay {
+                                path: path.clone(),
+                                offset: offset as u64,
+                                source,
+                            });
+                        }
+                    }
                     stats.records += 1;
                     stats.last_sequence = Some(record.sequence);
                     next_seq = record.sequence.next();
