@@ -156,3 +156,57 @@ async fn a_wal_record_that_cannot_be_applied_is_named_at_start_and_can_be_skippe
     let server = TestServer::start(&data, &[]);
     assert_eq!(server.query_json("plant", count).await[0]["n"], json!(2));
 }
+
+#[tokio::test]
+async fn a_long_catalog_history_is_snapshotted_pruned_and_survives_kill_nine() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(&data, &[]);
+    // Each new field is one catalog transaction.
+    for i in 0..250 {
+        server
+            .write_ok("plant", &format!("m,host=a f{i}={i} {}\n", i + 1))
+            .await;
+    }
+    let catalog = data.join("objects/catalog");
+    let names = |dir: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(catalog.join(dir))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    assert!(
+        crate::support::eventually(std::time::Duration::from_secs(10), || async {
+            names("snapshots").len() == 2 && names("log").len() < 200
+        })
+        .await,
+        "snapshots {:?}, {} log entries",
+        names("snapshots"),
+        names("log").len()
+    );
+    assert_eq!(
+        names("snapshots"),
+        ["00000000000000000100.json", "00000000000000000200.json"]
+    );
+    assert_eq!(names("log")[0], "00000000000000000101.json");
+
+    server.kill9();
+    let server = TestServer::start(&data, &[]);
+    let rows = server
+        .query_json("plant", "SELECT count(*) AS n, sum(f249) AS last FROM m")
+        .await;
+    assert_eq!(rows[0]["n"], json!(250));
+    assert_eq!(rows[0]["last"], json!(249.0));
+    server.write_ok("plant", "m,host=a f250=1 251\n").await;
+    let columns = server
+        .query_json(
+            "plant",
+            "SELECT count(*) AS n FROM information_schema.columns WHERE table_name = 'm'",
+        )
+        .await;
+    assert_eq!(columns[0]["n"], json!(253), "time, host and 251 fields");
+}

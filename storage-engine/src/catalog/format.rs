@@ -27,17 +27,31 @@ pub struct Transaction {
     pub events: Vec<CatalogEvent>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// Read after [`check_version`] has checked `version`.
+#[derive(Deserialize)]
 struct TransactionV1 {
-    version: u32,
     #[serde(flatten)]
     tx: Transaction,
 }
 
-#[derive(Serialize, Deserialize)]
-struct SnapshotV1 {
+#[derive(Serialize)]
+struct TransactionV1Ref<'a> {
     version: u32,
+    #[serde(flatten)]
+    tx: &'a Transaction,
+}
+
+/// Read after [`check_version`] has checked `version`.
+#[derive(Deserialize)]
+struct SnapshotV1 {
     state: CatalogState,
+}
+
+/// Written without copying the state (a snapshot can be large).
+#[derive(Serialize)]
+struct SnapshotV1Ref<'a> {
+    version: u32,
+    state: &'a CatalogState,
 }
 
 #[derive(Deserialize)]
@@ -58,9 +72,9 @@ fn check_version(bytes: &[u8]) -> Result<(), String> {
 }
 
 pub fn encode_transaction(tx: &Transaction) -> Vec<u8> {
-    serde_json::to_vec(&TransactionV1 {
+    serde_json::to_vec(&TransactionV1Ref {
         version: VERSION,
-        tx: tx.clone(),
+        tx,
     })
     .expect("catalog types always serialize")
 }
@@ -72,9 +86,9 @@ pub fn decode_transaction(bytes: &[u8]) -> Result<Transaction, String> {
 }
 
 pub fn encode_snapshot(state: &CatalogState) -> Vec<u8> {
-    serde_json::to_vec(&SnapshotV1 {
+    serde_json::to_vec(&SnapshotV1Ref {
         version: VERSION,
-        state: state.clone(),
+        state,
     })
     .expect("catalog types always serialize")
 }

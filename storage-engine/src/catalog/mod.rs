@@ -5,8 +5,13 @@
 //! a create-if-absent put so two writers can never both commit the same sequence. The
 //! current [`CatalogState`] is the fold of all transactions. Every
 //! [`SNAPSHOT_INTERVAL`] transactions the whole state is written to
-//! `catalog/snapshots/{sequence:020}.json`; loading starts from the newest snapshot and
-//! replays the log after it. The encodings are in [`format`].
+//! `catalog/snapshots/{sequence:020}.json` (in the background, not by the commit);
+//! loading starts from the newest snapshot and replays the log after it, and what a
+//! newer snapshot covers is pruned ([`log`]). The encodings are in [`format`].
+//!
+//! A commit that finds its sequence taken (another writer's transaction, or its own
+//! earlier one whose put reported an error after the entry landed) reads the log up to
+//! date and tries again, computing its events afresh.
 //!
 //! Access tokens live here too ([`TokenDef`]): created and revoked by events, so they
 //! survive restarts and reach every process that follows the catalog. A token is kept only
@@ -15,17 +20,17 @@
 pub mod alerts;
 pub mod devices;
 pub mod format;
+mod log;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use futures::TryStreamExt;
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
@@ -36,8 +41,16 @@ use crate::ids::{
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Transactions between two snapshots.
+/// Fewest transactions between two snapshots. A large state is snapshotted less often
+/// (see [`snapshot_interval`]): writing it costs more, replaying a transaction does not.
 pub const SNAPSHOT_INTERVAL: u64 = 100;
+
+/// Transactions between two snapshots of `state`: [`SNAPSHOT_INTERVAL`], or one per 20
+/// live segments if that is more (a segment is most of a snapshot's bytes).
+pub fn snapshot_interval(state: &CatalogState) -> u64 {
+    let segments: usize = state.segments.values().map(|s| s.len()).sum();
+    SNAPSHOT_INTERVAL.max(segments as u64 / 20)
+}
 
 /// Name of the schema of Kiln's own tables (`system.alerts`, …): no database takes it.
 pub const SYSTEM_SCHEMA: &str = "system";
@@ -329,8 +342,9 @@ pub struct CatalogState {
     pub sequence: CatalogSequence,
     pub databases: BTreeMap<String, DatabaseDef>,
     pub tables: BTreeMap<TableId, TableDef>,
-    /// Per table, segments in the order they were persisted.
-    pub segments: BTreeMap<TableId, Vec<SegmentMeta>>,
+    /// Per table, segments in the order they were persisted. Shared between states: a
+    /// commit copies only the lists it changes.
+    pub segments: BTreeMap<TableId, Arc<Vec<SegmentMeta>>>,
     pub persisted_sequence: SequenceNumber,
     pub next_database_id: u32,
     pub next_table_id: u32,
@@ -393,7 +407,7 @@ impl CatalogState {
     }
 
     pub fn segments(&self, table: TableId) -> &[SegmentMeta] {
-        self.segments.get(&table).map(Vec::as_slice).unwrap_or(&[])
+        self.segments.get(&table).map_or(&[], |s| s.as_slice())
     }
 
     /// Applies one event, checking it against the current state.
@@ -458,17 +472,15 @@ impl CatalogState {
                 if !self.tables.contains_key(&meta.table) {
                     return Err(Error::UnknownTable(meta.table));
                 }
-                self.segments
-                    .entry(meta.table)
-                    .or_default()
-                    .push(meta.clone());
+                Arc::make_mut(self.segments.entry(meta.table).or_default()).push(meta.clone());
                 self.next_segment_id = self.next_segment_id.max(meta.id.get() + 1);
             }
             CatalogEvent::SegmentsCompacted { replaced, segment } => {
-                let list = self
-                    .segments
-                    .get_mut(&segment.table)
-                    .ok_or(Error::UnknownTable(segment.table))?;
+                let list = Arc::make_mut(
+                    self.segments
+                        .get_mut(&segment.table)
+                        .ok_or(Error::UnknownTable(segment.table))?,
+                );
                 let mut places = Vec::with_capacity(replaced.len());
                 for id in replaced {
                     let i = list
@@ -619,72 +631,27 @@ pub struct Catalog {
     store: Arc<dyn ObjectStore>,
     state: RwLock<Arc<CatalogState>>,
     commit: tokio::sync::Mutex<()>,
+    /// Held while a snapshot is written in the background (one at a time).
+    snapshotting: Arc<tokio::sync::Mutex<()>>,
+    /// The sequence of the last snapshot started (or of the state loaded).
+    last_snapshot: std::sync::atomic::AtomicU64,
     default_partition_nanos: i64,
     limits: SchemaLimits,
 }
 
-const LOG_PREFIX: &str = "catalog/log";
-const SNAPSHOT_PREFIX: &str = "catalog/snapshots";
-
-fn log_path(seq: CatalogSequence) -> Path {
-    Path::from(format!("{LOG_PREFIX}/{:020}.json", seq.get()))
-}
-
-fn snapshot_path(seq: CatalogSequence) -> Path {
-    Path::from(format!("{SNAPSHOT_PREFIX}/{:020}.json", seq.get()))
-}
-
-fn sequence_of(path: &Path) -> Option<CatalogSequence> {
-    let name = path.filename()?;
-    name.strip_suffix(".json")?
-        .parse()
-        .ok()
-        .map(CatalogSequence)
-}
+/// How often a commit finds its sequence taken, catches up and tries again.
+const COMMIT_ATTEMPTS: usize = 5;
 
 impl Catalog {
     /// Loads the catalog from `store`: the newest snapshot, then the log after it.
     pub async fn load(store: Arc<dyn ObjectStore>, default_partition_nanos: i64) -> Result<Self> {
-        let snapshots = list_sequences(&store, SNAPSHOT_PREFIX).await?;
-        let mut state = match snapshots.last() {
-            Some(seq) => {
-                let path = snapshot_path(*seq);
-                let bytes = get(&store, &path).await?;
-                format::decode_snapshot(&bytes).map_err(|reason| Error::Decode {
-                    path: path.to_string(),
-                    reason,
-                })?
-            }
-            None => CatalogState::default(),
-        };
-        for seq in list_sequences(&store, LOG_PREFIX).await? {
-            if seq <= state.sequence {
-                continue;
-            }
-            let path = log_path(seq);
-            let bytes = get(&store, &path).await?;
-            let tx = format::decode_transaction(&bytes).map_err(|reason| Error::Decode {
-                path: path.to_string(),
-                reason,
-            })?;
-            if tx.sequence != state.sequence.next() {
-                return Err(Error::Decode {
-                    path: path.to_string(),
-                    reason: format!(
-                        "transaction {} follows {}; the log has a gap",
-                        tx.sequence, state.sequence
-                    ),
-                });
-            }
-            for event in &tx.events {
-                state.apply(event)?;
-            }
-            state.sequence = tx.sequence;
-        }
+        let (state, snapshot) = log::load_state(&store).await?;
         Ok(Self {
             store,
             state: RwLock::new(Arc::new(state)),
             commit: tokio::sync::Mutex::new(()),
+            snapshotting: Arc::default(),
+            last_snapshot: snapshot.get().into(),
             default_partition_nanos,
             limits: SchemaLimits::default(),
         })
@@ -711,17 +678,60 @@ impl Catalog {
         let this = Arc::clone(self);
         run_to_completion(async move {
             let _guard = this.commit.lock().await;
-            this.commit_locked(events).await
+            let (state, ()) = this.commit_locked(|_| Ok((events.clone(), ()))).await?;
+            Ok(state)
         })
         .await
     }
 
-    async fn commit_locked(&self, events: Vec<CatalogEvent>) -> Result<Arc<CatalogState>> {
-        let current = self.snapshot();
-        if events.is_empty() {
-            return Ok(current);
+    /// With the commit lock held: computes events from the current state with `compute`
+    /// (which also returns what the caller wants back) and commits them. If the log
+    /// already holds the sequence, catches up with it and computes again, so events are
+    /// always checked against the state they follow.
+    async fn commit_locked<T>(
+        &self,
+        mut compute: impl FnMut(&CatalogState) -> Result<(Vec<CatalogEvent>, T)>,
+    ) -> Result<(Arc<CatalogState>, T)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let current = self.snapshot();
+            let (events, out) = compute(&current)?;
+            match self.append(&current, events).await {
+                Ok(next) => return Ok((next, out)),
+                Err(Error::Conflict { sequence }) => {
+                    let mut caught_up = CatalogState::clone(&current);
+                    log::catch_up(&self.store, &mut caught_up).await?;
+                    if caught_up.sequence < sequence {
+                        // The entry vanished between the put and the read: not a writer
+                        // this catalog can follow.
+                        return Err(Error::Conflict { sequence });
+                    }
+                    tracing::info!(
+                        from = %current.sequence,
+                        to = %caught_up.sequence,
+                        "catalog sequence taken; caught up with the log and retrying"
+                    );
+                    *self.state.write() = Arc::new(caught_up);
+                    if attempt >= COMMIT_ATTEMPTS {
+                        return Err(Error::Conflict { sequence });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let mut next = CatalogState::clone(&current);
+    }
+
+    /// Writes `events` as the transaction after `current` and makes the result current.
+    async fn append(
+        &self,
+        current: &Arc<CatalogState>,
+        events: Vec<CatalogEvent>,
+    ) -> Result<Arc<CatalogState>> {
+        if events.is_empty() {
+            return Ok(Arc::clone(current));
+        }
+        let mut next = CatalogState::clone(current);
         for event in &events {
             next.apply(event)?;
         }
@@ -730,7 +740,7 @@ impl Catalog {
             sequence: next.sequence,
             events,
         };
-        let path = log_path(next.sequence);
+        let path = log::log_path(next.sequence);
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -757,19 +767,21 @@ impl Catalog {
                 });
             }
         }
-        if next.sequence.get().is_multiple_of(SNAPSHOT_INTERVAL) {
-            let path = snapshot_path(next.sequence);
-            // A failed snapshot only makes the next load replay more of the log.
-            if let Err(e) = self
-                .store
-                .put(&path, PutPayload::from(format::encode_snapshot(&next)))
-                .await
-            {
-                tracing::warn!(error = %e, %path, "writing catalog snapshot failed");
-            }
-        }
         let next = Arc::new(next);
         *self.state.write() = Arc::clone(&next);
+        let since = next.sequence.get() - self.last_snapshot.load(Ordering::Relaxed);
+        if since >= snapshot_interval(&next) {
+            // Off the commit path; put off if the previous one is still being written.
+            if let Ok(guard) = Arc::clone(&self.snapshotting).try_lock_owned() {
+                self.last_snapshot
+                    .store(next.sequence.get(), Ordering::Relaxed);
+                let (store, state) = (Arc::clone(&self.store), Arc::clone(&next));
+                tokio::spawn(async move {
+                    log::snapshot_and_prune(store, state).await;
+                    drop(guard);
+                });
+            }
+        }
         Ok(next)
     }
 
@@ -824,10 +836,11 @@ impl Catalog {
         run_to_completion(async move {
             let _guard = this.commit.lock().await;
             validate_name(&def.name)?;
-            def.id = TokenId(this.snapshot().next_token_id);
-            let id = def.id;
-            let state = this
-                .commit_locked(vec![CatalogEvent::TokenCreated(def)])
+            let (state, id) = this
+                .commit_locked(|state| {
+                    def.id = TokenId(state.next_token_id);
+                    Ok((vec![CatalogEvent::TokenCreated(def.clone())], def.id))
+                })
                 .await?;
             Ok(state.tokens[&id].clone())
         })
@@ -846,23 +859,28 @@ impl Catalog {
         let name = name.to_owned();
         run_to_completion(async move {
             let _guard = this.commit.lock().await;
-            let state = this.snapshot();
-            let Some(def) = state.token(&name).cloned() else {
-                return Ok(None);
-            };
-            let admins = state
-                .tokens
-                .values()
-                .filter(|t| t.permissions == TokenPermissions::Admin)
-                .count();
-            if def.permissions == TokenPermissions::Admin && admins == 1 && !allow_last_admin {
-                return Err(Error::InvalidToken(format!(
-                    "{name:?} is the last admin token: create another admin token first"
-                )));
-            }
-            this.commit_locked(vec![CatalogEvent::TokenRevoked { id: def.id }])
+            let (_, revoked) = this
+                .commit_locked(|state| {
+                    let Some(def) = state.token(&name).cloned() else {
+                        return Ok((vec![], None));
+                    };
+                    let admins = state
+                        .tokens
+                        .values()
+                        .filter(|t| t.permissions == TokenPermissions::Admin)
+                        .count();
+                    if def.permissions == TokenPermissions::Admin
+                        && admins == 1
+                        && !allow_last_admin
+                    {
+                        return Err(Error::InvalidToken(format!(
+                            "{name:?} is the last admin token: create another admin token first"
+                        )));
+                    }
+                    Ok((vec![CatalogEvent::TokenRevoked { id: def.id }], Some(def)))
+                })
                 .await?;
-            Ok(Some(def))
+            Ok(revoked)
         })
         .await
     }
@@ -876,10 +894,11 @@ impl Catalog {
         run_to_completion(async move {
             let _guard = this.commit.lock().await;
             validate_name(&def.name)?;
-            def.id = AlertRuleId(this.snapshot().alerts.next_rule_id);
-            let id = def.id;
-            let state = this
-                .commit_locked(vec![CatalogEvent::AlertRuleCreated(def)])
+            let (state, id) = this
+                .commit_locked(|state| {
+                    def.id = AlertRuleId(state.alerts.next_rule_id);
+                    Ok((vec![CatalogEvent::AlertRuleCreated(def.clone())], def.id))
+                })
                 .await?;
             Ok(state.alerts.rules[&id].clone())
         })
@@ -894,28 +913,32 @@ impl Catalog {
         name: &str,
         resolve: impl Fn(&alerts::AlertRuleDef, &alerts::AlertInstance) -> alerts::AlertTransition
         + Send
+        + Sync
         + 'static,
     ) -> Result<Option<alerts::AlertRuleDef>> {
         let this = Arc::clone(self);
         let name = name.to_owned();
         run_to_completion(async move {
             let _guard = this.commit.lock().await;
-            let state = this.snapshot();
-            let Some(def) = state.alerts.rule(&name).cloned() else {
-                return Ok(None);
-            };
-            let mut events: Vec<_> = state
-                .alerts
-                .instances
-                .get(&def.id)
-                .into_iter()
-                .flat_map(|m| m.values())
-                .map(|i| CatalogEvent::AlertTransitioned(resolve(&def, i)))
-                .collect();
-            number_transitions(&state, &mut events);
-            events.push(CatalogEvent::AlertRuleDeleted { id: def.id });
-            this.commit_locked(events).await?;
-            Ok(Some(def))
+            let (_, deleted) = this
+                .commit_locked(|state| {
+                    let Some(def) = state.alerts.rule(&name).cloned() else {
+                        return Ok((vec![], None));
+                    };
+                    let mut events: Vec<_> = state
+                        .alerts
+                        .instances
+                        .get(&def.id)
+                        .into_iter()
+                        .flat_map(|m| m.values())
+                        .map(|i| CatalogEvent::AlertTransitioned(resolve(&def, i)))
+                        .collect();
+                    number_transitions(state, &mut events);
+                    events.push(CatalogEvent::AlertRuleDeleted { id: def.id });
+                    Ok((events, Some(def)))
+                })
+                .await?;
+            Ok(deleted)
         })
         .await
     }
@@ -975,9 +998,13 @@ impl Catalog {
         let this = Arc::clone(self);
         run_to_completion(async move {
             let _guard = this.commit.lock().await;
-            let mut events = events;
-            number_transitions(&this.snapshot(), &mut events);
-            this.commit_locked(events).await.map(drop)
+            this.commit_locked(|state| {
+                let mut events = events.clone();
+                number_transitions(state, &mut events);
+                Ok((events, ()))
+            })
+            .await
+            .map(drop)
         })
         .await
     }
@@ -1002,7 +1029,19 @@ impl Catalog {
         changes: &[SchemaChange],
     ) -> Result<Arc<CatalogState>> {
         let _guard = self.commit.lock().await;
-        let state = self.snapshot();
+        let (state, ()) = self
+            .commit_locked(|state| Ok((self.schema_events(state, database, changes)?, ())))
+            .await?;
+        Ok(state)
+    }
+
+    /// The events that add to `state` what `changes` name and it lacks.
+    fn schema_events(
+        &self,
+        state: &CatalogState,
+        database: &str,
+        changes: &[SchemaChange],
+    ) -> Result<Vec<CatalogEvent>> {
         let mut events = Vec::new();
         let db_id = match state.database(database) {
             Some(db) => db.id,
@@ -1106,7 +1145,7 @@ impl Catalog {
                 },
             });
         }
-        self.commit_locked(events).await
+        Ok(events)
     }
 }
 
@@ -1165,39 +1204,4 @@ pub fn validate_column_name(name: &str) -> Result<()> {
         name: name.chars().take(64).collect(),
         reason,
     })
-}
-
-async fn get(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<bytes::Bytes> {
-    let map = |source| Error::Store {
-        path: path.to_string(),
-        source,
-    };
-    store
-        .get(path)
-        .await
-        .map_err(map)?
-        .bytes()
-        .await
-        .map_err(map)
-}
-
-async fn list_sequences(
-    store: &Arc<dyn ObjectStore>,
-    prefix: &str,
-) -> Result<Vec<CatalogSequence>> {
-    let prefix_path = Path::from(prefix);
-    let metas: Vec<_> = store
-        .list(Some(&prefix_path))
-        .try_collect()
-        .await
-        .map_err(|source| Error::Store {
-            path: prefix.to_owned(),
-            source,
-        })?;
-    let mut seqs: Vec<_> = metas
-        .iter()
-        .filter_map(|m| sequence_of(&m.location))
-        .collect();
-    seqs.sort();
-    Ok(seqs)
 }

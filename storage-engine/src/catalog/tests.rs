@@ -1,5 +1,7 @@
 use object_store::memory::InMemory;
+use object_store::{ObjectStoreExt, PutPayload};
 
+use super::log::{LOG_PREFIX, SNAPSHOT_PREFIX, list_sequences, log_path, snapshot_path};
 use super::*;
 use crate::ids::{AlertEventId, AlertRuleId};
 
@@ -69,7 +71,7 @@ async fn snapshots_shorten_replay_and_give_the_same_state() {
             .await
             .unwrap();
     }
-    let snapshots = list_sequences(&store, SNAPSHOT_PREFIX).await.unwrap();
+    let snapshots = snapshots_once_written(&store, 1).await;
     assert_eq!(snapshots, vec![CatalogSequence(SNAPSHOT_INTERVAL)]);
     let reloaded = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
@@ -79,27 +81,215 @@ async fn snapshots_shorten_replay_and_give_the_same_state() {
     );
 }
 
+/// The snapshots in `store` once at least `n` are written (they are written in the
+/// background).
+async fn snapshots_once_written(store: &Arc<dyn ObjectStore>, n: usize) -> Vec<CatalogSequence> {
+    for _ in 0..500 {
+        let snapshots = list_sequences(store, SNAPSHOT_PREFIX).await.unwrap();
+        if snapshots.len() >= n {
+            return snapshots;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("fewer than {n} snapshots were written");
+}
+
 #[tokio::test]
-async fn a_second_writer_of_the_same_sequence_is_refused() {
+async fn a_second_writer_catches_up_with_the_log_and_commits_after_it() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let a = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     let b = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     a.ensure_schema("db", &[change("t", "x", ColumnType::Float)])
         .await
         .unwrap();
-    let err = b
+    // b's view is stale: its events are computed again against a's transaction.
+    let state = b
+        .ensure_schema("db", &[change("t", "y", ColumnType::Float)])
+        .await
+        .unwrap();
+    assert_eq!(state.sequence, CatalogSequence(2));
+    let t = state.table("db", "t").unwrap();
+    assert_eq!(
+        t.columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        ["time", "x", "y"]
+    );
+    // The same type decision a single node makes: a conflicting type is refused.
+    let err = a
+        .ensure_schema("db", &[change("t", "y", ColumnType::Integer)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TypeConflict { .. }), "{err}");
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *b.snapshot());
+    assert_eq!(*a.snapshot(), *b.snapshot());
+}
+
+/// A store whose next put lands but then reports an error, as a put whose fsync failed
+/// does.
+#[derive(Debug)]
+struct FailingAfterPut {
+    inner: InMemory,
+    fail_next: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Display for FailingAfterPut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FailingAfterPut({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FailingAfterPut {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let result = self.inner.put_opts(location, payload, opts).await?;
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(object_store::Error::Generic {
+                store: "FailingAfterPut",
+                source: "fsync failed (injected)".into(),
+            });
+        }
+        Ok(result)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[tokio::test]
+async fn a_put_that_landed_but_failed_does_not_block_later_commits() {
+    let failing = Arc::new(FailingAfterPut {
+        inner: InMemory::new(),
+        fail_next: false.into(),
+    });
+    let store: Arc<dyn ObjectStore> = Arc::clone(&failing) as _;
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    catalog
+        .ensure_schema("db", &[change("t", "x", ColumnType::Float)])
+        .await
+        .unwrap();
+
+    failing
+        .fail_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = catalog
         .ensure_schema("db", &[change("t", "y", ColumnType::Float)])
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Conflict {
-                sequence: CatalogSequence(1)
-            }
-        ),
-        "{err}"
+    assert!(matches!(err, Error::Store { .. }), "{err}");
+    // The caller was told it failed; the entry is in the log all the same.
+    assert_eq!(catalog.snapshot().sequence, CatalogSequence(1));
+
+    // Without a restart, the next commits go through after catching up with that entry.
+    for column in ["y", "z"] {
+        catalog
+            .ensure_schema("db", &[change("t", column, ColumnType::Float)])
+            .await
+            .unwrap();
+    }
+    let state = catalog.snapshot();
+    assert_eq!(state.sequence, CatalogSequence(3));
+    assert_eq!(state.table("db", "t").unwrap().columns.len(), 4);
+    let reloaded = Catalog::load(store, HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *state);
+}
+
+#[tokio::test]
+async fn snapshots_prune_the_log_they_cover_and_a_damaged_newest_one_falls_back() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let n = 3 * SNAPSHOT_INTERVAL + 7;
+    for i in 0..n {
+        catalog
+            .ensure_schema("db", &[change("t", &format!("f{i}"), ColumnType::Integer)])
+            .await
+            .unwrap();
+        // Let each background snapshot finish before the next is due.
+        if (i + 1) % SNAPSHOT_INTERVAL == 0 {
+            snapshots_once_written(&store, 1).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let snapshots = snapshots_once_written(&store, 2).await;
+    assert_eq!(
+        snapshots,
+        [2 * SNAPSHOT_INTERVAL, 3 * SNAPSHOT_INTERVAL].map(CatalogSequence)
     );
+    let log = list_sequences(&store, LOG_PREFIX).await.unwrap();
+    assert_eq!(
+        log.first(),
+        Some(&CatalogSequence(2 * SNAPSHOT_INTERVAL + 1))
+    );
+    assert_eq!(log.last(), Some(&CatalogSequence(n)));
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
+
+    // The newest snapshot damaged: the one before it and the log after it still load.
+    store
+        .put(
+            &snapshot_path(CatalogSequence(3 * SNAPSHOT_INTERVAL)),
+            PutPayload::from_static(b"{\"version\": 1, \"sta"),
+        )
+        .await
+        .unwrap();
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *catalog.snapshot());
 }
 
 #[tokio::test]

@@ -145,7 +145,7 @@ impl Engine {
                 .chain(buffered.iter().copied())
                 .max();
             let mut partitions: BTreeMap<i64, Vec<SegmentMeta>> = BTreeMap::new();
-            for s in segments {
+            for s in segments.iter() {
                 partitions.entry(s.partition).or_default().push(s.clone());
             }
             for (partition, group) in partitions {
@@ -281,7 +281,7 @@ pub(super) async fn sweep_unreferenced(
     let referenced: HashSet<&str> = state
         .segments
         .values()
-        .flatten()
+        .flat_map(|s| s.iter())
         .map(|s| s.path.as_str())
         .collect();
     let prefix = Path::from(SEGMENTS_PREFIX);

@@ -284,7 +284,7 @@ fn catalog_files(engine: &Engine) -> Vec<String> {
     let mut files: Vec<String> = state
         .segments
         .values()
-        .flatten()
+        .flat_map(|s| s.iter())
         .map(|s| s.path.clone())
         .collect();
     files.sort();
