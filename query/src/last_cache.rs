@@ -26,7 +26,7 @@ use datafusion::common::{ScalarValue, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{provider_as_source, source_as_provider};
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{
     Distinct, DistinctOn, Expr, Filter, LogicalPlan, Projection, Sort, TableProviderFilterPushDown,
     TableScanBuilder,
@@ -141,7 +141,13 @@ impl TableProvider for LastCacheTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.cache.warmed().await;
+        self.cache.warmed().await.map_err(|reason| {
+            DataFusionError::Execution(format!(
+                "the last-value cache of {} cannot answer: {reason}; drop it and create it \
+                 again (kiln last-cache), or query the table",
+                self.name
+            ))
+        })?;
         let rows = self.cache.rows(&self.stored)?;
         let rows = align_to_schema(&rows, &self.schema)?;
         let series = rows.num_rows();

@@ -368,17 +368,35 @@ impl QueryEngine {
             .await
     }
 
-    /// Starts a planned query under the engine's time limit.
+    /// Starts a planned query under the engine's time limit, which physical planning
+    /// (opening segments, waiting for a last-value cache to warm) counts against too.
     pub async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream, Error> {
-        let stream = df.execute_stream().await?;
+        let started = std::time::Instant::now();
+        let stream = match self.config.timeout {
+            Some(limit) => tokio::time::timeout(limit, df.execute_stream())
+                .await
+                .map_err(|_| Error::Timeout(limits::TimedOut(limit).to_string()))??,
+            None => df.execute_stream().await?,
+        };
+        let left = self
+            .config
+            .timeout
+            .map(|limit| limit.saturating_sub(started.elapsed()));
         Ok(Box::pin(limits::Running::new(
             stream,
             self.config.timeout,
+            left,
             &self.running,
         )))
     }
 
     /// Queries (HTTP and Flight SQL) running now: a query stops when its client drops it.
+    /// The memory pool all queries share: what a front end holds of a result on a
+    /// query's behalf is counted here too.
+    pub fn memory_pool(&self) -> &Arc<dyn datafusion::execution::memory_pool::MemoryPool> {
+        &self.runtime.memory_pool
+    }
+
     pub fn running_queries(&self) -> usize {
         self.running.load(Ordering::Relaxed)
     }

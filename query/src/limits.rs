@@ -94,15 +94,20 @@ impl Drop for RunningGuard {
 }
 
 impl Running {
+    /// `inner` stopped once `left` of its `limit` has passed (planning took the rest).
     pub(crate) fn new(
         inner: SendableRecordBatchStream,
         limit: Option<Duration>,
+        left: Option<Duration>,
         running: &Arc<AtomicUsize>,
     ) -> Self {
         running.fetch_add(1, Ordering::Relaxed);
         Self {
             inner,
-            deadline: limit.map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))),
+            deadline: limit.map(|limit| {
+                let left = left.unwrap_or(limit);
+                (limit, Box::pin(tokio::time::sleep(left)))
+            }),
             done: false,
             _running: RunningGuard(Arc::clone(running)),
         }

@@ -312,27 +312,36 @@ fn parameter_schema(df: &DataFrame) -> Result<Schema, Status> {
 }
 
 /// One row of parameter values, as bound by `DoPut`, into the encoding a handle carries.
+/// The stream is read a message at a time (each bounded by `--max-request-bytes`) and
+/// refused at its second row, never gathered whole.
 async fn encode_parameters(stream: PeekableFlightDataStream) -> Result<Vec<u8>, Status> {
     use futures::FutureExt;
-    // The client's bytes are decoded here: a malformed stream must not panic the call.
-    let batches: Vec<RecordBatch> = std::panic::AssertUnwindSafe(
-        FlightRecordBatchStream::new_from_flight_data(stream.map_err(FlightError::from))
-            .try_collect(),
-    )
-    .catch_unwind()
-    .await
-    .map_err(|_| Status::invalid_argument("the parameters are not a valid Arrow IPC stream"))?
-    .map_err(Status::from)?;
-    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    if rows != 1 {
-        return Err(Status::invalid_argument(format!(
-            "bind one row of parameters per execution (got {rows})"
-        )));
+    let mut batches =
+        FlightRecordBatchStream::new_from_flight_data(stream.map_err(FlightError::from));
+    let mut row: Option<RecordBatch> = None;
+    loop {
+        // The client's bytes are decoded here: a malformed stream must not panic the call.
+        let next = std::panic::AssertUnwindSafe(batches.try_next())
+            .catch_unwind()
+            .await
+            .map_err(|_| {
+                Status::invalid_argument("the parameters are not a valid Arrow IPC stream")
+            })?
+            .map_err(Status::from)?;
+        let Some(batch) = next else { break };
+        match (batch.num_rows(), &row) {
+            (0, _) => {}
+            (1, None) => row = Some(batch),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "bind one row of parameters per execution (got more than one)",
+                ));
+            }
+        }
     }
-    let batch = batches
-        .into_iter()
-        .find(|b| b.num_rows() == 1)
-        .expect("one batch holds the row");
+    let batch = row.ok_or_else(|| {
+        Status::invalid_argument("bind one row of parameters per execution (got 0)")
+    })?;
     let internal = |e: arrow::error::ArrowError| Status::internal(e.to_string());
     let mut out = Vec::new();
     {

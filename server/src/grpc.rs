@@ -37,6 +37,9 @@ pub struct IngestService {
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     auth: Arc<Authorizer>,
+    /// Permits for write streams open at once (`--grpc-max-streams`).
+    streams: Arc<tokio::sync::Semaphore>,
+    max_streams: usize,
 }
 
 /// The tonic service with every call authenticated.
@@ -51,12 +54,15 @@ impl IngestService {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
         auth: Arc<Authorizer>,
+        max_streams: usize,
     ) -> Self {
         Self {
             engine,
             metrics,
             shutdown,
             auth,
+            streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
+            max_streams,
         }
     }
 
@@ -263,11 +269,21 @@ impl WriteService for IngestService {
             return Err(Status::unavailable("the server is shutting down"));
         }
         let principal = principal(&request)?;
+        // Each stream may hold STREAM_IN_FLIGHT messages: bound how many streams there are.
+        let Ok(permit) = Arc::clone(&self.streams).try_acquire_owned() else {
+            self.metrics.refused(crate::metrics::limit::GRPC_STREAMS);
+            return Err(Status::resource_exhausted(format!(
+                "the server has as many write streams open as it serves at once \
+                 ({}, --grpc-max-streams); retry later or send unary writes",
+                self.max_streams
+            )));
+        };
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT * 2);
         let svc = self.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut in_flight = FuturesOrdered::new();
             let mut reading = true;
             let mut end: Option<Status> = None;

@@ -36,6 +36,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Largest query result (bytes of Arrow data) the query API assembles.
     pub max_result_bytes: usize,
+    /// Permits for the query API's queries running at once (`--http-max-queries`).
+    pub query_permits: Arc<tokio::sync::Semaphore>,
     /// True once the server is shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub auth: Arc<Authorizer>,
@@ -586,6 +588,9 @@ impl Format {
     }
 }
 
+/// How long a query waits for one of the `--http-max-queries` permits before 429.
+const QUERY_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run_query(
     s: AppState,
     principal: &Principal,
@@ -609,18 +614,53 @@ async fn answer_query(
     let q =
         p.q.ok_or_else(|| ApiError::bad_request("missing parameter `q`"))?;
     let format = Format::parse(p.format.as_deref())?;
+    // A result is held whole until it is encoded: bound how many are, waiting a moment
+    // for a permit (a dashboard sends its panels' queries together).
+    let _permit = match tokio::time::timeout(
+        QUERY_PERMIT_WAIT,
+        Arc::clone(&s.query_permits).acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            s.metrics.refused(crate::metrics::limit::HTTP_QUERIES);
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "the server is answering as many HTTP queries as it runs at once \
+                     (--http-max-queries); retry shortly",
+                )
+            });
+        }
+    };
     let start = Instant::now();
     let mut stream = query_engine(s, principal)
         .sql_in_zone(&db, &q, p.tz.as_deref())
         .await
         .map_err(query_error)?;
     let schema = stream.schema();
-    // The whole result is encoded at once: bound what one query can hold.
+    // The whole result is encoded at once: bound what one query can hold, and count it
+    // in the memory pool queries share.
+    let held = datafusion::execution::memory_pool::MemoryConsumer::new("HTTP query result")
+        .register(s.query.memory_pool());
     let mut batches: Vec<RecordBatch> = Vec::new();
     let mut bytes = 0;
     while let Some(batch) = stream.try_next().await.map_err(|e| query_error(e.into()))? {
         // By rows spanned: a batch sliced from a bigger one is not charged for all of it.
-        bytes += kiln_storage::buffer::data_bytes(&batch);
+        let batch_bytes = kiln_storage::buffer::data_bytes(&batch);
+        bytes += batch_bytes;
+        held.try_grow(batch_bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the result does not fit in the memory queries share \
+                     (--query-memory-limit) with the others running: {}",
+                    e.strip_backtrace()
+                ),
+            )
+        })?;
         if bytes > s.max_result_bytes {
             return Err(ApiError::bad_request(format!(
                 "the result is larger than --max-result-bytes ({} bytes); narrow the time range, \

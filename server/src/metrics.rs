@@ -23,6 +23,14 @@ pub const WAL_FSYNC_SECONDS: &str = "kiln_wal_fsync_seconds";
 pub const QUERY_SECONDS: &str = "kiln_query_seconds";
 pub const AUTH_FAILURES: &str = "kiln_auth_failures";
 pub const ALERT_NOTIFICATIONS: &str = "kiln_alert_notifications";
+pub const LIMIT_REFUSALS: &str = "kiln_limit_refusals";
+
+/// The limits whose refusals [`Metrics::limit_refusals`] counts, as its `limit` label.
+pub mod limit {
+    pub const PG_CONNECTIONS: &str = "pg_connections";
+    pub const HTTP_QUERIES: &str = "http_queries";
+    pub const GRPC_STREAMS: &str = "grpc_streams";
+}
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -32,6 +40,8 @@ pub struct Metrics {
     pub wal_fsync: Histogram,
     pub query_seconds: Histogram,
     pub stream_backpressure_waits: Counter,
+    /// Requests and connections refused because a limit was reached (label `limit`).
+    pub limit_refusals: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Metrics {
@@ -43,7 +53,15 @@ impl Metrics {
             wal_fsync: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             query_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             stream_backpressure_waits: Counter::default(),
+            limit_refusals: Family::default(),
         }
+    }
+
+    /// Counts a refusal by `limit` (one of [`limit`]'s names).
+    pub fn refused(&self, limit: &'static str) {
+        self.limit_refusals
+            .get_or_create(&vec![("limit", limit)])
+            .inc();
     }
 
     /// A registry with these metrics and the engine's counters.
@@ -55,6 +73,11 @@ impl Metrics {
         auth_failures: Family<crate::auth::FailureLabels, Counter>,
     ) -> Registry {
         let mut r = Registry::default();
+        r.register(
+            LIMIT_REFUSALS,
+            "Connections and requests refused because a limit was reached (label: limit)",
+            self.limit_refusals.clone(),
+        );
         r.register(
             AUTH_FAILURES,
             "Requests refused for their token (labels: door, reason)",
@@ -180,6 +203,11 @@ impl prometheus_client::collector::Collector for EngineCollector {
                 "kiln_queries_running",
                 "HTTP and Flight SQL queries running now",
                 self.query.running_queries(),
+            ),
+            (
+                "kiln_last_caches_failed",
+                "Last-value caches that stopped answering (warm-up failed, more series than --last-cache-max-series); queries read their tables",
+                self.engine.failed_last_caches(),
             ),
         ];
         for (name, help, value) in gauges {

@@ -70,22 +70,35 @@ use crate::serve::stopped;
 struct Shared {
     query: QueryEngine,
     auth: Arc<Authorizer>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Most connections served at once (`--pg-max-connections`).
+    max_connections: usize,
     /// Maps a cancel request's (pid, secret key) to the connection it cancels.
     connections: Arc<ConnectionManager>,
 }
 
+/// Where a PostgreSQL listener's connections go, and how many it serves at once.
+pub struct Limits {
+    pub max_connections: usize,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
 /// Accepts PostgreSQL connections on `listener` (TLS after an `SSLRequest` when `tls` is
-/// given) until `stop` turns true, then closes them.
+/// given) until `stop` turns true, then closes them. A connection beyond
+/// `limits.max_connections` is ended at startup with `53300`, as PostgreSQL does.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     query: QueryEngine,
     auth: Arc<Authorizer>,
+    limits: Limits,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
     let shared = Arc::new(Shared {
         query,
         auth,
+        metrics: limits.metrics,
+        max_connections: limits.max_connections,
         connections: Arc::new(ConnectionManager::new()),
     });
     let mut connections = JoinSet::new();
@@ -105,9 +118,12 @@ pub async fn serve(
                     }
                 };
                 let _ = socket.set_nodelay(true);
+                // The connections being served, this one not yet among them.
+                let over_limit = connections.len() >= shared.max_connections;
                 let handlers = Connection(Arc::new(ConnectionState {
                     shared: Arc::clone(&shared),
                     session: OnceLock::new(),
+                    over_limit,
                 }));
                 let tls = tls.clone();
                 connections.spawn(async move {
@@ -133,6 +149,8 @@ struct ConnectionState {
     shared: Arc<Shared>,
     /// Made by the startup handler, which pgwire runs before any query message.
     session: OnceLock<Session>,
+    /// Accepted beyond the connection limit: ended at startup.
+    over_limit: bool,
 }
 
 /// A connection's session, and the `datafusion-postgres` service that runs its statements.
@@ -185,6 +203,20 @@ impl StartupHandler for Connection {
         let auth = &self.0.shared.auth;
         match message {
             PgWireFrontendMessage::Startup(startup) => {
+                if self.0.over_limit {
+                    self.0
+                        .shared
+                        .metrics
+                        .refused(crate::metrics::limit::PG_CONNECTIONS);
+                    return Err(fatal(
+                        "53300",
+                        format!(
+                            "sorry, too many clients already: Kiln serves at most {} \
+                             PostgreSQL connections at once (--pg-max-connections)",
+                            self.0.shared.max_connections
+                        ),
+                    ));
+                }
                 protocol_negotiation(client, &startup).await?;
                 save_startup_parameters_to_metadata(client, &startup);
                 if !auth.enforced() {

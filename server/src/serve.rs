@@ -60,6 +60,16 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_PG_BIND", default_value = "127.0.0.1:5433")]
     pub pg_bind: SocketAddr,
 
+    /// Most gRPC write streams open at once (each may hold 8 messages in flight); one
+    /// more is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KILN_GRPC_MAX_STREAMS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_streams: u32,
+
+    /// Most PostgreSQL connections served at once; one more is ended at startup with
+    /// SQLSTATE 53300 (too many connections).
+    #[arg(long, env = "KILN_PG_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pg_max_connections: u32,
+
     /// On start-up, skip a WAL record that cannot be applied (it is logged with its file,
     /// offset and reason, and its bytes kept in `<data-dir>/wal/skipped/`) instead of
     /// refusing to start with an error naming it. Its rows are lost: use it only to bring
@@ -123,10 +133,20 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_MAX_RESULT_BYTES", default_value = "1GiB", value_parser = crate::config::size::parse_usize)]
     pub max_result_bytes: usize,
 
+    /// Most queries the HTTP query API runs at once (each holds its whole result until
+    /// it is encoded); one more waits up to a second, then gets 429 with Retry-After.
+    #[arg(long, env = "KILN_HTTP_MAX_QUERIES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_queries: u32,
+
     /// On shutdown, how long to wait for open requests and connections to finish before
     /// closing them; the write buffer is then persisted either way.
     #[arg(long, env = "KILN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Most series a last-value cache holds; one that would hold more stops answering
+    /// (queries read the table instead, `last_cache()` says why).
+    #[arg(long, env = "KILN_LAST_CACHE_MAX_SERIES", default_value_t = 1_000_000)]
+    pub last_cache_max_series: usize,
 
     /// Most databases writes may create.
     #[arg(long, env = "KILN_MAX_DATABASES", default_value_t = 100)]
@@ -268,6 +288,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             max_columns_per_table: config.max_columns_per_table,
         },
         wal_replay_skip_invalid: config.wal_replay_skip_invalid,
+        last_cache_max_series: config.last_cache_max_series,
     };
     let engine = Engine::open(
         engine_config,
@@ -336,6 +357,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         registry,
         max_body_bytes: config.max_request_bytes,
         max_result_bytes: config.max_result_bytes,
+        query_permits: Arc::new(tokio::sync::Semaphore::new(
+            config.http_max_queries as usize,
+        )),
         shutdown: stop_rx.clone(),
         auth: Arc::clone(&auth),
     };
@@ -406,6 +430,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         Arc::clone(&state.metrics),
         stop_rx.clone(),
         Arc::clone(&auth),
+        config.grpc_max_streams as usize,
     )
     .into_server(config.max_request_bytes);
     let flight = crate::flight::FlightSql::new(state.query.clone(), Arc::clone(&auth))
@@ -463,6 +488,10 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         pg_tls,
         state.query.clone(),
         Arc::clone(&auth),
+        crate::postgres::Limits {
+            max_connections: config.pg_max_connections as usize,
+            metrics: Arc::clone(&state.metrics),
+        },
         stop_rx.clone(),
     );
     let app = router(state);

@@ -10,6 +10,10 @@
 //! segments and the buffer are read into a second cache; the two are then merged, the
 //! live one winning where both have a key's latest time. Readers wait until it is warm.
 //!
+//! A cache that cannot answer — its warm-up failed, an update failed, or it would hold
+//! more series than its limit — frees its rows and says so ([`CacheStatus::Failed`]):
+//! queries then read the table, and the `last_cache()` function names the reason.
+//!
 //! Rows are held in small batches (only the rows that updated a key), referenced by index;
 //! when there are many, they are compacted into one batch of exactly one row per key.
 
@@ -328,30 +332,70 @@ impl KeyEncoder {
     }
 }
 
+/// Where a cache is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    Warming,
+    Warm,
+    /// It cannot answer (warming failed, an update failed, more series than allowed):
+    /// queries read the table instead, and `last_cache()` says why.
+    Failed(Arc<str>),
+}
+
 /// One table's cache.
 #[derive(Debug)]
 pub struct LastCache {
     pub key_columns: Vec<String>,
     keys: KeyEncoder,
     live: Mutex<Rows>,
-    warm: watch::Sender<bool>,
+    status: watch::Sender<CacheStatus>,
+    /// Most keys (series) it holds before it gives up.
+    max_series: usize,
 }
 
 impl LastCache {
-    pub fn new(key_columns: Vec<String>) -> Result<Self, ArrowError> {
+    pub fn new(key_columns: Vec<String>, max_series: usize) -> Result<Self, ArrowError> {
         Ok(Self {
             keys: KeyEncoder::new(key_columns.clone())?,
             key_columns,
             live: Mutex::new(Rows::new()),
-            warm: watch::channel(false).0,
+            status: watch::channel(CacheStatus::Warming).0,
+            max_series,
         })
     }
 
     /// Offers a write's rows (newer than any seen).
     pub fn offer(&self, batch: &RecordBatch) {
-        if let Err(e) = self.live.lock().offer(&self.keys, batch) {
-            tracing::error!(error = %e, "updating a last-value cache failed");
+        if matches!(*self.status.borrow(), CacheStatus::Failed(_)) {
+            return;
         }
+        let mut live = self.live.lock();
+        let result = live.offer(&self.keys, batch);
+        let series = live.entries.len();
+        drop(live);
+        match result {
+            Err(e) => self.fail(format!("updating it failed: {e}")),
+            Ok(()) if series > self.max_series => self.fail(self.too_many()),
+            Ok(()) => {}
+        }
+    }
+
+    fn too_many(&self) -> String {
+        format!(
+            "it would hold more than {} series (--last-cache-max-series)",
+            self.max_series
+        )
+    }
+
+    /// Gives up: frees the rows and answers no more queries.
+    pub fn fail(&self, reason: String) {
+        tracing::error!(%reason, "a last-value cache stopped answering; queries read the table instead");
+        *self.live.lock() = Rows::new();
+        self.status.send_replace(CacheStatus::Failed(reason.into()));
+    }
+
+    pub fn status(&self) -> CacheStatus {
+        self.status.borrow().clone()
     }
 
     /// Starts filling the cache with rows older than any offered since it was made
@@ -365,13 +409,20 @@ impl LastCache {
     }
 
     pub fn is_warm(&self) -> bool {
-        *self.warm.borrow()
+        *self.status.borrow() == CacheStatus::Warm
     }
 
-    /// Waits until the cache is warm.
-    pub async fn warmed(&self) {
-        let mut rx = self.warm.subscribe();
-        let _ = rx.wait_for(|w| *w).await;
+    /// Waits until the cache is warm; why not, if it failed.
+    pub async fn warmed(&self) -> Result<(), Arc<str>> {
+        let mut rx = self.status.subscribe();
+        let status = match rx.wait_for(|s| *s != CacheStatus::Warming).await {
+            Ok(status) => status.clone(),
+            Err(_) => CacheStatus::Failed("the cache was dropped".into()),
+        };
+        match status {
+            CacheStatus::Failed(reason) => Err(reason),
+            _ => Ok(()),
+        }
     }
 
     /// The latest row of every key, aligned to `schema`.
@@ -397,13 +448,29 @@ pub struct Warming {
 
 impl Warming {
     pub fn offer(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
-        self.rows.offer(&self.cache.keys, batch)
+        self.rows.offer(&self.cache.keys, batch)?;
+        if self.rows.entries.len() > self.cache.max_series {
+            return Err(ArrowError::InvalidArgumentError(self.cache.too_many()));
+        }
+        Ok(())
     }
 
-    /// Adds what was gathered to the cache and marks it warm.
+    /// Adds what was gathered to the cache and marks it warm (unless it failed).
     pub fn finish(self) -> Result<(), ArrowError> {
-        self.cache.live.lock().absorb_older(self.rows)?;
-        self.cache.warm.send_replace(true);
+        let mut live = self.cache.live.lock();
+        live.absorb_older(self.rows)?;
+        let series = live.entries.len();
+        drop(live);
+        if series > self.cache.max_series {
+            return Err(ArrowError::InvalidArgumentError(self.cache.too_many()));
+        }
+        self.cache.status.send_if_modified(|s| {
+            let warming = *s == CacheStatus::Warming;
+            if warming {
+                *s = CacheStatus::Warm;
+            }
+            warming
+        });
         Ok(())
     }
 }
@@ -475,7 +542,7 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_row_per_key_and_merges_rewrites_of_its_time() {
-        let cache = Arc::new(LastCache::new(vec!["host".into()]).unwrap());
+        let cache = Arc::new(LastCache::new(vec!["host".into()], 1_000).unwrap());
         let schema = batch(&[]).schema();
         cache.offer(&batch(&[
             ("x", 1, Some(1.0), Some(1.0)),

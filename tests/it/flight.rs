@@ -139,6 +139,21 @@ async fn statements_and_prepared_statements_stream_arrow() {
             .collect();
         assert_eq!(usage, expected, "host {host}, usage > {min}");
     }
+    // Two rows of parameters are refused at the second row, not gathered first.
+    let two = RecordBatch::try_new(
+        std::sync::Arc::new(params.clone()),
+        vec![
+            std::sync::Arc::new(arrow::array::StringArray::from(vec!["a", "b"])),
+            std::sync::Arc::new(arrow::array::Float64Array::from(vec![0.0, 1.0])),
+        ],
+    )
+    .unwrap();
+    prepared.set_parameters(two).unwrap();
+    let e = prepared.execute().await.unwrap_err().to_string();
+    assert!(
+        e.contains("bind one row of parameters per execution"),
+        "{e}"
+    );
     prepared.close().await.unwrap();
 
     // Errors: a bad table, bad SQL, and no database header.

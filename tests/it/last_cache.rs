@@ -181,3 +181,61 @@ async fn last_cache_matches_the_full_query_through_writes_persistence_and_restar
     );
     assert!(!ok && err.contains("no last-value cache"), "{err}");
 }
+
+/// A cache that would hold more series than `--last-cache-max-series` (while warming, or
+/// later as series arrive) stops answering: `last_cache()` says why at once instead of
+/// waiting forever, the planner reads the table, and a metric counts it.
+#[tokio::test]
+async fn a_cache_past_its_series_limit_says_so_and_queries_read_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let limit = ["--last-cache-max-series", "3"];
+    let mut server = TestServer::start(&data, &limit);
+    server.write_ok("plant", &lines(2, 0, 5)).await;
+    let create = |host: &str| {
+        kiln(
+            &[
+                "last-cache",
+                "create",
+                "--host",
+                host,
+                "-d",
+                "plant",
+                "-t",
+                "cpu",
+            ],
+            None,
+        )
+    };
+    let (ok, _, err) = create(&server.base);
+    assert!(ok, "{err}");
+    assert_eq!(rows(&server, FROM_CACHE).await.len(), 2);
+
+    // A third and fourth series arrive: the cache gives up.
+    server.write_ok("plant", &lines(4, 5, 1)).await;
+    let (status, body) = server.query("plant", FROM_CACHE, "json").await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(!status.is_success(), "{text}");
+    assert!(
+        text.contains("more than 3 series (--last-cache-max-series)"),
+        "{text}"
+    );
+    assert!(
+        !plan(&server, DISTINCT_ON)
+            .await
+            .contains("last-value cache")
+    );
+    assert_eq!(rows(&server, DISTINCT_ON).await, rows(&server, FULL).await);
+    assert_eq!(rows(&server, DISTINCT_ON).await.len(), 4);
+    assert_eq!(server.metric("kiln_last_caches_failed").await, 1.0);
+
+    // After a restart the warm-up itself finds too many series: an answer at once, not a
+    // query waiting for a cache that will never be warm.
+    server.terminate();
+    let server = TestServer::start(&data, &limit);
+    let (status, body) = server.query("plant", FROM_CACHE, "json").await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(!status.is_success(), "{text}");
+    assert!(text.contains("--last-cache-max-series"), "{text}");
+    assert_eq!(rows(&server, DISTINCT_ON).await.len(), 4);
+}

@@ -145,3 +145,113 @@ async fn a_query_whose_client_goes_away_stops() {
     .await;
     assert!(stopped, "the query kept running after its client left");
 }
+
+/// One client more than a limit allows, on each door: refused with an error naming the
+/// limit, counted, and the clients within it keep being served.
+#[tokio::test]
+async fn connections_queries_and_streams_beyond_their_limits_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        &dir.path().join("data"),
+        &[
+            "--pg-max-connections",
+            "2",
+            "--http-max-queries",
+            "1",
+            "--grpc-max-streams",
+            "1",
+        ],
+    );
+    server.write_ok("plant", "cpu,host=a u=1 1\n").await;
+    let count = "SELECT count(*) AS n FROM cpu";
+
+    // PostgreSQL: the third connection ends at startup with 53300.
+    let first = crate::postgres::connect(&server, "plant").await.unwrap();
+    let second = crate::postgres::connect(&server, "plant").await.unwrap();
+    let e = crate::postgres::connect(&server, "plant")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e:?}");
+    let message = e.as_db_error().unwrap().message();
+    assert!(message.contains("--pg-max-connections"), "{message}");
+    assert_eq!(first.simple_query(count).await.unwrap().len(), 3);
+    drop(second);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            crate::postgres::connect(&server, "plant").await.is_ok()
+        })
+        .await,
+        "a connection's slot is free again once it closes"
+    );
+
+    // HTTP: while one query runs, another waits a second, then gets 429 with Retry-After.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let slow = tokio::spawn(
+        impatient
+            .get(server.url("/api/v3/query_sql"))
+            .query(&[("db", "plant"), ("q", SLOW)])
+            .send(),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            server.metric("kiln_queries_running").await == 1.0
+        })
+        .await
+    );
+    let resp = server
+        .client
+        .get(server.url("/api/v3/query_sql"))
+        .query(&[("db", "plant"), ("q", count)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("--http-max-queries"), "{text}");
+    // The slow query's client gives up; its permit comes back.
+    assert!(slow.await.unwrap().is_err());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            server.query("plant", count, "json").await.0 == StatusCode::OK
+        })
+        .await
+    );
+
+    // gRPC: a second write stream while one is open is RESOURCE_EXHAUSTED.
+    let mut grpc = crate::grpc::client(&server).await;
+    let (open_tx, open_rx) = tokio::sync::mpsc::channel(1);
+    let open = grpc
+        .write_stream(tokio_stream::wrappers::ReceiverStream::new(open_rx))
+        .await
+        .unwrap();
+    let status = crate::grpc::client(&server)
+        .await
+        .write_stream(futures::stream::empty())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains("--grpc-max-streams"),
+        "{}",
+        status.message()
+    );
+    drop(open_tx);
+    drop(open);
+
+    let metrics = server.metrics().await;
+    for limit in ["pg_connections", "http_queries", "grpc_streams"] {
+        let line = format!("kiln_limit_refusals_total{{limit=\"{limit}\"}} ");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
+            "{limit}:\n{metrics}"
+        );
+    }
+    // Everyone within the limits is still served.
+    assert_eq!(server.query_json("plant", count).await[0]["n"], 1);
+}

@@ -57,6 +57,8 @@ pub enum Error {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("warming a last-value cache failed")]
+    LastCache(#[source] arrow::error::ArrowError),
     #[error("a partition of {0:?} is not allowed: widths are positive and at most 7 days")]
     PartitionWidth(Duration),
 }
@@ -90,6 +92,9 @@ pub struct EngineConfig {
     /// offset, its bytes kept under `skipped/` in the WAL directory) instead of stopping
     /// with an error naming it.
     pub wal_replay_skip_invalid: bool,
+    /// Most series (keys) a last-value cache holds; one that would hold more stops
+    /// answering (queries read the table instead).
+    pub last_cache_max_series: usize,
 }
 
 impl EngineConfig {
@@ -105,6 +110,7 @@ impl EngineConfig {
             compaction_max_bytes: 256 * 1024 * 1024,
             schema_limits: crate::catalog::SchemaLimits::default(),
             wal_replay_skip_invalid: false,
+            last_cache_max_series: 1_000_000,
         }
     }
 }
@@ -377,7 +383,8 @@ impl Engine {
     /// Registers a cache for `def` (fed by writes from now on) and warms it in the
     /// background from the table's segments and buffer.
     fn start_last_cache(self: &Arc<Self>, def: &LastCacheDef) {
-        let cache = match LastCache::new(def.key_columns.clone()) {
+        let cache = match LastCache::new(def.key_columns.clone(), self.config.last_cache_max_series)
+        {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(error = %e, table = %def.table, "cannot make a last-value cache");
@@ -399,9 +406,7 @@ impl Engine {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "last-value cache warm"
                 ),
-                Err(e) => {
-                    tracing::error!(error = %e, %table, "warming a last-value cache failed")
-                }
+                Err(e) => cache.fail(crate::error_chain(&e)),
             }
         });
     }
@@ -478,6 +483,16 @@ impl Engine {
     /// The last-value cache of `table`, if it has one.
     pub fn last_cache(&self, table: TableId) -> Option<Arc<LastCache>> {
         self.last_caches.tables.read().get(&table).cloned()
+    }
+
+    /// Last-value caches that stopped answering (see [`crate::last_cache::CacheStatus`]).
+    pub fn failed_last_caches(&self) -> usize {
+        self.last_caches
+            .tables
+            .read()
+            .values()
+            .filter(|c| matches!(c.status(), crate::last_cache::CacheStatus::Failed(_)))
+            .count()
     }
 
     /// Every series seen, and per-table write quality.
@@ -841,7 +856,7 @@ async fn gather(mut warming: Warming, batches: Vec<RecordBatch>) -> Result<Warmi
 }
 
 fn warming_failed(e: arrow::error::ArrowError) -> Error {
-    Error::Internal(format!("warming a last-value cache: {e}"))
+    Error::LastCache(e)
 }
 
 struct NoObserver;
