@@ -7,6 +7,7 @@
 
 pub mod footprint;
 pub mod kafka;
+pub mod load;
 pub mod queries;
 pub mod results;
 pub mod security;

@@ -51,13 +51,7 @@ fn is_string(dt: &DataType) -> bool {
 /// in `ipc`'s memory (no copy).
 fn decode_ipc(ipc: Buffer) -> Result<(SchemaRef, RecordBatch), ArrowError> {
     kiln_storage::ipc::check_framing(ipc.as_slice()).map_err(ArrowError::IpcError)?;
-    let mut result = None;
-    kiln_storage::ipc::guarded("the arrow payload", || {
-        result = Some(decode_ipc_unguarded(ipc));
-        Ok(())
-    })
-    .map_err(ArrowError::IpcError)?;
-    result.unwrap_or_else(|| Err(ArrowError::IpcError("the stream was not decoded".into())))
+    kiln_storage::ipc::guarded("the arrow payload", || decode_ipc_unguarded(ipc))
 }
 
 fn decode_ipc_unguarded(mut ipc: Buffer) -> Result<(SchemaRef, RecordBatch), ArrowError> {

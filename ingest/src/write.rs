@@ -18,17 +18,20 @@ pub struct Written {
     pub rejected: Vec<LineError>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     /// Nothing was written because of these rows.
+    #[error("{message}")]
     Rejected {
         message: String,
         rejected: Vec<LineError>,
     },
     /// The request as a whole is invalid (bad name, columnar type conflict, …).
+    #[error("{0}")]
     Invalid(String),
     /// The engine refused or failed.
-    Engine(kiln_storage::engine::Error),
+    #[error("the storage engine refused the write")]
+    Engine(#[source] kiln_storage::engine::Error),
 }
 
 impl From<kiln_storage::engine::Error> for WriteError {

@@ -101,28 +101,33 @@ pub enum Error {
     /// fewer queries run.
     #[error("{0}")]
     ResourcesExhausted(String),
-    /// Kiln failed (storage, I/O): not the query's fault.
+    /// Kiln failed (storage, I/O): not the query's fault. The cause is kept, for logs.
     #[error("{0}")]
-    Internal(String),
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl From<DataFusionError> for Error {
     fn from(e: DataFusionError) -> Self {
         let text = e.strip_backtrace();
-        match e.find_root() {
+        let internal = match e.find_root() {
             DataFusionError::Plan(msg) if is_missing_table(msg) => {
-                Error::TableNotFound(msg.clone())
+                return Error::TableNotFound(msg.clone());
             }
             DataFusionError::External(inner) if inner.is::<limits::TimedOut>() => {
-                Error::Timeout(inner.to_string())
+                return Error::Timeout(inner.to_string());
             }
-            DataFusionError::ResourcesExhausted(_) => Error::ResourcesExhausted(text),
+            DataFusionError::ResourcesExhausted(_) => return Error::ResourcesExhausted(text),
             DataFusionError::ObjectStore(_)
             | DataFusionError::IoError(_)
             | DataFusionError::ParquetError(_)
             | DataFusionError::Internal(_)
-            | DataFusionError::External(_) => Error::Internal(text),
-            _ => Error::Invalid(text),
+            | DataFusionError::External(_) => true,
+            _ => false,
+        };
+        if internal {
+            Error::Internal(Box::new(e))
+        } else {
+            Error::Invalid(text)
         }
     }
 }

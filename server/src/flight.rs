@@ -357,8 +357,7 @@ fn decode_parameters(ipc: &[u8]) -> Result<ParamValues, Status> {
         Status::invalid_argument(format!("bad parameters in the statement handle: {e}"))
     })?;
     let batch = kiln_storage::ipc::guarded("the statement handle's parameters", || {
-        let mut reader = StreamReader::try_new(ipc, None).map_err(|e| e.to_string())?;
-        reader.next().transpose().map_err(|e| e.to_string())
+        StreamReader::try_new(ipc, None)?.next().transpose()
     })
     .map_err(|e| Status::invalid_argument(format!("bad parameters in the statement handle: {e}")))?
     .ok_or_else(|| Status::invalid_argument("no parameter values in the statement handle"))?;
@@ -425,8 +424,9 @@ fn query_status(e: kiln_query::Error) -> Status {
         E::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         E::ResourcesExhausted(_) => Status::resource_exhausted(e.to_string()),
         E::Internal(_) => {
-            tracing::error!(error = %e, "Flight SQL query failed");
-            Status::internal(e.to_string())
+            let message = kiln_storage::error_chain(&e);
+            tracing::error!(error = %message, "Flight SQL query failed");
+            Status::internal(message)
         }
     }
 }

@@ -695,8 +695,9 @@ fn query_error(e: kiln_query::Error) -> ApiError {
         E::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
         E::ResourcesExhausted(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         E::Internal(_) => {
-            tracing::error!(error = %e, "query failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            let message = kiln_storage::error_chain(&e);
+            tracing::error!(error = %message, "query failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
         }
     }
 }

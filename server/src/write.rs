@@ -31,7 +31,7 @@ pub fn classify(e: &kiln_storage::engine::Error) -> (FailureKind, String) {
             "the server is shutting down".into(),
         ),
         E::Wal(kiln_storage::wal::Error::Poisoned) => {
-            tracing::error!(error = %e, "write refused");
+            tracing::error!(error = %kiln_storage::error_chain(e), "write refused");
             (
                 FailureKind::Unavailable,
                 "the write-ahead log failed to sync earlier and refuses writes; see the server log"

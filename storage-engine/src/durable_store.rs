@@ -40,18 +40,22 @@ impl DurableLocalStore {
 
     async fn sync(&self, location: &Path) -> Result<()> {
         let file = self.inner.path_to_filesystem(location)?;
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || sync_file_and_parents(&file, &root))
-            .await
-            .map_err(|e| object_store::Error::Generic {
-                store: "DurableLocalStore",
-                source: Box::new(e),
-            })?
-            .map_err(|e| object_store::Error::Generic {
-                store: "DurableLocalStore",
-                source: Box::new(e),
-            })
+        sync(file, self.root.clone()).await
     }
+}
+
+/// Syncs `file` and its directories up to `root`, off the runtime's threads.
+async fn sync(file: PathBuf, root: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || sync_file_and_parents(&file, &root))
+        .await
+        .map_err(|e| object_store::Error::Generic {
+            store: "DurableLocalStore",
+            source: Box::new(e),
+        })?
+        .map_err(|e| object_store::Error::Generic {
+            store: "DurableLocalStore",
+            source: Box::new(e),
+        })
 }
 
 fn sync_file_and_parents(file: &FsPath, root: &FsPath) -> std::io::Result<()> {
@@ -65,6 +69,32 @@ fn sync_file_and_parents(file: &FsPath, root: &FsPath) -> std::io::Result<()> {
         dir = d.parent();
     }
     Ok(())
+}
+
+/// A multipart upload whose completed file is synced, with its directories, before
+/// `complete` returns.
+#[derive(Debug)]
+struct DurableUpload {
+    inner: Box<dyn MultipartUpload>,
+    file: PathBuf,
+    root: PathBuf,
+}
+
+#[async_trait]
+impl MultipartUpload for DurableUpload {
+    fn put_part(&mut self, data: PutPayload) -> object_store::UploadPart {
+        self.inner.put_part(data)
+    }
+
+    async fn complete(&mut self) -> Result<PutResult> {
+        let result = self.inner.complete().await?;
+        sync(self.file.clone(), self.root.clone()).await?;
+        Ok(result)
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        self.inner.abort().await
+    }
 }
 
 impl std::fmt::Display for DurableLocalStore {
@@ -91,9 +121,13 @@ impl ObjectStore for DurableLocalStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
-        // Multipart uploads are not used for local segments; they stay as durable as the
-        // underlying store makes them.
-        self.inner.put_multipart_opts(location, opts).await
+        // Compaction streams large segments through multipart uploads.
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(DurableUpload {
+            inner,
+            file: self.inner.path_to_filesystem(location)?,
+            root: self.root.clone(),
+        }))
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {

@@ -9,6 +9,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use arrow::error::ArrowError;
+
 /// Checks that `stream`, an Arrow IPC stream, is framed within its own bytes: every
 /// message's metadata is a valid flatbuffer message, and every body ends before the
 /// stream does. The decoder then never sizes anything by a length the bytes cannot back.
@@ -56,8 +58,11 @@ pub fn check_framing(stream: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `decode`; a panic inside becomes `Err` naming `what`.
-pub fn guarded<T>(what: &str, decode: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+/// Runs `decode`; a panic inside becomes an [`ArrowError::IpcError`] naming `what`.
+pub fn guarded<T>(
+    what: &str,
+    decode: impl FnOnce() -> Result<T, ArrowError>,
+) -> Result<T, ArrowError> {
     match catch_unwind(AssertUnwindSafe(decode)) {
         Ok(result) => result,
         Err(panic) => {
@@ -66,13 +71,17 @@ pub fn guarded<T>(what: &str, decode: impl FnOnce() -> Result<T, String>) -> Res
                 .map(|s| (*s).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "malformed data".to_owned());
-            Err(format!("{what} is not a valid Arrow IPC stream: {reason}"))
+            Err(ArrowError::IpcError(format!(
+                "{what} is not a valid Arrow IPC stream: {reason}"
+            )))
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use arrow::error::ArrowError;
+
     use super::guarded;
 
     #[test]
@@ -113,15 +122,13 @@ mod tests {
 
     #[test]
     fn a_panic_is_an_error_and_a_result_passes_through() {
-        assert_eq!(guarded("x", || Ok::<_, String>(3)), Ok(3));
-        assert_eq!(
-            guarded("x", || Err::<u8, _>("bad".to_owned())),
-            Err("bad".to_owned())
-        );
+        assert_eq!(guarded("x", || Ok(3)).unwrap(), 3);
+        let err = guarded::<u8>("x", || Err(ArrowError::IpcError("bad".into()))).unwrap_err();
+        assert_eq!(err.to_string(), "Ipc error: bad");
         let err = guarded::<u8>("the payload", || panic!("Type NONE not supported")).unwrap_err();
         assert_eq!(
-            err,
-            "the payload is not a valid Arrow IPC stream: Type NONE not supported"
+            err.to_string(),
+            "Ipc error: the payload is not a valid Arrow IPC stream: Type NONE not supported"
         );
     }
 }

@@ -13,7 +13,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 
-use crate::catalog::{ColumnType, TIME_COLUMN, TIME_ZONE, TableDef};
+use crate::catalog::{TIME_COLUMN, TIME_ZONE, TableDef};
 use crate::dedup::{align_to_schema, merge_last_write_wins};
 
 /// The columns that order a table's rows and identify them: tags, then time.
@@ -58,7 +58,32 @@ pub fn encode_segment(
     let schema: SchemaRef = def.schema();
     let key = sort_key(def);
     let merged = merge_last_write_wins(batches, &schema, &key).map_err(Error::Merge)?;
-    let sorting: Vec<SortingColumn> = key
+    let props = writer_properties(def, |tag| {
+        merged
+            .column_by_name(tag)
+            .and_then(|a| a.as_any_dictionary_opt().map(|d| d.values().len()))
+            .unwrap_or(merged.num_rows())
+    })?;
+    // On disk `time` says what it is, an instant in UTC (TIMESTAMP(isAdjustedToUTC=true)):
+    // readers then take it as it is stored, with no conversion.
+    let file_schema = utc_schema(&schema);
+    let labelled = align_to_schema(&merged, &file_schema).map_err(Error::Merge)?;
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, file_schema, Some(props))?;
+    writer.write(&labelled)?;
+    writer.close()?;
+    Ok((merged, out))
+}
+
+/// How every segment of `def` is written: zstd, page statistics, sorted by the table's
+/// key, tags dictionary-encoded with a bloom filter sized for `distinct(tag)` values, so
+/// `WHERE tag = '…'` skips row groups without the value.
+pub fn writer_properties(
+    def: &TableDef,
+    distinct: impl Fn(&str) -> usize,
+) -> Result<WriterProperties, Error> {
+    let schema = def.schema();
+    let sorting: Vec<SortingColumn> = sort_key(def)
         .iter()
         .filter_map(|k| schema.index_of(k).ok())
         .map(|i| SortingColumn {
@@ -71,33 +96,20 @@ pub fn encode_segment(
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1)?))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_sorting_columns(Some(sorting))
-        .set_max_row_group_row_count(Some(1024 * 1024));
-    for c in &def.columns {
-        if c.ty == ColumnType::Tag {
-            let column: parquet::schema::types::ColumnPath = c.name.as_str().into();
-            // A bloom filter sized for the segment's distinct values (at most its
-            // dictionary's), so `WHERE tag = '…'` skips row groups without the value.
-            let distinct = merged
-                .column_by_name(&c.name)
-                .and_then(|a| a.as_any_dictionary_opt().map(|d| d.values().len()))
-                .unwrap_or(merged.num_rows());
-            props = props
-                .set_column_dictionary_enabled(column.clone(), true)
-                .set_column_bloom_filter_enabled(column.clone(), true)
-                .set_column_bloom_filter_fpp(column.clone(), 0.01)
-                .set_column_bloom_filter_max_ndv(column, distinct.max(16) as u64);
-        }
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+    for c in def.tag_columns() {
+        let column: parquet::schema::types::ColumnPath = c.name.as_str().into();
+        props = props
+            .set_column_dictionary_enabled(column.clone(), true)
+            .set_column_bloom_filter_enabled(column.clone(), true)
+            .set_column_bloom_filter_fpp(column.clone(), 0.01)
+            .set_column_bloom_filter_max_ndv(column, distinct(&c.name).max(16) as u64);
     }
-    // On disk `time` says what it is, an instant in UTC (TIMESTAMP(isAdjustedToUTC=true)):
-    // readers then take it as it is stored, with no conversion.
-    let file_schema = utc_schema(&schema);
-    let labelled = align_to_schema(&merged, &file_schema).map_err(Error::Merge)?;
-    let mut out = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut out, file_schema, Some(props.build()))?;
-    writer.write(&labelled)?;
-    writer.close()?;
-    Ok((merged, out))
+    Ok(props.build())
 }
+
+/// Rows per row group of a segment.
+pub const ROW_GROUP_ROWS: usize = 1024 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -106,7 +118,7 @@ mod tests {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     use super::*;
-    use crate::catalog::ColumnDef;
+    use crate::catalog::{ColumnDef, ColumnType};
     use crate::ids::{DatabaseId, TableId};
 
     #[test]

@@ -21,6 +21,7 @@ use std::io::Cursor;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, TimestampNanosecondType};
+use arrow::error::ArrowError;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 
@@ -196,13 +197,11 @@ impl WriteBatch {
         Ok(out)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.take(1)?[0];
         if !(1..=PAYLOAD_VERSION).contains(&version) {
-            return Err(format!(
-                "unsupported write batch version {version}; supported versions: [1, {PAYLOAD_VERSION}]"
-            ));
+            return Err(DecodeError::Version(version));
         }
         let database = DatabaseId(r.u32()?);
         let count = r.u32()?;
@@ -211,15 +210,15 @@ impl WriteBatch {
             let table = TableId(r.u32()?);
             let len = r.u32()? as usize;
             let ipc = r.take(len)?;
-            crate::ipc::check_framing(ipc).map_err(|e| format!("table {table}: {e}"))?;
+            let invalid = |reason| DecodeError::Ipc { table, reason };
+            crate::ipc::check_framing(ipc).map_err(invalid)?;
             let batch = crate::ipc::guarded("a table's batch", || {
-                let mut reader =
-                    StreamReader::try_new(Cursor::new(ipc), None).map_err(|e| e.to_string())?;
+                let mut reader = StreamReader::try_new(Cursor::new(ipc), None)?;
                 reader
                     .next()
-                    .ok_or_else(|| format!("table {table}: IPC stream holds no batch"))?
-                    .map_err(|e| e.to_string())
-            })?;
+                    .ok_or_else(|| ArrowError::IpcError("the stream holds no batch".into()))?
+            })
+            .map_err(|source| DecodeError::Arrow { table, source })?;
             tables.push(TableWrite { table, batch });
         }
         let mut sources = Vec::new();
@@ -227,7 +226,7 @@ impl WriteBatch {
             for _ in 0..r.u32()? {
                 let len = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes")) as usize;
                 let source = std::str::from_utf8(r.take(len)?)
-                    .map_err(|e| format!("source name is not UTF-8: {e}"))?
+                    .map_err(DecodeError::SourceName)?
                     .to_string();
                 let partition = i32::from_le_bytes(r.take(4)?.try_into().expect("4 bytes"));
                 let first = i64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
@@ -241,10 +240,7 @@ impl WriteBatch {
             }
         }
         if r.pos != bytes.len() {
-            return Err(format!(
-                "{} trailing bytes after the last table",
-                bytes.len() - r.pos
-            ));
+            return Err(DecodeError::Trailing(bytes.len() - r.pos));
         }
         Ok(Self {
             database,
@@ -254,30 +250,53 @@ impl WriteBatch {
     }
 }
 
+/// Why a logged write's bytes do not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unsupported write batch version {0}; supported versions: [1, {PAYLOAD_VERSION}]")]
+    Version(u8),
+    #[error("needs {needs} bytes at offset {offset} but the payload is {len} bytes")]
+    Truncated {
+        needs: usize,
+        offset: usize,
+        len: usize,
+    },
+    #[error("table {table}: {reason}")]
+    Ipc { table: TableId, reason: String },
+    #[error("table {table}: the batch does not decode")]
+    Arrow {
+        table: TableId,
+        #[source]
+        source: ArrowError,
+    },
+    #[error("a source name is not UTF-8")]
+    SourceName(#[source] std::str::Utf8Error),
+    #[error("{0} trailing bytes after the last table")]
+    Trailing(usize),
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|e| *e <= self.bytes.len())
-            .ok_or_else(|| {
-                format!(
-                    "needs {n} bytes at offset {} but the payload is {} bytes",
-                    self.pos,
-                    self.bytes.len()
-                )
+            .ok_or(DecodeError::Truncated {
+                needs: n,
+                offset: self.pos,
+                len: self.bytes.len(),
             })?;
         let out = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(out)
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, DecodeError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }

@@ -187,3 +187,95 @@ async fn a_query_reading_replaced_segments_finishes_before_they_are_deleted() {
         .await;
     assert_eq!(n[0]["n"], serde_json::json!(50 * 2700));
 }
+
+/// A partition larger than compaction's upload buffer (8 MiB) is merged as a stream and
+/// written in parts: the same rows, field by field last write wins, and the result
+/// survives `kill -9`.
+#[tokio::test]
+async fn a_large_partition_is_merged_as_a_stream_and_survives_kill_nine() {
+    use std::collections::HashMap;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--compaction-interval", "0s"];
+    // Integers that do not compress: the segments are about 10 MiB each.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 24) as i64
+    };
+    // Two writes of 400,000 rows, overlapping by half: the second leaves `c` out of the
+    // rows it shares with the first, so theirs stays.
+    let mut model: HashMap<(u32, i64), [i64; 3]> = HashMap::new();
+    let mut bodies = Vec::new();
+    for (from, to) in [(0, 4000), (2000, 6000)] {
+        let mut body = String::new();
+        for k in from..to {
+            let time = T0 * 1000 + k * 100;
+            for s in 0..100u32 {
+                let (a, b, c) = (random(), random(), random());
+                let row = model.entry((s, time)).or_insert([0; 3]);
+                row[0] = a;
+                row[1] = b;
+                if from == 0 || k >= 4000 {
+                    row[2] = c;
+                    body.push_str(&format!("m,s=s{s} a={a}i,b={b}i,c={c}i {time}\n"));
+                } else {
+                    body.push_str(&format!("m,s=s{s} a={a}i,b={b}i {time}\n"));
+                }
+            }
+        }
+        bodies.push(body);
+    }
+    let totals = |i: usize| model.values().map(|r| r[i]).sum::<i64>();
+    let expected = serde_json::json!([{
+        "n": model.len(), "a": totals(0), "b": totals(1), "c": totals(2),
+    }]);
+    let summary = "SELECT count(*) AS n, sum(a) AS a, sum(b) AS b, sum(c) AS c FROM m";
+
+    let mut server = TestServer::start(&data, &args);
+    for body in &bodies {
+        for chunk in body.lines().collect::<Vec<_>>().chunks(50_000) {
+            let (status, text) = server
+                .write("plant", chunk.join("\n"), &[("precision", "ms")])
+                .await;
+            assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{text}");
+        }
+        // A stop persists the buffer: one segment per write.
+        server.terminate();
+        server = TestServer::start(&data, &args);
+    }
+    assert_eq!(parquet_files(&data), 2);
+    let rows = server.query_json("plant", summary).await;
+    assert_eq!(serde_json::Value::from(rows.clone()), expected);
+
+    let (ok, out, err) = kiln(&["compact", "--host", &server.url("")], None);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("compacted 1 partition: 2 segments") && out.contains("600000 rows"),
+        "{out}"
+    );
+    let merged = server.query_json("plant", summary).await;
+    assert_eq!(serde_json::Value::from(merged), expected);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            parquet_files(&data) == 1
+        })
+        .await
+    );
+    let files = walk(&data.join("objects/segments"));
+    let file = files.iter().find(|p| p.ends_with(".parquet")).unwrap();
+    assert!(file.contains("-compacted-"), "{file}");
+    let size = std::fs::metadata(file).unwrap().len();
+    assert!(size > 8 << 20, "{size} bytes: not past the upload buffer");
+
+    server.kill9();
+    let server = TestServer::start(&data, &args);
+    let after = server.query_json("plant", summary).await;
+    assert_eq!(serde_json::Value::from(after), expected);
+    let per_series = server
+        .query_json("plant", "SELECT count(DISTINCT s) AS series FROM m")
+        .await;
+    assert_eq!(per_series[0]["series"], serde_json::json!(100));
+}

@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 use datafusion::catalog::CatalogProvider;
-use datafusion::common::ScalarValue;
+use datafusion::common::{DataFusionError, ScalarValue};
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
@@ -73,6 +73,11 @@ impl PostgresSession {
     }
 }
 
+/// Why a session's `pg_catalog` could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("setting up pg_catalog")]
+struct PgCatalogSetup(#[source] DataFusionError);
+
 impl QueryEngine {
     /// A session for a PostgreSQL client connected to `database` (see the module docs).
     pub fn postgres_session(&self, database: &str) -> Result<PostgresSession, Error> {
@@ -94,7 +99,7 @@ impl QueryEngine {
         catalog.set_information_schema(Arc::clone(ctx.state().catalog_list()));
         self.register_storage_and_functions(&ctx);
         setup_pg_catalog(&ctx, database, EmptyContextProvider)
-            .map_err(|e| Error::Internal(format!("setting up pg_catalog: {e}")))?;
+            .map_err(|e| Error::Internal(Box::new(PgCatalogSetup(*e))))?;
         let settings = Arc::new(PgSettings::default());
         if let Some(crate_catalog) = catalog.schema("pg_catalog") {
             catalog.register_schema(

@@ -233,7 +233,7 @@ pub async fn create(
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
         Err(e) => {
-            tracing::error!(error = %e, "creating a token failed");
+            tracing::error!(error = %kiln_storage::error_chain(&e), "creating a token failed");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "creating the token failed",
@@ -276,7 +276,7 @@ pub async fn revoke(
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no token named {name:?}")),
         Err(kiln_storage::catalog::Error::InvalidToken(e)) => error(StatusCode::CONFLICT, e),
         Err(e) => {
-            tracing::error!(error = %e, "revoking a token failed");
+            tracing::error!(error = %kiln_storage::error_chain(&e), "revoking a token failed");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "revoking the token failed",

@@ -59,15 +59,36 @@ struct Versioned {
     version: u32,
 }
 
-fn check_version(bytes: &[u8]) -> Result<(), String> {
-    let v: Versioned = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+/// Why bytes from the catalog's log or snapshots cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a catalog entry")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "unsupported catalog format version {found}; supported versions: {SUPPORTED_VERSIONS:?}"
+    )]
+    Version { found: u32 },
+    #[error(
+        "the log starts at transaction {first} but the newest readable snapshot is of \
+         {snapshot}; the transactions in between are missing"
+    )]
+    Missing {
+        first: CatalogSequence,
+        snapshot: CatalogSequence,
+    },
+    #[error("transaction {found} follows {previous}; the log has a gap")]
+    Gap {
+        found: CatalogSequence,
+        previous: CatalogSequence,
+    },
+}
+
+fn check_version(bytes: &[u8]) -> Result<(), DecodeError> {
+    let v: Versioned = serde_json::from_slice(bytes)?;
     if SUPPORTED_VERSIONS.contains(&v.version) {
         Ok(())
     } else {
-        Err(format!(
-            "unsupported catalog format version {}; supported versions: {SUPPORTED_VERSIONS:?}",
-            v.version
-        ))
+        Err(DecodeError::Version { found: v.version })
     }
 }
 
@@ -79,9 +100,9 @@ pub fn encode_transaction(tx: &Transaction) -> Vec<u8> {
     .expect("catalog types always serialize")
 }
 
-pub fn decode_transaction(bytes: &[u8]) -> Result<Transaction, String> {
+pub fn decode_transaction(bytes: &[u8]) -> Result<Transaction, DecodeError> {
     check_version(bytes)?;
-    let v: TransactionV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let v: TransactionV1 = serde_json::from_slice(bytes)?;
     Ok(v.tx)
 }
 
@@ -93,8 +114,8 @@ pub fn encode_snapshot(state: &CatalogState) -> Vec<u8> {
     .expect("catalog types always serialize")
 }
 
-pub fn decode_snapshot(bytes: &[u8]) -> Result<CatalogState, String> {
+pub fn decode_snapshot(bytes: &[u8]) -> Result<CatalogState, DecodeError> {
     check_version(bytes)?;
-    let v: SnapshotV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let v: SnapshotV1 = serde_json::from_slice(bytes)?;
     Ok(v.state)
 }

@@ -51,9 +51,9 @@ pub(super) async fn load_state(
     for seq in list_sequences(store, SNAPSHOT_PREFIX).await?.iter().rev() {
         let path = snapshot_path(*seq);
         let decoded = get(store, &path).await.and_then(|bytes| {
-            format::decode_snapshot(&bytes).map_err(|reason| Error::Decode {
+            format::decode_snapshot(&bytes).map_err(|source| Error::Decode {
                 path: path.to_string(),
-                reason,
+                source,
             })
         });
         match decoded {
@@ -75,11 +75,10 @@ pub(super) async fn load_state(
     {
         return Err(Error::Decode {
             path: log_path(entries[0]).to_string(),
-            reason: format!(
-                "the log starts at transaction {} but the newest readable snapshot is of {}; \
-                 the transactions in between are missing",
-                entries[0], state.sequence
-            ),
+            source: format::DecodeError::Missing {
+                first: entries[0],
+                snapshot: state.sequence,
+            },
         });
     }
     for seq in entries {
@@ -116,17 +115,17 @@ pub(super) async fn catch_up(
 
 /// Folds the transaction `bytes` (read from `path`) into `state`; it must be the next one.
 fn apply_entry(state: &mut CatalogState, path: &Path, bytes: &[u8]) -> Result<()> {
-    let tx = format::decode_transaction(bytes).map_err(|reason| Error::Decode {
+    let tx = format::decode_transaction(bytes).map_err(|source| Error::Decode {
         path: path.to_string(),
-        reason,
+        source,
     })?;
     if tx.sequence != state.sequence.next() {
         return Err(Error::Decode {
             path: path.to_string(),
-            reason: format!(
-                "transaction {} follows {}; the log has a gap",
-                tx.sequence, state.sequence
-            ),
+            source: format::DecodeError::Gap {
+                found: tx.sequence,
+                previous: state.sequence,
+            },
         });
     }
     for event in &tx.events {

@@ -69,8 +69,12 @@ pub enum Error {
         path: String,
         source: object_store::Error,
     },
-    #[error("catalog entry {path} is not valid: {reason}")]
-    Decode { path: String, reason: String },
+    #[error("catalog entry {path} is not valid")]
+    Decode {
+        path: String,
+        #[source]
+        source: format::DecodeError,
+    },
     #[error("catalog transaction {sequence} was written by another writer")]
     Conflict { sequence: CatalogSequence },
     #[error("column {column:?} of table {table:?} is {existing}, not {requested}")]

@@ -48,15 +48,36 @@ pub enum Error {
     Segment(#[from] crate::persist::Error),
     #[error("the write does not fit the catalog")]
     InvalidWrite(#[from] crate::write::InvalidWrite),
-    #[error("writing segment {path}: {source}")]
+    #[error("object store, at {path}")]
     Store {
         path: String,
+        #[source]
         source: object_store::Error,
+    },
+    #[error("writing segment {path}")]
+    WriteSegment {
+        path: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("merging segments into {path}")]
+    Merge {
+        path: String,
+        #[source]
+        source: crate::sorted_merge::Error,
     },
     #[error("the storage engine is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("a storage task stopped before it finished")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("reading segment {path}")]
+    ReadSegment {
+        path: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
     #[error("warming a last-value cache failed")]
     LastCache(#[source] arrow::error::ArrowError),
     #[error("a partition of {0:?} is not allowed: widths are positive and at most 7 days")]
@@ -84,7 +105,7 @@ pub struct EngineConfig {
     /// Refuse writes (retry later) while the buffer holds more than this.
     pub max_buffer_bytes: usize,
     /// Compaction leaves alone a partition whose segments hold more bytes than this in all
-    /// (it merges a partition in memory).
+    /// (the output is one file of about that size).
     pub compaction_max_bytes: u64,
     /// How many databases, tables and columns writes may create.
     pub schema_limits: crate::catalog::SchemaLimits,
@@ -340,7 +361,7 @@ impl Engine {
             )
         })
         .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        .map_err(Error::Task)??;
         tracing::info!(
             files = stats.files,
             records = stats.records,
@@ -444,13 +465,14 @@ impl Engine {
             .bytes()
             .await
             .map_err(store_error)?;
-        let read_error = |e: &dyn std::fmt::Display| {
-            Error::Internal(format!("reading segment {}: {e}", segment.path))
+        let read_error = |source| Error::ReadSegment {
+            path: segment.path.clone(),
+            source,
         };
         parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
             .and_then(|b| b.build())
-            .map_err(|e| read_error(&e))?
-            .map(|batch| batch.map_err(|e| read_error(&e)))
+            .map_err(read_error)?
+            .map(|batch| batch.map_err(|e| read_error(e.into())))
             .collect()
     }
 
@@ -569,7 +591,7 @@ impl Engine {
             }
             Ok::<_, Error>(seq)
         });
-        let seq = task.await.map_err(|e| Error::Internal(e.to_string()))??;
+        let seq = task.await.map_err(Error::Task)??;
         self.stats.rows_written.fetch_add(rows, Ordering::Relaxed);
         if self.buffer.bytes() >= self.config.persist_buffer_bytes {
             self.persist_wanted.notify_one();
@@ -666,7 +688,7 @@ impl Engine {
             }
             if let Err(e) = self.persist().await {
                 self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "persistence failed; will retry");
+                tracing::error!(error = %crate::error_chain(&e), "persistence failed; will retry");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -823,7 +845,7 @@ impl Engine {
         let wal = Arc::clone(&self.wal);
         tokio::task::spawn_blocking(move || wal.shutdown())
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(Error::Task)?;
         result
     }
 
@@ -838,7 +860,7 @@ async fn encode(def: &TableDef, batches: Vec<RecordBatch>) -> Result<(RecordBatc
     let def = def.clone();
     tokio::task::spawn_blocking(move || encode_segment(&def, &batches))
         .await
-        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(Error::Task)?
         .map_err(Error::Segment)
 }
 
@@ -851,7 +873,7 @@ async fn gather(mut warming: Warming, batches: Vec<RecordBatch>) -> Result<Warmi
         Ok(warming)
     })
     .await
-    .map_err(|e| Error::Internal(e.to_string()))?
+    .map_err(Error::Task)?
     .map_err(warming_failed)
 }
 

@@ -419,7 +419,7 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "WAL write failed; refusing further writes");
+                    tracing::error!(error = %crate::error_chain(&e), "WAL write failed; refusing further writes");
                     self.shared.poisoned.store(true, Ordering::Release);
                     for (reply, _) in replies.drain(..) {
                         let _ = reply.send(Err(Error::Poisoned));
@@ -435,7 +435,7 @@ impl Writer {
                     Ok(())
                 };
                 if let Err(e) = &result {
-                    tracing::error!(error = %e, "WAL rotation failed; refusing further writes");
+                    tracing::error!(error = %crate::error_chain(&e), "WAL rotation failed; refusing further writes");
                     self.shared.poisoned.store(true, Ordering::Release);
                 }
                 let _ = reply.send(result);

@@ -24,9 +24,14 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
+use object_store::PutPayload;
+
 use super::{Engine, Error, Result, encode};
 use crate::catalog::{CatalogEvent, CatalogState, SegmentMeta, TableDef};
 use crate::ids::{SegmentId, TableId};
+use crate::sorted_merge;
+
+mod stream;
 
 /// Where segments live in the object store.
 pub(super) const SEGMENTS_PREFIX: &str = "segments";
@@ -137,6 +142,7 @@ impl Engine {
         let _one_at_a_time = self.compact_lock.lock().await;
         let state = self.catalog.snapshot();
         let mut outcome = CompactionOutcome::default();
+        let mut failure = None;
         for (&table, segments) in &state.segments {
             let buffered = self.buffer.partition_keys(table);
             let newest = segments
@@ -161,12 +167,26 @@ impl Engine {
                     tracing::debug!(%table, partition, bytes, "partition too large to compact");
                     continue;
                 }
-                self.compact_partition(&state, table, group, &mut outcome)
-                    .await?;
+                // One partition that cannot be compacted does not hold up the others.
+                if let Err(e) = self
+                    .compact_partition(&state, table, group, &mut outcome)
+                    .await
+                {
+                    tracing::warn!(
+                        %table,
+                        partition,
+                        error = %crate::error_chain(&e),
+                        "compacting a partition failed"
+                    );
+                    failure.get_or_insert(e);
+                }
             }
         }
         self.delete_retired().await;
-        Ok(outcome)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(outcome),
+        }
     }
 
     /// Merges `segments` (one partition's, in catalog order) into one new segment, and
@@ -183,25 +203,48 @@ impl Engine {
             .table_by_id(table)
             .ok_or_else(|| Error::Internal(format!("segments of unknown table {table}")))?
             .clone();
-        let mut batches = Vec::new();
-        for segment in &segments {
-            batches.extend(self.read_segment(segment).await?);
-        }
-        let (merged, bytes) = encode(&def, batches).await?;
         let partition = segments[0].partition;
+        let path = compacted_path(&def, partition);
+        let merged = match stream::merge_segments(
+            Arc::clone(&self.store),
+            def.clone(),
+            segments.clone(),
+            path.clone(),
+        )
+        .await
+        {
+            Err(Error::Merge {
+                source: sorted_merge::Error::Unsorted { input },
+                ..
+            }) => {
+                tracing::warn!(
+                    segment = %segments[input].path,
+                    "segment is not sorted by its key; merging its partition in memory"
+                );
+                self.merge_in_memory(&def, &segments, &path).await?
+            }
+            merged => merged?,
+        };
         let max_sequence = segments
             .iter()
             .map(|s| s.max_sequence)
             .max()
             .unwrap_or_default();
 
-        // Segment ids are handed out under the persistence lock.
+        // Segment ids are handed out under the persistence lock, held only from here: the
+        // merge above wrote to a path of its own.
         let _persisting = self.persist_lock.lock().await;
-        let id = SegmentId(self.catalog.snapshot().next_segment_id);
-        let segment = self
-            .put_segment(&def, partition, id, &merged, bytes, max_sequence)
-            .await?;
-        let (rows, bytes_after) = (segment.rows, segment.bytes);
+        let segment = SegmentMeta {
+            id: SegmentId(self.catalog.snapshot().next_segment_id),
+            table: def.id,
+            partition,
+            path,
+            min_time: merged.min_time,
+            max_time: merged.max_time,
+            rows: merged.rows,
+            bytes: merged.bytes,
+            max_sequence,
+        };
         let event = CatalogEvent::SegmentsCompacted {
             replaced: segments.iter().map(|s| s.id).collect(),
             segment,
@@ -218,20 +261,51 @@ impl Engine {
         let bytes_before: u64 = segments.iter().map(|s| s.bytes).sum();
         outcome.partitions += 1;
         outcome.segments_replaced += segments.len();
-        outcome.rows += rows;
+        outcome.rows += merged.rows;
         outcome.bytes_before += bytes_before;
-        outcome.bytes_after += bytes_after;
+        outcome.bytes_after += merged.bytes;
         tracing::info!(
             %table,
             partition,
             segments = segments.len(),
-            rows,
+            rows = merged.rows,
             bytes_before,
-            bytes_after,
+            bytes_after = merged.bytes,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compacted partition"
         );
         Ok(())
+    }
+
+    /// The merge for segments that are not sorted by their key (Kiln writes none, but a
+    /// file that is must not lose rows): every row of the partition decoded and sorted at
+    /// once, as persistence does with the buffer.
+    async fn merge_in_memory(
+        &self,
+        def: &TableDef,
+        segments: &[SegmentMeta],
+        path: &str,
+    ) -> Result<stream::Merged> {
+        let mut batches = Vec::new();
+        for segment in segments {
+            batches.extend(self.read_segment(segment).await?);
+        }
+        let (merged, bytes) = encode(def, batches).await?;
+        let size = bytes.len() as u64;
+        self.store
+            .put(&Path::from(path), PutPayload::from(bytes))
+            .await
+            .map_err(|source| Error::Store {
+                path: path.to_owned(),
+                source,
+            })?;
+        let (min_time, max_time) = crate::buffer::time_range(&merged);
+        Ok(stream::Merged {
+            rows: merged.num_rows() as u64,
+            min_time,
+            max_time,
+            bytes: size,
+        })
     }
 
     /// Runs [`Engine::compact`] every `every` (never if `None`) and deletes replaced files
@@ -254,7 +328,7 @@ impl Engine {
                 continue;
             }
             if let Err(e) = self.compact(false).await {
-                tracing::error!(error = %e, "compaction failed; will retry");
+                tracing::error!(error = %crate::error_chain(&e), "compaction failed; will retry");
             }
             last = Instant::now();
         }
@@ -268,6 +342,17 @@ pub(super) fn segment_path(def: &TableDef, partition: i64, id: SegmentId) -> Str
         def.database.get(),
         def.id.get(),
         id.get()
+    )
+}
+
+/// Where a compaction of `partition` writes its segment: a name of its own (the segment's
+/// id is only known when it is committed), unique by the time it was started.
+fn compacted_path(def: &TableDef, partition: i64) -> String {
+    format!(
+        "{SEGMENTS_PREFIX}/{}/{}/{partition}-compacted-{:020}.parquet",
+        def.database.get(),
+        def.id.get(),
+        crate::now_nanos()
     )
 }
 
