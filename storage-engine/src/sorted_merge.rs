@@ -8,7 +8,7 @@
 //! runs times a batch, whatever the partition's size. The rule is the same: rows with the
 //! same key collapse into one, whose fields come from the newest run that set them.
 //!
-//! It does no I/O. The caller asks [`SortedMerge::next`] what to do: feed input `i` its
+//! It does no I/O. The caller asks [`SortedMerge::step`] what to do: feed input `i` its
 //! next batch ([`Step::Need`]), take a merged batch ([`Step::Batch`]), or stop
 //! ([`Step::Done`]). The same code thus serves a test with batches in memory and compaction
 //! reading segments from the object store.
@@ -24,7 +24,7 @@ use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 
 use crate::dedup::align_to_schema;
 
-/// What the caller of [`SortedMerge::next`] does next.
+/// What the caller of [`SortedMerge::step`] does next.
 #[derive(Debug)]
 pub enum Step {
     /// Give input `i` its next batch with [`SortedMerge::push`] (`None` once it has no more).
@@ -164,7 +164,7 @@ impl SortedMerge {
     }
 
     /// What to do next.
-    pub fn next(&mut self) -> Result<Step, Error> {
+    pub fn step(&mut self) -> Result<Step, Error> {
         loop {
             if let Some(&i) = self.waiting.last() {
                 return Ok(Step::Need(i));

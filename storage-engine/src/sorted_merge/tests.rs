@@ -76,7 +76,7 @@ fn run(runs: &[RecordBatch], chunk: usize, batch_rows: usize) -> Result<RecordBa
     let mut offsets = vec![0; runs.len()];
     let mut out = Vec::new();
     loop {
-        match merge.next()? {
+        match merge.step()? {
             Step::Need(i) => {
                 let run = &runs[i];
                 let next = (offsets[i] < run.num_rows()).then(|| {
@@ -168,7 +168,7 @@ fn memory_is_a_batch_per_input_not_the_partition() {
     let mut most_pooled = 0;
     loop {
         most_pooled = most_pooled.max(merge.pool.len());
-        match merge.next().unwrap() {
+        match merge.step().unwrap() {
             Step::Need(i) => {
                 let next = (offsets[i] < 10_000).then(|| runs[i].slice(offsets[i], 100));
                 offsets[i] += 100;

@@ -103,7 +103,7 @@ async fn merge(
         bytes: 0,
     };
     loop {
-        match merge.next().map_err(merge_error)? {
+        match merge.step().map_err(merge_error)? {
             Step::Need(i) => {
                 let batch = inputs[i]
                     .try_next()
