@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compaction's memory (see benches/RESULTS.md): one hour partition of the TSBS cpu-only
-# table written ROUNDS times over (the same hosts and times, other values: each round
-# rewrites every row), each round persisted by a restart into a segment of its own; then
-# `kiln compact` merges the partition while the server's resident memory is watched.
+# table written ROUNDS times (each round's seed draws other tag values, so other series),
+# each round persisted by a restart into a segment of its own; then `kiln compact` merges
+# the partition while the server's resident memory is watched.
 # Reports the partition's segments and bytes, RSS before, the peak during the merge
 # (VmHWM, reset just before) and the merged segment. Default settings otherwise.
 #

@@ -310,7 +310,7 @@ async fn corrupt_and_unknown_version_entries_name_the_path() {
                 )
                 .await
                 .unwrap();
-            Catalog::load(store, HOUR).await.unwrap_err().to_string()
+            crate::error_chain(&Catalog::load(store, HOUR).await.unwrap_err())
         }
     };
     let err = load_error(b"{\"version\": 9}").await;
