@@ -46,20 +46,40 @@ const QUERIES: [&str; 3] = [
     "SELECT * FROM cpu WHERE hostname = 'host_3' ORDER BY time DESC LIMIT 10",
 ];
 
+#[derive(Debug, Clone, clap::Args)]
 pub struct LoadConfig {
+    /// Server HTTP base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Server PostgreSQL address.
+    #[arg(long, default_value = "127.0.0.1:5433")]
     pub pg: String,
+    /// Database to write into and query.
+    #[arg(long, default_value = "benchmark")]
     pub db: String,
+    /// PostgreSQL connections, each querying in a loop.
+    #[arg(long, default_value_t = 200)]
     pub pg_clients: usize,
+    /// HTTP clients, each querying in a loop.
+    #[arg(long, default_value_t = 50)]
     pub http_clients: usize,
+    /// Rows per second written meanwhile.
+    #[arg(long, default_value_t = 100_000)]
     pub rate: usize,
+    /// Hosts of the TSBS cpu-only workload.
+    #[arg(long, default_value_t = 1000)]
     pub scale: usize,
+    /// How long.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// The server's process, whose resident memory is sampled.
+    /// The server's process id: its resident memory is sampled every second and its
+    /// peak reported.
+    #[arg(long)]
     pub pid: Option<u32>,
 }
 
-pub async fn run(config: LoadConfig) -> Result<Tally, String> {
+pub async fn run(mut config: LoadConfig) -> Result<Tally, String> {
+    config.url = config.url.trim_end_matches('/').to_owned();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let end = Instant::now() + config.duration;
     let http = reqwest::Client::builder()

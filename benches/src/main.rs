@@ -65,36 +65,7 @@ enum Command {
     /// Many clients at once: PostgreSQL connections and HTTP clients querying in loops
     /// while line protocol is written; counts every answer by kind and fails if any was
     /// neither a result nor a documented limit (HTTP 429, SQLSTATE 53300).
-    Load {
-        /// Server HTTP base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// Server PostgreSQL address.
-        #[arg(long, default_value = "127.0.0.1:5433")]
-        pg: String,
-        /// Database to write into and query.
-        #[arg(long, default_value = "benchmark")]
-        db: String,
-        /// PostgreSQL connections, each querying in a loop.
-        #[arg(long, default_value_t = 200)]
-        pg_clients: usize,
-        /// HTTP clients, each querying in a loop.
-        #[arg(long, default_value_t = 50)]
-        http_clients: usize,
-        /// Rows per second written meanwhile.
-        #[arg(long, default_value_t = 100_000)]
-        rate: usize,
-        /// Hosts of the TSBS cpu-only workload.
-        #[arg(long, default_value_t = 1000)]
-        scale: usize,
-        /// How long.
-        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        /// The server's process id: its resident memory is sampled every second and its
-        /// peak reported.
-        #[arg(long)]
-        pid: Option<u32>,
-    },
+    Load(#[command(flatten)] kiln_bench::load::LoadConfig),
     /// Write a throwaway CA and a server certificate signed by it (ca.pem, tls.crt,
     /// tls.key), for measuring Kiln with TLS.
     Certs {
@@ -438,29 +409,9 @@ fn main() -> std::process::ExitCode {
             }
             exit_code(result)
         }
-        Command::Load {
-            url,
-            pg,
-            db,
-            pg_clients,
-            http_clients,
-            rate,
-            scale,
-            duration,
-            pid,
-        } => {
+        Command::Load(config) => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            let result = runtime.block_on(kiln_bench::load::run(kiln_bench::load::LoadConfig {
-                pid,
-                url: url.trim_end_matches('/').to_owned(),
-                pg,
-                db,
-                pg_clients,
-                http_clients,
-                rate,
-                scale,
-                duration,
-            }));
+            let result = runtime.block_on(kiln_bench::load::run(config));
             exit_code(result.and_then(|tally| {
                 print!("{tally}");
                 match tally.failures() {

@@ -22,7 +22,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 
-use crate::dedup::align_to_schema;
+use crate::dedup::{align_to_schema, fold_runs};
 
 /// What the caller of [`SortedMerge::step`] does next.
 #[derive(Debug)]
@@ -78,11 +78,11 @@ pub struct SortedMerge {
     waiting: Vec<usize>,
     /// The batches the staged rows come from.
     pool: Vec<RecordBatch>,
-    /// Per staged row, the (pool slot, row) it is taken from.
+    /// Per staged version of a row, the (pool slot, row) it is taken from; versions of
+    /// one row are adjacent, oldest first.
     picks: Vec<(usize, usize)>,
-    /// (staged row, column, source) where a field comes from an older version of the row
-    /// because the newer one left it null.
-    overrides: Vec<(usize, usize, (usize, usize))>,
+    /// The staged rows: runs of `picks` (start, end) holding the versions of one row.
+    runs: Vec<(usize, usize)>,
     batch_rows: usize,
 }
 
@@ -121,7 +121,7 @@ impl SortedMerge {
             waiting: (0..inputs).rev().collect(),
             pool: Vec::new(),
             picks: Vec::with_capacity(batch_rows),
-            overrides: Vec::new(),
+            runs: Vec::with_capacity(batch_rows),
             batch_rows: batch_rows.max(1),
         })
     }
@@ -169,8 +169,7 @@ impl SortedMerge {
             if let Some(&i) = self.waiting.last() {
                 return Ok(Step::Need(i));
             }
-            if self.picks.len() >= self.batch_rows
-                || (self.heap.is_empty() && !self.picks.is_empty())
+            if self.runs.len() >= self.batch_rows || (self.heap.is_empty() && !self.runs.is_empty())
             {
                 return Ok(Step::Batch(self.flush()?));
             }
@@ -181,7 +180,7 @@ impl SortedMerge {
         }
     }
 
-    /// Stages the smallest key: one row from every input positioned at it, folded newest
+    /// Stages the smallest key: one version from every input positioned at it, oldest
     /// first, and moves those inputs on.
     fn take_smallest(&mut self) {
         let first = self.heap_pop();
@@ -193,26 +192,12 @@ impl SortedMerge {
             group.push(self.heap_pop());
         }
         group.sort_unstable();
-        let newest = *group.last().expect("a group has a row");
-        let source = |input: &Input| (input.slot, input.pos);
-        let out = self.picks.len();
-        let (slot, row) = source(&self.inputs[newest]);
-        self.picks.push((slot, row));
-        if group.len() > 1 {
-            let batch = &self.pool[slot];
-            for column in 0..batch.num_columns() {
-                if self.key.contains(&column) || batch.column(column).is_valid(row) {
-                    continue;
-                }
-                let older = group[..group.len() - 1].iter().rev().find_map(|&i| {
-                    let (s, r) = source(&self.inputs[i]);
-                    self.pool[s].column(column).is_valid(r).then_some((s, r))
-                });
-                if let Some(older) = older {
-                    self.overrides.push((out, column, older));
-                }
-            }
+        let start = self.picks.len();
+        for &i in &group {
+            let input = &self.inputs[i];
+            self.picks.push((input.slot, input.pos));
         }
+        self.runs.push((start, self.picks.len()));
         for i in group {
             let input = &mut self.inputs[i];
             input.pos += 1;
@@ -226,26 +211,24 @@ impl SortedMerge {
         }
     }
 
-    /// The staged rows as a batch; the pool then keeps only the batches inputs are still in.
+    /// The staged rows as a batch, each row's versions folded by the last-write-wins rule
+    /// ([`fold_runs`]); the pool then keeps only the batches inputs are still in.
     fn flush(&mut self) -> Result<RecordBatch, Error> {
         let columns = (0..self.schema.fields().len())
             .map(|c| {
                 let arrays: Vec<&dyn Array> =
                     self.pool.iter().map(|b| b.column(c).as_ref()).collect();
-                let overridden: Vec<_> = self.overrides.iter().filter(|o| o.1 == c).collect();
-                if overridden.is_empty() {
-                    return interleave(&arrays, &self.picks);
-                }
-                let mut picks = self.picks.clone();
-                for &&(row, _, source) in &overridden {
-                    picks[row] = source;
-                }
-                interleave(&arrays, &picks)
+                interleave(&arrays, &self.picks)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let batch = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
+        let mut batch = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
+        if self.runs.len() < self.picks.len() {
+            let order: Vec<u32> = (0..self.picks.len() as u32).collect();
+            let folded = fold_runs(&batch, &order, &self.runs, &self.key)?;
+            batch = RecordBatch::try_new(Arc::clone(&self.schema), folded)?;
+        }
         self.picks.clear();
-        self.overrides.clear();
+        self.runs.clear();
         let pool = std::mem::take(&mut self.pool);
         for input in &mut self.inputs {
             if matches!(input.state, State::Ready) {

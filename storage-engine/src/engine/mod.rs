@@ -817,25 +817,31 @@ impl Engine {
         max_sequence: SequenceNumber,
     ) -> Result<SegmentMeta> {
         let path = segment_path(def, partition, id);
+        let written = self.put_encoded(&path, merged, bytes).await?;
+        Ok(written.describe(def, partition, id, path, max_sequence))
+    }
+
+    /// Writes `bytes`, the Parquet encoding of `merged`, at `path`.
+    async fn put_encoded(
+        &self,
+        path: &str,
+        merged: &RecordBatch,
+        bytes: Vec<u8>,
+    ) -> Result<Written> {
         let size = bytes.len() as u64;
         self.store
-            .put(&Path::from(path.as_str()), PutPayload::from(bytes))
+            .put(&Path::from(path), PutPayload::from(bytes))
             .await
             .map_err(|source| Error::Store {
-                path: path.clone(),
+                path: path.to_owned(),
                 source,
             })?;
         let (min_time, max_time) = time_range(merged);
-        Ok(SegmentMeta {
-            id,
-            table: def.id,
-            partition,
-            path,
+        Ok(Written {
+            rows: merged.num_rows() as u64,
             min_time,
             max_time,
-            rows: merged.num_rows() as u64,
             bytes: size,
-            max_sequence,
         })
     }
 
@@ -851,6 +857,39 @@ impl Engine {
 
     pub fn catalog_state(&self) -> Arc<CatalogState> {
         self.catalog.snapshot()
+    }
+}
+
+/// A segment file as written: what the catalog records of its contents.
+#[derive(Debug)]
+struct Written {
+    rows: u64,
+    min_time: i64,
+    max_time: i64,
+    bytes: u64,
+}
+
+impl Written {
+    /// The catalog's entry for this file as segment `id` of `partition` of `def`.
+    fn describe(
+        self,
+        def: &TableDef,
+        partition: i64,
+        id: SegmentId,
+        path: String,
+        max_sequence: SequenceNumber,
+    ) -> SegmentMeta {
+        SegmentMeta {
+            id,
+            table: def.id,
+            partition,
+            path,
+            min_time: self.min_time,
+            max_time: self.max_time,
+            rows: self.rows,
+            bytes: self.bytes,
+            max_sequence,
+        }
     }
 }
 

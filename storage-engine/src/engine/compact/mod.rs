@@ -24,9 +24,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
-use object_store::PutPayload;
-
-use super::{Engine, Error, Result, encode};
+use super::{Engine, Error, Result, Written, encode};
 use crate::catalog::{CatalogEvent, CatalogState, SegmentMeta, TableDef};
 use crate::ids::{SegmentId, TableId};
 use crate::sorted_merge;
@@ -234,17 +232,9 @@ impl Engine {
         // Segment ids are handed out under the persistence lock, held only from here: the
         // merge above wrote to a path of its own.
         let _persisting = self.persist_lock.lock().await;
-        let segment = SegmentMeta {
-            id: SegmentId(self.catalog.snapshot().next_segment_id),
-            table: def.id,
-            partition,
-            path,
-            min_time: merged.min_time,
-            max_time: merged.max_time,
-            rows: merged.rows,
-            bytes: merged.bytes,
-            max_sequence,
-        };
+        let (rows, bytes_after) = (merged.rows, merged.bytes);
+        let id = SegmentId(self.catalog.snapshot().next_segment_id);
+        let segment = merged.describe(&def, partition, id, path, max_sequence);
         let event = CatalogEvent::SegmentsCompacted {
             replaced: segments.iter().map(|s| s.id).collect(),
             segment,
@@ -261,16 +251,16 @@ impl Engine {
         let bytes_before: u64 = segments.iter().map(|s| s.bytes).sum();
         outcome.partitions += 1;
         outcome.segments_replaced += segments.len();
-        outcome.rows += merged.rows;
+        outcome.rows += rows;
         outcome.bytes_before += bytes_before;
-        outcome.bytes_after += merged.bytes;
+        outcome.bytes_after += bytes_after;
         tracing::info!(
             %table,
             partition,
             segments = segments.len(),
-            rows = merged.rows,
+            rows,
             bytes_before,
-            bytes_after = merged.bytes,
+            bytes_after,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compacted partition"
         );
@@ -285,27 +275,13 @@ impl Engine {
         def: &TableDef,
         segments: &[SegmentMeta],
         path: &str,
-    ) -> Result<stream::Merged> {
+    ) -> Result<Written> {
         let mut batches = Vec::new();
         for segment in segments {
             batches.extend(self.read_segment(segment).await?);
         }
         let (merged, bytes) = encode(def, batches).await?;
-        let size = bytes.len() as u64;
-        self.store
-            .put(&Path::from(path), PutPayload::from(bytes))
-            .await
-            .map_err(|source| Error::Store {
-                path: path.to_owned(),
-                source,
-            })?;
-        let (min_time, max_time) = crate::buffer::time_range(&merged);
-        Ok(stream::Merged {
-            rows: merged.num_rows() as u64,
-            min_time,
-            max_time,
-            bytes: size,
-        })
+        self.put_encoded(path, &merged, bytes).await
     }
 
     /// Runs [`Engine::compact`] every `every` (never if `None`) and deletes replaced files

@@ -27,7 +27,7 @@ use parquet::arrow::{AsyncArrowWriter, ParquetRecordBatchStreamBuilder, Projecti
 use parquet::errors::ParquetError;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
-use super::super::{Error, Result};
+use super::super::{Error, Result, Written};
 use crate::buffer::time_range;
 use crate::catalog::{SegmentMeta, TableDef};
 use crate::dedup::align_to_schema;
@@ -41,15 +41,6 @@ const UPLOAD_BUFFER: usize = 8 << 20;
 /// Parts of a multipart upload in flight at once.
 const UPLOAD_CONCURRENCY: usize = 2;
 
-/// The merged segment as written.
-#[derive(Debug)]
-pub(super) struct Merged {
-    pub rows: u64,
-    pub min_time: i64,
-    pub max_time: i64,
-    pub bytes: u64,
-}
-
 /// Merges `segments` (one partition's, oldest first, each sorted by the table's key) into
 /// a new segment at `path`, streaming. [`Error::Merge`] with
 /// [`sorted_merge::Error::Unsorted`] means a segment is not sorted and nothing usable was
@@ -59,7 +50,7 @@ pub(super) async fn merge_segments(
     def: TableDef,
     segments: Vec<SegmentMeta>,
     path: String,
-) -> Result<Merged> {
+) -> Result<Written> {
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || runtime.block_on(merge(&store, &def, &segments, path)))
         .await
@@ -71,7 +62,7 @@ async fn merge(
     def: &TableDef,
     segments: &[SegmentMeta],
     path: String,
-) -> Result<Merged> {
+) -> Result<Written> {
     let distinct = distinct_tags(store, def, segments).await?;
     let props = writer_properties(def, |tag| distinct.get(tag).map_or(0, HashSet::len))?;
     let mut inputs = Vec::with_capacity(segments.len());
@@ -96,7 +87,7 @@ async fn merge(
     };
     let mut merge =
         SortedMerge::new(schema, &sort_key(def), inputs.len(), BATCH_ROWS).map_err(merge_error)?;
-    let mut merged = Merged {
+    let mut merged = Written {
         rows: 0,
         min_time: i64::MAX,
         max_time: i64::MIN,
