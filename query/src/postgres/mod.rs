@@ -29,20 +29,17 @@ pub mod rewrite;
 pub mod settings;
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use arrow::datatypes::DataType;
-use datafusion::catalog::CatalogProvider;
+use datafusion::catalog::{CatalogProvider, CatalogProviderList};
 use datafusion::common::{DataFusionError, ScalarValue};
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
-use datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 
 use crate::provider::KilnSchema;
 use crate::{Error, QueryEngine};
 use information_schema::PgDatabaseCatalog;
-use pg_catalog::KilnPgCatalog;
 use settings::PgSettings;
 
 /// The schema that holds a database's tables in a PostgreSQL session.
@@ -96,17 +93,15 @@ impl QueryEngine {
         )?;
         catalog.register_schema(crate::system::SYSTEM_SCHEMA, Arc::new(self.system_schema()))?;
         ctx.register_catalog(database, Arc::clone(&catalog) as _);
-        catalog.set_information_schema(Arc::clone(ctx.state().catalog_list()));
+        // The session's catalog list holds this catalog, whose `information_schema` and
+        // `pg_catalog` list the session's catalogs: they see the list weakly, or the
+        // session would never be freed (see [`WeakCatalogList`]).
+        let catalogs = WeakCatalogList::of(ctx.state().catalog_list());
+        catalog.set_information_schema(Arc::clone(&catalogs));
         self.register_storage_and_functions(&ctx);
-        setup_pg_catalog(&ctx, database, EmptyContextProvider)
-            .map_err(|e| Error::Internal(Box::new(PgCatalogSetup(*e))))?;
         let settings = Arc::new(PgSettings::default());
-        if let Some(crate_catalog) = catalog.schema("pg_catalog") {
-            catalog.register_schema(
-                "pg_catalog",
-                Arc::new(KilnPgCatalog::new(crate_catalog, Arc::clone(&settings))),
-            )?;
-        }
+        pg_catalog::install(&ctx, database, catalogs, Arc::clone(&settings))
+            .map_err(|e| Error::Internal(Box::new(PgCatalogSetup(e))))?;
         ctx.register_udf(version());
         ctx.register_udf(settings::current_setting(Arc::clone(&settings)));
         for f in functions::functions() {
@@ -116,6 +111,41 @@ impl QueryEngine {
             context: Arc::new(ctx),
             settings,
         })
+    }
+}
+
+/// A session's catalog list as the catalogs in it see it. `information_schema` and
+/// `pg_catalog` list every catalog of the session, and they are themselves schemas of a
+/// catalog in that list: holding the list strongly would make a cycle, and every session
+/// (its tables, its `pg_catalog`) would outlive its connection. Once the session is gone
+/// the list is empty.
+#[derive(Debug)]
+struct WeakCatalogList(Weak<dyn CatalogProviderList>);
+
+impl WeakCatalogList {
+    fn of(catalogs: &Arc<dyn CatalogProviderList>) -> Arc<dyn CatalogProviderList> {
+        Arc::new(Self(Arc::downgrade(catalogs)))
+    }
+}
+
+impl CatalogProviderList for WeakCatalogList {
+    fn register_catalog(
+        &self,
+        name: String,
+        catalog: Arc<dyn CatalogProvider>,
+    ) -> Option<Arc<dyn CatalogProvider>> {
+        self.0.upgrade()?.register_catalog(name, catalog)
+    }
+
+    fn catalog_names(&self) -> Vec<String> {
+        self.0
+            .upgrade()
+            .map(|list| list.catalog_names())
+            .unwrap_or_default()
+    }
+
+    fn catalog(&self, name: &str) -> Option<Arc<dyn CatalogProvider>> {
+        self.0.upgrade()?.catalog(name)
     }
 }
 
@@ -135,3 +165,6 @@ fn version() -> ScalarUDF {
         Arc::new(move |_| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(text.clone()))))),
     )
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,20 +11,100 @@
 //! the connection's [`PgSettings`], the values `current_setting()` and `SHOW` give (pgJDBC
 //! reads `max_index_keys` there before reflecting keys). Every other table is as the crate
 //! serves it.
+//!
+//! [`install`] sets a session up as the crate's `setup_pg_catalog` does, except that the
+//! crate's static tables (PostgreSQL's own rows of `pg_proc`, `pg_type`, … some
+//! megabytes once decoded) are decoded once per process and shared by every session, and
+//! the session's catalogs are seen weakly (see `WeakCatalogList`).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arrow::array::{ArrayRef, RecordBatch, StringArray, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema};
 use async_trait::async_trait;
 use datafusion::catalog::view::ViewTable;
-use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
+use datafusion::catalog::{CatalogProviderList, MemTable, SchemaProvider, TableProvider};
 use datafusion::common::ScalarValue;
 use datafusion::datasource::provider_as_source;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{Expr, LogicalPlanBuilder, col, lit};
+use datafusion::prelude::SessionContext;
+use datafusion_pg_catalog::pg_catalog as crate_pg;
+use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_pg_catalog::pg_catalog::{PgCatalogSchemaProvider, PgCatalogStaticTables};
 
 use super::settings::PgSettings;
+
+/// Gives `ctx` the schema `pg_catalog` in catalog `database` (the crate's tables as
+/// [`KilnPgCatalog`] amends them, over `catalogs`) and the crate's functions and type
+/// names, as `datafusion_pg_catalog::setup_pg_catalog` does.
+pub fn install(
+    ctx: &SessionContext,
+    database: &str,
+    catalogs: Arc<dyn CatalogProviderList>,
+    settings: Arc<PgSettings>,
+) -> Result<()> {
+    let tables = static_tables()?;
+    let crate_schema =
+        PgCatalogSchemaProvider::try_new(catalogs, Arc::clone(&tables), EmptyContextProvider)?;
+    ctx.catalog(database)
+        .ok_or_else(|| DataFusionError::Plan(format!("no catalog {database}")))?
+        .register_schema(
+            "pg_catalog",
+            Arc::new(KilnPgCatalog::new(Arc::new(crate_schema), settings)),
+        )?;
+    for udf in [
+        crate_pg::create_current_database_udf(database),
+        crate_pg::create_current_schema_udf(),
+        crate_pg::create_current_schemas_udf(),
+        crate_pg::create_pg_get_userbyid_udf(),
+        crate_pg::has_privilege_udf::create_has_privilege_udf("has_table_privilege"),
+        crate_pg::has_privilege_udf::create_has_privilege_udf("has_schema_privilege"),
+        crate_pg::has_privilege_udf::create_has_privilege_udf("has_database_privilege"),
+        crate_pg::has_privilege_udf::create_has_privilege_udf("has_any_column_privilege"),
+        crate_pg::create_pg_table_is_visible(),
+        crate_pg::format_type::create_format_type_udf(),
+        crate_pg::create_session_user_udf(),
+        crate_pg::pg_get_expr_udf::create_pg_get_expr_udf(),
+        crate_pg::create_pg_get_partkeydef_udf(),
+        crate_pg::create_pg_relation_is_publishable_udf(),
+        crate_pg::create_pg_get_statisticsobjdef_columns_udf(),
+        crate_pg::create_pg_encoding_to_char_udf(),
+        crate_pg::create_pg_backend_pid_udf(),
+        crate_pg::create_pg_relation_size_udf(),
+        crate_pg::create_pg_total_relation_size_udf(),
+        crate_pg::create_pg_stat_get_numscans(),
+        crate_pg::create_pg_get_constraintdef(),
+        crate_pg::create_pg_get_partition_ancestors_udf(),
+        crate_pg::quote_ident_udf::create_quote_ident_udf(),
+        crate_pg::quote_ident_udf::create_parse_ident_udf(),
+        crate_pg::array_bounds_udf::create_array_upper_udf(),
+        crate_pg::array_bounds_udf::create_array_lower_udf(),
+    ] {
+        ctx.register_udf(udf);
+    }
+    ctx.register_udtf("pg_get_keywords", Arc::clone(&tables.pg_get_keywords) as _);
+    // `regclass`, `regproc` and the other oid alias types parse (as int4).
+    let state = ctx.state_ref();
+    let with_oid_types = SessionStateBuilder::new_from_existing(state.read().clone())
+        .with_type_planner(Arc::new(crate_pg::oid_type_planner::PgOidTypePlanner))
+        .build();
+    *state.write() = with_oid_types;
+    // `generate_series` and `range` take int4 bounds.
+    crate_pg::generate_series_arg_coercion::CoerceIntArgsToBigInt::widen(ctx);
+    Ok(())
+}
+
+/// The crate's static tables, decoded on first use and shared by every session.
+fn static_tables() -> Result<Arc<PgCatalogStaticTables>> {
+    static TABLES: OnceLock<Arc<PgCatalogStaticTables>> = OnceLock::new();
+    if let Some(tables) = TABLES.get() {
+        return Ok(Arc::clone(tables));
+    }
+    let tables = Arc::new(PgCatalogStaticTables::try_new()?);
+    Ok(Arc::clone(TABLES.get_or_init(|| tables)))
+}
 
 /// Array columns of the tables Kiln serves empty, with their element type.
 const ARRAY_COLUMNS: &[(&str, &[(&str, DataType)])] = &[
