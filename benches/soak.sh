@@ -41,10 +41,12 @@ URL="http://127.0.0.1:$PORT"
 PID=$!
 for _ in $(seq 100); do curl -sf "$URL/ready" >/dev/null && break; sleep 0.1; done
 
-# Resident memory every 10 s: seconds since start, bytes.
+# Resident memory every 10 s: seconds since start, bytes, and what the write buffer holds
+# (bytes, from /metrics), to tell the buffer's growth from the rest.
 T0=$(date +%s)
 (while kill -0 "$PID" 2>/dev/null; do
-    echo "$(($(date +%s) - T0)) $(awk '/^VmRSS:/ { print $2 * 1024 }' "/proc/$PID/status")"
+    echo "$(($(date +%s) - T0)) $(awk '/^VmRSS:/ { print $2 * 1024 }' "/proc/$PID/status")" \
+        "$(curl -sf "$URL/metrics" | awk '/^kiln_buffer_bytes / { print $2 }')"
     sleep 10
 done) >"$WORK/rss.txt" &
 JOBS+=($!)
@@ -96,8 +98,8 @@ awk -v w="$WARMUP_S" '$1 >= w { print $2 }' "$WORK/rss.txt" | sort -n | awk '
         printf "rss samples=%d min_mib=%.1f median_mib=%.1f max_mib=%.1f spread=%.1f%%\n",
             NR, a[1] / 1048576, med / 1048576, a[NR] / 1048576, (a[NR] - a[1]) * 100 / med
     }'
-echo "rss every 10 s (seconds, MiB):"
-awk '{ printf "%s:%.0f ", $1, $2 / 1048576 } END { print "" }' "$WORK/rss.txt"
+echo "every 10 s (seconds:RSS MiB/buffer MiB):"
+awk '{ printf "%s:%.0f/%.0f ", $1, $2 / 1048576, $3 / 1048576 } END { print "" }' "$WORK/rss.txt"
 grep '^query 200' "$WORK/dashboard.txt" | awk '{ print $3 }' | sort -n | awk '
     { a[NR] = $1 }
     END {

@@ -24,6 +24,7 @@ pub mod alerts;
 mod avg;
 mod coarse;
 pub mod dedup;
+pub mod executor;
 pub mod gapfill;
 mod int_compare;
 pub mod last_cache;
@@ -200,6 +201,8 @@ pub struct QueryEngine {
     visible: Visible,
     /// Memory pool and spill files, shared by every session.
     runtime: Arc<RuntimeEnv>,
+    /// Where queries execute.
+    executor: executor::QueryExecutor,
     config: QueryConfig,
     /// Queries started by [`Self::execute`] whose stream is still alive.
     running: Arc<AtomicUsize>,
@@ -219,6 +222,10 @@ impl QueryEngine {
             rule_status,
             visible: Visible::all(),
             runtime: config.runtime()?,
+            executor: config
+                .executor
+                .clone()
+                .unwrap_or_else(executor::QueryExecutor::current),
             config,
             running: Arc::default(),
             engine,
@@ -378,10 +385,10 @@ impl QueryEngine {
     pub async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream, Error> {
         let started = std::time::Instant::now();
         let stream = match self.config.timeout {
-            Some(limit) => tokio::time::timeout(limit, df.execute_stream())
+            Some(limit) => tokio::time::timeout(limit, self.executor.execute(df))
                 .await
                 .map_err(|_| Error::Timeout(limits::TimedOut(limit).to_string()))??,
-            None => df.execute_stream().await?,
+            None => self.executor.execute(df).await?,
         };
         let left = self
             .config
@@ -404,6 +411,12 @@ impl QueryEngine {
 
     pub fn running_queries(&self) -> usize {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// Where queries execute: a PostgreSQL connection, whose statements
+    /// `datafusion-postgres` executes itself, is served there whole.
+    pub fn executor(&self) -> &executor::QueryExecutor {
+        &self.executor
     }
 
     /// The limits queries run under.

@@ -32,6 +32,8 @@ pub struct QueryConfig {
     pub spill_dir: Option<PathBuf>,
     /// Longest a query may run; `None` for no limit.
     pub timeout: Option<Duration>,
+    /// Where queries execute; `None` for the runtime that creates the engine.
+    pub executor: Option<crate::executor::QueryExecutor>,
 }
 
 impl Default for QueryConfig {
@@ -40,6 +42,7 @@ impl Default for QueryConfig {
             memory_limit: 2 * 1024 * 1024 * 1024,
             spill_dir: None,
             timeout: Some(Duration::from_secs(300)),
+            executor: None,
         }
     }
 }

@@ -673,7 +673,9 @@ async fn answer_query(
     s.metrics
         .query_seconds
         .observe(start.elapsed().as_secs_f64());
-    let body = tokio::task::spawn_blocking(move || encode(format, &schema, &batches))
+    // Encoding is query work too: on the query threads' blocking pool.
+    let body = (s.query.executor().handle())
+        .spawn_blocking(move || encode(format, &schema, &batches))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| {

@@ -126,11 +126,14 @@ pub async fn serve(
                     over_limit,
                 }));
                 let tls = tls.clone();
-                connections.spawn(async move {
+                // `datafusion-postgres` executes statements where the connection is
+                // served: on the query threads (see `kiln_query::executor`).
+                let connection = async move {
                     if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                         tracing::debug!(%peer, error = %e, "PostgreSQL connection ended with an error");
                     }
-                });
+                };
+                connections.spawn_on(connection, shared.query.executor().handle());
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = &mut stop => break,

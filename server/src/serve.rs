@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use kiln_query::executor::QueryExecutor;
 use kiln_query::{QueryConfig, QueryEngine};
 use kiln_storage::durable_store::DurableLocalStore;
 use kiln_storage::wal::SyncPolicy;
@@ -127,6 +128,16 @@ pub struct ServeConfig {
     /// over PostgreSQL up to its first row, as `statement_timeout`, which a client may set.
     #[arg(long, env = "KILN_QUERY_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub query_timeout: Duration,
+
+    /// Threads queries execute on (`0`: one per CPU). They are not the threads that take
+    /// writes.
+    #[arg(long, env = "KILN_QUERY_THREADS", default_value_t = 0)]
+    pub query_threads: usize,
+
+    /// Nice value of the query threads, 0 (the same priority as writes) to 19: when the
+    /// CPU is short, writes get it before queries do.
+    #[arg(long, env = "KILN_QUERY_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub query_nice: i32,
 
     /// Largest result (bytes of Arrow data) the HTTP query API assembles; PostgreSQL and
     /// Flight SQL stream and are not bound by it.
@@ -322,6 +333,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             memory_limit: config.query_memory_limit,
             spill_dir: Some(spill_dir),
             timeout: Some(config.query_timeout).filter(|t| !t.is_zero()),
+            executor: Some(query_executor(config.query_threads, config.query_nice)?),
         },
     )
     .map_err(|e| format!("cannot start the query engine: {e}"))?;
@@ -594,4 +606,15 @@ fn parse_partition_duration(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// The runtime queries execute on (see `kiln_query::executor`): `threads` workers (one per
+/// CPU for 0) at nice value `nice`.
+fn query_executor(threads: usize, nice: i32) -> Result<QueryExecutor, String> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    QueryExecutor::dedicated(threads, nice)
+        .map_err(|e| format!("cannot start the query threads: {e}"))
 }

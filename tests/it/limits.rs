@@ -255,3 +255,110 @@ async fn connections_queries_and_streams_beyond_their_limits_are_refused_clearly
     // Everyone within the limits is still served.
     assert_eq!(server.query_json("plant", count).await[0]["n"], 1);
 }
+
+/// A thread of the server: its name, nice value and CPU time so far (clock ticks).
+#[derive(Debug)]
+struct Thread {
+    name: String,
+    nice: i64,
+    cpu_ticks: u64,
+}
+
+fn threads(pid: u32) -> Vec<Thread> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // ended meanwhile
+        };
+        let (head, tail) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_owned();
+        // Fields from the state (field 3) on: utime 14, stime 15, nice 19.
+        let fields: Vec<&str> = tail.split_whitespace().collect();
+        let field = |n: usize| fields[n - 3].parse::<i64>().unwrap();
+        threads.push(Thread {
+            name,
+            nice: field(19),
+            cpu_ticks: (field(14) + field(15)) as u64,
+        });
+    }
+    threads
+}
+
+/// CPU time so far of the query threads and of all the others.
+fn ticks(pid: u32) -> (u64, u64) {
+    let all = threads(pid);
+    let sum = |query: bool| {
+        all.iter()
+            .filter(|t| (t.name == "kiln-query") == query)
+            .map(|t| t.cpu_ticks)
+            .sum()
+    };
+    (sum(true), sum(false))
+}
+
+/// CPU time of the query threads and of the others while `work` runs.
+async fn ticks_during(pid: u32, work: impl std::future::Future<Output = ()>) -> (u64, u64) {
+    let before = ticks(pid);
+    work.await;
+    let after = ticks(pid);
+    (after.0 - before.0, after.1 - before.1)
+}
+
+/// Queries execute on threads of their own at the nice value asked for, so that writes
+/// get the CPU first; the server's other threads keep the normal priority.
+#[tokio::test]
+async fn queries_run_on_their_own_threads_below_the_writes_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        &dir.path().join("data"),
+        &[
+            "--query-threads",
+            "2",
+            "--query-nice",
+            "7",
+            "--query-timeout",
+            "2s",
+        ],
+    );
+    server.write_ok("plant", "cpu,host=a u=1 1\n").await;
+    let all = threads(server.pid());
+    let query: Vec<_> = all.iter().filter(|t| t.name == "kiln-query").collect();
+    assert!(query.len() >= 2, "{all:?}");
+    assert!(query.iter().all(|t| t.nice == 7), "{all:?}");
+    assert!(
+        all.iter()
+            .filter(|t| t.name != "kiln-query")
+            .all(|t| t.nice == 0),
+        "{all:?}"
+    );
+
+    // A CPU-bound query's work is done there, over HTTP and over PostgreSQL (two seconds
+    // of it, less what other tests take; clock ticks are usually 1/100 s).
+    let http = ticks_during(server.pid(), async {
+        let (status, _) = error_text(&server, SLOW).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    })
+    .await;
+    assert!(
+        http.0 >= 10 && http.0 > http.1,
+        "query threads, others: {http:?}"
+    );
+    let client = crate::postgres::connect(&server, "plant").await.unwrap();
+    let postgres = ticks_during(server.pid(), async {
+        let e = client.simple_query(SLOW).await.unwrap_err();
+        assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e:?}");
+    })
+    .await;
+    assert!(
+        postgres.0 >= 10 && postgres.0 > postgres.1,
+        "query threads, others: {postgres:?}"
+    );
+
+    // Quick queries answer as before.
+    let rows = server
+        .query_json("plant", "SELECT count(*) AS n FROM cpu")
+        .await;
+    assert_eq!(rows[0]["n"].as_i64(), Some(1));
+    let rows = client.query("SELECT count(*) FROM cpu", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 1);
+}

@@ -1,0 +1,189 @@
+//! Where queries run: on threads of their own, below the write path's priority.
+//!
+//! A query is CPU work that can take every core for seconds; a write is short work that a
+//! gateway waits on, with a small buffer of its own. On one runtime, a few hundred
+//! dashboard queries leave writes a fraction of the CPU, and writes start to be refused.
+//! So queries execute on a runtime of their own ([`QueryExecutor::dedicated`]) whose
+//! threads run at a lower scheduling priority (a higher nice value): when both want the
+//! CPU, writes get it first, and queries take whatever is left, which is all of it when
+//! nothing is being written.
+//!
+//! A query's plan runs on the executor, and its batches reach the caller (the HTTP, Flight
+//! SQL or alert code, on the server's runtime) through a small channel; dropping the stream
+//! stops the query. PostgreSQL connections run on the executor whole (see
+//! [`QueryExecutor::handle`]), since `datafusion-postgres` executes plans itself.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arrow::array::RecordBatch;
+use datafusion::dataframe::DataFrame;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::{Stream, StreamExt};
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Batches a query may have ready ahead of its caller.
+const AHEAD: usize = 2;
+
+/// Where queries execute (see the module docs).
+#[derive(Clone, Debug)]
+pub struct QueryExecutor {
+    handle: Handle,
+    /// The dedicated runtime, when there is one; shut down with the last clone.
+    _runtime: Option<Arc<OwnedRuntime>>,
+}
+
+impl QueryExecutor {
+    /// Queries execute on the runtime of whoever creates this (tests, tools).
+    pub fn current() -> Self {
+        Self {
+            handle: Handle::current(),
+            _runtime: None,
+        }
+    }
+
+    /// A runtime of `threads` workers named `kiln-query`, each at nice value `nice`
+    /// (0: the same priority as the rest of the server; 19: the lowest). A nice value
+    /// is per thread on Linux; elsewhere it is not set.
+    pub fn dedicated(threads: usize, nice: i32) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("kiln-query")
+            .on_thread_start(move || lower_priority(nice))
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            _runtime: Some(Arc::new(OwnedRuntime(Some(runtime)))),
+        })
+    }
+
+    /// The runtime queries run on: work spawned on it runs at queries' priority.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Starts `df` on the executor: the stream of its batches once its physical plan
+    /// is made (an error making it is returned here).
+    pub(crate) async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
+        let (started, schema) = oneshot::channel();
+        let (batches, received) = mpsc::channel(AHEAD);
+        let task = Aborting(self.handle.spawn(async move {
+            let mut stream = match df.execute_stream().await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            };
+            if started.send(Ok(stream.schema())).is_err() {
+                return;
+            }
+            while let Some(batch) = stream.next().await {
+                if batches.send(batch).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        let schema = match schema.await {
+            Ok(schema) => schema?,
+            // The task ended without a word: it panicked.
+            Err(_) => return Err(task.ended().await),
+        };
+        let stream = Remote {
+            received,
+            task: Some(task),
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+/// Sets the calling thread's nice value.
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if nice != 0 {
+        // SAFETY: setpriority only changes the scheduling priority of this thread (on
+        // Linux the nice value is per thread, and gettid names the caller).
+        let tid = unsafe { libc::gettid() };
+        // SAFETY: as above.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+            tracing::warn!(
+                nice,
+                error = %std::io::Error::last_os_error(),
+                "cannot lower the query threads' priority"
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
+/// A query's batches as they arrive from its task; the task is aborted when this is
+/// dropped, and a task that failed (panicked) ends the stream with an error rather than
+/// letting a partial result look complete.
+struct Remote {
+    received: mpsc::Receiver<Result<RecordBatch>>,
+    /// Until the stream has ended.
+    task: Option<Aborting>,
+}
+
+impl Stream for Remote {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.received.poll_recv(cx) {
+            Poll::Ready(Some(batch)) => return Poll::Ready(Some(batch)),
+            Poll::Pending => return Poll::Pending,
+            // The task has returned or failed.
+            Poll::Ready(None) => {}
+        }
+        let Some(task) = self.task.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let outcome = std::task::ready!(Pin::new(&mut task.0).poll(cx));
+        self.task = None;
+        Poll::Ready(
+            outcome
+                .err()
+                .map(|e| Err(DataFusionError::External(Box::new(e)))),
+        )
+    }
+}
+
+/// A task aborted when dropped.
+struct Aborting(JoinHandle<()>);
+
+impl Aborting {
+    /// Why the task ended before it said how its query started.
+    async fn ended(mut self) -> DataFusionError {
+        match (&mut self.0).await {
+            Err(e) => DataFusionError::External(Box::new(e)),
+            Ok(()) => DataFusionError::Execution("the query's task ended before its start".into()),
+        }
+    }
+}
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A runtime that may be dropped anywhere, a runtime's thread included (tokio refuses to
+/// drop one inside another's context otherwise): it is shut down in the background.
+#[derive(Debug)]
+struct OwnedRuntime(Option<Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
