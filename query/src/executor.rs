@@ -187,3 +187,80 @@ impl Drop for OwnedRuntime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    use datafusion::prelude::SessionContext;
+    use futures::TryStreamExt;
+
+    use super::QueryExecutor;
+
+    /// A table of `batches` batches of one row each (column `n`: 0, 1, …) and a function
+    /// `fail_at(n)` that panics on the row `n = 2`.
+    fn session(batches: i64) -> SessionContext {
+        let ctx = SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let data = (0..batches)
+            .map(|n| {
+                let column = Arc::new(Int64Array::from(vec![n]));
+                RecordBatch::try_new(Arc::clone(&schema), vec![column]).unwrap()
+            })
+            .collect();
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![data]).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        ctx.register_udf(create_udf(
+            "fail_at",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Immutable,
+            Arc::new(|args: &[ColumnarValue]| {
+                let ColumnarValue::Array(array) = &args[0] else {
+                    panic!("an array")
+                };
+                let values = array.as_any().downcast_ref::<Int64Array>().unwrap();
+                assert!(values.iter().all(|v| v != Some(2)), "row 2");
+                Ok(args[0].clone())
+            }),
+        ));
+        ctx
+    }
+
+    #[tokio::test]
+    async fn batches_arrive_from_the_executor() {
+        let executor = QueryExecutor::dedicated(1, 0).unwrap();
+        let df = session(5).sql("SELECT n FROM t").await.unwrap();
+        let batches: Vec<RecordBatch> = executor
+            .execute(df)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, 5);
+    }
+
+    /// A query whose task fails midway ends with an error: what came before it never
+    /// passes for the whole result.
+    #[tokio::test]
+    async fn a_query_that_fails_midway_ends_with_an_error() {
+        let executor = QueryExecutor::dedicated(1, 0).unwrap();
+        let df = session(5).sql("SELECT fail_at(n) FROM t").await.unwrap();
+        let mut stream = executor.execute(df).await.unwrap();
+        let mut rows = 0;
+        let error = loop {
+            match stream.try_next().await {
+                Ok(Some(batch)) => rows += batch.num_rows(),
+                Ok(None) => panic!("the stream ended as if complete after {rows} rows"),
+                Err(e) => break e,
+            }
+        };
+        assert!(rows < 5, "{rows}");
+        assert!(error.to_string().contains("panic"), "{error}");
+    }
+}
