@@ -23,6 +23,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use futures::{Stream, StreamExt};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{mpsc, oneshot};
@@ -72,35 +73,46 @@ impl QueryExecutor {
     /// Starts `df` on the executor: the stream of its batches once its physical plan
     /// is made (an error making it is returned here).
     pub(crate) async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
-        let (started, schema) = oneshot::channel();
+        let (started, plan) = oneshot::channel();
         let (batches, received) = mpsc::channel(AHEAD);
         let task = Aborting(self.handle.spawn(async move {
-            let mut stream = match df.execute_stream().await {
-                Ok(stream) => stream,
+            let task_context = Arc::new(df.task_ctx());
+            let started_plan = df
+                .create_physical_plan()
+                .await
+                .and_then(|plan| Ok((execute_stream(Arc::clone(&plan), task_context)?, plan)));
+            let mut stream = match started_plan {
+                Ok((stream, plan)) => {
+                    if started.send(Ok(plan)).is_err() {
+                        return;
+                    }
+                    stream
+                }
                 Err(e) => {
                     let _ = started.send(Err(e));
                     return;
                 }
             };
-            if started.send(Ok(stream.schema())).is_err() {
-                return;
-            }
             while let Some(batch) = stream.next().await {
                 if batches.send(batch).await.is_err() {
                     return;
                 }
             }
         }));
-        let schema = match schema.await {
-            Ok(schema) => schema?,
+        let plan = match plan.await {
+            Ok(plan) => plan?,
             // The task ended without a word: it panicked.
             Err(_) => return Err(task.ended().await),
         };
         let stream = Remote {
             received,
             task: Some(task),
+            _plan: Arc::clone(&plan),
         };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            plan.schema(),
+            stream,
+        )))
     }
 }
 
@@ -131,6 +143,10 @@ struct Remote {
     received: mpsc::Receiver<Result<RecordBatch>>,
     /// Until the stream has ended.
     task: Option<Aborting>,
+    /// The query's plan, kept until the caller is done with the stream: what the plan
+    /// holds (the segment files its scans read, see `scan::KilnScanExec`) is held for as
+    /// long as the caller reads, not only until the task has produced the last batch.
+    _plan: Arc<dyn ExecutionPlan>,
 }
 
 impl Stream for Remote {
