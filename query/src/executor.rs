@@ -81,18 +81,16 @@ impl QueryExecutor {
                 .create_physical_plan()
                 .await
                 .and_then(|plan| Ok((execute_stream(Arc::clone(&plan), task_context)?, plan)));
-            let mut stream = match started_plan {
-                Ok((stream, plan)) => {
-                    if started.send(Ok(plan)).is_err() {
-                        return;
-                    }
-                    stream
-                }
+            let (mut stream, plan) = match started_plan {
+                Ok(started_plan) => started_plan,
                 Err(e) => {
                     let _ = started.send(Err(e));
                     return;
                 }
             };
+            if started.send(Ok(plan)).is_err() {
+                return;
+            }
             while let Some(batch) = stream.next().await {
                 if batches.send(batch).await.is_err() {
                     return;
@@ -164,12 +162,13 @@ impl Stream for Remote {
         };
         let outcome = std::task::ready!(Pin::new(&mut task.0).poll(cx));
         self.task = None;
-        Poll::Ready(
-            outcome
-                .err()
-                .map(|e| Err(DataFusionError::External(Box::new(e)))),
-        )
+        Poll::Ready(outcome.err().map(|e| Err(failed(e))))
     }
+}
+
+/// The error for a query task that failed (panicked or was cancelled).
+fn failed(e: tokio::task::JoinError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
 }
 
 /// A task aborted when dropped.
@@ -179,7 +178,7 @@ impl Aborting {
     /// Why the task ended before it said how its query started.
     async fn ended(mut self) -> DataFusionError {
         match (&mut self.0).await {
-            Err(e) => DataFusionError::External(Box::new(e)),
+            Err(e) => failed(e),
             Ok(()) => DataFusionError::Execution("the query's task ended before its start".into()),
         }
     }
