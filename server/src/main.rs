@@ -5,6 +5,7 @@
 //!   `kiln token create --data-dir` also works on a stopped one's data directory.
 
 mod alerts;
+mod allocator;
 mod auth;
 mod client;
 mod config;
@@ -79,7 +80,7 @@ fn init_logging(json: bool) {
 fn main() -> std::process::ExitCode {
     // `serve`'s settings from files, profiles and the memory limit become flags first
     // (see `config`), then the command line is parsed once with all of them.
-    let (argv, notes) = match config::resolve(Cli::command(), std::env::args_os().collect()) {
+    let (argv, mut notes) = match config::resolve(Cli::command(), std::env::args_os().collect()) {
         Ok(resolved) => resolved,
         Err(e) => {
             eprintln!("error: {}", client::chain(&e));
@@ -87,6 +88,15 @@ fn main() -> std::process::ExitCode {
         }
     };
     let cli = Cli::parse_from(argv);
+    if let Command::Serve(_) = cli.command {
+        // Before any thread starts (see `allocator`).
+        notes.extend(allocator::tune());
+        if let Err(e) = allocator::start_trimming() {
+            notes.push(format!(
+                "freed memory is not handed back: no thread for it: {e}"
+            ));
+        }
+    }
     // Every TLS client and server of the process uses ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -8,7 +8,7 @@
 //! makes the buffer persist, and a quarter is the queries' shared pool; the rest is the
 //! process itself, the buffer being persisted and its Parquet encoding, compaction and
 //! the caches. Without a limit and a profile, the flags' defaults stand (1 GiB, 256 MiB,
-//! 2 GiB). A process with a budget also tunes glibc's allocator ([`tune_malloc`]).
+//! 2 GiB). How the process gives freed memory back is `crate::allocator`'s.
 //!
 //! The fractions come from `benches/footprint.sh` (100k rows/s of line protocol in a
 //! 512 MiB cgroup, see `benches/RESULTS.md`).
@@ -92,37 +92,6 @@ impl Sizing {
             ("query-memory-limit", (self.budget / 4).min(2 << 30)),
         ]
     }
-}
-
-/// Tunes glibc's allocator for a process with a memory budget, unless the environment
-/// already does (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`); what was set. Two of
-/// glibc's defaults hold memory a small box needs back (`benches/footprint.sh`):
-/// - 8 arenas per core let memory freed by one thread sit idle in its arena while
-///   another's grows: capped at the CPU count (at least 2);
-/// - the mmap threshold rises after each large free, up to 32 MiB, so that the buffers
-///   of persistence and compaction come from the heap and stay there: fixed at 1 MiB,
-///   and larger blocks go back to the kernel when freed.
-///
-/// Called before any thread starts.
-pub fn tune_malloc() -> Vec<String> {
-    let mut set = Vec::new();
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-            let arenas = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
-            // SAFETY: mallopt only sets an allocator parameter; no thread allocates yet.
-            if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas as libc::c_int) } == 1 {
-                set.push(format!("malloc arenas capped at {arenas}"));
-            }
-        }
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-            // SAFETY: as above.
-            if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) } == 1 {
-                set.push("malloc's mmap threshold fixed at 1 MiB".to_owned());
-            }
-        }
-    }
-    set
 }
 
 /// The limit in `memory.max`'s text; `None` for `max` (no limit), and for cgroup v1's

@@ -86,17 +86,16 @@ pub fn resolve(
     cli: Command,
     argv: Vec<OsString>,
 ) -> Result<(Vec<OsString>, Vec<String>), ConfigError> {
-    resolve_with(cli, argv, std::env::vars_os(), memory::cgroup_limit(), true)
+    resolve_with(cli, argv, std::env::vars_os(), memory::cgroup_limit())
 }
 
 /// [`resolve`] with the environment's `KILN_*_FILE` variables and the cgroup's memory
-/// limit given; `apply_process_settings` lets it change the process (malloc arenas).
+/// limit given.
 fn resolve_with(
     cli: Command,
     argv: Vec<OsString>,
     env: impl IntoIterator<Item = (OsString, OsString)>,
     cgroup: Option<(u64, String)>,
-    apply_process_settings: bool,
 ) -> Result<(Vec<OsString>, Vec<String>), ConfigError> {
     let Ok(matches) = cli.clone().try_get_matches_from(&argv) else {
         return Ok((argv, Vec::new()));
@@ -142,9 +141,6 @@ fn resolve_with(
                 sizing.source,
                 chosen.join(", ")
             ));
-        }
-        if apply_process_settings {
-            notes.extend(memory::tune_malloc());
         }
     }
     let mut out = argv;

@@ -22,7 +22,6 @@ fn serve(
         argv,
         env,
         cgroup.map(|limit| (limit, "/sys/fs/cgroup/memory.max".to_owned())),
-        false,
     )?;
     let cli = Cli::try_parse_from(argv).expect("the resolved command line parses");
     match cli.command {
@@ -201,7 +200,6 @@ fn other_commands_pass_through() {
         argv.clone(),
         [],
         Some((1 << 30, "x".into())),
-        false,
     )
     .unwrap();
     assert_eq!(out, argv);
