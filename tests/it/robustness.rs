@@ -110,7 +110,12 @@ fn refused_start(data: &std::path::Path) -> String {
         .output()
         .unwrap();
     assert!(!out.status.success(), "kiln started");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    // The error it ends with (the log lines before it carry times).
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    match stderr.lines().rfind(|l| l.starts_with("error: ")) {
+        Some(error) => error.to_owned(),
+        None => panic!("no error line: {stderr}"),
+    }
 }
 
 #[tokio::test]
