@@ -102,15 +102,13 @@ impl QueryExecutor {
             // The task ended without a word: it panicked.
             Err(_) => return Err(task.ended().await),
         };
+        let schema = plan.schema();
         let stream = Remote {
             received,
             task: Some(task),
-            _plan: Arc::clone(&plan),
+            _plan: plan,
         };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            plan.schema(),
-            stream,
-        )))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 }
 

@@ -76,15 +76,11 @@ fn trim() -> bool {
 mod tests {
     use super::*;
 
-    /// This process's anonymous resident memory, in bytes.
-    fn rss_anon() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("RssAnon:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kb * 1024
+    /// This process's resident memory, in bytes.
+    fn rss() -> u64 {
+        kiln_bench::footprint::memory_of(std::process::id())
+            .unwrap()
+            .0
     }
 
     #[test]
@@ -99,12 +95,12 @@ mod tests {
             pins.push(std::hint::black_box(vec![i as u8; 64]));
         }
         drop(large);
-        let before = rss_anon();
+        let before = rss();
         trim();
-        let after = rss_anon();
+        let after = rss();
         assert!(
             before.saturating_sub(after) >= 32 << 20,
-            "trim handed back {} MiB of 64 freed (RssAnon {} -> {} MiB)",
+            "trim handed back {} MiB of 64 freed (RSS {} -> {} MiB)",
             before.saturating_sub(after) >> 20,
             before >> 20,
             after >> 20
