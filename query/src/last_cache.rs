@@ -9,24 +9,30 @@
 //! ORDER BY <key columns>, time DESC
 //! ```
 //!
-//! to read the cache instead of the table, when the `ON` columns are exactly the cache's
-//! key columns, the filter reads nothing but key columns (so it keeps or drops whole
-//! series, never a series' latest row alone) and the cache is warm: the answer is the same
-//! row for every key. `EXPLAIN` shows `KilnScanExec: t, last-value cache (N series)`.
+//! to read the cache instead of the table, when the `ON` columns are some or all of the
+//! cache's key columns, the filter reads nothing but key columns (so it keeps or drops
+//! whole series, never a series' latest row alone) and the cache is warm: the answer is
+//! the same row for every key (with fewer `ON` columns than keys, `DISTINCT ON` picks the
+//! latest of the cached rows of each `ON` value). Filters on key columns pick series
+//! before the cache's rows are read. Every table has a cache keyed by all its tags unless
+//! one is defined or `--no-default-last-caches` is set. `EXPLAIN` shows
+//! `KilnScanExec: t, last-value cache (N series)`.
 
 use std::any::Any;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::tree_node::Transformed;
-use datafusion::common::{ScalarValue, plan_err};
+use datafusion::common::{DFSchema, ScalarValue, plan_err};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{
     Distinct, DistinctOn, Expr, Filter, LogicalPlan, Projection, Sort, TableProviderFilterPushDown,
     TableScanBuilder,
@@ -35,7 +41,6 @@ use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
 use datafusion::physical_plan::ExecutionPlan;
 use kiln_storage::Engine;
 use kiln_storage::catalog::{TIME_COLUMN, TableDef};
-use kiln_storage::dedup::align_to_schema;
 use kiln_storage::last_cache::LastCache;
 
 use crate::provider::{KilnTable, query_schema};
@@ -98,7 +103,6 @@ impl TableFunctionImpl for LastCacheFunction {
 #[derive(Debug)]
 pub struct LastCacheTable {
     name: String,
-    stored: SchemaRef,
     schema: SchemaRef,
     cache: Arc<LastCache>,
 }
@@ -107,7 +111,6 @@ impl LastCacheTable {
     fn new(def: &TableDef, cache: Arc<LastCache>) -> Self {
         Self {
             name: def.name.clone(),
-            stored: def.schema(),
             schema: query_schema(def),
             cache,
         }
@@ -124,21 +127,34 @@ impl TableProvider for LastCacheTable {
         TableType::Temporary
     }
 
+    /// Filters over key columns alone select whole series: the scan applies them to the
+    /// keys before it reads any row.
     fn supports_filters_pushdown(
         &self,
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(vec![
-            TableProviderFilterPushDown::Unsupported;
-            filters.len()
-        ])
+        Ok(filters
+            .iter()
+            .map(|f| {
+                let columns = f.column_refs();
+                let on_keys = !columns.is_empty()
+                    && columns
+                        .iter()
+                        .all(|c| self.cache.key_columns.contains(&c.name));
+                if on_keys {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
     }
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         self.cache.warmed().await.map_err(|reason| {
@@ -148,8 +164,12 @@ impl TableProvider for LastCacheTable {
                 self.name
             ))
         })?;
-        let rows = self.cache.rows(&self.stored)?;
-        let rows = align_to_schema(&rows, &self.schema)?;
+        let rows = match conjunction(filters.iter().cloned()) {
+            None => self.cache.rows(&self.schema)?,
+            Some(predicate) => self
+                .cache
+                .rows_where(&self.schema, |keys| keys_matching(state, &predicate, keys))?,
+        };
         let series = rows.num_rows();
         let exec = MemorySourceConfig::try_new_exec(
             &[vec![rows]],
@@ -161,6 +181,20 @@ impl TableProvider for LastCacheTable {
             format!("{}, last-value cache ({series} series)", self.name),
         )))
     }
+}
+
+/// Which rows of `keys` (key columns only) `predicate` keeps.
+fn keys_matching(
+    state: &dyn Session,
+    predicate: &Expr,
+    keys: &RecordBatch,
+) -> Result<BooleanArray> {
+    let schema = DFSchema::try_from(keys.schema())?;
+    let predicate = state.create_physical_expr(predicate.clone(), &schema)?;
+    let kept = predicate.evaluate(keys)?.into_array(keys.num_rows())?;
+    Ok(kept.as_boolean_opt().cloned().ok_or_else(|| {
+        DataFusionError::Internal(format!("a filter evaluated to {}", kept.data_type()))
+    })?)
 }
 
 /// Answers `DISTINCT ON (keys) … ORDER BY keys, time DESC` from the last-value cache (see
@@ -216,7 +250,8 @@ impl UseLastCache {
             return Ok(None);
         };
         let keys: BTreeSet<&str> = cache.key_columns.iter().map(String::as_str).collect();
-        if !cache.is_warm() || on.iter().map(String::as_str).collect::<BTreeSet<_>>() != keys {
+        let on: BTreeSet<&str> = on.iter().map(String::as_str).collect();
+        if !cache.is_warm() || !on.is_subset(&keys) {
             return Ok(None);
         }
         if filters.iter().any(|f| {
@@ -230,7 +265,8 @@ impl UseLastCache {
         let Some(def) = state.table_by_id(table.table_id()) else {
             return Ok(None);
         };
-        let cached = Arc::new(LastCacheTable::new(def, cache));
+        let exact = on == keys;
+        let cached = Arc::new(LastCacheTable::new(def, Arc::clone(&cache)));
         if cached.schema() != provider.schema() {
             return Ok(None);
         }
@@ -241,6 +277,20 @@ impl UseLastCache {
         );
         for predicate in filters.into_iter().rev() {
             plan = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(plan))?);
+        }
+        if !exact {
+            // Several cached series share an ON value: the latest row of each ON value
+            // is the latest of its series' latest rows.
+            let distinct = DistinctOn::try_new(
+                d.on_expr.clone(),
+                d.select_expr.clone(),
+                d.sort_expr.clone(),
+                Arc::new(plan),
+            )?;
+            if distinct.schema.as_ref() != d.schema.as_ref() {
+                return Ok(None);
+            }
+            return Ok(Some(LogicalPlan::Distinct(Distinct::On(distinct))));
         }
         plan = LogicalPlan::Sort(Sort {
             expr: sort[..n].to_vec(),

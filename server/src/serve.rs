@@ -159,6 +159,12 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_LAST_CACHE_MAX_SERIES", default_value_t = 1_000_000)]
     pub last_cache_max_series: usize,
 
+    /// Give no table a last-value cache it was not given (`kiln last-cache create`). By
+    /// default every other table has one keyed by all its tags, so "latest row per
+    /// series" queries (and alert rules) read it instead of the table.
+    #[arg(long, env = "KILN_NO_DEFAULT_LAST_CACHES")]
+    pub no_default_last_caches: bool,
+
     /// Most databases writes may create.
     #[arg(long, env = "KILN_MAX_DATABASES", default_value_t = 100)]
     pub max_databases: usize,
@@ -300,6 +306,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         },
         wal_replay_skip_invalid: config.wal_replay_skip_invalid,
         last_cache_max_series: config.last_cache_max_series,
+        default_last_caches: !config.no_default_last_caches,
     };
     let engine = Engine::open(
         engine_config,

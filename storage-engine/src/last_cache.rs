@@ -20,16 +20,21 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_null_array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, UInt32Array,
+    new_null_array,
+};
 use arrow::compute::{cast, interleave};
-use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use arrow::datatypes::{DataType, Int32Type, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
+use arrow_select::dictionary::garbage_collect_any_dictionary;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::catalog::{ColumnType, TIME_COLUMN};
 use crate::dedup::align_to_schema;
+use crate::series::group_rows;
 
 /// Batches held before they are compacted into one.
 const MAX_BATCHES: usize = 32;
@@ -65,16 +70,10 @@ impl Rows {
         }
     }
 
-    /// One row per key, aligned to `schema`, in no particular order.
-    fn materialize(&self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
-        let aligned = self
-            .batches
-            .iter()
-            .map(|b| align_to_schema(b, schema))
-            .collect::<Result<Vec<_>, _>>()?;
-        let indices: Vec<(usize, usize)> =
-            self.entries.values().map(|e| (e.batch, e.row)).collect();
-        gather(schema, &aligned, &indices)
+    /// The held batches and where each key's row is in them, to read without the lock.
+    fn snapshot(&self) -> (Vec<RecordBatch>, Vec<(usize, usize)>) {
+        let indices = self.entries.values().map(|e| (e.batch, e.row)).collect();
+        (self.batches.clone(), indices)
     }
 
     /// Offers `batch`'s rows as newer than everything held.
@@ -84,7 +83,30 @@ impl Rows {
         };
         let time = cast(time, &DataType::Int64)?;
         let time = time.as_primitive::<Int64Type>();
-        let encoded = keys.encode(batch)?;
+        // Rows that can be a key's latest: those at the latest time of their group of
+        // equal dictionary keys. Only they are encoded (a batch repeats its series).
+        let key_columns = keys.columns(batch)?;
+        let dicts: Vec<_> = key_columns
+            .iter()
+            .map(|c| c.as_dictionary::<Int32Type>())
+            .collect();
+        let groups = group_rows(&dicts, batch.num_rows());
+        let mut group_latest = vec![i64::MIN; groups.first_rows.len()];
+        for (row, &g) in groups.group_of.iter().enumerate() {
+            if time.is_valid(row) {
+                let latest = &mut group_latest[g as usize];
+                *latest = (*latest).max(time.value(row));
+            }
+        }
+        let candidates = UInt32Array::from_iter_values(
+            (0..batch.num_rows())
+                .filter(|&row| {
+                    time.is_valid(row)
+                        && time.value(row) == group_latest[groups.group_of[row] as usize]
+                })
+                .map(|row| row as u32),
+        );
+        let encoded = keys.encode(&key_columns, &candidates)?;
         let key_of = |i: usize| -> &[u8] {
             match &encoded {
                 Some(rows) => rows.row(i).data(),
@@ -92,17 +114,14 @@ impl Rows {
             }
         };
         // The latest time of each key in this batch, and its rows at that time in order.
-        let mut latest: HashMap<&[u8], (i64, Vec<usize>)> = HashMap::new();
-        for i in 0..batch.num_rows() {
-            if time.is_null(i) {
-                continue;
-            }
-            let t = time.value(i);
+        let mut latest: HashMap<&[u8], (i64, Vec<usize>), ahash::RandomState> = HashMap::default();
+        for (i, &row) in candidates.values().iter().enumerate() {
+            let (row, t) = (row as usize, time.value(row as usize));
             let slot = latest.entry(key_of(i)).or_insert((t, Vec::new()));
             if t > slot.0 {
-                *slot = (t, vec![i]);
+                *slot = (t, vec![row]);
             } else if t == slot.0 {
-                slot.1.push(i);
+                slot.1.push(row);
             }
         }
         let index = self.batches.len();
@@ -127,30 +146,21 @@ impl Rows {
         }
         // Every source aligned to one schema: the batch's widened by columns held rows have.
         let schema = wider_schema(&self.batches, batch.schema())?;
-        let mut sources: Vec<RecordBatch> = self
-            .batches
-            .iter()
-            .map(|b| align_to_schema(b, &schema))
-            .collect::<Result<_, _>>()?;
-        sources.push(align_to_schema(batch, &schema)?);
-        self.batches = sources;
-        self.apply(&schema, updates)?;
-        // The new batch is referenced only through the merged rows.
-        self.batches.remove(index);
-        for e in self.entries.values_mut() {
-            if e.batch > index {
-                e.batch -= 1;
-            }
+        if self.batches.first().is_some_and(|b| b.schema() != schema) {
+            self.batches = align_all(&self.batches, &schema)?;
         }
+        let new = align_to_schema(batch, &schema)?;
+        let sources: Vec<&RecordBatch> = self.batches.iter().chain([&new]).collect();
+        let merged = overlay(&schema, &sources, &updates)?;
+        self.apply(merged, updates);
         if self.batches.len() > MAX_BATCHES {
             self.compact(&schema)?;
         }
         Ok(())
     }
 
-    /// Appends one batch holding each update's merged row, and points the keys at it.
-    fn apply(&mut self, schema: &SchemaRef, updates: Vec<Update>) -> Result<(), ArrowError> {
-        let merged = overlay(schema, &self.batches, &updates)?;
+    /// Appends `merged`, one row per update, and points the updates' keys at it.
+    fn apply(&mut self, merged: RecordBatch, updates: Vec<Update>) {
         let at = self.batches.len();
         self.batches.push(merged);
         for (row, u) in updates.into_iter().enumerate() {
@@ -163,7 +173,6 @@ impl Rows {
                 },
             );
         }
-        Ok(())
     }
 
     /// Adds `older`'s rows where they are newer than this cache's, merging where both have
@@ -195,20 +204,19 @@ impl Rows {
                 sources,
             });
         }
+        let merged = (!updates.is_empty())
+            .then(|| overlay(&schema, &sources.iter().collect::<Vec<_>>(), &updates))
+            .transpose()?;
         self.batches = sources;
-        if !updates.is_empty() {
-            self.apply(&schema, updates)?;
+        if let Some(merged) = merged {
+            self.apply(merged, updates);
         }
         self.compact(&schema)
     }
 
     /// Rewrites the held rows as one batch of exactly one row per key.
     fn compact(&mut self, schema: &SchemaRef) -> Result<(), ArrowError> {
-        let aligned = self
-            .batches
-            .iter()
-            .map(|b| align_to_schema(b, schema))
-            .collect::<Result<Vec<_>, _>>()?;
+        let aligned = align_all(&self.batches, schema)?;
         let keys: Vec<Box<[u8]>> = self.entries.keys().cloned().collect();
         let indices: Vec<(usize, usize)> = keys
             .iter()
@@ -245,6 +253,11 @@ fn wider_schema(batches: &[RecordBatch], schema: SchemaRef) -> Result<SchemaRef,
     Ok(Arc::new(arrow::datatypes::Schema::new(fields)))
 }
 
+/// `batches` aligned to `schema`.
+fn align_all(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Vec<RecordBatch>, ArrowError> {
+    batches.iter().map(|b| align_to_schema(b, schema)).collect()
+}
+
 /// The rows `indices` ((batch, row) pairs) of `sources` as one batch.
 fn gather(
     schema: &SchemaRef,
@@ -260,16 +273,29 @@ fn gather(
             interleave(&arrays, indices)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(Arc::clone(schema), columns)
+    RecordBatch::try_new_with_options(
+        Arc::clone(schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(indices.len())),
+    )
 }
 
 /// One row per update: each field from the last of its sources (oldest first) where that
 /// field is not NULL, the last-write-wins merge of rows at one time.
 fn overlay(
     schema: &SchemaRef,
-    sources: &[RecordBatch],
+    sources: &[&RecordBatch],
     updates: &[Update],
 ) -> Result<RecordBatch, ArrowError> {
+    // Most often every update is one new row of one batch: a take.
+    if let Some(&(batch, _)) = updates.first().and_then(|u| u.sources.first())
+        && updates
+            .iter()
+            .all(|u| matches!(u.sources.as_slice(), [(b, _)] if *b == batch))
+    {
+        let rows = UInt32Array::from_iter_values(updates.iter().map(|u| u.sources[0].1 as u32));
+        return arrow::compute::take_record_batch(sources[batch], &rows);
+    }
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for c in 0..schema.fields().len() {
         let picks: Vec<(usize, usize)> = updates
@@ -312,23 +338,34 @@ impl KeyEncoder {
         Ok(Self { columns, converter })
     }
 
-    /// The keys of `batch`'s rows; `None` when the cache has no key columns (one row for
-    /// the whole table).
-    fn encode(&self, batch: &RecordBatch) -> Result<Option<arrow::row::Rows>, ArrowError> {
-        if self.columns.is_empty() {
-            return Ok(None);
-        }
+    /// `batch`'s key columns as tags (dictionaries); NULL for a column it lacks.
+    fn columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>, ArrowError> {
         let tag = ColumnType::Tag.arrow_type();
-        let arrays: Vec<ArrayRef> = self
-            .columns
+        self.columns
             .iter()
             .map(|name| match batch.column_by_name(name) {
                 Some(a) if a.data_type() == &tag => Ok(Arc::clone(a)),
                 Some(a) => cast(a, &tag),
                 None => Ok(new_null_array(&tag, batch.num_rows())),
             })
-            .collect::<Result<_, _>>()?;
-        self.converter.convert_columns(&arrays).map(Some)
+            .collect()
+    }
+
+    /// The keys of the rows `rows` of `columns` (from [`Self::columns`]); `None` when the
+    /// cache has no key columns (one row for the whole table).
+    fn encode(
+        &self,
+        columns: &[ArrayRef],
+        rows: &UInt32Array,
+    ) -> Result<Option<arrow::row::Rows>, ArrowError> {
+        if self.columns.is_empty() {
+            return Ok(None);
+        }
+        let picked = columns
+            .iter()
+            .map(|c| arrow::compute::take(c.as_ref(), rows, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.converter.convert_columns(&picked).map(Some)
     }
 }
 
@@ -425,9 +462,60 @@ impl LastCache {
         }
     }
 
-    /// The latest row of every key, aligned to `schema`.
+    /// The latest row of every key, aligned to `schema`, in no particular order.
     pub fn rows(&self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
-        self.live.lock().materialize(schema)
+        let (batches, indices) = self.live.lock().snapshot();
+        gather(schema, &align_all(&batches, schema)?, &indices)
+    }
+
+    /// The latest rows of the keys `keep` selects, aligned to `schema`, in no particular
+    /// order. `keep` is shown the key columns of every key (those in `schema`, in its
+    /// types) and answers which to return (NULL: not returned). Selecting a few series of
+    /// many costs their key columns, not their rows, and the returned dictionaries hold
+    /// only the values the returned rows use.
+    pub fn rows_where<E: From<ArrowError>>(
+        &self,
+        schema: &SchemaRef,
+        keep: impl FnOnce(&RecordBatch) -> Result<BooleanArray, E>,
+    ) -> Result<RecordBatch, E> {
+        let (batches, indices) = self.live.lock().snapshot();
+        let aligned = align_all(&batches, schema)?;
+        let key_columns: Vec<usize> = self
+            .key_columns
+            .iter()
+            .filter_map(|name| schema.index_of(name).ok())
+            .collect();
+        let key_schema = Arc::new(schema.project(&key_columns)?);
+        let key_sources = aligned
+            .iter()
+            .map(|b| b.project(&key_columns))
+            .collect::<Result<Vec<_>, _>>()?;
+        let keys = gather(&key_schema, &key_sources, &indices)?;
+        let kept = keep(&keys)?;
+        if kept.len() != indices.len() {
+            return Err(ArrowError::ComputeError(format!(
+                "a last-value cache selection answered for {} of {} series",
+                kept.len(),
+                indices.len()
+            ))
+            .into());
+        }
+        let selected: Vec<(usize, usize)> = indices
+            .into_iter()
+            .zip(kept.iter())
+            .filter(|(_, k)| *k == Some(true))
+            .map(|(i, _)| i)
+            .collect();
+        let rows = gather(schema, &aligned, &selected)?;
+        let columns = rows
+            .columns()
+            .iter()
+            .map(|c| match c.as_any_dictionary_opt() {
+                Some(d) => garbage_collect_any_dictionary(d),
+                None => Ok(Arc::clone(c)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new(rows.schema(), columns)?)
     }
 
     /// How many keys the cache holds.
@@ -480,23 +568,35 @@ mod tests {
     use arrow::array::{
         DictionaryArray, Float64Array, Int32Array, StringArray, TimestampNanosecondArray,
     };
-    use arrow::datatypes::{Field, Int32Type, Schema};
+    use std::collections::BTreeMap;
+
+    use arrow::datatypes::{Field, Schema};
 
     use super::*;
 
     fn batch(rows: &[(&str, i64, Option<f64>, Option<f64>)]) -> RecordBatch {
+        batch_with(rows, false)
+    }
+
+    /// `shared`: one dictionary entry per distinct host (as the write path builds them),
+    /// else one per row (values repeat).
+    fn batch_with(rows: &[(&str, i64, Option<f64>, Option<f64>)], shared: bool) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("host", ColumnType::Tag.arrow_type(), true),
             Field::new("time", ColumnType::Time.arrow_type(), false),
             Field::new("a", DataType::Float64, true),
             Field::new("b", DataType::Float64, true),
         ]));
-        let hosts: DictionaryArray<Int32Type> = DictionaryArray::new(
-            Int32Array::from((0..rows.len() as i32).collect::<Vec<_>>()),
-            Arc::new(StringArray::from(
-                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-            )),
-        );
+        let hosts: DictionaryArray<Int32Type> = if shared {
+            rows.iter().map(|r| r.0).collect()
+        } else {
+            DictionaryArray::new(
+                Int32Array::from((0..rows.len() as i32).collect::<Vec<_>>()),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+            )
+        };
         RecordBatch::try_new(
             schema,
             vec![
@@ -515,11 +615,13 @@ mod tests {
         .unwrap()
     }
 
-    fn latest(
-        cache: &LastCache,
-        schema: &SchemaRef,
-    ) -> Vec<(String, i64, Option<f64>, Option<f64>)> {
-        let b = cache.rows(schema).unwrap();
+    type Row = (String, i64, Option<f64>, Option<f64>);
+
+    fn latest(cache: &LastCache, schema: &SchemaRef) -> Vec<Row> {
+        rows_of(&cache.rows(schema).unwrap())
+    }
+
+    fn rows_of(b: &RecordBatch) -> Vec<Row> {
         let host = cast(b.column(0), &DataType::Utf8).unwrap();
         let host = host.as_string::<i32>();
         let time = cast(b.column(1), &DataType::Int64).unwrap();
@@ -589,5 +691,69 @@ mod tests {
             latest(&cache, &schema)[0],
             ("x".into(), 99, Some(99.0), None)
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever the writes (series repeated within a batch, rewrites of a latest time
+        /// setting some fields, dictionaries shared or repeating values, enough batches
+        /// to compact), the cache holds each host's row at its latest time with each
+        /// field from the last write that set it; selecting hosts returns theirs alone,
+        /// with dictionaries holding only their values.
+        #[test]
+        fn holds_what_the_last_write_wins_rule_gives(
+            writes in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        (0..4usize, 0..6i64, proptest::option::of(0..100i32),
+                         proptest::option::of(0..100i32)),
+                        1..8,
+                    ),
+                    proptest::bool::ANY,
+                ),
+                1..45,
+            ),
+            picked in proptest::collection::btree_set(0..4usize, 0..4),
+        ) {
+            const HOSTS: [&str; 4] = ["h0", "h1", "h2", "h3"];
+            let cache = LastCache::new(vec!["host".into()], 1_000).unwrap();
+            let schema = batch(&[]).schema();
+            let mut model: BTreeMap<String, Row> = BTreeMap::new();
+            for (rows, shared) in &writes {
+                let rows: Vec<_> = rows
+                    .iter()
+                    .map(|&(h, t, a, b)| (HOSTS[h], t, a.map(f64::from), b.map(f64::from)))
+                    .collect();
+                cache.offer(&batch_with(&rows, *shared));
+                for &(h, t, a, b) in &rows {
+                    let held = model.entry(h.to_owned()).or_insert((h.to_owned(), t, a, b));
+                    if t > held.1 {
+                        *held = (h.to_owned(), t, a, b);
+                    } else if t == held.1 {
+                        held.2 = a.or(held.2);
+                        held.3 = b.or(held.3);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(latest(&cache, &schema), model.values().cloned().collect::<Vec<_>>());
+            let wanted: Vec<&str> = picked.iter().map(|&h| HOSTS[h]).collect();
+            let selected = cache
+                .rows_where(&schema, |keys| {
+                    let hosts = cast(keys.column(0), &DataType::Utf8)?;
+                    Ok::<_, ArrowError>(
+                        hosts
+                            .as_string::<i32>()
+                            .iter()
+                            .map(|h| Some(h.is_some_and(|h| wanted.contains(&h))))
+                            .collect(),
+                    )
+                })
+                .unwrap();
+            let rows = rows_of(&selected);
+            let expected: Vec<Row> =
+                model.values().filter(|r| wanted.contains(&r.0.as_str())).cloned().collect();
+            proptest::prop_assert_eq!(&rows, &expected);
+            let values = selected.column(0).as_any_dictionary().values().len();
+            proptest::prop_assert_eq!(values, expected.len());
+        }
     }
 }

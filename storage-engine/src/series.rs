@@ -152,17 +152,20 @@ struct Snapshot {
 }
 
 /// A batch's rows grouped by series.
-struct Groups {
+pub(crate) struct Groups {
     /// Group of each row.
-    group_of: Vec<u32>,
+    pub(crate) group_of: Vec<u32>,
     /// First row of each group.
-    first_rows: Vec<usize>,
+    pub(crate) first_rows: Vec<usize>,
 }
 
 /// Groups rows by their tags' dictionary keys (`-1` for null): a hash of the keys finds a
 /// candidate group, whose first row is compared key by key; rows whose hash collides
 /// with another tag set's go through a map of the keys themselves.
-fn group_rows(dicts: &[&arrow::array::DictionaryArray<Int32Type>], rows: usize) -> Groups {
+pub(crate) fn group_rows(
+    dicts: &[&arrow::array::DictionaryArray<Int32Type>],
+    rows: usize,
+) -> Groups {
     let keys: Vec<_> = dicts.iter().map(|d| (d.keys(), d.nulls())).collect();
     let key = |i: usize, row: usize| -> i32 {
         let (k, nulls) = &keys[i];

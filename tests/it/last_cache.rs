@@ -38,6 +38,30 @@ async fn agree(server: &TestServer, hosts: usize) {
         "DISTINCT ON should read the cache"
     );
     assert!(!plan(server, FULL).await.contains("last-value cache"));
+
+    // A filter on the key columns picks series before any row is read; one on other
+    // columns is applied to the rows read.
+    let some = "SELECT DISTINCT ON (host) host, usage FROM cpu WHERE host IN ('h1', 'h3') \
+                ORDER BY host, time DESC";
+    let some_full = "SELECT DISTINCT ON (host) host, usage FROM cpu WHERE host IN ('h1', 'h3') \
+                     AND time >= '1970-01-01T00:00:00Z' ORDER BY host, time DESC";
+    let expected = rows(server, some_full).await;
+    assert_eq!(expected.len(), 2);
+    assert_eq!(rows(server, some).await, expected);
+    assert!(
+        plan(server, some)
+            .await
+            .contains("last-value cache (2 series)")
+    );
+    let mixed = "SELECT * FROM last_cache('plant', 'cpu') WHERE host <> 'h0' AND usage > 1192 \
+                 ORDER BY host";
+    let expected: Vec<_> = full
+        .iter()
+        .filter(|r| r["host"] != "h0" && r["usage"].as_f64().unwrap() > 1192.0)
+        .cloned()
+        .collect();
+    assert!(!expected.is_empty() && expected.len() < hosts - 1);
+    assert_eq!(rows(server, mixed).await, expected);
 }
 
 fn lines(hosts: usize, from: i64, minutes: i64) -> String {
@@ -59,11 +83,13 @@ fn lines(hosts: usize, from: i64, minutes: i64) -> String {
 async fn last_cache_matches_the_full_query_through_writes_persistence_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut server = TestServer::start(&data, &[]);
+    // Caches created and dropped here alone.
+    let start = |data| TestServer::start(data, &["--no-default-last-caches"]);
+    let mut server = start(&data);
     server.write_ok("plant", &lines(5, 0, 90)).await;
     // Persist part of it, so the cache warms from segments and the buffer.
     server.terminate();
-    server = TestServer::start(&data, &[]);
+    server = start(&data);
     server.write_ok("plant", &lines(5, 90, 30)).await;
 
     let host = server.base.clone();
@@ -85,18 +111,17 @@ async fn last_cache_matches_the_full_query_through_writes_persistence_and_restar
     assert!(out.contains("\"host\"") && out.contains("\"dc\""), "{out}");
     // Reading the cache waits until it is warm; the planner uses it only then.
     assert_eq!(rows(&server, FROM_CACHE).await.len(), 5);
-    // DISTINCT ON must name exactly the cache's key columns for the planner to use it.
+    // DISTINCT ON names the cache's key columns, or some of them (the latest of the
+    // cached rows of each host).
     let by_host_dc = "SELECT DISTINCT ON (host, dc) * FROM cpu ORDER BY host, dc, time DESC";
     assert!(
         plan(&server, by_host_dc)
             .await
             .contains("last-value cache (5 series)")
     );
-    assert!(
-        !plan(&server, DISTINCT_ON)
-            .await
-            .contains("last-value cache")
-    );
+    agree(&server, 5).await;
+    let on_field = "SELECT DISTINCT ON (host) * FROM cpu WHERE usage > 0 ORDER BY host, time DESC";
+    assert!(!plan(&server, on_field).await.contains("last-value cache"));
     // Keyed by host alone (replacing the first).
     let (ok, _, err) = kiln(
         &[
@@ -133,13 +158,13 @@ async fn last_cache_matches_the_full_query_through_writes_persistence_and_restar
 
     // A clean restart (persists everything): the cache is in the catalog and warms again.
     server.terminate();
-    server = TestServer::start(&data, &[]);
+    server = start(&data);
     agree(&server, 6).await;
 
     // kill -9 with writes only in the WAL: replayed, and still the same answer.
     server.write_ok("plant", &lines(6, 120, 5)).await;
     server.kill9();
-    server = TestServer::start(&data, &[]);
+    server = start(&data);
     agree(&server, 7).await;
 
     // Dropped: the table function says so and the planner reads the table.
@@ -238,4 +263,88 @@ async fn a_cache_past_its_series_limit_says_so_and_queries_read_the_table() {
     assert!(!status.is_success(), "{text}");
     assert!(text.contains("--last-cache-max-series"), "{text}");
     assert_eq!(rows(&server, DISTINCT_ON).await.len(), 4);
+}
+
+/// Until it answers from the cache, and then the full query's answer.
+async fn answered_from_cache(server: &TestServer) {
+    for _ in 0..100 {
+        if plan(server, DISTINCT_ON).await.contains("last-value cache") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        plan(server, DISTINCT_ON).await.contains("last-value cache"),
+        "DISTINCT ON should read the default cache"
+    );
+    assert_eq!(rows(server, DISTINCT_ON).await, rows(server, FULL).await);
+}
+
+/// Every table has a cache keyed by all its tags without anyone creating one: it follows a
+/// new tag, comes back from its snapshot after a clean restart and a `kill -9` (WAL
+/// replayed on top), and a snapshot older than the persisted data (stored before default
+/// caches were turned off for a while) is not trusted.
+#[tokio::test]
+async fn every_table_has_a_default_cache_that_survives_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = TestServer::start(&data, &[]);
+    server.write_ok("plant", &lines(5, 0, 90)).await;
+    // DISTINCT ON (host) over a cache keyed by (host, dc).
+    assert!(
+        plan(&server, DISTINCT_ON)
+            .await
+            .contains("last-value cache (5 series)")
+    );
+    answered_from_cache(&server).await;
+    assert_eq!(rows(&server, FROM_CACHE).await, rows(&server, FULL).await);
+
+    // A new tag: h0 has a second series, whose row is h0's latest.
+    let t = (1_704_067_200 + 95 * 60) * 1_000_000_000i64;
+    server
+        .write_ok(
+            "plant",
+            &format!("cpu,host=h0,dc=eu,line=l1 usage=7777 {t}\n"),
+        )
+        .await;
+    assert!(
+        plan(&server, DISTINCT_ON)
+            .await
+            .contains("last-value cache (6 series)")
+    );
+    answered_from_cache(&server).await;
+    let h0 = rows(&server, DISTINCT_ON).await;
+    assert_eq!(h0[0]["usage"], serde_json::json!(7777.0));
+    assert_eq!(h0[0]["line"], "l1");
+
+    // A clean restart persists and snapshots; the cache is loaded, not re-read.
+    server.terminate();
+    assert!(data.join("objects/last_values").is_dir());
+    server = TestServer::start(&data, &[]);
+    answered_from_cache(&server).await;
+
+    // Writes only in the WAL, then kill -9: snapshot plus replay.
+    server.write_ok("plant", &lines(5, 120, 3)).await;
+    server.kill9();
+    server = TestServer::start(&data, &[]);
+    answered_from_cache(&server).await;
+    assert_eq!(rows(&server, DISTINCT_ON).await[1]["usage"], 1221.0);
+
+    // Default caches off while newer rows are persisted: the old snapshot does not
+    // cover them, so the cache reads the table when they are back on.
+    server.terminate();
+    server = TestServer::start(&data, &["--no-default-last-caches"]);
+    assert!(
+        !plan(&server, DISTINCT_ON)
+            .await
+            .contains("last-value cache")
+    );
+    server
+        .write_ok("plant", "cpu,host=h1,dc=eu usage=-42 1704081600000000000\n")
+        .await;
+    server.terminate();
+    server = TestServer::start(&data, &[]);
+    assert_eq!(rows(&server, FROM_CACHE).await.len(), 6);
+    answered_from_cache(&server).await;
+    assert_eq!(rows(&server, DISTINCT_ON).await[1]["usage"], -42.0);
 }

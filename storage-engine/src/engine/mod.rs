@@ -1,10 +1,9 @@
 //! The storage engine: WAL + write buffer + persistence + catalog, behind one handle.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use futures::{StreamExt, TryStreamExt};
@@ -13,22 +12,23 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::buffer::{BufferPartition, Chunk, WriteBuffer, time_range};
 use crate::catalog::{
-    self, Catalog, CatalogEvent, CatalogState, LastCacheDef, SegmentMeta, SourcePosition, TableDef,
+    self, Catalog, CatalogEvent, CatalogState, SegmentMeta, SourcePosition, TableDef,
 };
 use crate::dedup::merge_last_write_wins;
 use crate::ids::{SegmentId, SequenceNumber, TableId};
-use crate::last_cache::{LastCache, Warming};
 use crate::persist::{encode_segment, sort_key};
 use crate::series::SeriesTracker;
 use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
 use crate::write::{SourceRange, WriteBatch};
 
 mod compact;
+mod last_caches;
 #[cfg(test)]
 mod tests;
 
 pub use compact::{CompactionOutcome, ReadLease};
 use compact::{ReadGeneration, segment_path, sweep_unreferenced};
+use last_caches::LastCaches;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -116,6 +116,8 @@ pub struct EngineConfig {
     /// Most series (keys) a last-value cache holds; one that would hold more stops
     /// answering (queries read the table instead).
     pub last_cache_max_series: usize,
+    /// Every table without a defined last-value cache gets one keyed by all its tags.
+    pub default_last_caches: bool,
 }
 
 impl EngineConfig {
@@ -132,6 +134,7 @@ impl EngineConfig {
             schema_limits: crate::catalog::SchemaLimits::default(),
             wal_replay_skip_invalid: false,
             last_cache_max_series: 1_000_000,
+            default_last_caches: true,
         }
     }
 }
@@ -264,26 +267,6 @@ async fn load_series(store: &Arc<dyn ObjectStore>, series: &SeriesTracker) {
     }
 }
 
-/// The tables' last-value caches, fed by every applied write.
-#[derive(Debug, Default)]
-struct LastCaches {
-    tables: parking_lot::RwLock<HashMap<TableId, Arc<LastCache>>>,
-}
-
-impl LastCaches {
-    fn offer(&self, write: &WriteBatch) {
-        let tables = self.tables.read();
-        if tables.is_empty() {
-            return;
-        }
-        for tw in &write.tables {
-            if let Some(cache) = tables.get(&tw.table) {
-                cache.offer(&tw.batch);
-            }
-        }
-    }
-}
-
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -314,6 +297,13 @@ impl Engine {
         let sources = Arc::new(SourcePositions::from_catalog(&state.source_positions));
         let series = Arc::new(SeriesTracker::default());
         load_series(&store, &series).await;
+        let loaded = last_caches::load(
+            &store,
+            &state,
+            config.default_last_caches,
+            config.last_cache_max_series,
+        )
+        .await;
 
         let wal_config = WalConfig {
             dir: config.wal_dir.clone(),
@@ -324,6 +314,7 @@ impl Engine {
         let replay_buffer = Arc::clone(&buffer);
         let replay_sources = Arc::clone(&sources);
         let replay_series = Arc::clone(&series);
+        let replay_caches = Arc::clone(loaded.caches());
         let observer = wal_observer.unwrap_or_else(|| Arc::new(NoObserver));
         let skip_invalid = config.wal_replay_skip_invalid;
         let skipped_dir = config.wal_dir.join("skipped");
@@ -350,6 +341,7 @@ impl Engine {
                         }
                         Err(reason) => return Err(reason),
                     };
+                    replay_caches.offer_replayed(&batch);
                     replay_buffer.apply(record.sequence, &batch, &state);
                     replay_sources.record(&batch.sources);
                     for tw in &batch.tables {
@@ -391,63 +383,12 @@ impl Engine {
             )))),
             deletable,
             stats: EngineStats::default(),
-            last_caches: Arc::default(),
+            last_caches: Arc::clone(loaded.caches()),
             sources,
             series,
         });
-        for def in engine.catalog.snapshot().last_caches.values() {
-            engine.start_last_cache(def);
-        }
+        engine.start_last_caches(loaded);
         Ok(engine)
-    }
-
-    /// Registers a cache for `def` (fed by writes from now on) and warms it in the
-    /// background from the table's segments and buffer.
-    fn start_last_cache(self: &Arc<Self>, def: &LastCacheDef) {
-        let cache = match LastCache::new(def.key_columns.clone(), self.config.last_cache_max_series)
-        {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                tracing::error!(error = %e, table = %def.table, "cannot make a last-value cache");
-                return;
-            }
-        };
-        self.last_caches
-            .tables
-            .write()
-            .insert(def.table, Arc::clone(&cache));
-        let engine = Arc::clone(self);
-        let table = def.table;
-        tokio::spawn(async move {
-            let started = Instant::now();
-            match engine.warm_last_cache(table, &cache).await {
-                Ok(()) => tracing::info!(
-                    %table,
-                    series = cache.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "last-value cache warm"
-                ),
-                Err(e) => cache.fail(crate::error_chain(&e)),
-            }
-        });
-    }
-
-    /// Feeds `cache` every row of `table` now in segments and the buffer, oldest write
-    /// first, one segment at a time (never the whole table in memory), and marks it warm.
-    async fn warm_last_cache(&self, table: TableId, cache: &Arc<LastCache>) -> Result<()> {
-        let mut warming = cache.warming();
-        if let Some(data) = self.table_data(table, i64::MIN, i64::MAX) {
-            for segment in &data.segments {
-                warming = gather(warming, self.read_segment(segment).await?).await?;
-            }
-            let buffered = data
-                .buffer
-                .into_iter()
-                .flat_map(|p| p.chunks.into_iter().map(|c| c.batch))
-                .collect();
-            warming = gather(warming, buffered).await?;
-        }
-        warming.finish().map_err(warming_failed)
     }
 
     /// Every row of one segment. `time` comes labelled UTC; merging relabels it for free.
@@ -474,47 +415,6 @@ impl Engine {
             .map_err(read_error)?
             .map(|batch| batch.map_err(|e| read_error(e.into())))
             .collect()
-    }
-
-    /// Gives `table` of `database` a last-value cache keyed by `key_columns` (all its tags
-    /// if empty), recorded in the catalog; it is warm once the table's rows are read.
-    pub async fn create_last_cache(
-        self: &Arc<Self>,
-        database: &str,
-        table: &str,
-        key_columns: &[String],
-    ) -> Result<LastCacheDef> {
-        let def = self
-            .catalog
-            .create_last_cache(database, table, key_columns)
-            .await?;
-        self.start_last_cache(&def);
-        Ok(def)
-    }
-
-    /// Drops the last-value cache of `table`; `false` if it had none.
-    pub async fn drop_last_cache(&self, database: &str, table: &str) -> Result<bool> {
-        let id = self.catalog.snapshot().table(database, table).map(|t| t.id);
-        let dropped = self.catalog.drop_last_cache(database, table).await?;
-        if let Some(id) = id {
-            self.last_caches.tables.write().remove(&id);
-        }
-        Ok(dropped)
-    }
-
-    /// The last-value cache of `table`, if it has one.
-    pub fn last_cache(&self, table: TableId) -> Option<Arc<LastCache>> {
-        self.last_caches.tables.read().get(&table).cloned()
-    }
-
-    /// Last-value caches that stopped answering (see [`crate::last_cache::CacheStatus`]).
-    pub fn failed_last_caches(&self) -> usize {
-        self.last_caches
-            .tables
-            .read()
-            .values()
-            .filter(|c| matches!(c.status(), crate::last_cache::CacheStatus::Failed(_)))
-            .count()
     }
 
     /// Every series seen, and per-table write quality.
@@ -576,12 +476,11 @@ impl Engine {
         let task = tokio::spawn(async move {
             let seq = wal.append(RecordKind::WriteBatch, payload).await?;
             let state = catalog.snapshot();
-            buffer.apply(seq, &batch, &state);
-            sources.record(&batch.sources);
-            // The projections below are conveniences rebuilt from the log; a bug in one
-            // must not leave a logged write unapplied (the buffer has it already).
+            // The projections first: a persistence that finds this write in the buffer
+            // then stores projections that have it. They are conveniences rebuilt from
+            // the log; a bug in one must not leave a logged write unapplied.
             let projections = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                last_caches.offer(&batch);
+                last_caches.offer(&batch, &state);
                 for tw in &batch.tables {
                     series.offer(&state, tw.table, &tw.batch, true);
                 }
@@ -589,6 +488,8 @@ impl Engine {
             if projections.is_err() {
                 tracing::error!(sequence = %seq, "updating the last-value caches or the series inventory panicked; the write is applied");
             }
+            buffer.apply(seq, &batch, &state);
+            sources.record(&batch.sources);
             Ok::<_, Error>(seq)
         });
         let seq = task.await.map_err(Error::Task)??;
@@ -771,6 +672,9 @@ impl Engine {
                 path: path.to_string(),
                 source,
             })?;
+        self.last_caches
+            .snapshot(&self.store, &self.catalog.snapshot(), through)
+            .await?;
         self.catalog.commit(events).await?;
         self.stats
             .segments_persisted
@@ -904,22 +808,6 @@ async fn encode(def: &TableDef, batches: Vec<RecordBatch>) -> Result<(RecordBatc
 }
 
 /// Offers `batches` to a cache's warm-up on a blocking thread.
-async fn gather(mut warming: Warming, batches: Vec<RecordBatch>) -> Result<Warming> {
-    tokio::task::spawn_blocking(move || {
-        for batch in &batches {
-            warming.offer(batch)?;
-        }
-        Ok(warming)
-    })
-    .await
-    .map_err(Error::Task)?
-    .map_err(warming_failed)
-}
-
-fn warming_failed(e: arrow::error::ArrowError) -> Error {
-    Error::LastCache(e)
-}
-
 struct NoObserver;
 impl WalObserver for NoObserver {}
 
