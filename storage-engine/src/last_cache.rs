@@ -19,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, UInt32Array,
@@ -49,23 +50,38 @@ struct Entry {
 
 /// A key's new latest row: the rows at its `time` to merge, oldest first, as (batch, row)
 /// in the sources being merged.
-struct Update {
-    key: Box<[u8]>,
+struct Update<K> {
+    key: K,
     time: i64,
-    sources: Vec<(usize, usize)>,
+    sources: Sources,
+}
+
+/// An update's rows: most often one (no allocation).
+enum Sources {
+    One((usize, usize)),
+    Many(Vec<(usize, usize)>),
+}
+
+impl Sources {
+    fn as_slice(&self) -> &[(usize, usize)] {
+        match self {
+            Sources::One(s) => std::slice::from_ref(s),
+            Sources::Many(v) => v,
+        }
+    }
 }
 
 /// The latest rows of one table, per key.
 #[derive(Debug)]
 struct Rows {
-    entries: HashMap<Box<[u8]>, Entry>,
+    entries: HashMap<Box<[u8]>, Entry, ahash::RandomState>,
     batches: Vec<RecordBatch>,
 }
 
 impl Rows {
     fn new() -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             batches: Vec::new(),
         }
     }
@@ -113,30 +129,37 @@ impl Rows {
                 None => &[],
             }
         };
-        // The latest time of each key in this batch, and its rows at that time in order.
-        let mut latest: HashMap<&[u8], (i64, Vec<usize>), ahash::RandomState> = HashMap::default();
+        // The latest time of each key in this batch, and its rows at that time in order
+        // (the first, then any more).
+        let mut latest: HashMap<&[u8], (i64, usize, Vec<usize>), ahash::RandomState> =
+            HashMap::with_capacity_and_hasher(candidates.len(), ahash::RandomState::new());
         for (i, &row) in candidates.values().iter().enumerate() {
             let (row, t) = (row as usize, time.value(row as usize));
-            let slot = latest.entry(key_of(i)).or_insert((t, Vec::new()));
+            let slot = latest.entry(key_of(i)).or_insert((t, row, Vec::new()));
             if t > slot.0 {
-                *slot = (t, vec![row]);
-            } else if t == slot.0 {
-                slot.1.push(row);
+                *slot = (t, row, Vec::new());
+            } else if t == slot.0 && row != slot.1 {
+                slot.2.push(row);
             }
         }
         let index = self.batches.len();
-        let mut updates = Vec::new();
-        for (key, (t, rows)) in latest {
-            let sources: Vec<(usize, usize)> = match self.entries.get(key) {
-                Some(e) if e.time > t => continue,
+        let mut updates = Vec::with_capacity(latest.len());
+        for (key, (t, first, more)) in latest {
+            let held = self.entries.get(key).map(|e| (e.time, (e.batch, e.row)));
+            let new_rows = std::iter::once(first).chain(more.iter().copied());
+            let sources = match held {
+                Some((time, _)) if time > t => continue,
                 // The same time again: the held row first, overlaid by the new rows.
-                Some(e) if e.time == t => std::iter::once((e.batch, e.row))
-                    .chain(rows.iter().map(|&r| (index, r)))
-                    .collect(),
-                _ => rows.iter().map(|&r| (index, r)).collect(),
+                Some((time, at)) if time == t => Sources::Many(
+                    std::iter::once(at)
+                        .chain(new_rows.map(|r| (index, r)))
+                        .collect(),
+                ),
+                _ if more.is_empty() => Sources::One((index, first)),
+                _ => Sources::Many(new_rows.map(|r| (index, r)).collect()),
             };
             updates.push(Update {
-                key: key.into(),
+                key,
                 time: t,
                 sources,
             });
@@ -160,18 +183,21 @@ impl Rows {
     }
 
     /// Appends `merged`, one row per update, and points the updates' keys at it.
-    fn apply(&mut self, merged: RecordBatch, updates: Vec<Update>) {
+    fn apply<K: AsRef<[u8]>>(&mut self, merged: RecordBatch, updates: Vec<Update<K>>) {
         let at = self.batches.len();
         self.batches.push(merged);
         for (row, u) in updates.into_iter().enumerate() {
-            self.entries.insert(
-                u.key,
-                Entry {
-                    time: u.time,
-                    batch: at,
-                    row,
-                },
-            );
+            let entry = Entry {
+                time: u.time,
+                batch: at,
+                row,
+            };
+            match self.entries.get_mut(u.key.as_ref()) {
+                Some(held) => *held = entry,
+                None => {
+                    self.entries.insert(u.key.as_ref().into(), entry);
+                }
+            }
         }
     }
 
@@ -195,8 +221,10 @@ impl Rows {
             let old = (e.batch + offset, e.row);
             let sources = match self.entries.get(&key) {
                 Some(mine) if mine.time > e.time => continue,
-                Some(mine) if mine.time == e.time => vec![old, (mine.batch, mine.row)],
-                _ => vec![old],
+                Some(mine) if mine.time == e.time => {
+                    Sources::Many(vec![old, (mine.batch, mine.row)])
+                }
+                _ => Sources::One(old),
             };
             updates.push(Update {
                 key,
@@ -282,31 +310,32 @@ fn gather(
 
 /// One row per update: each field from the last of its sources (oldest first) where that
 /// field is not NULL, the last-write-wins merge of rows at one time.
-fn overlay(
+fn overlay<K>(
     schema: &SchemaRef,
     sources: &[&RecordBatch],
-    updates: &[Update],
+    updates: &[Update<K>],
 ) -> Result<RecordBatch, ArrowError> {
     // Most often every update is one new row of one batch: a take.
-    if let Some(&(batch, _)) = updates.first().and_then(|u| u.sources.first())
+    if let Some(Sources::One((batch, _))) = updates.first().map(|u| &u.sources)
         && updates
             .iter()
-            .all(|u| matches!(u.sources.as_slice(), [(b, _)] if *b == batch))
+            .all(|u| matches!(u.sources, Sources::One((b, _)) if b == *batch))
     {
-        let rows = UInt32Array::from_iter_values(updates.iter().map(|u| u.sources[0].1 as u32));
-        return arrow::compute::take_record_batch(sources[batch], &rows);
+        let rows =
+            UInt32Array::from_iter_values(updates.iter().map(|u| u.sources.as_slice()[0].1 as u32));
+        return arrow::compute::take_record_batch(sources[*batch], &rows);
     }
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for c in 0..schema.fields().len() {
         let picks: Vec<(usize, usize)> = updates
             .iter()
             .map(|u| {
-                let last = *u.sources.last().expect("at least one source");
-                if u.sources.len() == 1 {
+                let rows = u.sources.as_slice();
+                let last = *rows.last().expect("at least one source");
+                if rows.len() == 1 {
                     return last;
                 }
-                u.sources
-                    .iter()
+                rows.iter()
                     .rev()
                     .find(|&&(b, r)| sources[b].column(c).is_valid(r))
                     .copied()
@@ -388,6 +417,8 @@ pub struct LastCache {
     status: watch::Sender<CacheStatus>,
     /// Most keys (series) it holds before it gives up.
     max_series: usize,
+    /// Writes offered so far (see [`Self::offered`]).
+    offered: AtomicU64,
 }
 
 impl LastCache {
@@ -398,6 +429,7 @@ impl LastCache {
             live: Mutex::new(Rows::new()),
             status: watch::channel(CacheStatus::Warming).0,
             max_series,
+            offered: AtomicU64::new(0),
         })
     }
 
@@ -406,6 +438,7 @@ impl LastCache {
         if matches!(*self.status.borrow(), CacheStatus::Failed(_)) {
             return;
         }
+        self.offered.fetch_add(1, Ordering::Relaxed);
         let mut live = self.live.lock();
         let result = live.offer(&self.keys, batch);
         let series = live.entries.len();
@@ -415,6 +448,11 @@ impl LastCache {
             Ok(()) if series > self.max_series => self.fail(self.too_many()),
             Ok(()) => {}
         }
+    }
+
+    /// How many writes were offered: unchanged, the rows are the same.
+    pub fn offered(&self) -> u64 {
+        self.offered.load(Ordering::Relaxed)
     }
 
     fn too_many(&self) -> String {

@@ -155,6 +155,7 @@ fn memory_follows_the_limit_under_everything_else() {
     assert_eq!(edge.query_memory_limit, 128 << 20);
     assert_eq!(edge.compaction_max_bytes, 64 << 20, "from edge.toml");
     assert_eq!(edge.pg_max_connections, 32, "from edge.toml");
+    assert_eq!(edge.last_cache_max_series, 100_000, "from edge.toml");
     assert!(notes[0].contains("the edge profile"), "{notes:?}");
 
     // A pod of 1 GiB: the cgroup decides; the profile's other settings stay.

@@ -3,11 +3,12 @@
 //!
 //! A defined cache warms at every start by reading its table. A default cache cannot
 //! (every table, however large): it is a projection of the log like the series
-//! inventory. Each persistence stores its rows in `last_values/<table>.arrow` with the
-//! WAL sequence they cover, before the WAL files that hold those writes may go; a start
-//! loads them and replays the WAL on top. A snapshot older than the catalog's persisted
-//! sequence (written before default caches were turned off and on again) is not used:
-//! that table's cache warms by reading the table, as a defined cache does.
+//! inventory. Each persistence stores the rows of the caches written to since the last
+//! one in `last_values/<table>.arrow`, then `last_values/manifest.json`: the WAL sequence
+//! they all cover and the tables stored. This happens before the WAL files that hold those
+//! writes may go; a start loads them and replays the WAL on top. A manifest older than the
+//! catalog's persisted sequence (default caches were turned off for a while) is not used:
+//! the caches warm by reading their tables, as a defined cache does.
 //!
 //! Writes are offered to the caches before they are applied to the buffer, so a
 //! persistence that finds a write in the buffer stores a snapshot that has it.
@@ -23,13 +24,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::Schema;
 use arrow::error::ArrowError;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
 
 use super::{Engine, Error, Result};
 use crate::catalog::{CatalogState, LastCacheDef, TableDef};
@@ -39,11 +40,22 @@ use crate::write::WriteBatch;
 
 /// Where default caches' snapshots live in the object store.
 pub const SNAPSHOT_PREFIX: &str = "last_values";
-/// Schema metadata key of a snapshot: the WAL sequence its rows cover.
-const THROUGH_KEY: &str = "kiln.through";
 
 fn snapshot_path(table: TableId) -> Path {
     Path::from(format!("{SNAPSHOT_PREFIX}/{}.arrow", table.0))
+}
+
+fn manifest_path() -> Path {
+    Path::from(format!("{SNAPSHOT_PREFIX}/manifest.json"))
+}
+
+/// What the stored snapshots cover.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    /// Every write through this WAL sequence is in the snapshots.
+    through: SequenceNumber,
+    /// Tables with a snapshot.
+    tables: Vec<TableId>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +69,9 @@ struct TableCache {
 #[derive(Debug)]
 pub(super) struct LastCaches {
     tables: RwLock<HashMap<TableId, TableCache>>,
+    /// Per table, the cache (its address) and its count of writes offered when its
+    /// snapshot was stored: a cache offered nothing since is not stored again.
+    stored: tokio::sync::Mutex<HashMap<TableId, (usize, u64)>>,
     /// Whether tables without a defined cache get a default one.
     defaults: bool,
     max_series: usize,
@@ -71,6 +86,7 @@ impl LastCaches {
     pub(super) fn new(defaults: bool, max_series: usize) -> Self {
         Self {
             tables: RwLock::default(),
+            stored: tokio::sync::Mutex::default(),
             defaults,
             max_series,
         }
@@ -161,14 +177,16 @@ impl LastCaches {
         Some(cache)
     }
 
-    /// Stores every default cache's rows, covering the WAL through `through`; removes the
-    /// snapshot of one that cannot answer (a later start then reads the table).
+    /// Stores the rows of every default cache offered writes since its last snapshot, and
+    /// a manifest saying the snapshots cover the WAL through `through`. A cache that cannot
+    /// answer is left out (a later start reads its table).
     pub(super) async fn snapshot(
         &self,
         store: &Arc<dyn ObjectStore>,
         state: &CatalogState,
         through: SequenceNumber,
     ) -> Result<()> {
+        let mut stored = self.stored.lock().await;
         let defaults: Vec<(TableId, Arc<LastCache>)> = self
             .tables
             .read()
@@ -176,61 +194,83 @@ impl LastCaches {
             .filter(|(_, c)| c.default)
             .map(|(id, c)| (*id, Arc::clone(&c.cache)))
             .collect();
-        for (table, cache) in defaults {
-            let path = snapshot_path(table);
-            let store_error = |source| Error::Store {
-                path: path.to_string(),
-                source,
-            };
-            let rows = match (cache.is_warm(), state.table_by_id(table)) {
-                (true, Some(def)) => cache.rows(&def.schema()).map_err(Error::LastCache)?,
-                _ => {
-                    match store.delete(&path).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(store_error(e)),
-                    }
-                    continue;
-                }
-            };
-            let bytes = encode_snapshot(&rows, through).map_err(Error::LastCache)?;
+        let mut manifest = Manifest {
+            through,
+            tables: Vec::new(),
+        };
+        let put = |path: Path, bytes: Vec<u8>| async move {
             store
                 .put(&path, PutPayload::from(bytes))
                 .await
-                .map_err(store_error)?;
+                .map(drop)
+                .map_err(|source| Error::Store {
+                    path: path.to_string(),
+                    source,
+                })
+        };
+        for (table, cache) in defaults {
+            let Some(def) = state.table_by_id(table).filter(|_| cache.is_warm()) else {
+                stored.remove(&table);
+                continue;
+            };
+            manifest.tables.push(table);
+            let version = (Arc::as_ptr(&cache) as usize, cache.offered());
+            if stored.get(&table) == Some(&version) {
+                continue;
+            }
+            let rows = cache.rows(&def.schema()).map_err(Error::LastCache)?;
+            put(
+                snapshot_path(table),
+                encode_snapshot(&rows).map_err(Error::LastCache)?,
+            )
+            .await?;
+            stored.insert(table, version);
         }
-        Ok(())
+        manifest.tables.sort();
+        let bytes = serde_json::to_vec(&manifest).expect("a manifest serializes");
+        put(manifest_path(), bytes).await
     }
 }
 
-fn encode_snapshot(rows: &RecordBatch, through: SequenceNumber) -> Result<Vec<u8>, ArrowError> {
-    let schema = Schema::new(rows.schema().fields().clone()).with_metadata(
-        [(THROUGH_KEY.to_owned(), through.0.to_string())]
-            .into_iter()
-            .collect(),
-    );
-    let rows = rows.clone().with_schema(Arc::new(schema))?;
+fn encode_snapshot(rows: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
     let mut out = Vec::new();
     let mut writer = StreamWriter::try_new(&mut out, &rows.schema())?;
-    writer.write(&rows)?;
+    writer.write(rows)?;
     writer.finish()?;
     drop(writer);
     Ok(out)
 }
 
-/// A snapshot's rows and the WAL sequence they cover.
-fn decode_snapshot(bytes: &[u8]) -> Result<(SequenceNumber, Vec<RecordBatch>), ArrowError> {
+fn decode_snapshot(bytes: &[u8]) -> Result<Vec<RecordBatch>, ArrowError> {
     crate::ipc::check_framing(bytes).map_err(ArrowError::IpcError)?;
     crate::ipc::guarded("a last-value snapshot", || {
-        let reader = StreamReader::try_new(Cursor::new(bytes), None)?;
-        let through = reader
-            .schema()
-            .metadata()
-            .get(THROUGH_KEY)
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| ArrowError::IpcError(format!("no {THROUGH_KEY} in the schema")))?;
-        let batches = reader.collect::<Result<Vec<_>, _>>()?;
-        Ok((SequenceNumber(through), batches))
+        StreamReader::try_new(Cursor::new(bytes), None)?.collect()
     })
+}
+
+/// The rows of `table`'s snapshot.
+async fn load_snapshot(
+    store: &Arc<dyn ObjectStore>,
+    table: TableId,
+) -> Result<Vec<RecordBatch>, String> {
+    match read(store, &snapshot_path(table)).await {
+        Ok(Some(bytes)) => decode_snapshot(&bytes).map_err(|e| e.to_string()),
+        Ok(None) => Err("the manifest names it but it is missing".into()),
+        Err(e) => Err(crate::error_chain(&e)),
+    }
+}
+
+/// The bytes at `path`; `None` if there are none.
+async fn read(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Option<bytes::Bytes>> {
+    let got = async { store.get(path).await?.bytes().await };
+    match got.await {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(source) => Err(Error::Store {
+            path: path.to_string(),
+            source,
+        }),
+    }
 }
 
 /// Default caches loaded from snapshots before the WAL is replayed onto them, and the
@@ -265,49 +305,52 @@ pub(super) async fn load(
     if !defaults {
         return loaded;
     }
+    // The tables the snapshots cover, if they cover every persisted write.
+    let manifest = match read(store, &manifest_path()).await {
+        Ok(Some(bytes)) => serde_json::from_slice::<Manifest>(&bytes)
+            .map_err(|e| tracing::warn!(error = %e, "the last-value manifest cannot be read; caches read their tables"))
+            .ok(),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "the last-value manifest cannot be read; caches read their tables");
+            None
+        }
+    };
+    let covered: Vec<TableId> = match manifest {
+        Some(m) if m.through >= state.persisted_sequence => m.tables,
+        Some(_) => {
+            tracing::info!(
+                "the last-value snapshots are older than the persisted data; caches read their tables"
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
     for def in state.tables.values() {
         if state.last_caches.contains_key(&def.id) {
             continue;
         }
         let keys = tags(def);
-        let path = snapshot_path(def.id);
-        let read = async {
-            let bytes = store.get(&path).await?.bytes().await?;
-            Ok::<_, object_store::Error>(bytes)
+        let snapshot = match covered.binary_search(&def.id) {
+            Ok(_) => load_snapshot(store, def.id)
+                .await
+                .map_err(|reason| tracing::warn!(table = %def.id, %reason, "a last-value snapshot cannot be read; the cache reads the table"))
+                .ok(),
+            Err(_) => None,
         };
-        let found = match read.await {
-            Ok(bytes) => decode_snapshot(&bytes).map(Some).map_err(|e| e.to_string()),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.to_string()),
+        let Some(batches) = snapshot else {
+            loaded.to_warm.push(LastCacheDef {
+                table: def.id,
+                key_columns: keys,
+            });
+            continue;
         };
-        let cache = match found {
-            Ok(Some((through, batches))) if through >= state.persisted_sequence => {
-                LastCache::new(keys.clone(), max_series).map(|cache| {
-                    for batch in &batches {
-                        cache.offer(batch);
-                    }
-                    Arc::new(cache)
-                })
+        let cache = LastCache::new(keys, max_series).map(|cache| {
+            for batch in &batches {
+                cache.offer(batch);
             }
-            Ok(found) => {
-                if found.is_some() {
-                    tracing::info!(table = %def.id, "a last-value snapshot older than the persisted data; the cache reads the table");
-                }
-                loaded.to_warm.push(LastCacheDef {
-                    table: def.id,
-                    key_columns: keys,
-                });
-                continue;
-            }
-            Err(reason) => {
-                tracing::warn!(%path, %reason, "a last-value snapshot cannot be read; the cache reads the table");
-                loaded.to_warm.push(LastCacheDef {
-                    table: def.id,
-                    key_columns: keys,
-                });
-                continue;
-            }
-        };
+            Arc::new(cache)
+        });
         match cache {
             Ok(cache) => {
                 caches.tables.write().insert(
