@@ -166,9 +166,13 @@ impl TableProvider for LastCacheTable {
         })?;
         let rows = match conjunction(filters.iter().cloned()) {
             None => self.cache.rows(&self.schema)?,
-            Some(predicate) => self
-                .cache
-                .rows_where(&self.schema, |keys| keys_matching(state, &predicate, keys))?,
+            Some(predicate) => {
+                let columns = predicate.column_refs();
+                let shown: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+                self.cache.rows_where(&self.schema, &shown, |keys| {
+                    keys_matching(state, &predicate, keys)
+                })?
+            }
         };
         let series = rows.num_rows();
         let exec = MemorySourceConfig::try_new_exec(

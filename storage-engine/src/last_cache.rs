@@ -22,13 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, UInt32Array,
-    new_null_array,
+    Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, RecordBatch, RecordBatchOptions,
+    UInt32Array, new_null_array,
 };
 use arrow::compute::{cast, interleave};
 use arrow::datatypes::{DataType, Int32Type, Int64Type, SchemaRef};
 use arrow::error::ArrowError;
-use arrow::row::{RowConverter, SortField};
 use arrow_select::dictionary::garbage_collect_any_dictionary;
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -114,27 +113,19 @@ impl Rows {
                 *latest = (*latest).max(time.value(row));
             }
         }
-        let candidates = UInt32Array::from_iter_values(
-            (0..batch.num_rows())
-                .filter(|&row| {
-                    time.is_valid(row)
-                        && time.value(row) == group_latest[groups.group_of[row] as usize]
-                })
-                .map(|row| row as u32),
-        );
-        let encoded = keys.encode(&key_columns, &candidates)?;
-        let key_of = |i: usize| -> &[u8] {
-            match &encoded {
-                Some(rows) => rows.row(i).data(),
-                None => &[],
-            }
-        };
+        let candidates: Vec<usize> = (0..batch.num_rows())
+            .filter(|&row| {
+                time.is_valid(row) && time.value(row) == group_latest[groups.group_of[row] as usize]
+            })
+            .collect();
+        let encoded = encode_keys(&dicts, &candidates);
+        let key_of = |i: usize| encoded.key(i);
         // The latest time of each key in this batch, and its rows at that time in order
         // (the first, then any more).
         let mut latest: HashMap<&[u8], (i64, usize, Vec<usize>), ahash::RandomState> =
             HashMap::with_capacity_and_hasher(candidates.len(), ahash::RandomState::new());
-        for (i, &row) in candidates.values().iter().enumerate() {
-            let (row, t) = (row as usize, time.value(row as usize));
+        for (i, &row) in candidates.iter().enumerate() {
+            let t = time.value(row);
             let slot = latest.entry(key_of(i)).or_insert((t, row, Vec::new()));
             if t > slot.0 {
                 *slot = (t, row, Vec::new());
@@ -348,23 +339,15 @@ fn overlay<K>(
     RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
-/// Encodes the key columns of a row as bytes (equal keys, equal bytes).
+/// The key columns of a cache.
 #[derive(Debug)]
 struct KeyEncoder {
     columns: Vec<String>,
-    converter: RowConverter,
 }
 
 impl KeyEncoder {
-    fn new(columns: Vec<String>) -> Result<Self, ArrowError> {
-        let tag = ColumnType::Tag.arrow_type();
-        let converter = RowConverter::new(
-            columns
-                .iter()
-                .map(|_| SortField::new(tag.clone()))
-                .collect(),
-        )?;
-        Ok(Self { columns, converter })
+    fn new(columns: Vec<String>) -> Self {
+        Self { columns }
     }
 
     /// `batch`'s key columns as tags (dictionaries); NULL for a column it lacks.
@@ -379,23 +362,52 @@ impl KeyEncoder {
             })
             .collect()
     }
+}
 
-    /// The keys of the rows `rows` of `columns` (from [`Self::columns`]); `None` when the
-    /// cache has no key columns (one row for the whole table).
-    fn encode(
-        &self,
-        columns: &[ArrayRef],
-        rows: &UInt32Array,
-    ) -> Result<Option<arrow::row::Rows>, ArrowError> {
-        if self.columns.is_empty() {
-            return Ok(None);
-        }
-        let picked = columns
-            .iter()
-            .map(|c| arrow::compute::take(c.as_ref(), rows, None))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.converter.convert_columns(&picked).map(Some)
+/// Keys of some rows, back to back: per key column a NULL byte (0), or 1, the value's
+/// length (4 bytes) and its bytes, so equal keys have equal bytes and no two differ only
+/// in where one value ends.
+struct EncodedKeys {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl EncodedKeys {
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
     }
+}
+
+/// The keys of `rows` of the key columns `dicts` (from [`KeyEncoder::columns`]).
+fn encode_keys(dicts: &[&DictionaryArray<Int32Type>], rows: &[usize]) -> EncodedKeys {
+    let values: Vec<_> = dicts
+        .iter()
+        .map(|d| d.values().as_string::<i32>())
+        .collect();
+    let mut out = EncodedKeys {
+        bytes: Vec::with_capacity(rows.len() * dicts.len() * 16),
+        ends: Vec::with_capacity(rows.len()),
+    };
+    for &row in rows {
+        for (d, v) in dicts.iter().zip(&values) {
+            let value = usize::try_from(d.keys().value(row))
+                .ok()
+                .filter(|&k| d.is_valid(row) && k < v.len() && v.is_valid(k))
+                .map(|k| v.value(k));
+            match value {
+                None => out.bytes.push(0),
+                Some(value) => {
+                    out.bytes.push(1);
+                    out.bytes
+                        .extend_from_slice(&(value.len() as u32).to_le_bytes());
+                    out.bytes.extend_from_slice(value.as_bytes());
+                }
+            }
+        }
+        out.ends.push(out.bytes.len());
+    }
+    out
 }
 
 /// Where a cache is in its life.
@@ -424,7 +436,7 @@ pub struct LastCache {
 impl LastCache {
     pub fn new(key_columns: Vec<String>, max_series: usize) -> Result<Self, ArrowError> {
         Ok(Self {
-            keys: KeyEncoder::new(key_columns.clone())?,
+            keys: KeyEncoder::new(key_columns.clone()),
             key_columns,
             live: Mutex::new(Rows::new()),
             status: watch::channel(CacheStatus::Warming).0,
@@ -507,13 +519,14 @@ impl LastCache {
     }
 
     /// The latest rows of the keys `keep` selects, aligned to `schema`, in no particular
-    /// order. `keep` is shown the key columns of every key (those in `schema`, in its
-    /// types) and answers which to return (NULL: not returned). Selecting a few series of
-    /// many costs their key columns, not their rows, and the returned dictionaries hold
-    /// only the values the returned rows use.
+    /// order. `keep` is shown the columns `shown` of every key's row (key columns of
+    /// `schema`, in its types) and answers which to return (NULL: not returned). Selecting
+    /// a few series of many costs those columns, not the rows, and the returned
+    /// dictionaries hold only the values the returned rows use.
     pub fn rows_where<E: From<ArrowError>>(
         &self,
         schema: &SchemaRef,
+        shown: &[&str],
         keep: impl FnOnce(&RecordBatch) -> Result<BooleanArray, E>,
     ) -> Result<RecordBatch, E> {
         let (batches, indices) = self.live.lock().snapshot();
@@ -521,6 +534,7 @@ impl LastCache {
         let key_columns: Vec<usize> = self
             .key_columns
             .iter()
+            .filter(|name| shown.contains(&name.as_str()))
             .filter_map(|name| schema.index_of(name).ok())
             .collect();
         let key_schema = Arc::new(schema.project(&key_columns)?);
@@ -775,7 +789,7 @@ mod tests {
             proptest::prop_assert_eq!(latest(&cache, &schema), model.values().cloned().collect::<Vec<_>>());
             let wanted: Vec<&str> = picked.iter().map(|&h| HOSTS[h]).collect();
             let selected = cache
-                .rows_where(&schema, |keys| {
+                .rows_where(&schema, &["host"], |keys| {
                     let hosts = cast(keys.column(0), &DataType::Utf8)?;
                     Ok::<_, ArrowError>(
                         hosts

@@ -93,26 +93,35 @@ impl LastCaches {
     }
 
     /// Offers a write about to be applied; a table that has no cache yet (it is new) gets
-    /// its default cache, warm at once (it had no rows before this write).
+    /// its default cache, warm at once (it had no rows before this write). Caches are fed
+    /// under the read lock, so one replaced (keyed again) misses no write.
     pub(super) fn offer(&self, write: &WriteBatch, state: &CatalogState) {
         for tw in &write.tables {
-            let held = self.tables.read().get(&tw.table).cloned();
-            let cache = match held {
-                Some(c) if !c.default => c.cache,
-                Some(c)
-                    if state
-                        .table_by_id(tw.table)
-                        .is_none_or(|def| c.cache.key_columns.iter().eq(tags(def).iter())) =>
-                {
-                    c.cache
-                }
-                _ if !self.defaults => continue,
-                _ => match state.table_by_id(tw.table).and_then(|def| self.rekey(def)) {
-                    Some(cache) => cache,
-                    None => continue,
-                },
+            let keyed_by_tags = |cache: &LastCache| {
+                state.table_by_id(tw.table).is_none_or(|def| {
+                    cache
+                        .key_columns
+                        .iter()
+                        .eq(def.tag_columns().map(|c| &c.name))
+                })
             };
-            cache.offer(&tw.batch);
+            {
+                let tables = self.tables.read();
+                match tables.get(&tw.table) {
+                    Some(c) if !c.default || keyed_by_tags(&c.cache) => {
+                        c.cache.offer(&tw.batch);
+                        continue;
+                    }
+                    _ if !self.defaults => continue,
+                    _ => {}
+                }
+            }
+            if let Some(def) = state.table_by_id(tw.table) {
+                self.rekey(def);
+            }
+            if let Some(c) = self.tables.read().get(&tw.table) {
+                c.cache.offer(&tw.batch);
+            }
         }
     }
 
@@ -126,22 +135,21 @@ impl LastCaches {
         }
     }
 
-    /// `def`'s default cache keyed by its tags now: a new one for a new table, or the
-    /// rows of the one keyed by fewer tags, keyed again.
-    fn rekey(&self, def: &TableDef) -> Option<Arc<LastCache>> {
+    /// Gives `def` a default cache keyed by its tags now (unless another writer did, or it
+    /// has a defined cache): a new one for a new table, or the rows of the one keyed by
+    /// fewer tags, keyed again.
+    fn rekey(&self, def: &TableDef) {
         let mut tables = self.tables.write();
         let keys = tags(def);
         let old = match tables.get(&def.id) {
-            Some(c) if !c.default || c.cache.key_columns == keys => {
-                return Some(Arc::clone(&c.cache));
-            }
+            Some(c) if !c.default || c.cache.key_columns == keys => return,
             held => held.map(|c| Arc::clone(&c.cache)),
         };
         let cache = match LastCache::new(keys, self.max_series) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(error = %e, table = %def.id, "cannot make a last-value cache");
-                return None;
+                return;
             }
         };
         let seeded = match old.as_deref().map(LastCache::status) {
@@ -170,11 +178,10 @@ impl LastCaches {
         tables.insert(
             def.id,
             TableCache {
-                cache: Arc::clone(&cache),
+                cache,
                 default: true,
             },
         );
-        Some(cache)
     }
 
     /// Stores the rows of every default cache offered writes since its last snapshot, and
