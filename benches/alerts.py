@@ -1,7 +1,8 @@
 """Alert rules under ingest load (benches/RESULTS.md, "Alerting"): TSBS cpu-only ingest
-rate with no rules, with RULES rules over SCALE series evaluated every EVERY, and with the
-same rules answered from a last-value cache; and, while ingest runs, the delay from a
-crossing row's write to its webhook.
+rate with no rules, with RULES rules over SCALE series evaluated every EVERY (default
+settings: the rules read the table's default last-value cache), and with the same rules
+over a cache keyed by hostname alone, created by hand; and, while ingest runs, the delay
+from a crossing row's write to its webhook.
 
     usage: alerts.py KILN KILN_BENCH   (env: RUNS SCALE DURATION REPEAT RULES EVERY)
 """

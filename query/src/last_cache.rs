@@ -196,9 +196,9 @@ fn keys_matching(
     let schema = DFSchema::try_from(keys.schema())?;
     let predicate = state.create_physical_expr(predicate.clone(), &schema)?;
     let kept = predicate.evaluate(keys)?.into_array(keys.num_rows())?;
-    Ok(kept.as_boolean_opt().cloned().ok_or_else(|| {
+    kept.as_boolean_opt().cloned().ok_or_else(|| {
         DataFusionError::Internal(format!("a filter evaluated to {}", kept.data_type()))
-    })?)
+    })
 }
 
 /// Answers `DISTINCT ON (keys) … ORDER BY keys, time DESC` from the last-value cache (see

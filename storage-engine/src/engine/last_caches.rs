@@ -152,24 +152,19 @@ impl LastCaches {
                 return;
             }
         };
-        let seeded = match old.as_deref().map(LastCache::status) {
+        let seeded = match old.as_deref() {
             None => Ok(()),
-            Some(CacheStatus::Warm) => old
-                .as_deref()
-                .expect("a held cache")
-                .rows(&def.schema())
-                .and_then(|rows| {
-                    cache.offer(&rows);
-                    Ok(())
-                }),
-            Some(CacheStatus::Warming) => Err(ArrowError::InvalidArgumentError(
-                "the table's tags changed while its last-value cache warmed; it warms again \
-                 at the next start"
-                    .into(),
-            )),
-            Some(CacheStatus::Failed(reason)) => {
-                Err(ArrowError::InvalidArgumentError(reason.to_string()))
-            }
+            Some(old) => match old.status() {
+                CacheStatus::Warm => old.rows(&def.schema()).map(|rows| cache.offer(&rows)),
+                CacheStatus::Warming => Err(ArrowError::InvalidArgumentError(
+                    "the table's tags changed while its last-value cache warmed; it warms \
+                     again at the next start"
+                        .into(),
+                )),
+                CacheStatus::Failed(reason) => {
+                    Err(ArrowError::InvalidArgumentError(reason.to_string()))
+                }
+            },
         };
         match seeded.and_then(|()| cache.warming().finish()) {
             Ok(()) => {}
