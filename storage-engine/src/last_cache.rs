@@ -431,7 +431,12 @@ pub struct LastCache {
     max_series: usize,
     /// Writes offered so far (see [`Self::offered`]).
     offered: AtomicU64,
+    /// Unique among the caches of this process (see [`Self::id`]).
+    id: u64,
 }
+
+/// The next [`LastCache::id`].
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 impl LastCache {
     pub fn new(key_columns: Vec<String>, max_series: usize) -> Result<Self, ArrowError> {
@@ -442,6 +447,7 @@ impl LastCache {
             status: watch::channel(CacheStatus::Warming).0,
             max_series,
             offered: AtomicU64::new(0),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -460,6 +466,12 @@ impl LastCache {
             Ok(()) if series > self.max_series => self.fail(self.too_many()),
             Ok(()) => {}
         }
+    }
+
+    /// This cache among all made since the process started (a replaced cache's successor
+    /// has another).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// How many writes were offered: unchanged, the rows are the same.

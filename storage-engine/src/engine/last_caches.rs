@@ -69,9 +69,9 @@ struct TableCache {
 #[derive(Debug)]
 pub(super) struct LastCaches {
     tables: RwLock<HashMap<TableId, TableCache>>,
-    /// Per table, the cache (its address) and its count of writes offered when its
-    /// snapshot was stored: a cache offered nothing since is not stored again.
-    stored: tokio::sync::Mutex<HashMap<TableId, (usize, u64)>>,
+    /// Per table, the cache (its id) and its count of writes offered when its snapshot
+    /// was stored: a cache offered nothing since is not stored again.
+    stored: tokio::sync::Mutex<HashMap<TableId, (u64, u64)>>,
     /// Whether tables without a defined cache get a default one.
     defaults: bool,
     max_series: usize,
@@ -216,7 +216,7 @@ impl LastCaches {
                 continue;
             };
             manifest.tables.push(table);
-            let version = (Arc::as_ptr(&cache) as usize, cache.offered());
+            let version = (cache.id(), cache.offered());
             if stored.get(&table) == Some(&version) {
                 continue;
             }
