@@ -92,7 +92,7 @@ impl Rows {
     }
 
     /// Offers `batch`'s rows as newer than everything held.
-    fn offer(&mut self, keys: &KeyEncoder, batch: &RecordBatch) -> Result<(), ArrowError> {
+    fn offer(&mut self, key_columns: &[String], batch: &RecordBatch) -> Result<(), ArrowError> {
         let Some(time) = batch.column_by_name(TIME_COLUMN) else {
             return Ok(());
         };
@@ -100,8 +100,8 @@ impl Rows {
         let time = time.as_primitive::<Int64Type>();
         // Rows that can be a key's latest: those at the latest time of their group of
         // equal dictionary keys. Only they are encoded (a batch repeats its series).
-        let key_columns = keys.columns(batch)?;
-        let dicts: Vec<_> = key_columns
+        let keys = key_arrays(key_columns, batch)?;
+        let dicts: Vec<_> = keys
             .iter()
             .map(|c| c.as_dictionary::<Int32Type>())
             .collect();
@@ -236,20 +236,14 @@ impl Rows {
     /// Rewrites the held rows as one batch of exactly one row per key.
     fn compact(&mut self, schema: &SchemaRef) -> Result<(), ArrowError> {
         let aligned = align_all(&self.batches, schema)?;
-        let keys: Vec<Box<[u8]>> = self.entries.keys().cloned().collect();
-        let indices: Vec<(usize, usize)> = keys
-            .iter()
-            .map(|k| {
-                let e = self.entries[k];
-                (e.batch, e.row)
-            })
-            .collect();
+        // Values and values_mut visit the entries in the same order (nothing changes
+        // the map in between).
+        let indices: Vec<(usize, usize)> =
+            self.entries.values().map(|e| (e.batch, e.row)).collect();
         let one = gather(schema, &aligned, &indices)?;
-        for (row, key) in keys.into_iter().enumerate() {
-            if let Some(e) = self.entries.get_mut(&key) {
-                e.batch = 0;
-                e.row = row;
-            }
+        for (row, e) in self.entries.values_mut().enumerate() {
+            e.batch = 0;
+            e.row = row;
         }
         self.batches = vec![one];
         Ok(())
@@ -339,29 +333,17 @@ fn overlay<K>(
     RecordBatch::try_new(Arc::clone(schema), columns)
 }
 
-/// The key columns of a cache.
-#[derive(Debug)]
-struct KeyEncoder {
-    columns: Vec<String>,
-}
-
-impl KeyEncoder {
-    fn new(columns: Vec<String>) -> Self {
-        Self { columns }
-    }
-
-    /// `batch`'s key columns as tags (dictionaries); NULL for a column it lacks.
-    fn columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>, ArrowError> {
-        let tag = ColumnType::Tag.arrow_type();
-        self.columns
-            .iter()
-            .map(|name| match batch.column_by_name(name) {
-                Some(a) if a.data_type() == &tag => Ok(Arc::clone(a)),
-                Some(a) => cast(a, &tag),
-                None => Ok(new_null_array(&tag, batch.num_rows())),
-            })
-            .collect()
-    }
+/// `batch`'s `columns` as tags (dictionaries); NULL for a column it lacks.
+fn key_arrays(columns: &[String], batch: &RecordBatch) -> Result<Vec<ArrayRef>, ArrowError> {
+    let tag = ColumnType::Tag.arrow_type();
+    columns
+        .iter()
+        .map(|name| match batch.column_by_name(name) {
+            Some(a) if a.data_type() == &tag => Ok(Arc::clone(a)),
+            Some(a) => cast(a, &tag),
+            None => Ok(new_null_array(&tag, batch.num_rows())),
+        })
+        .collect()
 }
 
 /// Keys of some rows, back to back: per key column a NULL byte (0), or 1, the value's
@@ -379,7 +361,7 @@ impl EncodedKeys {
     }
 }
 
-/// The keys of `rows` of the key columns `dicts` (from [`KeyEncoder::columns`]).
+/// The keys of `rows` of the key columns `dicts` (from [`key_arrays`]).
 fn encode_keys(dicts: &[&DictionaryArray<Int32Type>], rows: &[usize]) -> EncodedKeys {
     let values: Vec<_> = dicts
         .iter()
@@ -424,7 +406,6 @@ pub enum CacheStatus {
 #[derive(Debug)]
 pub struct LastCache {
     pub key_columns: Vec<String>,
-    keys: KeyEncoder,
     live: Mutex<Rows>,
     status: watch::Sender<CacheStatus>,
     /// Most keys (series) it holds before it gives up.
@@ -439,16 +420,15 @@ pub struct LastCache {
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 impl LastCache {
-    pub fn new(key_columns: Vec<String>, max_series: usize) -> Result<Self, ArrowError> {
-        Ok(Self {
-            keys: KeyEncoder::new(key_columns.clone()),
+    pub fn new(key_columns: Vec<String>, max_series: usize) -> Self {
+        Self {
             key_columns,
             live: Mutex::new(Rows::new()),
             status: watch::channel(CacheStatus::Warming).0,
             max_series,
             offered: AtomicU64::new(0),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        })
+        }
     }
 
     /// Offers a write's rows (newer than any seen).
@@ -458,7 +438,7 @@ impl LastCache {
         }
         self.offered.fetch_add(1, Ordering::Relaxed);
         let mut live = self.live.lock();
-        let result = live.offer(&self.keys, batch);
+        let result = live.offer(&self.key_columns, batch);
         let series = live.entries.len();
         drop(live);
         match result {
@@ -600,7 +580,7 @@ pub struct Warming {
 
 impl Warming {
     pub fn offer(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
-        self.rows.offer(&self.cache.keys, batch)?;
+        self.rows.offer(&self.cache.key_columns, batch)?;
         if self.rows.entries.len() > self.cache.max_series {
             return Err(ArrowError::InvalidArgumentError(self.cache.too_many()));
         }
@@ -708,7 +688,7 @@ mod tests {
 
     #[test]
     fn keeps_the_latest_row_per_key_and_merges_rewrites_of_its_time() {
-        let cache = Arc::new(LastCache::new(vec!["host".into()], 1_000).unwrap());
+        let cache = Arc::new(LastCache::new(vec!["host".into()], 1_000));
         let schema = batch(&[]).schema();
         cache.offer(&batch(&[
             ("x", 1, Some(1.0), Some(1.0)),
@@ -779,7 +759,7 @@ mod tests {
             picked in proptest::collection::btree_set(0..4usize, 0..4),
         ) {
             const HOSTS: [&str; 4] = ["h0", "h1", "h2", "h3"];
-            let cache = LastCache::new(vec!["host".into()], 1_000).unwrap();
+            let cache = LastCache::new(vec!["host".into()], 1_000);
             let schema = batch(&[]).schema();
             let mut model: BTreeMap<String, Row> = BTreeMap::new();
             for (rows, shared) in &writes {

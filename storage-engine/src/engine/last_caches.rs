@@ -145,13 +145,7 @@ impl LastCaches {
             Some(c) if !c.default || c.cache.key_columns == keys => return,
             held => held.map(|c| Arc::clone(&c.cache)),
         };
-        let cache = match LastCache::new(keys, self.max_series) {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                tracing::error!(error = %e, table = %def.id, "cannot make a last-value cache");
-                return;
-            }
-        };
+        let cache = Arc::new(LastCache::new(keys, self.max_series));
         let seeded = match old.as_deref() {
             None => Ok(()),
             Some(old) => match old.status() {
@@ -280,7 +274,8 @@ async fn read(store: &Arc<dyn ObjectStore>, path: &Path) -> Result<Option<bytes:
 pub(super) struct Loaded {
     caches: Arc<LastCaches>,
     from_snapshots: Vec<Arc<LastCache>>,
-    to_warm: Vec<LastCacheDef>,
+    /// With whether each is a default cache (else defined in the catalog).
+    to_warm: Vec<(LastCacheDef, bool)>,
 }
 
 impl Loaded {
@@ -302,22 +297,28 @@ pub(super) async fn load(
     let mut loaded = Loaded {
         caches: Arc::clone(&caches),
         from_snapshots: Vec::new(),
-        to_warm: state.last_caches.values().cloned().collect(),
+        to_warm: state
+            .last_caches
+            .values()
+            .map(|def| (def.clone(), false))
+            .collect(),
     };
     if !defaults {
         return loaded;
     }
     // The tables the snapshots cover, if they cover every persisted write.
-    let manifest = match read(store, &manifest_path()).await {
-        Ok(Some(bytes)) => serde_json::from_slice::<Manifest>(&bytes)
-            .map_err(|e| tracing::warn!(error = %e, "the last-value manifest cannot be read; caches read their tables"))
-            .ok(),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "the last-value manifest cannot be read; caches read their tables");
+    let manifest = read(store, &manifest_path())
+        .await
+        .map_err(|e| crate::error_chain(&e))
+        .and_then(|bytes| {
+            bytes
+                .map(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
+                .transpose()
+        })
+        .unwrap_or_else(|reason| {
+            tracing::warn!(%reason, "the last-value manifest cannot be read; caches read their tables");
             None
-        }
-    };
+        });
     let covered: Vec<TableId> = match manifest {
         Some(m) if m.through >= state.persisted_sequence => m.tables,
         Some(_) => {
@@ -341,33 +342,27 @@ pub(super) async fn load(
             Err(_) => None,
         };
         let Some(batches) = snapshot else {
-            loaded.to_warm.push(LastCacheDef {
-                table: def.id,
-                key_columns: keys,
-            });
+            loaded.to_warm.push((
+                LastCacheDef {
+                    table: def.id,
+                    key_columns: keys,
+                },
+                true,
+            ));
             continue;
         };
-        let cache = LastCache::new(keys, max_series).map(|cache| {
-            for batch in &batches {
-                cache.offer(batch);
-            }
-            Arc::new(cache)
-        });
-        match cache {
-            Ok(cache) => {
-                caches.tables.write().insert(
-                    def.id,
-                    TableCache {
-                        cache: Arc::clone(&cache),
-                        default: true,
-                    },
-                );
-                loaded.from_snapshots.push(cache);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, table = %def.id, "cannot make a last-value cache")
-            }
+        let cache = Arc::new(LastCache::new(keys, max_series));
+        for batch in &batches {
+            cache.offer(batch);
         }
+        caches.tables.write().insert(
+            def.id,
+            TableCache {
+                cache: Arc::clone(&cache),
+                default: true,
+            },
+        );
+        loaded.from_snapshots.push(cache);
     }
     loaded
 }
@@ -382,22 +377,18 @@ impl Engine {
                 cache.fail(e.to_string());
             }
         }
-        for def in &loaded.to_warm {
-            let default = !self.catalog.snapshot().last_caches.contains_key(&def.table);
-            self.start_last_cache(def, default);
+        for (def, default) in &loaded.to_warm {
+            self.start_last_cache(def, *default);
         }
     }
 
     /// Registers a cache for `def` (fed by writes from now on) and warms it in the
     /// background from the table's segments and buffer.
     fn start_last_cache(self: &Arc<Self>, def: &LastCacheDef, default: bool) {
-        let cache = match LastCache::new(def.key_columns.clone(), self.last_caches.max_series) {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                tracing::error!(error = %e, table = %def.table, "cannot make a last-value cache");
-                return;
-            }
-        };
+        let cache = Arc::new(LastCache::new(
+            def.key_columns.clone(),
+            self.last_caches.max_series,
+        ));
         self.last_caches.tables.write().insert(
             def.table,
             TableCache {
