@@ -34,14 +34,14 @@ use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{
-    Distinct, DistinctOn, Expr, Filter, LogicalPlan, Projection, Sort, TableProviderFilterPushDown,
-    TableScanBuilder,
+    Distinct, DistinctOn, Expr, Filter, LogicalPlan, Operator, Projection, Sort,
+    TableProviderFilterPushDown, TableScanBuilder,
 };
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
 use datafusion::physical_plan::ExecutionPlan;
 use kiln_storage::Engine;
 use kiln_storage::catalog::{TIME_COLUMN, TableDef};
-use kiln_storage::last_cache::LastCache;
+use kiln_storage::last_cache::{KeyValues, LastCache};
 
 use crate::provider::{KilnTable, query_schema};
 use crate::scan::KilnScanExec;
@@ -169,9 +169,16 @@ impl TableProvider for LastCacheTable {
             Some(predicate) => {
                 let columns = predicate.column_refs();
                 let shown: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-                self.cache.rows_where(&self.schema, &shown, |keys| {
-                    keys_matching(state, &predicate, keys)
-                })?
+                // The fewest series one filter names by value, if any does: only they
+                // are read.
+                let among = filters
+                    .iter()
+                    .filter_map(named_values)
+                    .min_by_key(|k| k.values.len());
+                self.cache
+                    .rows_where(&self.schema, &shown, among.as_ref(), |keys| {
+                        keys_matching(state, &predicate, keys)
+                    })?
             }
         };
         let series = rows.num_rows();
@@ -184,6 +191,68 @@ impl TableProvider for LastCacheTable {
             exec,
             format!("{}, last-value cache ({series} series)", self.name),
         )))
+    }
+}
+
+/// The values of one column that `filter` keeps rows only of (`c = 'v'`, `c IN ('v', …)`,
+/// and ORs of those over one column); `None` when it is not of that shape. NULL literals
+/// keep nothing (`c = NULL` is never true).
+fn named_values(filter: &Expr) -> Option<KeyValues> {
+    let column = |e: &Expr| match e {
+        Expr::Column(c) => Some(c.name.clone()),
+        Expr::Cast(cast) if cast.field.data_type().is_string() => match cast.expr.as_ref() {
+            Expr::Column(c) => Some(c.name.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let literal = |e: &Expr| match e {
+        Expr::Literal(value, _) => string_value(value),
+        _ => None,
+    };
+    match filter {
+        Expr::BinaryExpr(b) if b.op == Operator::Eq => {
+            let (column, value) = match (column(&b.left), column(&b.right)) {
+                (Some(c), None) => (c, literal(&b.right)?),
+                (None, Some(c)) => (c, literal(&b.left)?),
+                _ => return None,
+            };
+            Some(KeyValues {
+                column,
+                values: value.into_iter().map(Some).collect(),
+            })
+        }
+        Expr::BinaryExpr(b) if b.op == Operator::Or => {
+            let (mut left, right) = (named_values(&b.left)?, named_values(&b.right)?);
+            (left.column == right.column).then(|| {
+                left.values.extend(right.values);
+                left
+            })
+        }
+        Expr::InList(list) if !list.negated => Some(KeyValues {
+            column: column(&list.expr)?,
+            values: list
+                .list
+                .iter()
+                .map(literal)
+                .collect::<Option<Vec<_>>>()?
+                .into_iter()
+                .flatten()
+                .map(Some)
+                .collect(),
+        }),
+        _ => None,
+    }
+}
+
+/// A string literal's value: `Some(None)` for a NULL one, `None` when not a string.
+fn string_value(value: &ScalarValue) -> Option<Option<String>> {
+    match value {
+        ScalarValue::Utf8(v) | ScalarValue::Utf8View(v) | ScalarValue::LargeUtf8(v) => {
+            Some(v.clone())
+        }
+        ScalarValue::Dictionary(_, inner) => string_value(inner),
+        _ => None,
     }
 }
 
@@ -328,5 +397,65 @@ impl OptimizerRule for UseLastCache {
                 None => Ok(Transformed::no(node)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::{col, lit};
+
+    use super::*;
+
+    fn named(e: Expr) -> Option<(String, Vec<Option<String>>)> {
+        named_values(&e).map(|k| (k.column, k.values))
+    }
+
+    fn values(column: &str, values: &[&str]) -> Option<(String, Vec<Option<String>>)> {
+        Some((
+            column.to_owned(),
+            values.iter().map(|v| Some((*v).to_owned())).collect(),
+        ))
+    }
+
+    #[test]
+    fn filters_naming_a_columns_values_are_recognized() {
+        let dict = |v: &str| {
+            lit(ScalarValue::Dictionary(
+                Box::new(arrow::datatypes::DataType::Int32),
+                Box::new(ScalarValue::from(v)),
+            ))
+        };
+        assert_eq!(named(col("host").eq(lit("a"))), values("host", &["a"]));
+        assert_eq!(named(lit("a").eq(col("host"))), values("host", &["a"]));
+        assert_eq!(named(col("host").eq(dict("a"))), values("host", &["a"]));
+        assert_eq!(
+            named(col("host").in_list(
+                vec![lit("a"), lit(ScalarValue::Utf8(None)), dict("b")],
+                false
+            )),
+            values("host", &["a", "b"])
+        );
+        assert_eq!(
+            named(
+                col("host")
+                    .eq(lit("a"))
+                    .or(col("host").in_list(vec![lit("b")], false))
+            ),
+            values("host", &["a", "b"])
+        );
+        // `host = NULL` keeps nothing.
+        assert_eq!(
+            named(col("host").eq(lit(ScalarValue::Utf8(None)))),
+            values("host", &[])
+        );
+        // Not of the shape: another operator, two columns, a negated list, non-strings.
+        assert_eq!(named(col("host").not_eq(lit("a"))), None);
+        assert_eq!(
+            named(col("host").eq(lit("a")).or(col("dc").eq(lit("b")))),
+            None
+        );
+        assert_eq!(named(col("host").in_list(vec![lit("a")], true)), None);
+        assert_eq!(named(col("host").eq(col("dc"))), None);
+        assert_eq!(named(col("n").eq(lit(3))), None);
     }
 }

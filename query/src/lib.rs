@@ -314,6 +314,19 @@ impl QueryEngine {
         }
     }
 
+    /// A session for many small queries of `database` run one after another, as alert
+    /// rules are: each plan runs in one partition (their parallelism is across queries),
+    /// and the session is made once and kept (see [`Self::plan_in`]).
+    pub fn serial_session(&self, database: &str) -> Result<SessionContext, Error> {
+        self.require_database(database)?;
+        Ok(self.session_config(database, SessionConfig::new().with_target_partitions(1)))
+    }
+
+    /// Plans `sql` in a session of this engine's (see [`Self::serial_session`]).
+    pub async fn plan_in(&self, session: &SessionContext, sql: &str) -> Result<DataFrame, Error> {
+        Ok(session.sql_with_options(sql, read_only_sql()).await?)
+    }
+
     /// Plans `sql` against `database` without running it (its schema is the result's).
     pub async fn plan(&self, database: &str, sql: &str) -> Result<DataFrame, Error> {
         self.plan_in_zone(database, sql, None).await

@@ -73,21 +73,62 @@ impl Sources {
 /// The latest rows of one table, per key.
 #[derive(Debug)]
 struct Rows {
-    entries: HashMap<Box<[u8]>, Entry, ahash::RandomState>,
+    /// Each key's slot in `slots` (a key keeps its slot).
+    keys: HashMap<Box<[u8]>, u32, ahash::RandomState>,
+    /// Where each key's latest row is.
+    slots: Vec<Entry>,
     batches: Vec<RecordBatch>,
+    /// Per key column (by position), made by the first read that picks series by its
+    /// values and kept up to date from then on: the slots of each value (encoded as in a
+    /// key).
+    indexes: HashMap<usize, HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState>>,
 }
 
 impl Rows {
     fn new() -> Self {
         Self {
-            entries: HashMap::default(),
+            keys: HashMap::default(),
+            slots: Vec::new(),
             batches: Vec::new(),
+            indexes: HashMap::new(),
         }
     }
 
     /// The held batches and where each key's row is in them, to read without the lock.
     fn snapshot(&self) -> (Vec<RecordBatch>, Vec<(usize, usize)>) {
-        let indices = self.entries.values().map(|e| (e.batch, e.row)).collect();
+        let indices = self.slots.iter().map(|e| (e.batch, e.row)).collect();
+        (self.batches.clone(), indices)
+    }
+
+    /// [`Self::snapshot`] of the keys whose key column at `column` holds one of `values`
+    /// (each encoded as in a key, no two equal).
+    fn snapshot_among(
+        &mut self,
+        column: usize,
+        values: &[Vec<u8>],
+    ) -> (Vec<RecordBatch>, Vec<(usize, usize)>) {
+        let index = self.indexes.entry(column).or_insert_with(|| {
+            let mut index: HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState> = HashMap::default();
+            for (key, &slot) in &self.keys {
+                let value = key_value(key, column);
+                match index.get_mut(value) {
+                    Some(slots) => slots.push(slot),
+                    None => {
+                        index.insert(value.into(), vec![slot]);
+                    }
+                }
+            }
+            index
+        });
+        let indices = values
+            .iter()
+            .filter_map(|v| index.get(v.as_slice()))
+            .flatten()
+            .map(|&slot| {
+                let e = &self.slots[slot as usize];
+                (e.batch, e.row)
+            })
+            .collect();
         (self.batches.clone(), indices)
     }
 
@@ -136,7 +177,10 @@ impl Rows {
         let index = self.batches.len();
         let mut updates = Vec::with_capacity(latest.len());
         for (key, (t, first, more)) in latest {
-            let held = self.entries.get(key).map(|e| (e.time, (e.batch, e.row)));
+            let held = self.keys.get(key).map(|&slot| {
+                let e = &self.slots[slot as usize];
+                (e.time, (e.batch, e.row))
+            });
             let new_rows = std::iter::once(first).chain(more.iter().copied());
             let sources = match held {
                 Some((time, _)) if time > t => continue,
@@ -183,10 +227,22 @@ impl Rows {
                 batch: at,
                 row,
             };
-            match self.entries.get_mut(u.key.as_ref()) {
-                Some(held) => *held = entry,
+            let key = u.key.as_ref();
+            match self.keys.get(key) {
+                Some(&slot) => self.slots[slot as usize] = entry,
                 None => {
-                    self.entries.insert(u.key.as_ref().into(), entry);
+                    let slot = self.slots.len() as u32;
+                    self.slots.push(entry);
+                    for (&column, index) in &mut self.indexes {
+                        let value = key_value(key, column);
+                        match index.get_mut(value) {
+                            Some(slots) => slots.push(slot),
+                            None => {
+                                index.insert(value.into(), vec![slot]);
+                            }
+                        }
+                    }
+                    self.keys.insert(key.into(), slot);
                 }
             }
         }
@@ -195,7 +251,7 @@ impl Rows {
     /// Adds `older`'s rows where they are newer than this cache's, merging where both have
     /// a key's latest time (this cache's fields winning).
     fn absorb_older(&mut self, older: Rows) -> Result<(), ArrowError> {
-        if older.entries.is_empty() {
+        if older.slots.is_empty() {
             return Ok(());
         }
         let mut schema = wider_schema(&self.batches, Arc::new(arrow::datatypes::Schema::empty()))?;
@@ -208,9 +264,11 @@ impl Rows {
             .map(|b| align_to_schema(b, &schema))
             .collect::<Result<_, _>>()?;
         let mut updates = Vec::new();
-        for (key, e) in older.entries {
+        for (key, slot) in older.keys {
+            let e = older.slots[slot as usize];
             let old = (e.batch + offset, e.row);
-            let sources = match self.entries.get(&key) {
+            let mine = self.keys.get(&key).map(|&slot| self.slots[slot as usize]);
+            let sources = match mine {
                 Some(mine) if mine.time > e.time => continue,
                 Some(mine) if mine.time == e.time => {
                     Sources::Many(vec![old, (mine.batch, mine.row)])
@@ -236,12 +294,9 @@ impl Rows {
     /// Rewrites the held rows as one batch of exactly one row per key.
     fn compact(&mut self, schema: &SchemaRef) -> Result<(), ArrowError> {
         let aligned = align_all(&self.batches, schema)?;
-        // Values and values_mut visit the entries in the same order (nothing changes
-        // the map in between).
-        let indices: Vec<(usize, usize)> =
-            self.entries.values().map(|e| (e.batch, e.row)).collect();
+        let indices: Vec<(usize, usize)> = self.slots.iter().map(|e| (e.batch, e.row)).collect();
         let one = gather(schema, &aligned, &indices)?;
-        for (row, e) in self.entries.values_mut().enumerate() {
+        for (row, e) in self.slots.iter_mut().enumerate() {
             e.batch = 0;
             e.row = row;
         }
@@ -271,7 +326,7 @@ fn align_all(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Vec<RecordBa
     batches.iter().map(|b| align_to_schema(b, schema)).collect()
 }
 
-/// The rows `indices` ((batch, row) pairs) of `sources` as one batch.
+/// The rows `indices` ((batch, row) pairs) of `sources` as one batch, in that order.
 fn gather(
     schema: &SchemaRef,
     sources: &[RecordBatch],
@@ -280,6 +335,53 @@ fn gather(
     if sources.is_empty() || indices.is_empty() {
         return Ok(RecordBatch::new_empty(Arc::clone(schema)));
     }
+    let held: usize = sources.iter().map(RecordBatch::num_rows).sum();
+    if sources.len() > 1 && indices.len() * 4 < held {
+        return gather_few(schema, sources, indices);
+    }
+    interleave_batches(schema, sources, indices)
+}
+
+/// [`gather`] of a few of the held rows: interleaving tags straight from the sources
+/// would merge every source's whole dictionary (work in proportion to the rows held,
+/// for each tag column), so each source's picked rows are taken first and only those
+/// small pieces are interleaved.
+fn gather_few(
+    schema: &SchemaRef,
+    sources: &[RecordBatch],
+    indices: &[(usize, usize)],
+) -> Result<RecordBatch, ArrowError> {
+    let mut picked: Vec<Vec<u32>> = vec![Vec::new(); sources.len()];
+    let mut within = Vec::with_capacity(indices.len());
+    for &(batch, row) in indices {
+        within.push((batch, picked[batch].len()));
+        picked[batch].push(row as u32);
+    }
+    let mut pieces = Vec::new();
+    let mut piece_of = vec![usize::MAX; sources.len()];
+    for (batch, rows) in picked.into_iter().enumerate() {
+        if !rows.is_empty() {
+            piece_of[batch] = pieces.len();
+            let rows = UInt32Array::from(rows);
+            pieces.push(arrow::compute::take_record_batch(&sources[batch], &rows)?);
+        }
+    }
+    if let [piece] = pieces.as_slice() {
+        return RecordBatch::try_new(Arc::clone(schema), piece.columns().to_vec());
+    }
+    let within: Vec<(usize, usize)> = within
+        .into_iter()
+        .map(|(batch, row)| (piece_of[batch], row))
+        .collect();
+    interleave_batches(schema, &pieces, &within)
+}
+
+/// The rows `indices` of `sources`, interleaved column by column.
+fn interleave_batches(
+    schema: &SchemaRef,
+    sources: &[RecordBatch],
+    indices: &[(usize, usize)],
+) -> Result<RecordBatch, ArrowError> {
     let columns = (0..schema.fields().len())
         .map(|c| {
             let arrays: Vec<&dyn Array> = sources.iter().map(|b| b.column(c).as_ref()).collect();
@@ -377,19 +479,51 @@ fn encode_keys(dicts: &[&DictionaryArray<Int32Type>], rows: &[usize]) -> Encoded
                 .ok()
                 .filter(|&k| d.is_valid(row) && k < v.len() && v.is_valid(k))
                 .map(|k| v.value(k));
-            match value {
-                None => out.bytes.push(0),
-                Some(value) => {
-                    out.bytes.push(1);
-                    out.bytes
-                        .extend_from_slice(&(value.len() as u32).to_le_bytes());
-                    out.bytes.extend_from_slice(value.as_bytes());
-                }
-            }
+            push_value(&mut out.bytes, value);
         }
         out.ends.push(out.bytes.len());
     }
     out
+}
+
+/// Appends one key column's value as keys hold it.
+fn push_value(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        None => out.push(0),
+        Some(value) => {
+            out.push(1);
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+    }
+}
+
+/// The value of the key column at `column` in `key`, as [`push_value`] wrote it.
+fn key_value(key: &[u8], column: usize) -> &[u8] {
+    let mut start = 0;
+    for c in 0..=column {
+        let end = match key.get(start) {
+            Some(1) => {
+                let len: [u8; 4] = key[start + 1..start + 5].try_into().expect("4 bytes");
+                start + 5 + u32::from_le_bytes(len) as usize
+            }
+            _ => start + 1,
+        };
+        if c == column {
+            return &key[start..end];
+        }
+        start = end;
+    }
+    unreachable!("the loop returns at `column`")
+}
+
+/// Series picked by the values of one of a cache's key columns (see
+/// [`LastCache::rows_where`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValues {
+    pub column: String,
+    /// `None`: the column is NULL.
+    pub values: Vec<Option<String>>,
 }
 
 /// Where a cache is in its life.
@@ -439,7 +573,7 @@ impl LastCache {
         self.offered.fetch_add(1, Ordering::Relaxed);
         let mut live = self.live.lock();
         let result = live.offer(&self.key_columns, batch);
-        let series = live.entries.len();
+        let series = live.slots.len();
         drop(live);
         match result {
             Err(e) => self.fail(format!("updating it failed: {e}")),
@@ -515,13 +649,37 @@ impl LastCache {
     /// `schema`, in its types) and answers which to return (NULL: not returned). Selecting
     /// a few series of many costs those columns, not the rows, and the returned
     /// dictionaries hold only the values the returned rows use.
+    ///
+    /// With `among`, only the keys with one of its values are shown to `keep` (which
+    /// must then keep no other): they are found through an index of that column's values,
+    /// made by the first such read and kept from then on, so picking a few series of many
+    /// costs those few.
     pub fn rows_where<E: From<ArrowError>>(
         &self,
         schema: &SchemaRef,
         shown: &[&str],
+        among: Option<&KeyValues>,
         keep: impl FnOnce(&RecordBatch) -> Result<BooleanArray, E>,
     ) -> Result<RecordBatch, E> {
-        let (batches, indices) = self.live.lock().snapshot();
+        let column = among.and_then(|a| {
+            let position = self.key_columns.iter().position(|c| *c == a.column)?;
+            let mut values: Vec<Vec<u8>> = a
+                .values
+                .iter()
+                .map(|v| {
+                    let mut out = Vec::new();
+                    push_value(&mut out, v.as_deref());
+                    out
+                })
+                .collect();
+            values.sort_unstable();
+            values.dedup();
+            Some((position, values))
+        });
+        let (batches, indices) = match column {
+            Some((position, values)) => self.live.lock().snapshot_among(position, &values),
+            None => self.live.lock().snapshot(),
+        };
         let aligned = align_all(&batches, schema)?;
         let key_columns: Vec<usize> = self
             .key_columns
@@ -564,7 +722,7 @@ impl LastCache {
 
     /// How many keys the cache holds.
     pub fn len(&self) -> usize {
-        self.live.lock().entries.len()
+        self.live.lock().slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -581,7 +739,7 @@ pub struct Warming {
 impl Warming {
     pub fn offer(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
         self.rows.offer(&self.cache.key_columns, batch)?;
-        if self.rows.entries.len() > self.cache.max_series {
+        if self.rows.slots.len() > self.cache.max_series {
             return Err(ArrowError::InvalidArgumentError(self.cache.too_many()));
         }
         Ok(())
@@ -591,7 +749,7 @@ impl Warming {
     pub fn finish(self) -> Result<(), ArrowError> {
         let mut live = self.cache.live.lock();
         live.absorb_older(self.rows)?;
-        let series = live.entries.len();
+        let series = live.slots.len();
         drop(live);
         if series > self.cache.max_series {
             return Err(ArrowError::InvalidArgumentError(self.cache.too_many()));
@@ -687,6 +845,20 @@ mod tests {
     }
 
     #[test]
+    fn a_key_column_value_is_read_back_from_a_key() {
+        let values = [Some("site-a"), None, Some(""), Some("line 7")];
+        let mut key = Vec::new();
+        for v in values {
+            push_value(&mut key, v);
+        }
+        for (column, v) in values.iter().enumerate() {
+            let mut alone = Vec::new();
+            push_value(&mut alone, *v);
+            assert_eq!(key_value(&key, column), alone.as_slice(), "column {column}");
+        }
+    }
+
+    #[test]
     fn keeps_the_latest_row_per_key_and_merges_rewrites_of_its_time() {
         let cache = Arc::new(LastCache::new(vec!["host".into()], 1_000));
         let schema = batch(&[]).schema();
@@ -761,8 +933,32 @@ mod tests {
             const HOSTS: [&str; 4] = ["h0", "h1", "h2", "h3"];
             let cache = LastCache::new(vec!["host".into()], 1_000);
             let schema = batch(&[]).schema();
+            let wanted: Vec<&str> = picked.iter().map(|&h| HOSTS[h]).collect();
+            // Reads picking `wanted` by a filter alone, and through the index of hosts
+            // (made by the first such read, half-way through the writes).
+            let among = KeyValues {
+                column: "host".into(),
+                values: wanted.iter().map(|h| Some((*h).to_owned())).collect(),
+            };
+            let select = |among: Option<&KeyValues>| {
+                cache
+                    .rows_where(&schema, &["host"], among, |keys| {
+                        let hosts = cast(keys.column(0), &DataType::Utf8)?;
+                        Ok::<_, ArrowError>(
+                            hosts
+                                .as_string::<i32>()
+                                .iter()
+                                .map(|h| Some(h.is_some_and(|h| wanted.contains(&h))))
+                                .collect(),
+                        )
+                    })
+                    .unwrap()
+            };
             let mut model: BTreeMap<String, Row> = BTreeMap::new();
-            for (rows, shared) in &writes {
+            for (i, (rows, shared)) in writes.iter().enumerate() {
+                if i == writes.len() / 2 {
+                    select(Some(&among));
+                }
                 let rows: Vec<_> = rows
                     .iter()
                     .map(|&(h, t, a, b)| (HOSTS[h], t, a.map(f64::from), b.map(f64::from)))
@@ -779,25 +975,15 @@ mod tests {
                 }
             }
             proptest::prop_assert_eq!(latest(&cache, &schema), model.values().cloned().collect::<Vec<_>>());
-            let wanted: Vec<&str> = picked.iter().map(|&h| HOSTS[h]).collect();
-            let selected = cache
-                .rows_where(&schema, &["host"], |keys| {
-                    let hosts = cast(keys.column(0), &DataType::Utf8)?;
-                    Ok::<_, ArrowError>(
-                        hosts
-                            .as_string::<i32>()
-                            .iter()
-                            .map(|h| Some(h.is_some_and(|h| wanted.contains(&h))))
-                            .collect(),
-                    )
-                })
-                .unwrap();
-            let rows = rows_of(&selected);
             let expected: Vec<Row> =
                 model.values().filter(|r| wanted.contains(&r.0.as_str())).cloned().collect();
-            proptest::prop_assert_eq!(&rows, &expected);
-            let values = selected.column(0).as_any_dictionary().values().len();
-            proptest::prop_assert_eq!(values, expected.len());
+            for among in [None, Some(&among)] {
+                let selected = select(among);
+                let rows = rows_of(&selected);
+                proptest::prop_assert_eq!(&rows, &expected);
+                let values = selected.column(0).as_any_dictionary().values().len();
+                proptest::prop_assert_eq!(values, expected.len());
+            }
         }
     }
 }

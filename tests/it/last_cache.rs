@@ -53,6 +53,31 @@ async fn agree(server: &TestServer, hosts: usize) {
             .await
             .contains("last-value cache (2 series)")
     );
+    // Series named by value are found through the cache's index of that column (made by
+    // the first such read, kept up to date as new series arrive).
+    for picked in [
+        "host = 'h2'",
+        "'h0' = host AND dc = 'eu'",
+        "host = 'h1' OR host = 'h4' OR host = 'nope'",
+        "host IN ('h3', NULL, 'h1') AND dc IN ('eu', 'us')",
+        "dc = 'eu' AND host IN ('h0', 'h2')",
+    ] {
+        let cached = format!(
+            "SELECT DISTINCT ON (host) host, usage FROM cpu WHERE {picked} \
+             ORDER BY host, time DESC"
+        );
+        let full = format!(
+            "SELECT DISTINCT ON (host) host, usage FROM cpu WHERE {picked} \
+             AND time >= '1970-01-01T00:00:00Z' ORDER BY host, time DESC"
+        );
+        let expected = rows(server, &full).await;
+        assert!(!expected.is_empty(), "{picked}");
+        assert_eq!(rows(server, &cached).await, expected, "{picked}");
+        // (Keyed by host alone, the cache cannot answer a filter on dc.)
+        if !picked.contains("dc") {
+            assert!(plan(server, &cached).await.contains("last-value cache"));
+        }
+    }
     let mixed = "SELECT * FROM last_cache('plant', 'cpu') WHERE host <> 'h0' AND usage > 1192 \
                  ORDER BY host";
     let expected: Vec<_> = full

@@ -1,14 +1,17 @@
 //! Runs every rule on its interval.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
+use datafusion::execution::context::SessionContext;
 use futures::TryStreamExt;
-use kiln_storage::catalog::CatalogEvent;
 use kiln_storage::catalog::alerts::{AlertRuleDef, AlertRuleKind};
+use kiln_storage::catalog::{CatalogEvent, CatalogState};
 use kiln_storage::ids::AlertRuleId;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::task::JoinSet;
 
 use super::eval;
@@ -54,7 +57,7 @@ impl RuleStatuses {
 /// must leave cores to the write path.
 const CONCURRENT_EVALUATIONS: usize = 2;
 
-/// How often the scheduler looks for due rules.
+/// How often the scheduler looks for due rules when none finishes meanwhile.
 const TICK: Duration = Duration::from_millis(100);
 
 /// Evaluates every rule of the catalog on its interval and records the transitions.
@@ -62,6 +65,60 @@ const TICK: Duration = Duration::from_millis(100);
 pub struct AlertScheduler {
     query: QueryEngine,
     clock: fn() -> i64,
+    /// A session per database, made at its first rule's evaluation and kept.
+    sessions: Arc<Sessions>,
+}
+
+#[derive(Default)]
+struct Sessions(Mutex<HashMap<String, SessionContext>>);
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.lock().keys()).finish()
+    }
+}
+
+/// When each rule is due next, the earliest first.
+#[derive(Debug, Default)]
+struct Agenda {
+    /// Rules waiting for their turn (not running) and when it comes.
+    due: HashMap<AlertRuleId, Instant>,
+    /// The same times in order; an entry whose time `due` no longer holds is stale.
+    queue: BinaryHeap<Reverse<(Instant, AlertRuleId)>>,
+    running: HashSet<AlertRuleId>,
+}
+
+impl Agenda {
+    fn schedule(&mut self, rule: AlertRuleId, at: Instant) {
+        self.due.insert(rule, at);
+        self.queue.push(Reverse((at, rule)));
+    }
+
+    /// Follows the catalog's rules: new ones are due now, deleted ones are forgotten.
+    fn follow(&mut self, rules: &BTreeMap<AlertRuleId, AlertRuleDef>, now: Instant) {
+        self.due.retain(|id, _| rules.contains_key(id));
+        for id in rules.keys() {
+            if !self.due.contains_key(id) && !self.running.contains(id) {
+                self.schedule(*id, now);
+            }
+        }
+    }
+
+    /// The rule due longest ago if it is due by `now`, marked running.
+    fn next(&mut self, now: Instant) -> Option<AlertRuleId> {
+        while let Some(&Reverse((at, id))) = self.queue.peek() {
+            if at > now {
+                return None;
+            }
+            self.queue.pop();
+            if self.due.get(&id) == Some(&at) {
+                self.due.remove(&id);
+                self.running.insert(id);
+                return Some(id);
+            }
+        }
+        None
+    }
 }
 
 impl AlertScheduler {
@@ -70,57 +127,59 @@ impl AlertScheduler {
         Self {
             query,
             clock: kiln_storage::now_nanos,
+            sessions: Arc::default(),
         }
     }
 
-    /// Runs until `shutdown` resolves; evaluations in flight then finish.
+    /// Runs until `shutdown` resolves; evaluations in flight then finish. Evaluations
+    /// run on the query executor, at queries' priority; a rule is due its interval after
+    /// its previous evaluation started, and the rule due longest ago starts first, as
+    /// soon as an evaluation slot is free.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut next_due: HashMap<AlertRuleId, Instant> = HashMap::new();
-        let mut running: HashSet<AlertRuleId> = HashSet::new();
+        let mut agenda = Agenda::default();
+        let mut followed: Option<Arc<CatalogState>> = None;
         let mut tasks = JoinSet::new();
+        let mut evaluating: HashMap<tokio::task::Id, (AlertRuleId, Instant)> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Ok((id, started, every)) = done {
-                        running.remove(&id);
-                        next_due.insert(id, started + every);
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let task = match &done {
+                        Ok((task, ())) => *task,
+                        Err(e) => e.id(),
+                    };
+                    if let Some((id, next)) = evaluating.remove(&task) {
+                        agenda.running.remove(&id);
+                        agenda.schedule(id, next);
                     }
-                    continue;
                 }
                 _ = tick.tick() => {}
             }
             let state = self.query.engine().catalog_state();
-            let rules = &state.alerts.rules;
-            next_due.retain(|id, _| rules.contains_key(id));
-            self.query.rule_status.retain(|id| rules.contains_key(id));
             let now = Instant::now();
-            // Due rules, the longest overdue first (a rule not yet evaluated is due since
-            // it was first seen), so that rules that take long cannot starve the others.
-            for rule in rules.values() {
-                next_due.entry(rule.id).or_insert(now);
+            if !followed.as_ref().is_some_and(|f| Arc::ptr_eq(f, &state)) {
+                let rules = &state.alerts.rules;
+                agenda.follow(rules, now);
+                self.query.rule_status.retain(|id| rules.contains_key(id));
+                followed = Some(Arc::clone(&state));
             }
-            let mut due: Vec<(Instant, &AlertRuleDef)> = rules
-                .values()
-                .filter(|r| !running.contains(&r.id))
-                .filter_map(|r| next_due.get(&r.id).filter(|t| **t <= now).map(|t| (*t, r)))
-                .collect();
-            due.sort_by_key(|(t, r)| (*t, r.id));
-            for (_, rule) in due {
-                if running.len() >= CONCURRENT_EVALUATIONS {
-                    break;
-                }
-                running.insert(rule.id);
+            while agenda.running.len() < CONCURRENT_EVALUATIONS {
+                let Some(id) = agenda.next(now) else { break };
+                let Some(rule) = state.alerts.rules.get(&id).cloned() else {
+                    agenda.running.remove(&id);
+                    continue;
+                };
+                let every = Duration::from_nanos(u64::try_from(rule.every_nanos).unwrap_or(0));
                 let this = self.clone();
-                let rule = rule.clone();
-                tasks.spawn(async move {
-                    let every = Duration::from_nanos(u64::try_from(rule.every_nanos).unwrap_or(0));
-                    this.evaluate_and_record(&rule).await;
-                    (rule.id, now, every)
-                });
+                let task = tasks.spawn_on(
+                    async move { this.evaluate_and_record(&rule).await },
+                    self.query.executor().handle(),
+                );
+                // A rule whose evaluation panicked is due again all the same.
+                evaluating.insert(task.id(), (id, now + every));
             }
         }
         while tasks.join_next().await.is_some() {}
@@ -151,6 +210,22 @@ impl AlertScheduler {
         });
     }
 
+    /// The session `database`'s rules are planned in.
+    fn session(&self, database: &str) -> Result<SessionContext, String> {
+        if let Some(session) = self.sessions.0.lock().get(database) {
+            return Ok(session.clone());
+        }
+        let session = self
+            .query
+            .serial_session(database)
+            .map_err(|e| e.to_string())?;
+        self.sessions
+            .0
+            .lock()
+            .insert(database.to_owned(), session.clone());
+        Ok(session)
+    }
+
     /// Evaluates `rule` once at `now` and records its transitions; the series seen.
     pub async fn evaluate(&self, rule: &AlertRuleDef, now: i64) -> Result<usize, String> {
         let state = self.query.engine().catalog_state();
@@ -165,11 +240,13 @@ impl AlertScheduler {
                 "last_seen",
             ),
         };
-        let stream = self
+        let session = self.session(&rule.database)?;
+        let plan = self
             .query
-            .sql(&rule.database, &sql)
+            .plan_in(&session, &sql)
             .await
             .map_err(|e| e.to_string())?;
+        let stream = self.query.execute(plan).await.map_err(|e| e.to_string())?;
         let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(|e| e.to_string())?;
         let mut observed = eval::observations(&batches, value_column)?;
         if matches!(rule.kind, AlertRuleKind::NoData { .. }) {
