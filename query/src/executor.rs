@@ -21,7 +21,9 @@ use std::task::{Context, Poll};
 use arrow::array::RecordBatch;
 use datafusion::dataframe::DataFrame;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::session_state::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use futures::{Stream, StreamExt};
@@ -73,14 +75,42 @@ impl QueryExecutor {
     /// Starts `df` on the executor: the stream of its batches once its physical plan
     /// is made (an error making it is returned here).
     pub(crate) async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
+        self.start(async move {
+            let task_context = Arc::new(df.task_ctx());
+            Ok((df.create_physical_plan().await?, task_context))
+        })
+        .await
+    }
+
+    /// Starts an optimized logical plan on the executor (see [`Self::execute`]): only its
+    /// physical plan is made.
+    pub(crate) async fn execute_optimized(
+        &self,
+        state: SessionState,
+        plan: LogicalPlan,
+    ) -> Result<SendableRecordBatchStream> {
+        self.start(async move {
+            let task_context = Arc::new(TaskContext::from(&state));
+            let physical = state
+                .query_planner()
+                .create_physical_plan(&plan, &state)
+                .await?;
+            Ok((physical, task_context))
+        })
+        .await
+    }
+
+    /// Makes a physical plan with `make` on the executor and runs it there.
+    async fn start(
+        &self,
+        make: impl Future<Output = Result<(Arc<dyn ExecutionPlan>, Arc<TaskContext>)>> + Send + 'static,
+    ) -> Result<SendableRecordBatchStream> {
         let (started, plan) = oneshot::channel();
         let (batches, received) = mpsc::channel(AHEAD);
         let task = Aborting(self.handle.spawn(async move {
-            let task_context = Arc::new(df.task_ctx());
-            let started_plan = df
-                .create_physical_plan()
-                .await
-                .and_then(|plan| Ok((execute_stream(Arc::clone(&plan), task_context)?, plan)));
+            let started_plan = make.await.and_then(|(plan, task_context)| {
+                Ok((execute_stream(Arc::clone(&plan), task_context)?, plan))
+            });
             let (mut stream, plan) = match started_plan {
                 Ok(started_plan) => started_plan,
                 Err(e) => {

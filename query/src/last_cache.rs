@@ -41,6 +41,7 @@ use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
 use datafusion::physical_plan::ExecutionPlan;
 use kiln_storage::Engine;
 use kiln_storage::catalog::{TIME_COLUMN, TableDef};
+use kiln_storage::ids::TableId;
 use kiln_storage::last_cache::{KeyValues, LastCache};
 
 use crate::provider::{KilnTable, query_schema};
@@ -102,6 +103,7 @@ impl TableFunctionImpl for LastCacheFunction {
 /// A table's last-value cache as a table: its schema is the table's.
 #[derive(Debug)]
 pub struct LastCacheTable {
+    table: TableId,
     name: String,
     schema: SchemaRef,
     cache: Arc<LastCache>,
@@ -110,10 +112,20 @@ pub struct LastCacheTable {
 impl LastCacheTable {
     fn new(def: &TableDef, cache: Arc<LastCache>) -> Self {
         Self {
+            table: def.id,
             name: def.name.clone(),
             schema: query_schema(def),
             cache,
         }
+    }
+
+    /// The table whose cache this is.
+    pub fn table_id(&self) -> TableId {
+        self.table
+    }
+
+    pub fn cache(&self) -> &Arc<LastCache> {
+        &self.cache
     }
 }
 

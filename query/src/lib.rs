@@ -31,6 +31,7 @@ pub mod last_cache;
 pub mod like_escape;
 pub mod limits;
 pub mod postgres;
+pub mod prepared;
 pub mod provider;
 pub mod scan;
 pub mod selectors;
@@ -50,7 +51,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::runtime_env::RuntimeEnv;
-use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
 use datafusion::optimizer::{Optimizer, OptimizerRule};
 use datafusion::physical_plan::ExecutionPlan;
@@ -396,12 +397,33 @@ impl QueryEngine {
     /// Starts a planned query under the engine's time limit, which physical planning
     /// (opening segments, waiting for a last-value cache to warm) counts against too.
     pub async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream, Error> {
+        self.limited(self.executor.execute(df)).await
+    }
+
+    /// Starts an optimized plan of `state`'s (see [`prepared`]) as [`Self::execute`]
+    /// starts a planned one.
+    pub async fn execute_optimized(
+        &self,
+        state: SessionState,
+        plan: LogicalPlan,
+    ) -> Result<SendableRecordBatchStream, Error> {
+        self.limited(self.executor.execute_optimized(state, plan))
+            .await
+    }
+
+    /// A query being started, under the engine's time limit.
+    async fn limited(
+        &self,
+        starting: impl std::future::Future<
+            Output = datafusion::error::Result<SendableRecordBatchStream>,
+        >,
+    ) -> Result<SendableRecordBatchStream, Error> {
         let started = std::time::Instant::now();
         let stream = match self.config.timeout {
-            Some(limit) => tokio::time::timeout(limit, self.executor.execute(df))
+            Some(limit) => tokio::time::timeout(limit, starting)
                 .await
                 .map_err(|_| Error::Timeout(limits::TimedOut(limit).to_string()))??,
-            None => self.executor.execute(df).await?,
+            None => starting.await?,
         };
         let left = self
             .config

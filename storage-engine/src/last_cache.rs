@@ -81,7 +81,23 @@ struct Rows {
     /// Per key column (by position), made by the first read that picks series by its
     /// values and kept up to date from then on: the slots of each value (encoded as in a
     /// key).
-    indexes: HashMap<usize, HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState>>,
+    indexes: HashMap<usize, ValueIndex>,
+}
+
+/// The slots of each value of one key column.
+#[derive(Debug, Default)]
+struct ValueIndex(HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState>);
+
+impl ValueIndex {
+    /// Adds the key in `slot`, whose value in the indexed column is `value`.
+    fn add(&mut self, value: &[u8], slot: u32) {
+        match self.0.get_mut(value) {
+            Some(slots) => slots.push(slot),
+            None => {
+                self.0.insert(value.into(), vec![slot]);
+            }
+        }
+    }
 }
 
 impl Rows {
@@ -108,21 +124,15 @@ impl Rows {
         values: &[Vec<u8>],
     ) -> (Vec<RecordBatch>, Vec<(usize, usize)>) {
         let index = self.indexes.entry(column).or_insert_with(|| {
-            let mut index: HashMap<Box<[u8]>, Vec<u32>, ahash::RandomState> = HashMap::default();
+            let mut index = ValueIndex::default();
             for (key, &slot) in &self.keys {
-                let value = key_value(key, column);
-                match index.get_mut(value) {
-                    Some(slots) => slots.push(slot),
-                    None => {
-                        index.insert(value.into(), vec![slot]);
-                    }
-                }
+                index.add(key_value(key, column), slot);
             }
             index
         });
         let indices = values
             .iter()
-            .filter_map(|v| index.get(v.as_slice()))
+            .filter_map(|v| index.0.get(v.as_slice()))
             .flatten()
             .map(|&slot| {
                 let e = &self.slots[slot as usize];
@@ -234,13 +244,7 @@ impl Rows {
                     let slot = self.slots.len() as u32;
                     self.slots.push(entry);
                     for (&column, index) in &mut self.indexes {
-                        let value = key_value(key, column);
-                        match index.get_mut(value) {
-                            Some(slots) => slots.push(slot),
-                            None => {
-                                index.insert(value.into(), vec![slot]);
-                            }
-                        }
+                        index.add(key_value(key, column), slot);
                     }
                     self.keys.insert(key.into(), slot);
                 }

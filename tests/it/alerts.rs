@@ -236,6 +236,99 @@ async fn a_threshold_rule_fires_once_after_its_for_and_resolves_once() {
     );
 }
 
+/// A rule's plan is kept from one evaluation to the next, but never past a change that
+/// would plan it otherwise: a new column (the table's default last-value cache is keyed
+/// again), a cache created by hand, and `now()`, which is read at every evaluation.
+#[tokio::test]
+async fn a_rules_kept_plan_follows_new_columns_new_caches_and_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, url) = Receiver::start().await;
+    let server = start(dir.path(), &url);
+    write_temps(&server, &[("m1", 50.0)]).await;
+    let rule = |name: &str, filter: &str| {
+        json!({
+            "name": name,
+            "database": "plant",
+            "sql": format!("SELECT DISTINCT ON (host) host, temp AS value FROM machine \
+                            {filter} ORDER BY host, time DESC"),
+            "condition": "> 90",
+            "every": "1s",
+        })
+    };
+    let (status, body) = create_rule(&server, rule("latest", "")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let evaluated = |n: u64| {
+        let server = &server;
+        async move {
+            eventually(Duration::from_secs(30), || async {
+                let rows = server
+                    .query_json(
+                        "plant",
+                        "SELECT evaluations FROM system.alert_rules WHERE rule = 'latest'",
+                    )
+                    .await;
+                rows[0]["evaluations"].as_u64().unwrap() >= n
+            })
+            .await
+        }
+    };
+    assert!(evaluated(3).await);
+
+    // A new tag: the table and its default cache change; the rule sees the new series.
+    let now = now_nanos();
+    server
+        .write_ok("plant", &format!("machine,host=m2,zone=z1 temp=95 {now}\n"))
+        .await;
+    let messages = receiver.wait_for(1).await;
+    assert_eq!(
+        (messages[0].0.as_str(), messages[0].1.as_str()),
+        ("firing", "m2")
+    );
+
+    // A cache created by hand replaces the default one.
+    let resp = server
+        .client
+        .post(server.url("/api/v3/configure/last_cache"))
+        .json(&json!({"db": "plant", "table": "machine", "key_columns": ["host"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    write_temps(&server, &[("m3", 96.0)]).await;
+    let messages = receiver.wait_for(2).await;
+    assert_eq!(
+        (messages[1].0.as_str(), messages[1].1.as_str()),
+        ("firing", "m3")
+    );
+
+    // `now()` moves: a row leaves the rule's window and its alert resolves.
+    let (status, body) = create_rule(
+        &server,
+        rule(
+            "recent",
+            "WHERE time > now() - INTERVAL '3 seconds' AND host = 'm4'",
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    write_temps(&server, &[("m4", 97.0)]).await;
+    let messages = receiver.wait_for(4).await;
+    let m4: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.1 == "m4")
+        .map(|m| m.0.as_str())
+        .collect();
+    // m4 also fires under the first rule; under the second it fires, then resolves.
+    let resolved = eventually(Duration::from_secs(30), || async {
+        receiver
+            .messages()
+            .iter()
+            .any(|m| m.1 == "m4" && m.0 == "resolved")
+    })
+    .await;
+    assert!(resolved, "{m4:?} then {:?}", receiver.messages());
+}
+
 #[tokio::test]
 async fn notifications_wait_for_a_receiver_that_is_down_and_survive_kill_9_without_repeats() {
     use std::sync::atomic::Ordering;

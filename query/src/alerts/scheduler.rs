@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use super::eval;
 use crate::QueryEngine;
+use crate::prepared::PreparedQuery;
 
 /// How the latest evaluations of a rule went (kept in memory: a restart starts afresh).
 #[derive(Debug, Clone, Default)]
@@ -65,16 +66,24 @@ const TICK: Duration = Duration::from_millis(100);
 pub struct AlertScheduler {
     query: QueryEngine,
     clock: fn() -> i64,
-    /// A session per database, made at its first rule's evaluation and kept.
-    sessions: Arc<Sessions>,
+    planned: Arc<Mutex<Planned>>,
 }
 
+/// What evaluations keep from one to the next.
 #[derive(Default)]
-struct Sessions(Mutex<HashMap<String, SessionContext>>);
+struct Planned {
+    /// A session per database, made at its first rule's evaluation.
+    sessions: HashMap<String, SessionContext>,
+    /// Each rule's query, with its plan when it can be kept (see [`PreparedQuery`]).
+    queries: HashMap<AlertRuleId, Arc<PreparedQuery>>,
+}
 
-impl std::fmt::Debug for Sessions {
+impl std::fmt::Debug for Planned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_set().entries(self.0.lock().keys()).finish()
+        f.debug_struct("Planned")
+            .field("sessions", &self.sessions.keys().collect::<Vec<_>>())
+            .field("queries", &self.queries)
+            .finish()
     }
 }
 
@@ -127,7 +136,7 @@ impl AlertScheduler {
         Self {
             query,
             clock: kiln_storage::now_nanos,
-            sessions: Arc::default(),
+            planned: Arc::default(),
         }
     }
 
@@ -164,6 +173,10 @@ impl AlertScheduler {
                 let rules = &state.alerts.rules;
                 agenda.follow(rules, now);
                 self.query.rule_status.retain(|id| rules.contains_key(id));
+                self.planned
+                    .lock()
+                    .queries
+                    .retain(|id, _| rules.contains_key(id));
                 followed = Some(Arc::clone(&state));
             }
             while agenda.running.len() < CONCURRENT_EVALUATIONS {
@@ -210,20 +223,37 @@ impl AlertScheduler {
         });
     }
 
-    /// The session `database`'s rules are planned in.
-    fn session(&self, database: &str) -> Result<SessionContext, String> {
-        if let Some(session) = self.sessions.0.lock().get(database) {
-            return Ok(session.clone());
-        }
-        let session = self
-            .query
-            .serial_session(database)
-            .map_err(|e| e.to_string())?;
-        self.sessions
-            .0
-            .lock()
-            .insert(database.to_owned(), session.clone());
-        Ok(session)
+    /// The session `rule` is planned in and its query (the same as the last evaluation's
+    /// unless `sql` differs).
+    fn prepared(
+        &self,
+        rule: &AlertRuleDef,
+        sql: String,
+    ) -> Result<(SessionContext, Arc<PreparedQuery>), String> {
+        let mut planned = self.planned.lock();
+        let session = match planned.sessions.get(&rule.database) {
+            Some(session) => session.clone(),
+            None => {
+                let session = self
+                    .query
+                    .serial_session(&rule.database)
+                    .map_err(|e| e.to_string())?;
+                planned
+                    .sessions
+                    .insert(rule.database.clone(), session.clone());
+                session
+            }
+        };
+        let query = planned
+            .queries
+            .entry(rule.id)
+            .and_modify(|q| {
+                if q.sql() != sql {
+                    *q = Arc::new(PreparedQuery::new(sql.clone()));
+                }
+            })
+            .or_insert_with(|| Arc::new(PreparedQuery::new(sql.clone())));
+        Ok((session, Arc::clone(query)))
     }
 
     /// Evaluates `rule` once at `now` and records its transitions; the series seen.
@@ -240,13 +270,11 @@ impl AlertScheduler {
                 "last_seen",
             ),
         };
-        let session = self.session(&rule.database)?;
-        let plan = self
-            .query
-            .plan_in(&session, &sql)
+        let (session, query) = self.prepared(rule, sql)?;
+        let stream = query
+            .run(&self.query, &session)
             .await
             .map_err(|e| e.to_string())?;
-        let stream = self.query.execute(plan).await.map_err(|e| e.to_string())?;
         let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(|e| e.to_string())?;
         let mut observed = eval::observations(&batches, value_column)?;
         if matches!(rule.kind, AlertRuleKind::NoData { .. }) {
