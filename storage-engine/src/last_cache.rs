@@ -16,6 +16,10 @@
 //!
 //! Rows are held in small batches (only the rows that updated a key), referenced by index;
 //! when there are many, they are compacted into one batch of exactly one row per key.
+//!
+//! A read that names series by the values of one key column (`host IN ('a', 'b')`) finds
+//! them through an index of that column's values, made by the first such read and
+//! extended only when a new key arrives, so picking a few series of many costs those few.
 
 use std::collections::HashMap;
 use std::sync::Arc;
