@@ -89,11 +89,6 @@ impl PreparedQuery {
     pub fn sql(&self) -> &str {
         &self.sql
     }
-
-    /// Whether the next run may make its plan from a kept one.
-    pub fn is_kept(&self) -> bool {
-        self.kept.lock().is_some()
-    }
 }
 
 impl Kept {

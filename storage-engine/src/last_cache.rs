@@ -51,6 +51,13 @@ struct Entry {
     row: usize,
 }
 
+impl Entry {
+    /// (batch, row) in the held batches.
+    fn position(&self) -> (usize, usize) {
+        (self.batch, self.row)
+    }
+}
+
 /// A key's new latest row: the rows at its `time` to merge, oldest first, as (batch, row)
 /// in the sources being merged.
 struct Update<K> {
@@ -116,8 +123,12 @@ impl Rows {
 
     /// The held batches and where each key's row is in them, to read without the lock.
     fn snapshot(&self) -> (Vec<RecordBatch>, Vec<(usize, usize)>) {
-        let indices = self.slots.iter().map(|e| (e.batch, e.row)).collect();
-        (self.batches.clone(), indices)
+        (self.batches.clone(), self.positions())
+    }
+
+    /// Where each key's row is, in slot order.
+    fn positions(&self) -> Vec<(usize, usize)> {
+        self.slots.iter().map(Entry::position).collect()
     }
 
     /// [`Self::snapshot`] of the keys whose key column at `column` holds one of `values`
@@ -138,10 +149,7 @@ impl Rows {
             .iter()
             .filter_map(|v| index.0.get(v.as_slice()))
             .flatten()
-            .map(|&slot| {
-                let e = &self.slots[slot as usize];
-                (e.batch, e.row)
-            })
+            .map(|&slot| self.slots[slot as usize].position())
             .collect();
         (self.batches.clone(), indices)
     }
@@ -192,8 +200,8 @@ impl Rows {
         let mut updates = Vec::with_capacity(latest.len());
         for (key, (t, first, more)) in latest {
             let held = self.keys.get(key).map(|&slot| {
-                let e = &self.slots[slot as usize];
-                (e.time, (e.batch, e.row))
+                let e = self.slots[slot as usize];
+                (e.time, e.position())
             });
             let new_rows = std::iter::once(first).chain(more.iter().copied());
             let sources = match held {
@@ -278,9 +286,7 @@ impl Rows {
             let mine = self.keys.get(&key).map(|&slot| self.slots[slot as usize]);
             let sources = match mine {
                 Some(mine) if mine.time > e.time => continue,
-                Some(mine) if mine.time == e.time => {
-                    Sources::Many(vec![old, (mine.batch, mine.row)])
-                }
+                Some(mine) if mine.time == e.time => Sources::Many(vec![old, mine.position()]),
                 _ => Sources::One(old),
             };
             updates.push(Update {
@@ -302,8 +308,7 @@ impl Rows {
     /// Rewrites the held rows as one batch of exactly one row per key.
     fn compact(&mut self, schema: &SchemaRef) -> Result<(), ArrowError> {
         let aligned = align_all(&self.batches, schema)?;
-        let indices: Vec<(usize, usize)> = self.slots.iter().map(|e| (e.batch, e.row)).collect();
-        let one = gather(schema, &aligned, &indices)?;
+        let one = gather(schema, &aligned, &self.positions())?;
         for (row, e) in self.slots.iter_mut().enumerate() {
             e.batch = 0;
             e.row = row;

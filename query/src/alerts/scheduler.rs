@@ -244,16 +244,15 @@ impl AlertScheduler {
                 session
             }
         };
-        let query = planned
-            .queries
-            .entry(rule.id)
-            .and_modify(|q| {
-                if q.sql() != sql {
-                    *q = Arc::new(PreparedQuery::new(sql.clone()));
-                }
-            })
-            .or_insert_with(|| Arc::new(PreparedQuery::new(sql.clone())));
-        Ok((session, Arc::clone(query)))
+        let query = match planned.queries.get(&rule.id) {
+            Some(query) if query.sql() == sql => Arc::clone(query),
+            _ => {
+                let query = Arc::new(PreparedQuery::new(sql));
+                planned.queries.insert(rule.id, Arc::clone(&query));
+                query
+            }
+        };
+        Ok((session, query))
     }
 
     /// Evaluates `rule` once at `now` and records its transitions; the series seen.
