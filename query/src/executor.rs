@@ -75,20 +75,22 @@ impl QueryExecutor {
     /// Starts `df` on the executor: the stream of its batches once its physical plan
     /// is made (an error making it is returned here).
     pub(crate) async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
-        self.start(async move {
-            let task_context = Arc::new(df.task_ctx());
-            Ok((df.create_physical_plan().await?, task_context))
-        })
-        .await
+        let (stream, _) = self
+            .start(async move {
+                let task_context = Arc::new(df.task_ctx());
+                Ok((df.create_physical_plan().await?, task_context))
+            })
+            .await?;
+        Ok(stream)
     }
 
     /// Starts an optimized logical plan on the executor (see [`Self::execute`]): only its
-    /// physical plan is made.
+    /// physical plan is made, and returned with the stream.
     pub(crate) async fn execute_optimized(
         &self,
         state: SessionState,
         plan: LogicalPlan,
-    ) -> Result<SendableRecordBatchStream> {
+    ) -> Result<(SendableRecordBatchStream, Arc<dyn ExecutionPlan>)> {
         self.start(async move {
             let task_context = Arc::new(TaskContext::from(&state));
             let physical = state
@@ -100,11 +102,20 @@ impl QueryExecutor {
         .await
     }
 
+    /// Runs a physical plan on the executor.
+    pub(crate) async fn execute_physical(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        task_context: Arc<TaskContext>,
+    ) -> Result<(SendableRecordBatchStream, Arc<dyn ExecutionPlan>)> {
+        self.start(async move { Ok((plan, task_context)) }).await
+    }
+
     /// Makes a physical plan with `make` on the executor and runs it there.
     async fn start(
         &self,
         make: impl Future<Output = Result<(Arc<dyn ExecutionPlan>, Arc<TaskContext>)>> + Send + 'static,
-    ) -> Result<SendableRecordBatchStream> {
+    ) -> Result<(SendableRecordBatchStream, Arc<dyn ExecutionPlan>)> {
         let (started, plan) = oneshot::channel();
         let (batches, received) = mpsc::channel(AHEAD);
         let task = Aborting(self.handle.spawn(async move {
@@ -136,9 +147,12 @@ impl QueryExecutor {
         let stream = Remote {
             received,
             task: Some(task),
-            _plan: plan,
+            _plan: Arc::clone(&plan),
         };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        Ok((
+            Box::pin(RecordBatchStreamAdapter::new(schema, stream)),
+            plan,
+        ))
     }
 }
 

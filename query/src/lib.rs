@@ -48,10 +48,10 @@ use arrow::datatypes::DataType;
 use datafusion::catalog::Session;
 use datafusion::common::Column;
 use datafusion::error::DataFusionError;
-use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
 use datafusion::optimizer::{Optimizer, OptimizerRule};
 use datafusion::physical_plan::ExecutionPlan;
@@ -317,10 +317,29 @@ impl QueryEngine {
 
     /// A session for many small queries of `database` run one after another, as alert
     /// rules are: each plan runs in one partition (their parallelism is across queries),
-    /// and the session is made once and kept (see [`Self::plan_in`]).
+    /// and the session is made once and kept (see [`Self::plan_in`]). Its plans may be
+    /// run again ([`prepared`]), so they carry no dynamic filters (a filter one run
+    /// narrows would hold for the next).
     pub fn serial_session(&self, database: &str) -> Result<SessionContext, Error> {
         self.require_database(database)?;
-        Ok(self.session_config(database, SessionConfig::new().with_target_partitions(1)))
+        let mut config = SessionConfig::new().with_target_partitions(1);
+        config
+            .options_mut()
+            .optimizer
+            .enable_dynamic_filter_pushdown = false;
+        config
+            .options_mut()
+            .optimizer
+            .enable_topk_dynamic_filter_pushdown = false;
+        config
+            .options_mut()
+            .optimizer
+            .enable_join_dynamic_filter_pushdown = false;
+        config
+            .options_mut()
+            .optimizer
+            .enable_aggregate_dynamic_filter_pushdown = false;
+        Ok(self.session_config(database, config))
     }
 
     /// Plans `sql` in a session of this engine's (see [`Self::serial_session`]).
@@ -397,29 +416,43 @@ impl QueryEngine {
     /// Starts a planned query under the engine's time limit, which physical planning
     /// (opening segments, waiting for a last-value cache to warm) counts against too.
     pub async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream, Error> {
-        self.limited(self.executor.execute(df)).await
+        self.limited(async { Ok((self.executor.execute(df).await?, ())) })
+            .await
+            .map(|(stream, ())| stream)
     }
 
     /// Starts an optimized plan of `state`'s (see [`prepared`]) as [`Self::execute`]
-    /// starts a planned one.
+    /// starts a planned one; its physical plan comes back with the stream.
     pub async fn execute_optimized(
         &self,
         state: SessionState,
         plan: LogicalPlan,
-    ) -> Result<SendableRecordBatchStream, Error> {
+    ) -> Result<(SendableRecordBatchStream, Arc<dyn ExecutionPlan>), Error> {
         self.limited(self.executor.execute_optimized(state, plan))
             .await
     }
 
+    /// Runs a physical plan made before (see [`prepared`]) under the engine's limits, in
+    /// `task_context` (its session's).
+    pub async fn execute_physical(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        task_context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream, Error> {
+        self.limited(self.executor.execute_physical(plan, task_context))
+            .await
+            .map(|(stream, _)| stream)
+    }
+
     /// A query being started, under the engine's time limit.
-    async fn limited(
+    async fn limited<T>(
         &self,
         starting: impl std::future::Future<
-            Output = datafusion::error::Result<SendableRecordBatchStream>,
+            Output = datafusion::error::Result<(SendableRecordBatchStream, T)>,
         >,
-    ) -> Result<SendableRecordBatchStream, Error> {
+    ) -> Result<(SendableRecordBatchStream, T), Error> {
         let started = std::time::Instant::now();
-        let stream = match self.config.timeout {
+        let (stream, started_with) = match self.config.timeout {
             Some(limit) => tokio::time::timeout(limit, starting)
                 .await
                 .map_err(|_| Error::Timeout(limits::TimedOut(limit).to_string()))??,
@@ -429,12 +462,13 @@ impl QueryEngine {
             .config
             .timeout
             .map(|limit| limit.saturating_sub(started.elapsed()));
-        Ok(Box::pin(limits::Running::new(
+        let stream: SendableRecordBatchStream = Box::pin(limits::Running::new(
             stream,
             self.config.timeout,
             left,
             &self.running,
-        )))
+        ));
+        Ok((stream, started_with))
     }
 
     /// Queries (HTTP and Flight SQL) running now: a query stops when its client drops it.

@@ -1,7 +1,9 @@
 //! Queries planned once and run many times, as alert rules are: the same SQL at every
 //! evaluation. Parsing, analysis and logical optimization are done once and the optimized
 //! plan kept; each run makes the physical plan from it (which reads the tables and caches
-//! as they are then) and executes it.
+//! as they are then) and executes it. A physical plan that reads nothing when it is made
+//! — its only sources are last-value caches, which [`LastCacheExec`] reads when run — is
+//! kept too, and run again with its operators' state reset.
 //!
 //! A kept plan is used again only while planning the SQL again would give the same plan:
 //!
@@ -12,7 +14,8 @@
 //!   between the table and its cache).
 //!
 //! Otherwise the SQL is planned again, and a table that is gone fails the query with the
-//! planner's error.
+//! planner's error. Sessions that run prepared queries make plans without dynamic filters
+//! (see [`QueryEngine::serial_session`]).
 
 use std::any::Any;
 use std::sync::Arc;
@@ -20,15 +23,19 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::source_as_provider;
-use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::session_state::SessionState;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::placeholder_row::PlaceholderRowExec;
 use datafusion::prelude::SessionContext;
 use kiln_storage::Engine;
 use kiln_storage::ids::TableId;
 use kiln_storage::last_cache::LastCache;
 use parking_lot::Mutex;
 
-use crate::last_cache::LastCacheTable;
+use crate::last_cache::{LastCacheExec, LastCacheTable};
 use crate::provider::{KilnTable, query_schema};
 use crate::{Error, QueryEngine};
 
@@ -44,7 +51,12 @@ pub struct PreparedQuery {
 struct Kept {
     plan: LogicalPlan,
     reads: Vec<Read>,
+    /// Its physical plan, when that can be run again.
+    physical: Mutex<Option<Rerun>>,
 }
+
+/// A physical plan kept to be run again, and the context it runs in.
+type Rerun = (Arc<dyn ExecutionPlan>, Arc<TaskContext>);
 
 /// A Kiln table a kept plan reads, as it was when planned.
 #[derive(Debug)]
@@ -72,18 +84,24 @@ impl PreparedQuery {
     ) -> Result<SendableRecordBatchStream, Error> {
         let kept = self.kept.lock().clone();
         if let Some(kept) = kept.filter(|k| k.holds(query.engine())) {
-            return query
-                .execute_optimized(session.state(), kept.plan.clone())
-                .await;
+            let physical = kept.physical.lock().clone();
+            if let Some((plan, task_context)) = physical {
+                return query
+                    .execute_physical(reset_plan_states(plan)?, task_context)
+                    .await;
+            }
+            return kept.start(query, session.state()).await;
         }
         let (state, plan) = query.plan_in(session, &self.sql).await?.into_parts();
         let depends_on_time = depends_on_time(&plan)?;
         let plan = state.optimize(&plan)?;
-        *self.kept.lock() = (!depends_on_time)
-            .then(|| Kept::new(plan.clone(), query.engine()))
-            .transpose()?
-            .map(Arc::new);
-        query.execute_optimized(state, plan).await
+        if depends_on_time {
+            *self.kept.lock() = None;
+            return Ok(query.execute_optimized(state, plan).await?.0);
+        }
+        let kept = Arc::new(Kept::new(plan, query.engine())?);
+        *self.kept.lock() = Some(Arc::clone(&kept));
+        kept.start(query, state).await
     }
 
     pub fn sql(&self) -> &str {
@@ -118,7 +136,25 @@ impl Kept {
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        Ok(Self { plan, reads })
+        Ok(Self {
+            plan,
+            reads,
+            physical: Mutex::default(),
+        })
+    }
+
+    /// Makes the physical plan and starts it, keeping it if it can be run again.
+    async fn start(
+        &self,
+        query: &QueryEngine,
+        state: SessionState,
+    ) -> Result<SendableRecordBatchStream, Error> {
+        let task_context = Arc::new(TaskContext::from(&state));
+        let (stream, physical) = query.execute_optimized(state, self.plan.clone()).await?;
+        if reads_when_run(&physical) {
+            *self.physical.lock() = Some((physical, task_context));
+        }
+        Ok(stream)
     }
 
     /// Whether planning again now would give this plan (see the module docs).
@@ -137,6 +173,17 @@ impl Kept {
             same_cache && query_schema(def) == read.schema
         })
     }
+}
+
+/// Whether every source of `plan` reads its data when the plan runs, not when it was made
+/// (a table's scan lists its segments and buffer at planning, and is empty if they were).
+fn reads_when_run(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let children = plan.children();
+    if children.is_empty() {
+        let any: &dyn Any = plan.as_ref();
+        return any.is::<LastCacheExec>() || any.is::<PlaceholderRowExec>();
+    }
+    children.into_iter().all(reads_when_run)
 }
 
 /// Whether `plan` calls a function whose result depends on when (or how often) it runs.

@@ -694,12 +694,7 @@ impl LastCache {
             None => self.live.lock().snapshot(),
         };
         let aligned = align_all(&batches, schema)?;
-        let key_columns: Vec<usize> = self
-            .key_columns
-            .iter()
-            .filter(|name| shown.contains(&name.as_str()))
-            .filter_map(|name| schema.index_of(name).ok())
-            .collect();
+        let key_columns = self.shown_key_columns(schema, shown);
         let key_schema = Arc::new(schema.project(&key_columns)?);
         let key_sources = aligned
             .iter()
@@ -731,6 +726,22 @@ impl LastCache {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RecordBatch::try_new(rows.schema(), columns)?)
+    }
+
+    /// The schema of the keys [`Self::rows_where`] shows its `keep` for `shown`.
+    pub fn key_schema(&self, schema: &SchemaRef, shown: &[&str]) -> Result<SchemaRef, ArrowError> {
+        Ok(Arc::new(
+            schema.project(&self.shown_key_columns(schema, shown))?,
+        ))
+    }
+
+    /// Positions in `schema` of the key columns among `shown`, in the cache's key order.
+    fn shown_key_columns(&self, schema: &SchemaRef, shown: &[&str]) -> Vec<usize> {
+        self.key_columns
+            .iter()
+            .filter(|name| shown.contains(&name.as_str()))
+            .filter_map(|name| schema.index_of(name).ok())
+            .collect()
     }
 
     /// How many keys the cache holds.

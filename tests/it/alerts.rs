@@ -257,20 +257,20 @@ async fn a_rules_kept_plan_follows_new_columns_new_caches_and_the_clock() {
     };
     let (status, body) = create_rule(&server, rule("latest", "")).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let evaluated = |n: u64| {
-        let server = &server;
-        async move {
-            eventually(Duration::from_secs(30), || async {
-                let rows = server
-                    .query_json(
-                        "plant",
-                        "SELECT evaluations FROM system.alert_rules WHERE rule = 'latest'",
-                    )
-                    .await;
-                rows[0]["evaluations"].as_u64().unwrap() >= n
-            })
-            .await
-        }
+    let evaluations = || async {
+        let rows = server
+            .query_json(
+                "plant",
+                "SELECT evaluations FROM system.alert_rules WHERE rule = 'latest'",
+            )
+            .await;
+        rows[0]["evaluations"].as_u64().unwrap()
+    };
+    let evaluated = |n: u64| async move {
+        eventually(Duration::from_secs(30), || async {
+            evaluations().await >= n
+        })
+        .await
     };
     assert!(evaluated(3).await);
 
@@ -284,6 +284,14 @@ async fn a_rules_kept_plan_follows_new_columns_new_caches_and_the_clock() {
         (messages[0].0.as_str(), messages[0].1.as_str()),
         ("firing", "m2")
     );
+    // A series' new value, after runs of the same plan: each run reads the cache anew.
+    assert!(evaluated(evaluations().await + 2).await);
+    write_temps(&server, &[("m1", 92.0)]).await;
+    let messages = receiver.wait_for(2).await;
+    assert_eq!(
+        (messages[1].0.as_str(), messages[1].1.as_str()),
+        ("firing", "m1")
+    );
 
     // A cache created by hand replaces the default one.
     let resp = server
@@ -295,9 +303,9 @@ async fn a_rules_kept_plan_follows_new_columns_new_caches_and_the_clock() {
         .unwrap();
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
     write_temps(&server, &[("m3", 96.0)]).await;
-    let messages = receiver.wait_for(2).await;
+    let messages = receiver.wait_for(3).await;
     assert_eq!(
-        (messages[1].0.as_str(), messages[1].1.as_str()),
+        (messages[2].0.as_str(), messages[2].1.as_str()),
         ("firing", "m3")
     );
 
@@ -312,7 +320,7 @@ async fn a_rules_kept_plan_follows_new_columns_new_caches_and_the_clock() {
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     write_temps(&server, &[("m4", 97.0)]).await;
-    let messages = receiver.wait_for(4).await;
+    let messages = receiver.wait_for(5).await;
     let m4: Vec<&str> = messages
         .iter()
         .filter(|m| m.1 == "m4")

@@ -16,20 +16,19 @@
 //! latest of the cached rows of each `ON` value). Filters on key columns pick series
 //! before the cache's rows are read. Every table has a cache keyed by all its tags unless
 //! one is defined or `--no-default-last-caches` is set. `EXPLAIN` shows
-//! `KilnScanExec: t, last-value cache (N series)`.
+//! `LastCacheExec: t, last-value cache (N series held)`; the cache is read when the plan
+//! runs ([`LastCacheExec`]), and `EXPLAIN ANALYZE` counts the series read (`output_rows`).
 
 use std::any::Any;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{DFSchema, ScalarValue, plan_err};
 use datafusion::datasource::TableType;
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::utils::conjunction;
@@ -45,7 +44,10 @@ use kiln_storage::ids::TableId;
 use kiln_storage::last_cache::{KeyValues, LastCache};
 
 use crate::provider::{KilnTable, query_schema};
-use crate::scan::KilnScanExec;
+
+mod exec;
+
+pub use exec::{LastCacheExec, Selection};
 
 /// `last_cache('db', 'table')`: the latest row of every series of the table.
 #[derive(Debug)]
@@ -176,33 +178,35 @@ impl TableProvider for LastCacheTable {
                 self.name
             ))
         })?;
-        let rows = match conjunction(filters.iter().cloned()) {
-            None => self.cache.rows(&self.schema)?,
+        let selection = match conjunction(filters.iter().cloned()) {
+            None => None,
             Some(predicate) => {
-                let columns = predicate.column_refs();
-                let shown: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-                // The fewest series one filter names by value, if any does: only they
-                // are read.
-                let among = filters
+                let shown: Vec<String> = predicate
+                    .column_refs()
                     .iter()
-                    .filter_map(named_values)
-                    .min_by_key(|k| k.values.len());
-                self.cache
-                    .rows_where(&self.schema, &shown, among.as_ref(), |keys| {
-                        keys_matching(state, &predicate, keys)
-                    })?
+                    .map(|c| c.name.clone())
+                    .collect();
+                let names: Vec<&str> = shown.iter().map(String::as_str).collect();
+                let keys = DFSchema::try_from(self.cache.key_schema(&self.schema, &names)?)?;
+                Some(Selection {
+                    predicate: state.create_physical_expr(predicate, &keys)?,
+                    // The fewest series one filter names by value, if any does: only
+                    // they are looked at.
+                    among: filters
+                        .iter()
+                        .filter_map(named_values)
+                        .min_by_key(|k| k.values.len()),
+                    shown,
+                })
             }
         };
-        let series = rows.num_rows();
-        let exec = MemorySourceConfig::try_new_exec(
-            &[vec![rows]],
+        Ok(Arc::new(LastCacheExec::try_new(
+            self.name.clone(),
+            Arc::clone(&self.cache),
             Arc::clone(&self.schema),
             projection.cloned(),
-        )?;
-        Ok(Arc::new(KilnScanExec::new(
-            exec,
-            format!("{}, last-value cache ({series} series)", self.name),
-        )))
+            selection,
+        )?))
     }
 }
 
@@ -266,20 +270,6 @@ fn string_value(value: &ScalarValue) -> Option<Option<String>> {
         ScalarValue::Dictionary(_, inner) => string_value(inner),
         _ => None,
     }
-}
-
-/// Which rows of `keys` (key columns only) `predicate` keeps.
-fn keys_matching(
-    state: &dyn Session,
-    predicate: &Expr,
-    keys: &RecordBatch,
-) -> Result<BooleanArray> {
-    let schema = DFSchema::try_from(keys.schema())?;
-    let predicate = state.create_physical_expr(predicate.clone(), &schema)?;
-    let kept = predicate.evaluate(keys)?.into_array(keys.num_rows())?;
-    kept.as_boolean_opt().cloned().ok_or_else(|| {
-        DataFusionError::Internal(format!("a filter evaluated to {}", kept.data_type()))
-    })
 }
 
 /// Answers `DISTINCT ON (keys) … ORDER BY keys, time DESC` from the last-value cache (see

@@ -1,0 +1,212 @@
+//! [`LastCacheExec`]: reads a last-value cache when run, not when planned, so a plan made
+//! once can be run again and read the cache as it is then (kept alert rule plans, see
+//! `crate::prepared`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use datafusion::common::plan_err;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions,
+};
+use kiln_storage::last_cache::{KeyValues, LastCache};
+
+/// Series picked by key columns before any row is read.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// The key columns `predicate` reads.
+    pub shown: Vec<String>,
+    /// Over [`LastCache::key_schema`] of `shown`.
+    pub predicate: Arc<dyn PhysicalExpr>,
+    /// Values of one key column that the predicate keeps rows only of, if it names any:
+    /// only those series are looked at.
+    pub among: Option<KeyValues>,
+}
+
+/// The latest row of every series of a table (those `selection` keeps), from its cache.
+#[derive(Debug)]
+pub struct LastCacheExec {
+    table: String,
+    read: Arc<Read>,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+/// What the scan reads of which cache.
+#[derive(Debug)]
+struct Read {
+    cache: Arc<LastCache>,
+    /// The table's columns, which the cache's rows are aligned to.
+    schema: SchemaRef,
+    projection: Option<Vec<usize>>,
+    selection: Option<Selection>,
+}
+
+impl LastCacheExec {
+    pub fn try_new(
+        table: String,
+        cache: Arc<LastCache>,
+        schema: SchemaRef,
+        projection: Option<Vec<usize>>,
+        selection: Option<Selection>,
+    ) -> Result<Self> {
+        let projected = match &projection {
+            Some(columns) => Arc::new(schema.project(columns)?),
+            None => Arc::clone(&schema),
+        };
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(projected),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        );
+        Ok(Self {
+            table,
+            read: Arc::new(Read {
+                cache,
+                schema,
+                projection,
+                selection,
+            }),
+            properties: Arc::new(properties),
+            metrics: ExecutionPlanMetricsSet::new(),
+        })
+    }
+}
+
+impl Read {
+    /// The rows the cache holds now of the series selected, projected.
+    fn rows(&self) -> Result<RecordBatch> {
+        let rows = match &self.selection {
+            None => self.cache.rows(&self.schema)?,
+            Some(selection) => {
+                let shown: Vec<&str> = selection.shown.iter().map(String::as_str).collect();
+                self.cache
+                    .rows_where(&self.schema, &shown, selection.among.as_ref(), |keys| {
+                        let kept = selection
+                            .predicate
+                            .evaluate(keys)?
+                            .into_array(keys.num_rows())?;
+                        kept.as_boolean_opt().cloned().ok_or_else(|| {
+                            DataFusionError::Internal(format!(
+                                "a filter evaluated to {}",
+                                kept.data_type()
+                            ))
+                        })
+                    })?
+            }
+        };
+        Ok(match &self.projection {
+            Some(columns) => rows.project(columns)?,
+            None => rows,
+        })
+    }
+}
+
+impl DisplayAs for LastCacheExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "LastCacheExec: {}, last-value cache ({} series held)",
+            self.table,
+            self.read.cache.len()
+        )?;
+        if let Some(selection) = &self.read.selection {
+            write!(f, ", series where {}", selection.predicate)?;
+        }
+        Ok(())
+    }
+}
+
+impl ExecutionPlan for LastCacheExec {
+    fn name(&self) -> &str {
+        "LastCacheExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        match &self.read.selection {
+            Some(selection) => f(&selection.predicate),
+            None => Ok(TreeNodeRecursion::Continue),
+        }
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if !children.is_empty() {
+            return plan_err!("LastCacheExec has no inputs");
+        }
+        Ok(self)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    /// A plan run again counts its rows afresh.
+    fn reset_state(self: Arc<Self>) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(Self {
+            table: self.table.clone(),
+            read: Arc::clone(&self.read),
+            properties: Arc::clone(&self.properties),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return plan_err!("LastCacheExec has one partition, not {partition}");
+        }
+        let metrics = BaselineMetrics::new(&self.metrics, partition);
+        let read = Arc::clone(&self.read);
+        let stream = futures::stream::once(async move {
+            let timer = metrics.elapsed_compute().timer();
+            let rows = read.rows();
+            timer.done();
+            rows.inspect(|rows| metrics.record_output(rows.num_rows()))
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema(),
+            stream,
+        )))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+}
