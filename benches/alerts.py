@@ -117,9 +117,11 @@ def run(mode, work):
             prober = threading.Thread(target=probe, args=(url, stop, delays))
             prober.start()
         rows = seconds = 0
+        repeats = []
         for r in range(REPEAT):
             n, s = ingest(url, 100 + r, DURATION)
             rows, seconds = rows + n, seconds + s
+            repeats.append(n / s)
         stop.set()
         if prober:
             prober.join()
@@ -127,7 +129,7 @@ def run(mode, work):
         if mode != "none":
             (status, body) = (None, request("GET", f"{url}/api/v3/alerts/rules"))
             evaluations = sum(1 for r in body if r["last_evaluated_at"])
-        return rows / seconds, delays, evaluations
+        return rows / seconds, delays, evaluations, repeats
     finally:
         server.terminate()
         server.wait(timeout=120)
@@ -146,12 +148,14 @@ delays = {m: [] for m in modes}
 try:
     for i in range(RUNS):
         for mode in (modes if i % 2 == 0 else list(reversed(modes))):
-            rate, d, evaluated = run(mode, work)
+            rate, d, evaluated, repeats = run(mode, work)
             rates[mode].append(rate)
             delays[mode].extend(d)
             print(f"run {i + 1} {mode}: {rate:,.0f} rows/s, {len(d)} crossings"
                   + (f", median delay {statistics.median(d):.2f} s, max {max(d):.2f} s" if d else "")
-                  + (f", {evaluated} rules evaluated" if mode != "none" else ""), flush=True)
+                  + (f", {evaluated} rules evaluated" if mode != "none" else "")
+                  + " (each ingest: " + " ".join(f"{r / 1000:.0f}k" for r in repeats) + ")",
+                  flush=True)
 finally:
     shutil.rmtree(work, ignore_errors=True)
 

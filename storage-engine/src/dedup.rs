@@ -34,22 +34,33 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
     let columns = schema
         .fields()
         .iter()
-        .map(|f| match batch.column_by_name(f.name()) {
-            Some(c) if c.data_type() == f.data_type() => Ok(Arc::clone(c)),
-            // Kiln's time is UTC whether labelled so or not: relabel without copying.
-            Some(c) if is_utc_relabel(c.data_type(), f.data_type()) => {
-                Ok(arrow::array::make_array(
-                    c.to_data()
-                        .into_builder()
-                        .data_type(f.data_type().clone())
-                        .build()?,
-                ))
-            }
-            Some(c) => arrow::compute::cast(c, f.data_type()),
-            None => Ok(new_null_array(f.data_type(), batch.num_rows())),
+        .map(|f| {
+            fit_column(
+                batch.column_by_name(f.name()),
+                f.data_type(),
+                batch.num_rows(),
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+/// A batch's column (`None`: it has none of that name) as a column of type `to` of a
+/// batch of `rows` rows: the column itself, relabelled, cast, or all nulls.
+pub fn fit_column(
+    column: Option<&ArrayRef>,
+    to: &DataType,
+    rows: usize,
+) -> Result<ArrayRef, ArrowError> {
+    match column {
+        Some(c) if c.data_type() == to => Ok(Arc::clone(c)),
+        // Kiln's time is UTC whether labelled so or not: relabel without copying.
+        Some(c) if is_utc_relabel(c.data_type(), to) => Ok(arrow::array::make_array(
+            c.to_data().into_builder().data_type(to.clone()).build()?,
+        )),
+        Some(c) => arrow::compute::cast(c, to),
+        None => Ok(new_null_array(to, rows)),
+    }
 }
 
 /// Whether `from` and `to` are the same timestamps, one zoneless and the other in UTC

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, RecordBatch, RecordBatchOptions,
-    UInt32Array, new_null_array,
+    Array, ArrayRef, AsArray, BooleanArray, DictionaryArray, Int32Array, RecordBatch,
+    RecordBatchOptions, UInt32Array, new_null_array,
 };
 use arrow::compute::{cast, interleave};
 use arrow::datatypes::{DataType, Int32Type, Int64Type, SchemaRef};
@@ -37,7 +37,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::catalog::{ColumnType, TIME_COLUMN};
-use crate::dedup::align_to_schema;
+use crate::dedup::{align_to_schema, fit_column};
 use crate::series::group_rows;
 
 /// Batches held before they are compacted into one.
@@ -307,8 +307,7 @@ impl Rows {
 
     /// Rewrites the held rows as one batch of exactly one row per key.
     fn compact(&mut self, schema: &SchemaRef) -> Result<(), ArrowError> {
-        let aligned = align_all(&self.batches, schema)?;
-        let one = gather(schema, &aligned, &self.positions())?;
+        let one = gather(schema, &self.batches, &self.positions())?;
         for (row, e) in self.slots.iter_mut().enumerate() {
             e.batch = 0;
             e.row = row;
@@ -339,7 +338,9 @@ fn align_all(batches: &[RecordBatch], schema: &SchemaRef) -> Result<Vec<RecordBa
     batches.iter().map(|b| align_to_schema(b, schema)).collect()
 }
 
-/// The rows `indices` ((batch, row) pairs) of `sources` as one batch, in that order.
+/// The rows `indices` ((batch, row) pairs) of `sources` as one batch of `schema`, in that
+/// order. The sources hold the cache's columns: those `schema` names are taken (fitted to
+/// its types, see [`fit_column`]), those it lacks are NULL.
 fn gather(
     schema: &SchemaRef,
     sources: &[RecordBatch],
@@ -349,44 +350,113 @@ fn gather(
         return Ok(RecordBatch::new_empty(Arc::clone(schema)));
     }
     let held: usize = sources.iter().map(RecordBatch::num_rows).sum();
-    if sources.len() > 1 && indices.len() * 4 < held {
+    if indices.len() * 4 < held {
         return gather_few(schema, sources, indices);
     }
-    interleave_batches(schema, sources, indices)
+    let fitted = sources
+        .iter()
+        .map(|b| fit(schema, b))
+        .collect::<Result<Vec<_>, _>>()?;
+    interleave_batches(schema, &fitted, indices)
 }
 
-/// [`gather`] of a few of the held rows: interleaving tags straight from the sources
-/// would merge every source's whole dictionary (work in proportion to the rows held,
-/// for each tag column), so each source's picked rows are taken first and only those
-/// small pieces are interleaved.
+/// `schema`'s columns of `batch`, fitted to its types.
+fn fit(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            fit_column(
+                batch.column_by_name(f.name()),
+                f.data_type(),
+                batch.num_rows(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new_with_options(
+        Arc::clone(schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+}
+
+/// [`gather`] of a few of the held rows, with work in proportion to the rows picked:
+/// only the columns `schema` names, and a tag's values are picked through each row's key
+/// (interleaving the dictionaries themselves would merge every source's whole dictionary,
+/// a cost per held row).
 fn gather_few(
     schema: &SchemaRef,
     sources: &[RecordBatch],
     indices: &[(usize, usize)],
 ) -> Result<RecordBatch, ArrowError> {
-    let mut picked: Vec<Vec<u32>> = vec![Vec::new(); sources.len()];
-    let mut within = Vec::with_capacity(indices.len());
-    for &(batch, row) in indices {
-        within.push((batch, picked[batch].len()));
-        picked[batch].push(row as u32);
-    }
-    let mut pieces = Vec::new();
-    let mut piece_of = vec![usize::MAX; sources.len()];
-    for (batch, rows) in picked.into_iter().enumerate() {
-        if !rows.is_empty() {
-            piece_of[batch] = pieces.len();
-            let rows = UInt32Array::from(rows);
-            pieces.push(arrow::compute::take_record_batch(&sources[batch], &rows)?);
-        }
-    }
-    if let [piece] = pieces.as_slice() {
-        return RecordBatch::try_new(Arc::clone(schema), piece.columns().to_vec());
-    }
-    let within: Vec<(usize, usize)> = within
-        .into_iter()
-        .map(|(batch, row)| (piece_of[batch], row))
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let arrays: Vec<&ArrayRef> = sources
+                .iter()
+                .filter_map(|b| b.column_by_name(f.name()))
+                .collect();
+            let picked = match arrays.len() {
+                0 => None,
+                n if n == sources.len() => Some(pick(&arrays, indices)?),
+                _ => {
+                    return Err(ArrowError::ComputeError(format!(
+                        "a last-value cache's batches differ in column {:?}",
+                        f.name()
+                    )));
+                }
+            };
+            fit_column(picked.as_ref(), f.data_type(), indices.len())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new_with_options(
+        Arc::clone(schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(indices.len())),
+    )
+}
+
+/// The values at `indices` of one column held in several arrays. A tag's (a dictionary
+/// with `i32` keys) come back as a dictionary of those rows' own values.
+fn pick(arrays: &[&ArrayRef], indices: &[(usize, usize)]) -> Result<ArrayRef, ArrowError> {
+    let dictionaries: Option<Vec<&DictionaryArray<Int32Type>>> = arrays
+        .iter()
+        .map(|a| a.as_dictionary_opt::<Int32Type>())
         .collect();
-    interleave_batches(schema, &pieces, &within)
+    let Some(dictionaries) = dictionaries else {
+        let arrays: Vec<&dyn Array> = arrays.iter().map(|a| a.as_ref()).collect();
+        return interleave(&arrays, indices);
+    };
+    // Rows whose key is NULL point at any value (the key's NULL hides it).
+    let Some(any) = dictionaries.iter().position(|d| !d.values().is_empty()) else {
+        return Ok(new_null_array(arrays[0].data_type(), indices.len()));
+    };
+    let at: Vec<(usize, usize)> = indices
+        .iter()
+        .map(|&(batch, row)| {
+            let keys = dictionaries[batch].keys();
+            match keys.is_valid(row) {
+                true => (batch, keys.value(row) as usize),
+                false => (any, 0),
+            }
+        })
+        .collect();
+    let values: Vec<&dyn Array> = dictionaries.iter().map(|d| d.values().as_ref()).collect();
+    let values = interleave(&values, &at)?;
+    let nulls: Option<arrow::buffer::NullBuffer> = indices
+        .iter()
+        .any(|&(batch, row)| dictionaries[batch].keys().is_null(row))
+        .then(|| {
+            indices
+                .iter()
+                .map(|&(batch, row)| dictionaries[batch].keys().is_valid(row))
+                .collect()
+        });
+    let keys = Int32Array::new((0..indices.len() as i32).collect(), nulls);
+    Ok(Arc::new(DictionaryArray::<Int32Type>::try_new(
+        keys, values,
+    )?))
 }
 
 /// The rows `indices` of `sources`, interleaved column by column.
@@ -654,7 +724,7 @@ impl LastCache {
     /// The latest row of every key, aligned to `schema`, in no particular order.
     pub fn rows(&self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
         let (batches, indices) = self.live.lock().snapshot();
-        gather(schema, &align_all(&batches, schema)?, &indices)
+        gather(schema, &batches, &indices)
     }
 
     /// The latest rows of the keys `keep` selects, aligned to `schema`, in no particular
@@ -693,14 +763,7 @@ impl LastCache {
             Some((position, values)) => self.live.lock().snapshot_among(position, &values),
             None => self.live.lock().snapshot(),
         };
-        let aligned = align_all(&batches, schema)?;
-        let key_columns = self.shown_key_columns(schema, shown);
-        let key_schema = Arc::new(schema.project(&key_columns)?);
-        let key_sources = aligned
-            .iter()
-            .map(|b| b.project(&key_columns))
-            .collect::<Result<Vec<_>, _>>()?;
-        let keys = gather(&key_schema, &key_sources, &indices)?;
+        let keys = gather(&self.key_schema(schema, shown)?, &batches, &indices)?;
         let kept = keep(&keys)?;
         if kept.len() != indices.len() {
             return Err(ArrowError::ComputeError(format!(
@@ -716,7 +779,7 @@ impl LastCache {
             .filter(|(_, k)| *k == Some(true))
             .map(|(i, _)| i)
             .collect();
-        let rows = gather(schema, &aligned, &selected)?;
+        let rows = gather(schema, &batches, &selected)?;
         let columns = rows
             .columns()
             .iter()
@@ -866,6 +929,58 @@ mod tests {
             .collect();
         out.sort_by(|x, y| x.0.cmp(&y.0));
         out
+    }
+
+    /// A few series of many, held in several batches whose dictionaries hold every host:
+    /// the right rows, and dictionaries of only the values they use.
+    #[test]
+    fn a_few_series_of_many_come_back_with_their_own_dictionary_values() {
+        let cache = Arc::new(LastCache::new(vec!["host".into()], 10_000));
+        let names: Vec<String> = (0..400).map(|h| format!("h{h}")).collect();
+        // Round r writes every (r + 1)th host: latest rows end up in different batches.
+        for round in 0..3i64 {
+            let rows: Vec<_> = names
+                .iter()
+                .enumerate()
+                .filter(|(h, _)| *h as i64 % (round + 1) == 0)
+                .map(|(h, n)| {
+                    (
+                        n.as_str(),
+                        round * 10 + h as i64 % 7,
+                        Some(round as f64),
+                        None,
+                    )
+                })
+                .collect();
+            cache.offer(&batch_with(&rows, true));
+        }
+        let schema = batch(&[]).schema();
+        let among = KeyValues {
+            column: "host".into(),
+            values: vec![Some("h3".into()), Some("h250".into()), Some("nope".into())],
+        };
+        let read = cache
+            .rows_where::<ArrowError>(&schema, &["host"], Some(&among), |keys| {
+                Ok(BooleanArray::from(vec![true; keys.num_rows()]))
+            })
+            .unwrap();
+        assert_eq!(
+            rows_of(&read),
+            [
+                ("h250".into(), 10 + 250 % 7, Some(1.0), None),
+                ("h3".into(), 23, Some(2.0), None)
+            ]
+        );
+        let hosts = read.column(0).as_any_dictionary();
+        assert!(hosts.values().len() <= 2, "{} values", hosts.values().len());
+        // All of them: the same as reading every row.
+        let all = cache
+            .rows_where::<ArrowError>(&schema, &["host"], None, |keys| {
+                Ok(BooleanArray::from(vec![true; keys.num_rows()]))
+            })
+            .unwrap();
+        assert_eq!(rows_of(&all), latest(&cache, &schema));
+        assert_eq!(all.num_rows(), 400);
     }
 
     #[test]
