@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array, new_null_array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array,
+};
 use arrow::buffer::ScalarBuffer;
 use arrow::compute::{concat_batches, take};
 use arrow::datatypes::{DataType, Int64Type, SchemaRef};
@@ -31,6 +33,12 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
             )));
         }
     }
+    fit_to_schema(batch, schema)
+}
+
+/// `schema`'s columns of `batch` (see [`fit_column`]); columns not in `schema` are left
+/// out.
+pub fn fit_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
     let columns = schema
         .fields()
         .iter()
@@ -42,7 +50,11 @@ pub fn align_to_schema(batch: &RecordBatch, schema: &SchemaRef) -> Result<Record
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(Arc::clone(schema), columns)
+    RecordBatch::try_new_with_options(
+        Arc::clone(schema),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
 }
 
 /// A batch's column (`None`: it has none of that name) as a column of type `to` of a

@@ -37,7 +37,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::catalog::{ColumnType, TIME_COLUMN};
-use crate::dedup::{align_to_schema, fit_column};
+use crate::dedup::{align_to_schema, fit_column, fit_to_schema};
 use crate::series::group_rows;
 
 /// Batches held before they are compacted into one.
@@ -355,29 +355,9 @@ fn gather(
     }
     let fitted = sources
         .iter()
-        .map(|b| fit(schema, b))
+        .map(|b| fit_to_schema(b, schema))
         .collect::<Result<Vec<_>, _>>()?;
     interleave_batches(schema, &fitted, indices)
-}
-
-/// `schema`'s columns of `batch`, fitted to its types.
-fn fit(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let columns = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            fit_column(
-                batch.column_by_name(f.name()),
-                f.data_type(),
-                batch.num_rows(),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new_with_options(
-        Arc::clone(schema),
-        columns,
-        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
-    )
 }
 
 /// [`gather`] of a few of the held rows, with work in proportion to the rows picked:
@@ -981,6 +961,39 @@ mod tests {
             .unwrap();
         assert_eq!(rows_of(&all), latest(&cache, &schema));
         assert_eq!(all.num_rows(), 400);
+
+        // A series without a host (its key NULL), picked with another.
+        let no_host = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                Arc::new(DictionaryArray::<Int32Type>::from_iter([None, Some("h5")])),
+                Arc::new(TimestampNanosecondArray::from(vec![50, 50])),
+                Arc::new(Float64Array::from(vec![Some(5.0), Some(6.0)])),
+                Arc::new(Float64Array::from(vec![None, None])),
+            ],
+        )
+        .unwrap();
+        cache.offer(&no_host);
+        let among = KeyValues {
+            column: "host".into(),
+            values: vec![None, Some("h5".into()), Some("h7".into())],
+        };
+        let read = cache
+            .rows_where::<ArrowError>(&schema, &["host"], Some(&among), |keys| {
+                Ok(BooleanArray::from(vec![true; keys.num_rows()]))
+            })
+            .unwrap();
+        let hosts = cast(read.column(0), &DataType::Utf8).unwrap();
+        let a = read
+            .column(2)
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        let mut got: Vec<(Option<&str>, f64)> = hosts
+            .as_string::<i32>()
+            .iter()
+            .zip(a.values().iter().copied())
+            .collect();
+        got.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        assert_eq!(got, [(None, 5.0), (Some("h5"), 6.0), (Some("h7"), 0.0)]);
     }
 
     #[test]
