@@ -73,15 +73,16 @@ impl QueryExecutor {
     }
 
     /// Starts `df` on the executor: the stream of its batches once its physical plan
-    /// is made (an error making it is returned here).
-    pub(crate) async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream> {
-        let (stream, _) = self
-            .start(async move {
-                let task_context = Arc::new(df.task_ctx());
-                Ok((df.create_physical_plan().await?, task_context))
-            })
-            .await?;
-        Ok(stream)
+    /// is made (an error making it is returned here), and that plan.
+    pub(crate) async fn execute(
+        &self,
+        df: DataFrame,
+    ) -> Result<(SendableRecordBatchStream, Arc<dyn ExecutionPlan>)> {
+        self.start(async move {
+            let task_context = Arc::new(df.task_ctx());
+            Ok((df.create_physical_plan().await?, task_context))
+        })
+        .await
     }
 
     /// Starts an optimized logical plan on the executor (see [`Self::execute`]): only its
@@ -295,6 +296,7 @@ mod tests {
             .execute(df)
             .await
             .unwrap()
+            .0
             .try_collect()
             .await
             .unwrap();
@@ -308,7 +310,7 @@ mod tests {
     async fn a_query_that_fails_midway_ends_with_an_error() {
         let executor = QueryExecutor::dedicated(1, 0).unwrap();
         let df = session(5).sql("SELECT fail_at(n) FROM t").await.unwrap();
-        let mut stream = executor.execute(df).await.unwrap();
+        let (mut stream, _) = executor.execute(df).await.unwrap();
         let mut rows = 0;
         let error = loop {
             match stream.try_next().await {

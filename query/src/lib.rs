@@ -322,23 +322,10 @@ impl QueryEngine {
     /// narrows would hold for the next).
     pub fn serial_session(&self, database: &str) -> Result<SessionContext, Error> {
         self.require_database(database)?;
-        let mut config = SessionConfig::new().with_target_partitions(1);
-        config
-            .options_mut()
-            .optimizer
-            .enable_dynamic_filter_pushdown = false;
-        config
-            .options_mut()
-            .optimizer
-            .enable_topk_dynamic_filter_pushdown = false;
-        config
-            .options_mut()
-            .optimizer
-            .enable_join_dynamic_filter_pushdown = false;
-        config
-            .options_mut()
-            .optimizer
-            .enable_aggregate_dynamic_filter_pushdown = false;
+        // This key turns off the TopK, join and aggregate dynamic filters together.
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
         Ok(self.session_config(database, config))
     }
 
@@ -416,9 +403,9 @@ impl QueryEngine {
     /// Starts a planned query under the engine's time limit, which physical planning
     /// (opening segments, waiting for a last-value cache to warm) counts against too.
     pub async fn execute(&self, df: DataFrame) -> Result<SendableRecordBatchStream, Error> {
-        self.limited(async { Ok((self.executor.execute(df).await?, ())) })
+        self.limited(self.executor.execute(df))
             .await
-            .map(|(stream, ())| stream)
+            .map(|(stream, _)| stream)
     }
 
     /// Starts an optimized plan of `state`'s (see [`prepared`]) as [`Self::execute`]

@@ -90,7 +90,7 @@ impl PreparedQuery {
                     .execute_physical(reset_plan_states(plan)?, task_context)
                     .await;
             }
-            return kept.start(query, session.state()).await;
+            return kept.start(query, session.state(), session).await;
         }
         let (state, plan) = query.plan_in(session, &self.sql).await?.into_parts();
         let depends_on_time = depends_on_time(&plan)?;
@@ -101,7 +101,7 @@ impl PreparedQuery {
         }
         let kept = Arc::new(Kept::new(plan, query.engine())?);
         *self.kept.lock() = Some(Arc::clone(&kept));
-        kept.start(query, state).await
+        kept.start(query, state, session).await
     }
 
     pub fn sql(&self) -> &str {
@@ -143,16 +143,17 @@ impl Kept {
         })
     }
 
-    /// Makes the physical plan and starts it, keeping it if it can be run again.
+    /// Makes the physical plan in `state` (of `session`) and starts it, keeping it if it
+    /// can be run again.
     async fn start(
         &self,
         query: &QueryEngine,
         state: SessionState,
+        session: &SessionContext,
     ) -> Result<SendableRecordBatchStream, Error> {
-        let task_context = Arc::new(TaskContext::from(&state));
         let (stream, physical) = query.execute_optimized(state, self.plan.clone()).await?;
         if reads_when_run(&physical) {
-            *self.physical.lock() = Some((physical, task_context));
+            *self.physical.lock() = Some((physical, session.task_ctx()));
         }
         Ok(stream)
     }

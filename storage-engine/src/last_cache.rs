@@ -412,11 +412,14 @@ fn pick(arrays: &[&ArrayRef], indices: &[(usize, usize)]) -> Result<ArrayRef, Ar
     let Some(any) = dictionaries.iter().position(|d| !d.values().is_empty()) else {
         return Ok(new_null_array(arrays[0].data_type(), indices.len()));
     };
+    let mut valid = Vec::with_capacity(indices.len());
     let at: Vec<(usize, usize)> = indices
         .iter()
         .map(|&(batch, row)| {
             let keys = dictionaries[batch].keys();
-            match keys.is_valid(row) {
+            let is_valid = keys.is_valid(row);
+            valid.push(is_valid);
+            match is_valid {
                 true => (batch, keys.value(row) as usize),
                 false => (any, 0),
             }
@@ -424,15 +427,9 @@ fn pick(arrays: &[&ArrayRef], indices: &[(usize, usize)]) -> Result<ArrayRef, Ar
         .collect();
     let values: Vec<&dyn Array> = dictionaries.iter().map(|d| d.values().as_ref()).collect();
     let values = interleave(&values, &at)?;
-    let nulls: Option<arrow::buffer::NullBuffer> = indices
-        .iter()
-        .any(|&(batch, row)| dictionaries[batch].keys().is_null(row))
-        .then(|| {
-            indices
-                .iter()
-                .map(|&(batch, row)| dictionaries[batch].keys().is_valid(row))
-                .collect()
-        });
+    let nulls = valid
+        .contains(&false)
+        .then(|| arrow::buffer::NullBuffer::from(valid));
     let keys = Int32Array::new((0..indices.len() as i32).collect(), nulls);
     Ok(Arc::new(DictionaryArray::<Int32Type>::try_new(
         keys, values,

@@ -22,7 +22,7 @@ use datafusion::physical_plan::{
 use kiln_storage::last_cache::{KeyValues, LastCache};
 
 /// Series picked by key columns before any row is read.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Selection {
     /// The key columns `predicate` reads.
     pub shown: Vec<String>,
