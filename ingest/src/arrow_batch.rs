@@ -131,6 +131,22 @@ pub fn validate_arrow(
         mul(&raw, &Int64Array::new_scalar(unit_nanos))
             .map_err(|e| err(format!("column `time`: {e}")))?
     };
+    let retention = match def {
+        Some(def) => catalog.retention(def.id),
+        None => catalog.database(database).and_then(|d| d.retention_nanos),
+    };
+    if let Some(retention) = retention {
+        let cutoff = kiln_storage::now_nanos().saturating_sub(retention);
+        let times = nanos.as_primitive::<Int64Type>().values();
+        if let Some(row) = times.iter().position(|t| *t < cutoff) {
+            return Err(err(format!(
+                "column `time`, row {row}: {} is older than the retention of table {table:?} ({}): rows before {} have expired",
+                kiln_storage::time::rfc3339(times[row]),
+                kiln_storage::catalog::lifecycle::format_retention(Some(retention)),
+                kiln_storage::time::rfc3339(cutoff),
+            )));
+        }
+    }
     let time = cast(&nanos, &ColumnType::Time.arrow_type())
         .map_err(|e| err(format!("column `time`: {e}")))?;
 
@@ -198,6 +214,7 @@ pub fn validate_arrow(
         schema_changes: if rows > 0 { changes } else { Vec::new() },
         rejected: Vec::new(),
         rejected_by_table: Default::default(),
+        expired_lines: 0,
         accepted_lines: rows,
     })
 }

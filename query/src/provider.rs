@@ -435,6 +435,25 @@ impl TableProvider for KilnTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        // Rows older than the table's retention are gone for every query, as if it had
+        // asked for `time >= cutoff`: segments and buffered rows before it are not read,
+        // those that straddle it are filtered.
+        let cutoff = self
+            .engine
+            .catalog_state()
+            .retention_cutoff(self.table, kiln_storage::now_nanos());
+        let with_retention: Vec<Expr>;
+        let filters = match cutoff {
+            Some(cutoff) => {
+                with_retention = filters
+                    .iter()
+                    .cloned()
+                    .chain([col(TIME_COLUMN).gt_eq(lit(utc_nanos(cutoff)))])
+                    .collect();
+                &with_retention[..]
+            }
+            None => filters,
+        };
         let bounds = TimeBounds::from_filters(filters);
         let Some(data) = self.engine.table_data(self.table, bounds.min, bounds.max) else {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));

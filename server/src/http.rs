@@ -12,7 +12,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRef, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{delete, get, patch, post, put};
 use axum::{Extension, Router};
 use futures::TryStreamExt;
 use kiln_ingest::line_protocol::{LineError, Precision, validate_lines};
@@ -41,6 +41,8 @@ pub struct AppState {
     /// True once the server is shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub auth: Arc<Authorizer>,
+    /// How long a deleted database's or table's files stay when the delete does not say.
+    pub hard_delete_default: std::time::Duration,
 }
 
 impl FromRef<AppState> for Arc<Authorizer> {
@@ -95,6 +97,17 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v3/series/staleness",
             put(crate::devices::set_staleness),
+        )
+        .route(
+            "/api/v3/configure/database",
+            get(crate::lifecycle::list)
+                .post(crate::lifecycle::create)
+                .patch(crate::lifecycle::set_retention)
+                .delete(crate::lifecycle::delete_database),
+        )
+        .route(
+            "/api/v3/configure/table",
+            patch(crate::lifecycle::set_retention).delete(crate::lifecycle::delete_table),
         )
         .layer(axum::middleware::from_fn_with_state(
             auth,

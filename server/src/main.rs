@@ -14,6 +14,7 @@ mod flight;
 mod grpc;
 mod http;
 mod kafka;
+mod lifecycle;
 mod metrics;
 mod postgres;
 mod serve;
@@ -63,6 +64,12 @@ enum Command {
     /// Device attributes and series staleness on a running server.
     #[command(subcommand)]
     Device(devices::cli::DeviceCommand),
+    /// Create, list, delete databases and set their retention on a running server.
+    #[command(subcommand)]
+    Database(lifecycle::cli::DatabaseCommand),
+    /// Delete tables and set their retention on a running server.
+    #[command(subcommand)]
+    Table(lifecycle::cli::TableCommand),
 }
 
 fn init_logging(json: bool) {
@@ -123,6 +130,8 @@ fn main() -> std::process::ExitCode {
             Command::Token(command) => auth::cli::run(command).await,
             Command::Alert(command) => alerts::cli::run(command).await,
             Command::Device(command) => devices::cli::run(command).await,
+            Command::Database(command) => lifecycle::cli::database(command).await,
+            Command::Table(command) => lifecycle::cli::table(command).await,
             Command::Probe(args) => client::probe(args).await,
         }
     });

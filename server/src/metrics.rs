@@ -18,6 +18,7 @@ use kiln_storage::wal::WalObserver;
 
 pub const INGEST_LINES: &str = "kiln_ingest_lines";
 pub const INGEST_REJECTED_LINES: &str = "kiln_ingest_rejected_lines";
+pub const INGEST_EXPIRED_LINES: &str = "kiln_ingest_expired_lines";
 pub const INGEST_BYTES: &str = "kiln_ingest_request_bytes";
 pub const WAL_FSYNC_SECONDS: &str = "kiln_wal_fsync_seconds";
 pub const QUERY_SECONDS: &str = "kiln_query_seconds";
@@ -36,6 +37,8 @@ pub mod limit {
 pub struct Metrics {
     pub ingest_lines: Counter,
     pub rejected_lines: Counter,
+    /// Of the rejected lines, those older than their table's retention.
+    pub expired_lines: Counter,
     pub ingest_bytes: Counter,
     pub wal_fsync: Histogram,
     pub query_seconds: Histogram,
@@ -49,6 +52,7 @@ impl Metrics {
         Self {
             ingest_lines: Counter::default(),
             rejected_lines: Counter::default(),
+            expired_lines: Counter::default(),
             ingest_bytes: Counter::default(),
             wal_fsync: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             query_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
@@ -92,6 +96,11 @@ impl Metrics {
             INGEST_REJECTED_LINES,
             "Line protocol lines rejected",
             self.rejected_lines.clone(),
+        );
+        r.register(
+            INGEST_EXPIRED_LINES,
+            "Line protocol lines rejected for being older than their table's retention",
+            self.expired_lines.clone(),
         );
         r.register(
             INGEST_BYTES,
@@ -182,6 +191,11 @@ impl prometheus_client::collector::Collector for EngineCollector {
                 "kiln_compaction_failures",
                 "Compaction passes that failed",
                 &stats.compaction_failures,
+            ),
+            (
+                "kiln_segments_expired",
+                "Segments removed because retention expired every row in them",
+                &stats.segments_expired,
             ),
         ];
         for (name, help, value) in counters {

@@ -105,6 +105,17 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_COMPACTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub compaction_interval: Duration,
 
+    /// How often to enforce retention (drop segments whose rows all expired, free expired
+    /// buffered rows) and hard-delete the files of deleted databases and tables whose time
+    /// has come.
+    #[arg(long, env = "KILN_RETENTION_CHECK_INTERVAL", default_value = "1m", value_parser = parse_nonzero_duration)]
+    pub retention_check_interval: Duration,
+
+    /// How long a deleted database's or table's files are kept (a soft delete) when the
+    /// delete does not say (`--hard-delete`).
+    #[arg(long, env = "KILN_HARD_DELETE_DEFAULT_DURATION", default_value = "72h", value_parser = humantime::parse_duration)]
+    pub hard_delete_default_duration: Duration,
+
     /// Compaction leaves alone a partition whose segments hold more than this many bytes in
     /// all: it merges a partition in memory.
     #[arg(long, env = "KILN_COMPACTION_MAX_BYTES", default_value = "256MiB", value_parser = crate::config::size::parse_bytes)]
@@ -381,6 +392,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         )),
         shutdown: stop_rx.clone(),
         auth: Arc::clone(&auth),
+        hard_delete_default: config.hard_delete_default_duration,
     };
 
     let listener = tokio::net::TcpListener::bind(config.http_bind)
@@ -413,6 +425,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         tokio::spawn(Arc::clone(&engine).run_persister(stopped(persist_stop_rx.clone())));
     let compactor = tokio::spawn(Arc::clone(&engine).run_compactor(
         Some(config.compaction_interval).filter(|t| !t.is_zero()),
+        config.retention_check_interval,
         stopped(persist_stop_rx),
     ));
 
@@ -624,4 +637,12 @@ fn query_executor(threads: usize, nice: i32) -> Result<QueryExecutor, String> {
     };
     QueryExecutor::dedicated(threads, nice)
         .map_err(|e| format!("cannot start the query threads: {e}"))
+}
+
+fn parse_nonzero_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err(format!("{text:?}: must be longer than 0s")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }

@@ -63,9 +63,11 @@ pub async fn write_validated(
     mut validate: impl FnMut(&CatalogState) -> Result<ValidatedLines, String>,
 ) -> Result<Written, WriteError> {
     let mut rejected_by_table = std::collections::BTreeMap::new();
+    let mut expired = 0;
     let validate = |state: &CatalogState| {
         let validated = validate(state)?;
         rejected_by_table.clone_from(&validated.rejected_by_table);
+        expired = validated.expired_lines;
         Ok(validated)
     };
     let written = kiln_ingest::write::write(engine, db, accept_partial, Vec::new(), validate).await;
@@ -76,6 +78,7 @@ pub async fn write_validated(
             engine.series().reject(def.id, lines);
         }
     }
+    metrics.expired_lines.inc_by(expired);
     match &written {
         Ok(w) => {
             metrics.ingest_lines.inc_by(w.rows as u64);

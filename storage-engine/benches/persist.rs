@@ -37,6 +37,7 @@ fn table() -> TableDef {
         database: DatabaseId(1),
         name: "cpu".into(),
         partition_nanos: 3_600_000_000_000,
+        retention_nanos: None,
         columns,
     }
 }

@@ -266,6 +266,48 @@ impl WriteBuffer {
         true
     }
 
+    /// Drops every row of `table` (a deleted table); returns the bytes freed.
+    pub fn drop_table(&self, table: TableId) -> usize {
+        let mut inner = self.inner.write();
+        let freed: usize = inner
+            .tables
+            .remove(&table)
+            .into_iter()
+            .flat_map(|parts| parts.into_values().flatten())
+            .map(|c| c.bytes())
+            .sum();
+        drop(inner);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        freed
+    }
+
+    /// Drops the chunks of `table` whose every row is older than `cutoff` (expired);
+    /// returns the bytes freed. Rows of a chunk that straddles it stay until persisted
+    /// (queries filter them).
+    pub fn expire(&self, table: TableId, cutoff: i64) -> usize {
+        let mut inner = self.inner.write();
+        let Some(parts) = inner.tables.get_mut(&table) else {
+            return 0;
+        };
+        let mut freed = 0;
+        for chunks in parts.values_mut() {
+            chunks.retain(|c| {
+                let keep = c.max_time >= cutoff;
+                if !keep {
+                    freed += c.bytes();
+                }
+                keep
+            });
+        }
+        parts.retain(|_, c| !c.is_empty());
+        if parts.is_empty() {
+            inner.tables.remove(&table);
+        }
+        drop(inner);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
+        freed
+    }
+
     /// Marks a persistence as running and returns the watermark and every chunk at or
     /// below it.
     pub fn begin_persist(&self) -> (SequenceNumber, Vec<(TableId, BufferPartition)>) {

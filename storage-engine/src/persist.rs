@@ -128,6 +128,7 @@ mod tests {
             database: DatabaseId(1),
             name: "t".into(),
             partition_nanos: 3_600_000_000_000,
+            retention_nanos: None,
             columns: vec![
                 ColumnDef {
                     name: TIME_COLUMN.into(),

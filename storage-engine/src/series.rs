@@ -344,6 +344,13 @@ impl SeriesTracker {
             .rejected_lines += lines;
     }
 
+    /// Forgets the series and write quality of a deleted table.
+    pub fn forget_table(&self, table: TableId) {
+        let mut inner = self.inner.lock();
+        inner.series.remove(&table);
+        inner.quality.remove(&table);
+    }
+
     /// Every series, by table.
     pub fn series(&self) -> Vec<SeriesRecord> {
         let inner = self.inner.lock();

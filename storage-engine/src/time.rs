@@ -34,6 +34,13 @@ pub fn now_nanos() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
+/// `time` as RFC 3339 in UTC (`2026-12-05T18:00:00Z`, with fractions of a second when
+/// it has them), for messages.
+pub fn rfc3339(time: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(time)
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
 /// A time outside [`MIN_TIME`]`..=`[`MAX_TIME`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub struct OutOfRange {

@@ -99,7 +99,9 @@ impl WriteBatch {
     /// the range Kiln stores: what applying the write to the buffer relies on.
     pub fn check(&self, catalog: &CatalogState) -> Result<(), InvalidWrite> {
         let database = self.database;
-        if !catalog.databases.values().any(|d| d.id == database) {
+        // A write of no rows (only outside-source positions) may name a deleted database.
+        let dropped = self.tables.is_empty() && catalog.is_dropped_database(database);
+        if !dropped && !catalog.databases.values().any(|d| d.id == database) {
             return Err(InvalidWrite::UnknownDatabase(database));
         }
         for tw in &self.tables {
@@ -153,6 +155,16 @@ impl WriteBatch {
             }
         }
         Ok(())
+    }
+
+    /// The write without the rows of tables deleted since it was logged (its outside
+    /// source positions stay): what replaying it applies.
+    pub fn without_dropped(mut self, catalog: &CatalogState) -> Self {
+        if catalog.is_dropped_database(self.database) {
+            self.tables.clear();
+        }
+        self.tables.retain(|t| !catalog.is_dropped_table(t.table));
+        self
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, arrow::error::ArrowError> {

@@ -13,6 +13,7 @@ mod grpc;
 mod http;
 mod kafka;
 mod last_cache;
+mod lifecycle;
 mod limits;
 mod persistence;
 mod postgres;

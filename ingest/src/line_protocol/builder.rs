@@ -93,6 +93,8 @@ pub struct ValidatedLines {
     /// Rejected lines per table, for those whose table was read.
     pub rejected_by_table: std::collections::BTreeMap<String, u64>,
     pub accepted_lines: usize,
+    /// Of the rejected lines, those older than their table's retention.
+    pub expired_lines: u64,
 }
 
 /// Parses `body` and validates each line against `catalog`'s view of `database`.
@@ -125,6 +127,8 @@ pub struct Validator<'c> {
     /// The table of the last row: rows of one table tend to come together.
     last_table: usize,
     out: ValidatedLines,
+    /// Now, for retention: rows older than their table's retention are refused.
+    now: i64,
 }
 
 impl<'c> Validator<'c> {
@@ -136,6 +140,16 @@ impl<'c> Validator<'c> {
             table_index: HashMap::new(),
             last_table: 0,
             out: ValidatedLines::default(),
+            now: kiln_storage::now_nanos(),
+        }
+    }
+
+    /// How long rows of table `name` are kept (a new table's: its database's), if not
+    /// forever.
+    fn retention(&self, name: &str) -> Option<i64> {
+        match self.catalog.table(self.database, name) {
+            Some(def) => self.catalog.retention(def.id),
+            None => self.catalog.database(self.database)?.retention_nanos,
         }
     }
 
@@ -161,9 +175,13 @@ impl<'c> Validator<'c> {
                     return;
                 }
                 let name = name.to_string();
+                let retention = self
+                    .retention(&name)
+                    .map(|r| (self.now.saturating_sub(r), r));
                 self.tables.push(TableBuilder::new(
                     name.clone(),
                     self.catalog.table(self.database, &name),
+                    retention,
                 ));
                 self.table_index.insert(name, self.tables.len() - 1);
                 self.tables.len() - 1
@@ -173,7 +191,10 @@ impl<'c> Validator<'c> {
         match self.tables[idx].append(line, precision, default_time) {
             Ok(()) => self.out.accepted_lines += 1,
             Err(e) => {
-                self.out.rejected.push(e);
+                if e.expired {
+                    self.out.expired_lines += 1;
+                }
+                self.out.rejected.push(e.error);
                 *self
                     .out
                     .rejected_by_table
@@ -266,6 +287,8 @@ struct TableBuilder {
     known: HashMap<String, ColumnType>,
     time: TimestampNanosecondBuilder,
     rows: usize,
+    /// The table's retention cutoff (rows before it are refused) and its retention.
+    retention: Option<(i64, i64)>,
     /// Scratch: column index per tag/field of the current line ([`NEW`] until created).
     scratch: Vec<usize>,
     /// The column index per tag/field of the last row: rows tend to name their columns in
@@ -301,8 +324,23 @@ fn field_type(v: &FieldValue<'_>) -> ColumnType {
     }
 }
 
+/// Why a line was rejected, and whether for its table's retention.
+struct Rejection {
+    error: LineError,
+    expired: bool,
+}
+
+impl From<LineError> for Rejection {
+    fn from(error: LineError) -> Self {
+        Self {
+            error,
+            expired: false,
+        }
+    }
+}
+
 impl TableBuilder {
-    fn new(name: String, def: Option<&TableDef>) -> Self {
+    fn new(name: String, def: Option<&TableDef>, retention: Option<(i64, i64)>) -> Self {
         let known = def
             .map(|d| d.columns.iter().map(|c| (c.name.clone(), c.ty)).collect())
             .unwrap_or_default();
@@ -313,6 +351,7 @@ impl TableBuilder {
             known,
             time: TimestampNanosecondBuilder::new(),
             rows: 0,
+            retention,
             scratch: Vec::new(),
             last: Vec::new(),
         }
@@ -387,7 +426,7 @@ impl TableBuilder {
         line: &Line<'_, '_>,
         precision: Precision,
         default_time: i64,
-    ) -> Result<(), LineError> {
+    ) -> Result<(), Rejection> {
         // Validate the whole line first.
         self.scratch.clear();
         for (pos, k) in line
@@ -412,7 +451,8 @@ impl TableBuilder {
                     line: line.number,
                     column: column_of(line, k),
                     message: format!("{k:?} is used as both a tag and a field"),
-                });
+                }
+                .into());
             }
         }
         let timestamp_error = |message: String| LineError {
@@ -436,6 +476,20 @@ impl TableBuilder {
             None => kiln_storage::time::check(default_time)
                 .map_err(|e| timestamp_error(e.to_string()))?,
         };
+        if let Some((cutoff, retention)) = self.retention
+            && time < cutoff
+        {
+            return Err(Rejection {
+                error: timestamp_error(format!(
+                    "timestamp {} is older than the retention of table {:?} ({}): rows before {} have expired",
+                    kiln_storage::time::rfc3339(time),
+                    self.name,
+                    kiln_storage::catalog::lifecycle::format_retention(Some(retention)),
+                    kiln_storage::time::rfc3339(cutoff),
+                )),
+                expired: true,
+            });
+        }
 
         // Then append. Duplicate keys within a line: the last one wins.
         for (pos, (k, _)) in line.tags.iter().enumerate() {

@@ -426,6 +426,7 @@ fn catalog_with_cpu() -> CatalogState {
             id: DatabaseId(0),
             name: "db".into(),
             tables: [("cpu".to_string(), TableId(0))].into(),
+            retention_nanos: None,
         },
     );
     state.tables.insert(
@@ -435,6 +436,7 @@ fn catalog_with_cpu() -> CatalogState {
             database: DatabaseId(0),
             name: "cpu".into(),
             partition_nanos: 3_600_000_000_000,
+            retention_nanos: None,
             columns: vec![
                 ColumnDef {
                     name: "time".into(),

@@ -19,6 +19,9 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions,
 };
+use kiln_storage::Engine;
+use kiln_storage::catalog::TIME_COLUMN;
+use kiln_storage::ids::TableId;
 use kiln_storage::last_cache::{KeyValues, LastCache};
 
 /// Series picked by key columns before any row is read.
@@ -50,11 +53,15 @@ struct Read {
     schema: SchemaRef,
     projection: Option<Vec<usize>>,
     selection: Option<Selection>,
+    /// The table, whose retention (as it is when the plan runs) hides expired rows.
+    engine: Arc<Engine>,
+    table: TableId,
 }
 
 impl LastCacheExec {
     pub fn try_new(
-        table: String,
+        engine: Arc<Engine>,
+        table: (TableId, String),
         cache: Arc<LastCache>,
         schema: SchemaRef,
         projection: Option<Vec<usize>>,
@@ -70,6 +77,7 @@ impl LastCacheExec {
             EmissionType::Final,
             Boundedness::Bounded,
         );
+        let (id, table) = table;
         Ok(Self {
             table,
             read: Arc::new(Read {
@@ -77,6 +85,8 @@ impl LastCacheExec {
                 schema,
                 projection,
                 selection,
+                engine,
+                table: id,
             }),
             properties: Arc::new(properties),
             metrics: ExecutionPlanMetricsSet::new(),
@@ -106,11 +116,38 @@ impl Read {
                     })?
             }
         };
+        let cutoff = self
+            .engine
+            .catalog_state()
+            .retention_cutoff(self.table, kiln_storage::now_nanos());
+        let rows = match cutoff {
+            Some(cutoff) => unexpired(&rows, cutoff)?,
+            None => rows,
+        };
         Ok(match &self.projection {
             Some(columns) => rows.project(columns)?,
             None => rows,
         })
     }
+}
+
+/// The rows of `rows` at or after `cutoff`: a series whose latest row has expired has
+/// none left in the table either.
+fn unexpired(rows: &RecordBatch, cutoff: i64) -> Result<RecordBatch> {
+    let Some(times) = rows
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>())
+    else {
+        return Ok(rows.clone());
+    };
+    if times.values().iter().all(|t| *t >= cutoff) {
+        return Ok(rows.clone());
+    }
+    let keep: arrow::array::BooleanArray = times
+        .iter()
+        .map(|t| Some(t.is_some_and(|t| t >= cutoff)))
+        .collect();
+    Ok(arrow::compute::filter_record_batch(rows, &keep)?)
 }
 
 impl DisplayAs for LastCacheExec {

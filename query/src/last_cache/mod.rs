@@ -98,13 +98,18 @@ impl TableFunctionImpl for LastCacheFunction {
                  `kiln last-cache create --database {database} --table {table}`"
             );
         };
-        Ok(Arc::new(LastCacheTable::new(def, cache)))
+        Ok(Arc::new(LastCacheTable::new(
+            Arc::clone(&self.engine),
+            def,
+            cache,
+        )))
     }
 }
 
 /// A table's last-value cache as a table: its schema is the table's.
 #[derive(Debug)]
 pub struct LastCacheTable {
+    engine: Arc<Engine>,
     table: TableId,
     name: String,
     schema: SchemaRef,
@@ -112,8 +117,9 @@ pub struct LastCacheTable {
 }
 
 impl LastCacheTable {
-    fn new(def: &TableDef, cache: Arc<LastCache>) -> Self {
+    fn new(engine: Arc<Engine>, def: &TableDef, cache: Arc<LastCache>) -> Self {
         Self {
+            engine,
             table: def.id,
             name: def.name.clone(),
             schema: query_schema(def),
@@ -201,7 +207,8 @@ impl TableProvider for LastCacheTable {
             }
         };
         Ok(Arc::new(LastCacheExec::try_new(
-            self.name.clone(),
+            Arc::clone(&self.engine),
+            (self.table, self.name.clone()),
             Arc::clone(&self.cache),
             Arc::clone(&self.schema),
             projection.cloned(),
@@ -341,7 +348,11 @@ impl UseLastCache {
             return Ok(None);
         };
         let exact = on == keys;
-        let cached = Arc::new(LastCacheTable::new(def, Arc::clone(&cache)));
+        let cached = Arc::new(LastCacheTable::new(
+            Arc::clone(&self.engine),
+            def,
+            Arc::clone(&cache),
+        ));
         if cached.schema() != provider.schema() {
             return Ok(None);
         }

@@ -20,6 +20,7 @@
 pub mod alerts;
 pub mod devices;
 pub mod format;
+pub mod lifecycle;
 mod log;
 
 #[cfg(test)]
@@ -108,6 +109,14 @@ pub enum Error {
     /// transition from a state the alert is not in).
     #[error("{0}")]
     InvalidAlert(String),
+    /// A retention that cannot be set (not above zero).
+    #[error("{0}")]
+    InvalidRetention(String),
+    /// An explicit create of a database that exists.
+    #[error("database {0:?} exists already")]
+    DatabaseExists(String),
+    #[error("database {0:?} not found")]
+    DatabaseNotFound(String),
 }
 
 /// The type of a column: its role (tag, time, field) and, for fields, the value type.
@@ -169,6 +178,10 @@ pub struct TableDef {
     /// Width of a time partition, in nanoseconds.
     pub partition_nanos: i64,
     pub columns: Vec<ColumnDef>,
+    /// How long the table keeps rows, overriding its database's (nanoseconds; absent
+    /// from catalogs written before retention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_nanos: Option<i64>,
 }
 
 impl TableDef {
@@ -202,6 +215,9 @@ pub struct DatabaseDef {
     pub id: DatabaseId,
     pub name: String,
     pub tables: BTreeMap<String, TableId>,
+    /// How long the database's tables keep rows (nanoseconds; `None`: forever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_nanos: Option<i64>,
 }
 
 /// A persisted Parquet segment: one time partition of one table, as of `max_sequence`.
@@ -294,6 +310,38 @@ pub enum CatalogEvent {
         table: TableId,
         staleness: devices::Staleness,
     },
+    /// The database (with its tables) was soft-deleted: its name is free, its files stay
+    /// until `hard_delete_at` (nanoseconds since the epoch).
+    DatabaseDeleted {
+        id: DatabaseId,
+        deleted_at: i64,
+        hard_delete_at: i64,
+    },
+    /// The table was soft-deleted (see `DatabaseDeleted`).
+    TableDeleted {
+        id: TableId,
+        deleted_at: i64,
+        hard_delete_at: i64,
+    },
+    /// Dropped databases and tables forgotten: their files are deleted once no query
+    /// reads them.
+    DroppedPurged {
+        databases: Vec<DatabaseId>,
+        tables: Vec<TableId>,
+    },
+    /// How long a database (`table` absent) or a table keeps rows (`None`: forever, or
+    /// for a table, as its database).
+    RetentionSet {
+        database: DatabaseId,
+        table: Option<TableId>,
+        retention_nanos: Option<i64>,
+    },
+    /// Segments of `table` whose every row is older than `cutoff` were removed.
+    SegmentsExpired {
+        table: TableId,
+        segments: Vec<SegmentId>,
+        cutoff: i64,
+    },
 }
 
 /// What a token may do.
@@ -374,6 +422,12 @@ pub struct CatalogState {
     /// Tables whose series go stale on a schedule of their own.
     #[serde(default)]
     pub staleness: BTreeMap<TableId, devices::Staleness>,
+    /// Soft-deleted databases and tables, until their hard delete (absent from catalogs
+    /// written before deletes).
+    #[serde(default)]
+    pub dropped_databases: BTreeMap<DatabaseId, lifecycle::DroppedDatabase>,
+    #[serde(default)]
+    pub dropped_tables: BTreeMap<TableId, lifecycle::DroppedTable>,
 }
 
 impl CatalogState {
@@ -424,6 +478,7 @@ impl CatalogState {
                         id: *id,
                         name: name.clone(),
                         tables: BTreeMap::new(),
+                        retention_nanos: None,
                     });
                 self.next_database_id = self.next_database_id.max(id.get() + 1);
             }
@@ -450,6 +505,7 @@ impl CatalogState {
                             name: TIME_COLUMN.into(),
                             ty: ColumnType::Time,
                         }],
+                        retention_nanos: None,
                     },
                 );
                 self.next_table_id = self.next_table_id.max(id.get() + 1);
@@ -581,6 +637,25 @@ impl CatalogState {
                 }
                 self.staleness.insert(*table, *staleness);
             }
+            CatalogEvent::DatabaseDeleted {
+                id,
+                deleted_at,
+                hard_delete_at,
+            } => self.delete_database(*id, *deleted_at, *hard_delete_at)?,
+            CatalogEvent::TableDeleted {
+                id,
+                deleted_at,
+                hard_delete_at,
+            } => self.delete_table(*id, *deleted_at, *hard_delete_at)?,
+            CatalogEvent::DroppedPurged { databases, tables } => self.purge(databases, tables),
+            CatalogEvent::RetentionSet {
+                database,
+                table,
+                retention_nanos,
+            } => self.set_retention(*database, *table, *retention_nanos)?,
+            CatalogEvent::SegmentsExpired {
+                table, segments, ..
+            } => self.expire(*table, segments)?,
             CatalogEvent::SourcePositions { positions } => {
                 for p in positions {
                     let at = self.source_positions.binary_search_by(|q| {

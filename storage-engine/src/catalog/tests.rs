@@ -797,3 +797,145 @@ fn conditions_parse_and_hold() {
         assert!(bad.parse::<Condition>().is_err(), "{bad:?} parsed");
     }
 }
+
+#[tokio::test]
+async fn deleted_objects_free_their_names_keep_their_files_until_purged_and_survive_reload() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let cols = [
+        change("cpu", "host", ColumnType::Tag),
+        change("mem", "host", ColumnType::Tag),
+    ];
+    let state = catalog.ensure_schema("plant", &cols).await.unwrap();
+    let (plant, cpu, mem) = (
+        state.database("plant").unwrap().id,
+        state.table("plant", "cpu").unwrap().id,
+        state.table("plant", "mem").unwrap().id,
+    );
+    catalog
+        .commit(vec![
+            CatalogEvent::SegmentPersisted(segment(1, cpu, 0)),
+            CatalogEvent::SegmentPersisted(segment(2, mem, 0)),
+        ])
+        .await
+        .unwrap();
+
+    // A table first: out of its database, its segments kept among the dropped.
+    let dropped = catalog.delete_table("plant", "mem", 10, 100).await.unwrap();
+    assert_eq!(dropped.segments.len(), 1);
+    let state = catalog.snapshot();
+    assert!(state.table("plant", "mem").is_none());
+    assert!(state.is_dropped_table(mem) && !state.is_dropped_table(cpu));
+    assert!(
+        !state.is_dropped_table(TableId(99)),
+        "never created is not dropped"
+    );
+    let err = catalog
+        .delete_table("plant", "mem", 11, 100)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TableNotFound { .. }), "{err}");
+
+    // Then the database: its name makes a new one with new ids.
+    let dropped = catalog.delete_database("plant", 20, 200).await.unwrap();
+    assert_eq!(dropped.tables, vec![cpu]);
+    let state = catalog.ensure_schema("plant", &cols[..1]).await.unwrap();
+    let again = state.database("plant").unwrap().id;
+    assert_ne!(again, plant);
+    assert_ne!(state.table("plant", "cpu").unwrap().id, cpu);
+    assert!(state.is_dropped_database(plant) && !state.is_dropped_database(again));
+    assert!(state.segments(cpu).is_empty());
+
+    // Reloaded from the log, then from a snapshot: the same.
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*reloaded.snapshot(), *state);
+    let snapshot = format::decode_snapshot(&format::encode_snapshot(&state)).unwrap();
+    assert_eq!(snapshot, *state);
+
+    // A purge forgets only what is due.
+    let purged = catalog.purge_dropped(150).await.unwrap();
+    assert_eq!(purged.len(), 1);
+    assert_eq!(purged[0].def.id, mem);
+    let state = catalog.snapshot();
+    assert!(state.dropped_tables.contains_key(&cpu));
+    assert!(state.dropped_databases.contains_key(&plant));
+    let purged = catalog.purge_dropped(200).await.unwrap();
+    assert_eq!(purged.len(), 1);
+    let state = catalog.snapshot();
+    assert!(state.dropped_tables.is_empty() && state.dropped_databases.is_empty());
+    assert!(state.is_dropped_table(cpu), "ids stay taken after a purge");
+}
+
+#[tokio::test]
+async fn retention_is_per_database_overridden_per_table_and_expires_whole_segments() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let db = catalog
+        .create_database("plant", Some(2 * HOUR))
+        .await
+        .unwrap();
+    assert_eq!(db.retention_nanos, Some(2 * HOUR));
+    let err = catalog.create_database("plant", None).await.unwrap_err();
+    assert!(matches!(err, Error::DatabaseExists(_)), "{err}");
+    let state = catalog
+        .ensure_schema("plant", &[change("cpu", "host", ColumnType::Tag)])
+        .await
+        .unwrap();
+    let cpu = state.table("plant", "cpu").unwrap().id;
+    assert_eq!(state.retention_cutoff(cpu, 10 * HOUR), Some(8 * HOUR));
+
+    catalog
+        .set_retention("plant", Some("cpu"), Some(5 * HOUR))
+        .await
+        .unwrap();
+    assert_eq!(catalog.snapshot().retention(cpu), Some(5 * HOUR));
+    catalog
+        .set_retention("plant", Some("cpu"), None)
+        .await
+        .unwrap();
+    assert_eq!(catalog.snapshot().retention(cpu), Some(2 * HOUR));
+    let err = catalog
+        .set_retention("plant", None, Some(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidRetention(_)), "{err}");
+    let err = catalog.set_retention("nope", None, None).await.unwrap_err();
+    assert!(matches!(err, Error::DatabaseNotFound(_)), "{err}");
+
+    // Segments at 0, 1 h and 2 h (each ten nanoseconds long): at 3 h 30 min the cutoff is
+    // 1 h 30 min, so the first two have only expired rows.
+    let segments: Vec<_> = (0..3)
+        .map(|i| segment(i + 1, cpu, i as i64 * HOUR))
+        .collect();
+    catalog
+        .commit(
+            segments
+                .iter()
+                .cloned()
+                .map(CatalogEvent::SegmentPersisted)
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let state = catalog.snapshot();
+    let (cutoff, expired) = lifecycle::expired_segments(&state, cpu, 3 * HOUR + HOUR / 2).unwrap();
+    assert_eq!(cutoff, HOUR + HOUR / 2);
+    assert_eq!(expired, segments[..2]);
+    catalog
+        .commit(vec![CatalogEvent::SegmentsExpired {
+            table: cpu,
+            segments: expired.iter().map(|s| s.id).collect(),
+            cutoff,
+        }])
+        .await
+        .unwrap();
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(reloaded.snapshot().segments(cpu), &segments[2..]);
+    assert_eq!(reloaded.snapshot().retention(cpu), Some(2 * HOUR));
+
+    assert_eq!(lifecycle::parse_retention("30d"), Ok(Some(30 * 24 * HOUR)));
+    assert_eq!(lifecycle::parse_retention("none"), Ok(None));
+    assert!(lifecycle::parse_retention("0s").is_err());
+    assert!(lifecycle::parse_retention("soon").is_err());
+    assert_eq!(lifecycle::format_retention(Some(30 * 24 * HOUR)), "30days");
+}

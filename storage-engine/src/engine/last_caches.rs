@@ -41,7 +41,7 @@ use crate::write::WriteBatch;
 /// Where default caches' snapshots live in the object store.
 pub const SNAPSHOT_PREFIX: &str = "last_values";
 
-fn snapshot_path(table: TableId) -> Path {
+pub(super) fn snapshot_path(table: TableId) -> Path {
     Path::from(format!("{SNAPSHOT_PREFIX}/{}.arrow", table.0))
 }
 
@@ -123,6 +123,11 @@ impl LastCaches {
                 c.cache.offer(&tw.batch);
             }
         }
+    }
+
+    /// Forgets the cache of a deleted table.
+    pub(super) fn forget(&self, table: TableId) {
+        self.tables.write().remove(&table);
     }
 
     /// Offers a write replayed from the WAL to the caches loaded from snapshots.

@@ -23,12 +23,14 @@ use crate::write::{SourceRange, WriteBatch};
 
 mod compact;
 mod last_caches;
+mod lifecycle;
 #[cfg(test)]
 mod tests;
 
 pub use compact::{CompactionOutcome, ReadLease};
 use compact::{ReadGeneration, segment_path, sweep_unreferenced};
 use last_caches::LastCaches;
+pub use lifecycle::RetentionOutcome;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -151,6 +153,8 @@ pub struct EngineStats {
     pub compactions: AtomicU64,
     pub segments_compacted: AtomicU64,
     pub compaction_failures: AtomicU64,
+    /// Segments removed because retention expired every row in them.
+    pub segments_expired: AtomicU64,
 }
 
 /// What a query needs of one table: its definition, persisted segments and buffer.
@@ -328,6 +332,7 @@ impl Engine {
                     }
                     let checked = WriteBatch::decode(record.payload)
                         .map_err(wal::BoxError::from)
+                        .map(|batch| batch.without_dropped(&state))
                         .and_then(|batch| match batch.check(&state) {
                             Ok(()) => Ok(batch),
                             Err(e) => Err(e.into()),
@@ -599,12 +604,15 @@ impl Engine {
     /// them in the catalog, drops them from the buffer and deletes WAL files they cover.
     pub async fn persist(&self) -> Result<PersistOutcome> {
         let _guard = self.persist_lock.lock().await;
+        let before = self.catalog.snapshot().persisted_sequence;
         let (through, parts) = self.buffer.begin_persist();
         let result = self.persist_parts(through, parts).await;
         self.buffer
             .end_persist(result.as_ref().ok().map(|o| o.through));
         let mut outcome = result?;
-        if outcome.segments > 0 {
+        // Also when no segment was written: the WAL may hold only rows of deleted tables,
+        // expired rows, or positions of outside sources.
+        if outcome.through > before {
             self.wal.rotate().await?;
             outcome.wal_files_removed = self.wal.remove_files_up_to(outcome.through)?.len();
             tracing::info!(
@@ -625,12 +633,24 @@ impl Engine {
         parts: Vec<(TableId, BufferPartition)>,
     ) -> Result<PersistOutcome> {
         let state = self.catalog.snapshot();
-        if parts.is_empty() || through <= state.persisted_sequence {
+        if through <= state.persisted_sequence {
             return Ok(PersistOutcome {
                 through,
                 ..Default::default()
             });
         }
+        // Rows of deleted tables are not persisted, nor partitions whose every row has
+        // expired: the WAL records holding them go with this persistence.
+        let now = crate::now_nanos();
+        let parts: Vec<(TableId, BufferPartition)> = parts
+            .into_iter()
+            .filter(|(table, part)| {
+                state.table_by_id(*table).is_some()
+                    && state
+                        .retention_cutoff(*table, now)
+                        .is_none_or(|cutoff| part.max_time() >= cutoff)
+            })
+            .collect();
         // Partitions are encoded side by side (one per core): encoding is CPU-bound and
         // the segments are independent. `buffered` keeps their order for the catalog.
         let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));

@@ -96,7 +96,7 @@ impl Engine {
     }
 
     /// Starts a new generation; `paths` are deleted once the readers of the old one are done.
-    fn retire(&self, paths: Vec<String>) {
+    pub(in crate::engine) fn retire(&self, paths: Vec<String>) {
         let fresh = Arc::new(ReadGeneration::new(Arc::clone(&self.deletable)));
         let old = std::mem::replace(&mut *self.generation.lock(), Arc::clone(&fresh));
         old.retired.lock().extend(paths);
@@ -284,21 +284,30 @@ impl Engine {
         self.put_encoded(path, &merged, bytes).await
     }
 
-    /// Runs [`Engine::compact`] every `every` (never if `None`) and deletes replaced files
-    /// once their readers are done, until `shutdown` resolves.
+    /// Runs [`Engine::compact`] every `every` (never if `None`), enforces retention every
+    /// `retention_every`, and deletes replaced files once their readers are done, until
+    /// `shutdown` resolves.
     pub async fn run_compactor(
         self: Arc<Self>,
         every: Option<Duration>,
+        retention_every: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
         let mut last = Instant::now();
+        let mut last_retention: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             self.delete_retired().await;
+            if last_retention.is_none_or(|t| t.elapsed() >= retention_every) {
+                if let Err(e) = self.enforce_retention(crate::now_nanos()).await {
+                    tracing::error!(error = %crate::error_chain(&e), "enforcing retention failed; will retry");
+                }
+                last_retention = Some(Instant::now());
+            }
             let Some(every) = every else { continue };
             if last.elapsed() < every {
                 continue;
@@ -339,10 +348,17 @@ pub(super) async fn sweep_unreferenced(
     store: &Arc<dyn ObjectStore>,
     state: &CatalogState,
 ) -> Result<usize> {
+    // Soft-deleted tables' files stay until their hard delete.
     let referenced: HashSet<&str> = state
         .segments
         .values()
         .flat_map(|s| s.iter())
+        .chain(
+            state
+                .dropped_tables
+                .values()
+                .flat_map(|t| t.segments.iter()),
+        )
         .map(|s| s.path.as_str())
         .collect();
     let prefix = Path::from(SEGMENTS_PREFIX);
