@@ -164,7 +164,10 @@ impl WriteBuffer {
         let mut new_chunks = Vec::new();
         for tw in &write.tables {
             let Some(def) = catalog.table_by_id(tw.table) else {
-                tracing::error!(table = %tw.table, "write for a table the catalog does not know; skipped");
+                // Logged before its table was deleted, or a bug.
+                if !catalog.is_dropped_table(tw.table) {
+                    tracing::error!(table = %tw.table, "write for a table the catalog does not know; skipped");
+                }
                 continue;
             };
             for (partition, batch) in split_by_partition(&tw.batch, |t| def.partition_of(t)) {

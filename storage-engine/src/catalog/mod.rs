@@ -529,6 +529,12 @@ impl CatalogState {
                 }
             }
             CatalogEvent::SegmentPersisted(meta) => {
+                self.next_segment_id = self.next_segment_id.max(meta.id.get() + 1);
+                // A persistence that began before its table was deleted: the file is
+                // named by nothing, and a start's sweep removes it.
+                if self.is_dropped_table(meta.table) {
+                    return Ok(());
+                }
                 if !self.tables.contains_key(&meta.table) {
                     return Err(Error::UnknownTable(meta.table));
                 }

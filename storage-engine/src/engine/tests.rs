@@ -604,3 +604,104 @@ async fn a_logged_record_that_cannot_be_applied_stops_replay_unless_told_to_skip
     let engine = Engine::open(config, store, None).await.unwrap();
     assert_eq!(contents(&engine).await.num_rows(), 2);
 }
+
+#[tokio::test]
+async fn a_deleted_tables_wal_records_are_skipped_on_replay_and_go_with_the_next_persistence() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    for i in 0..40 {
+        write(&engine, &[("a", i, i as f64)]).await;
+    }
+    let old = engine.catalog_state().table("db", "m").unwrap().id;
+    let wal_before = engine.wal().file_ids();
+    assert!(wal_before.len() > 1, "{wal_before:?}");
+    engine.delete_table("db", "m", i64::MAX).await.unwrap();
+    assert_eq!(engine.buffer_bytes(), 0);
+    assert!(engine.last_cache(old).is_none());
+    // Dropped without a persistence: the WAL still holds the deleted table's rows, and a
+    // new table of the same name is written after them.
+    write(&engine, &[("b", 1, 1.0)]).await;
+    drop(engine);
+
+    let engine = open(dir.path()).await;
+    let state = engine.catalog_state();
+    assert!(state.is_dropped_table(old));
+    assert_ne!(state.table("db", "m").unwrap().id, old);
+    let rows = contents(&engine).await;
+    assert_eq!(rows.num_rows(), 1, "only the new table's row: {rows:?}");
+    // The new table's row is persisted; the WAL files of the old one's go with it.
+    let outcome = engine.persist().await.unwrap();
+    assert_eq!(outcome.segments, 1);
+    assert!(outcome.wal_files_removed >= wal_before.len(), "{outcome:?}");
+    // A persistence whose buffer holds only a deleted table's rows records the WAL too.
+    write(&engine, &[("c", 2, 2.0)]).await;
+    engine.delete_table("db", "m", i64::MAX).await.unwrap();
+    let outcome = engine.persist().await.unwrap();
+    assert_eq!(outcome.segments, 0);
+    assert_eq!(
+        engine.catalog_state().persisted_sequence,
+        outcome.through,
+        "{outcome:?}"
+    );
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert!(engine.catalog_state().table("db", "m").is_none());
+    assert_eq!(engine.buffer_bytes(), 0);
+}
+
+#[tokio::test]
+async fn retention_expires_whole_segments_and_buffered_chunks_and_purges_what_is_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    // Three persisted hour partitions, then one buffered row in the first.
+    write(
+        &engine,
+        &[
+            ("a", 10, 1.0),
+            ("a", HOUR + 10, 2.0),
+            ("a", 2 * HOUR + 10, 3.0),
+        ],
+    )
+    .await;
+    engine.persist().await.unwrap();
+    write(&engine, &[("b", 20, 4.0)]).await;
+    engine
+        .catalog()
+        .set_retention("db", None, Some(2 * HOUR))
+        .await
+        .unwrap();
+    let table = engine.catalog_state().table("db", "m").unwrap().id;
+    let files = segment_files(&engine).await;
+    assert_eq!(files.len(), 3);
+
+    // At 3 h 30 min the cutoff is 1 h 30 min: the first two partitions have expired.
+    let outcome = engine.enforce_retention(3 * HOUR + HOUR / 2).await.unwrap();
+    assert_eq!(outcome.segments_expired, 2, "{outcome:?}");
+    assert!(outcome.buffer_bytes_expired > 0, "{outcome:?}");
+    assert_eq!(engine.buffer_bytes(), 0);
+    assert_eq!(segment_files(&engine).await, files[2..]);
+    assert_eq!(engine.catalog_state().segments(table).len(), 1);
+    engine.wal().shutdown();
+    drop(engine);
+    // The expired buffered row is back from the WAL (queries cut it off); the next pass
+    // drops it again, and the persistence after that lets its WAL file go.
+    let engine = open(dir.path()).await;
+    assert_eq!(contents(&engine).await.num_rows(), 2);
+    engine.enforce_retention(3 * HOUR + HOUR / 2).await.unwrap();
+    assert_eq!(contents(&engine).await.num_rows(), 1);
+    let outcome = engine.persist().await.unwrap();
+    assert_eq!(outcome.segments, 0);
+    assert_eq!(engine.catalog_state().persisted_sequence, outcome.through);
+
+    // A table deleted to be purged later: its files survive restarts until then.
+    engine.delete_table("db", "m", 5 * HOUR).await.unwrap();
+    drop(engine);
+    let engine = open(dir.path()).await;
+    assert_eq!(segment_files(&engine).await, files[2..]);
+    let outcome = engine.enforce_retention(4 * HOUR).await.unwrap();
+    assert_eq!(outcome.tables_purged, 0);
+    let outcome = engine.enforce_retention(5 * HOUR).await.unwrap();
+    assert_eq!(outcome.tables_purged, 1);
+    assert!(segment_files(&engine).await.is_empty());
+    assert!(engine.catalog_state().dropped_tables.is_empty());
+}
