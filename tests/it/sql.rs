@@ -13,9 +13,12 @@
 //! RESTART
 //! ```
 //!
-//! `WRITE` sends the lines that follow as line protocol (HTTP, nanosecond timestamps);
-//! `RESTART` stops the server cleanly (which persists the write buffer to Parquet) and starts
-//! it again on the same data, so a file can set up segments, overlaps and late data.
+//! `WRITE` sends the lines that follow as line protocol (HTTP, nanosecond timestamps;
+//! `{now}` and `{now-25h}` are replaced by now, or now minus a duration, for data whose
+//! age matters); `RESTART` stops the server cleanly (which persists the write buffer to
+//! Parquet) and starts it again on the same data, so a file can set up segments, overlaps
+//! and late data; `RETENTION 1d` sets the database's retention, `RETENTION temp 2h` a
+//! table's (`none` clears it).
 //!
 //! `KILN_SLT=<part of a file name>` runs only the files whose name contains it.
 
@@ -62,6 +65,43 @@ impl Kiln {
     }
 }
 
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_nanos() as i64
+}
+
+/// `lines` with every `{now}` and `{now-<duration>}` replaced by that time in nanoseconds.
+fn with_times(lines: &str, now: i64) -> Result<String, String> {
+    let mut out = String::with_capacity(lines.len());
+    let mut rest = lines;
+    while let Some(start) = rest.find("{now") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed {{now…}} in {rest:?}"))?
+            + start;
+        let time = match rest[start + 4..end].strip_prefix('-') {
+            None if start + 4 == end => now,
+            Some(ago) => {
+                let ago = humantime::parse_duration(ago).map_err(|e| format!("{ago:?}: {e}"))?;
+                now - ago.as_nanos() as i64
+            }
+            None => {
+                return Err(format!(
+                    "{:?} is not {{now}} or {{now-1h}}",
+                    &rest[start..=end]
+                ));
+            }
+        };
+        out.push_str(&time.to_string());
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 fn db_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
@@ -78,9 +118,40 @@ impl AsyncDB for Kiln {
         let trimmed = sql.trim();
         if let Some(lines) = trimmed.strip_prefix("WRITE") {
             let server = self.server.as_ref().expect("server running");
-            let (status, body) = server.write(DATABASE, lines.trim().to_owned(), &[]).await;
+            let lines = with_times(lines.trim(), now_nanos()).map_err(SltError)?;
+            let (status, body) = server.write(DATABASE, lines, &[]).await;
             if !status.is_success() {
                 return Err(SltError(format!("write failed with {status}: {body}")));
+            }
+            return Ok(DBOutput::StatementComplete(0));
+        }
+        if let Some(args) = trimmed.strip_prefix("RETENTION ") {
+            let server = self.server.as_ref().expect("server running");
+            let (path, body) = match args.split_whitespace().collect::<Vec<_>>()[..] {
+                [retention] => (
+                    "/api/v3/configure/database",
+                    serde_json::json!({"db": DATABASE, "retention_period": retention}),
+                ),
+                [table, retention] => (
+                    "/api/v3/configure/table",
+                    serde_json::json!({"db": DATABASE, "table": table, "retention_period": retention}),
+                ),
+                _ => {
+                    return Err(SltError(format!(
+                        "RETENTION [table] <duration>, not {args:?}"
+                    )));
+                }
+            };
+            let response = server
+                .client
+                .patch(server.url(path))
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| SltError(e.to_string()))?;
+            if !response.status().is_success() {
+                let text = response.text().await.unwrap_or_default();
+                return Err(SltError(format!("RETENTION failed: {text}")));
             }
             return Ok(DBOutput::StatementComplete(0));
         }
