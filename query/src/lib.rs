@@ -24,6 +24,7 @@ pub mod alerts;
 mod avg;
 mod coarse;
 pub mod dedup;
+pub mod delete;
 pub mod executor;
 pub mod gapfill;
 mod int_compare;

@@ -57,6 +57,7 @@ use datafusion::physical_plan::union::UnionExec;
 use kiln_storage::Engine;
 use kiln_storage::catalog::SYSTEM_SCHEMA;
 pub use kiln_storage::catalog::TIME_ZONE;
+use kiln_storage::catalog::tombstones::{DeletePredicate, for_segment};
 use kiln_storage::catalog::{SegmentMeta, TIME_COLUMN, TableDef};
 use kiln_storage::dedup::merge_last_write_wins;
 use kiln_storage::ids::TableId;
@@ -564,9 +565,33 @@ impl TableProvider for KilnTable {
             Ok(LexOrdering::new(exprs))
         };
         let out_schema = project(&schema, projection)?;
+        // Deletes not yet made physical: a segment persisted before one is read without
+        // the rows it matches (tags and time: every version of a row goes alike, so the
+        // merge of versions is unaffected).
+        let mut delete_columns: Vec<&str> = vec![TIME_COLUMN];
+        for t in &data.tombstones {
+            for c in &t.predicate.tags {
+                if !delete_columns.contains(&c.tag.as_str()) {
+                    delete_columns.push(&c.tag);
+                }
+            }
+        }
+        let undeleted = |s: &SegmentMeta| -> Option<Expr> {
+            conjunction(
+                for_segment(&data.tombstones, s.id, s.min_time, s.max_time)
+                    .iter()
+                    .map(|t| deleted_rows(&t.predicate).is_not_true()),
+            )
+        };
+        let and_undeleted = |predicate: Expr, s: &SegmentMeta| -> Expr {
+            match undeleted(s) {
+                Some(kept) => predicate.and(kept),
+                None => predicate,
+            }
+        };
         // Plain reads of a partition's rows outside its overlap: the query's columns and
-        // time (to filter on).
-        let plain_read = with_columns(projection, &schema, &[TIME_COLUMN]);
+        // time (to filter on), and what deletes filter on.
+        let plain_read = with_columns(projection, &schema, &delete_columns);
         // Segments are stored, and the buffer merged, in identity order.
         let segment_order = identity_order(&schema)?;
         let Some(merge_order) = identity_order(&read_schema)? else {
@@ -626,7 +651,11 @@ impl TableProvider for KilnTable {
                         decode_filtered: false,
                     },
                 )?;
-                let kept = filter_exec(state, scan, within(outside.clone(), segment))?;
+                let kept = filter_exec(
+                    state,
+                    scan,
+                    and_undeleted(within(outside.clone(), segment), segment),
+                )?;
                 merged_parts.push(select(kept, &out_schema)?);
             }
             if let Some(b) = &buffer {
@@ -651,7 +680,11 @@ impl TableProvider for KilnTable {
                         decode_filtered: true,
                     },
                 )?;
-                inputs.push(filter_exec(state, scan, within(inside.clone(), segment))?);
+                inputs.push(filter_exec(
+                    state,
+                    scan,
+                    and_undeleted(within(inside.clone(), segment), segment),
+                )?);
             }
             if let Some(b) = &buffer {
                 let rows = filter_times(b, |t| t >= lo && t <= hi)?;
@@ -676,6 +709,30 @@ impl TableProvider for KilnTable {
         let decode_filtered = filters
             .iter()
             .any(|f| f.column_refs().iter().any(|c| c.name != TIME_COLUMN));
+        // A segment some delete applies to: read on its own, with what the deletes filter
+        // on, and no row limit (it would count rows before the filter).
+        let (deleting, single_segments): (Vec<SegmentMeta>, Vec<SegmentMeta>) = single_segments
+            .into_iter()
+            .partition(|s| undeleted(s).is_some());
+        for segment in &deleting {
+            let scan = self.parquet_exec(
+                state,
+                &def,
+                std::slice::from_ref(segment),
+                SegmentRead {
+                    projection: plain_read.as_ref(),
+                    filters,
+                    limit: None,
+                    ordering: None,
+                    decode_filtered,
+                },
+            )?;
+            let kept = match &time_filter {
+                Some(time) => and_undeleted(time.clone(), segment),
+                None => and_undeleted(lit(true), segment),
+            };
+            inputs.push(select(filter_exec(state, scan, kept)?, &out_schema)?);
+        }
         let (inner, straddling): (Vec<SegmentMeta>, Vec<SegmentMeta>) = single_segments
             .into_iter()
             .partition(|s| bounds.contains(s.min_time, s.max_time));
@@ -772,6 +829,27 @@ fn overlap_hull(ranges: &[(i64, i64)]) -> Option<(i64, i64)> {
         }
     }
     hull
+}
+
+/// The rows a delete's predicate matches, as a filter expression.
+pub fn deleted_rows(predicate: &DeletePredicate) -> Expr {
+    let mut parts: Vec<Expr> = predicate
+        .tags
+        .iter()
+        .map(|c| {
+            col(c.tag.as_str()).in_list(
+                c.values.iter().map(|v| lit(v.as_str())).collect(),
+                c.negated,
+            )
+        })
+        .collect();
+    if predicate.min_time != i64::MIN {
+        parts.push(col(TIME_COLUMN).gt_eq(lit(utc_nanos(predicate.min_time))));
+    }
+    if predicate.max_time != i64::MAX {
+        parts.push(col(TIME_COLUMN).lt_eq(lit(utc_nanos(predicate.max_time))));
+    }
+    conjunction(parts).unwrap_or(lit(true))
 }
 
 /// A time literal of the type SQL sees `time` as.

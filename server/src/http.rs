@@ -612,6 +612,9 @@ async fn run_query(
     let db =
         p.db.take()
             .ok_or_else(|| ApiError::bad_request("missing parameter `db`").into_response())?;
+    if let Some(q) = p.q.as_deref().filter(|q| kiln_query::delete::is_delete(q)) {
+        return Ok(crate::lifecycle::delete_rows(&s, principal, &db, q).await);
+    }
     require(&s.auth, principal, Action::Read(&db)).map_err(|e| refusal(&e))?;
     answer_query(&s, principal, db, p)
         .await
@@ -700,7 +703,7 @@ async fn answer_query(
     Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
 }
 
-fn query_error(e: kiln_query::Error) -> ApiError {
+pub(crate) fn query_error(e: kiln_query::Error) -> ApiError {
     use kiln_query::Error as E;
     match e {
         E::DatabaseNotFound(_) | E::TableNotFound(_) => {

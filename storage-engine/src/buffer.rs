@@ -16,6 +16,7 @@ use arrow::compute::take_record_batch;
 use arrow::datatypes::TimestampNanosecondType;
 use parking_lot::RwLock;
 
+use crate::catalog::tombstones::DeletePredicate;
 use crate::catalog::{CatalogState, TIME_COLUMN};
 use crate::ids::{SequenceNumber, TableId};
 use crate::write::WriteBatch;
@@ -79,6 +80,9 @@ impl BufferPartition {
 #[derive(Debug, Default)]
 struct Inner {
     tables: HashMap<TableId, BTreeMap<i64, Vec<Chunk>>>,
+    /// Deletes above the watermark: a write below one, applied after it, loses the rows
+    /// it matches as it is applied.
+    deletes: Vec<(SequenceNumber, TableId, DeletePredicate)>,
     applied_through: SequenceNumber,
     pending: BTreeSet<SequenceNumber>,
     persisting: bool,
@@ -86,6 +90,14 @@ struct Inner {
 }
 
 impl Inner {
+    /// Drops the deletes no write still to be applied is older than.
+    fn forget_applied_deletes(&mut self) {
+        if !self.deletes.is_empty() {
+            let watermark = self.applied_through;
+            self.deletes.retain(|(s, _, _)| *s > watermark);
+        }
+    }
+
     /// Moves the applied watermark over `sequence` and every pending one it joins up with.
     fn mark_applied(&mut self, sequence: SequenceNumber) {
         if sequence == self.applied_through.next() {
@@ -174,8 +186,26 @@ impl WriteBuffer {
                 new_chunks.push((tw.table, partition, Chunk::new(sequence, batch)));
             }
         }
-        let added: usize = new_chunks.iter().map(|(_, _, c)| c.bytes()).sum();
         let mut inner = self.inner.write();
+        // A delete logged after this write and applied before it: its rows go now.
+        if inner.deletes.iter().any(|(s, _, _)| *s > sequence) {
+            for (table, _, chunk) in &mut new_chunks {
+                for (_, _, predicate) in inner
+                    .deletes
+                    .iter()
+                    .filter(|(s, t, _)| *s > sequence && t == table)
+                {
+                    match predicate.remove_from(&chunk.batch) {
+                        Ok(kept) => *chunk = Chunk::new(sequence, kept),
+                        Err(e) => {
+                            tracing::error!(error = %e, "applying a delete to a write failed")
+                        }
+                    }
+                }
+            }
+            new_chunks.retain(|(_, _, c)| c.batch.num_rows() > 0);
+        }
+        let added: usize = new_chunks.iter().map(|(_, _, c)| c.bytes()).sum();
         for (table, partition, chunk) in new_chunks {
             inner
                 .tables
@@ -187,7 +217,52 @@ impl WriteBuffer {
         }
         inner.oldest_unpersisted.get_or_insert_with(Instant::now);
         inner.mark_applied(sequence);
+        inner.forget_applied_deletes();
         self.bytes.fetch_add(added, Ordering::Relaxed);
+    }
+
+    /// Applies the delete logged as WAL record `sequence`: the rows of `table` it matches
+    /// go from every chunk written before it (all chunks at or below the watermark are,
+    /// and a merge only takes those), and from writes before it still to be applied.
+    pub fn apply_delete(
+        &self,
+        sequence: SequenceNumber,
+        table: TableId,
+        predicate: &DeletePredicate,
+    ) {
+        let mut inner = self.inner.write();
+        let mut freed = 0;
+        let mut added = 0;
+        if let Some(parts) = inner.tables.get_mut(&table) {
+            for chunks in parts.values_mut() {
+                for chunk in chunks.iter_mut() {
+                    if chunk.max_sequence >= sequence
+                        || !predicate.overlaps(chunk.min_time, chunk.max_time)
+                    {
+                        continue;
+                    }
+                    match predicate.remove_from(&chunk.batch) {
+                        Ok(kept) if kept.num_rows() == chunk.batch.num_rows() => {}
+                        Ok(kept) => {
+                            freed += chunk.bytes();
+                            *chunk = Chunk::new(chunk.max_sequence, kept);
+                            added += chunk.bytes();
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "applying a delete to buffered rows failed")
+                        }
+                    }
+                }
+                chunks.retain(|c| c.batch.num_rows() > 0);
+            }
+            parts.retain(|_, c| !c.is_empty());
+        }
+        inner.deletes.push((sequence, table, predicate.clone()));
+        inner.mark_applied(sequence);
+        inner.forget_applied_deletes();
+        drop(inner);
+        self.bytes.fetch_add(added, Ordering::Relaxed);
+        self.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 
     /// Counts WAL record `sequence` as applied without adding rows (a record skipped on

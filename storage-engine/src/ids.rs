@@ -66,3 +66,7 @@ id_type!(
     /// An alert transition, in the order they were recorded; never reused.
     AlertEventId(u64)
 );
+id_type!(
+    /// A delete of rows (a tombstone), in the order they were made; never reused.
+    TombstoneId(u64)
+);

@@ -351,3 +351,148 @@ async fn deleted_tables_and_databases_go_at_once_and_their_files_after_the_hard_
     );
     assert!(!ok && err.contains("invalid retention"), "{err}");
 }
+
+/// Rows of `temp` of `sensor`.
+async fn count(server: &TestServer, sensor: &str) -> i64 {
+    let sql = format!("SELECT count(*) AS n FROM temp WHERE sensor = '{sensor}'");
+    server.query_json("plant", &sql).await[0]["n"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Catalog events of type `kind` in the catalog's log.
+fn events(data: &Path, kind: &str) -> usize {
+    walk(&data.join("objects/catalog/log"))
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .map(|text| text.matches(&format!("\"type\":\"{kind}\"")).count())
+        .sum()
+}
+
+/// Runs `sql` (a DELETE) over HTTP: status and JSON answer.
+async fn delete(server: &TestServer, sql: &str) -> (StatusCode, serde_json::Value) {
+    let response = server
+        .client
+        .post(server.url("/api/v3/query_sql"))
+        .json(&serde_json::json!({"db": "plant", "q": sql}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--compaction-interval", "0s"];
+    let mut server = TestServer::start(&data, &args);
+    let now = now_secs();
+    // Sensors a, b, c every minute for two hours: persisted (segments), then an hour more
+    // in the buffer.
+    let rows = |from: i64, minutes: i64| -> String {
+        (0..minutes)
+            .flat_map(|m| {
+                ["a", "b", "c"].map(|s| format!("temp,sensor={s} celsius={m}i {}\n", from + m * 60))
+            })
+            .collect()
+    };
+    let (status, text) = write_s(&server, "plant", rows(now - 3 * HOUR, 120)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
+    server.terminate();
+    server = TestServer::start(&data, &args);
+    let (status, text) = write_s(&server, "plant", rows(now - HOUR, 60)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
+    assert_eq!(count(&server, "a").await, 180);
+
+    // One sensor entirely: segments and buffer.
+    let (status, answer) = delete(&server, "DELETE FROM temp WHERE sensor = 'a'").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["deleted"], 180, "{answer}");
+    assert_eq!(count(&server, "a").await, 0);
+    // Another over a time range that spans segments and the buffer.
+    let (status, answer) = delete(
+        &server,
+        &format!(
+            "DELETE FROM temp WHERE sensor IN ('b') AND time >= to_timestamp({}) AND time < to_timestamp({})",
+            now - 90 * 60,
+            now - 30 * 60
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["deleted"], 60, "{answer}");
+    assert_eq!(count(&server, "b").await, 120);
+    assert_eq!(count(&server, "c").await, 180);
+    // Latest values no longer show the deleted sensor.
+    let latest = server
+        .query_json(
+            "plant",
+            "SELECT DISTINCT ON (sensor) sensor FROM temp ORDER BY sensor, time DESC",
+        )
+        .await;
+    assert_eq!(latest.len(), 2, "{latest:?}");
+
+    // What it cannot do, it says; what matches nothing, it says too.
+    let (status, answer) = delete(&server, "DELETE FROM temp WHERE celsius > 3").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        answer.to_string().contains("\\\"celsius\\\" is a field"),
+        "{answer}"
+    );
+    let (status, answer) = delete(&server, "DELETE FROM temp WHERE sensor = 'nope'").await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["deleted"], 0, "{answer}");
+    let (status, _) = delete(&server, "DELETE FROM nope WHERE sensor = 'a'").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A row of `a` written after the delete stays.
+    let (status, text) = write_s(
+        &server,
+        "plant",
+        format!("temp,sensor=a celsius=99i {}\n", now - 10),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
+    assert_eq!(count(&server, "a").await, 1);
+
+    // kill -9: the WAL replays the deletes in order; then persisted and compacted, the
+    // same rows.
+    server.kill9();
+    server = TestServer::start(&data, &args);
+    assert_eq!(
+        (
+            count(&server, "a").await,
+            count(&server, "b").await,
+            count(&server, "c").await
+        ),
+        (1, 120, 180)
+    );
+    server.terminate();
+    server = TestServer::start(&data, &args);
+    assert_eq!(events(&data, "rows_deleted"), 2);
+    assert_eq!(events(&data, "tombstones_retired"), 0);
+    let (ok, out, err) = kiln(&["compact", &host(&server)], None);
+    assert!(ok, "{out}{err}");
+    // Made physical: every segment was rewritten without the deleted rows.
+    assert_eq!(events(&data, "tombstones_retired"), 1);
+    assert_eq!(
+        (
+            count(&server, "a").await,
+            count(&server, "b").await,
+            count(&server, "c").await
+        ),
+        (1, 120, 180)
+    );
+    server.kill9();
+    server = TestServer::start(&data, &args);
+    assert_eq!(
+        (
+            count(&server, "a").await,
+            count(&server, "b").await,
+            count(&server, "c").await
+        ),
+        (1, 120, 180)
+    );
+}

@@ -10,6 +10,8 @@
 //! | `PATCH /api/v3/configure/table` | change a table's retention ([`SetRetention`]) | admin |
 //! | `DELETE /api/v3/configure/table?db=&table=&hard_delete=` | soft-delete a table | admin |
 //!
+//! | `GET`/`POST /api/v3/query_sql` with `q=DELETE FROM …` | delete rows ([`delete_rows`]) | write on the database |
+//!
 //! `hard_delete` says when the files go: `now`, a duration (`24h`), or absent for the
 //! server's `--hard-delete-default-duration`.
 
@@ -344,5 +346,32 @@ pub async fn delete_table(
         })
         .into_response(),
         Err(e) => engine_error(e),
+    }
+}
+
+/// What a `DELETE` over HTTP answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeleteAnswer {
+    pub table: String,
+    /// Rows it matched (and deleted); 0: nothing matched, nothing was recorded.
+    pub deleted: u64,
+    /// The delete as Kiln understood it (`sensor IN ('s1') AND time >= …`).
+    pub predicate: String,
+}
+
+/// `DELETE FROM t WHERE …` sent to `/api/v3/query_sql`: needs the right to write `db`.
+pub async fn delete_rows(s: &AppState, principal: &Principal, db: &str, sql: &str) -> Response {
+    if let Err(e) = require(&s.auth, principal, Action::Write(db)) {
+        return refusal(&e);
+    }
+    // Counting the rows it matches reads the database: allowed by the right to write it.
+    match s.query.delete(db, sql).await {
+        Ok(deleted) => Json(DeleteAnswer {
+            table: deleted.table,
+            deleted: deleted.rows,
+            predicate: deleted.predicate.to_string(),
+        })
+        .into_response(),
+        Err(e) => crate::http::query_error(e).into_response(),
     }
 }

@@ -144,6 +144,7 @@ impl CatalogState {
             .unwrap_or_default();
         self.last_caches.remove(&id);
         self.staleness.remove(&id);
+        self.tombstones.retain(|_, t| t.table != id);
         self.dropped_tables.insert(
             id,
             DroppedTable {
@@ -408,5 +409,43 @@ pub fn format_retention(retention: Option<i64>) -> String {
             humantime::format_duration(std::time::Duration::from_nanos(n as u64)).to_string()
         }
         None => "none".into(),
+    }
+}
+
+impl Catalog {
+    /// Records the delete logged as WAL sequence `through`, as a tombstone of `table` (its
+    /// id, and the first segment id it does not apply to, are assigned here). The caller
+    /// holds the engine's persistence lock, so no segment is being committed meanwhile.
+    pub async fn record_delete(
+        self: &Arc<Self>,
+        table: TableId,
+        predicate: super::tombstones::DeletePredicate,
+        through: crate::ids::SequenceNumber,
+        now: i64,
+    ) -> Result<super::tombstones::Tombstone> {
+        let this = Arc::clone(self);
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            let (state, id) = this
+                .commit_locked(|state| {
+                    let tombstone = super::tombstones::Tombstone {
+                        id: crate::ids::TombstoneId(state.next_tombstone_id),
+                        table,
+                        predicate: predicate.clone(),
+                        through,
+                        segments_before: SegmentId(state.next_segment_id),
+                        created_at: now,
+                    };
+                    let id = tombstone.id;
+                    Ok((vec![CatalogEvent::RowsDeleted(tombstone)], id))
+                })
+                .await?;
+            state
+                .tombstones
+                .get(&id)
+                .cloned()
+                .ok_or(Error::UnknownTable(table))
+        })
+        .await
     }
 }

@@ -22,6 +22,7 @@ pub mod devices;
 pub mod format;
 pub mod lifecycle;
 mod log;
+pub mod tombstones;
 
 #[cfg(test)]
 mod tests;
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{
     AlertEventId, AlertRuleId, CatalogSequence, DatabaseId, SegmentId, SequenceNumber, TableId,
-    TokenId,
+    TokenId, TombstoneId,
 };
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -342,6 +343,12 @@ pub enum CatalogEvent {
         segments: Vec<SegmentId>,
         cutoff: i64,
     },
+    /// Rows were deleted (a tombstone; its id is the next one).
+    RowsDeleted(tombstones::Tombstone),
+    /// Tombstones compaction has made physical.
+    TombstonesRetired {
+        ids: Vec<TombstoneId>,
+    },
 }
 
 /// What a token may do.
@@ -428,6 +435,12 @@ pub struct CatalogState {
     pub dropped_databases: BTreeMap<DatabaseId, lifecycle::DroppedDatabase>,
     #[serde(default)]
     pub dropped_tables: BTreeMap<TableId, lifecycle::DroppedTable>,
+    /// Deletes of rows not yet made physical (absent from catalogs written before
+    /// deletes).
+    #[serde(default)]
+    pub tombstones: BTreeMap<TombstoneId, tombstones::Tombstone>,
+    #[serde(default)]
+    pub next_tombstone_id: u64,
 }
 
 impl CatalogState {
@@ -462,6 +475,15 @@ impl CatalogState {
 
     pub fn table_by_id(&self, id: TableId) -> Option<&TableDef> {
         self.tables.get(&id)
+    }
+
+    /// The tombstones of `table`, oldest first.
+    pub fn tombstones_of(&self, table: TableId) -> Vec<std::sync::Arc<tombstones::Tombstone>> {
+        self.tombstones
+            .values()
+            .filter(|t| t.table == table)
+            .map(|t| std::sync::Arc::new(t.clone()))
+            .collect()
     }
 
     pub fn segments(&self, table: TableId) -> &[SegmentMeta] {
@@ -662,6 +684,18 @@ impl CatalogState {
             CatalogEvent::SegmentsExpired {
                 table, segments, ..
             } => self.expire(*table, segments)?,
+            CatalogEvent::RowsDeleted(tombstone) => {
+                if !self.tables.contains_key(&tombstone.table) {
+                    return Err(Error::UnknownTable(tombstone.table));
+                }
+                self.tombstones.insert(tombstone.id, tombstone.clone());
+                self.next_tombstone_id = self.next_tombstone_id.max(tombstone.id.get() + 1);
+            }
+            CatalogEvent::TombstonesRetired { ids } => {
+                for id in ids {
+                    self.tombstones.remove(id);
+                }
+            }
             CatalogEvent::SourcePositions { positions } => {
                 for p in positions {
                     let at = self.source_positions.binary_search_by(|q| {

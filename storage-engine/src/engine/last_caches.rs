@@ -423,7 +423,9 @@ impl Engine {
         let mut warming = cache.warming();
         if let Some(data) = self.table_data(table, i64::MIN, i64::MAX) {
             for segment in &data.segments {
-                warming = gather(warming, self.read_segment(segment).await?).await?;
+                let batches = self.read_segment(segment).await?;
+                let batches = super::deletes::without_deleted(&data.tombstones, segment, batches)?;
+                warming = gather(warming, batches).await?;
             }
             let buffered = data
                 .buffer
@@ -433,6 +435,25 @@ impl Engine {
             warming = gather(warming, buffered).await?;
         }
         warming.finish().map_err(Error::LastCache)
+    }
+
+    /// Gives `table` its cache again, warmed from its rows as they are now (after a delete
+    /// removed rows it may hold).
+    pub(super) fn rebuild_last_cache(self: &Arc<Self>, table: TableId) {
+        let state = self.catalog.snapshot();
+        let (def, default) = match (state.last_caches.get(&table), state.table_by_id(table)) {
+            (Some(def), _) => (def.clone(), false),
+            (None, Some(t)) if self.last_caches.defaults => (
+                LastCacheDef {
+                    table,
+                    key_columns: tags(t),
+                },
+                true,
+            ),
+            _ => return,
+        };
+        self.last_caches.forget(table);
+        self.start_last_cache(&def, default);
     }
 
     /// Gives `table` of `database` a last-value cache keyed by `key_columns` (all its tags

@@ -11,6 +11,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::buffer::{BufferPartition, Chunk, WriteBuffer, time_range};
+use crate::catalog::tombstones::DeleteRecord;
 use crate::catalog::{
     self, Catalog, CatalogEvent, CatalogState, SegmentMeta, SourcePosition, TableDef,
 };
@@ -22,6 +23,7 @@ use crate::wal::{self, RecordKind, SyncPolicy, Wal, WalConfig, WalObserver};
 use crate::write::{SourceRange, WriteBatch};
 
 mod compact;
+mod deletes;
 mod last_caches;
 mod lifecycle;
 #[cfg(test)]
@@ -84,6 +86,11 @@ pub enum Error {
     LastCache(#[source] arrow::error::ArrowError),
     #[error("a partition of {0:?} is not allowed: widths are positive and at most 7 days")]
     PartitionWidth(Duration),
+    #[error("applying a delete to rows failed")]
+    ApplyDelete(#[source] arrow::error::ArrowError),
+    /// A delete that cannot be made as asked (a field in its predicate).
+    #[error("{0}")]
+    InvalidDelete(String),
 }
 
 impl Error {
@@ -169,6 +176,9 @@ pub struct TableData {
     pub buffer_partitions_total: usize,
     /// Keeps `segments`' files from deletion by compaction while it is held.
     pub lease: ReadLease,
+    /// The table's deletes not yet made physical (of the same catalog state as
+    /// `segments`): a segment is read without the rows of those that apply to it.
+    pub tombstones: Vec<Arc<crate::catalog::tombstones::Tombstone>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -322,12 +332,31 @@ impl Engine {
         let observer = wal_observer.unwrap_or_else(|| Arc::new(NoObserver));
         let skip_invalid = config.wal_replay_skip_invalid;
         let skipped_dir = config.wal_dir.join("skipped");
-        let (wal, stats) = tokio::task::spawn_blocking(move || {
+        let mut replayed_deletes: Vec<(SequenceNumber, DeleteRecord)> = Vec::new();
+        let (wal, stats, replayed_deletes) = tokio::task::spawn_blocking(move || {
             Wal::open_with_observer(
                 wal_config,
                 persisted.next(),
                 &mut |record| {
                     if record.sequence <= persisted {
+                        return Ok(());
+                    }
+                    if record.kind == RecordKind::Delete {
+                        let delete = DeleteRecord::decode(record.payload)?;
+                        if state.is_dropped_table(delete.table) {
+                            replay_buffer.skip(record.sequence);
+                        } else if state.table_by_id(delete.table).is_none() {
+                            return Err(
+                                format!("a delete of unknown table {}", delete.table).into()
+                            );
+                        } else {
+                            replay_buffer.apply_delete(
+                                record.sequence,
+                                delete.table,
+                                &delete.predicate,
+                            );
+                            replayed_deletes.push((record.sequence, delete));
+                        }
                         return Ok(());
                     }
                     let checked = WriteBatch::decode(record.payload)
@@ -356,6 +385,7 @@ impl Engine {
                 },
                 observer,
             )
+            .map(|(wal, stats)| (wal, stats, replayed_deletes))
         })
         .await
         .map_err(Error::Task)??;
@@ -371,6 +401,23 @@ impl Engine {
         let removed = wal.remove_files_up_to(persisted)?;
         if !removed.is_empty() {
             tracing::info!(files = removed.len(), "removed fully persisted WAL files");
+        }
+        // A delete logged but not recorded in the catalog (a crash in between): recorded
+        // now, before any persistence, so it covers the segments it was logged after.
+        // Caches loaded from snapshots were offered the rows replayed before a delete:
+        // those tables' caches are warmed again.
+        let mut deleted_tables: Vec<TableId> =
+            replayed_deletes.iter().map(|(_, d)| d.table).collect();
+        deleted_tables.dedup();
+        for (sequence, delete) in replayed_deletes {
+            let state = catalog.snapshot();
+            if state.tombstones.values().any(|t| t.through == sequence) {
+                continue;
+            }
+            catalog
+                .record_delete(delete.table, delete.predicate, sequence, crate::now_nanos())
+                .await?;
+            tracing::info!(%sequence, table = %delete.table, "recorded a delete the catalog lacked");
         }
         sweep_unreferenced(&store, &catalog.snapshot()).await?;
         let deletable = Arc::default();
@@ -393,6 +440,9 @@ impl Engine {
             series,
         });
         engine.start_last_caches(loaded);
+        for table in deleted_tables {
+            engine.rebuild_last_cache(table);
+        }
         Ok(engine)
     }
 
@@ -572,6 +622,7 @@ impl Engine {
                 .collect(),
             segments_total: all_segments.len(),
             buffer_partitions_total,
+            tombstones: state.tombstones_of(table),
             def,
             buffer,
             lease,

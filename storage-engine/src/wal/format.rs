@@ -48,12 +48,15 @@ const _: () = assert!(RECORD_HEADER_LEN == 4 + 4 + 8 + 1 + 3);
 pub enum RecordKind {
     /// A [`crate::write::WriteBatch`] in its WAL encoding.
     WriteBatch = 1,
+    /// A delete of rows ([`crate::catalog::tombstones::DeleteRecord`]).
+    Delete = 2,
 }
 
 impl RecordKind {
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(Self::WriteBatch),
+            2 => Some(Self::Delete),
             _ => None,
         }
     }

@@ -25,6 +25,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
 use super::{Engine, Error, Result, Written, encode};
+use crate::catalog::tombstones::{DeletePredicate, for_segment};
 use crate::catalog::{CatalogEvent, CatalogState, SegmentMeta, TableDef};
 use crate::ids::{SegmentId, TableId};
 use crate::sorted_merge;
@@ -152,10 +153,18 @@ impl Engine {
             for s in segments.iter() {
                 partitions.entry(s.partition).or_default().push(s.clone());
             }
+            let tombstones = state.tombstones_of(table);
             for (partition, group) in partitions {
-                if group.len() < 2
-                    || buffered.contains(&partition)
-                    || (!newest_too && Some(partition) == newest)
+                // A segment a delete applies to is rewritten without the deleted rows
+                // (the delete made physical), whether or not the partition is still
+                // written.
+                let deleting = group
+                    .iter()
+                    .any(|s| !for_segment(&tombstones, s.id, s.min_time, s.max_time).is_empty());
+                if !deleting
+                    && (group.len() < 2
+                        || buffered.contains(&partition)
+                        || (!newest_too && Some(partition) == newest))
                 {
                     continue;
                 }
@@ -180,11 +189,44 @@ impl Engine {
                 }
             }
         }
+        if let Err(e) = self.retire_tombstones().await {
+            failure.get_or_insert(e);
+        }
         self.delete_retired().await;
         match failure {
             Some(e) => Err(e),
             None => Ok(outcome),
         }
+    }
+
+    /// Retires the tombstones compaction has made physical: every row they delete is
+    /// persisted (their WAL sequence is), and no segment persisted before them that they
+    /// overlap is left.
+    async fn retire_tombstones(&self) -> Result<()> {
+        let state = self.catalog.snapshot();
+        let ids: Vec<_> = state
+            .tombstones
+            .values()
+            .filter(|t| {
+                t.through <= state.persisted_sequence
+                    && !state
+                        .segments(t.table)
+                        .iter()
+                        .any(|s| t.applies_to_segment(s.id, s.min_time, s.max_time))
+            })
+            .map(|t| t.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            tombstones = ids.len(),
+            "deletes made physical; tombstones retired"
+        );
+        self.catalog
+            .commit(vec![CatalogEvent::TombstonesRetired { ids }])
+            .await?;
+        Ok(())
     }
 
     /// Merges `segments` (one partition's, in catalog order) into one new segment, and
@@ -203,10 +245,21 @@ impl Engine {
             .clone();
         let partition = segments[0].partition;
         let path = compacted_path(&def, partition);
+        let tombstones = state.tombstones_of(table);
+        let deletes: Vec<Vec<DeletePredicate>> = segments
+            .iter()
+            .map(|s| {
+                for_segment(&tombstones, s.id, s.min_time, s.max_time)
+                    .iter()
+                    .map(|t| t.predicate.clone())
+                    .collect()
+            })
+            .collect();
         let merged = match stream::merge_segments(
             Arc::clone(&self.store),
             def.clone(),
             segments.clone(),
+            deletes.clone(),
             path.clone(),
         )
         .await
@@ -219,7 +272,8 @@ impl Engine {
                     segment = %segments[input].path,
                     "segment is not sorted by its key; merging its partition in memory"
                 );
-                self.merge_in_memory(&def, &segments, &path).await?
+                self.merge_in_memory(&def, &segments, &deletes, &path)
+                    .await?
             }
             merged => merged?,
         };
@@ -232,8 +286,23 @@ impl Engine {
         // Segment ids are handed out under the persistence lock, held only from here: the
         // merge above wrote to a path of its own.
         let _persisting = self.persist_lock.lock().await;
+        let now = self.catalog.snapshot();
+        // A delete made since the merge read its segments is not in the merged rows: the
+        // merge is dropped (and made again by a later pass).
+        if now
+            .tombstones_of(table)
+            .iter()
+            .any(|t| !state.tombstones.contains_key(&t.id))
+        {
+            drop(_persisting);
+            if let Err(e) = self.store.delete(&Path::from(path.as_str())).await {
+                tracing::warn!(error = %e, %path, "removing a merge a delete overtook failed");
+            }
+            tracing::info!(%table, partition, "a delete came during the merge; it is made again later");
+            return Ok(());
+        }
         let (rows, bytes_after) = (merged.rows, merged.bytes);
-        let id = SegmentId(self.catalog.snapshot().next_segment_id);
+        let id = SegmentId(now.next_segment_id);
         let segment = merged.describe(&def, partition, id, path, max_sequence);
         let event = CatalogEvent::SegmentsCompacted {
             replaced: segments.iter().map(|s| s.id).collect(),
@@ -274,11 +343,17 @@ impl Engine {
         &self,
         def: &TableDef,
         segments: &[SegmentMeta],
+        deletes: &[Vec<DeletePredicate>],
         path: &str,
     ) -> Result<Written> {
         let mut batches = Vec::new();
-        for segment in segments {
-            batches.extend(self.read_segment(segment).await?);
+        for (segment, deletes) in segments.iter().zip(deletes) {
+            for mut batch in self.read_segment(segment).await? {
+                for predicate in deletes {
+                    batch = predicate.remove_from(&batch).map_err(Error::ApplyDelete)?;
+                }
+                batches.push(batch);
+            }
         }
         let (merged, bytes) = encode(def, batches).await?;
         self.put_encoded(path, &merged, bytes).await

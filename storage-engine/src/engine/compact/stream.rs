@@ -29,6 +29,7 @@ use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
 use super::super::{Error, Result, Written};
 use crate::buffer::time_range;
+use crate::catalog::tombstones::DeletePredicate;
 use crate::catalog::{SegmentMeta, TableDef};
 use crate::dedup::align_to_schema;
 use crate::persist::{sort_key, utc_schema, writer_properties};
@@ -45,22 +46,29 @@ const UPLOAD_CONCURRENCY: usize = 2;
 /// a new segment at `path`, streaming. [`Error::Merge`] with
 /// [`sorted_merge::Error::Unsorted`] means a segment is not sorted and nothing usable was
 /// written.
+///
+/// `deletes[i]` are the deletes (tombstones) that apply to `segments[i]`: its rows they
+/// match are left out of the merge.
 pub(super) async fn merge_segments(
     store: Arc<dyn ObjectStore>,
     def: TableDef,
     segments: Vec<SegmentMeta>,
+    deletes: Vec<Vec<DeletePredicate>>,
     path: String,
 ) -> Result<Written> {
     let runtime = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || runtime.block_on(merge(&store, &def, &segments, path)))
-        .await
-        .map_err(Error::Task)?
+    tokio::task::spawn_blocking(move || {
+        runtime.block_on(merge(&store, &def, &segments, &deletes, path))
+    })
+    .await
+    .map_err(Error::Task)?
 }
 
 async fn merge(
     store: &Arc<dyn ObjectStore>,
     def: &TableDef,
     segments: &[SegmentMeta],
+    deletes: &[Vec<DeletePredicate>],
     path: String,
 ) -> Result<Written> {
     let distinct = distinct_tags(store, def, segments).await?;
@@ -96,10 +104,20 @@ async fn merge(
     loop {
         match merge.step().map_err(merge_error)? {
             Step::Need(i) => {
-                let batch = inputs[i]
-                    .try_next()
-                    .await
-                    .map_err(|source| read_error(&segments[i], source))?;
+                let batch = loop {
+                    let batch = inputs[i]
+                        .try_next()
+                        .await
+                        .map_err(|source| read_error(&segments[i], source))?;
+                    let Some(mut batch) = batch else { break None };
+                    for predicate in deletes.get(i).into_iter().flatten() {
+                        batch = predicate.remove_from(&batch).map_err(Error::ApplyDelete)?;
+                    }
+                    // A batch the deletes emptied: the segment's next one.
+                    if batch.num_rows() > 0 {
+                        break Some(batch);
+                    }
+                };
                 merge.push(i, batch).map_err(merge_error)?;
             }
             Step::Batch(batch) => {
