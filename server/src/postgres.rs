@@ -46,7 +46,7 @@ use pgwire::api::cancel::CancelHandler;
 use pgwire::api::portal::Format;
 use pgwire::api::portal::Portal;
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use pgwire::api::results::{FieldInfo, Response};
+use pgwire::api::results::{FieldInfo, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
@@ -161,6 +161,9 @@ struct Session {
     postgres: Arc<PostgresSession>,
     service: Arc<DfSessionService>,
     parser: Arc<KilnParser>,
+    /// Who connected, to which database: a `DELETE` needs the right to write it.
+    principal: Principal,
+    database: String,
 }
 
 impl Connection {
@@ -307,6 +310,8 @@ impl Connection {
             postgres,
             service,
             parser,
+            principal,
+            database,
         });
 
         let (pid, secret_key) = new_backend_key();
@@ -344,16 +349,45 @@ fn new_backend_key() -> (i32, SecretKey) {
 
 /// A statement the session does not run: `42501` (insufficient privilege).
 fn refused(e: kiln_query::postgres::rewrite::Refused) -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".to_owned(),
-        "42501".to_owned(),
-        e.0,
-    )))
+    error("42501", e.0)
 }
 
 fn fatal(code: &str, message: String) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "FATAL".to_owned(),
+        code.to_owned(),
+        message,
+    )))
+}
+
+impl Connection {
+    /// `DELETE FROM …` (simple query protocol): `DELETE <rows>`, with the right to write
+    /// the connection's database.
+    async fn delete(&self, session: &Session, sql: &str) -> PgWireResult<Vec<Response>> {
+        self.0
+            .shared
+            .auth
+            .authorize(
+                Door::Postgres,
+                &session.principal,
+                Action::Write(&session.database),
+            )
+            .map_err(|e| error("42501", e.to_string()))?;
+        match self.0.shared.query.delete(&session.database, sql).await {
+            Ok(deleted) => Ok(vec![Response::Execution(
+                Tag::new("DELETE").with_rows(deleted.rows as usize),
+            )]),
+            Err(e @ kiln_query::Error::TableNotFound(_)) => Err(error("42P01", e.to_string())),
+            Err(e @ kiln_query::Error::Invalid(_)) => Err(error("0A000", e.to_string())),
+            Err(e @ kiln_query::Error::Timeout(_)) => Err(error("57014", e.to_string())),
+            Err(e) => Err(error("XX000", kiln_storage::error_chain(&e))),
+        }
+    }
+}
+
+fn error(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".to_owned(),
         code.to_owned(),
         message,
     )))
@@ -370,6 +404,9 @@ impl SimpleQueryHandler for Connection {
     {
         let session = self.session()?;
         let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
+        if kiln_query::delete::is_delete(query) {
+            return within(timeout, self.delete(session, query)).await;
+        }
         session.postgres.settings.sync(client.metadata());
         let query = session.postgres.rewrite(query).map_err(refused)?;
         let service = Arc::clone(&session.service);

@@ -18,7 +18,7 @@
 //! age matters); `RESTART` stops the server cleanly (which persists the write buffer to
 //! Parquet) and starts it again on the same data, so a file can set up segments, overlaps
 //! and late data; `RETENTION 1d` sets the database's retention, `RETENTION temp 2h` a
-//! table's (`none` clears it).
+//! table's (`none` clears it); `COMPACT` compacts every partition at once (`kiln compact`).
 //!
 //! `KILN_SLT=<part of a file name>` runs only the files whose name contains it.
 
@@ -155,6 +155,20 @@ impl AsyncDB for Kiln {
             }
             return Ok(DBOutput::StatementComplete(0));
         }
+        if trimmed == "COMPACT" {
+            let server = self.server.as_ref().expect("server running");
+            let response = server
+                .client
+                .post(server.url("/api/v3/compact"))
+                .send()
+                .await
+                .map_err(|e| SltError(e.to_string()))?;
+            if !response.status().is_success() {
+                let text = response.text().await.unwrap_or_default();
+                return Err(SltError(format!("COMPACT failed: {text}")));
+            }
+            return Ok(DBOutput::StatementComplete(0));
+        }
         if trimmed == "RESTART" {
             self.restart().await;
             return Ok(DBOutput::StatementComplete(0));
@@ -167,8 +181,10 @@ impl AsyncDB for Kiln {
             .map_err(|e| SltError(db_message(&e)))?;
         let mut rows = Vec::new();
         let mut columns = None;
+        let mut affected = 0;
         for message in messages {
             match message {
+                SimpleQueryMessage::CommandComplete(n) => affected = n,
                 SimpleQueryMessage::RowDescription(description) => {
                     columns = Some(description.len());
                 }
@@ -199,7 +215,7 @@ impl AsyncDB for Kiln {
                 types: vec![DefaultColumnType::Any; n],
                 rows,
             }),
-            None => Ok(DBOutput::StatementComplete(0)),
+            None => Ok(DBOutput::StatementComplete(affected)),
         }
     }
 

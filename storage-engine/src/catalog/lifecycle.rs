@@ -199,7 +199,7 @@ impl CatalogState {
         Ok(())
     }
 
-    /// Removes expired `segments` of `table`.
+    /// Removes `segments` of `table` (expired, or emptied by deletes).
     pub(super) fn expire(&mut self, table: TableId, segments: &[SegmentId]) -> Result<()> {
         let list = Arc::make_mut(
             self.segments

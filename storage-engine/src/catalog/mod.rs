@@ -343,6 +343,11 @@ pub enum CatalogEvent {
         segments: Vec<SegmentId>,
         cutoff: i64,
     },
+    /// Segments of `table` were removed: deletes had left no row in them.
+    SegmentsDeleted {
+        table: TableId,
+        segments: Vec<SegmentId>,
+    },
     /// Rows were deleted (a tombstone; its id is the next one).
     RowsDeleted(tombstones::Tombstone),
     /// Tombstones compaction has made physical.
@@ -684,6 +689,7 @@ impl CatalogState {
             CatalogEvent::SegmentsExpired {
                 table, segments, ..
             } => self.expire(*table, segments)?,
+            CatalogEvent::SegmentsDeleted { table, segments } => self.expire(*table, segments)?,
             CatalogEvent::RowsDeleted(tombstone) => {
                 if !self.tables.contains_key(&tombstone.table) {
                     return Err(Error::UnknownTable(tombstone.table));

@@ -302,11 +302,22 @@ impl Engine {
             return Ok(());
         }
         let (rows, bytes_after) = (merged.rows, merged.bytes);
-        let id = SegmentId(now.next_segment_id);
-        let segment = merged.describe(&def, partition, id, path, max_sequence);
-        let event = CatalogEvent::SegmentsCompacted {
-            replaced: segments.iter().map(|s| s.id).collect(),
-            segment,
+        let replaced: Vec<SegmentId> = segments.iter().map(|s| s.id).collect();
+        let event = if rows == 0 {
+            // Deletes left nothing: the segments go, and no empty one takes their place.
+            if let Err(e) = self.store.delete(&Path::from(path.as_str())).await {
+                tracing::warn!(error = %e, %path, "removing an empty merge failed");
+            }
+            CatalogEvent::SegmentsDeleted {
+                table,
+                segments: replaced,
+            }
+        } else {
+            let id = SegmentId(now.next_segment_id);
+            CatalogEvent::SegmentsCompacted {
+                replaced,
+                segment: merged.describe(&def, partition, id, path, max_sequence),
+            }
         };
         // On failure the old segments stay as they were. The new file is not deleted here:
         // a failed commit may still have been written (a store that timed out), and then
