@@ -45,8 +45,8 @@ use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
     CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
-    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
-    SqlSupportedCaseSensitivity, TicketStatementQuery,
+    CommandStatementQuery, CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt,
+    SqlInfo, SqlSupportedCaseSensitivity, TicketStatementQuery,
 };
 use arrow_flight::{
     Action, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
@@ -560,6 +560,35 @@ impl FlightSqlService for FlightSql {
             )?,
             parameter_schema: schema_bytes(&parameter_schema(&df)?)?,
         })
+    }
+
+    /// `DELETE FROM …` (the only update Kiln's SQL makes; rows are written through the
+    /// write APIs): the rows deleted, with the right to write the database.
+    async fn do_put_statement_update(
+        &self,
+        command: CommandStatementUpdate,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        let principal = principal(&request)?;
+        let database = database_header(request.metadata())?;
+        if !kiln_query::delete::is_delete(&command.query) {
+            return Err(Status::invalid_argument(
+                "the only update statement is DELETE FROM <table> [WHERE …]; write rows \
+                 through the write APIs",
+            ));
+        }
+        authorize(
+            &self.auth,
+            Door::FlightSql,
+            &principal,
+            Access::Write(&database),
+        )?;
+        let deleted = self
+            .query
+            .delete(&database, &command.query)
+            .await
+            .map_err(query_status)?;
+        Ok(deleted.rows as i64)
     }
 
     /// Binds parameters: the new handle carries them (statements hold no server state).

@@ -447,6 +447,43 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
     let (status, _) = delete(&server, "DELETE FROM nope WHERE sensor = 'a'").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // The other doors: PostgreSQL (`DELETE <n>`) and Flight SQL (an update's count).
+    let pg = connect(&server, "plant").await.unwrap();
+    let done = pg
+        .simple_query("DELETE FROM temp WHERE sensor = 'c' AND time < to_timestamp(0)")
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            done.last(),
+            Some(tokio_postgres::SimpleQueryMessage::CommandComplete(0))
+        ),
+        "{done:?}"
+    );
+    let mut flight = crate::flight::flight_sql(&server, Some("plant")).await;
+    let rows = flight
+        .execute_update(
+            format!(
+                "DELETE FROM temp WHERE sensor = 'c' AND time >= to_timestamp({})",
+                now - 30 * 60
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows, 30);
+    assert_eq!(count(&server, "c").await, 150);
+    let refused = flight
+        .execute_update("INSERT INTO temp VALUES (1)".to_owned(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("only update statement is DELETE"),
+        "{refused}"
+    );
+
     // A row of `a` written after the delete stays.
     let (status, text) = write_s(
         &server,
@@ -467,11 +504,11 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
             count(&server, "b").await,
             count(&server, "c").await
         ),
-        (1, 120, 180)
+        (1, 120, 150)
     );
     server.terminate();
     server = TestServer::start(&data, &args);
-    assert_eq!(events(&data, "rows_deleted"), 2);
+    assert_eq!(events(&data, "rows_deleted"), 3);
     assert_eq!(events(&data, "tombstones_retired"), 0);
     let (ok, out, err) = kiln(&["compact", &host(&server)], None);
     assert!(ok, "{out}{err}");
@@ -483,7 +520,7 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
             count(&server, "b").await,
             count(&server, "c").await
         ),
-        (1, 120, 180)
+        (1, 120, 150)
     );
     server.kill9();
     server = TestServer::start(&data, &args);
@@ -493,6 +530,6 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
             count(&server, "b").await,
             count(&server, "c").await
         ),
-        (1, 120, 180)
+        (1, 120, 150)
     );
 }
