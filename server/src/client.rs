@@ -329,7 +329,15 @@ pub async fn query(args: QueryArgs) -> Result<(), String> {
     let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
+    // A DELETE's answer is one JSON object: a line of its own.
+    let newline: &[u8] =
+        if bytes.last().is_some_and(|b| *b != b'\n') && bytes.first() == Some(&b'{') {
+            b"\n"
+        } else {
+            b""
+        };
     out.write_all(&bytes)
+        .and_then(|()| out.write_all(newline))
         .and_then(|()| out.flush())
         .map_err(|e| e.to_string())
 }

@@ -705,3 +705,86 @@ async fn retention_expires_whole_segments_and_buffered_chunks_and_purges_what_is
     assert!(segment_files(&engine).await.is_empty());
     assert!(engine.catalog_state().dropped_tables.is_empty());
 }
+
+#[tokio::test]
+async fn a_delete_orders_among_writes_by_its_wal_sequence() {
+    use crate::catalog::tombstones::{DeletePredicate, TagCondition};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).await;
+    write(&engine, &[("a", 1, 1.0), ("b", 1, 1.0)]).await;
+    // A write logged before the delete and applied after it (sequence 2 of 2 and 3):
+    // the delete holds for it. One logged after (4) is not deleted.
+    let early = batch_of(&engine, &[("a", 2, 2.0)], Vec::new()).await;
+    let table = engine.catalog_state().table("db", "m").unwrap().id;
+    let a = DeletePredicate {
+        tags: vec![TagCondition {
+            tag: "host".into(),
+            values: vec!["a".into()],
+            negated: false,
+        }],
+        ..DeletePredicate::all()
+    };
+    engine.buffer.apply_delete(SequenceNumber(3), table, &a);
+    engine
+        .buffer
+        .apply(SequenceNumber(2), &early, &engine.catalog_state());
+    let late = batch_of(&engine, &[("a", 3, 3.0)], Vec::new()).await;
+    engine
+        .buffer
+        .apply(SequenceNumber(4), &late, &engine.catalog_state());
+    let rows = contents(&engine).await;
+    let hosts: Vec<String> = (0..rows.num_rows())
+        .map(|i| arrow::util::display::array_value_to_string(rows.column(1), i).unwrap())
+        .collect();
+    assert_eq!(hosts, ["a", "b"], "{rows:?}");
+}
+
+#[tokio::test]
+async fn a_logged_delete_the_catalog_lost_is_recorded_on_replay() {
+    use crate::catalog::tombstones::{DeletePredicate, DeleteRecord};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = open(dir.path()).await;
+        write(&engine, &[("a", 1, 1.0), ("b", 1, 1.0)]).await;
+        engine.persist().await.unwrap();
+        write(&engine, &[("a", 2, 2.0)]).await;
+        let table = engine.catalog_state().table("db", "m").unwrap().id;
+        // The WAL record of a delete of every row, and a crash before its catalog event.
+        let record = DeleteRecord {
+            version: DeleteRecord::VERSION,
+            table,
+            predicate: DeletePredicate::all(),
+        };
+        engine
+            .wal()
+            .append(RecordKind::Delete, record.encode())
+            .await
+            .unwrap();
+        write(&engine, &[("c", 3, 3.0)]).await;
+        engine.wal().shutdown();
+    }
+    let engine = open(dir.path()).await;
+    let state = engine.catalog_state();
+    assert_eq!(state.tombstones.len(), 1);
+    let tombstone = state.tombstones.values().next().unwrap();
+    assert_eq!(tombstone.through, SequenceNumber(3));
+    // The persisted segment is one the delete applies to; the buffer replayed through it.
+    let segment = &state.segments(tombstone.table)[0];
+    assert!(tombstone.applies_to_segment(segment.id, segment.min_time, segment.max_time));
+    let data = engine
+        .table_data(tombstone.table, i64::MIN, i64::MAX)
+        .unwrap();
+    let buffered: usize = data
+        .buffer
+        .iter()
+        .flat_map(|p| &p.chunks)
+        .map(|c| c.batch.num_rows())
+        .sum();
+    assert_eq!(buffered, 1, "only the write after the delete");
+    // Compaction makes it physical and retires it.
+    engine.persist().await.unwrap();
+    engine.compact(true).await.unwrap();
+    let state = engine.catalog_state();
+    assert!(state.tombstones.is_empty());
+    assert_eq!(contents(&engine).await.num_rows(), 1);
+}
