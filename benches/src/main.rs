@@ -31,6 +31,32 @@ struct Workload {
     /// Span of simulated time, 10 s between rows of a host.
     #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Time of the first rows: `tsbs` (2016-01-01T00:00:00Z), an RFC 3339 time, or
+    /// `now-<duration>` (`now-30d`: data whose age matters, for retention).
+    #[arg(long, default_value = "tsbs", value_parser = parse_start)]
+    start: i64,
+}
+
+fn parse_start(text: &str) -> Result<i64, String> {
+    if text == "tsbs" {
+        return Ok(DEFAULT_START_NANOS);
+    }
+    if let Some(ago) = text.strip_prefix("now-") {
+        let ago = humantime::parse_duration(ago).map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?;
+        let start = now.saturating_sub(ago).as_nanos() as i64;
+        // On the workload's 10 s grid.
+        return Ok(start - start.rem_euclid(INTERVAL_NANOS));
+    }
+    humantime::parse_rfc3339(text)
+        .map_err(|e| format!("{text:?}: tsbs, now-<duration> or RFC 3339: {e}"))
+        .and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .map_err(|e| e.to_string())
+        })
 }
 
 #[derive(Debug, Subcommand)]
@@ -294,7 +320,7 @@ fn main() -> std::process::ExitCode {
                 db,
                 data: Data {
                     hosts: workload.scale,
-                    start: DEFAULT_START_NANOS,
+                    start: workload.start,
                     span: workload.duration.as_nanos() as i64,
                 },
                 runs: runs.max(1),
@@ -328,7 +354,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Generate(w) => {
             use std::io::Write;
-            let mut generator = CpuOnly::new(w.scale, w.seed, DEFAULT_START_NANOS);
+            let mut generator = CpuOnly::new(w.scale, w.seed, w.start);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut buf = String::new();
             for _ in 0..intervals(&w) {
@@ -456,7 +482,7 @@ fn payloads(
     db: &str,
     batch_size: usize,
 ) -> Vec<(usize, usize, Payload)> {
-    let mut generator = CpuOnly::new(w.scale, w.seed, DEFAULT_START_NANOS);
+    let mut generator = CpuOnly::new(w.scale, w.seed, w.start);
     if protocol == Protocol::HttpLp {
         return generator
             .batches(intervals(w), batch_size)

@@ -173,9 +173,6 @@ fn predicate_of(
             }
         }
     }
-    if predicate.min_time > predicate.max_time {
-        predicate.tags.clear();
-    }
     Ok(predicate)
 }
 

@@ -550,3 +550,53 @@ async fn a_server_beyond_loopback_needs_a_token_or_without_auth() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn deletes_need_write_and_managing_databases_needs_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, t) = start(dir.path()).await;
+    let resp = http_write(&server, Some(&t.writer), "m,k=v v=1 1\nm,k=w v=1 1").await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    for (token, status) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some(t.reader.as_str()), StatusCode::FORBIDDEN),
+        (Some(t.other.as_str()), StatusCode::FORBIDDEN),
+        (Some(t.writer.as_str()), StatusCode::OK),
+    ] {
+        let resp = http_query(&server, token, "DELETE FROM m WHERE k = 'v'").await;
+        assert_eq!(resp.status(), status, "delete with {token:?}");
+    }
+    assert_eq!(count(&server, &t.admin).await, 1);
+    for (token, status) in [
+        (t.writer.as_str(), StatusCode::FORBIDDEN),
+        (t.admin.as_str(), StatusCode::CREATED),
+    ] {
+        let resp = server
+            .client
+            .post(server.url("/api/v3/configure/database"))
+            .bearer_auth(token)
+            .json(&json!({"db": "archive", "retention_period": "30d"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status);
+    }
+    // A reader lists the databases it reads, and nothing of the others.
+    let listed: Value = server
+        .client
+        .get(server.url("/api/v3/configure/database"))
+        .bearer_auth(&t.reader)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["plant"]);
+}
