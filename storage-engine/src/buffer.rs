@@ -265,6 +265,18 @@ impl WriteBuffer {
         self.bytes.fetch_sub(freed, Ordering::Relaxed);
     }
 
+    /// The deletes logged after WAL record `sequence` and already applied: a write of
+    /// that sequence not yet applied must not show the rows they match (to the caches).
+    pub fn deletes_after(&self, sequence: SequenceNumber) -> Vec<(TableId, DeletePredicate)> {
+        let inner = self.inner.read();
+        inner
+            .deletes
+            .iter()
+            .filter(|(s, _, _)| *s > sequence)
+            .map(|(_, t, p)| (*t, p.clone()))
+            .collect()
+    }
+
     /// Counts WAL record `sequence` as applied without adding rows (a record skipped on
     /// replay), so the applied watermark moves past it.
     pub fn skip(&self, sequence: SequenceNumber) {

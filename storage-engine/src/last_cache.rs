@@ -36,6 +36,7 @@ use arrow_select::dictionary::garbage_collect_any_dictionary;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::catalog::tombstones::DeletePredicate;
 use crate::catalog::{ColumnType, TIME_COLUMN};
 use crate::dedup::{align_to_schema, fit_column, fit_to_schema};
 use crate::series::group_rows;
@@ -784,6 +785,35 @@ impl LastCache {
             .collect()
     }
 
+    /// Drops the keys whose latest row `predicate` deletes, when that keeps the cache
+    /// exact: the delete has no lower bound on time, so every older row of such a key is
+    /// deleted too (a delete names tags and time, and a key's rows share its tags).
+    /// `false` (nothing changed) when a key's latest row is deleted but older ones may
+    /// remain: the cache must read its table again. `schema` is the table's.
+    pub fn remove_deleted(
+        &self,
+        schema: &SchemaRef,
+        predicate: &DeletePredicate,
+    ) -> Result<bool, ArrowError> {
+        let mut live = self.live.lock();
+        let (batches, indices) = live.snapshot();
+        let rows = gather(schema, &batches, &indices)?;
+        let matched = predicate.matches(&rows);
+        if matched.true_count() == 0 {
+            return Ok(true);
+        }
+        if predicate.min_time != i64::MIN {
+            return Ok(false);
+        }
+        let kept = arrow::compute::filter_record_batch(&rows, &arrow::compute::not(&matched)?)?;
+        let mut fresh = Rows::new();
+        fresh.offer(&self.key_columns, &kept)?;
+        *live = fresh;
+        // Changed: its snapshot is stored again.
+        self.offered.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// How many keys the cache holds.
     pub fn len(&self) -> usize {
         self.live.lock().slots.len()
@@ -1134,5 +1164,50 @@ mod tests {
                 proptest::prop_assert_eq!(values, expected.len());
             }
         }
+    }
+
+    #[test]
+    fn a_delete_drops_the_keys_it_empties_and_asks_for_a_rebuild_when_older_rows_may_remain() {
+        use crate::catalog::tombstones::TagCondition;
+        let cache = LastCache::new(vec!["host".into()], 100);
+        let rows = batch(&[("a", 5, Some(1.0), None), ("b", 6, Some(2.0), None)]);
+        cache.offer(&rows);
+        let schema = rows.schema();
+        let host = |h: &str| TagCondition {
+            tag: "host".into(),
+            values: vec![h.into()],
+            negated: false,
+        };
+        let offered = cache.offered();
+        // Every row of `a`: its key goes, and the cache counts as changed.
+        let all_of_a = DeletePredicate {
+            tags: vec![host("a")],
+            ..DeletePredicate::all()
+        };
+        assert!(cache.remove_deleted(&schema, &all_of_a).unwrap());
+        assert_eq!(
+            latest(&cache, &schema),
+            [("b".to_owned(), 6, Some(2.0), None)]
+        );
+        assert!(cache.offered() > offered);
+        // `b` from time 6 on: older rows of `b` may remain, so nothing changes here.
+        let recent_b = DeletePredicate {
+            tags: vec![host("b")],
+            min_time: 6,
+            max_time: i64::MAX,
+        };
+        assert!(!cache.remove_deleted(&schema, &recent_b).unwrap());
+        assert_eq!(cache.len(), 1);
+        // A delete that misses every latest row changes nothing and needs nothing.
+        let old_b = DeletePredicate {
+            tags: vec![host("b")],
+            min_time: 0,
+            max_time: 5,
+        };
+        assert!(cache.remove_deleted(&schema, &old_b).unwrap());
+        assert_eq!(cache.len(), 1);
+        // New writes still land.
+        cache.offer(&batch(&[("a", 9, Some(3.0), None)]));
+        assert_eq!(cache.len(), 2);
     }
 }

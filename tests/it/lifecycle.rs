@@ -433,6 +433,14 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
         )
         .await;
     assert_eq!(latest.len(), 2, "{latest:?}");
+    let cached = server
+        .query_json(
+            "plant",
+            "SELECT sensor FROM last_cache('plant', 'temp') ORDER BY sensor",
+        )
+        .await;
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    assert_eq!(cached[0]["sensor"], "b");
 
     // What it cannot do, it says; what matches nothing, it says too.
     let (status, answer) = delete(&server, "DELETE FROM temp WHERE celsius > 3").await;

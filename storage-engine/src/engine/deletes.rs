@@ -12,7 +12,9 @@ use arrow::array::RecordBatch;
 use super::{Engine, Error, Result};
 use crate::catalog::SegmentMeta;
 use crate::catalog::tombstones::{DeletePredicate, DeleteRecord, Tombstone, for_segment};
+use crate::ids::TableId;
 use crate::wal::RecordKind;
+use crate::write::WriteBatch;
 
 impl Engine {
     /// Deletes the rows of `table` of `database` that `predicate` matches and that were
@@ -67,7 +69,7 @@ impl Engine {
                 .catalog
                 .record_delete(def.id, predicate, sequence, crate::now_nanos())
                 .await?;
-            engine.rebuild_last_cache(def.id);
+            engine.after_delete(def.id, &tombstone.predicate);
             tracing::info!(table = %def.id, name = %def.name, %sequence, predicate = %tombstone.predicate, "rows deleted");
             Ok::<_, Error>(tombstone)
         });
@@ -99,4 +101,45 @@ pub(super) fn without_deleted(
         }
     }
     Ok(out)
+}
+
+/// `batch` without the rows `deletes` (per table) match.
+pub(super) fn without(batch: &WriteBatch, deletes: &[(TableId, DeletePredicate)]) -> WriteBatch {
+    let mut out = batch.clone();
+    for tw in &mut out.tables {
+        for (_, predicate) in deletes.iter().filter(|(t, _)| *t == tw.table) {
+            match predicate.remove_from(&tw.batch) {
+                Ok(kept) => tw.batch = kept,
+                Err(e) => tracing::error!(error = %e, "applying a delete to a write failed"),
+            }
+        }
+    }
+    out
+}
+
+impl Engine {
+    /// Brings `table`'s last-value cache up to date after a delete: the keys whose latest
+    /// row it deleted are dropped when that is exact, else the cache reads the table again.
+    fn after_delete(self: &Arc<Self>, table: TableId, predicate: &DeletePredicate) {
+        let Some(cache) = self.last_cache(table).filter(|c| c.is_warm()) else {
+            self.rebuild_last_cache(table);
+            return;
+        };
+        let Some(schema) = self
+            .catalog
+            .snapshot()
+            .table_by_id(table)
+            .map(|d| d.schema())
+        else {
+            return;
+        };
+        match cache.remove_deleted(&schema, predicate) {
+            Ok(true) => {}
+            Ok(false) => self.rebuild_last_cache(table),
+            Err(e) => {
+                tracing::warn!(%table, error = %e, "updating a last-value cache after a delete failed; it reads its table again");
+                self.rebuild_last_cache(table);
+            }
+        }
+    }
 }

@@ -535,7 +535,13 @@ impl Engine {
             // then stores projections that have it. They are conveniences rebuilt from
             // the log; a bug in one must not leave a logged write unapplied.
             let projections = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                last_caches.offer(&batch, &state);
+                // A delete logged after this write and applied before it: the caches
+                // must not take the rows it deletes (the buffer drops them as it applies).
+                let deletes = buffer.deletes_after(seq);
+                match deletes.is_empty() {
+                    true => last_caches.offer(&batch, &state),
+                    false => last_caches.offer(&deletes::without(&batch, &deletes), &state),
+                }
                 for tw in &batch.tables {
                     series.offer(&state, tw.table, &tw.batch, true);
                 }
