@@ -285,6 +285,14 @@ async fn deleted_tables_and_databases_go_at_once_and_their_files_after_the_hard_
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
     assert_eq!(rows(&server, "plant").await, vec![("new".into(), now - 30)]);
+    // Listed: the new database, then the deleted one with the table deleted before it.
+    let (ok, out, _) = kiln(&["database", "list", "--deleted", &host(&server)], None);
+    let (new, old) = (
+        out.find("plant\tretention none").unwrap(),
+        out.find("plant\tdeleted").unwrap(),
+    );
+    let vibration = out.find("  vibration\tdeleted").unwrap();
+    assert!(ok && new < old && old < vibration, "{out}");
 
     // Soft-deleted files survive a restart's sweep; the WAL's records of the deleted
     // objects are not replayed into the new database.

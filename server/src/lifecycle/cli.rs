@@ -93,6 +93,7 @@ fn print_database(db: &DatabaseInfo) {
         (Some(deleted), Some(hard)) => {
             println!("{}\tdeleted {deleted}, files deleted from {hard}", db.name)
         }
+        (Some(_), None) => println!("{}\tdeleted", db.name),
         _ => println!("{}\tretention {}", db.name, db.retention_period),
     }
     for t in &db.tables {

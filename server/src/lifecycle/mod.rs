@@ -148,13 +148,13 @@ pub fn list_databases(
             hard_delete_at: Some(time(db.hard_delete_at)),
         });
     }
-    // Tables deleted on their own, under their (live) database.
+    // Tables deleted on their own, under their database (live or deleted) by id.
     for t in state.dropped_tables.values() {
-        let alone = !state
+        let with_database = state
             .dropped_databases
             .values()
             .any(|d| d.tables.contains(&t.def.id));
-        if !alone || !principal.allows(Action::Read(&t.database)) {
+        if with_database || !principal.allows(Action::Read(&t.database)) {
             continue;
         }
         let info = TableInfo {
@@ -163,16 +163,31 @@ pub fn list_databases(
             deleted_at: Some(time(t.deleted_at)),
             hard_delete_at: Some(time(t.hard_delete_at)),
         };
-        match out
-            .iter_mut()
-            .find(|d| d.name == t.database && d.deleted_at.is_none())
-        {
+        let live = state
+            .databases
+            .values()
+            .find(|d| d.id == t.def.database)
+            .map(|d| d.name.clone());
+        let deleted = state
+            .dropped_databases
+            .get(&t.def.database)
+            .map(|d| time(d.deleted_at));
+        let entry = out.iter_mut().find(|d| {
+            d.name == t.database
+                && match (&live, &deleted) {
+                    (Some(_), _) => d.deleted_at.is_none(),
+                    (None, Some(at)) => d.deleted_at.as_ref() == Some(at),
+                    (None, None) => false,
+                }
+        });
+        match entry {
             Some(db) => db.tables.push(info),
+            // Its database is gone for good: the table is listed on its own.
             None => out.push(DatabaseInfo {
                 name: t.database.clone(),
                 retention_period: "none".into(),
                 tables: vec![info],
-                deleted_at: None,
+                deleted_at: Some(time(t.deleted_at)),
                 hard_delete_at: None,
             }),
         }

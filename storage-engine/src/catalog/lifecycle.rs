@@ -95,6 +95,7 @@ impl CatalogState {
         let Some(db) = self.databases.remove(&name) else {
             return Err(Error::UnknownDatabase(id));
         };
+        let hard_delete_at = hard_delete_at.max(deleted_at);
         let tables: Vec<TableId> = db.tables.values().copied().collect();
         for &table in &tables {
             self.drop_table(table, &name, deleted_at, hard_delete_at);
@@ -128,7 +129,7 @@ impl CatalogState {
             .ok_or(Error::UnknownDatabase(def.database))?;
         db.tables.remove(&def.name);
         let name = db.name.clone();
-        self.drop_table(id, &name, deleted_at, hard_delete_at);
+        self.drop_table(id, &name, deleted_at, hard_delete_at.max(deleted_at));
         Ok(())
     }
 
