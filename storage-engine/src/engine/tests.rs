@@ -694,13 +694,15 @@ async fn retention_expires_whole_segments_and_buffered_chunks_and_purges_what_is
     assert_eq!(engine.catalog_state().persisted_sequence, outcome.through);
 
     // A table deleted to be purged later: its files survive restarts until then.
-    engine.delete_table("db", "m", 5 * HOUR).await.unwrap();
+    // (A delete is stamped with the wall clock: its hard-delete time is never before.)
+    let due = crate::now_nanos() + HOUR;
+    engine.delete_table("db", "m", due).await.unwrap();
     drop(engine);
     let engine = open(dir.path()).await;
     assert_eq!(segment_files(&engine).await, files[2..]);
-    let outcome = engine.enforce_retention(4 * HOUR).await.unwrap();
+    let outcome = engine.enforce_retention(due - 1).await.unwrap();
     assert_eq!(outcome.tables_purged, 0);
-    let outcome = engine.enforce_retention(5 * HOUR).await.unwrap();
+    let outcome = engine.enforce_retention(due).await.unwrap();
     assert_eq!(outcome.tables_purged, 1);
     assert!(segment_files(&engine).await.is_empty());
     assert!(engine.catalog_state().dropped_tables.is_empty());
