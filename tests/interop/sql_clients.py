@@ -190,7 +190,8 @@ def grafana_catalog():
     tables = cur.fetchall()
     # Kiln's own tables (schema `system`, outside the search path) come qualified.
     system = [(f"system.{t}",) for t in
-              ("alert_events", "alert_rules", "alerts", "data_quality", "devices", "series")]
+              ("alert_events", "alert_rules", "alerts", "data_quality", "deletes", "devices",
+               "series")]
     check("Grafana table picker", tables == [("cpu",)] + system, tables)
     for table in ("cpu", "public.cpu"):
         cur.execute(grafana_columns_query(table))

@@ -526,6 +526,18 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
     server = TestServer::start(&data, &args);
     assert_eq!(events(&data, "rows_deleted"), 3);
     assert_eq!(events(&data, "tombstones_retired"), 0);
+    let pending = server
+        .query_json(
+            "plant",
+            "SELECT table_name, predicate, segments_pending FROM system.deletes ORDER BY id",
+        )
+        .await;
+    assert_eq!(pending.len(), 3, "{pending:?}");
+    assert_eq!(pending[0]["predicate"], "sensor IN ('a')");
+    assert!(
+        pending[0]["segments_pending"].as_u64().unwrap() > 0,
+        "{pending:?}"
+    );
     // kill -9 while a compaction makes the deletes physical: nothing deleted comes back.
     for pause in [5, 40, 150] {
         let (client, url) = (server.client.clone(), server.url("/api/v3/compact"));
@@ -548,6 +560,10 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
     assert!(ok, "{out}{err}");
     // Made physical: every segment was rewritten without the deleted rows.
     assert!(events(&data, "tombstones_retired") >= 1);
+    let pending = server
+        .query_json("plant", "SELECT count(*) AS n FROM system.deletes")
+        .await;
+    assert_eq!(pending[0]["n"], 0, "{pending:?}");
     assert_eq!(
         (
             count(&server, "a").await,

@@ -357,6 +357,7 @@ async fn grafana_panels_replayed_get_typed_regular_series() {
         "alerts",
         "cpu",
         "data_quality",
+        "deletes",
         "devices",
         "series",
     ];

@@ -10,6 +10,7 @@
 //! | `system.devices` | device (a tag value) with attributes, one column per attribute name |
 //! | `system.data_quality` | table written since start: rows, rejected lines, late and out-of-order rows |
 
+mod deletes;
 mod devices;
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ const TABLES: &[&str] = &[
     "alert_rules",
     "alerts",
     "data_quality",
+    "deletes",
     "devices",
     "series",
 ];
@@ -100,6 +102,7 @@ fn text(name: &str, nullable: bool) -> Field {
 fn schema_of(name: &str, state: &CatalogState, visible: &Visible) -> SchemaRef {
     let fields = match name {
         "series" | "devices" | "data_quality" => return devices::schema(name, state, visible),
+        "deletes" => deletes::schema(),
         "alert_rules" => vec![
             text("rule", false),
             text("database", false),
@@ -173,6 +176,7 @@ impl SystemTable {
             "data_quality" => devices::quality(&self.engine, &state, &self.visible),
             "alert_rules" => self.rules(&state),
             "alerts" => self.alerts(&state),
+            "deletes" => deletes::rows(&state, &self.visible),
             _ => self.events(&state),
         };
         RecordBatch::try_new(Arc::clone(&self.schema), columns)
