@@ -131,11 +131,7 @@ pub fn validate_arrow(
         mul(&raw, &Int64Array::new_scalar(unit_nanos))
             .map_err(|e| err(format!("column `time`: {e}")))?
     };
-    let retention = match def {
-        Some(def) => catalog.retention(def.id),
-        None => catalog.database(database).and_then(|d| d.retention_nanos),
-    };
-    if let Some(retention) = retention {
+    if let Some(retention) = catalog.retention_by_name(database, table) {
         let cutoff = kiln_storage::now_nanos().saturating_sub(retention);
         let times = nanos.as_primitive::<Int64Type>().values();
         if let Some(row) = times.iter().position(|t| *t < cutoff) {

@@ -709,16 +709,13 @@ impl TableProvider for KilnTable {
         let decode_filtered = filters
             .iter()
             .any(|f| f.column_refs().iter().any(|c| c.name != TIME_COLUMN));
-        // A segment some delete applies to: read on its own, with what the deletes filter
-        // on, and no row limit (it would count rows before the filter).
-        let (deleting, single_segments): (Vec<SegmentMeta>, Vec<SegmentMeta>) = single_segments
-            .into_iter()
-            .partition(|s| undeleted(s).is_some());
-        for segment in &deleting {
-            let scan = self.parquet_exec(
+        // Segments whose rows are filtered above the scan: read with their time and what
+        // deletes filter on, and no row limit (it would count rows before the filter).
+        let filtered_read = |segments: &[SegmentMeta]| {
+            self.parquet_exec(
                 state,
                 &def,
-                std::slice::from_ref(segment),
+                segments,
                 SegmentRead {
                     projection: plain_read.as_ref(),
                     filters,
@@ -726,14 +723,23 @@ impl TableProvider for KilnTable {
                     ordering: None,
                     decode_filtered,
                 },
-            )?;
-            let kept = match &time_filter {
-                Some(time) => and_undeleted(time.clone(), segment),
-                None => and_undeleted(lit(true), segment),
+            )
+        };
+        // A segment some delete applies to: read on its own, through its deletes.
+        let mut plain = Vec::with_capacity(single_segments.len());
+        for segment in single_segments {
+            let Some(kept) = undeleted(&segment) else {
+                plain.push(segment);
+                continue;
             };
+            let kept = match &time_filter {
+                Some(time) => time.clone().and(kept),
+                None => kept,
+            };
+            let scan = filtered_read(std::slice::from_ref(&segment))?;
             inputs.push(select(filter_exec(state, scan, kept)?, &out_schema)?);
         }
-        let (inner, straddling): (Vec<SegmentMeta>, Vec<SegmentMeta>) = single_segments
+        let (inner, straddling): (Vec<SegmentMeta>, Vec<SegmentMeta>) = plain
             .into_iter()
             .partition(|s| bounds.contains(s.min_time, s.max_time));
         if !inner.is_empty() {
@@ -751,20 +757,8 @@ impl TableProvider for KilnTable {
             )?);
         }
         if !straddling.is_empty() {
-            // The first and last segments of a window: read with their time (to filter
-            // on), and no row limit (it would count rows before the filter).
-            let scan = self.parquet_exec(
-                state,
-                &def,
-                &straddling,
-                SegmentRead {
-                    projection: plain_read.as_ref(),
-                    filters,
-                    limit: None,
-                    ordering: None,
-                    decode_filtered,
-                },
-            )?;
+            // The first and last segments of a window, filtered on time.
+            let scan = filtered_read(&straddling)?;
             let scan = match &time_filter {
                 Some(time) => filter_exec(state, scan, time.clone())?,
                 None => scan,

@@ -65,6 +65,18 @@ impl ServerOptions {
     ) -> Result<reqwest::Response, String> {
         send(request, &self.host).await
     }
+
+    /// Sends `request` and decodes the JSON answer.
+    pub async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, String> {
+        self.send(request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -16,7 +16,7 @@ use arrow::compute::take_record_batch;
 use arrow::datatypes::TimestampNanosecondType;
 use parking_lot::RwLock;
 
-use crate::catalog::tombstones::DeletePredicate;
+use crate::catalog::tombstones::{DeletePredicate, remove_all};
 use crate::catalog::{CatalogState, TIME_COLUMN};
 use crate::ids::{SequenceNumber, TableId};
 use crate::write::WriteBatch;
@@ -190,17 +190,14 @@ impl WriteBuffer {
         // A delete logged after this write and applied before it: its rows go now.
         if inner.deletes.iter().any(|(s, _, _)| *s > sequence) {
             for (table, _, chunk) in &mut new_chunks {
-                for (_, _, predicate) in inner
+                let applying = inner
                     .deletes
                     .iter()
                     .filter(|(s, t, _)| *s > sequence && t == table)
-                {
-                    match predicate.remove_from(&chunk.batch) {
-                        Ok(kept) => *chunk = Chunk::new(sequence, kept),
-                        Err(e) => {
-                            tracing::error!(error = %e, "applying a delete to a write failed")
-                        }
-                    }
+                    .map(|(_, _, p)| p);
+                match remove_all(applying, chunk.batch.clone()) {
+                    Ok(kept) => *chunk = Chunk::new(sequence, kept),
+                    Err(e) => tracing::error!(error = %e, "applying a delete to a write failed"),
                 }
             }
             new_chunks.retain(|(_, _, c)| c.batch.num_rows() > 0);

@@ -368,6 +368,15 @@ async fn count(server: &TestServer, sensor: &str) -> i64 {
         .unwrap()
 }
 
+/// Rows of `temp` of sensors a, b and c.
+async fn counts(server: &TestServer) -> (i64, i64, i64) {
+    (
+        count(server, "a").await,
+        count(server, "b").await,
+        count(server, "c").await,
+    )
+}
+
 /// Catalog events of type `kind` in the catalog's log.
 fn events(data: &Path, kind: &str) -> usize {
     walk(&data.join("objects/catalog/log"))
@@ -514,14 +523,7 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
     // same rows.
     server.kill9();
     server = TestServer::start(&data, &args);
-    assert_eq!(
-        (
-            count(&server, "a").await,
-            count(&server, "b").await,
-            count(&server, "c").await
-        ),
-        (1, 120, 150)
-    );
+    assert_eq!(counts(&server).await, (1, 120, 150));
     server.terminate();
     server = TestServer::start(&data, &args);
     assert_eq!(events(&data, "rows_deleted"), 3);
@@ -547,11 +549,7 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
         let _ = compacting.await;
         server = TestServer::start(&data, &args);
         assert_eq!(
-            (
-                count(&server, "a").await,
-                count(&server, "b").await,
-                count(&server, "c").await
-            ),
+            counts(&server).await,
             (1, 120, 150),
             "after a kill -9 {pause} ms into a compaction"
         );
@@ -564,22 +562,8 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
         .query_json("plant", "SELECT count(*) AS n FROM system.deletes")
         .await;
     assert_eq!(pending[0]["n"], 0, "{pending:?}");
-    assert_eq!(
-        (
-            count(&server, "a").await,
-            count(&server, "b").await,
-            count(&server, "c").await
-        ),
-        (1, 120, 150)
-    );
+    assert_eq!(counts(&server).await, (1, 120, 150));
     server.kill9();
     server = TestServer::start(&data, &args);
-    assert_eq!(
-        (
-            count(&server, "a").await,
-            count(&server, "b").await,
-            count(&server, "c").await
-        ),
-        (1, 120, 150)
-    );
+    assert_eq!(counts(&server).await, (1, 120, 150));
 }

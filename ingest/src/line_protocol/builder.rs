@@ -144,15 +144,6 @@ impl<'c> Validator<'c> {
         }
     }
 
-    /// How long rows of table `name` are kept (a new table's: its database's), if not
-    /// forever.
-    fn retention(&self, name: &str) -> Option<i64> {
-        match self.catalog.table(self.database, name) {
-            Some(def) => self.catalog.retention(def.id),
-            None => self.catalog.database(self.database)?.retention_nanos,
-        }
-    }
-
     /// Validates one row; it is either accepted whole or recorded as rejected.
     pub fn push(&mut self, line: &Line<'_, '_>, precision: Precision, default_time: i64) {
         let name = line.measurement.as_ref();
@@ -176,7 +167,8 @@ impl<'c> Validator<'c> {
                 }
                 let name = name.to_string();
                 let retention = self
-                    .retention(&name)
+                    .catalog
+                    .retention_by_name(self.database, &name)
                     .map(|r| (self.now.saturating_sub(r), r));
                 self.tables.push(TableBuilder::new(
                     name.clone(),

@@ -76,18 +76,6 @@ pub enum TableCommand {
 const DATABASES: &str = "/api/v3/configure/database";
 const TABLES: &str = "/api/v3/configure/table";
 
-async fn json<T: serde::de::DeserializeOwned>(
-    server: &ServerOptions,
-    request: reqwest::RequestBuilder,
-) -> Result<T, String> {
-    server
-        .send(request)
-        .await?
-        .json()
-        .await
-        .map_err(|e| e.to_string())
-}
-
 fn print_database(db: &DatabaseInfo) {
     match (&db.deleted_at, &db.hard_delete_at) {
         (Some(deleted), Some(hard)) => {
@@ -126,7 +114,7 @@ pub async fn database(command: DatabaseCommand) -> Result<(), String> {
             let request = server
                 .request(reqwest::Method::POST, DATABASES)?
                 .json(&body);
-            print_database(&json(&server, request).await?);
+            print_database(&server.send_json(request).await?);
         }
         DatabaseCommand::List { server, deleted } => {
             let path = if deleted {
@@ -135,7 +123,7 @@ pub async fn database(command: DatabaseCommand) -> Result<(), String> {
                 DATABASES.to_owned()
             };
             let request = server.request(reqwest::Method::GET, &path)?;
-            let databases: Vec<DatabaseInfo> = json(&server, request).await?;
+            let databases: Vec<DatabaseInfo> = server.send_json(request).await?;
             for db in &databases {
                 print_database(db);
             }
@@ -153,7 +141,7 @@ pub async fn database(command: DatabaseCommand) -> Result<(), String> {
             let request = server
                 .request(reqwest::Method::PATCH, DATABASES)?
                 .json(&body);
-            print_database(&json(&server, request).await?);
+            print_database(&server.send_json(request).await?);
         }
         DatabaseCommand::Delete {
             server,
@@ -165,7 +153,7 @@ pub async fn database(command: DatabaseCommand) -> Result<(), String> {
             let request = server
                 .request(reqwest::Method::DELETE, DATABASES)?
                 .query(&query);
-            print_database(&json(&server, request).await?);
+            print_database(&server.send_json(request).await?);
         }
     }
     Ok(())
@@ -185,7 +173,7 @@ pub async fn table(command: TableCommand) -> Result<(), String> {
                 retention_period: retention,
             };
             let request = server.request(reqwest::Method::PATCH, TABLES)?.json(&body);
-            let db: DatabaseInfo = json(&server, request).await?;
+            let db: DatabaseInfo = server.send_json(request).await?;
             if let Some(t) = db.tables.iter().find(|t| t.name == name) {
                 print_table("", t);
             }
@@ -201,7 +189,7 @@ pub async fn table(command: TableCommand) -> Result<(), String> {
             let request = server
                 .request(reqwest::Method::DELETE, TABLES)?
                 .query(&query);
-            print_table("", &json(&server, request).await?);
+            print_table("", &server.send_json(request).await?);
         }
     }
     Ok(())

@@ -23,7 +23,9 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use kiln_storage::catalog::lifecycle::{format_retention, parse_retention};
+use kiln_storage::catalog::lifecycle::{
+    DroppedDatabase, DroppedTable, format_retention, parse_retention,
+};
 use kiln_storage::catalog::{CatalogState, DatabaseDef};
 use serde::{Deserialize, Serialize};
 
@@ -120,6 +122,27 @@ fn describe(state: &CatalogState, db: &DatabaseDef) -> DatabaseInfo {
     }
 }
 
+/// A soft-deleted database as listed.
+fn dropped_database(db: &DroppedDatabase) -> DatabaseInfo {
+    DatabaseInfo {
+        name: db.name.clone(),
+        retention_period: "none".into(),
+        tables: Vec::new(),
+        deleted_at: Some(time(db.deleted_at)),
+        hard_delete_at: Some(time(db.hard_delete_at)),
+    }
+}
+
+/// A soft-deleted table as listed.
+fn dropped_table(t: &DroppedTable) -> TableInfo {
+    TableInfo {
+        name: t.def.name.clone(),
+        retention_period: format_retention(t.def.retention_nanos),
+        deleted_at: Some(time(t.deleted_at)),
+        hard_delete_at: Some(time(t.hard_delete_at)),
+    }
+}
+
 /// Every database `principal` reads, with (when `deleted`) the soft-deleted databases and
 /// tables, each as a database of its own entry.
 pub fn list_databases(
@@ -140,13 +163,7 @@ pub fn list_databases(
         if !principal.allows(Action::Read(&db.name)) {
             continue;
         }
-        out.push(DatabaseInfo {
-            name: db.name.clone(),
-            retention_period: "none".into(),
-            tables: Vec::new(),
-            deleted_at: Some(time(db.deleted_at)),
-            hard_delete_at: Some(time(db.hard_delete_at)),
-        });
+        out.push(dropped_database(db));
     }
     // Tables deleted on their own, under their database (live or deleted) by id.
     for t in state.dropped_tables.values() {
@@ -157,12 +174,7 @@ pub fn list_databases(
         if with_database || !principal.allows(Action::Read(&t.database)) {
             continue;
         }
-        let info = TableInfo {
-            name: t.def.name.clone(),
-            retention_period: format_retention(t.def.retention_nanos),
-            deleted_at: Some(time(t.deleted_at)),
-            hard_delete_at: Some(time(t.hard_delete_at)),
-        };
+        let info = dropped_table(t);
         let live = state
             .databases
             .values()
@@ -193,6 +205,15 @@ pub fn list_databases(
         }
     }
     out
+}
+
+/// When the files of the delete `params` asks for go.
+fn hard_delete_of(s: &AppState, params: &DeleteParams) -> Result<i64, String> {
+    hard_delete_at(
+        params.hard_delete.as_deref(),
+        s.hard_delete_default,
+        kiln_storage::now_nanos(),
+    )
 }
 
 /// When a delete's files go: `now`, after a duration, or after the server's default.
@@ -311,23 +332,12 @@ pub async fn delete_database(
     if let Err(e) = require(&s.auth, &principal, Action::Admin) {
         return refusal(&e);
     }
-    let at = match hard_delete_at(
-        params.hard_delete.as_deref(),
-        s.hard_delete_default,
-        kiln_storage::now_nanos(),
-    ) {
+    let at = match hard_delete_of(&s, &params) {
         Ok(at) => at,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     match s.engine.delete_database(&params.db, at).await {
-        Ok(db) => Json(DatabaseInfo {
-            name: db.name,
-            retention_period: "none".into(),
-            tables: Vec::new(),
-            deleted_at: Some(time(db.deleted_at)),
-            hard_delete_at: Some(time(db.hard_delete_at)),
-        })
-        .into_response(),
+        Ok(db) => Json(dropped_database(&db)).into_response(),
         Err(e) => engine_error(e),
     }
 }
@@ -344,22 +354,12 @@ pub async fn delete_table(
     let Some(table) = params.table.as_deref() else {
         return error(StatusCode::BAD_REQUEST, "missing query parameter `table`");
     };
-    let at = match hard_delete_at(
-        params.hard_delete.as_deref(),
-        s.hard_delete_default,
-        kiln_storage::now_nanos(),
-    ) {
+    let at = match hard_delete_of(&s, &params) {
         Ok(at) => at,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     match s.engine.delete_table(&params.db, table, at).await {
-        Ok(t) => Json(TableInfo {
-            name: t.def.name,
-            retention_period: format_retention(t.def.retention_nanos),
-            deleted_at: Some(time(t.deleted_at)),
-            hard_delete_at: Some(time(t.hard_delete_at)),
-        })
-        .into_response(),
+        Ok(t) => Json(dropped_table(&t)).into_response(),
         Err(e) => engine_error(e),
     }
 }

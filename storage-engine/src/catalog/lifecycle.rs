@@ -74,6 +74,15 @@ impl CatalogState {
         })
     }
 
+    /// How long table `table` of `database` keeps rows, or would once a write creates it
+    /// (its database's retention).
+    pub fn retention_by_name(&self, database: &str, table: &str) -> Option<i64> {
+        match self.table(database, table) {
+            Some(def) => self.retention(def.id),
+            None => self.database(database)?.retention_nanos,
+        }
+    }
+
     /// The oldest time `table` still holds at `now`: rows before it are expired.
     pub fn retention_cutoff(&self, table: TableId, now: i64) -> Option<i64> {
         self.retention(table).map(|r| now.saturating_sub(r))

@@ -206,6 +206,17 @@ impl DeleteRecord {
     }
 }
 
+/// The rows of `batch` none of `predicates` matches.
+pub fn remove_all<'a>(
+    predicates: impl IntoIterator<Item = &'a DeletePredicate>,
+    mut batch: RecordBatch,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    for predicate in predicates {
+        batch = predicate.remove_from(&batch)?;
+    }
+    Ok(batch)
+}
+
 /// The tombstones of `table` that apply to the segment `id` holding rows in `min..=max`.
 pub fn for_segment(
     tombstones: &[Arc<Tombstone>],

@@ -437,23 +437,23 @@ impl Engine {
         warming.finish().map_err(Error::LastCache)
     }
 
-    /// Gives `table` its cache again, warmed from its rows as they are now (after a delete
-    /// removed rows it may hold).
+    /// Gives `table` the cache the catalog says it has (its defined one, else its default
+    /// one when those are on, else none), warmed from its rows as they are now: after a
+    /// delete removed rows its cache may hold, or its defined cache was dropped.
     pub(super) fn rebuild_last_cache(self: &Arc<Self>, table: TableId) {
+        self.last_caches.forget(table);
         let state = self.catalog.snapshot();
-        let (def, default) = match (state.last_caches.get(&table), state.table_by_id(table)) {
-            (Some(def), _) => (def.clone(), false),
-            (None, Some(t)) if self.last_caches.defaults => (
-                LastCacheDef {
+        match (state.last_caches.get(&table), state.table_by_id(table)) {
+            (Some(def), _) => self.start_last_cache(def, false),
+            (None, Some(t)) if self.last_caches.defaults => self.start_last_cache(
+                &LastCacheDef {
                     table,
                     key_columns: tags(t),
                 },
                 true,
             ),
-            _ => return,
-        };
-        self.last_caches.forget(table);
-        self.start_last_cache(&def, default);
+            _ => {}
+        }
     }
 
     /// Gives `table` of `database` a last-value cache keyed by `key_columns` (all its tags
@@ -478,15 +478,7 @@ impl Engine {
         let id = self.catalog.snapshot().table(database, table).map(|t| t.id);
         let dropped = self.catalog.drop_last_cache(database, table).await?;
         if let Some(id) = id.filter(|_| dropped) {
-            self.last_caches.tables.write().remove(&id);
-            let state = self.catalog.snapshot();
-            if let Some(def) = state.table_by_id(id).filter(|_| self.last_caches.defaults) {
-                let def = LastCacheDef {
-                    table: id,
-                    key_columns: tags(def),
-                };
-                self.start_last_cache(&def, true);
-            }
+            self.rebuild_last_cache(id);
         }
         Ok(dropped)
     }

@@ -408,6 +408,7 @@ impl Engine {
         // those tables' caches are warmed again.
         let mut deleted_tables: Vec<TableId> =
             replayed_deletes.iter().map(|(_, d)| d.table).collect();
+        deleted_tables.sort_unstable();
         deleted_tables.dedup();
         for (sequence, delete) in replayed_deletes {
             let state = catalog.snapshot();

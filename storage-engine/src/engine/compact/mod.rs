@@ -25,7 +25,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 
 use super::{Engine, Error, Result, Written, encode};
-use crate::catalog::tombstones::{DeletePredicate, for_segment};
+use crate::catalog::tombstones::{DeletePredicate, for_segment, remove_all};
 use crate::catalog::{CatalogEvent, CatalogState, SegmentMeta, TableDef};
 use crate::ids::{SegmentId, TableId};
 use crate::sorted_merge;
@@ -359,11 +359,8 @@ impl Engine {
     ) -> Result<Written> {
         let mut batches = Vec::new();
         for (segment, deletes) in segments.iter().zip(deletes) {
-            for mut batch in self.read_segment(segment).await? {
-                for predicate in deletes {
-                    batch = predicate.remove_from(&batch).map_err(Error::ApplyDelete)?;
-                }
-                batches.push(batch);
+            for batch in self.read_segment(segment).await? {
+                batches.push(remove_all(deletes, batch).map_err(Error::ApplyDelete)?);
             }
         }
         let (merged, bytes) = encode(def, batches).await?;

@@ -29,7 +29,7 @@ use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 
 use super::super::{Error, Result, Written};
 use crate::buffer::time_range;
-use crate::catalog::tombstones::DeletePredicate;
+use crate::catalog::tombstones::{DeletePredicate, remove_all};
 use crate::catalog::{SegmentMeta, TableDef};
 use crate::dedup::align_to_schema;
 use crate::persist::{sort_key, utc_schema, writer_properties};
@@ -109,10 +109,9 @@ async fn merge(
                         .try_next()
                         .await
                         .map_err(|source| read_error(&segments[i], source))?;
-                    let Some(mut batch) = batch else { break None };
-                    for predicate in deletes.get(i).into_iter().flatten() {
-                        batch = predicate.remove_from(&batch).map_err(Error::ApplyDelete)?;
-                    }
+                    let Some(batch) = batch else { break None };
+                    let batch = remove_all(deletes.get(i).into_iter().flatten(), batch)
+                        .map_err(Error::ApplyDelete)?;
                     // A batch the deletes emptied: the segment's next one.
                     if batch.num_rows() > 0 {
                         break Some(batch);
