@@ -61,6 +61,7 @@ pub async fn write(
         attempt += 1;
         let catalog = engine.catalog_state();
         let validated = validate(&catalog).map_err(WriteError::Invalid)?;
+        refuse_views(&catalog, db, &validated)?;
         if !validated.rejected.is_empty() && (!accept_partial || validated.accepted_lines == 0) {
             let total = validated.rejected.len() + validated.accepted_lines;
             let message = if validated.accepted_lines == 0 {
@@ -129,4 +130,28 @@ pub async fn write(
         rows: validated.accepted_lines,
         rejected: validated.rejected,
     })
+}
+
+/// A view's rows come from its query only: a write to its table is refused whole.
+fn refuse_views(
+    catalog: &CatalogState,
+    db: &str,
+    validated: &ValidatedLines,
+) -> Result<(), WriteError> {
+    let names = validated
+        .tables
+        .iter()
+        .map(|(name, _)| name)
+        .chain(validated.schema_changes.iter().map(|c| &c.table));
+    for name in names {
+        if let Some(def) = catalog.table(db, name)
+            && catalog.view(def.id).is_some()
+        {
+            return Err(WriteError::Invalid(format!(
+                "table {name:?} is a materialized view: its rows come from its query \
+                 (write to the table it aggregates)"
+            )));
+        }
+    }
+    Ok(())
 }

@@ -40,6 +40,7 @@ pub mod system;
 #[cfg(test)]
 mod time_arith_tests;
 pub mod time_bucket;
+pub mod views;
 pub mod zone;
 
 use std::sync::Arc;
@@ -135,6 +136,11 @@ impl From<DataFusionError> for Error {
     }
 }
 
+/// `name` as a quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// Whether a DataFusion planning error says a table does not exist (DataFusion has no
 /// variant of its own for it).
 pub fn is_missing_table(plan_error: &str) -> bool {
@@ -210,6 +216,8 @@ pub struct QueryEngine {
     running: Arc<AtomicUsize>,
     /// How alert rules' latest evaluations went (for the `system` tables).
     rule_status: Arc<alerts::scheduler::RuleStatuses>,
+    /// Held while a view is refreshed or dropped.
+    refreshing: views::RefreshLock,
 }
 
 impl QueryEngine {
@@ -230,6 +238,7 @@ impl QueryEngine {
                 .unwrap_or_else(executor::QueryExecutor::current),
             config,
             running: Arc::default(),
+            refreshing: Arc::default(),
             engine,
         })
     }

@@ -164,11 +164,20 @@ impl SchemaProvider for KilnSchema {
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
         let state = self.engine.catalog_state();
         Ok(state.table(&self.database, name).map(|def| {
-            Arc::new(KilnTable {
+            let table = KilnTable {
                 engine: Arc::clone(&self.engine),
                 table: def.id,
                 schema: query_schema(def),
-            }) as Arc<dyn TableProvider>
+            };
+            match state.view(def.id) {
+                Some(view) if view.def.realtime && state.table_by_id(view.def.source).is_some() => {
+                    Arc::new(crate::views::realtime::RealtimeView::new(
+                        Arc::clone(&self.engine),
+                        table,
+                    )) as Arc<dyn TableProvider>
+                }
+                _ => Arc::new(table) as Arc<dyn TableProvider>,
+            }
         }))
     }
 

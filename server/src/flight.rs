@@ -64,6 +64,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::grpc::{Authenticate, authorize, credential, principal};
 use crate::auth::{Action as Access, Authorizer, Door, Principal};
+use kiln_query::views::ViewStatement;
 
 /// The request header (value `keep`) that asks for dictionary columns as dictionaries.
 const DICTIONARIES_HEADER: &str = "kiln-dictionaries";
@@ -571,10 +572,23 @@ impl FlightSqlService for FlightSql {
     ) -> Result<i64, Status> {
         let principal = principal(&request)?;
         let database = database_header(request.metadata())?;
+        if let Some(statement) = ViewStatement::of(&command.query) {
+            let action = match statement.manages_tables() {
+                true => Access::Admin,
+                false => Access::Write(&database),
+            };
+            authorize(&self.auth, Door::FlightSql, &principal, action)?;
+            let answer = self
+                .query
+                .view_statement(&database, &command.query)
+                .await
+                .map_err(query_status)?;
+            return Ok(answer.rows as i64);
+        }
         if !kiln_query::delete::is_delete(&command.query) {
             return Err(Status::invalid_argument(
-                "the only update statement is DELETE FROM <table> [WHERE …]; write rows \
-                 through the write APIs",
+                "the update statements are DELETE FROM <table> [WHERE …] and CREATE, DROP and \
+                 REFRESH MATERIALIZED VIEW; write rows through the write APIs",
             ));
         }
         authorize(

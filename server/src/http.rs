@@ -615,6 +615,11 @@ async fn run_query(
     if let Some(q) = p.q.as_deref().filter(|q| kiln_query::delete::is_delete(q)) {
         return Ok(crate::lifecycle::delete_rows(&s, principal, &db, q).await);
     }
+    if let Some(q) = p.q.as_deref()
+        && let Some(statement) = kiln_query::views::ViewStatement::of(q)
+    {
+        return Ok(crate::lifecycle::view_statement(&s, principal, &db, q, statement).await);
+    }
     require(&s.auth, principal, Action::Read(&db)).map_err(|e| refusal(&e))?;
     answer_query(&s, principal, db, p)
         .await

@@ -377,11 +377,50 @@ impl Connection {
             Ok(deleted) => Ok(vec![Response::Execution(
                 Tag::new("DELETE").with_rows(deleted.rows as usize),
             )]),
-            Err(e @ kiln_query::Error::TableNotFound(_)) => Err(error("42P01", e.to_string())),
-            Err(e @ kiln_query::Error::Invalid(_)) => Err(error("0A000", e.to_string())),
-            Err(e @ kiln_query::Error::Timeout(_)) => Err(error("57014", e.to_string())),
-            Err(e) => Err(error("XX000", kiln_storage::error_chain(&e))),
+            Err(e) => Err(statement_error(e)),
         }
+    }
+}
+
+impl Connection {
+    /// `CREATE`, `DROP` or `REFRESH MATERIALIZED VIEW` (simple query protocol; no time
+    /// limit: a first refresh may take long): creating and dropping need an admin token,
+    /// refreshing the right to write the connection's database.
+    async fn view_statement(
+        &self,
+        session: &Session,
+        sql: &str,
+        statement: kiln_query::views::ViewStatement,
+    ) -> PgWireResult<Vec<Response>> {
+        let action = match statement.manages_tables() {
+            true => Action::Admin,
+            false => Action::Write(&session.database),
+        };
+        self.0
+            .shared
+            .auth
+            .authorize(Door::Postgres, &session.principal, action)
+            .map_err(|e| error("42501", e.to_string()))?;
+        match self
+            .0
+            .shared
+            .query
+            .view_statement(&session.database, sql)
+            .await
+        {
+            Ok(_) => Ok(vec![Response::Execution(Tag::new(statement.tag()))]),
+            Err(e) => Err(statement_error(e)),
+        }
+    }
+}
+
+/// A statement's error with the SQLSTATE PostgreSQL would give.
+fn statement_error(e: kiln_query::Error) -> PgWireError {
+    match e {
+        e @ kiln_query::Error::TableNotFound(_) => error("42P01", e.to_string()),
+        e @ kiln_query::Error::Invalid(_) => error("0A000", e.to_string()),
+        e @ kiln_query::Error::Timeout(_) => error("57014", e.to_string()),
+        e => error("XX000", kiln_storage::error_chain(&e)),
     }
 }
 
@@ -406,6 +445,9 @@ impl SimpleQueryHandler for Connection {
         let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
         if kiln_query::delete::is_delete(query) {
             return within(timeout, self.delete(session, query)).await;
+        }
+        if let Some(statement) = kiln_query::views::ViewStatement::of(query) {
+            return self.view_statement(session, query, statement).await;
         }
         session.postgres.settings.sync(client.metadata());
         let query = session.postgres.rewrite(query).map_err(refused)?;

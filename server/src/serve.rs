@@ -111,6 +111,11 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_RETENTION_CHECK_INTERVAL", default_value = "1m", value_parser = parse_nonzero_duration)]
     pub retention_check_interval: Duration,
 
+    /// How often to refresh materialized views whose invalidated buckets are complete
+    /// (views follow persistence: see `--persist-interval`).
+    #[arg(long, env = "KILN_VIEW_REFRESH_INTERVAL", default_value = "10s", value_parser = parse_nonzero_duration)]
+    pub view_refresh_interval: Duration,
+
     /// How long a deleted database's or table's files are kept (a soft delete) when the
     /// delete does not say (`--hard-delete`).
     #[arg(long, env = "KILN_HARD_DELETE_DEFAULT_DURATION", default_value = "72h", value_parser = humantime::parse_duration)]
@@ -427,6 +432,12 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         Some(config.compaction_interval).filter(|t| !t.is_zero()),
         config.retention_check_interval,
         stopped(persist_stop_rx),
+    ));
+
+    tokio::spawn(kiln_query::views::run_refresher(
+        state.query.clone(),
+        config.view_refresh_interval,
+        stopped(stop_rx.clone()),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();

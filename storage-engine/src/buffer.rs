@@ -290,6 +290,17 @@ impl WriteBuffer {
             .unwrap_or_default()
     }
 
+    /// The oldest time of `table`'s buffered rows.
+    pub fn min_time(&self, table: TableId) -> Option<i64> {
+        let inner = self.inner.read();
+        inner
+            .tables
+            .get(&table)?
+            .values()
+            .flat_map(|chunks| chunks.iter().map(|c| c.min_time))
+            .min()
+    }
+
     /// The partitions of `table`, each with its chunks ordered oldest write first.
     pub fn partitions(&self, table: TableId) -> Vec<BufferPartition> {
         let inner = self.inner.read();

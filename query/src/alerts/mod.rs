@@ -220,11 +220,6 @@ pub async fn check_rule(query: &QueryEngine, rule: NewRule) -> Result<AlertRuleD
     })
 }
 
-/// `name` as a quoted SQL identifier.
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// The SQL a no-data rule runs: the last time of each series of `table` seen within the
 /// lookback, as `last_seen`.
 pub fn no_data_sql(state: &CatalogState, rule: &AlertRuleDef) -> Option<String> {
@@ -237,7 +232,10 @@ pub fn no_data_sql(state: &CatalogState, rule: &AlertRuleDef) -> Option<String> 
         return None;
     };
     let def = state.table(&rule.database, table)?;
-    let tags: Vec<String> = def.tag_columns().map(|c| quote(&c.name)).collect();
+    let tags: Vec<String> = def
+        .tag_columns()
+        .map(|c| crate::quote_ident(&c.name))
+        .collect();
     let select = tags.iter().map(|t| format!("{t}, ")).collect::<String>();
     let group = if tags.is_empty() {
         String::new()
@@ -247,7 +245,7 @@ pub fn no_data_sql(state: &CatalogState, rule: &AlertRuleDef) -> Option<String> 
     Some(format!(
         "SELECT {select}max({time}) AS last_seen FROM {table} \
          WHERE {time} > now() - arrow_cast({lookback_nanos}, 'Duration(Nanosecond)'){group}",
-        time = quote(TIME_COLUMN),
-        table = quote(table),
+        time = crate::quote_ident(TIME_COLUMN),
+        table = crate::quote_ident(table),
     ))
 }

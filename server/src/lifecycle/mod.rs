@@ -11,6 +11,8 @@
 //! | `DELETE /api/v3/configure/table?db=&table=&hard_delete=` | soft-delete a table | admin |
 //!
 //! | `GET`/`POST /api/v3/query_sql` with `q=DELETE FROM …` | delete rows ([`delete_rows`]) | write on the database |
+//! | the same with `q=CREATE`/`DROP MATERIALIZED VIEW …` | a continuous aggregate ([`view_statement`]) | admin |
+//! | the same with `q=REFRESH MATERIALIZED VIEW …` | refresh it now | write on the database |
 //!
 //! `hard_delete` says when the files go: `now`, a duration (`24h`), or absent for the
 //! server's `--hard-delete-default-duration`.
@@ -385,6 +387,42 @@ pub async fn delete_rows(s: &AppState, principal: &Principal, db: &str, sql: &st
             table: deleted.table,
             deleted: deleted.rows,
             predicate: deleted.predicate.to_string(),
+        })
+        .into_response(),
+        Err(e) => crate::http::query_error(e).into_response(),
+    }
+}
+
+/// What `/api/v3/query_sql` answers to a view statement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ViewStatementAnswer {
+    /// `CREATE MATERIALIZED VIEW`, `DROP …` or `REFRESH …`.
+    pub statement: String,
+    pub view: String,
+    /// Rows written to the view (its first refresh, or this refresh).
+    pub rows: u64,
+}
+
+/// `CREATE`, `DROP` or `REFRESH MATERIALIZED VIEW` sent to `/api/v3/query_sql`.
+pub async fn view_statement(
+    s: &AppState,
+    principal: &Principal,
+    db: &str,
+    sql: &str,
+    statement: kiln_query::views::ViewStatement,
+) -> Response {
+    let action = match statement.manages_tables() {
+        true => Action::Admin,
+        false => Action::Write(db),
+    };
+    if let Err(e) = require(&s.auth, principal, action) {
+        return refusal(&e);
+    }
+    match s.query.view_statement(db, sql).await {
+        Ok(answer) => Json(ViewStatementAnswer {
+            statement: answer.statement.tag().to_owned(),
+            view: answer.view,
+            rows: answer.rows,
         })
         .into_response(),
         Err(e) => crate::http::query_error(e).into_response(),

@@ -155,6 +155,9 @@ impl CatalogState {
         self.last_caches.remove(&id);
         self.staleness.remove(&id);
         self.tombstones.retain(|_, t| t.table != id);
+        // A deleted view's definition goes with its table; a view of a deleted source
+        // keeps its rows and is refreshed no more.
+        self.views.remove(&id);
         self.dropped_tables.insert(
             id,
             DroppedTable {

@@ -23,6 +23,7 @@ pub mod format;
 pub mod lifecycle;
 mod log;
 pub mod tombstones;
+pub mod views;
 
 #[cfg(test)]
 mod tests;
@@ -118,6 +119,9 @@ pub enum Error {
     DatabaseExists(String),
     #[error("database {0:?} not found")]
     DatabaseNotFound(String),
+    /// A materialized view cannot be created or refreshed as asked.
+    #[error("{0}")]
+    InvalidView(String),
 }
 
 /// The type of a column: its role (tag, time, field) and, for fields, the value type.
@@ -354,6 +358,14 @@ pub enum CatalogEvent {
     TombstonesRetired {
         ids: Vec<TombstoneId>,
     },
+    /// A materialized view was defined over its (just created) table; the source's rows
+    /// spanned `initial` then.
+    ViewCreated {
+        def: views::ViewDef,
+        initial: Option<(i64, i64)>,
+    },
+    /// A view's invalidated buckets were recomputed.
+    ViewRefreshed(views::Refresh),
 }
 
 /// What a token may do.
@@ -446,6 +458,9 @@ pub struct CatalogState {
     pub tombstones: BTreeMap<TombstoneId, tombstones::Tombstone>,
     #[serde(default)]
     pub next_tombstone_id: u64,
+    /// Materialized views, by their table (absent from catalogs written before views).
+    #[serde(default)]
+    pub views: BTreeMap<TableId, views::View>,
 }
 
 impl CatalogState {
@@ -567,6 +582,7 @@ impl CatalogState {
                 }
                 Arc::make_mut(self.segments.entry(meta.table).or_default()).push(meta.clone());
                 self.next_segment_id = self.next_segment_id.max(meta.id.get() + 1);
+                self.invalidate_persisted(meta.table, meta.min_time, meta.max_time);
             }
             CatalogEvent::SegmentsCompacted { replaced, segment } => {
                 let list = Arc::make_mut(
@@ -696,12 +712,16 @@ impl CatalogState {
                 }
                 self.tombstones.insert(tombstone.id, tombstone.clone());
                 self.next_tombstone_id = self.next_tombstone_id.max(tombstone.id.get() + 1);
+                let p = &tombstone.predicate;
+                self.invalidate_deleted(tombstone.table, p.min_time, p.max_time);
             }
             CatalogEvent::TombstonesRetired { ids } => {
                 for id in ids {
                     self.tombstones.remove(id);
                 }
             }
+            CatalogEvent::ViewCreated { def, initial } => self.create_view(def, *initial)?,
+            CatalogEvent::ViewRefreshed(refresh) => self.record_refresh(refresh)?,
             CatalogEvent::SourcePositions { positions } => {
                 for p in positions {
                     let at = self.source_positions.binary_search_by(|q| {

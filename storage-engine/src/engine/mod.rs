@@ -504,6 +504,11 @@ impl Engine {
         full
     }
 
+    /// The oldest time of `table`'s rows not yet persisted.
+    pub fn buffered_min_time(&self, table: TableId) -> Option<i64> {
+        self.buffer.min_time(table)
+    }
+
     pub fn wal(&self) -> &Wal {
         &self.wal
     }

@@ -1,0 +1,433 @@
+//! Refreshing a view: recompute the buckets its invalidations name, write them to its
+//! table, record the refresh (see [`kiln_storage::catalog::views`] for why this order
+//! loses and double-counts nothing across a crash).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, AsArray, RecordBatch};
+use arrow::compute::{cast, concat_batches};
+use arrow::datatypes::{Field, Schema};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::logical_expr::{Expr, Filter, LogicalPlan, lit};
+use datafusion::prelude::DataFrame;
+use futures::TryStreamExt;
+use kiln_storage::catalog::tombstones::DeletePredicate;
+use kiln_storage::catalog::views::{Pending, Refresh, View};
+use kiln_storage::catalog::{CatalogState, TIME_COLUMN, TIME_ZONE, TableDef};
+use kiln_storage::ids::TableId;
+use kiln_storage::write::{TableWrite, WriteBatch};
+
+use crate::{Error, QueryEngine};
+
+/// What a refresh did.
+#[derive(Debug, Clone, Default)]
+pub struct RefreshOutcome {
+    /// Rows written to the view.
+    pub rows: u64,
+    /// Buckets recomputed.
+    pub buckets: u64,
+}
+
+/// Rows of the view written to the WAL at once.
+const WRITE_ROWS: usize = 50_000;
+
+impl QueryEngine {
+    /// Refreshes the view `name` of `database` now.
+    pub async fn refresh_view_named(
+        &self,
+        database: &str,
+        name: &str,
+    ) -> Result<RefreshOutcome, Error> {
+        let state = self.engine.catalog_state();
+        let not_found = || {
+            Error::TableNotFound(format!(
+                "materialized view {name:?} not found in database {database:?}"
+            ))
+        };
+        let table = state.table(database, name).ok_or_else(not_found)?;
+        let view = state.view(table.id).ok_or_else(not_found)?;
+        if state.table_by_id(view.def.source).is_none() {
+            return Err(Error::Invalid(format!(
+                "the source table of view {name:?} was deleted: the view keeps its rows and \
+                 is refreshed no more"
+            )));
+        }
+        // Everything written before the statement is then in segments the catalog
+        // names, and so in the view once its buckets are complete.
+        self.engine
+            .persist()
+            .await
+            .map_err(|e| Error::Internal(Box::new(e)))?;
+        self.refresh_view(table.id, kiln_storage::now_nanos()).await
+    }
+
+    /// Recomputes the buckets of view `view` invalidated and complete at `now` (those
+    /// ending at or before `now − lag`, within its source's retention).
+    pub async fn refresh_view(&self, view: TableId, now: i64) -> Result<RefreshOutcome, Error> {
+        let _guard = self.refreshing.lock().await;
+        // Before the catalog is read: a row persisted in between is in its segments.
+        let buffered = self
+            .engine
+            .catalog_state()
+            .view(view)
+            .and_then(|v| self.engine.buffered_min_time(v.def.source));
+        let state = self.engine.catalog_state();
+        let (Some(v), Some(table), Some(source)) = (
+            state.view(view).cloned(),
+            state.table_by_id(view).cloned(),
+            state
+                .view(view)
+                .and_then(|v| state.table_by_id(v.def.source)),
+        ) else {
+            // Dropped meanwhile, or its source was.
+            return Ok(RefreshOutcome::default());
+        };
+        let Some(database) = state
+            .databases
+            .values()
+            .find(|d| d.id == table.database)
+            .map(|d| d.name.clone())
+        else {
+            return Ok(RefreshOutcome::default());
+        };
+        let work = Work::plan(&v, &state, source.id, now, buffered);
+        let mut outcome = RefreshOutcome::default();
+        let chunk = chunk_nanos(v.def.bucket_nanos);
+        let spans = work.todo.len();
+        for (n, &(start, end, deleted)) in work.todo.iter().enumerate() {
+            let mut from = start;
+            while from < end {
+                let to = from.saturating_add(chunk).min(end);
+                if spans > 1 || end - start > chunk {
+                    tracing::info!(
+                        view = %table.name,
+                        span = n + 1,
+                        of = spans,
+                        from = %kiln_storage::time::rfc3339(from),
+                        to = %kiln_storage::time::rfc3339(to),
+                        "refreshing materialized view"
+                    );
+                }
+                if deleted {
+                    self.clear(&database, &table, from, to).await?;
+                }
+                outcome.rows += self.recompute(&database, &v, &table, from, to).await?;
+                outcome.buckets += ((to - from) / v.def.bucket_nanos) as u64;
+                from = to;
+            }
+        }
+        self.engine
+            .catalog()
+            .record_refresh(Refresh {
+                view,
+                through: v.next_invalidation,
+                pending: work.pending,
+                watermark: work.watermark,
+                done: work.done,
+                at: now,
+            })
+            .await
+            .map_err(|e| Error::Internal(Box::new(e)))?;
+        Ok(outcome)
+    }
+
+    /// Deletes the view's rows in `[from, to)`: groups may have vanished there (before the
+    /// recomputed rows are written, so they are not deleted).
+    async fn clear(
+        &self,
+        database: &str,
+        table: &TableDef,
+        from: i64,
+        to: i64,
+    ) -> Result<(), Error> {
+        let predicate = DeletePredicate {
+            tags: Vec::new(),
+            min_time: from,
+            max_time: to - 1,
+        };
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE time >= '{}' AND time < '{}'",
+            crate::quote_ident(&table.name),
+            kiln_storage::time::rfc3339(from),
+            kiln_storage::time::rfc3339(to),
+        );
+        let batches: Vec<RecordBatch> = self.sql(database, &sql).await?.try_collect().await?;
+        let held = batches.first().filter(|b| b.num_rows() > 0).map_or(0, |b| {
+            b.column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0)
+        });
+        if held > 0 {
+            self.engine
+                .delete_rows(database, &table.name, predicate)
+                .await
+                .map_err(|e| Error::Internal(Box::new(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Computes the view's buckets in `[from, to)` from its source and writes them.
+    async fn recompute(
+        &self,
+        database: &str,
+        v: &View,
+        table: &TableDef,
+        from: i64,
+        to: i64,
+    ) -> Result<u64, Error> {
+        let definition = self.define(database, &v.def.query).await?;
+        let session = self.session(database);
+        let state = session.state();
+        let plan = state.create_logical_plan(&v.def.query).await?;
+        let plan = within(plan, from, to)?;
+        let batches: Vec<RecordBatch> = self
+            .execute(DataFrame::new(state, plan))
+            .await?
+            .try_collect()
+            .await?;
+        let columns: Vec<(String, arrow::datatypes::DataType)> = definition
+            .columns
+            .iter()
+            .map(|(name, _)| {
+                let ty = table
+                    .column(name)
+                    .map(|c| c.ty.arrow_type())
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "view {:?} has no column {name:?}: its query no longer gives the \
+                             columns it was created with",
+                            table.name
+                        ))
+                    })?;
+                Ok((name.clone(), ty))
+            })
+            .collect::<Result<_, Error>>()?;
+        let schema = Arc::new(Schema::new(
+            columns
+                .iter()
+                .map(|(name, ty)| Field::new(name, ty.clone(), name != TIME_COLUMN))
+                .collect::<Vec<_>>(),
+        ));
+        let mut converted = Vec::with_capacity(batches.len());
+        for batch in &batches {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            if batch.num_columns() != columns.len() {
+                return Err(Error::Invalid(format!(
+                    "view {:?}: its query gives {} columns, the view has {}",
+                    table.name,
+                    batch.num_columns(),
+                    columns.len()
+                )));
+            }
+            let arrays: Vec<ArrayRef> = batch
+                .columns()
+                .iter()
+                .zip(&columns)
+                .map(|(array, (_, ty))| cast(array, ty))
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Internal(Box::new(e)))?;
+            converted.push(
+                RecordBatch::try_new(Arc::clone(&schema), arrays)
+                    .map_err(|e| Error::Internal(Box::new(e)))?,
+            );
+        }
+        let mut rows = 0;
+        let mut at = 0;
+        while at < converted.len() {
+            // Batches up to WRITE_ROWS rows per WAL record.
+            let mut end = at;
+            let mut n = 0;
+            while end < converted.len()
+                && (end == at || n + converted[end].num_rows() <= WRITE_ROWS)
+            {
+                n += converted[end].num_rows();
+                end += 1;
+            }
+            let batch = concat_batches(&schema, &converted[at..end])
+                .map_err(|e| Error::Internal(Box::new(e)))?;
+            self.write_view_rows(table, batch).await?;
+            rows += n as u64;
+            at = end;
+        }
+        Ok(rows)
+    }
+
+    /// Writes rows to a view's table, waiting while the write buffer is full.
+    async fn write_view_rows(&self, table: &TableDef, batch: RecordBatch) -> Result<(), Error> {
+        let mut waited = Duration::ZERO;
+        loop {
+            let write = WriteBatch {
+                database: table.database,
+                tables: vec![TableWrite {
+                    table: table.id,
+                    batch: batch.clone(),
+                }],
+                sources: Vec::new(),
+            };
+            match self.engine.write(write).await {
+                Ok(_) => return Ok(()),
+                Err(kiln_storage::engine::Error::BufferFull { .. })
+                    if waited < Duration::from_secs(120) =>
+                {
+                    let pause = Duration::from_millis(200);
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
+                }
+                Err(e) => return Err(Error::Internal(Box::new(e))),
+            }
+        }
+    }
+}
+
+/// What a refresh at `now` does of a view's invalidations.
+struct Work {
+    /// Spans `[start, end)` to recompute (`true`: rows were deleted there), in order.
+    todo: Vec<(i64, i64, bool)>,
+    /// What lay past the horizon.
+    pending: Vec<Pending>,
+    /// Buckets before it are materialized once this refresh is done.
+    watermark: i64,
+    /// The span of `todo`.
+    done: Option<(i64, i64)>,
+}
+
+impl Work {
+    fn plan(
+        v: &View,
+        state: &CatalogState,
+        source: TableId,
+        now: i64,
+        buffered: Option<i64>,
+    ) -> Self {
+        let def = &v.def;
+        let horizon = def.bucket_start(now.saturating_sub(def.lag_nanos));
+        // Rows not yet persisted are in no invalidation yet: the view is complete only
+        // before the bucket of the oldest of them.
+        let watermark = buffered.map_or(horizon, |t| horizon.min(def.bucket_start(t)));
+        // Buckets partly past the source's retention cannot be recomputed whole.
+        let floor =
+            state
+                .retention_cutoff(source, now)
+                .map(|cutoff| match def.bucket_start(cutoff) {
+                    start if start == cutoff => cutoff,
+                    _ => def.bucket_end(cutoff),
+                });
+        let mut spans: Vec<(i64, i64, bool)> = v
+            .invalid
+            .iter()
+            .map(|i| (i.start, i.end, i.deleted))
+            .collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(i64, i64, bool)> = Vec::new();
+        for (start, end, deleted) in spans {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => {
+                    last.1 = last.1.max(end);
+                    last.2 |= deleted;
+                }
+                _ => merged.push((start, end, deleted)),
+            }
+        }
+        let (mut todo, mut pending) = (Vec::new(), Vec::new());
+        for (start, end, deleted) in merged {
+            let lo = floor.map_or(start, |f| start.max(f));
+            let hi = end.min(horizon);
+            if lo < hi {
+                todo.push((lo, hi, deleted));
+            }
+            if end > horizon {
+                pending.push(Pending {
+                    start: start.max(horizon),
+                    end,
+                    deleted,
+                });
+            }
+        }
+        let done = match (todo.first(), todo.last()) {
+            (Some(first), Some(last)) => Some((first.0, last.1)),
+            _ => None,
+        };
+        Self {
+            todo,
+            pending,
+            watermark,
+            done,
+        }
+    }
+}
+
+/// How much time one query of a refresh covers: a day of buckets (at least one bucket).
+fn chunk_nanos(bucket: i64) -> i64 {
+    const DAY: i64 = 86_400_000_000_000;
+    (DAY / bucket).max(1) * bucket
+}
+
+/// `plan` reading only its source's rows in `[from, to)`.
+pub(super) fn within(plan: LogicalPlan, from: i64, to: i64) -> Result<LogicalPlan, Error> {
+    let at = |t: i64| {
+        lit(ScalarValue::TimestampNanosecond(
+            Some(t),
+            Some(TIME_ZONE.into()),
+        ))
+    };
+    Ok(plan
+        .transform_up(|node| match node {
+            LogicalPlan::TableScan(scan) => {
+                let time = Expr::Column(Column::new(Some(scan.table_name.clone()), TIME_COLUMN));
+                let range = time.clone().gt_eq(at(from)).and(time.lt(at(to)));
+                let scan = Arc::new(LogicalPlan::TableScan(scan));
+                Ok(Transformed::yes(LogicalPlan::Filter(Filter::try_new(
+                    range, scan,
+                )?)))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data)
+}
+
+/// Refreshes every view whose invalidations hold complete buckets, every `interval`,
+/// until `shutdown` resolves.
+pub async fn run_refresher(
+    query: QueryEngine,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        let now = kiln_storage::now_nanos();
+        let state = query.engine.catalog_state();
+        let due: Vec<TableId> = state
+            .views
+            .values()
+            .filter(|v| state.table_by_id(v.def.source).is_some())
+            .filter(|v| {
+                let horizon = v.def.bucket_start(now.saturating_sub(v.def.lag_nanos));
+                v.invalid.iter().any(|i| i.start < horizon)
+            })
+            .map(|v| v.def.table)
+            .collect();
+        for view in due {
+            let refresh = query.refresh_view(view, now);
+            tokio::select! {
+                _ = &mut shutdown => return,
+                result = refresh => if let Err(e) = result {
+                    tracing::warn!(
+                        view = %view,
+                        error = %kiln_storage::error_chain(&e),
+                        "refreshing a materialized view failed; it is tried again"
+                    );
+                }
+            }
+        }
+    }
+}
