@@ -256,3 +256,6 @@ fn parse_name(text: &str, database: &str) -> Result<String, Error> {
 /// Shared by the engine's clones: one refresh (or drop) of views at a time, so two never
 /// take the same invalidations.
 pub(crate) type RefreshLock = Arc<tokio::sync::Mutex<()>>;
+
+#[cfg(test)]
+mod tests;

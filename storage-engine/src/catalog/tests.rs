@@ -939,3 +939,145 @@ async fn retention_is_per_database_overridden_per_table_and_expires_whole_segmen
     assert!(lifecycle::parse_retention("soon").is_err());
     assert_eq!(lifecycle::format_retention(Some(30 * 24 * HOUR)), "30days");
 }
+
+/// A view's invalidations are derived from the log: persisted segments and deletes of its
+/// source add them (compaction does not), a refresh removes those it took and keeps what
+/// it left, and a reload derives the same.
+#[tokio::test]
+async fn view_invalidations_follow_the_log_and_survive_reload() {
+    use super::views::{NewView, Pending, Refresh, ViewDef};
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let state = catalog
+        .ensure_schema("plant", &[change("cpu", "host", ColumnType::Tag)])
+        .await
+        .unwrap();
+    let cpu = state.table("plant", "cpu").unwrap().id;
+    let minute = HOUR / 60;
+    let (view_table, view) = catalog
+        .create_view(NewView {
+            database: "plant".into(),
+            name: "cpu_1m".into(),
+            columns: vec![
+                ("host".into(), ColumnType::Tag),
+                ("n".into(), ColumnType::Integer),
+            ],
+            def: ViewDef {
+                table: cpu,
+                source: cpu,
+                query: "SELECT …".into(),
+                bucket_nanos: minute,
+                origin_nanos: 0,
+                lag_nanos: 0,
+                realtime: false,
+                created_at: 0,
+            },
+            initial: Some((HOUR + 5, HOUR + 3 * minute - 1)),
+            retention_nanos: Some(365 * 24 * HOUR),
+        })
+        .await
+        .unwrap();
+    assert_eq!(view.def.table, view_table.id);
+    assert_eq!(view.def.source, cpu);
+    let spans = |state: &CatalogState| -> Vec<(i64, i64, bool)> {
+        state
+            .view(view_table.id)
+            .unwrap()
+            .invalid
+            .iter()
+            .map(|i| (i.start, i.end, i.deleted))
+            .collect()
+    };
+    assert_eq!(
+        spans(&catalog.snapshot()),
+        [(HOUR, HOUR + 3 * minute, false)]
+    );
+    assert_eq!(
+        catalog.snapshot().retention(view_table.id),
+        Some(365 * 24 * HOUR)
+    );
+
+    // A segment of the source (not of the view) invalidates the minutes it spans.
+    let mut seg = segment(1, cpu, 2 * HOUR);
+    seg.max_time = 2 * HOUR + minute;
+    catalog
+        .commit(vec![CatalogEvent::SegmentPersisted(seg.clone())])
+        .await
+        .unwrap();
+    let mut own = segment(2, view_table.id, 0);
+    own.max_time = 10 * HOUR;
+    catalog
+        .commit(vec![CatalogEvent::SegmentPersisted(own)])
+        .await
+        .unwrap();
+    // Compaction changes no bucket.
+    let mut merged = segment(3, cpu, 2 * HOUR);
+    merged.max_time = 2 * HOUR + minute;
+    catalog
+        .commit(vec![CatalogEvent::SegmentsCompacted {
+            replaced: vec![seg.id],
+            segment: merged,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(
+        spans(&catalog.snapshot()),
+        [
+            (HOUR, HOUR + 3 * minute, false),
+            (2 * HOUR, 2 * HOUR + 2 * minute, false)
+        ]
+    );
+
+    // A refresh that took both, leaving a minute for later.
+    catalog
+        .record_refresh(Refresh {
+            view: view_table.id,
+            through: 2,
+            pending: vec![Pending {
+                start: 2 * HOUR + minute,
+                end: 2 * HOUR + 2 * minute,
+                deleted: false,
+            }],
+            watermark: 2 * HOUR + minute,
+            done: Some((HOUR, 2 * HOUR + minute)),
+            at: 7,
+        })
+        .await
+        .unwrap();
+    // An open-ended delete reaches as far as rows were persisted or materialized.
+    let tombstone = catalog
+        .record_delete(
+            cpu,
+            super::tombstones::DeletePredicate::all(),
+            SequenceNumber(9),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tombstone.table, cpu);
+    let expected = [
+        (2 * HOUR + minute, 2 * HOUR + 2 * minute, false),
+        (HOUR, 2 * HOUR + 2 * minute, true),
+    ];
+    let state = catalog.snapshot();
+    assert_eq!(spans(&state), expected);
+    let v = state.view(view_table.id).unwrap();
+    assert_eq!(
+        (v.watermark, v.extent, v.refreshed_at),
+        (
+            Some(2 * HOUR + minute),
+            Some((HOUR, 2 * HOUR + minute)),
+            Some(7)
+        )
+    );
+
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(
+        reloaded.snapshot().view(view_table.id),
+        state.view(view_table.id)
+    );
+
+    // The view goes with its table.
+    catalog.delete_table("plant", "cpu_1m", 0, 0).await.unwrap();
+    assert!(catalog.snapshot().view(view_table.id).is_none());
+}
