@@ -552,7 +552,7 @@ async fn a_server_beyond_loopback_needs_a_token_or_without_auth() {
 }
 
 #[tokio::test]
-async fn deletes_need_write_and_managing_databases_needs_admin() {
+async fn deletes_need_write_and_managing_databases_and_views_needs_admin() {
     let dir = tempfile::tempdir().unwrap();
     let (server, t) = start(dir.path()).await;
     let resp = http_write(&server, Some(&t.writer), "m,k=v v=1 1\nm,k=w v=1 1").await;
@@ -567,6 +567,41 @@ async fn deletes_need_write_and_managing_databases_needs_admin() {
         assert_eq!(resp.status(), status, "delete with {token:?}");
     }
     assert_eq!(count(&server, &t.admin).await, 1);
+    // A materialized view changes the database's tables: admin; refreshing it writes.
+    let create = "CREATE MATERIALIZED VIEW m_1h AS SELECT time_bucket('1 hour', time) AS time, \
+                  k, count(*) FROM m GROUP BY 1, 2";
+    for (token, sql, status) in [
+        (t.writer.as_str(), create, StatusCode::FORBIDDEN),
+        (t.admin.as_str(), create, StatusCode::OK),
+        (
+            t.reader.as_str(),
+            "REFRESH MATERIALIZED VIEW m_1h",
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t.writer.as_str(),
+            "REFRESH MATERIALIZED VIEW m_1h",
+            StatusCode::OK,
+        ),
+        (
+            t.reader.as_str(),
+            "SELECT count(*) FROM m_1h",
+            StatusCode::OK,
+        ),
+        (
+            t.writer.as_str(),
+            "DROP MATERIALIZED VIEW m_1h",
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t.admin.as_str(),
+            "DROP MATERIALIZED VIEW m_1h",
+            StatusCode::OK,
+        ),
+    ] {
+        let resp = http_query(&server, Some(token), sql).await;
+        assert_eq!(resp.status(), status, "{sql}");
+    }
     for (token, status) in [
         (t.writer.as_str(), StatusCode::FORBIDDEN),
         (t.admin.as_str(), StatusCode::CREATED),

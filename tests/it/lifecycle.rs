@@ -503,9 +503,7 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
         .await
         .unwrap_err();
     assert!(
-        refused
-            .to_string()
-            .contains("only update statement is DELETE"),
+        refused.to_string().contains("update statements are DELETE"),
         "{refused}"
     );
 

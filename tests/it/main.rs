@@ -23,3 +23,4 @@ mod sql;
 mod sql_access;
 mod support;
 mod tls;
+mod views;

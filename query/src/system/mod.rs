@@ -9,9 +9,12 @@
 //! | `system.series` | series (table and tag set): first and last seen, recent rows, status ([`devices`]) |
 //! | `system.devices` | device (a tag value) with attributes, one column per attribute name |
 //! | `system.data_quality` | table written since start: rows, rejected lines, late and out-of-order rows |
+//! | `system.deletes` | delete of rows not yet made physical |
+//! | `system.views` | materialized view: definition, watermark, last refresh, buckets still to refresh |
 
 mod deletes;
 mod devices;
+mod views;
 
 use std::sync::Arc;
 
@@ -43,6 +46,7 @@ const TABLES: &[&str] = &[
     "deletes",
     "devices",
     "series",
+    "views",
 ];
 
 /// The `system` schema.
@@ -103,6 +107,7 @@ fn schema_of(name: &str, state: &CatalogState, visible: &Visible) -> SchemaRef {
     let fields = match name {
         "series" | "devices" | "data_quality" => return devices::schema(name, state, visible),
         "deletes" => deletes::schema(),
+        "views" => views::schema(),
         "alert_rules" => vec![
             text("rule", false),
             text("database", false),
@@ -177,6 +182,7 @@ impl SystemTable {
             "alert_rules" => self.rules(&state),
             "alerts" => self.alerts(&state),
             "deletes" => deletes::rows(&state, &self.visible),
+            "views" => views::rows(&state, &self.visible),
             _ => self.events(&state),
         };
         RecordBatch::try_new(Arc::clone(&self.schema), columns)
