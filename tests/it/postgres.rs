@@ -394,18 +394,6 @@ async fn the_shipped_grafana_dashboard_queries_run() {
     server.write_ok("benchmark", &lines).await;
     let client = connect(&server, "benchmark").await.unwrap();
 
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/grafana/dashboards/tsbs-cpu.json"
-    );
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let variable = dashboard["templating"]["list"][0]["query"]
-        .as_str()
-        .unwrap();
-    let hosts = simple_rows(&client, variable).await;
-    assert_eq!(hosts.len(), 3, "{variable}");
-
     let expand = |sql: &str| {
         sql.replace(
             "$__timeGroupAlias(time, '1m')",
@@ -417,9 +405,36 @@ async fn the_shipped_grafana_dashboard_queries_run() {
         )
         .replace("$host", "'host_0','host_1'")
     };
-    let panels = dashboard["panels"].as_array().unwrap();
+    let panels = dashboard_queries(&client, "tsbs-cpu.json", expand, 3).await;
     assert!(panels.len() >= 4);
-    for panel in panels {
+}
+
+/// Runs every query of the dashboard `file` in `deploy/grafana/dashboards/`, its macros
+/// expanded by `expand`, as Grafana's PostgreSQL data source sends them (prepared);
+/// checks each returns rows and a time series' columns, and that its host variable lists
+/// `hosts` values. Returns each panel query with its rows.
+async fn dashboard_queries(
+    client: &tokio_postgres::Client,
+    file: &str,
+    expand: impl Fn(&str) -> String,
+    hosts: usize,
+) -> Vec<(String, Vec<tokio_postgres::Row>)> {
+    let path = format!(
+        "{}/../deploy/grafana/dashboards/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let variable = dashboard["templating"]["list"][0]["query"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        simple_rows(client, variable).await.len(),
+        hosts,
+        "{variable}"
+    );
+    let mut answers = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             let sql = expand(target["rawSql"].as_str().unwrap());
             assert!(!sql.contains('$'), "unexpanded macro in {sql}");
@@ -433,8 +448,85 @@ async fn the_shipped_grafana_dashboard_queries_run() {
                 assert_eq!(stmt.columns()[0].name(), "time", "{sql}");
                 assert_eq!(stmt.columns()[1].name(), "metric", "{sql}");
             }
+            answers.push((sql, rows));
         }
     }
+    answers
+}
+
+/// The 30-day dashboard reads the 1-minute roll-up (`cpu_1m`, a materialized view), not
+/// the raw table, and shows what the raw table would.
+#[tokio::test]
+async fn the_30_day_grafana_dashboard_reads_the_roll_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    let start = 1_451_606_400i64; // 2016-01-01T00:00:00Z
+    // 30 days, 3 hosts, a reading every 5 minutes.
+    for day in 0..30i64 {
+        let mut lines = String::new();
+        for i in 0..288i64 {
+            for (h, host) in ["host_0", "host_1", "host_2"].iter().enumerate() {
+                let t = start + day * 86_400 + i * 300;
+                lines.push_str(&format!(
+                    "cpu,hostname={host},region=eu-west-1 usage_user={}i {}\n",
+                    (i * 7 + day + h as i64 * 11) % 100,
+                    t * 1_000_000_000
+                ));
+            }
+        }
+        server.write_ok("benchmark", &lines).await;
+    }
+    let client = connect(&server, "benchmark").await.unwrap();
+    client
+        .simple_query(
+            "CREATE MATERIALIZED VIEW cpu_1m AS SELECT time_bucket('1 minute', time) AS time, \
+             hostname, avg(usage_user) AS usage_user, max(usage_user) AS max_usage_user, \
+             count(*) AS readings FROM cpu GROUP BY 1, 2",
+        )
+        .await
+        .unwrap();
+    let expand = |sql: &str| {
+        sql.replace(
+            "$__timeGroupAlias(time, '1h')",
+            r#"floor(extract(epoch from time)/3600)*3600 AS "time""#,
+        )
+        .replace(
+            "$__timeFilter(time)",
+            "time BETWEEN '2016-01-01T00:00:00Z' AND '2016-01-31T00:00:00Z'",
+        )
+        .replace("$host", "'host_0','host_1'")
+    };
+    let panels = dashboard_queries(&client, "tsbs-cpu-30d.json", expand, 3).await;
+    assert_eq!(panels.len(), 3);
+    for (sql, _) in &panels {
+        let plan: Vec<String> = simple_rows(&client, &format!("EXPLAIN {sql}"))
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("KilnScanExec: cpu_1m,"), "{plan}");
+        assert!(
+            !plan.contains("KilnScanExec: cpu,"),
+            "reads the raw table: {plan}"
+        );
+    }
+    // The hourly maximum of 2 hosts over 30 days, as the raw table gives it.
+    let raw = panels[0]
+        .0
+        .replace("max(max_usage_user)", "max(usage_user)")
+        .replace("FROM cpu_1m", "FROM cpu");
+    let raw = client.query(&raw, &[]).await.unwrap();
+    let values = |rows: &[tokio_postgres::Row]| -> Vec<(String, i64)> {
+        rows.iter()
+            .map(|r| (r.get::<_, String>(1), r.get::<_, i64>(2)))
+            .collect()
+    };
+    assert_eq!(panels[0].1.len(), 30 * 24 * 2);
+    assert_eq!(values(&panels[0].1), values(&raw));
+    let readings: i64 = panels[2].1[0].get(0);
+    assert_eq!(readings, 30 * 288 * 3);
 }
 
 /// Tools keep PostgreSQL connections open for hours; a stop must not wait for them (they
