@@ -55,20 +55,23 @@ PY
     done
     PID=$(cat "$WORK/pid")
 }
-# Stops the server (a clean stop persists the buffer); prints its CPU seconds.
-stop() { kill -TERM "$PID"; wait "$WRAPPER" || true; PID=; cat "$WORK/cpu"; }
+# Stops the server (a clean stop persists the buffer); its CPU seconds in CPU.
+stop() { kill -TERM "$PID"; wait "$WRAPPER" || true; PID=; CPU=$(cat "$WORK/cpu"); }
 sql() {
     curl -fsS "$URL/api/v3/query_sql" -H 'content-type: application/json' \
         -d "$(python3 -c 'import json,sys; print(json.dumps({"db": "benchmark", "q": sys.argv[1]}))' "$1")"
 }
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# Whole hours (a dashboard's range snapped to its interval): the last DAYS days up to the
+# last complete hour.
+RANGE="time >= time_bucket('1 hour', now() - INTERVAL '$DAYS days') AND time < time_bucket('1 hour', now())"
 METRICS="usage_user usage_system usage_idle usage_nice usage_iowait"
 VIEW="CREATE MATERIALIZED VIEW cpu_1m AS SELECT time_bucket('1 minute', time) AS time, hostname, $(
     for m in $METRICS; do printf 'avg(%s) AS %s, ' "$m" "$m"; done) count(*) AS readings FROM cpu GROUP BY 1, 2"
 RAW="SELECT time_bucket('1 hour', time) AS hour, hostname, $(
-    for m in $METRICS; do printf 'avg(%s) AS %s, ' "$m" "$m"; done | sed 's/, $//') FROM cpu WHERE time >= now() - INTERVAL '$DAYS days' GROUP BY 1, 2 ORDER BY 1, 2"
+    for m in $METRICS; do printf 'avg(%s) AS %s, ' "$m" "$m"; done | sed 's/, $//') FROM cpu WHERE $RANGE GROUP BY 1, 2 ORDER BY 1, 2"
 ROLLUP="SELECT time_bucket('1 hour', time) AS hour, hostname, $(
-    for m in $METRICS; do printf 'sum(%s * readings) / sum(readings) AS %s, ' "$m" "$m"; done | sed 's/, $//') FROM cpu_1m WHERE time >= now() - INTERVAL '$DAYS days' GROUP BY 1, 2 ORDER BY 1, 2"
+    for m in $METRICS; do printf 'sum(%s * readings) / sum(readings) AS %s, ' "$m" "$m"; done | sed 's/, $//') FROM cpu_1m WHERE $RANGE GROUP BY 1, 2 ORDER BY 1, 2"
 
 # 1. The 30-day dashboard query, raw table vs roll-up.
 start
@@ -77,7 +80,7 @@ start
 t0=$(now_ms)
 created=$(sql "$VIEW")
 echo "view created (its first refresh, $DAYS days): $(( $(now_ms) - t0 )) ms, $created"
-stop >/dev/null
+stop
 start
 "$KILN" compact --host "$URL" >/dev/null
 rows=$(sql "SELECT count(*) AS n FROM cpu" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["n"])')
@@ -94,6 +97,9 @@ close = len(raw) == len(rollup) and all(
     a["hour"] == b["hour"] and a["hostname"] == b["hostname"]
     and all(abs(a[k] - b[k]) <= 1e-9 * max(1.0, abs(a[k])) for k in a if k.startswith("usage"))
     for a, b in zip(raw, rollup))
+if not close:
+    diff = next(((a, b) for a, b in zip(raw, rollup) if a != b), None)
+    print(f"first difference: {diff}", file=sys.stderr)
 print(f"{len(raw)} rows, {'equal' if close else 'DIFFERENT'}")
 PY
 )
@@ -111,7 +117,7 @@ done
 raw_ms=$(median <"$WORK/raw")
 rollup_ms=$(median <"$WORK/rollup")
 echo "$DAYS-day double-groupby (5 metrics, per host and hour; HTTP JSON, median of $RUNS): raw $raw_ms ms, roll-up $rollup_ms ms, roll-up / raw = $(awk -v a="$rollup_ms" -v b="$raw_ms" 'BEGIN { printf "%.3f", a / b }')"
-stop >/dev/null
+stop
 rm -rf "$WORK/data"
 
 # 2. Maintenance: server CPU to ingest LIVE and persist it, with and without the view.
@@ -126,9 +132,9 @@ for i in $(seq 1 "$REPEAT"); do
         [ "$mode" = with ] && sql "$VIEW" >/dev/null
         "$KILN_BENCH" ingest --url "$URL" --scale "$SCALE" --duration "$LIVE" --start "now-$LIVE" >/dev/null
         [ "$mode" = with ] && sql "REFRESH MATERIALIZED VIEW cpu_1m" >/dev/null
-        cpu=$(stop)
-        echo "$cpu" >>"$WORK/cpu-$mode"
-        echo "  run $i $mode view: $cpu s CPU" >&2
+        stop
+        echo "$CPU" >>"$WORK/cpu-$mode"
+        echo "  run $i $mode view: $CPU s CPU" >&2
     done
 done
 without=$(median <"$WORK/cpu-without")

@@ -3,6 +3,7 @@
 
 use arrow::datatypes::{DataType, IntervalUnit, TimeUnit};
 use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::sql::sqlparser::ast::{CreateTableOptions, SqlOption};
 use kiln_storage::catalog::views::{NewView, ViewDef};
@@ -54,12 +55,16 @@ impl Options {
             };
             match key.value.to_ascii_lowercase().as_str() {
                 "lag" => {
-                    parsed.lag_nanos = Some(match text {
-                        "0" => 0,
-                        _ => duration("lag")?.ok_or_else(|| {
-                            Error::Invalid("option lag: a duration such as '1 minute'".into())
-                        })?,
-                    })
+                    let lag = humantime::parse_duration(text)
+                        .ok()
+                        .and_then(|d| i64::try_from(d.as_nanos()).ok())
+                        .or((text == "0").then_some(0))
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "option lag: a duration such as '1 minute', not {text:?}"
+                            ))
+                        })?;
+                    parsed.lag_nanos = Some(lag);
                 }
                 "realtime" | "timescaledb.materialized_only" => {
                     let on = match text.to_ascii_lowercase().as_str() {
@@ -339,8 +344,40 @@ fn source_of(
                 ))
             })
         }
-        LogicalPlan::Filter(f) => source_of(&f.input, database, table),
-        LogicalPlan::Projection(p) => source_of(&p.input, database, table),
+        LogicalPlan::Filter(f) => {
+            // A subquery's answer may change while the table's rows do not.
+            if f.predicate.exists(|e| {
+                Ok(matches!(
+                    e,
+                    Expr::ScalarSubquery(_)
+                        | Expr::InSubquery(_)
+                        | Expr::Exists(_)
+                        | Expr::SetComparison(_)
+                ))
+            })? {
+                return refuse(format!("WHERE {}: subqueries are not allowed", f.predicate));
+            }
+            source_of(&f.input, database, table)
+        }
+        // Columns passed through as they are: a computed `time` or tag would not be the
+        // table's (invalidations and refreshes bound the table's own `time`).
+        LogicalPlan::Projection(p) => {
+            for e in &p.expr {
+                let plain = match e {
+                    Expr::Column(_) => true,
+                    Expr::Alias(a) => {
+                        matches!(a.expr.as_ref(), Expr::Column(c) if c.name == a.name)
+                    }
+                    _ => false,
+                };
+                if !plain {
+                    return refuse(format!(
+                        "{e} in a subquery: the table's columns may only be passed through"
+                    ));
+                }
+            }
+            source_of(&p.input, database, table)
+        }
         LogicalPlan::SubqueryAlias(a) => source_of(&a.input, database, table),
         other => refuse(format!("{} is not allowed", other.display())),
     }

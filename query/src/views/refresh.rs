@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::compute::{cast, concat_batches};
-use arrow::datatypes::{Field, Schema};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::logical_expr::{Expr, Filter, LogicalPlan, lit};
@@ -95,6 +95,10 @@ impl QueryEngine {
         let work = Work::plan(&v, &state, source.id, now, buffered);
         let mut outcome = RefreshOutcome::default();
         let chunk = chunk_nanos(v.def.bucket_nanos);
+        let schema = match work.todo.is_empty() {
+            true => None,
+            false => Some(self.written_schema(&database, &v, &table).await?),
+        };
         let spans = work.todo.len();
         for (n, &(start, end, deleted)) in work.todo.iter().enumerate() {
             let mut from = start;
@@ -113,7 +117,11 @@ impl QueryEngine {
                 if deleted {
                     self.clear(&database, &table, from, to).await?;
                 }
-                outcome.rows += self.recompute(&database, &v, &table, from, to).await?;
+                if let Some(schema) = &schema {
+                    outcome.rows += self
+                        .recompute(&database, &v, &table, schema, (from, to))
+                        .await?;
+                }
                 outcome.buckets += ((to - from) / v.def.bucket_nanos) as u64;
                 from = to;
             }
@@ -168,26 +176,16 @@ impl QueryEngine {
         Ok(())
     }
 
-    /// Computes the view's buckets in `[from, to)` from its source and writes them.
-    async fn recompute(
+    /// The view's columns in the order its query gives them, typed as its table holds
+    /// them (its query is planned again: a refresh fails if it no longer fits).
+    async fn written_schema(
         &self,
         database: &str,
         v: &View,
         table: &TableDef,
-        from: i64,
-        to: i64,
-    ) -> Result<u64, Error> {
+    ) -> Result<SchemaRef, Error> {
         let definition = self.define(database, &v.def.query).await?;
-        let session = self.session(database);
-        let state = session.state();
-        let plan = state.create_logical_plan(&v.def.query).await?;
-        let plan = within(plan, from, to)?;
-        let batches: Vec<RecordBatch> = self
-            .execute(DataFrame::new(state, plan))
-            .await?
-            .try_collect()
-            .await?;
-        let columns: Vec<(String, arrow::datatypes::DataType)> = definition
+        let fields = definition
             .columns
             .iter()
             .map(|(name, _)| {
@@ -197,41 +195,57 @@ impl QueryEngine {
                     .ok_or_else(|| {
                         Error::Invalid(format!(
                             "view {:?} has no column {name:?}: its query no longer gives the \
-                             columns it was created with",
+                         columns it was created with",
                             table.name
                         ))
                     })?;
-                Ok((name.clone(), ty))
+                Ok(Field::new(name, ty, name != TIME_COLUMN))
             })
-            .collect::<Result<_, Error>>()?;
-        let schema = Arc::new(Schema::new(
-            columns
-                .iter()
-                .map(|(name, ty)| Field::new(name, ty.clone(), name != TIME_COLUMN))
-                .collect::<Vec<_>>(),
-        ));
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
+    /// Computes the view's buckets in `[from, to)` from its source and writes them as
+    /// `schema` (see [`Self::written_schema`]) says.
+    async fn recompute(
+        &self,
+        database: &str,
+        v: &View,
+        table: &TableDef,
+        schema: &SchemaRef,
+        (from, to): (i64, i64),
+    ) -> Result<u64, Error> {
+        let session = self.session(database);
+        let state = session.state();
+        let plan = state.create_logical_plan(&v.def.query).await?;
+        let plan = within(plan, from, to)?;
+        let batches: Vec<RecordBatch> = self
+            .execute(DataFrame::new(state, plan))
+            .await?
+            .try_collect()
+            .await?;
         let mut converted = Vec::with_capacity(batches.len());
         for batch in &batches {
             if batch.num_rows() == 0 {
                 continue;
             }
-            if batch.num_columns() != columns.len() {
+            if batch.num_columns() != schema.fields().len() {
                 return Err(Error::Invalid(format!(
                     "view {:?}: its query gives {} columns, the view has {}",
                     table.name,
                     batch.num_columns(),
-                    columns.len()
+                    schema.fields().len()
                 )));
             }
             let arrays: Vec<ArrayRef> = batch
                 .columns()
                 .iter()
-                .zip(&columns)
-                .map(|(array, (_, ty))| cast(array, ty))
+                .zip(schema.fields())
+                .map(|(array, field)| cast(array, field.data_type()))
                 .collect::<Result<_, _>>()
                 .map_err(|e| Error::Internal(Box::new(e)))?;
             converted.push(
-                RecordBatch::try_new(Arc::clone(&schema), arrays)
+                RecordBatch::try_new(Arc::clone(schema), arrays)
                     .map_err(|e| Error::Internal(Box::new(e)))?,
             );
         }
@@ -247,7 +261,7 @@ impl QueryEngine {
                 n += converted[end].num_rows();
                 end += 1;
             }
-            let batch = concat_batches(&schema, &converted[at..end])
+            let batch = concat_batches(schema, &converted[at..end])
                 .map_err(|e| Error::Internal(Box::new(e)))?;
             self.write_view_rows(table, batch).await?;
             rows += n as u64;
