@@ -412,6 +412,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.pg_bind))?;
     let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
+    let shutdown = shutdown_signal();
     tracing::info!(%http_addr, %grpc_addr, %pg_addr, data_dir = %config.data_dir.display(), tokens_enforced = auth.enforced(), "Kiln is serving");
     // Stable lines on stdout for scripts and tests that bind port 0.
     // A closed stdout (the reader went away) must not stop the server.
@@ -447,7 +448,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     tokio::spawn({
         let health = health.clone();
         async move {
-            shutdown_signal().await;
+            shutdown.await;
             tracing::info!("shutting down: no new requests, finishing the ones in flight");
             health
                 .set_not_serving::<WriteServiceServer<IngestService>>()
@@ -606,24 +607,33 @@ pub(crate) async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers for SIGTERM and SIGINT (Ctrl-C) at once, so a signal that arrives as soon as
+/// the server says it is listening stops it cleanly rather than killing it; resolves when
+/// one arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(terminate) => {},
+                _ = wait(interrupt) => {},
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -100,14 +100,14 @@ impl QueryEngine {
             ViewStatement::Create => self.create_view(database, sql).await,
             ViewStatement::Drop => self.drop_view(database, sql).await,
             ViewStatement::Refresh => {
-                let rest = sql.trim_start();
                 // After the three words (checked above): the view's name.
-                let name = rest
-                    .splitn(4, char::is_whitespace)
-                    .nth(3)
-                    .map(|r| r.trim().trim_end_matches(';').trim())
-                    .unwrap_or_default();
-                let name = parse_name(name, database)?;
+                let mut rest = sql;
+                for _ in 0..3 {
+                    rest = rest
+                        .trim_start()
+                        .trim_start_matches(|c: char| c.is_ascii_alphabetic());
+                }
+                let name = parse_name(rest.trim().trim_end_matches(';'), database)?;
                 let outcome = self.refresh_view_named(database, &name).await?;
                 Ok(ViewAnswer {
                     statement,

@@ -15,6 +15,8 @@ pub struct TestServer {
     /// `host:port` of the PostgreSQL listener.
     pub pg: String,
     pub client: reqwest::Client,
+    /// Where the server's log goes.
+    log: std::path::PathBuf,
 }
 
 /// Makes ring the TLS provider of the test process (reqwest and tonic clients need one).
@@ -76,6 +78,7 @@ impl TestServer {
             base: url,
             grpc,
             pg,
+            log: data_dir.with_extension("log"),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -99,7 +102,15 @@ impl TestServer {
                 libc::kill(child.id() as i32, libc::SIGTERM);
             }
             let status = child.wait().expect("wait");
-            assert!(status.success(), "kiln exited with {status}");
+            if !status.success() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "kiln exited with {status}; its log ends:\n{}",
+                    tail.join("\n")
+                );
+            }
         }
     }
 
