@@ -290,15 +290,16 @@ impl WriteBuffer {
             .unwrap_or_default()
     }
 
-    /// The oldest time of `table`'s buffered rows.
-    pub fn min_time(&self, table: TableId) -> Option<i64> {
+    /// The oldest and newest times of `table`'s buffered rows.
+    pub fn time_range(&self, table: TableId) -> Option<(i64, i64)> {
         let inner = self.inner.read();
         inner
             .tables
             .get(&table)?
             .values()
-            .flat_map(|chunks| chunks.iter().map(|c| c.min_time))
-            .min()
+            .flatten()
+            .map(|c| (c.min_time, c.max_time))
+            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
     }
 
     /// The partitions of `table`, each with its chunks ordered oldest write first.

@@ -115,9 +115,7 @@ impl QueryEngine {
         options: Options,
     ) -> Result<(), Error> {
         // The source's rows span these times now: the view starts with them invalid.
-        let initial = self
-            .source_extent(database, &definition.source.name)
-            .await?;
+        let initial = self.engine.time_range(definition.source.id);
         let new = NewView {
             database: database.to_owned(),
             name: name.to_owned(),
@@ -151,41 +149,6 @@ impl QueryEngine {
                 e => Error::Internal(Box::new(e)),
             })?;
         Ok(())
-    }
-
-    /// The times the rows of `table` span (segments and buffer alike).
-    async fn source_extent(
-        &self,
-        database: &str,
-        table: &str,
-    ) -> Result<Option<(i64, i64)>, Error> {
-        use arrow::array::{Array, AsArray};
-        use futures::TryStreamExt;
-        let sql = format!(
-            "SELECT CAST(min(time) AS BIGINT), CAST(max(time) AS BIGINT) FROM {}",
-            crate::quote_ident(table)
-        );
-        let batches: Vec<_> = self
-            .sql(database, &sql)
-            .await?
-            .try_collect()
-            .await
-            .map_err(Error::from)?;
-        let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else {
-            return Ok(None);
-        };
-        let (min, max) = (
-            batch
-                .column(0)
-                .as_primitive::<arrow::datatypes::Int64Type>(),
-            batch
-                .column(1)
-                .as_primitive::<arrow::datatypes::Int64Type>(),
-        );
-        if min.is_null(0) || max.is_null(0) {
-            return Ok(None);
-        }
-        Ok(Some((min.value(0), max.value(0))))
     }
 }
 

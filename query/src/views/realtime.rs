@@ -135,8 +135,8 @@ impl TableProvider for RealtimeView {
             .map(|i| i.start)
             .chain(
                 self.engine
-                    .buffered_min_time(def.source)
-                    .map(|t| def.bucket_start(t)),
+                    .buffered_time_range(def.source)
+                    .map(|(t, _)| def.bucket_start(t)),
             )
             .min();
         let watermark = match (view.watermark, stale) {

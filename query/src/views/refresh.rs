@@ -72,7 +72,7 @@ impl QueryEngine {
             .engine
             .catalog_state()
             .view(view)
-            .and_then(|v| self.engine.buffered_min_time(v.def.source));
+            .and_then(|v| self.engine.buffered_time_range(v.def.source).map(|r| r.0));
         let state = self.engine.catalog_state();
         let (Some(v), Some(table), Some(source)) = (
             state.view(view).cloned(),

@@ -162,7 +162,7 @@ async fn run(ops: Vec<Op>, create_at: usize) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn a_view_equals_its_query_after_each_refresh(

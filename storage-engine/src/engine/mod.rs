@@ -504,9 +504,21 @@ impl Engine {
         full
     }
 
-    /// The oldest time of `table`'s rows not yet persisted.
-    pub fn buffered_min_time(&self, table: TableId) -> Option<i64> {
-        self.buffer.min_time(table)
+    /// The oldest and newest times of `table`'s rows not yet persisted.
+    pub fn buffered_time_range(&self, table: TableId) -> Option<(i64, i64)> {
+        self.buffer.time_range(table)
+    }
+
+    /// The oldest and newest times of `table`'s rows, persisted or not (deleted rows not
+    /// yet compacted away may widen it).
+    pub fn time_range(&self, table: TableId) -> Option<(i64, i64)> {
+        self.catalog
+            .snapshot()
+            .segments(table)
+            .iter()
+            .map(|s| (s.min_time, s.max_time))
+            .chain(self.buffered_time_range(table))
+            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
     }
 
     pub fn wal(&self) -> &Wal {
