@@ -132,7 +132,8 @@ pub async fn write(
     })
 }
 
-/// A view's rows come from its query only: a write to its table is refused whole.
+/// A view's rows come from its query only: a write to its table is refused whole (line
+/// protocol refuses such lines one by one before this).
 fn refuse_views(
     catalog: &CatalogState,
     db: &str,

@@ -360,6 +360,7 @@ async fn grafana_panels_replayed_get_typed_regular_series() {
         "deletes",
         "devices",
         "series",
+        "views",
     ];
     assert_eq!(rows, expected.map(|t| [Some(t.to_owned())]));
     let rows = simple_rows(

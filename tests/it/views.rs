@@ -120,10 +120,24 @@ async fn a_view_over_every_door_equals_its_query_through_kill_9() {
     assert!(written >= 125, "{written}");
     assert_matches(&server, "refreshed over Flight SQL").await;
 
-    // Writes to the view are refused; nothing is written.
+    // Lines for the view are refused, each with its line number; nothing is written to
+    // it.
     let (status, text) = server.write("plant", "cpu_1m,host=x n=1i 1", &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert!(text.contains("is a materialized view"), "{text}");
+    let (status, text) = server
+        .write(
+            "plant",
+            format!("cpu,host=h0 usage=5i {start}\ncpu_1m,host=x n=1i {start}"),
+            &[("precision", "s")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("\"line_number\":2"), "{text}");
+    let held = server
+        .query_json("plant", "SELECT count(*) AS n FROM cpu_1m WHERE host = 'x'")
+        .await;
+    assert_eq!(held[0]["n"], 0);
 
     // The background refresh follows persistence: late rows, persisted by a restart,
     // reach the view with no statement.

@@ -154,6 +154,20 @@ impl<'c> Validator<'c> {
         let idx = match idx {
             Some(i) => i,
             None => {
+                // A materialized view's rows come from its query only.
+                if let Some(def) = self.catalog.table(self.database, name)
+                    && self.catalog.view(def.id).is_some()
+                {
+                    self.out.rejected.push(LineError {
+                        line: line.number,
+                        column: 1,
+                        message: format!(
+                            "measurement: table {name:?} is a materialized view: its rows come \
+                             from its query (write to the table it aggregates)"
+                        ),
+                    });
+                    return;
+                }
                 // A table this write would create: its name must be one the catalog takes.
                 if self.catalog.table(self.database, name).is_none()
                     && let Err(e) = kiln_storage::catalog::validate_name(name)

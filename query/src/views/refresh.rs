@@ -322,14 +322,19 @@ impl Work {
         // Rows not yet persisted are in no invalidation yet: the view is complete only
         // before the bucket of the oldest of them.
         let watermark = buffered.map_or(horizon, |t| horizon.min(def.bucket_start(t)));
-        // Buckets partly past the source's retention cannot be recomputed whole.
-        let floor =
+        // Buckets partly past the source's retention cannot be recomputed whole; those
+        // past the view's own would be written only to expire.
+        let source_floor =
             state
                 .retention_cutoff(source, now)
                 .map(|cutoff| match def.bucket_start(cutoff) {
                     start if start == cutoff => cutoff,
                     _ => def.bucket_end(cutoff),
                 });
+        let view_floor = state
+            .retention_cutoff(def.table, now)
+            .map(|cutoff| def.bucket_start(cutoff));
+        let floor = source_floor.into_iter().chain(view_floor).max();
         let mut spans: Vec<(i64, i64, bool)> = v
             .invalid
             .iter()
