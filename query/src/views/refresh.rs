@@ -94,7 +94,11 @@ impl QueryEngine {
         };
         let work = Work::plan(&v, &state, source.id, now, buffered);
         let mut outcome = RefreshOutcome::default();
-        let chunk = chunk_nanos(v.def.bucket_nanos);
+        let chunk = chunk_nanos(
+            v.def.bucket_nanos,
+            source.partition_nanos,
+            state.segments(source.id),
+        );
         let schema = match work.todo.is_empty() {
             true => None,
             false => Some(self.written_schema(&database, &v, &table).await?),
@@ -379,10 +383,57 @@ impl Work {
     }
 }
 
-/// How much time one query of a refresh covers: a day of buckets (at least one bucket).
-fn chunk_nanos(bucket: i64) -> i64 {
+/// Source rows one query of a refresh reads, about: what it holds is bounded by them.
+const CHUNK_ROWS: f64 = 2_000_000.0;
+
+/// How much time one query of a refresh covers: a day of buckets, fewer where the
+/// source's fullest time partition holds more than [`CHUNK_ROWS`] a day (at least one
+/// bucket).
+fn chunk_nanos(
+    bucket: i64,
+    partition_nanos: i64,
+    segments: &[kiln_storage::catalog::SegmentMeta],
+) -> i64 {
     const DAY: i64 = 86_400_000_000_000;
-    (DAY / bucket).max(1) * bucket
+    let mut per_partition: std::collections::HashMap<i64, u64> = Default::default();
+    for s in segments {
+        *per_partition.entry(s.partition).or_default() += s.rows;
+    }
+    let fullest = per_partition.values().copied().max().unwrap_or(0);
+    let per_day = fullest as f64 * DAY as f64 / partition_nanos.max(1) as f64;
+    let day = if per_day > CHUNK_ROWS {
+        (DAY as f64 * CHUNK_ROWS / per_day) as i64
+    } else {
+        DAY
+    };
+    (day / bucket).max(1) * bucket
+}
+
+#[cfg(test)]
+#[test]
+fn a_refresh_query_reads_about_two_million_rows_at_most() {
+    use kiln_storage::catalog::SegmentMeta;
+    use kiln_storage::ids::{SegmentId, SequenceNumber, TableId};
+    const HOUR: i64 = 3_600_000_000_000;
+    const MINUTE: i64 = 60_000_000_000;
+    let segment = |partition: i64, rows: u64| SegmentMeta {
+        id: SegmentId(0),
+        table: TableId(0),
+        partition,
+        path: String::new(),
+        min_time: partition,
+        max_time: partition + HOUR - 1,
+        rows,
+        bytes: 0,
+        max_sequence: SequenceNumber(0),
+    };
+    // 100 hosts every 10 s: 36,000 rows an hour, 864,000 a day: a day at once.
+    assert_eq!(chunk_nanos(MINUTE, HOUR, &[segment(0, 36_000)]), 24 * HOUR);
+    // 4,000 hosts: 1.44 M an hour (two segments of one partition): 83 minutes.
+    let big = [segment(0, 720_000), segment(0, 720_000), segment(HOUR, 10)];
+    assert_eq!(chunk_nanos(MINUTE, HOUR, &big), 83 * MINUTE);
+    // Never less than a bucket.
+    assert_eq!(chunk_nanos(24 * HOUR, HOUR, &big), 24 * HOUR);
 }
 
 /// `plan` reading only its source's rows in `[from, to)`.
