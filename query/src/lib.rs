@@ -517,3 +517,30 @@ impl QueryEngine {
         &self.engine
     }
 }
+
+/// A query engine over a fresh data directory with table `db.m` (tag `host`, field `v`).
+#[cfg(test)]
+pub(crate) async fn test_query_engine(dir: &std::path::Path) -> QueryEngine {
+    use kiln_storage::catalog::{ColumnType, SchemaChange};
+    use kiln_storage::durable_store::DurableLocalStore;
+    let store = Arc::new(DurableLocalStore::new(dir.join("objects")).unwrap());
+    let engine = Engine::open(
+        kiln_storage::EngineConfig::new(dir.join("wal")),
+        store,
+        None,
+    )
+    .await
+    .unwrap();
+    let changes =
+        [("host", ColumnType::Tag), ("v", ColumnType::Float)].map(|(column, ty)| SchemaChange {
+            table: "m".into(),
+            column: column.into(),
+            ty,
+        });
+    engine
+        .catalog()
+        .ensure_schema("db", &changes)
+        .await
+        .unwrap();
+    QueryEngine::new(engine, QueryConfig::default()).unwrap()
+}

@@ -856,7 +856,7 @@ pub fn deleted_rows(predicate: &DeletePredicate) -> Expr {
 }
 
 /// A time literal of the type SQL sees `time` as.
-fn utc_nanos(nanos: i64) -> ScalarValue {
+pub(crate) fn utc_nanos(nanos: i64) -> ScalarValue {
     ScalarValue::TimestampNanosecond(Some(nanos), Some(TIME_ZONE.into()))
 }
 
@@ -918,7 +918,7 @@ fn fit(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     )?)
 }
 
-fn project(schema: &SchemaRef, projection: Option<&Vec<usize>>) -> Result<SchemaRef> {
+pub(crate) fn project(schema: &SchemaRef, projection: Option<&Vec<usize>>) -> Result<SchemaRef> {
     Ok(match projection {
         Some(p) => Arc::new(schema.project(p)?),
         None => Arc::clone(schema),

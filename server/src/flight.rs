@@ -573,10 +573,7 @@ impl FlightSqlService for FlightSql {
         let principal = principal(&request)?;
         let database = database_header(request.metadata())?;
         if let Some(statement) = ViewStatement::of(&command.query) {
-            let action = match statement.manages_tables() {
-                true => Access::Admin,
-                false => Access::Write(&database),
-            };
+            let action = Access::of_view_statement(statement, &database);
             authorize(&self.auth, Door::FlightSql, &principal, action)?;
             let answer = self
                 .query

@@ -392,10 +392,7 @@ impl Connection {
         sql: &str,
         statement: kiln_query::views::ViewStatement,
     ) -> PgWireResult<Vec<Response>> {
-        let action = match statement.manages_tables() {
-            true => Action::Admin,
-            false => Action::Write(&session.database),
-        };
+        let action = Action::of_view_statement(statement, &session.database);
         self.0
             .shared
             .auth

@@ -386,8 +386,9 @@ fn events(data: &Path, kind: &str) -> usize {
         .sum()
 }
 
-/// Runs `sql` (a DELETE) over HTTP: status and JSON answer.
-async fn delete(server: &TestServer, sql: &str) -> (StatusCode, serde_json::Value) {
+/// Runs `sql` (a DELETE, a view statement) against database `plant` over HTTP: status
+/// and JSON answer.
+pub(crate) async fn statement(server: &TestServer, sql: &str) -> (StatusCode, serde_json::Value) {
     let response = server
         .client
         .post(server.url("/api/v3/query_sql"))
@@ -424,12 +425,12 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
     assert_eq!(count(&server, "a").await, 180);
 
     // One sensor entirely: segments and buffer.
-    let (status, answer) = delete(&server, "DELETE FROM temp WHERE sensor = 'a'").await;
+    let (status, answer) = statement(&server, "DELETE FROM temp WHERE sensor = 'a'").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["deleted"], 180, "{answer}");
     assert_eq!(count(&server, "a").await, 0);
     // Another over a time range that spans segments and the buffer.
-    let (status, answer) = delete(
+    let (status, answer) = statement(
         &server,
         &format!(
             "DELETE FROM temp WHERE sensor IN ('b') AND time >= to_timestamp({}) AND time < to_timestamp({})",
@@ -460,16 +461,16 @@ async fn deleted_rows_are_gone_from_segments_and_buffer_through_restarts_and_com
     assert_eq!(cached[0]["sensor"], "b");
 
     // What it cannot do, it says; what matches nothing, it says too.
-    let (status, answer) = delete(&server, "DELETE FROM temp WHERE celsius > 3").await;
+    let (status, answer) = statement(&server, "DELETE FROM temp WHERE celsius > 3").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     assert!(
         answer.to_string().contains("\\\"celsius\\\" is a field"),
         "{answer}"
     );
-    let (status, answer) = delete(&server, "DELETE FROM temp WHERE sensor = 'nope'").await;
+    let (status, answer) = statement(&server, "DELETE FROM temp WHERE sensor = 'nope'").await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["deleted"], 0, "{answer}");
-    let (status, _) = delete(&server, "DELETE FROM nope WHERE sensor = 'a'").await;
+    let (status, _) = statement(&server, "DELETE FROM nope WHERE sensor = 'a'").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // The other doors: PostgreSQL (`DELETE <n>`) and Flight SQL (an update's count).

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::Value;
 
+use crate::lifecycle::statement;
 use crate::postgres::connect;
 use crate::support::{TestServer, eventually};
 
@@ -41,19 +41,6 @@ fn rows(from: i64, minutes: i64, hosts: usize, seed: i64) -> String {
 async fn write(server: &TestServer, body: String) {
     let (status, text) = server.write("plant", body, &[("precision", "s")]).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{text}");
-}
-
-/// Runs `sql` over HTTP: status and JSON answer.
-async fn statement(server: &TestServer, sql: &str) -> (StatusCode, Value) {
-    let response = server
-        .client
-        .post(server.url("/api/v3/query_sql"))
-        .json(&serde_json::json!({"db": "plant", "q": sql}))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or_default())
 }
 
 /// Whether the view holds exactly its query's answer over the source.

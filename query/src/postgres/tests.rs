@@ -1,33 +1,6 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, Int64Array};
-use kiln_storage::catalog::{ColumnType, SchemaChange};
-use kiln_storage::durable_store::DurableLocalStore;
-use kiln_storage::{Engine, EngineConfig};
-use object_store::ObjectStore;
-
-use crate::{QueryConfig, QueryEngine};
-
-/// A query engine over a fresh data directory with table `db.m` (tag `host`, field `v`).
-async fn query_engine(dir: &std::path::Path) -> QueryEngine {
-    let store: Arc<dyn ObjectStore> =
-        Arc::new(DurableLocalStore::new(dir.join("objects")).unwrap());
-    let engine = Engine::open(EngineConfig::new(dir.join("wal")), store, None)
-        .await
-        .unwrap();
-    let changes =
-        [("host", ColumnType::Tag), ("v", ColumnType::Float)].map(|(column, ty)| SchemaChange {
-            table: "m".into(),
-            column: column.into(),
-            ty,
-        });
-    engine
-        .catalog()
-        .ensure_schema("db", &changes)
-        .await
-        .unwrap();
-    QueryEngine::new(engine, QueryConfig::default()).unwrap()
-}
 
 async fn count(session: &super::PostgresSession, sql: &str) -> i64 {
     let batches = session
@@ -51,7 +24,7 @@ async fn count(session: &super::PostgresSession, sql: &str) -> i64 {
 #[tokio::test]
 async fn a_session_is_freed_when_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let query = query_engine(dir.path()).await;
+    let query = crate::test_query_engine(dir.path()).await;
     let session = query.postgres_session("db").unwrap();
     // Both schemas answer over the session's catalogs while it lives.
     let sql = "SELECT count(*) FROM pg_catalog.pg_class WHERE relname = 'm'";

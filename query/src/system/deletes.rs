@@ -34,7 +34,7 @@ pub(super) fn rows(state: &CatalogState, visible: &Visible) -> Vec<ArrayRef> {
         let Some(def) = state.table_by_id(t.table) else {
             continue;
         };
-        let Some(db) = state.databases.values().find(|d| d.id == def.database) else {
+        let Some(db) = state.database_by_id(def.database) else {
             continue;
         };
         if !visible.allows(&db.name) {

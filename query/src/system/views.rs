@@ -39,7 +39,7 @@ pub(super) fn rows(state: &CatalogState, visible: &Visible) -> Vec<ArrayRef> {
         let Some(def) = state.table_by_id(view.def.table) else {
             continue;
         };
-        let Some(db) = state.databases.values().find(|d| d.id == def.database) else {
+        let Some(db) = state.database_by_id(def.database) else {
             continue;
         };
         if !visible.allows(&db.name) {
@@ -54,18 +54,12 @@ pub(super) fn rows(state: &CatalogState, visible: &Visible) -> Vec<ArrayRef> {
         realtime.append_value(view.def.realtime);
         watermark.append_option(view.watermark);
         refreshed.append_option(view.refreshed_at);
-        // Spans may overlap (each persistence adds its own): count their union.
-        let mut spans: Vec<(i64, i64)> = view.invalid.iter().map(|i| (i.start, i.end)).collect();
-        spans.sort_unstable();
-        let (mut buckets, mut reached) = (0u64, i64::MIN);
-        for (start, end) in spans {
-            let start = start.max(reached);
-            if end > start {
-                buckets += ((end - start) / view.def.bucket_nanos.max(1)) as u64;
-                reached = end;
-            }
-        }
-        pending.append_value(buckets);
+        let buckets: i64 = view
+            .invalid_spans()
+            .iter()
+            .map(|(start, end, _)| (end - start) / view.def.bucket_nanos)
+            .sum();
+        pending.append_value(buckets as u64);
     }
     let mut columns: Vec<ArrayRef> = texts
         .into_iter()

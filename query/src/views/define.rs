@@ -49,10 +49,6 @@ impl Options {
             };
             let text = value.to_string();
             let text = text.trim_matches('\'');
-            let duration = |what: &str| {
-                kiln_storage::catalog::lifecycle::parse_retention(text)
-                    .map_err(|e| Error::Invalid(format!("option {what}: {e}")))
-            };
             match key.value.to_ascii_lowercase().as_str() {
                 "lag" => {
                     let lag = humantime::parse_duration(text)
@@ -84,7 +80,11 @@ impl Options {
                         !on
                     };
                 }
-                "retention" => parsed.retention_nanos = duration("retention")?,
+                "retention" => {
+                    parsed.retention_nanos =
+                        kiln_storage::catalog::lifecycle::parse_retention(text)
+                            .map_err(|e| Error::Invalid(format!("option retention: {e}")))?;
+                }
                 other => {
                     return Err(Error::Invalid(format!(
                         "unknown view option {other:?} (lag, realtime, retention)"

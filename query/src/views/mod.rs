@@ -135,12 +135,11 @@ impl QueryEngine {
             ));
         }
         let name = object_name(&create.name, database)?;
+        let state = self.engine.catalog_state();
         if create.if_not_exists
-            && self
-                .engine
-                .catalog_state()
+            && state
                 .table(database, &name)
-                .is_some_and(|t| self.engine.catalog_state().view(t.id).is_some())
+                .is_some_and(|t| state.view(t.id).is_some())
         {
             return Ok(ViewAnswer {
                 statement: ViewStatement::Create,

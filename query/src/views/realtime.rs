@@ -23,10 +23,10 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::prelude::SessionConfig;
 use kiln_storage::Engine;
-use kiln_storage::catalog::{TIME_COLUMN, TIME_ZONE};
+use kiln_storage::catalog::TIME_COLUMN;
 use kiln_storage::ids::TableId;
 
-use crate::provider::KilnTable;
+use crate::provider::{KilnTable, project, utc_nanos};
 
 /// A real-time view's table: its materialized rows, and its newest buckets computed.
 #[derive(Debug)]
@@ -146,24 +146,16 @@ impl TableProvider for RealtimeView {
         // Below the source's retention only the materialized rows remain.
         let floor = catalog
             .retention_cutoff(def.source, kiln_storage::now_nanos())
-            .map(|c| def.bucket_end(c));
+            .map(|c| def.first_whole_bucket(c));
         let watermark = match (watermark, floor) {
             (Some(w), Some(f)) => Some(w.max(f)),
             (w, _) => w,
         };
         let mut before = filters.to_vec();
         if let Some(w) = watermark {
-            before.push(col(TIME_COLUMN).lt(lit(
-                datafusion::common::ScalarValue::TimestampNanosecond(
-                    Some(w),
-                    Some(TIME_ZONE.into()),
-                ),
-            )));
+            before.push(col(TIME_COLUMN).lt(lit(utc_nanos(w))));
         }
-        let schema = match projection {
-            Some(p) => Arc::new(self.materialized.schema().project(p)?),
-            None => self.materialized.schema(),
-        };
+        let schema = project(&self.materialized.schema(), projection)?;
         let computed = self
             .computed(state, &view.def.query, watermark, &schema)
             .await?;

@@ -5,20 +5,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, AsArray, RecordBatch};
+use arrow::array::{ArrayRef, RecordBatch};
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, ScalarValue};
 use datafusion::logical_expr::{Expr, Filter, LogicalPlan, lit};
 use datafusion::prelude::DataFrame;
 use futures::TryStreamExt;
-use kiln_storage::catalog::tombstones::DeletePredicate;
 use kiln_storage::catalog::views::{Pending, Refresh, View};
-use kiln_storage::catalog::{CatalogState, TIME_COLUMN, TIME_ZONE, TableDef};
+use kiln_storage::catalog::{CatalogState, TIME_COLUMN, TableDef};
 use kiln_storage::ids::TableId;
 use kiln_storage::write::{TableWrite, WriteBatch};
 
+use crate::provider::utc_nanos;
 use crate::{Error, QueryEngine};
 
 /// What a refresh did.
@@ -84,26 +84,21 @@ impl QueryEngine {
             // Dropped meanwhile, or its source was.
             return Ok(RefreshOutcome::default());
         };
-        let Some(database) = state
-            .databases
-            .values()
-            .find(|d| d.id == table.database)
-            .map(|d| d.name.clone())
-        else {
+        let Some(database) = state.database_by_id(table.database).map(|d| d.name.clone()) else {
             return Ok(RefreshOutcome::default());
         };
-        let work = Work::plan(&v, &state, source.id, now, buffered);
+        let work = Work::plan(&v, &state, now, buffered);
         let mut outcome = RefreshOutcome::default();
         let chunk = chunk_nanos(
             v.def.bucket_nanos,
             source.partition_nanos,
             state.segments(source.id),
         );
-        let schema = match work.todo.is_empty() {
-            true => None,
-            false => Some(self.written_schema(&database, &v, &table).await?),
-        };
         let spans = work.todo.len();
+        let schema = match spans {
+            0 => None,
+            _ => Some(self.written_schema(&database, &v, &table).await?),
+        };
         for (n, &(start, end, deleted)) in work.todo.iter().enumerate() {
             let mut from = start;
             while from < end {
@@ -121,11 +116,10 @@ impl QueryEngine {
                 if deleted {
                     self.clear(&database, &table, from, to).await?;
                 }
-                if let Some(schema) = &schema {
-                    outcome.rows += self
-                        .recompute(&database, &v, &table, schema, (from, to))
-                        .await?;
-                }
+                let schema = schema.as_ref().expect("read when there is work");
+                outcome.rows += self
+                    .recompute(&database, &v, &table, schema, (from, to))
+                    .await?;
                 outcome.buckets += ((to - from) / v.def.bucket_nanos) as u64;
                 from = to;
             }
@@ -146,7 +140,8 @@ impl QueryEngine {
     }
 
     /// Deletes the view's rows in `[from, to)`: groups may have vanished there (before the
-    /// recomputed rows are written, so they are not deleted).
+    /// recomputed rows are written, so they are not deleted). A span holding no rows
+    /// records nothing (as any `DELETE`).
     async fn clear(
         &self,
         database: &str,
@@ -154,30 +149,13 @@ impl QueryEngine {
         from: i64,
         to: i64,
     ) -> Result<(), Error> {
-        let predicate = DeletePredicate {
-            tags: Vec::new(),
-            min_time: from,
-            max_time: to - 1,
-        };
         let sql = format!(
-            "SELECT count(*) FROM {} WHERE time >= '{}' AND time < '{}'",
+            "DELETE FROM {} WHERE time >= '{}' AND time < '{}'",
             crate::quote_ident(&table.name),
             kiln_storage::time::rfc3339(from),
             kiln_storage::time::rfc3339(to),
         );
-        let batches: Vec<RecordBatch> = self.sql(database, &sql).await?.try_collect().await?;
-        let held = batches.first().filter(|b| b.num_rows() > 0).map_or(0, |b| {
-            b.column(0)
-                .as_primitive::<arrow::datatypes::Int64Type>()
-                .value(0)
-        });
-        if held > 0 {
-            self.engine
-                .delete_rows(database, &table.name, predicate)
-                .await
-                .map_err(|e| Error::Internal(Box::new(e)))?;
-        }
-        Ok(())
+        self.delete(database, &sql).await.map(|_| ())
     }
 
     /// The view's columns in the order its query gives them, typed as its table holds
@@ -253,25 +231,13 @@ impl QueryEngine {
                     .map_err(|e| Error::Internal(Box::new(e)))?,
             );
         }
-        let mut rows = 0;
-        let mut at = 0;
-        while at < converted.len() {
-            // Batches up to WRITE_ROWS rows per WAL record.
-            let mut end = at;
-            let mut n = 0;
-            while end < converted.len()
-                && (end == at || n + converted[end].num_rows() <= WRITE_ROWS)
-            {
-                n += converted[end].num_rows();
-                end += 1;
-            }
-            let batch = concat_batches(schema, &converted[at..end])
-                .map_err(|e| Error::Internal(Box::new(e)))?;
-            self.write_view_rows(table, batch).await?;
-            rows += n as u64;
-            at = end;
+        let all = concat_batches(schema, &converted).map_err(|e| Error::Internal(Box::new(e)))?;
+        // Up to WRITE_ROWS rows per WAL record.
+        for at in (0..all.num_rows()).step_by(WRITE_ROWS) {
+            let len = WRITE_ROWS.min(all.num_rows() - at);
+            self.write_view_rows(table, all.slice(at, len)).await?;
         }
-        Ok(rows)
+        Ok(all.num_rows() as u64)
     }
 
     /// Writes rows to a view's table, waiting while the write buffer is full.
@@ -314,49 +280,23 @@ struct Work {
 }
 
 impl Work {
-    fn plan(
-        v: &View,
-        state: &CatalogState,
-        source: TableId,
-        now: i64,
-        buffered: Option<i64>,
-    ) -> Self {
+    fn plan(v: &View, state: &CatalogState, now: i64, buffered: Option<i64>) -> Self {
         let def = &v.def;
-        let horizon = def.bucket_start(now.saturating_sub(def.lag_nanos));
+        let horizon = def.horizon(now);
         // Rows not yet persisted are in no invalidation yet: the view is complete only
         // before the bucket of the oldest of them.
         let watermark = buffered.map_or(horizon, |t| horizon.min(def.bucket_start(t)));
         // Buckets partly past the source's retention cannot be recomputed whole; those
         // past the view's own would be written only to expire.
-        let source_floor =
-            state
-                .retention_cutoff(source, now)
-                .map(|cutoff| match def.bucket_start(cutoff) {
-                    start if start == cutoff => cutoff,
-                    _ => def.bucket_end(cutoff),
-                });
+        let source_floor = state
+            .retention_cutoff(def.source, now)
+            .map(|cutoff| def.first_whole_bucket(cutoff));
         let view_floor = state
             .retention_cutoff(def.table, now)
             .map(|cutoff| def.bucket_start(cutoff));
         let floor = source_floor.into_iter().chain(view_floor).max();
-        let mut spans: Vec<(i64, i64, bool)> = v
-            .invalid
-            .iter()
-            .map(|i| (i.start, i.end, i.deleted))
-            .collect();
-        spans.sort_unstable();
-        let mut merged: Vec<(i64, i64, bool)> = Vec::new();
-        for (start, end, deleted) in spans {
-            match merged.last_mut() {
-                Some(last) if start <= last.1 => {
-                    last.1 = last.1.max(end);
-                    last.2 |= deleted;
-                }
-                _ => merged.push((start, end, deleted)),
-            }
-        }
         let (mut todo, mut pending) = (Vec::new(), Vec::new());
-        for (start, end, deleted) in merged {
+        for (start, end, deleted) in v.invalid_spans() {
             let lo = floor.map_or(start, |f| start.max(f));
             let hi = end.min(horizon);
             if lo < hi {
@@ -438,12 +378,7 @@ fn a_refresh_query_reads_about_two_million_rows_at_most() {
 
 /// `plan` reading only its source's rows in `[from, to)`.
 pub(super) fn within(plan: LogicalPlan, from: i64, to: i64) -> Result<LogicalPlan, Error> {
-    let at = |t: i64| {
-        lit(ScalarValue::TimestampNanosecond(
-            Some(t),
-            Some(TIME_ZONE.into()),
-        ))
-    };
+    let at = |t: i64| lit(utc_nanos(t));
     Ok(plan
         .transform_up(|node| match node {
             LogicalPlan::TableScan(scan) => {
@@ -480,10 +415,7 @@ pub async fn run_refresher(
             .views
             .values()
             .filter(|v| state.table_by_id(v.def.source).is_some())
-            .filter(|v| {
-                let horizon = v.def.bucket_start(now.saturating_sub(v.def.lag_nanos));
-                v.invalid.iter().any(|i| i.start < horizon)
-            })
+            .filter(|v| v.invalid.iter().any(|i| i.start < v.def.horizon(now)))
             .map(|v| v.def.table)
             .collect();
         for view in due {

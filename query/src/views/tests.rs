@@ -9,14 +9,13 @@ use arrow::array::{
 use arrow::datatypes::Int32Type;
 use arrow::util::pretty::pretty_format_batches;
 use futures::TryStreamExt;
+use kiln_storage::Engine;
+use kiln_storage::catalog::ColumnType;
 use kiln_storage::catalog::tombstones::{DeletePredicate, TagCondition};
-use kiln_storage::catalog::{ColumnType, SchemaChange};
-use kiln_storage::durable_store::DurableLocalStore;
 use kiln_storage::write::{TableWrite, WriteBatch};
-use kiln_storage::{Engine, EngineConfig};
 use proptest::prelude::*;
 
-use crate::{QueryConfig, QueryEngine};
+use crate::QueryEngine;
 
 /// 2024-01-01T00:00:00Z.
 const T0: i64 = 1_704_067_200_000_000_000;
@@ -42,26 +41,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Persist),
         2 => Just(Op::Refresh),
     ]
-}
-
-async fn engine(dir: &std::path::Path) -> (Arc<Engine>, QueryEngine) {
-    let store = Arc::new(DurableLocalStore::new(dir.join("objects")).unwrap());
-    let engine = Engine::open(EngineConfig::new(dir.join("wal")), store, None)
-        .await
-        .unwrap();
-    let changes =
-        [("host", ColumnType::Tag), ("v", ColumnType::Float)].map(|(column, ty)| SchemaChange {
-            table: "m".into(),
-            column: column.into(),
-            ty,
-        });
-    engine
-        .catalog()
-        .ensure_schema("db", &changes)
-        .await
-        .unwrap();
-    let query = QueryEngine::new(Arc::clone(&engine), QueryConfig::default()).unwrap();
-    (engine, query)
 }
 
 async fn write(engine: &Engine, rows: &[(usize, i64, i32)]) {
@@ -117,7 +96,8 @@ const OF_SOURCE: &str = "SELECT time_bucket('15 minutes', time) AS time, host, s
 
 async fn run(ops: Vec<Op>, create_at: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (engine, query) = engine(dir.path()).await;
+    let query = crate::test_query_engine(dir.path()).await;
+    let engine = Arc::clone(query.engine());
     let mut created = false;
     for (i, op) in ops.iter().chain([&Op::Refresh]).enumerate() {
         if i == create_at.min(ops.len()) {

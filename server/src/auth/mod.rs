@@ -42,6 +42,20 @@ pub enum Action<'a> {
     Admin,
 }
 
+impl<'a> Action<'a> {
+    /// What a materialized view statement on `database` needs: creating and dropping
+    /// change its tables (admin), refreshing writes it.
+    pub fn of_view_statement(
+        statement: kiln_query::views::ViewStatement,
+        database: &'a str,
+    ) -> Self {
+        match statement.manages_tables() {
+            true => Action::Admin,
+            false => Action::Write(database),
+        }
+    }
+}
+
 impl std::fmt::Display for Action<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

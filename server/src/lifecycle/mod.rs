@@ -411,11 +411,7 @@ pub async fn view_statement(
     sql: &str,
     statement: kiln_query::views::ViewStatement,
 ) -> Response {
-    let action = match statement.manages_tables() {
-        true => Action::Admin,
-        false => Action::Write(db),
-    };
-    if let Err(e) = require(&s.auth, principal, action) {
+    if let Err(e) = require(&s.auth, principal, Action::of_view_statement(statement, db)) {
         return refusal(&e);
     }
     match s.query.view_statement(db, sql).await {

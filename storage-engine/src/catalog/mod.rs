@@ -468,6 +468,19 @@ impl CatalogState {
         self.databases.get(name)
     }
 
+    /// The live database with id `id`.
+    pub fn database_by_id(&self, id: DatabaseId) -> Option<&DatabaseDef> {
+        self.databases.values().find(|d| d.id == id)
+    }
+
+    /// The oldest and newest times `table`'s segments hold.
+    pub fn segments_span(&self, table: TableId) -> Option<(i64, i64)> {
+        self.segments(table)
+            .iter()
+            .map(|s| (s.min_time, s.max_time))
+            .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
+    }
+
     pub fn table(&self, database: &str, table: &str) -> Option<&TableDef> {
         let id = self.databases.get(database)?.tables.get(table)?;
         self.tables.get(id)

@@ -69,6 +69,19 @@ impl ViewDef {
     pub fn buckets_of(&self, min: i64, max: i64) -> (i64, i64) {
         (self.bucket_start(min), self.bucket_end(max))
     }
+
+    /// Buckets before it are complete at `now`: they ended at or before `now − lag`.
+    pub fn horizon(&self, now: i64) -> i64 {
+        self.bucket_start(now.saturating_sub(self.lag_nanos))
+    }
+
+    /// The first bucket wholly at or after `time` (a retention cutoff).
+    pub fn first_whole_bucket(&self, time: i64) -> i64 {
+        match self.bucket_start(time) {
+            start if start == time => time,
+            _ => self.bucket_end(time),
+        }
+    }
 }
 
 /// Buckets `[start, end)` whose rows changed since they were last materialized.
@@ -121,6 +134,28 @@ pub struct Refresh {
 }
 
 impl View {
+    /// Its invalidations as disjoint spans `[start, end)` in order, each marked if rows
+    /// were deleted anywhere in it.
+    pub fn invalid_spans(&self) -> Vec<(i64, i64, bool)> {
+        let mut spans: Vec<(i64, i64, bool)> = self
+            .invalid
+            .iter()
+            .map(|i| (i.start, i.end, i.deleted))
+            .collect();
+        spans.sort_unstable();
+        let mut merged: Vec<(i64, i64, bool)> = Vec::new();
+        for (start, end, deleted) in spans {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => {
+                    last.1 = last.1.max(end);
+                    last.2 |= deleted;
+                }
+                _ => merged.push((start, end, deleted)),
+            }
+        }
+        merged
+    }
+
     fn invalidate(&mut self, start: i64, end: i64, deleted: bool) {
         if start >= end {
             return;
@@ -187,16 +222,7 @@ impl CatalogState {
     pub(super) fn invalidate_deleted(&mut self, table: TableId, min: i64, max: i64) {
         // An open-ended delete reaches only as far as rows were ever persisted or
         // materialized (rows only buffered are invalidated when they are persisted).
-        let held = self
-            .segments
-            .get(&table)
-            .into_iter()
-            .flat_map(|s| s.iter())
-            .fold(None, |acc: Option<(i64, i64)>, s| {
-                Some(acc.map_or((s.min_time, s.max_time), |(a, b)| {
-                    (a.min(s.min_time), b.max(s.max_time))
-                }))
-            });
+        let held = self.segments_span(table);
         for view in self.views_of(table) {
             let mut span = held;
             if let Some((a, b)) = view.extent {

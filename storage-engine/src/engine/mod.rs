@@ -514,9 +514,8 @@ impl Engine {
     pub fn time_range(&self, table: TableId) -> Option<(i64, i64)> {
         self.catalog
             .snapshot()
-            .segments(table)
-            .iter()
-            .map(|s| (s.min_time, s.max_time))
+            .segments_span(table)
+            .into_iter()
             .chain(self.buffered_time_range(table))
             .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
     }
