@@ -47,10 +47,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::datatypes::DataType;
-use datafusion::catalog::Session;
+use datafusion::catalog::{MemoryCatalogProviderList, Session};
 use datafusion::common::Column;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::context::{ExecutionProps, QueryPlanner};
+use datafusion::execution::registry::FunctionRegistry;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -218,12 +219,16 @@ pub struct QueryEngine {
     rule_status: Arc<alerts::scheduler::RuleStatuses>,
     /// Held while a view is refreshed or dropped.
     refreshing: views::RefreshLock,
+    /// What every session starts from (see [`Self::context`]).
+    base: Arc<SessionState>,
 }
 
 impl QueryEngine {
     pub fn new(engine: Arc<Engine>, config: QueryConfig) -> Result<Self, Error> {
         let rule_status = Arc::<alerts::scheduler::RuleStatuses>::default();
+        let runtime = config.runtime()?;
         Ok(Self {
+            base: Arc::new(base_state(&engine, &runtime)),
             catalog: Arc::new(KilnCatalog::new(
                 Arc::clone(&engine),
                 Visible::all(),
@@ -231,7 +236,7 @@ impl QueryEngine {
             )),
             rule_status,
             visible: Visible::all(),
-            runtime: config.runtime()?,
+            runtime,
             executor: config
                 .executor
                 .clone()
@@ -257,9 +262,14 @@ impl QueryEngine {
         }
     }
 
-    /// A session context on the shared runtime, with Kiln's planning: gap filling and the
-    /// last-value cache rule run before DataFusion's optimizer rules (they match plans as
-    /// SQL builds them), and gap filling is planned by [`gapfill::GapFillPlanner`].
+    /// A session context on the shared runtime, with Kiln's planning (see
+    /// [`base_state`]) and `config`.
+    ///
+    /// Building a session state from nothing registers DataFusion's few hundred functions
+    /// and makes its optimizer rules anew, a fixed cost every HTTP query paid before its
+    /// planning started: a session is instead a copy of the engine's base state with its
+    /// own configuration and catalog list. Functions that read the configuration (`now()`,
+    /// `to_timestamp` read the time zone) are made for it when it differs from the base's.
     fn context(&self, config: SessionConfig) -> SessionContext {
         // A `min`/`max` aggregate's dynamic filter, pushed into a table's scan, gives wrong
         // answers when a partition is read from a segment and the buffer at once (the
@@ -269,20 +279,24 @@ impl QueryEngine {
             "datafusion.optimizer.enable_aggregate_dynamic_filter_pushdown",
             false,
         );
-        let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
-            Arc::new(gapfill::HandleGapFill),
-            Arc::new(last_cache::UseLastCache::new(Arc::clone(&self.engine))),
-            Arc::new(int_compare::IntCompare),
-            Arc::new(like_escape::LikeEscape),
-        ];
-        rules.extend(Optimizer::new().rules);
-        let state = SessionStateBuilder::new()
-            .with_config(config)
-            .with_runtime_env(Arc::clone(&self.runtime))
-            .with_default_features()
-            .with_optimizer_rules(rules)
-            .with_query_planner(Arc::new(KilnQueryPlanner))
-            .build();
+        let mut state = SessionState::clone(&self.base);
+        let zone_changed =
+            config.options().execution.time_zone != state.config().options().execution.time_zone;
+        *state.config_mut() = config;
+        // Its own catalogs, and its own generator of names for common subexpressions.
+        state.register_catalog_list(Arc::new(MemoryCatalogProviderList::new()));
+        *state.execution_props_mut() = ExecutionProps::new();
+        if zone_changed {
+            let updated: Vec<_> = state
+                .scalar_functions()
+                .values()
+                .filter_map(|f| f.inner().with_updated_config(state.config().options()))
+                .collect();
+            for f in updated {
+                // Registering replaces the function of that name; it cannot fail.
+                let _ = state.register_udf(Arc::new(f));
+            }
+        }
         SessionContext::new_with_state(state)
     }
 
@@ -302,17 +316,9 @@ impl QueryEngine {
         ctx
     }
 
-    /// What every session needs whatever its layout: the engine's object store (segments
-    /// are read through it) and Kiln's time-series functions.
+    /// What every session needs whatever its layout beyond the base state's: the
+    /// last-value cache function, which shows the databases this engine shows.
     fn register_storage_and_functions(&self, ctx: &SessionContext) {
-        ctx.register_object_store(
-            provider::object_store_url().as_ref(),
-            Arc::clone(self.engine.store()),
-        );
-        ctx.register_udf(time_bucket::time_bucket());
-        for f in gapfill::functions() {
-            ctx.register_udf(f);
-        }
         ctx.register_udtf(
             "last_cache",
             Arc::new(last_cache::LastCacheFunction::new(
@@ -320,9 +326,6 @@ impl QueryEngine {
                 self.visible.clone(),
             )),
         );
-        ctx.register_udaf(avg::avg());
-        ctx.register_udaf(selectors::first());
-        ctx.register_udaf(selectors::last());
     }
 
     /// `DatabaseNotFound` unless `database` exists and this engine shows it.
@@ -516,6 +519,42 @@ impl QueryEngine {
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
+}
+
+/// The state every session of an engine copies: DataFusion's functions and rules with
+/// Kiln's (gap filling and the last-value cache rule run before DataFusion's optimizer
+/// rules: they match plans as SQL builds them; gap filling is planned by
+/// [`gapfill::GapFillPlanner`]), the shared runtime, the engine's object store (segments
+/// are read through it) and Kiln's time-series functions.
+fn base_state(engine: &Arc<Engine>, runtime: &Arc<RuntimeEnv>) -> SessionState {
+    let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
+        Arc::new(gapfill::HandleGapFill),
+        Arc::new(last_cache::UseLastCache::new(Arc::clone(engine))),
+        Arc::new(int_compare::IntCompare),
+        Arc::new(like_escape::LikeEscape),
+    ];
+    rules.extend(Optimizer::new().rules);
+    let mut functions: Vec<_> = gapfill::functions();
+    functions.push(time_bucket::time_bucket());
+    let state = SessionStateBuilder::new()
+        .with_config(SessionConfig::new().with_create_default_catalog_and_schema(false))
+        .with_runtime_env(Arc::clone(runtime))
+        .with_default_features()
+        .with_optimizer_rules(rules)
+        .with_query_planner(Arc::new(KilnQueryPlanner))
+        .with_object_store(
+            provider::object_store_url().as_ref(),
+            Arc::clone(engine.store()) as _,
+        )
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    for f in functions {
+        ctx.register_udf(f);
+    }
+    ctx.register_udaf(avg::avg());
+    ctx.register_udaf(selectors::first());
+    ctx.register_udaf(selectors::last());
+    ctx.state()
 }
 
 /// A query engine over a fresh data directory with table `db.m` (tag `host`, field `v`).
