@@ -213,28 +213,46 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         brokers: i32,
     },
-    /// Run the TSBS cpu-only query types on a server holding `ingest`'s data, and the same
-    /// queries on DuckDB over the server's Parquet segments; print medians and ratios.
+    /// Run the TSBS cpu-only query types on a server holding `ingest`'s data through each
+    /// client asked for, and the same queries on DuckDB in each configuration asked for;
+    /// print medians and ratios.
     Queries {
         /// The workload the server holds (as given to `ingest`).
         #[command(flatten)]
         workload: Workload,
+        /// Server HTTP base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
         /// Server gRPC URL (Flight SQL).
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         grpc_url: String,
+        /// PostgreSQL connection string without the database.
+        #[arg(long, default_value = "host=127.0.0.1 port=5433 user=kiln")]
+        pg: String,
         /// Database holding the data.
         #[arg(long, default_value = "benchmark")]
         db: String,
+        /// Kiln's clients, one column each (comma-separated: http, pg, flight); ratios are
+        /// of the first.
+        #[arg(long, value_delimiter = ',', default_value = "flight")]
+        clients: Vec<String>,
         /// Instances of each query type (random hosts and windows).
         #[arg(long, default_value_t = 10)]
         runs: usize,
         /// Query types to run (comma-separated); all by default.
         #[arg(long, value_delimiter = ',')]
         types: Vec<String>,
-        /// Glob of the Parquet segments DuckDB reads (the server's
+        /// DuckDB over the Parquet segments Kiln persisted: their glob (the server's
         /// `<data-dir>/objects/segments/*/*/*.parquet`).
         #[arg(long)]
-        segments: String,
+        segments: Option<String>,
+        /// DuckDB over Parquet files it wrote itself: their directory
+        /// (`benches/duckdb_queries.py prepare`).
+        #[arg(long)]
+        duckdb_parquet: Option<String>,
+        /// DuckDB over a native table: the database file.
+        #[arg(long)]
+        duckdb_native: Option<String>,
         /// A Python that can `import duckdb` (benches/queries.sh makes one).
         #[arg(long, default_value = "python3")]
         python: String,
@@ -242,7 +260,7 @@ enum Command {
         #[arg(long, default_value = "benches/duckdb_queries.py")]
         script: String,
         /// Receive tags as Arrow dictionaries, as Kiln stores them (the
-        /// `kiln-dictionaries: keep` header), instead of as strings.
+        /// `kiln-dictionaries: keep` header), instead of as strings (Flight SQL).
         #[arg(long)]
         keep_dictionaries: bool,
     },
@@ -289,16 +307,21 @@ fn main() -> std::process::ExitCode {
         }
         Command::Queries {
             workload,
+            url,
             grpc_url,
+            pg,
             db,
+            clients,
             runs,
             types,
             segments,
+            duckdb_parquet,
+            duckdb_native,
             python,
             script,
             keep_dictionaries,
         } => {
-            use kiln_bench::queries::{Data, Plan, QUERY_TYPES, report};
+            use kiln_bench::queries::{Data, Duck, Plan, QUERY_TYPES, Urls, report};
             let mut chosen = Vec::new();
             for t in &types {
                 match QUERY_TYPES.iter().find(|q| *q == t) {
@@ -315,8 +338,20 @@ fn main() -> std::process::ExitCode {
             if chosen.is_empty() {
                 chosen = QUERY_TYPES.to_vec();
             }
+            let ducks = [
+                segments.map(Duck::KilnSegments),
+                duckdb_parquet.map(Duck::Parquet),
+                duckdb_native.map(Duck::Native),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             let plan = Plan {
-                grpc_url,
+                urls: Urls {
+                    http: url,
+                    grpc: grpc_url,
+                    pg,
+                },
                 db,
                 data: Data {
                     hosts: workload.scale,
@@ -326,9 +361,10 @@ fn main() -> std::process::ExitCode {
                 runs: runs.max(1),
                 seed: workload.seed,
                 types: chosen,
+                clients,
+                ducks,
                 python,
                 script,
-                segments,
                 keep_dictionaries,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");

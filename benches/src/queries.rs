@@ -2,11 +2,13 @@
 //!
 //! Each query type is instantiated `runs` times with seeded random hosts and windows, as
 //! TSBS's query generator does for TimescaleDB, and the same SQL (dialect aside) runs on
-//! Kiln over Flight SQL and on DuckDB over the Parquet segments Kiln persisted
-//! (`benches/duckdb_queries.py`, run with the Python given). Every query runs once
-//! untimed, then once timed, on each engine. Times are client-side, from sending the query
-//! to holding the whole result as Arrow; the row counts of the two engines are compared for
-//! every query.
+//! Kiln through each client asked for ([`Client`]: HTTP JSON, PostgreSQL simple protocol,
+//! Flight SQL) and on DuckDB in each configuration asked for ([`Duck`]: over the Parquet
+//! segments Kiln persisted, over Parquet files DuckDB wrote itself, over a native DuckDB
+//! table; `benches/duckdb_queries.py`, run with the Python given). Every query runs once
+//! untimed, then once timed, on each. Times are client-side, from sending the query to
+//! holding the whole result (the JSON body, every PostgreSQL row, the Arrow batches); the
+//! row counts are compared for every query.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -50,21 +52,27 @@ pub struct Data {
     pub span: i64,
 }
 
-/// One query in both dialects.
+/// One query in each dialect.
 #[derive(Debug, Clone)]
 pub struct Query {
     pub kind: &'static str,
     pub kiln: String,
+    /// For DuckDB over Kiln's segments.
     pub duckdb: String,
+    /// For DuckDB over its own files and tables (zoneless timestamps, no casts).
+    pub duckdb_own: String,
 }
 
 /// A timestamp literal in each dialect. Kiln's segments store `time` as UTC nanoseconds,
-/// which DuckDB reads as `TIMESTAMPTZ_NS` and compares only with literals of that type.
-fn at(nanos: i64) -> (String, String) {
+/// which DuckDB reads as `TIMESTAMPTZ_NS` and compares only with literals of that type;
+/// DuckDB's own files hold it as a zoneless `TIMESTAMP`.
+fn at(nanos: i64) -> (String, String, String) {
     let t = chrono_like(nanos);
+    let spaced = t.replace('T', " ");
     (
         format!("'{t}Z'"),
-        format!("'{}+00'::TIMESTAMPTZ_NS", t.replace('T', " ")),
+        format!("'{spaced}+00'::TIMESTAMPTZ_NS"),
+        format!("TIMESTAMP '{spaced}'"),
     )
 }
 
@@ -120,12 +128,16 @@ fn aggregates(func: &str, fields: &[&str]) -> String {
         .join(", ")
 }
 
-/// Both dialects of `sql`, where `{start}`/`{end}` are timestamp literals and `{time}` the
+/// Every dialect of `sql`, where `{start}`/`{end}` are timestamp literals and `{time}` the
 /// time column as `time_bucket` takes it (DuckDB has no `time_bucket` for `TIMESTAMPTZ_NS`).
 fn both(kind: &'static str, sql: &str, start: i64, end: i64) -> Query {
-    let (ks, ds) = at(start);
-    let (ke, de) = at(end);
+    let (ks, ds, os) = at(start);
+    let (ke, de, oe) = at(end);
     Query {
+        duckdb_own: sql
+            .replace("{start}", &os)
+            .replace("{end}", &oe)
+            .replace("{time}", "time"),
         kind,
         kiln: sql
             .replace("{start}", &ks)
@@ -214,64 +226,183 @@ pub fn generate(kind: &'static str, data: &Data, rng: &mut SmallRng) -> Query {
     }
 }
 
-/// A Flight SQL connection to Kiln, kept for all queries.
-pub struct Kiln {
-    client: FlightSqlServiceClient<Channel>,
+/// A Kiln client kept for all queries.
+pub enum Client {
+    /// Flight SQL (Kiln's own benchmark client).
+    Flight(FlightSqlServiceClient<Channel>),
+    /// `POST /api/v3/query_sql`, JSON results, one kept connection.
+    Http {
+        client: reqwest::Client,
+        url: String,
+        db: String,
+    },
+    /// The PostgreSQL simple protocol with text results, as psql sends queries.
+    Postgres(tokio_postgres::Client),
 }
 
-impl Kiln {
-    /// With `keep_dictionaries`, tags come as Arrow dictionaries (`kiln-dictionaries: keep`).
+/// Which Kiln clients: `flight`, `http`, `pg`.
+pub const CLIENTS: [&str; 3] = ["http", "pg", "flight"];
+
+impl Client {
+    /// Connects client `kind` (one of [`CLIENTS`]). With `keep_dictionaries`, Flight SQL
+    /// receives tags as Arrow dictionaries (`kiln-dictionaries: keep`).
     pub async fn connect(
-        grpc_url: &str,
+        kind: &str,
+        urls: &Urls,
         db: &str,
         keep_dictionaries: bool,
     ) -> Result<Self, String> {
-        let mut client = FlightSqlServiceClient::new(crate::flight_channel(grpc_url).await?);
-        client.set_header("database", db);
-        if keep_dictionaries {
-            client.set_header("kiln-dictionaries", "keep");
+        match kind {
+            "flight" => {
+                let mut client =
+                    FlightSqlServiceClient::new(crate::flight_channel(&urls.grpc).await?);
+                client.set_header("database", db);
+                if keep_dictionaries {
+                    client.set_header("kiln-dictionaries", "keep");
+                }
+                Ok(Self::Flight(client))
+            }
+            "http" => Ok(Self::Http {
+                client: reqwest::Client::new(),
+                url: format!("{}/api/v3/query_sql", urls.http.trim_end_matches('/')),
+                db: db.to_owned(),
+            }),
+            "pg" => {
+                let (client, connection) = tokio_postgres::connect(
+                    &format!("{} dbname={db}", urls.pg),
+                    tokio_postgres::NoTls,
+                )
+                .await
+                .map_err(|e| format!("PostgreSQL {}: {e}", urls.pg))?;
+                tokio::spawn(connection);
+                Ok(Self::Postgres(client))
+            }
+            other => Err(format!(
+                "unknown client {other}; known: {}",
+                CLIENTS.join(", ")
+            )),
         }
-        Ok(Self { client })
     }
 
-    /// Runs `sql`; the rows it returned and the time until the last arrived.
+    /// Runs `sql`; the rows it returned and the time until the client held them all.
     pub async fn run(&mut self, sql: &str) -> Result<(usize, Duration), String> {
-        let err = |e: arrow_flight::error::FlightError| format!("Flight SQL: {e} in {sql}");
         let started = Instant::now();
-        let info = self
-            .client
-            .execute(sql.to_owned(), None)
-            .await
-            .map_err(|e| format!("Flight SQL: {e} in {sql}"))?;
-        let mut rows = 0;
-        for endpoint in info.endpoint {
-            let ticket = endpoint
-                .ticket
-                .ok_or("a Flight endpoint without a ticket")?;
-            let mut stream = self
-                .client
-                .do_get(ticket)
-                .await
-                .map_err(|e| format!("Flight SQL: {e} in {sql}"))?;
-            while let Some(batch) = stream.try_next().await.map_err(err)? {
-                rows += batch.num_rows();
+        match self {
+            Self::Flight(client) => {
+                let err = |e: arrow_flight::error::FlightError| format!("Flight SQL: {e} in {sql}");
+                let info = client
+                    .execute(sql.to_owned(), None)
+                    .await
+                    .map_err(|e| format!("Flight SQL: {e} in {sql}"))?;
+                let mut rows = 0;
+                for endpoint in info.endpoint {
+                    let ticket = endpoint
+                        .ticket
+                        .ok_or("a Flight endpoint without a ticket")?;
+                    let mut stream = client
+                        .do_get(ticket)
+                        .await
+                        .map_err(|e| format!("Flight SQL: {e} in {sql}"))?;
+                    while let Some(batch) = stream.try_next().await.map_err(err)? {
+                        rows += batch.num_rows();
+                    }
+                }
+                Ok((rows, started.elapsed()))
+            }
+            Self::Http { client, url, db } => {
+                let response = client
+                    .post(url.as_str())
+                    .json(&serde_json::json!({ "db": db, "q": sql }))
+                    .send()
+                    .await
+                    .map_err(|e| format!("HTTP: {e} in {sql}"))?;
+                let status = response.status();
+                let body = response
+                    .bytes()
+                    .await
+                    .map_err(|e| format!("HTTP: {e} in {sql}"))?;
+                let took = started.elapsed();
+                if !status.is_success() {
+                    return Err(format!(
+                        "HTTP {status}: {} in {sql}",
+                        String::from_utf8_lossy(&body)
+                    ));
+                }
+                // Counted once the clock has stopped.
+                let rows = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body)
+                    .map_err(|e| format!("HTTP: a result that is not a JSON array: {e}"))?
+                    .len();
+                Ok((rows, took))
+            }
+            Self::Postgres(client) => {
+                let messages = client
+                    .simple_query(sql)
+                    .await
+                    .map_err(|e| format!("PostgreSQL: {e} in {sql}"))?;
+                let took = started.elapsed();
+                let rows = messages
+                    .iter()
+                    .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                    .count();
+                Ok((rows, took))
             }
         }
-        Ok((rows, started.elapsed()))
     }
 }
 
-/// Runs `queries` on DuckDB over the Parquet files under `segments`, with `python` (which
-/// must be able to `import duckdb`); the rows and seconds of each, in order.
+/// Where Kiln answers.
+pub struct Urls {
+    pub http: String,
+    pub grpc: String,
+    /// A libpq connection string without the database (`host=… port=… user=…`).
+    pub pg: String,
+}
+
+/// A DuckDB configuration to compare with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Duck {
+    /// Over the Parquet segments Kiln persisted (a glob), casting literals to their type.
+    KilnSegments(String),
+    /// Over Parquet files DuckDB wrote itself (`benches/duckdb_queries.py prepare`).
+    Parquet(String),
+    /// Over a native table in a DuckDB database file.
+    Native(String),
+}
+
+impl Duck {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Duck::KilnSegments(_) => "DuckDB (Kiln's files)",
+            Duck::Parquet(_) => "DuckDB Parquet",
+            Duck::Native(_) => "DuckDB native",
+        }
+    }
+
+    fn sql<'a>(&self, q: &'a Query) -> &'a str {
+        match self {
+            Duck::KilnSegments(_) => &q.duckdb,
+            _ => &q.duckdb_own,
+        }
+    }
+}
+
+/// Runs `queries` on DuckDB as `duck` says, with `python` (which must be able to `import
+/// duckdb`); the rows and seconds of each, in order.
 pub fn run_duckdb(
     python: &str,
     script: &str,
-    segments: &str,
+    duck: &Duck,
     queries: &[Query],
 ) -> Result<Vec<(usize, f64)>, String> {
+    let (mode, path) = match duck {
+        Duck::KilnSegments(p) => ("kiln-segments", p),
+        Duck::Parquet(p) => ("parquet", p),
+        Duck::Native(p) => ("native", p),
+    };
     let mut child = Command::new(python)
         .arg(script)
-        .arg(segments)
+        .arg(mode)
+        .arg(path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -280,7 +411,7 @@ pub fn run_duckdb(
     {
         let mut stdin = child.stdin.take().ok_or("no stdin")?;
         for q in queries {
-            writeln!(stdin, "{}", q.duckdb.replace('\n', " ")).map_err(|e| e.to_string())?;
+            writeln!(stdin, "{}", duck.sql(q).replace('\n', " ")).map_err(|e| e.to_string())?;
         }
     }
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
@@ -306,62 +437,124 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Everything `kiln-bench queries` needs.
 pub struct Plan {
-    pub grpc_url: String,
+    pub urls: Urls,
     pub db: String,
     pub data: Data,
     pub runs: usize,
     pub seed: u64,
     pub types: Vec<&'static str>,
+    /// Kiln's clients (of [`CLIENTS`]), one column each; the first is the one the ratios
+    /// are of.
+    pub clients: Vec<String>,
+    /// DuckDB's configurations, one column each.
+    pub ducks: Vec<Duck>,
     pub python: String,
     pub script: String,
-    pub segments: String,
-    /// Ask Kiln for tags as dictionaries rather than strings.
+    /// Ask Kiln for tags as dictionaries rather than strings (Flight SQL).
     pub keep_dictionaries: bool,
 }
 
-/// Runs every query type on both engines and prints the table.
+fn label(client: &str) -> &'static str {
+    match client {
+        "http" => "Kiln HTTP JSON",
+        "pg" => "Kiln PostgreSQL",
+        _ => "Kiln Flight SQL",
+    }
+}
+
+/// Runs every query type on every client and DuckDB configuration and prints the table of
+/// medians (ms), the first client's ratio to each DuckDB, and the geometric means of those
+/// ratios over the types.
 pub async fn report(plan: &Plan) -> Result<(), String> {
     let mut rng = SmallRng::seed_from_u64(plan.seed);
-    let mut kiln = Kiln::connect(&plan.grpc_url, &plan.db, plan.keep_dictionaries).await?;
-    println!("| query type | Kiln median | DuckDB median | Kiln / DuckDB | rows (median) |");
-    println!("|---|---:|---:|---:|---:|");
+    let mut clients = Vec::new();
+    for c in &plan.clients {
+        clients.push(Client::connect(c, &plan.urls, &plan.db, plan.keep_dictionaries).await?);
+    }
+    let Some(first) = plan.clients.first() else {
+        return Err("no Kiln client".into());
+    };
+    let mut header = vec!["query type".to_owned()];
+    header.extend(plan.clients.iter().map(|c| label(c).to_owned()));
+    header.extend(plan.ducks.iter().map(|d| d.label().to_owned()));
+    header.extend(
+        plan.ducks
+            .iter()
+            .map(|d| format!("{} / {}", label(first), d.label())),
+    );
+    header.push("rows (median)".into());
+    println!("| {} |", header.join(" | "));
+    println!("|---|{}", "---:|".repeat(header.len() - 1));
+    let mut log_ratios = vec![0.0; plan.ducks.len()];
     for &kind in &plan.types {
         let queries: Vec<Query> = (0..plan.runs)
             .map(|_| generate(kind, &plan.data, &mut rng))
             .collect();
-        // Every query once untimed first, on both engines: the timed pass then reads files
-        // in the page cache, as a long-running server does.
-        for q in &queries {
-            kiln.run(&q.kiln).await?;
-        }
-        let mut kiln_times = Vec::new();
+        let mut medians = Vec::new();
         let mut kiln_rows = Vec::new();
-        for q in &queries {
-            let (rows, took) = kiln.run(&q.kiln).await?;
-            kiln_times.push(took.as_secs_f64());
-            kiln_rows.push(rows);
-        }
-        let mut with_warmup = queries.clone();
-        with_warmup.extend(queries.iter().cloned());
-        let duck = run_duckdb(&plan.python, &plan.script, &plan.segments, &with_warmup)?;
-        let duck = &duck[queries.len()..];
-        for ((q, kr), (dr, _)) in queries.iter().zip(&kiln_rows).zip(duck) {
-            if kr != dr {
-                eprintln!(
-                    "warning: {kind}: Kiln returned {kr} rows, DuckDB {dr}, for {}",
-                    q.kiln
-                );
+        for (name, client) in plan.clients.iter().zip(&mut clients) {
+            // Every query once untimed first: the timed pass then reads files in the page
+            // cache, as a long-running server does.
+            for q in &queries {
+                client.run(&q.kiln).await?;
             }
+            let mut times = Vec::new();
+            let mut rows = Vec::new();
+            for q in &queries {
+                let (r, took) = client.run(&q.kiln).await?;
+                times.push(took.as_secs_f64());
+                rows.push(r);
+            }
+            if kiln_rows.is_empty() {
+                kiln_rows = rows;
+            } else if rows != kiln_rows {
+                eprintln!("warning: {kind}: {name} returned {rows:?} rows, not {kiln_rows:?}");
+            }
+            medians.push(median(times));
         }
-        let k = median(kiln_times);
-        let d = median(duck.iter().map(|(_, s)| *s).collect());
+        let mut duck_medians = Vec::new();
+        for duck in &plan.ducks {
+            let mut with_warmup = queries.clone();
+            with_warmup.extend(queries.iter().cloned());
+            let runs = run_duckdb(&plan.python, &plan.script, duck, &with_warmup)?;
+            let timed = &runs[queries.len()..];
+            for ((q, kr), (dr, _)) in queries.iter().zip(&kiln_rows).zip(timed) {
+                if kr != dr {
+                    eprintln!(
+                        "warning: {kind}: Kiln returned {kr} rows, {} {dr}, for {}",
+                        duck.label(),
+                        q.kiln
+                    );
+                }
+            }
+            duck_medians.push(median(timed.iter().map(|(_, s)| *s).collect()));
+        }
         let rows = median(kiln_rows.iter().map(|&r| r as f64).collect());
-        println!(
-            "| {kind} | {:.2} ms | {:.2} ms | {:.2}× | {rows:.0} |",
-            k * 1e3,
-            d * 1e3,
-            k / d
+        let mut cells = vec![kind.to_owned()];
+        cells.extend(
+            medians
+                .iter()
+                .chain(&duck_medians)
+                .map(|m| format!("{:.2}", m * 1e3)),
         );
+        for (i, d) in duck_medians.iter().enumerate() {
+            let ratio = medians[0] / d;
+            log_ratios[i] += ratio.ln();
+            cells.push(format!("{ratio:.2}×"));
+        }
+        cells.push(format!("{rows:.0}"));
+        println!("| {} |", cells.join(" | "));
+    }
+    if !plan.ducks.is_empty() {
+        let n = plan.types.len() as f64;
+        let mut cells = vec!["geometric mean of the ratios".to_owned()];
+        cells.extend(std::iter::repeat_n(
+            String::new(),
+            plan.clients.len() + plan.ducks.len(),
+        ));
+        cells.extend(log_ratios.iter().map(|l| format!("{:.2}×", (l / n).exp())));
+        cells.push(String::new());
+        println!("| {} |", cells.join(" | "));
     }
     Ok(())
 }
@@ -396,5 +589,8 @@ mod tests {
         assert!(q.kiln.contains("max(usage_iowait)"));
         assert!(q.duckdb.contains("'2016-01-01 ") && q.duckdb.contains("+00'::TIMESTAMPTZ_NS"));
         assert!(q.duckdb.contains("time::TIMESTAMPTZ)") && q.kiln.contains(", time)"));
+        assert!(
+            q.duckdb_own.contains("TIMESTAMP '2016-01-01 ") && q.duckdb_own.contains(", time)")
+        );
     }
 }
