@@ -312,13 +312,13 @@ impl QueryEngine {
             .with_create_default_catalog_and_schema(false);
         let ctx = self.context(config);
         ctx.register_catalog(CATALOG_NAME, Arc::clone(&self.catalog) as _);
-        self.register_storage_and_functions(&ctx);
+        self.register_last_cache_function(&ctx);
         ctx
     }
 
-    /// What every session needs whatever its layout beyond the base state's: the
-    /// last-value cache function, which shows the databases this engine shows.
-    fn register_storage_and_functions(&self, ctx: &SessionContext) {
+    /// The `last_cache()` table function, which shows the databases this engine shows (the
+    /// rest of what a session needs is in the base state).
+    fn register_last_cache_function(&self, ctx: &SessionContext) {
         ctx.register_udtf(
             "last_cache",
             Arc::new(last_cache::LastCacheFunction::new(

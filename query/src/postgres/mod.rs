@@ -98,7 +98,7 @@ impl QueryEngine {
         // session would never be freed (see [`WeakCatalogList`]).
         let catalogs = WeakCatalogList::of(ctx.state().catalog_list());
         catalog.set_information_schema(Arc::clone(&catalogs));
-        self.register_storage_and_functions(&ctx);
+        self.register_last_cache_function(&ctx);
         let settings = Arc::new(PgSettings::default());
         pg_catalog::install(&ctx, database, catalogs, Arc::clone(&settings))
             .map_err(|e| Error::Internal(Box::new(PgCatalogSetup(e))))?;
