@@ -333,11 +333,12 @@ async fn every_table_has_a_default_cache_that_survives_restarts() {
     let data = dir.path().join("data");
     let mut server = TestServer::start(&data, &[]);
     server.write_ok("plant", &lines(5, 0, 90)).await;
-    // DISTINCT ON (host) over a cache keyed by (host, dc).
+    // DISTINCT ON (host) over a cache keyed by (host, dc): the latest row of each host
+    // is picked as the cache is read.
     assert!(
         plan(&server, DISTINCT_ON)
             .await
-            .contains("last-value cache (5 series held)")
+            .contains("last-value cache (5 series held), latest per host")
     );
     answered_from_cache(&server).await;
     assert_eq!(rows(&server, FROM_CACHE).await, rows(&server, FULL).await);

@@ -53,6 +53,9 @@ struct Read {
     schema: SchemaRef,
     projection: Option<Vec<usize>>,
     selection: Option<Selection>,
+    /// Columns (of `schema`) to keep only the latest row of each of their values for
+    /// (`DISTINCT ON` fewer columns than the cache's key); none: every series' row.
+    latest_per: Vec<usize>,
     /// The table, whose retention (as it is when the plan runs) hides expired rows.
     engine: Arc<Engine>,
     table: TableId,
@@ -66,6 +69,7 @@ impl LastCacheExec {
         schema: SchemaRef,
         projection: Option<Vec<usize>>,
         selection: Option<Selection>,
+        latest_per: Vec<usize>,
     ) -> Result<Self> {
         let projected = match &projection {
             Some(columns) => Arc::new(schema.project(columns)?),
@@ -85,6 +89,7 @@ impl LastCacheExec {
                 schema,
                 projection,
                 selection,
+                latest_per,
                 engine,
                 table: id,
             }),
@@ -124,11 +129,52 @@ impl Read {
             Some(cutoff) => unexpired(&rows, cutoff)?,
             None => rows,
         };
+        let rows = match self.latest_per.is_empty() {
+            true => rows,
+            false => latest_per(&rows, &self.latest_per)?,
+        };
         Ok(match &self.projection {
             Some(columns) => rows.project(columns)?,
             None => rows,
         })
     }
+}
+
+/// Of the rows sharing the values of `columns`, the one with the greatest `time` (of equal
+/// times, the first), in the order each value is first met.
+fn latest_per(rows: &RecordBatch, columns: &[usize]) -> Result<RecordBatch> {
+    use arrow::row::{RowConverter, SortField};
+    let times = rows
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>())
+        .ok_or_else(|| DataFusionError::Internal("cached rows without a time".into()))?;
+    let keys: Vec<_> = columns
+        .iter()
+        .map(|&c| Arc::clone(rows.column(c)))
+        .collect();
+    let converter = RowConverter::new(
+        keys.iter()
+            .map(|k| SortField::new(k.data_type().clone()))
+            .collect(),
+    )?;
+    let keys = converter.convert_columns(&keys)?;
+    let mut latest: std::collections::HashMap<_, usize> = std::collections::HashMap::new();
+    let mut order = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        match latest.entry(key) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
+                order.push(key);
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if times.value(i) > times.value(*o.get()) {
+                    o.insert(i);
+                }
+            }
+        }
+    }
+    let picked: arrow::array::UInt32Array = order.iter().map(|k| latest[k] as u32).collect();
+    Ok(arrow::compute::take_record_batch(rows, &picked)?)
 }
 
 /// The rows of `rows` at or after `cutoff`: a series whose latest row has expired has
@@ -158,6 +204,12 @@ impl DisplayAs for LastCacheExec {
             self.table,
             self.read.cache.len()
         )?;
+        if !self.read.latest_per.is_empty() {
+            let names: Vec<&str> = (self.read.latest_per.iter())
+                .map(|&c| self.read.schema.field(c).name().as_str())
+                .collect();
+            write!(f, ", latest per {}", names.join(", "))?;
+        }
         if let Some(selection) = &self.read.selection {
             write!(f, ", series where {}", selection.predicate)?;
         }

@@ -12,8 +12,8 @@
 //! to read the cache instead of the table, when the `ON` columns are some or all of the
 //! cache's key columns, the filter reads nothing but key columns (so it keeps or drops
 //! whole series, never a series' latest row alone) and the cache is warm: the answer is
-//! the same row for every key (with fewer `ON` columns than keys, `DISTINCT ON` picks the
-//! latest of the cached rows of each `ON` value). Filters on key columns pick series
+//! the same row for every key (with fewer `ON` columns than keys, the read keeps the latest
+//! of the cached rows of each `ON` value: `EXPLAIN` adds `latest per <columns>`). Filters on key columns pick series
 //! before the cache's rows are read. Every table has a cache keyed by all its tags unless
 //! one is defined or `--no-default-last-caches` is set. `EXPLAIN` shows
 //! `LastCacheExec: t, last-value cache (N series held)`; the cache is read when the plan
@@ -33,7 +33,7 @@ use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{
-    Distinct, DistinctOn, Expr, Filter, LogicalPlan, Operator, Projection, Sort,
+    Distinct, DistinctOn, Expr, LogicalPlan, Operator, Projection, Sort,
     TableProviderFilterPushDown, TableScanBuilder,
 };
 use datafusion::optimizer::{OptimizerConfig, OptimizerRule};
@@ -114,6 +114,8 @@ pub struct LastCacheTable {
     name: String,
     schema: SchemaRef,
     cache: Arc<LastCache>,
+    /// Columns whose values each get only their latest row (see [`Self::latest_per`]).
+    latest_per: Vec<usize>,
 }
 
 impl LastCacheTable {
@@ -124,7 +126,18 @@ impl LastCacheTable {
             name: def.name.clone(),
             schema: query_schema(def),
             cache,
+            latest_per: Vec::new(),
         }
+    }
+
+    /// The cache read as `DISTINCT ON (columns) … ORDER BY columns, time DESC` reads it
+    /// when `columns` are fewer than its key: the latest of the cached rows of each value
+    /// of `columns`, after filters have picked the series.
+    fn latest_per(mut self, columns: &BTreeSet<&str>) -> Result<Self> {
+        self.latest_per = (columns.iter())
+            .map(|c| self.schema.index_of(c))
+            .collect::<Result<_, _>>()?;
+        Ok(self)
     }
 
     /// The table whose cache this is.
@@ -213,6 +226,7 @@ impl TableProvider for LastCacheTable {
             Arc::clone(&self.schema),
             projection.cloned(),
             selection,
+            self.latest_per.clone(),
         )?))
     }
 }
@@ -347,38 +361,27 @@ impl UseLastCache {
         let Some(def) = state.table_by_id(table.table_id()) else {
             return Ok(None);
         };
-        let exact = on == keys;
-        let cached = Arc::new(LastCacheTable::new(
-            Arc::clone(&self.engine),
-            def,
-            Arc::clone(&cache),
-        ));
+        let mut cached = LastCacheTable::new(Arc::clone(&self.engine), def, Arc::clone(&cache));
+        if on != keys {
+            // Several cached series share an ON value: the latest row of each ON value is
+            // the latest of its series' latest rows, picked as the cache is read.
+            cached = cached.latest_per(&on)?;
+        }
         if cached.schema() != provider.schema() {
             return Ok(None);
         }
-        let mut plan = LogicalPlan::TableScan(
-            TableScanBuilder::new(scan.table_name.clone(), provider_as_source(cached))
-                .with_projection(scan.projection.clone())
-                .build()?,
+        // The filters pick series before the rows are read (and, with fewer ON columns
+        // than keys, before the latest of each ON value is picked): they are the scan's.
+        let plan = LogicalPlan::TableScan(
+            TableScanBuilder::new(
+                scan.table_name.clone(),
+                provider_as_source(Arc::new(cached)),
+            )
+            .with_projection(scan.projection.clone())
+            .with_filters(filters)
+            .build()?,
         );
-        for predicate in filters.into_iter().rev() {
-            plan = LogicalPlan::Filter(Filter::try_new(predicate, Arc::new(plan))?);
-        }
-        if !exact {
-            // Several cached series share an ON value: the latest row of each ON value
-            // is the latest of its series' latest rows.
-            let distinct = DistinctOn::try_new(
-                d.on_expr.clone(),
-                d.select_expr.clone(),
-                d.sort_expr.clone(),
-                Arc::new(plan),
-            )?;
-            if distinct.schema.as_ref() != d.schema.as_ref() {
-                return Ok(None);
-            }
-            return Ok(Some(LogicalPlan::Distinct(Distinct::On(distinct))));
-        }
-        plan = LogicalPlan::Sort(Sort {
+        let plan = LogicalPlan::Sort(Sort {
             expr: sort[..n].to_vec(),
             input: Arc::new(plan),
             fetch: None,
