@@ -228,7 +228,7 @@ impl QueryEngine {
         let rule_status = Arc::<alerts::scheduler::RuleStatuses>::default();
         let runtime = config.runtime()?;
         Ok(Self {
-            base: Arc::new(base_state(&engine, &runtime)),
+            base: Arc::new(base_state(&engine, &runtime)?),
             catalog: Arc::new(KilnCatalog::new(
                 Arc::clone(&engine),
                 Visible::all(),
@@ -526,7 +526,10 @@ impl QueryEngine {
 /// rules: they match plans as SQL builds them; gap filling is planned by
 /// [`gapfill::GapFillPlanner`]), the shared runtime, the engine's object store (segments
 /// are read through it) and Kiln's time-series functions.
-fn base_state(engine: &Arc<Engine>, runtime: &Arc<RuntimeEnv>) -> SessionState {
+fn base_state(
+    engine: &Arc<Engine>,
+    runtime: &Arc<RuntimeEnv>,
+) -> datafusion::error::Result<SessionState> {
     let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
         Arc::new(gapfill::HandleGapFill),
         Arc::new(last_cache::UseLastCache::new(Arc::clone(engine))),
@@ -534,9 +537,7 @@ fn base_state(engine: &Arc<Engine>, runtime: &Arc<RuntimeEnv>) -> SessionState {
         Arc::new(like_escape::LikeEscape),
     ];
     rules.extend(Optimizer::new().rules);
-    let mut functions: Vec<_> = gapfill::functions();
-    functions.push(time_bucket::time_bucket());
-    let state = SessionStateBuilder::new()
+    let mut state = SessionStateBuilder::new()
         .with_config(SessionConfig::new().with_create_default_catalog_and_schema(false))
         .with_runtime_env(Arc::clone(runtime))
         .with_default_features()
@@ -547,14 +548,16 @@ fn base_state(engine: &Arc<Engine>, runtime: &Arc<RuntimeEnv>) -> SessionState {
             Arc::clone(engine.store()) as _,
         )
         .build();
-    let ctx = SessionContext::new_with_state(state);
-    for f in functions {
-        ctx.register_udf(f);
+    for f in gapfill::functions()
+        .into_iter()
+        .chain([time_bucket::time_bucket()])
+    {
+        state.register_udf(Arc::new(f))?;
     }
-    ctx.register_udaf(avg::avg());
-    ctx.register_udaf(selectors::first());
-    ctx.register_udaf(selectors::last());
-    ctx.state()
+    for f in [avg::avg(), selectors::first(), selectors::last()] {
+        state.register_udaf(Arc::new(f))?;
+    }
+    Ok(state)
 }
 
 /// A query engine over a fresh data directory with table `db.m` (tag `host`, field `v`).
