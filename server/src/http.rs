@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::http::{refusal, require};
 use crate::auth::{Action, Authorizer, Principal};
 use crate::metrics::Metrics;
+use crate::results::Format;
 use crate::write::{FailureKind, WriteError, classify, write_validated};
 
 #[derive(Clone)]
@@ -565,42 +566,6 @@ async fn query_post(
     run_query(s, &principal, params).await.unwrap_or_else(|e| e)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    Json,
-    JsonLines,
-    Csv,
-    Pretty,
-    Parquet,
-}
-
-impl Format {
-    fn parse(s: Option<&str>) -> Result<Self, ApiError> {
-        Ok(match s.unwrap_or("json") {
-            "json" => Self::Json,
-            "jsonl" => Self::JsonLines,
-            "csv" => Self::Csv,
-            "pretty" => Self::Pretty,
-            "parquet" => Self::Parquet,
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown format {other:?}; use json, jsonl, csv, pretty or parquet"
-                )));
-            }
-        })
-    }
-
-    fn content_type(self) -> &'static str {
-        match self {
-            Self::Json => "application/json",
-            Self::JsonLines => "application/jsonl",
-            Self::Csv => "text/csv; charset=utf-8",
-            Self::Pretty => "text/plain; charset=utf-8",
-            Self::Parquet => "application/vnd.apache.parquet",
-        }
-    }
-}
-
 /// How long a query waits for one of the `--http-max-queries` permits before 429.
 const QUERY_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -634,7 +599,8 @@ async fn answer_query(
 ) -> Result<Response, ApiError> {
     let q =
         p.q.ok_or_else(|| ApiError::bad_request("missing parameter `q`"))?;
-    let format = Format::parse(p.format.as_deref())?;
+    let format =
+        Format::parse(p.format.as_deref()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // A result is held whole until it is encoded: bound how many are, waiting a moment
     // for a permit (a dashboard sends its panels' queries together).
     let _permit = match tokio::time::timeout(
@@ -694,17 +660,22 @@ async fn answer_query(
     s.metrics
         .query_seconds
         .observe(start.elapsed().as_secs_f64());
-    // Encoding is query work too: on the query threads' blocking pool.
-    let body = (s.query.executor().handle())
-        .spawn_blocking(move || encode(format, &schema, &batches))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("encoding the result failed: {e}"),
-            )
-        })?;
+    // Encoding is query work too: on the query threads' blocking pool, streamed to the
+    // client, holding the permit and the memory until it ends.
+    let body = crate::results::body(
+        format,
+        schema,
+        batches,
+        s.query.executor().handle(),
+        (_permit, held),
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the result failed: {e}"),
+        )
+    })?;
     Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
 }
 
@@ -723,70 +694,6 @@ pub(crate) fn query_error(e: kiln_query::Error) -> ApiError {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
         }
     }
-}
-
-fn encode(
-    format: Format,
-    schema: &arrow::datatypes::SchemaRef,
-    batches: &[RecordBatch],
-) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let err = |e: arrow::error::ArrowError| e.to_string();
-    match format {
-        Format::Json => {
-            let mut w = arrow::json::ArrayWriter::new(&mut out);
-            for b in batches {
-                w.write(b).map_err(err)?;
-            }
-            w.finish().map_err(err)?;
-            if out.is_empty() {
-                out.extend_from_slice(b"[]");
-            }
-        }
-        Format::JsonLines => {
-            let mut w = arrow::json::LineDelimitedWriter::new(&mut out);
-            for b in batches {
-                w.write(b).map_err(err)?;
-            }
-            w.finish().map_err(err)?;
-        }
-        Format::Csv => {
-            let mut w = arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut out);
-            if batches.is_empty() {
-                let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                drop(w);
-                out.extend_from_slice(names.join(",").as_bytes());
-                out.push(b'\n');
-            } else {
-                for b in batches {
-                    w.write(b).map_err(err)?;
-                }
-            }
-        }
-        Format::Pretty => {
-            let table = if batches.is_empty() {
-                arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(
-                    schema.clone(),
-                )])
-            } else {
-                arrow::util::pretty::pretty_format_batches(batches)
-            }
-            .map_err(err)?;
-            out.extend_from_slice(table.to_string().as_bytes());
-            out.push(b'\n');
-        }
-        Format::Parquet => {
-            let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema.clone(), None)
-                .map_err(|e| e.to_string())?;
-            for b in batches {
-                w.write(b).map_err(|e| e.to_string())?;
-            }
-            w.close().map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(out)
 }
 
 async fn health() -> &'static str {

@@ -17,6 +17,7 @@ mod kafka;
 mod lifecycle;
 mod metrics;
 mod postgres;
+mod results;
 mod serve;
 mod tls;
 mod write;

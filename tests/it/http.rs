@@ -1,5 +1,6 @@
 //! The HTTP API end to end against a real `kiln serve`.
 
+use std::fmt::Write as _;
 use std::io::Write;
 
 use arrow::array::AsArray;
@@ -98,6 +99,56 @@ async fn written_rows_come_back_in_every_format() {
     // Unknown format.
     let (status, _) = server.query("plant", sql, "xml").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// A result of many megabytes is sent as a stream of chunks while it is encoded: every
+/// row arrives, tags (dictionary-encoded) escaped as JSON strings.
+#[tokio::test]
+async fn a_large_result_streams_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &[]);
+    let mut lines = String::new();
+    for i in 0..30_000u64 {
+        let host = format!("h\"{}", i % 7);
+        writeln!(
+            lines,
+            "m,host={host},site=plant\\ {} v={i}i,note=\"n\\\"{i}\" {}",
+            i % 3,
+            1_700_000_000_000_000_000 + i * 1_000_000_000
+        )
+        .unwrap();
+    }
+    server.write_ok("big", &lines).await;
+    let sql = "SELECT host, site, v, note, time FROM m ORDER BY time";
+
+    let rows = server.query_json("big", sql).await;
+    assert_eq!(rows.len(), 30_000);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["host"], json!(format!("h\"{}", i % 7)), "row {i}");
+        assert_eq!(row["site"], json!(format!("plant {}", i % 3)), "row {i}");
+        assert_eq!(row["v"], json!(i), "row {i}");
+        assert_eq!(row["note"], json!(format!("n\"{i}")), "row {i}");
+    }
+
+    let (status, body) = server.query("big", sql, "jsonl").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.len() > 1 << 20, "{} bytes", body.len());
+    let last: Value = serde_json::from_str(
+        std::str::from_utf8(&body)
+            .unwrap()
+            .lines()
+            .nth(29_999)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["v"], json!(29_999));
+
+    let (status, body) = server.query("big", sql, "csv").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        csv::Reader::from_reader(&body[..]).records().count(),
+        30_000
+    );
 }
 
 #[tokio::test]
