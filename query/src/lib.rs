@@ -275,10 +275,17 @@ impl QueryEngine {
         // answers when a partition is read from a segment and the buffer at once (the
         // segment's oldest rows were dropped: `tests/sql/aggregates.slt`). The other
         // dynamic filters (TopK, joins) stay.
-        let config = config.set_bool(
-            "datafusion.optimizer.enable_aggregate_dynamic_filter_pushdown",
-            false,
-        );
+        let config = config
+            .set_bool(
+                "datafusion.optimizer.enable_aggregate_dynamic_filter_pushdown",
+                false,
+            )
+            // A table's scan spreads its segments over the partitions itself
+            // (`provider::parquet_exec`). DataFusion would also cut a segment of more than
+            // a megabyte into byte ranges, one per partition: each range opens the file
+            // (its footer, statistics, page index: 0.5 ms) and the ranges without a row
+            // group then read nothing, the common case for an hour's segment.
+            .set_bool("datafusion.optimizer.repartition_file_scans", false);
         let mut state = SessionState::clone(&self.base);
         let zone_changed =
             config.options().execution.time_zone != state.config().options().execution.time_zone;
