@@ -603,7 +603,7 @@ async fn answer_query(
         Format::parse(p.format.as_deref()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     // A result is held whole until it is encoded: bound how many are, waiting a moment
     // for a permit (a dashboard sends its panels' queries together).
-    let _permit = match tokio::time::timeout(
+    let permit = match tokio::time::timeout(
         QUERY_PERMIT_WAIT,
         Arc::clone(&s.query_permits).acquire_owned(),
     )
@@ -667,7 +667,7 @@ async fn answer_query(
         schema,
         batches,
         s.query.executor().handle(),
-        (_permit, held),
+        (permit, held),
     )
     .await
     .map_err(|e| {
