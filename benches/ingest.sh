@@ -16,6 +16,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+source benches/common.sh   # median
 scale="${SCALE:-1000}"
 duration="${DURATION:-6h}"
 runs="${RUNS:-3}"
@@ -48,31 +49,30 @@ wait_for() {
   exit 1
 }
 
-run_kiln() {
-  local data="$work/kiln-$1"
-  "$bin/kiln" serve --data-dir "$data" --http-bind 127.0.0.1:18681 --grpc-bind 127.0.0.1:18682 \
-    --pg-bind 127.0.0.1:18683 >"$data.log" 2>&1 &
+# Runs the server "$@" (writing under $data) until $health answers, sends it the file at
+# $url, stops it and removes $data; prints the client's line of JSON.
+measure() {
+  local data=$1 health=$2 url=$3
+  shift 3
+  "$@" >"$data.log" 2>&1 &
   pid=$!
-  wait_for http://127.0.0.1:18681/health
-  python3 benches/lp_ingest.py "$lp" "http://127.0.0.1:18681/api/v3/write_lp?db=bench" \
-    --lines "$lines" --connections "$connections"
+  wait_for "$health"
+  python3 benches/lp_ingest.py "$lp" "$url" --lines "$lines" --connections "$connections"
   kill -TERM "$pid"; wait "$pid" || true; pid=
   rm -rf "$data"
 }
-
+run_kiln() {
+  measure "$work/kiln-$1" http://127.0.0.1:18681/health \
+    "http://127.0.0.1:18681/api/v3/write_lp?db=bench" \
+    "$bin/kiln" serve --data-dir "$work/kiln-$1" --http-bind 127.0.0.1:18681 \
+    --grpc-bind 127.0.0.1:18682 --pg-bind 127.0.0.1:18683
+}
 run_vm() {
-  local data="$work/vm-$1"
-  victoria-metrics -storageDataPath "$data" -httpListenAddr 127.0.0.1:18428 >"$data.log" 2>&1 &
-  pid=$!
-  wait_for http://127.0.0.1:18428/health
-  python3 benches/lp_ingest.py "$lp" "http://127.0.0.1:18428/write" \
-    --lines "$lines" --connections "$connections"
-  kill -TERM "$pid"; wait "$pid" || true; pid=
-  rm -rf "$data"
+  measure "$work/vm-$1" http://127.0.0.1:18428/health http://127.0.0.1:18428/write \
+    victoria-metrics -storageDataPath "$work/vm-$1" -httpListenAddr 127.0.0.1:18428
 }
 
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 kiln_rates=(); vm_rates=()
 echo "| run | Kiln rows/s | Kiln p50 / p99 ms | VictoriaMetrics rows/s | VictoriaMetrics p50 / p99 ms |"
@@ -84,6 +84,7 @@ for run in $(seq "$runs"); do
   echo "| $run | $(field "$k" rows_per_s) | $(field "$k" p50_ms) / $(field "$k" p99_ms)" \
     "| $(field "$v" rows_per_s) | $(field "$v" p50_ms) / $(field "$v" p99_ms) |"
 done
-km="$(median "${kiln_rates[@]}")"; vmm="$(median "${vm_rates[@]}")"
+km="$(printf '%s\n' "${kiln_rates[@]}" | median)"
+vmm="$(printf '%s\n' "${vm_rates[@]}" | median)"
 echo "| **median** | **$km** | | **$vmm** | |"
 echo "Kiln / VictoriaMetrics: $(python3 -c "print(f'{$km / $vmm:.2f}x')")"

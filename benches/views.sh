@@ -63,7 +63,7 @@ sql() {
     curl -fsS "$URL/api/v3/query_sql" -H 'content-type: application/json' \
         -d "$(python3 -c 'import json,sys; print(json.dumps({"db": "benchmark", "q": sys.argv[1]}))' "$1")"
 }
-median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+source benches/common.sh   # median
 # Whole hours (a dashboard's range snapped to its interval): the last DAYS days up to the
 # last complete hour.
 RANGE="time >= time_bucket('1 hour', now() - INTERVAL '$DAYS days') AND time < time_bucket('1 hour', now())"

@@ -14,7 +14,7 @@ use arrow::datatypes::{DataType, FieldRef, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::json::WriterBuilder;
 use arrow::json::writer::{
-    Encoder, EncoderFactory, EncoderOptions, JsonArray, LineDelimited, NullableEncoder,
+    Encoder, EncoderFactory, EncoderOptions, JsonArray, JsonFormat, LineDelimited, NullableEncoder,
 };
 use axum::body::{Body, Bytes};
 use futures::StreamExt;
@@ -149,23 +149,10 @@ fn encode(
         ArrowError::IoError(_, e) => e,
         e => io::Error::other(e),
     };
-    let json = || WriterBuilder::new().with_encoder_factory(Arc::new(PreEncodedDictionaries));
     match format {
-        Format::Json => {
-            let mut w = json().build::<_, JsonArray>(&mut *out);
-            for b in batches {
-                w.write(b).map_err(arrow_error)?;
-            }
-            // With no rows, `[]`.
-            w.finish().map_err(arrow_error)?;
-        }
-        Format::JsonLines => {
-            let mut w = json().build::<_, LineDelimited>(&mut *out);
-            for b in batches {
-                w.write(b).map_err(arrow_error)?;
-            }
-            w.finish().map_err(arrow_error)?;
-        }
+        // With no rows, `[]`.
+        Format::Json => json::<JsonArray>(batches, out).map_err(arrow_error)?,
+        Format::JsonLines => json::<LineDelimited>(batches, out).map_err(arrow_error)?,
         Format::Csv => {
             if batches.is_empty() {
                 let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -200,6 +187,17 @@ fn encode(
         }
     }
     Ok(())
+}
+
+/// `batches` as JSON in framing `F` (an array of rows, or a row a line).
+fn json<F: JsonFormat>(batches: &[RecordBatch], out: &mut Chunks) -> Result<(), ArrowError> {
+    let mut w = WriterBuilder::new()
+        .with_encoder_factory(Arc::new(PreEncodedDictionaries))
+        .build::<_, F>(out);
+    for b in batches {
+        w.write(b)?;
+    }
+    w.finish()
 }
 
 /// JSON for dictionary-encoded strings (tags): each distinct value is escaped once per

@@ -77,8 +77,9 @@ pub fn encode_segment(
 }
 
 /// How every segment of `def` is written: LZ4 (raw), page statistics, sorted by the table's
-/// key, tags dictionary-encoded with a bloom filter sized for `distinct(tag)` values, so
-/// `WHERE tag = '…'` skips row groups without the value.
+/// key, tags dictionary-encoded with a bloom filter sized for `distinct(tag)` values (for
+/// other Parquet readers: Kiln's queries prune by the sorted tags' statistics and do not
+/// read the filters, see `provider::parquet_exec` in the query crate).
 pub fn writer_properties(
     def: &TableDef,
     distinct: impl Fn(&str) -> usize,

@@ -14,8 +14,8 @@
 //! whole series, never a series' latest row alone) and the cache is warm: the answer is
 //! the same row for every key (with fewer `ON` columns than keys, the read keeps the latest
 //! of the cached rows of each `ON` value: `EXPLAIN` adds `latest per <columns>`). Filters
-//! on key columns pick series before the cache's rows are read. Every table has a cache keyed by all its tags unless
-//! one is defined or `--no-default-last-caches` is set. `EXPLAIN` shows
+//! on key columns pick series before the cache's rows are read. Every table has a cache
+//! keyed by all its tags unless one is defined or `--no-default-last-caches` is set. `EXPLAIN` shows
 //! `LastCacheExec: t, last-value cache (N series held)`; the cache is read when the plan
 //! runs ([`LastCacheExec`]), and `EXPLAIN ANALYZE` counts the series read (`output_rows`).
 

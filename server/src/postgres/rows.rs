@@ -310,52 +310,30 @@ impl Column {
 const ISO_TZ_FORMAT: &str = "%Y-%m-%d %H:%M:%S%.6f%:::z";
 
 /// `nanos` since the epoch as [`ISO_TZ_FORMAT`] writes it for UTC
-/// (`2016-01-01 05:00:00.123456+00`), without a formatter; `None` outside the years
-/// 0–9999, which the formatter writes otherwise.
+/// (`2016-01-01 05:00:00.123456+00`): chrono's calendar, digits written without its
+/// formatter (which parses and pads field by field); `None` outside the years 0–9999,
+/// which the formatter writes otherwise.
 fn iso_utc(nanos: i64, out: &mut String) -> Option<&str> {
-    const NANOS_PER_SECOND: i64 = 1_000_000_000;
-    let seconds = nanos.div_euclid(NANOS_PER_SECOND);
-    let micros = nanos.rem_euclid(NANOS_PER_SECOND) / 1_000;
-    let (days, second_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
-    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    if !(0..=9_999).contains(&year) {
+    use chrono::{Datelike, Timelike};
+    let time = chrono::DateTime::from_timestamp_nanos(nanos).naive_utc();
+    if !(0..=9_999).contains(&time.year()) {
         return None;
     }
-    let mut text = [0u8; 29];
-    let mut put = |at: usize, value: i64, digits: u32| {
-        for i in 0..digits as usize {
-            let place = 10i64.pow(digits - 1 - i as u32);
-            text[at + i] = b'0' + ((value / place) % 10) as u8;
+    let mut text = *b"0000-00-00 00:00:00.000000+00";
+    let mut put = |at: usize, value: u32, digits: usize| {
+        let mut value = value;
+        for i in (at..at + digits).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
         }
     };
-    put(0, year, 4);
-    put(5, month, 2);
-    put(8, day, 2);
-    put(11, second_of_day / 3_600, 2);
-    put(14, second_of_day / 60 % 60, 2);
-    put(17, second_of_day % 60, 2);
-    put(20, micros, 6);
-    for (at, c) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b' '),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-    ] {
-        text[at] = c;
-    }
-    text[26..].copy_from_slice(b"+00");
+    put(0, time.year() as u32, 4);
+    put(5, time.month(), 2);
+    put(8, time.day(), 2);
+    put(11, time.hour(), 2);
+    put(14, time.minute(), 2);
+    put(17, time.second(), 2);
+    put(20, time.nanosecond() / 1_000, 6);
     out.clear();
     // ASCII digits and separators only.
     out.push_str(std::str::from_utf8(&text).ok()?);
