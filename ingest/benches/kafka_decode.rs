@@ -36,6 +36,7 @@ fn bench(c: &mut Criterion) {
             .map(|(_, p)| Message {
                 payload: Some(p),
                 timestamp: Some(0),
+                context: None,
             })
             .collect();
         group.throughput(Throughput::Elements(rows as u64));

@@ -9,5 +9,6 @@
 pub mod arrow_batch;
 pub mod kafka;
 pub mod line_protocol;
+pub mod mqtt;
 pub mod rows;
 pub mod write;

@@ -156,3 +156,38 @@ fn refuse_views(
     }
     Ok(())
 }
+
+/// Writes like [`write`] (whole, not partial) until it succeeds or fails for good: a source
+/// that has taken messages from a broker may skip none of them, so a full buffer or a WAL
+/// that refuses writes is waited out (backing off to a second between tries). Gives up
+/// only when `shutdown` turns true or the engine closes. `source` names the writer in logs.
+pub async fn write_until_durable(
+    engine: &Engine,
+    db: &str,
+    sources: Vec<SourceRange>,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+    source: &str,
+    validate: &mut (dyn FnMut(&CatalogState) -> Result<ValidatedLines, String> + Send),
+) -> Result<usize, WriteError> {
+    let mut delay = std::time::Duration::from_millis(20);
+    loop {
+        match write(engine, db, false, sources.clone(), &mut *validate).await {
+            Ok(w) => return Ok(w.rows),
+            Err(WriteError::Engine(e))
+                if !*shutdown.borrow()
+                    && !matches!(
+                        e,
+                        kiln_storage::engine::Error::ShuttingDown
+                            | kiln_storage::engine::Error::Wal(kiln_storage::wal::Error::Closed)
+                    ) =>
+            {
+                if !e.is_retryable() {
+                    tracing::error!(source, error = %e, "writing a source's messages failed; retrying");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -30,6 +30,8 @@ use crate::write::{FailureKind, WriteError, classify, write_validated};
 pub struct AppState {
     /// The Kafka sources' live figures.
     pub kafka: Arc<Vec<Arc<kiln_ingest::kafka::SourceStatus>>>,
+    /// The MQTT sources' live figures.
+    pub mqtt: Arc<Vec<Arc<kiln_ingest::mqtt::SourceStatus>>>,
     pub engine: Arc<Engine>,
     pub query: QueryEngine,
     pub metrics: Arc<Metrics>,
@@ -76,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v3/kafka", get(kafka_status))
+        .route("/api/v3/mqtt", get(crate::mqtt::status))
         .route("/api/v3/compact", post(compact))
         .route(
             "/api/v3/tokens",

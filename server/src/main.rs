@@ -16,6 +16,7 @@ mod http;
 mod kafka;
 mod lifecycle;
 mod metrics;
+mod mqtt;
 mod postgres;
 mod results;
 mod serve;
@@ -47,6 +48,9 @@ enum Command {
     /// Kafka sources of a running server.
     #[command(subcommand)]
     Kafka(client::KafkaCommand),
+    /// MQTT sources of a running server.
+    #[command(subcommand)]
+    Mqtt(mqtt::MqttCommand),
     /// Merge now every time partition persisted in several segments (and not being
     /// written) into one segment, on a running server.
     Compact {
@@ -127,6 +131,7 @@ fn main() -> std::process::ExitCode {
             Command::Query(args) => client::query(args).await,
             Command::LastCache(command) => client::last_cache(command).await,
             Command::Kafka(command) => client::kafka(command).await,
+            Command::Mqtt(command) => mqtt::command(command).await,
             Command::Compact { server } => client::compact(server).await,
             Command::Token(command) => auth::cli::run(command).await,
             Command::Alert(command) => alerts::cli::run(command).await,

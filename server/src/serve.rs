@@ -225,6 +225,9 @@ pub struct ServeConfig {
     pub kafka: crate::kafka::KafkaArgs,
 
     #[command(flatten)]
+    pub mqtt: crate::mqtt::MqttArgs,
+
+    #[command(flatten)]
     pub alerts: crate::alerts::AlertArgs,
 }
 
@@ -233,6 +236,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         tracing::info!("{note}");
     }
     let kafka_sources = config.kafka.sources()?;
+    let mqtt_sources = config.mqtt.sources()?;
     let notify_config = config.alerts.notify_config()?;
     let admin_token = match &config.admin_token_file {
         None => None,
@@ -260,7 +264,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     if config.check {
         use crate::config::size::display;
         println!(
-            "configuration OK: HTTP {}, gRPC {}, PostgreSQL {}{}, data in {}, {} Kafka source(s); \
+            "configuration OK: HTTP {}, gRPC {}, PostgreSQL {}{}, data in {}, {} Kafka source(s), {} MQTT source(s); \
              buffer persists at {} and refuses writes at {}, queries may hold {}",
             config.http_bind,
             config.grpc_bind,
@@ -268,6 +272,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             if tls.is_some() { " (TLS)" } else { "" },
             config.data_dir.display(),
             kafka_sources.len(),
+            mqtt_sources.len(),
             display(config.persist_buffer_bytes as u64),
             display(config.max_buffer_bytes as u64),
             display(config.query_memory_limit as u64),
@@ -370,6 +375,8 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     auth.check_startup(&[config.http_bind, config.grpc_bind, config.pg_bind])?;
     let sources = crate::kafka::Sources::start(kafka_sources, &engine, &stop_rx)?;
     let kafka = Arc::new(sources.statuses.clone());
+    let mqtt_sources = crate::mqtt::Sources::start(mqtt_sources, &engine, &stop_rx)?;
+    let mqtt = Arc::new(mqtt_sources.statuses.clone());
     let notify_counters = crate::alerts::notify::NotifyCounters::default();
     let mut registry = metrics.registry(
         Arc::clone(&engine),
@@ -382,10 +389,12 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         "Alert notification attempts (labels: receiver webhook|alertmanager, outcome sent|failed)",
         notify_counters.clone(),
     );
+    registry.register_collector(Box::new(crate::mqtt::Collector(Arc::clone(&mqtt))));
     let registry = Arc::new(registry);
     let alert_tasks = crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?;
     let state = AppState {
         kafka,
+        mqtt,
         engine: Arc::clone(&engine),
         query,
         metrics,
@@ -580,6 +589,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     }
 
     sources.stopped().await;
+    mqtt_sources.stopped().await;
     for task in alert_tasks {
         let _ = task.await;
     }

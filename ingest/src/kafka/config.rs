@@ -124,7 +124,7 @@ fn default_linger() -> Duration {
 }
 
 /// `linger = "50ms"` in TOML.
-mod humantime_serde_compat {
+pub(crate) mod humantime_serde_compat {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};

@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{DefaultTime, SourceConfig, position_source};
 use super::decode::{Decoder, Message, validate_messages};
-use crate::write::{WriteError, now_nanos, write};
+use crate::write::{WriteError, now_nanos, write_until_durable};
 
 /// Settings Kiln sets itself; a source's `options` may not change them.
 const RESERVED_OPTIONS: &[&str] = &[
@@ -798,8 +798,7 @@ impl PartitionWriter {
         Ok(())
     }
 
-    /// Writes until it succeeds or fails for good. Retries while the buffer is full or
-    /// the WAL refuses writes (nothing may be skipped); gives up only on shutdown.
+    /// Writes until it succeeds or fails for good (see [`write_until_durable`]).
     async fn write_retrying(
         &self,
         sources: Vec<SourceRange>,
@@ -810,37 +809,16 @@ impl PartitionWriter {
                      + Send
              ),
     ) -> Result<usize, WriteError> {
-        let mut delay = Duration::from_millis(20);
-        loop {
-            match write(
-                &self.engine,
-                &self.config.database,
-                false,
-                sources.clone(),
-                &mut *validate,
-            )
-            .await
-            {
-                Ok(w) => return Ok(w.rows),
-                Err(WriteError::Engine(e))
-                    if !*self.shutdown.borrow()
-                        && !matches!(
-                            e,
-                            kiln_storage::engine::Error::ShuttingDown
-                                | kiln_storage::engine::Error::Wal(
-                                    kiln_storage::wal::Error::Closed
-                                )
-                        ) =>
-                {
-                    if !e.is_retryable() {
-                        tracing::error!(group = %self.config.group, error = %e, "writing Kafka messages failed; retrying");
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let name = format!("kafka/{}", self.config.group);
+        write_until_durable(
+            &self.engine,
+            &self.config.database,
+            sources,
+            &self.shutdown,
+            &name,
+            validate,
+        )
+        .await
     }
 
     /// Produces `m` to the dead-letter topic with the error and its origin in headers.
@@ -922,5 +900,6 @@ fn message_of(m: &OwnedMessage, message_time: bool) -> Message<'_> {
             .to_millis()
             .filter(|_| message_time)
             .and_then(|ms| ms.checked_mul(1_000_000)),
+        context: None,
     }
 }

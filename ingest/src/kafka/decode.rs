@@ -8,7 +8,7 @@ use prost::Message as _;
 
 use super::config::Format;
 use super::json::CompiledMapping;
-use crate::line_protocol::{LineError, Parser, Precision, ValidatedLines, Validator};
+use crate::line_protocol::{LineError, Parser, Precision, RowContext, ValidatedLines, Validator};
 use crate::rows::push_rows;
 
 /// A message's bytes and what Kafka says of it.
@@ -17,6 +17,8 @@ pub struct Message<'a> {
     pub payload: Option<&'a [u8]>,
     /// The message's timestamp in nanoseconds (create or log-append time), if it has one.
     pub timestamp: Option<i64>,
+    /// Table and tags every row of the message takes (from an MQTT topic, say).
+    pub context: Option<&'a RowContext>,
 }
 
 /// A source's format, ready to decode.
@@ -55,6 +57,19 @@ impl Decoder {
             return Err("empty message".into());
         }
         let default_time = msg.timestamp.unwrap_or(default_time);
+        v.set_context(msg.context.cloned());
+        let pushed = self.push_payload(v, database, payload, default_time);
+        v.set_context(None);
+        pushed
+    }
+
+    fn push_payload(
+        &self,
+        v: &mut Validator<'_>,
+        database: &str,
+        payload: &[u8],
+        default_time: i64,
+    ) -> Result<(), String> {
         match self {
             Self::LineProtocol(precision) => {
                 let text = std::str::from_utf8(payload)
@@ -236,6 +251,7 @@ mod tests {
         Message {
             payload: Some(text.as_bytes()),
             timestamp: Some(7_000),
+            context: None,
         }
     }
 
@@ -250,6 +266,7 @@ mod tests {
             Message {
                 payload: None,
                 timestamp: None,
+                context: None,
             },
             msg("cpu,host=d usage=4i 10"),
         ];
@@ -356,14 +373,17 @@ time_unit = "ms"
             Message {
                 payload: Some(&rows),
                 timestamp: None,
+                context: None,
             },
             Message {
                 payload: Some(&other),
                 timestamp: None,
+                context: None,
             },
             Message {
                 payload: Some(b"\xff\xff\xff"),
                 timestamp: None,
+                context: None,
             },
         ];
         let out = validate_messages(&Decoder::Protobuf, &msgs, "db", &CatalogState::default(), 0);

@@ -5,6 +5,7 @@
 //! occurrence in the request; a later line with another type is rejected naming the line,
 //! column and field.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -117,6 +118,14 @@ pub fn validate_lines(
     validator.finish()
 }
 
+/// What rows take from outside their own text, such as an MQTT topic's levels: a table
+/// that replaces the row's, and tags the row gets unless it has a tag of that name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowContext {
+    pub table: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
 /// Validates rows one at a time (from line protocol or any other row format) and
 /// collects the accepted ones as Arrow columns per table.
 pub struct Validator<'c> {
@@ -129,6 +138,8 @@ pub struct Validator<'c> {
     out: ValidatedLines,
     /// Now, for retention: rows older than their table's retention are refused.
     now: i64,
+    /// Applied to every row pushed while set.
+    context: Option<RowContext>,
 }
 
 impl<'c> Validator<'c> {
@@ -141,11 +152,40 @@ impl<'c> Validator<'c> {
             last_table: 0,
             out: ValidatedLines::default(),
             now: kiln_storage::now_nanos(),
+            context: None,
         }
+    }
+
+    /// Sets (or with `None` clears) the context the rows pushed from now on take.
+    pub fn set_context(&mut self, context: Option<RowContext>) {
+        self.context = context;
     }
 
     /// Validates one row; it is either accepted whole or recorded as rejected.
     pub fn push(&mut self, line: &Line<'_, '_>, precision: Precision, default_time: i64) {
+        let Some(context) = self.context.take() else {
+            return self.push_row(line, precision, default_time);
+        };
+        let mut tags = line.tags.to_vec();
+        for (name, value) in &context.tags {
+            if !tags.iter().any(|(n, _)| n == name) {
+                tags.push((Cow::Borrowed(name.as_str()), Cow::Borrowed(value.as_str())));
+            }
+        }
+        let measurement = match &context.table {
+            Some(table) => Cow::Borrowed(table.as_str()),
+            None => line.measurement.clone(),
+        };
+        let row = Line {
+            measurement,
+            tags: &tags,
+            ..line.clone()
+        };
+        self.push_row(&row, precision, default_time);
+        self.context = Some(context);
+    }
+
+    fn push_row(&mut self, line: &Line<'_, '_>, precision: Precision, default_time: i64) {
         let name = line.measurement.as_ref();
         let idx = match self.tables.get(self.last_table) {
             Some(t) if t.name == name => Some(self.last_table),

@@ -7,5 +7,5 @@ pub mod parser;
 #[cfg(test)]
 mod tests;
 
-pub use builder::{LineError, Precision, ValidatedLines, Validator, validate_lines};
+pub use builder::{LineError, Precision, RowContext, ValidatedLines, Validator, validate_lines};
 pub use parser::{ErrorKind, FieldValue, Line, ParseError, Parser};

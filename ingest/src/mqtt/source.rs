@@ -1,0 +1,479 @@
+//! One MQTT source: a persistent session whose messages become WAL records.
+//!
+//! ```text
+//!  session task: poll ─▶ PUBLISH ─▶ channel ─▶ writer: batch (full or lingered)
+//!                                              ─▶ topic template, decode, validate
+//!                                              ─▶ bad messages: counted, logged, dead-lettered
+//!                                              ─▶ one WAL record of the good rows (fsync)
+//!                                              ─▶ PUBACK every message of the batch, in order
+//! ```
+//!
+//! Nothing acknowledged is lost: a PUBACK leaves only after the message's rows are durable,
+//! and the session is persistent (fixed client id, clean start off), so what the broker
+//! holds for Kiln while it is down or restarting is delivered when it is back. A message
+//! delivered again (Kiln stopped between the write and the PUBACK) writes the same rows
+//! again, which collapse with the first by row identity (table, tags, time): rows whose
+//! time comes from the message itself are written exactly once. A full write buffer holds
+//! the batch, so acknowledgements stop and the broker stops sending at its in-flight limit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln_storage::Engine;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use super::config::{Format, SourceConfig};
+use super::connection::{self, Client, Connection, Event, Received};
+use super::topic::TopicTemplate;
+use crate::kafka::decode::{Decoder, Message, validate_messages};
+use crate::line_protocol::RowContext;
+use crate::write::{WriteError, now_nanos, write_until_durable};
+
+/// A source without a write for this long shows no throughput.
+const RATE_STALE: Duration = Duration::from_secs(5);
+/// How long a stopping source waits for its last acknowledgements to leave.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Live figures of one source.
+#[derive(Debug)]
+pub struct SourceStatus {
+    pub client_id: String,
+    pub broker: String,
+    pub topics: Vec<String>,
+    pub database: String,
+    connected: AtomicBool,
+    connects: AtomicU64,
+    messages: AtomicU64,
+    rows: AtomicU64,
+    rejected: AtomicU64,
+    dead_lettered: AtomicU64,
+    waiting: AtomicBool,
+    last_error: Mutex<Option<LastError>>,
+    rate: Mutex<Rate>,
+}
+
+/// The most recent problem of a source.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastError {
+    /// RFC 3339.
+    pub at: String,
+    pub message: String,
+}
+
+#[derive(Debug, Default)]
+struct Rate {
+    window: Option<Instant>,
+    messages: u64,
+    rows: u64,
+    last: (f64, f64),
+}
+
+/// A snapshot of [`SourceStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceReport {
+    pub client_id: String,
+    pub broker: String,
+    pub topics: Vec<String>,
+    pub database: String,
+    pub connected: bool,
+    /// Successful connections since start (more than one: the connection was lost).
+    pub connects: u64,
+    /// Messages made durable (and acknowledged), rejected ones included.
+    pub messages: u64,
+    pub rows: u64,
+    /// Messages that could not be written: undecodable, invalid, or off the topic template.
+    pub rejected: u64,
+    pub dead_lettered: u64,
+    /// Writes are waiting for room in the write buffer (acknowledgements held).
+    pub waiting_for_buffer: bool,
+    pub messages_per_second: f64,
+    pub rows_per_second: f64,
+    pub last_error: Option<LastError>,
+}
+
+impl SourceStatus {
+    fn new(config: &SourceConfig) -> Self {
+        Self {
+            client_id: config.client_id(),
+            broker: config.broker.clone(),
+            topics: config.topics.clone(),
+            database: config.database.clone(),
+            connected: AtomicBool::new(false),
+            connects: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            rate: Mutex::default(),
+        }
+    }
+
+    fn error(&self, message: String) {
+        *self.last_error.lock() = Some(LastError {
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            message,
+        });
+    }
+
+    fn written(&self, messages: u64, rows: u64) {
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        let mut r = self.rate.lock();
+        let now = Instant::now();
+        match r.window {
+            Some(start) if now.duration_since(start) >= Duration::from_secs(2) => {
+                let secs = now.duration_since(start).as_secs_f64();
+                r.last = (
+                    (r.messages + messages) as f64 / secs,
+                    (r.rows + rows) as f64 / secs,
+                );
+                *r = Rate {
+                    window: Some(now),
+                    last: r.last,
+                    ..Rate::default()
+                };
+            }
+            Some(_) => {
+                r.messages += messages;
+                r.rows += rows;
+            }
+            None => {
+                *r = Rate {
+                    window: Some(now),
+                    messages,
+                    rows,
+                    last: r.last,
+                }
+            }
+        }
+    }
+
+    pub fn report(&self) -> SourceReport {
+        let (messages_per_second, rows_per_second) = {
+            let r = self.rate.lock();
+            match r.window {
+                Some(start) if start.elapsed() < RATE_STALE => r.last,
+                _ => (0.0, 0.0),
+            }
+        };
+        SourceReport {
+            client_id: self.client_id.clone(),
+            broker: self.broker.clone(),
+            topics: self.topics.clone(),
+            database: self.database.clone(),
+            connected: self.connected.load(Ordering::Relaxed),
+            connects: self.connects.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            waiting_for_buffer: self.waiting.load(Ordering::Relaxed),
+            messages_per_second,
+            rows_per_second,
+            last_error: self.last_error.lock().clone(),
+        }
+    }
+}
+
+/// A configured source, ready to run.
+pub struct MqttSource {
+    config: Arc<SourceConfig>,
+    engine: Arc<Engine>,
+    status: Arc<SourceStatus>,
+    decoder: Decoder,
+    template: Option<TopicTemplate>,
+    client: Client,
+    connection: Connection,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl MqttSource {
+    /// Checks the configuration and creates the client (no network round trip yet): a bad
+    /// setting or an unreadable certificate or password file fails here.
+    pub fn new(
+        config: SourceConfig,
+        engine: Arc<Engine>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, String> {
+        config.check()?;
+        let format = match config.format {
+            Format::LineProtocol => crate::kafka::Format::LineProtocol,
+            Format::Json => crate::kafka::Format::Json,
+        };
+        let decoder = Decoder::new(format, config.precision()?, config.json.as_ref())?;
+        let template = config.template()?;
+        let (client, connection) = connection::open(&config)?;
+        Ok(Self {
+            status: Arc::new(SourceStatus::new(&config)),
+            config: Arc::new(config),
+            engine,
+            decoder,
+            template,
+            client,
+            connection,
+            shutdown,
+        })
+    }
+
+    pub fn status(&self) -> Arc<SourceStatus> {
+        Arc::clone(&self.status)
+    }
+
+    /// Reads and writes until the shutdown signal; then writes and acknowledges what it
+    /// holds and disconnects (the session stays on the broker).
+    pub async fn run(self) -> Result<(), String> {
+        let Self {
+            config,
+            engine,
+            status,
+            decoder,
+            template,
+            client,
+            connection,
+            shutdown,
+        } = self;
+        tracing::info!(client_id = %status.client_id, broker = %config.broker, topics = ?config.topics, database = %config.database, "MQTT source started");
+        let (tx, mut rx) = mpsc::channel(usize::from(config.max_inflight).max(16));
+        let closing = Arc::new(AtomicBool::new(false));
+        let session = tokio::spawn(session(
+            connection,
+            client.clone(),
+            Arc::clone(&config),
+            Arc::clone(&status),
+            tx,
+            shutdown.clone(),
+            Arc::clone(&closing),
+        ));
+        let writer = Writer {
+            config: Arc::clone(&config),
+            engine,
+            status: Arc::clone(&status),
+            decoder,
+            template,
+            client: client.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let mut signal = shutdown.clone();
+        'run: loop {
+            let first = tokio::select! {
+                _ = signal.wait_for(|stop| *stop) => break 'run,
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => break 'run,
+                },
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + config.linger;
+            while batch.len() < config.batch_messages {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    m = rx.recv() => match m {
+                        Some(m) => batch.push(m),
+                        None => break,
+                    },
+                }
+            }
+            if !writer.write(&batch).await {
+                break 'run;
+            }
+        }
+        tracing::info!(client_id = %status.client_id, "MQTT source stopping");
+        // The acknowledgements queued before it leave first.
+        closing.store(true, Ordering::Relaxed);
+        client.disconnect().await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, session).await.is_err() {
+            tracing::warn!(client_id = %status.client_id, "MQTT session did not close in time");
+        }
+        status.connected.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Polls the connection: forwards messages, subscribes on a fresh session, reconnects with
+/// backoff. Ends once the source is closing and the connection is gone.
+async fn session(
+    mut connection: Connection,
+    client: Client,
+    config: Arc<SourceConfig>,
+    status: Arc<SourceStatus>,
+    tx: mpsc::Sender<Received>,
+    mut shutdown: watch::Receiver<bool>,
+    closing: Arc<AtomicBool>,
+) {
+    let mut failures = 0;
+    loop {
+        match connection.poll().await {
+            Ok(Event::Connected { session_present }) => {
+                failures = 0;
+                status.connected.store(true, Ordering::Relaxed);
+                status.connects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client_id = %status.client_id, session_present, "MQTT connected");
+                // A kept session keeps its subscriptions (subscribing again would make the
+                // broker send its retained messages again).
+                if !session_present && let Err(e) = client.subscribe(&config.topics).await {
+                    status.error(format!("subscribing: {e}"));
+                }
+            }
+            Ok(Event::Message(m)) => {
+                if tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Other) => {}
+            Err(e) => {
+                status.connected.store(false, Ordering::Relaxed);
+                if closing.load(Ordering::Relaxed) {
+                    return;
+                }
+                let message = format!("connection to {}: {e}", config.broker);
+                if failures == 0 {
+                    tracing::warn!(client_id = %status.client_id, error = %message, "MQTT connection lost; reconnecting");
+                } else {
+                    tracing::debug!(client_id = %status.client_id, error = %message, "MQTT reconnect failed");
+                }
+                status.error(message);
+                let wait = connection::backoff(failures);
+                failures += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Turns batches of messages into WAL records, then acknowledges them.
+struct Writer {
+    config: Arc<SourceConfig>,
+    engine: Arc<Engine>,
+    status: Arc<SourceStatus>,
+    decoder: Decoder,
+    template: Option<TopicTemplate>,
+    client: Client,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Writer {
+    /// Writes `batch` and acknowledges every message of it in order; `false` if the
+    /// engine is shutting down (nothing of the batch is acknowledged: the broker sends it
+    /// again to the next session).
+    async fn write(&self, batch: &[Received]) -> bool {
+        let contexts: Vec<Result<Option<RowContext>, String>> = batch
+            .iter()
+            .map(|m| match &self.template {
+                None => Ok(None),
+                Some(t) => t.apply(m.topic()).map(Some),
+            })
+            .collect();
+        let mut rejected: Vec<(usize, String)> = Vec::new();
+        let mut good = Vec::with_capacity(batch.len());
+        for (i, context) in contexts.iter().enumerate() {
+            match context {
+                Ok(_) => good.push(i),
+                Err(e) => rejected.push((i, e.clone())),
+            }
+        }
+        let message = |i: usize| Message {
+            payload: Some(batch[i].payload()),
+            timestamp: None,
+            context: contexts[i].as_ref().ok().and_then(Option::as_ref),
+        };
+        let rows = match self.write_messages(&good, &message).await {
+            Ok((rows, bad)) => {
+                rejected.extend(bad);
+                rows
+            }
+            Err(WriteError::Invalid(_) | WriteError::Rejected { .. }) => {
+                // Valid alone, refused together (a type another writer set meanwhile, a
+                // limit): one message at a time finds the culprits.
+                let mut rows = 0;
+                for &i in &good {
+                    match self.write_messages(&[i], &message).await {
+                        Ok((n, bad)) => {
+                            rows += n;
+                            rejected.extend(bad);
+                        }
+                        Err(WriteError::Invalid(e) | WriteError::Rejected { message: e, .. }) => {
+                            rejected.push((i, e));
+                        }
+                        Err(WriteError::Engine(_)) => return false,
+                    }
+                }
+                rows
+            }
+            Err(WriteError::Engine(_)) => return false,
+        };
+        rejected.sort_by_key(|(i, _)| *i);
+        for (i, error) in &rejected {
+            self.reject(&batch[*i], error).await;
+        }
+        self.status
+            .written(batch.len() as u64, u64::try_from(rows).unwrap_or(u64::MAX));
+        for m in batch {
+            if let Err(e) = self.client.ack(m).await {
+                // The connection is gone: the broker sends the message again.
+                tracing::debug!(client_id = %self.status.client_id, error = %e, "acknowledgement not sent");
+            }
+        }
+        true
+    }
+
+    /// Validates and writes the messages `indices` of the batch (durably, retrying while
+    /// the buffer is full); the rows written and the messages set aside, with why.
+    async fn write_messages<'m>(
+        &self,
+        indices: &[usize],
+        message: &(dyn Fn(usize) -> Message<'m> + Sync),
+    ) -> Result<(usize, Vec<(usize, String)>), WriteError> {
+        if indices.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let messages: Vec<Message<'m>> = indices.iter().map(|&i| message(i)).collect();
+        let now = now_nanos();
+        let db = self.config.database.as_str();
+        let mut bad = Vec::new();
+        let waiting = self.engine.buffer_full();
+        self.status.waiting.store(waiting, Ordering::Relaxed);
+        let rows = write_until_durable(
+            &self.engine,
+            db,
+            Vec::new(),
+            &self.shutdown,
+            &self.status.client_id,
+            &mut |catalog| {
+                let d = validate_messages(&self.decoder, &messages, db, catalog, now);
+                bad = d.rejected;
+                Ok(d.rows)
+            },
+        )
+        .await;
+        self.status.waiting.store(false, Ordering::Relaxed);
+        let bad = bad.into_iter().map(|(j, e)| (indices[j], e)).collect();
+        Ok((rows?, bad))
+    }
+
+    /// Counts and logs a message that cannot be written, and republishes it to the
+    /// dead-letter topic when there is one (before it is acknowledged).
+    async fn reject(&self, m: &Received, error: &str) {
+        self.status.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(client_id = %self.status.client_id, topic = m.topic(), %error, "MQTT message rejected");
+        self.status
+            .error(format!("message on {:?} rejected: {error}", m.topic()));
+        if let Some(topic) = &self.config.dead_letter_topic {
+            match self.client.publish(topic, m.payload().clone()).await {
+                Ok(()) => {
+                    self.status.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(client_id = %self.status.client_id, dead_letter_topic = %topic, error = %e, "could not dead-letter a message");
+                }
+            }
+        }
+    }
+}
