@@ -15,6 +15,7 @@ mod kafka;
 mod last_cache;
 mod lifecycle;
 mod limits;
+mod mqtt;
 mod persistence;
 mod postgres;
 mod pruning;

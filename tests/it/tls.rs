@@ -14,12 +14,12 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use crate::support::{TestServer, eventually};
 
 /// A CA: its certificate (PEM) and what signs with it.
-struct Ca {
-    pem: String,
+pub(crate) struct Ca {
+    pub(crate) pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
-fn ca(name: &str) -> Ca {
+pub(crate) fn ca(name: &str) -> Ca {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params
@@ -34,7 +34,7 @@ fn ca(name: &str) -> Ca {
 }
 
 /// A certificate for `names` signed by `ca`: (certificate PEM, key PEM).
-fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
+pub(crate) fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
     let params =
         CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
     let key = KeyPair::generate().unwrap();
@@ -42,7 +42,7 @@ fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path

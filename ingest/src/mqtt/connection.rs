@@ -51,6 +51,8 @@ pub enum Event {
     Connected {
         session_present: bool,
     },
+    /// The broker answered a subscription: `Err` says why it refused it.
+    Subscribed(Result<(), String>),
     Message(Received),
     /// Nothing for the source (pings, acknowledgements of Kiln's own packets).
     Other,
@@ -132,6 +134,12 @@ impl Connection {
                 rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)) => Ok(Event::Connected {
                     session_present: c.session_present,
                 }),
+                rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) => {
+                    Ok(Event::Subscribed(match a.return_codes.first() {
+                        Some(rumqttc::SubscribeReasonCode::Success(_)) => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    }))
+                }
                 _ => Ok(Event::Other),
             },
             Self::V5(l) => match l.poll().await.map_err(text)? {
@@ -141,6 +149,12 @@ impl Connection {
                 rumqttc::v5::Event::Incoming(Packet5::ConnAck(c)) => Ok(Event::Connected {
                     session_present: c.session_present,
                 }),
+                rumqttc::v5::Event::Incoming(Packet5::SubAck(a)) => {
+                    Ok(Event::Subscribed(match a.return_codes.first() {
+                        Some(rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)) => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    }))
+                }
                 _ => Ok(Event::Other),
             },
         }

@@ -78,6 +78,7 @@ pub struct SourceReport {
     pub broker: String,
     pub topics: Vec<String>,
     pub database: String,
+    /// Connected with every subscription in place.
     pub connected: bool,
     /// Successful connections since start (more than one: the connection was lost).
     pub connects: u64,
@@ -306,17 +307,37 @@ async fn session(
     closing: Arc<AtomicBool>,
 ) {
     let mut failures = 0;
+    // Subscriptions sent and not yet answered (they are answered in order).
+    let mut subscribing = 0;
     loop {
         match connection.poll().await {
             Ok(Event::Connected { session_present }) => {
                 failures = 0;
-                status.connected.store(true, Ordering::Relaxed);
                 status.connects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(client_id = %status.client_id, session_present, "MQTT connected");
                 // A kept session keeps its subscriptions (subscribing again would make the
                 // broker send its retained messages again).
-                if !session_present && let Err(e) = client.subscribe(&config.topics).await {
+                if session_present {
+                    status.connected.store(true, Ordering::Relaxed);
+                } else if let Err(e) = client.subscribe(&config.topics).await {
                     status.error(format!("subscribing: {e}"));
+                } else {
+                    subscribing = config.topics.len();
+                }
+            }
+            Ok(Event::Subscribed(answer)) => {
+                let filter = config.topics.len().checked_sub(subscribing);
+                subscribing = subscribing.saturating_sub(1);
+                if let Err(why) = answer {
+                    let filter = filter.and_then(|i| config.topics.get(i));
+                    let message =
+                        format!("the broker refused the subscription to {filter:?}: {why}");
+                    tracing::error!(client_id = %status.client_id, "{message}");
+                    status.error(message);
+                }
+                if subscribing == 0 {
+                    // Connected means receiving: every subscription is in place.
+                    status.connected.store(true, Ordering::Relaxed);
                 }
             }
             Ok(Event::Message(m)) => {

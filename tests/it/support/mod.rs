@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
+pub mod mosquitto;
+
 pub struct TestServer {
     child: Option<Child>,
     pub base: String,
