@@ -36,7 +36,8 @@ pub struct MqttArgs {
     #[arg(long, env = "KILN_MQTT_PROTOCOL", default_value = "3.1.1")]
     pub mqtt_protocol: Protocol,
 
-    /// Payload format: `line_protocol` or `json` (needs `--mqtt-json-mapping`).
+    /// Payload format: `line_protocol`, `json` (needs `--mqtt-json-mapping`) or
+    /// `sparkplug_b` (topics under `spBv1.0/`).
     #[arg(long, env = "KILN_MQTT_FORMAT", default_value = "line_protocol")]
     pub mqtt_format: Format,
 
@@ -52,6 +53,18 @@ pub struct MqttArgs {
     /// Topic levels that become tags, `{table}` the table: `plant/{site}/{line}/{machine}`.
     #[arg(long, env = "KILN_MQTT_TOPIC_TEMPLATE")]
     pub mqtt_topic_template: Option<String>,
+
+    /// Sparkplug B: the table of metric values (tags group, edge_node, device).
+    #[arg(long, env = "KILN_MQTT_SPARKPLUG_TABLE", default_value = "sparkplug")]
+    pub mqtt_sparkplug_table: String,
+
+    /// Sparkplug B: the table of births and deaths (`online` per node and device).
+    #[arg(
+        long,
+        env = "KILN_MQTT_SPARKPLUG_STATUS_TABLE",
+        default_value = "sparkplug_status"
+    )]
+    pub mqtt_sparkplug_status_table: String,
 
     /// User name for the broker.
     #[arg(long, env = "KILN_MQTT_USERNAME")]
@@ -128,6 +141,8 @@ impl MqttArgs {
                 precision: self.mqtt_precision.clone(),
                 json,
                 topic_template: self.mqtt_topic_template.clone(),
+                sparkplug_table: self.mqtt_sparkplug_table.clone(),
+                sparkplug_status_table: self.mqtt_sparkplug_status_table.clone(),
                 username: self.mqtt_username.clone(),
                 password_file: self.mqtt_password_file.clone(),
                 password_env: None,

