@@ -184,14 +184,16 @@ pub struct Sources {
 impl Sources {
     /// Creates every source's client (a bad setting or file fails start-up) and starts
     /// each until `shutdown` turns true.
+    /// Sparkplug B sources keep the births they have seen under `state_dir`.
     pub fn start(
         configs: Vec<SourceConfig>,
         engine: &Arc<Engine>,
+        state_dir: &std::path::Path,
         shutdown: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, String> {
         let made = configs
             .into_iter()
-            .map(|c| MqttSource::new(c, Arc::clone(engine), shutdown.clone()))
+            .map(|c| MqttSource::new(c, Arc::clone(engine), state_dir, shutdown.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         let statuses = made.iter().map(MqttSource::status).collect();
         let tasks = made

@@ -375,7 +375,12 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     auth.check_startup(&[config.http_bind, config.grpc_bind, config.pg_bind])?;
     let sources = crate::kafka::Sources::start(kafka_sources, &engine, &stop_rx)?;
     let kafka = Arc::new(sources.statuses.clone());
-    let mqtt_sources = crate::mqtt::Sources::start(mqtt_sources, &engine, &stop_rx)?;
+    let mqtt_sources = crate::mqtt::Sources::start(
+        mqtt_sources,
+        &engine,
+        &config.data_dir.join("mqtt"),
+        &stop_rx,
+    )?;
     let mqtt = Arc::new(mqtt_sources.statuses.clone());
     let notify_counters = crate::alerts::notify::NotifyCounters::default();
     let mut registry = metrics.registry(

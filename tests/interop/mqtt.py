@@ -154,7 +154,7 @@ def kill9_while_publishing(work, port, config):
     return kiln
 
 
-def sparkplug(kiln, port):
+def sparkplug(kiln, port, restart):
     commands = []
     got_command = threading.Event()
     host = psp.Client(client_id="test-scada")
@@ -213,9 +213,22 @@ def sparkplug(kiln, port):
     births(1, base + 10, 23.0)
     send(psp.MessageType.DDATA, psp.DData(timestamp=base + 12, seq=2, metrics=(m(None, F64, 24.5, alias=10),)),
          "press4")
-    send(psp.MessageType.NDEATH, psp.NDeath(timestamp=base + 13, bd_seq_metric=m("bdSeq", I64, 1)))
-
     until(lambda: kiln.sources()["kiln-sparkplug"]["messages"] >= len(sent), "every Sparkplug message")
+    s = kiln.sources()["kiln-sparkplug"]
+    check("sparkplug: one message refused, one rebirth requested",
+          (s["rejected"], s["rebirth_requests"]) == (1, 1), s)
+
+    # Kiln keeps the births on disk: after kill -9, aliased data is written without a rebirth.
+    kiln = restart()
+    kiln.wait_connected()
+    sent.clear()
+    send(psp.MessageType.DDATA, psp.DData(timestamp=base + 13, seq=3, metrics=(m(None, F64, 25.0, alias=10),)),
+         "press4")
+    send(psp.MessageType.NDEATH, psp.NDeath(timestamp=base + 14, bd_seq_metric=m("bdSeq", I64, 1)))
+    until(lambda: kiln.sources()["kiln-sparkplug"]["messages"] >= len(sent), "the messages after the restart")
+    s = kiln.sources()["kiln-sparkplug"]
+    check("sparkplug: after kill -9 the births still resolve aliases (nothing refused, no rebirth)",
+          (s["rejected"], s["rebirth_requests"]) == (0, 0), s)
     rows = kiln.query("SELECT device, temp, rpm, label, uptime FROM sparkplug ORDER BY time")
     want = [
         {"device": None, "temp": None, "rpm": None, "label": None, "uptime": 1},
@@ -226,6 +239,7 @@ def sparkplug(kiln, port):
         {"device": None, "temp": None, "rpm": None, "label": None, "uptime": 1},
         {"device": "press4", "temp": 23.0, "rpm": 1450, "label": "ok", "uptime": None},
         {"device": "press4", "temp": 24.5, "rpm": None, "label": None, "uptime": None},
+        {"device": "press4", "temp": 25.0, "rpm": None, "label": None, "uptime": None},
     ]
     check("sparkplug: births and aliased data as rows, tags group/edge_node/device",
           rows == without_nulls(want), rows)
@@ -241,11 +255,9 @@ def sparkplug(kiln, port):
         {"edge_node": "gw1", "device": "press4", "online": False, "bd_seq": None},
         {"edge_node": "gw1", "device": None, "online": False, "bd_seq": 1},
     ]), status)
-    s = kiln.sources()["kiln-sparkplug"]
-    check("sparkplug: one message refused, one rebirth requested",
-          (s["rejected"], s["rebirth_requests"]) == (1, 1), s)
     node.disconnect()
     host.disconnect()
+    return kiln
 
 
 def main():
@@ -282,7 +294,12 @@ protocol = "5"
         sites = kiln.query("SELECT DISTINCT site FROM reading")
         check("paho: the topic template's {site} level is a tag", sites == [{"site": "north"}], sites)
         kiln.wait_connected()
-        sparkplug(kiln, port)
+
+        def restart():
+            kiln.kill9()
+            return Kiln(os.path.join(work, "kiln"), config)
+
+        kiln = sparkplug(kiln, port, restart)
     finally:
         if kiln is not None:
             kiln.stop()

@@ -17,6 +17,7 @@
 //! the batch, so acknowledgements stop and the broker stops sending at its in-flight limit.
 
 use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -200,7 +201,7 @@ pub struct MqttSource {
     status: Arc<SourceStatus>,
     decoder: Decoder,
     template: Option<TopicTemplate>,
-    sparkplug: Option<Sparkplug>,
+    sparkplug: Option<(Sparkplug, PathBuf)>,
     client: Client,
     connection: Connection,
     shutdown: watch::Receiver<bool>,
@@ -208,10 +209,12 @@ pub struct MqttSource {
 
 impl MqttSource {
     /// Checks the configuration and creates the client (no network round trip yet): a bad
-    /// setting or an unreadable certificate or password file fails here.
+    /// setting or an unreadable certificate or password file fails here. A Sparkplug B
+    /// source keeps the births it has seen in `state_dir`.
     pub fn new(
         config: SourceConfig,
         engine: Arc<Engine>,
+        state_dir: &Path,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, String> {
         config.check()?;
@@ -222,12 +225,22 @@ impl MqttSource {
             Format::SparkplugB => (crate::kafka::Format::LineProtocol, Precision::Nanoseconds),
         };
         let decoder = Decoder::new(format, precision, config.json.as_ref())?;
-        let sparkplug = (config.format == Format::SparkplugB).then(|| {
-            Sparkplug::new(
-                config.sparkplug_table.clone(),
-                config.sparkplug_status_table.clone(),
-            )
-        });
+        let sparkplug = match config.format {
+            Format::SparkplugB => {
+                let mut state = Sparkplug::new(
+                    config.sparkplug_table.clone(),
+                    config.sparkplug_status_table.clone(),
+                );
+                let path = state_file(state_dir, &config.client_id());
+                std::fs::create_dir_all(state_dir)
+                    .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
+                state
+                    .load(&path)
+                    .map_err(|e| kiln_storage::error_chain(&e))?;
+                Some((state, path))
+            }
+            _ => None,
+        };
         let template = config.template()?;
         let (client, connection) = connection::open(&config)?;
         Ok(Self {
@@ -279,7 +292,7 @@ impl MqttSource {
             status: Arc::clone(&status),
             decoder,
             template,
-            sparkplug: sparkplug.map(Mutex::new),
+            sparkplug: sparkplug.map(|(state, path)| (Mutex::new(state), path)),
             unsupported_seen: Mutex::default(),
             client: client.clone(),
             shutdown: shutdown.clone(),
@@ -401,8 +414,9 @@ struct Writer {
     status: Arc<SourceStatus>,
     decoder: Decoder,
     template: Option<TopicTemplate>,
-    /// Sparkplug B's births, aliases and sequence numbers, for a `sparkplug_b` source.
-    sparkplug: Option<Mutex<Sparkplug>>,
+    /// Sparkplug B's births, aliases and sequence numbers, for a `sparkplug_b` source, and
+    /// the file its births are kept in.
+    sparkplug: Option<(Mutex<Sparkplug>, PathBuf)>,
     /// Unsupported Sparkplug metrics already logged (each is logged once).
     unsupported_seen: Mutex<std::collections::HashSet<String>>,
     client: Client,
@@ -477,6 +491,14 @@ impl Writer {
         for (i, error) in &rejected {
             self.reject(&batch[*i], error).await;
         }
+        // Births written are kept before they are acknowledged.
+        if let Some((state, path)) = &self.sparkplug
+            && let Err(e) = state.lock().save(path)
+        {
+            let e = kiln_storage::error_chain(&e);
+            tracing::error!(client_id = %self.status.client_id, error = %e, "cannot keep Sparkplug B births on disk");
+            self.status.error(e);
+        }
         for (topic, payload) in rebirths {
             match self.client.publish(&topic, payload.into()).await {
                 Ok(()) => {
@@ -502,7 +524,7 @@ impl Writer {
     /// What `m` gives to validate: its payload with the topic's row context, or, for
     /// Sparkplug B, the line protocol of its rows (rebirth requests go to `rebirths`).
     fn prepare<'b>(&self, m: &'b Received, rebirths: &mut Vec<(String, Vec<u8>)>) -> Prepared<'b> {
-        if let Some(sparkplug) = &self.sparkplug {
+        if let Some((sparkplug, _)) = &self.sparkplug {
             let decoded = sparkplug.lock().decode(m.topic(), m.payload(), now_nanos());
             return match decoded {
                 Ok(d) => {
@@ -597,4 +619,19 @@ impl Writer {
             }
         }
     }
+}
+
+/// The file a Sparkplug B source keeps its births in: one per client id.
+fn state_file(dir: &Path, client_id: &str) -> PathBuf {
+    let name: String = client_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("{name}.sparkplug.json"))
 }

@@ -24,9 +24,11 @@ pub mod payload;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
+use serde::{Deserialize, Serialize};
 
 use self::payload::{DataType, Metric, Payload, Value};
 use crate::line_protocol::parser::escape;
@@ -54,14 +56,14 @@ pub struct Refused {
     pub rebirth: Option<(String, Vec<u8>)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct MetricDef {
     name: String,
     datatype: u32,
 }
 
 /// The metrics a birth defined, by alias and by name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Definitions {
     by_alias: HashMap<u64, MetricDef>,
     by_name: HashMap<String, u32>,
@@ -110,20 +112,25 @@ impl Definitions {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Device {
     online: bool,
     metrics: Definitions,
 }
 
-#[derive(Debug, Default)]
+/// What is known of an edge node. Its births (aliases, types, online flags) are kept on
+/// disk; the sequence number is not: after a restart the node's next message sets it.
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Node {
     online: bool,
     bd_seq: Option<u64>,
-    /// The sequence number the next message must carry.
-    next_seq: u8,
+    /// The sequence number the next message must carry (`None`: any, once).
+    #[serde(skip)]
+    next_seq: Option<u8>,
     /// Waiting for a rebirth: data is refused until the NBIRTH.
+    #[serde(skip)]
     stale: Option<String>,
+    #[serde(skip)]
     rebirth_requested: Option<Instant>,
     metrics: Definitions,
     devices: HashMap<String, Device>,
@@ -135,6 +142,39 @@ pub struct Sparkplug {
     table: String,
     status_table: String,
     nodes: HashMap<(String, String), Node>,
+    /// Births or deaths changed what [`Self::save`] writes.
+    changed: bool,
+}
+
+/// The file form of the nodes.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    nodes: Vec<SavedNode>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedNode {
+    group: String,
+    edge_node: String,
+    node: Node,
+}
+
+/// Why the births kept on disk could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {what} {path}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a Sparkplug B state file")]
+    Format {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// A parsed Sparkplug topic.
@@ -178,7 +218,88 @@ impl Sparkplug {
             table,
             status_table,
             nodes: HashMap::new(),
+            changed: false,
         }
+    }
+
+    /// Takes the births kept in `path`, if it exists.
+    pub fn load(&mut self, path: &Path) -> Result<(), StateError> {
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "read",
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let saved: Saved = serde_json::from_slice(&text).map_err(|source| StateError::Format {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.nodes = saved
+            .nodes
+            .into_iter()
+            .map(|n| ((n.group, n.edge_node), n.node))
+            .collect();
+        Ok(())
+    }
+
+    /// Writes the births to `path` (durably: a new file, synced, renamed over the old)
+    /// if a birth or death changed them since the last save.
+    pub fn save(&mut self, path: &Path) -> Result<(), StateError> {
+        if !self.changed {
+            return Ok(());
+        }
+        let io = |what: &'static str, path: &Path| {
+            let path = path.display().to_string();
+            move |source| StateError::Io { what, path, source }
+        };
+        let mut nodes: Vec<SavedNode> = Vec::with_capacity(self.nodes.len());
+        for ((group, edge_node), node) in &self.nodes {
+            // Only what a birth defined goes to disk.
+            nodes.push(SavedNode {
+                group: group.clone(),
+                edge_node: edge_node.clone(),
+                node: Node {
+                    online: node.online,
+                    bd_seq: node.bd_seq,
+                    metrics: node.metrics.clone(),
+                    devices: node
+                        .devices
+                        .iter()
+                        .map(|(k, d)| {
+                            (
+                                k.clone(),
+                                Device {
+                                    online: d.online,
+                                    metrics: d.metrics.clone(),
+                                },
+                            )
+                        })
+                        .collect(),
+                    ..Node::default()
+                },
+            });
+        }
+        let text = serde_json::to_vec(&Saved { nodes }).expect("serializable");
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+            f.write_all(&text).map_err(io("write", &tmp))?;
+            f.sync_all().map_err(io("sync", &tmp))?;
+        }
+        std::fs::rename(&tmp, path).map_err(io("rename", path))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("sync", dir))?;
+        }
+        self.changed = false;
+        Ok(())
     }
 
     /// Decodes the message on `topic`, updating what is known of its node. `now` (ns) is
@@ -217,7 +338,7 @@ impl Sparkplug {
                 let node = Node {
                     online: true,
                     bd_seq,
-                    next_seq: next(payload.seq.unwrap_or(0)),
+                    next_seq: Some(next(payload.seq.unwrap_or(0))),
                     metrics: Definitions::from_birth(&payload.metrics),
                     ..Node::default()
                 };
@@ -225,6 +346,7 @@ impl Sparkplug {
                 self.data(&mut lines, &mut out, &t, &node.metrics, &payload, time)
                     .map_err(refuse)?;
                 self.nodes.insert(key, node);
+                self.changed = true;
             }
             ("NDEATH", None) => {
                 let bd_seq = payload
@@ -254,6 +376,7 @@ impl Sparkplug {
                     })
                     .collect();
                 let bd_seq = node.bd_seq;
+                self.changed = true;
                 self.status(&mut lines, &t, None, false, bd_seq, time);
                 for d in devices {
                     self.status(&mut lines, &t, Some(&d), false, None, time);
@@ -277,6 +400,7 @@ impl Sparkplug {
                         self.data(&mut lines, &mut out, &t, &device.metrics, &payload, time)
                             .map_err(refuse)?;
                         self.node(&key).devices.insert(d.to_string(), device);
+                        self.changed = true;
                     }
                     ("DDATA", Some(d)) => {
                         let Some(mut device) = self
@@ -298,6 +422,7 @@ impl Sparkplug {
                         if let Some(device) = self.node(&key).devices.get_mut(d) {
                             device.online = false;
                         }
+                        self.changed = true;
                         self.status(&mut lines, &t, Some(d), false, None, time);
                     }
                     _ => {
@@ -341,10 +466,12 @@ impl Sparkplug {
             Some(n) => match (&n.stale, payload.seq) {
                 (Some(why), _) => Some(format!("awaiting the edge node's rebirth ({why})")),
                 (None, None) => Some("the message has no sequence number".into()),
-                (None, Some(seq)) if seq != u64::from(n.next_seq) => Some(format!(
-                    "sequence number {seq} where {} was due",
-                    n.next_seq
-                )),
+                (None, Some(seq)) if n.next_seq.is_some_and(|due| seq != u64::from(due)) => {
+                    Some(format!(
+                        "sequence number {seq} where {} was due",
+                        n.next_seq.unwrap_or_default()
+                    ))
+                }
                 (None, Some(_)) => None,
             },
         };
@@ -352,7 +479,7 @@ impl Sparkplug {
             return Err(self.stale(key, why, now));
         }
         let node = self.node(key);
-        node.next_seq = next(payload.seq.unwrap_or_default());
+        node.next_seq = Some(next(payload.seq.unwrap_or_default()));
         Ok(node)
     }
 

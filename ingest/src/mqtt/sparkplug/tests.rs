@@ -330,3 +330,50 @@ fn values_of_every_stored_type_and_bad_messages() {
             .is_none()
     );
 }
+
+#[test]
+fn births_kept_on_disk_serve_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiln.sparkplug.json");
+    let mut s = Sparkplug::new("sparkplug".into(), "sparkplug_status".into());
+    births(&mut s);
+    s.save(&path).unwrap();
+    let mut restarted = Sparkplug::new("sparkplug".into(), "sparkplug_status".into());
+    restarted.load(&path).unwrap();
+    // Any sequence number once (the last one was not kept), then the next in turn.
+    let ddata = |seq| {
+        body(
+            Some(seq),
+            3000,
+            vec![metric(None, Some(11), None, Value::Int(7))],
+        )
+    };
+    assert_eq!(
+        rows(
+            &mut restarted,
+            "spBv1.0/plant/DDATA/gw1/press 4",
+            &ddata(40)
+        ),
+        "sparkplug,group=plant,edge_node=gw1,device=press\\ 4 Speed=7i 3000000000\n"
+    );
+    assert!(
+        restarted
+            .decode("spBv1.0/plant/DDATA/gw1/press 4", &ddata(40), NOW)
+            .is_err()
+    );
+    // Without a change nothing is written; a file that is not one is an error that says so.
+    std::fs::write(&path, "x").unwrap();
+    restarted.save(&path).unwrap();
+    let e = Sparkplug::new("a".into(), "b".into())
+        .load(&path)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("is not a Sparkplug B state file"),
+        "{e}"
+    );
+    assert!(
+        Sparkplug::new("a".into(), "b".into())
+            .load(&dir.path().join("none"))
+            .is_ok()
+    );
+}
