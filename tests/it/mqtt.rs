@@ -381,3 +381,159 @@ async fn a_refused_connection_is_reported_not_fatal() {
     assert_eq!(mqtt_status(&server).await["sources"][0]["connected"], false);
     server.write_ok("plant", "t v=1 1").await;
 }
+
+/// Sparkplug B end to end with payloads built here (the interop suite drives pysparkplug):
+/// births, aliased data, and an unknown alias answered with a rebirth request on NCMD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_b_births_data_and_a_rebirth_request() {
+    use kiln_ingest::mqtt::sparkplug::payload::{DataType, Metric, Payload, Value};
+    use prost::Message as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let commands = Subscriber::start(broker.port, "spBv1.0/plant/NCMD/+").await;
+    let url = broker.url();
+    let server = TestServer::start(
+        &dir.path().join("kiln"),
+        &[
+            "--mqtt-broker",
+            &url,
+            "--mqtt-topics",
+            "spBv1.0/#",
+            "--mqtt-database",
+            "plant",
+            "--mqtt-format",
+            "sparkplug_b",
+        ],
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            mqtt_status(&server).await["sources"][0]["connected"] == true
+        })
+        .await
+    );
+    let metric =
+        |name: Option<&str>, alias: u64, datatype: Option<DataType>, value: Value| Metric {
+            name: name.map(str::to_string),
+            alias: Some(alias),
+            datatype: datatype.map(|d| d as u32),
+            value: Some(value),
+            ..Metric::default()
+        };
+    let body = |seq: Option<u64>, ms: u64, metrics: Vec<Metric>| {
+        Payload {
+            timestamp: Some(ms),
+            metrics,
+            seq,
+            ..Payload::default()
+        }
+        .encode_to_vec()
+    };
+    let t0 = 1_700_000_000_000;
+    publish(
+        broker.port,
+        vec![
+            (
+                "spBv1.0/plant/NBIRTH/gw1".into(),
+                body(
+                    Some(0),
+                    t0,
+                    vec![metric(
+                        Some("bdSeq"),
+                        0,
+                        Some(DataType::Int64),
+                        Value::Long(3),
+                    )],
+                ),
+            ),
+            (
+                "spBv1.0/plant/DBIRTH/gw1/press4".into(),
+                body(
+                    Some(1),
+                    t0 + 1,
+                    vec![
+                        metric(
+                            Some("temp"),
+                            10,
+                            Some(DataType::Double),
+                            Value::Double(20.5),
+                        ),
+                        metric(
+                            Some("running"),
+                            11,
+                            Some(DataType::Boolean),
+                            Value::Boolean(true),
+                        ),
+                    ],
+                ),
+            ),
+            (
+                "spBv1.0/plant/DDATA/gw1/press4".into(),
+                body(
+                    Some(2),
+                    t0 + 2,
+                    vec![metric(None, 10, None, Value::Double(21.25))],
+                ),
+            ),
+            (
+                "spBv1.0/plant/DDATA/gw1/press4".into(),
+                body(
+                    Some(3),
+                    t0 + 3,
+                    vec![metric(None, 77, None, Value::Double(1.0))],
+                ),
+            ),
+        ],
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !commands.received.lock().unwrap().is_empty()
+        })
+        .await,
+        "no rebirth request; {}",
+        mqtt_status(&server).await
+    );
+    let (topic, request) = commands.received.lock().unwrap()[0].clone();
+    assert_eq!(topic, "spBv1.0/plant/NCMD/gw1");
+    let request = Payload::decode(request.as_slice()).unwrap();
+    assert_eq!(
+        request.metrics[0].name.as_deref(),
+        Some("Node Control/Rebirth")
+    );
+    assert_eq!(request.metrics[0].value, Some(Value::Boolean(true)));
+
+    let data = rows(
+        &server,
+        "SELECT \"group\", edge_node, device, temp, running FROM sparkplug ORDER BY time",
+    )
+    .await;
+    assert_eq!(
+        serde_json::Value::from(data),
+        serde_json::json!([
+            {"group": "plant", "edge_node": "gw1", "device": "press4", "temp": 20.5, "running": true},
+            {"group": "plant", "edge_node": "gw1", "device": "press4", "temp": 21.25},
+        ])
+    );
+    let status = rows(
+        &server,
+        "SELECT device, online, bd_seq FROM sparkplug_status ORDER BY time",
+    )
+    .await;
+    assert_eq!(
+        serde_json::Value::from(status),
+        serde_json::json!([{"online": true, "bd_seq": 3}, {"device": "press4", "online": true}])
+    );
+    let s = &mqtt_status(&server).await["sources"][0];
+    assert_eq!(
+        (&s["rejected"], &s["rebirth_requests"]),
+        (&1.into(), &1.into()),
+        "{s}"
+    );
+    assert!(
+        s["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("alias 77 is not defined by the birth")),
+        "{s}"
+    );
+}
