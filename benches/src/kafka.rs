@@ -333,6 +333,18 @@ async fn rows_written(http: &reqwest::Client, base: &str) -> u64 {
 /// Waits until `total` rows are queryable; the rate from the first row seen to the last.
 /// Checks with a query at the end that the table holds exactly `total` rows.
 pub async fn time_to_queryable(base: &str, db: &str, total: u64) -> Result<f64, String> {
+    time_to_queryable_in(base, db, "cpu", total, total).await
+}
+
+/// Waits until Kiln has written `total` rows; the rate from the first row seen to the
+/// last. Checks with a query at the end that `table` holds exactly `rows` rows.
+pub async fn time_to_queryable_in(
+    base: &str,
+    db: &str,
+    table: &str,
+    total: u64,
+    rows: u64,
+) -> Result<f64, String> {
     let http = reqwest::Client::new();
     let started = Instant::now();
     let (mut first, mut first_rows) = (None, 0);
@@ -345,11 +357,9 @@ pub async fn time_to_queryable(base: &str, db: &str, total: u64) -> Result<f64, 
         if n >= total {
             let first = first.unwrap_or(started);
             let secs = first.elapsed().as_secs_f64();
-            let rows = count(&http, base, db, "cpu").await;
-            if rows != total {
-                return Err(format!(
-                    "the table holds {rows} rows; {total} were produced"
-                ));
+            let held = count(&http, base, db, table).await;
+            if held != rows {
+                return Err(format!("{table} holds {held} rows; {rows} were sent"));
             }
             if secs <= 0.0 || first_rows >= total {
                 return Err("every row arrived before the first look; use more rows".into());

@@ -8,6 +8,7 @@
 pub mod footprint;
 pub mod kafka;
 pub mod load;
+pub mod mqtt;
 pub mod queries;
 pub mod results;
 pub mod security;

@@ -203,6 +203,41 @@ enum Command {
         #[arg(long = "kiln-arg", allow_hyphen_values = true)]
         kiln_args: Vec<String>,
     },
+    /// MQTT to queryable: the workload through an MQTT broker (queued for a persistent
+    /// session, then taken by Kiln) as line protocol, JSON and Sparkplug B, against a
+    /// subscriber that does nothing and HTTP line protocol in the same run.
+    Mqtt {
+        #[command(flatten)]
+        workload: Workload,
+        /// The `kiln` binary to run.
+        #[arg(long, default_value = "target/release/kiln")]
+        kiln: PathBuf,
+        /// Port of an MQTT broker on 127.0.0.1 that queues without limit (Mosquitto with
+        /// `max_queued_messages 0`).
+        #[arg(long)]
+        broker_port: u16,
+        /// Formats to measure (comma-separated).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "lp,json,sparkplug"
+        )]
+        formats: Vec<kiln_bench::mqtt::MqttFormat>,
+        /// Rows of the workload per line protocol or JSON message.
+        #[arg(long, default_value_t = 100)]
+        rows_per_message: usize,
+        /// Runs per format (interleaved with the HTTP runs); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Directory for the servers' data (removed after each run).
+        #[arg(long, default_value = "/tmp/kiln-bench-mqtt")]
+        data_dir: PathBuf,
+        /// An extra argument for the MQTT-reading `kiln serve` (repeat), e.g.
+        /// `--kiln-arg=--mqtt-protocol=5`.
+        #[arg(long = "kiln-arg", allow_hyphen_values = true)]
+        kiln_args: Vec<String>,
+    },
     /// Run librdkafka's mock Kafka cluster (for tests and scripts): prints
     /// `bootstrap=host:port` once its topics exist, and runs until stdin closes.
     MockKafka {
@@ -304,6 +339,28 @@ fn main() -> std::process::ExitCode {
                 kiln_args,
             };
             exit_code(runtime.block_on(kafka(&workload, &plan)))
+        }
+        Command::Mqtt {
+            workload,
+            kiln,
+            broker_port,
+            formats,
+            rows_per_message,
+            runs,
+            data_dir,
+            kiln_args,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let plan = MqttPlan {
+                kiln,
+                broker_port,
+                formats,
+                rows_per_message: rows_per_message.max(1),
+                runs: runs.max(1),
+                data_dir,
+                kiln_args,
+            };
+            exit_code(runtime.block_on(mqtt(&workload, &plan)))
         }
         Command::Queries {
             workload,
@@ -803,6 +860,147 @@ struct KafkaPlan {
     runs: usize,
     data_dir: PathBuf,
     kiln_args: Vec<String>,
+}
+
+struct MqttPlan {
+    kiln: PathBuf,
+    broker_port: u16,
+    formats: Vec<kiln_bench::mqtt::MqttFormat>,
+    rows_per_message: usize,
+    runs: usize,
+    data_dir: PathBuf,
+    kiln_args: Vec<String>,
+}
+
+/// Interleaves, per run: HTTP line protocol into a fresh Kiln, then per MQTT format the
+/// workload queued for Kiln's session and taken by a fresh Kiln, then the same queued for
+/// a subscriber that does nothing. Prints a table of medians.
+async fn mqtt(w: &Workload, plan: &MqttPlan) -> Result<(), String> {
+    use kiln_bench::kafka::{Kiln, median, time_to_queryable_in};
+    use kiln_bench::mqtt::{MqttFormat, drain, open_session, publish, workload};
+    let port = plan.broker_port;
+    let mut loaded = Vec::new();
+    for &format in &plan.formats {
+        let wl = workload(w.scale, w.seed, intervals(w), format, plan.rows_per_message);
+        let bytes: usize = wl.messages.iter().map(|(_, m)| m.len()).sum();
+        eprintln!(
+            "{format:?}: {} rows in {} messages ({:.1} MB)",
+            wl.rows,
+            wl.messages.len(),
+            bytes as f64 / 1e6
+        );
+        loaded.push((format, wl));
+    }
+    let mut http_rates = Vec::new();
+    let mut kiln_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
+    let mut broker_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
+    for run in 0..plan.runs {
+        let server = Kiln::start(&plan.kiln, &plan.data_dir.join("http"), &[])?;
+        let target = format!("{}/api/v3/write_lp?db=benchmark", server.http);
+        let rate = ingest(
+            w,
+            Protocol::HttpLp,
+            target,
+            "benchmark".into(),
+            5000,
+            4,
+            kiln_bench::security::Access::default(),
+        )
+        .await;
+        server.stop();
+        http_rates.push(rate?);
+        for (i, (format, wl)) in loaded.iter().enumerate() {
+            let filter = match format {
+                MqttFormat::Sparkplug => "spBv1.0/#",
+                _ => "tsbs/#",
+            };
+            let id = format!("kiln-bench-{run}-{format:?}").to_lowercase();
+            open_session(port, &id, filter).await?;
+            let t = Instant::now();
+            publish(port, &wl.messages).await?;
+            eprintln!(
+                "run {run}: published {} messages in {:.1}s",
+                wl.messages.len(),
+                t.elapsed().as_secs_f64()
+            );
+            let mut args: Vec<String> = [
+                "--mqtt-broker",
+                &format!("mqtt://127.0.0.1:{port}"),
+                "--mqtt-topics",
+                filter,
+                "--mqtt-database",
+                "benchmark",
+                "--mqtt-client-id",
+                &id,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            match format {
+                MqttFormat::Lp => {}
+                MqttFormat::Json => args.extend([
+                    "--mqtt-format".into(),
+                    "json".into(),
+                    "--mqtt-json-mapping".into(),
+                    kiln_bench::kafka::json_mapping(),
+                ]),
+                MqttFormat::Sparkplug => {
+                    args.extend(["--mqtt-format".into(), "sparkplug_b".into()])
+                }
+            }
+            args.extend(plan.kiln_args.iter().cloned());
+            let server = Kiln::start(&plan.kiln, &plan.data_dir.join("mqtt"), &args)?;
+            let rate =
+                time_to_queryable_in(&server.http, "benchmark", wl.table, wl.written, wl.rows)
+                    .await;
+            server.stop();
+            let rate = rate? * wl.rows as f64 / wl.written as f64;
+            println!("run {run}: mqtt {format:?} rows_per_sec={rate:.0}");
+            kiln_rates[i].push(rate);
+            // What the broker delivers to a subscriber that does nothing, for comparison.
+            let id = format!("{id}-alone");
+            open_session(port, &id, filter).await?;
+            publish(port, &wl.messages).await?;
+            let secs = drain(port, &id, wl.messages.len()).await?;
+            if secs <= 0.0 {
+                return Err("the broker delivered every message at once; use more rows".into());
+            }
+            let delivered = wl.rows as f64 / secs;
+            println!("run {run}: broker alone {format:?} rows_per_sec={delivered:.0}");
+            broker_rates[i].push(delivered);
+        }
+    }
+    let http = median(&http_rates);
+    println!();
+    println!(
+        "| source | runs (rows/s) | **median rows/s** | vs HTTP LP | broker alone, median rows/s | vs broker alone |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "| HTTP line protocol | {} | **{http:.0}** | 1.00× | | |",
+        list(&http_rates)
+    );
+    for ((format, rates), broker) in plan.formats.iter().zip(&kiln_rates).zip(&broker_rates) {
+        let (m, b) = (median(rates), median(broker));
+        let per = match format {
+            MqttFormat::Sparkplug => "1 row of 10 metrics/message".to_string(),
+            _ => format!("{} rows/message", plan.rows_per_message),
+        };
+        println!(
+            "| MQTT {format:?} ({per}) | {} | **{m:.0}** | {:.2}× | {b:.0} ({}) | {:.2}× |",
+            list(rates),
+            m / http,
+            list(broker),
+            m / b
+        );
+    }
+    Ok(())
 }
 
 /// Interleaves, per run: HTTP line protocol into a fresh Kiln, then each Kafka format into

@@ -3,6 +3,10 @@
 //!
 //! * [`ingest::v1`]: `kiln.ingest.v1.WriteService`, the ingest API for edge gateways
 //!   (see `kiln/ingest/v1/ingest.proto` for the contract, field by field).
+//! * [`sparkplug`]: the Eclipse Sparkplug B payload that MQTT sources read and benchmarks
+//!   write.
+
+pub mod sparkplug;
 
 pub mod ingest {
     pub mod v1 {

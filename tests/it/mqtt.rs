@@ -386,7 +386,7 @@ async fn a_refused_connection_is_reported_not_fatal() {
 /// births, aliased data, and an unknown alias answered with a rebirth request on NCMD.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparkplug_b_births_data_and_a_rebirth_request() {
-    use kiln_ingest::mqtt::sparkplug::payload::{DataType, Metric, Payload, Value};
+    use kiln_proto::sparkplug::{DataType, Metric, Payload, Value};
     use prost::Message as _;
 
     let dir = tempfile::tempdir().unwrap();

@@ -165,8 +165,9 @@ fn text(e: impl std::fmt::Display) -> MqttError {
     MqttError(e.to_string())
 }
 
-/// Requests queued for the connection (acknowledgements, mostly).
-const REQUEST_CAPACITY: usize = 1024;
+/// Requests (acknowledgements, mostly) that wait for the connection without blocking the
+/// writer: more than the messages a broker lets Kiln hold unacknowledged.
+const REQUEST_CAPACITY: usize = 65_536;
 
 /// The client and connection of `config` (no network round trip yet).
 pub fn open(config: &SourceConfig) -> Result<(Client, Connection), String> {

@@ -275,7 +275,10 @@ impl MqttSource {
             shutdown,
         } = self;
         tracing::info!(client_id = %status.client_id, broker = %config.broker, topics = ?config.topics, database = %config.database, "MQTT source started");
-        let (tx, mut rx) = mpsc::channel(usize::from(config.max_inflight).max(16));
+        // The session never waits for the writer: it must keep polling for the
+        // acknowledgements to leave. What it holds is bounded by the broker's in-flight
+        // window (MQTT 5: the receive maximum Kiln sets), which acknowledgements open.
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let closing = Arc::new(AtomicBool::new(false));
         let session = tokio::spawn(session(
             connection,
@@ -340,7 +343,7 @@ async fn session(
     client: Client,
     config: Arc<SourceConfig>,
     status: Arc<SourceStatus>,
-    tx: mpsc::Sender<Received>,
+    tx: mpsc::UnboundedSender<Received>,
     mut shutdown: watch::Receiver<bool>,
     closing: Arc<AtomicBool>,
 ) {
@@ -379,7 +382,7 @@ async fn session(
                 }
             }
             Ok(Event::Message(m)) => {
-                if tx.send(m).await.is_err() {
+                if tx.send(m).is_err() {
                     return;
                 }
             }

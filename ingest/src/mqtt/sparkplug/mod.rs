@@ -20,8 +20,6 @@
 //!
 //! A message becomes line protocol (one line per row), validated and written as any other.
 
-pub mod payload;
-
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -30,8 +28,8 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
-use self::payload::{DataType, Metric, Payload, Value};
 use crate::line_protocol::parser::escape;
+use kiln_proto::sparkplug::{DataType, Metric, Payload, Value};
 
 /// Topic namespace of Sparkplug B.
 pub const NAMESPACE: &str = "spBv1.0";

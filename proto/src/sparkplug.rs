@@ -1,7 +1,8 @@
-//! The Sparkplug B payload (Eclipse Sparkplug 3.0, `org.eclipse.tahu.protobuf.Payload`):
-//! the fields Kiln reads, with their protobuf numbers. Values Kiln does not store (data
-//! sets, templates, extensions) are kept as their undecoded bytes, so that a metric that
-//! carries one is told apart from a null one.
+//! The Sparkplug B payload (Eclipse Sparkplug 3.0, `org.eclipse.tahu.protobuf.Payload`),
+//! written as prost structs rather than generated: the fields Kiln reads, with their
+//! protobuf numbers. Values Kiln does not store (data sets, templates, extensions) are kept
+//! as their undecoded bytes, so that a metric that carries one is told apart from a null
+//! one.
 
 /// A Sparkplug B message body.
 #[derive(Clone, PartialEq, prost::Message)]
