@@ -8,6 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+. benches/common.sh
 tools="${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}"
 if [ ! -x "$tools/bin/tansu" ]; then
   cargo install --quiet --locked --root "$tools" tansu@0.6.0 --features dynostore,libsql
@@ -20,10 +21,7 @@ work="$(mktemp -d)"
   > "$work/tansu.log" 2>&1 &
 broker=$!
 trap 'kill "$broker" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do
-  (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+wait_port "$port"
 for run in $(seq 0 $(( ${RUNS:-3} - 1 ))); do
   for format in lp json; do
     "$tools/bin/tansu" topic create --broker "tcp://127.0.0.1:$port" --partitions 3 "tsbs-$format-$run" > /dev/null

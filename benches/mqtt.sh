@@ -8,6 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+. benches/common.sh
 bash tests/tools/debian-packages.sh mosquitto
 cargo build --release --locked -p kiln-server -p kiln-bench
 port="${MQTT_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
@@ -22,10 +23,7 @@ CONF
 /usr/sbin/mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 broker=$!
 trap 'kill "$broker" 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 1 100); do
-  (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+wait_port "$port"
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 "$bin/kiln-bench" mqtt --kiln "$bin/kiln" --broker-port "$port" \
   --scale "${SCALE:-1000}" --duration "${DURATION:-6h}" --runs "${RUNS:-3}" \

@@ -1,6 +1,6 @@
 //! `kiln-bench`: drives a running Kiln server with the TSBS cpu-only workload.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -876,7 +876,7 @@ struct MqttPlan {
 /// workload queued for Kiln's session and taken by a fresh Kiln, then the same queued for
 /// a subscriber that does nothing. Prints a table of medians.
 async fn mqtt(w: &Workload, plan: &MqttPlan) -> Result<(), String> {
-    use kiln_bench::kafka::{Kiln, median, time_to_queryable_in};
+    use kiln_bench::kafka::{Kiln, time_to_queryable_in};
     use kiln_bench::mqtt::{MqttFormat, drain, open_session, publish, workload};
     let port = plan.broker_port;
     let mut loaded = Vec::new();
@@ -895,20 +895,7 @@ async fn mqtt(w: &Workload, plan: &MqttPlan) -> Result<(), String> {
     let mut kiln_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
     let mut broker_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
     for run in 0..plan.runs {
-        let server = Kiln::start(&plan.kiln, &plan.data_dir.join("http"), &[])?;
-        let target = format!("{}/api/v3/write_lp?db=benchmark", server.http);
-        let rate = ingest(
-            w,
-            Protocol::HttpLp,
-            target,
-            "benchmark".into(),
-            5000,
-            4,
-            kiln_bench::security::Access::default(),
-        )
-        .await;
-        server.stop();
-        http_rates.push(rate?);
+        http_rates.push(http_baseline(w, &plan.kiln, &plan.data_dir).await?);
         for (i, (format, wl)) in loaded.iter().enumerate() {
             let filter = match format {
                 MqttFormat::Sparkplug => "spBv1.0/#",
@@ -970,36 +957,20 @@ async fn mqtt(w: &Workload, plan: &MqttPlan) -> Result<(), String> {
             broker_rates[i].push(delivered);
         }
     }
-    let http = median(&http_rates);
-    println!();
-    println!(
-        "| source | runs (rows/s) | **median rows/s** | vs HTTP LP | broker alone, median rows/s | vs broker alone |"
-    );
-    println!("|---|---|---:|---:|---:|---:|");
-    let list = |v: &[f64]| {
-        v.iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    println!(
-        "| HTTP line protocol | {} | **{http:.0}** | 1.00× | | |",
-        list(&http_rates)
-    );
-    for ((format, rates), broker) in plan.formats.iter().zip(&kiln_rates).zip(&broker_rates) {
-        let (m, b) = (median(rates), median(broker));
-        let per = match format {
-            MqttFormat::Sparkplug => "1 row of 10 metrics/message".to_string(),
-            _ => format!("{} rows/message", plan.rows_per_message),
-        };
-        println!(
-            "| MQTT {format:?} ({per}) | {} | **{m:.0}** | {:.2}× | {b:.0} ({}) | {:.2}× |",
-            list(rates),
-            m / http,
-            list(broker),
-            m / b
-        );
-    }
+    let sources = plan
+        .formats
+        .iter()
+        .zip(kiln_rates)
+        .zip(broker_rates)
+        .map(|((format, rates), broker)| {
+            let per = match format {
+                MqttFormat::Sparkplug => "1 row of 10 metrics/message".to_string(),
+                _ => format!("{} rows/message", plan.rows_per_message),
+            };
+            (format!("MQTT {format:?} ({per})"), rates, broker)
+        })
+        .collect::<Vec<_>>();
+    print_sources_table(&http_rates, &sources);
     Ok(())
 }
 
@@ -1007,8 +978,8 @@ async fn mqtt(w: &Workload, plan: &MqttPlan) -> Result<(), String> {
 /// a fresh Kiln reading a freshly loaded topic. Prints a table of medians.
 async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
     use kiln_bench::kafka::{
-        KafkaFormat, Kiln, PARTITIONS, delete_topic, drain, json_mapping, median, messages,
-        produce, time_to_queryable,
+        KafkaFormat, Kiln, PARTITIONS, delete_topic, drain, json_mapping, messages, produce,
+        time_to_queryable,
     };
     // The librdkafka options Kiln is given, for the plain consumer that measures the broker.
     let options: Vec<(String, String)> = plan
@@ -1048,20 +1019,7 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
     let mut kafka_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
     let mut broker_rates: Vec<Vec<f64>> = vec![Vec::new(); plan.formats.len()];
     for run in 0..plan.runs {
-        let server = Kiln::start(&plan.kiln, &plan.data_dir.join("http"), &[])?;
-        let target = format!("{}/api/v3/write_lp?db=benchmark", server.http);
-        let rate = ingest(
-            w,
-            Protocol::HttpLp,
-            target,
-            "benchmark".into(),
-            5000,
-            4,
-            kiln_bench::security::Access::default(),
-        )
-        .await;
-        server.stop();
-        http_rates.push(rate?);
+        http_rates.push(http_baseline(w, &plan.kiln, &plan.data_dir).await?);
         for (i, (format, rows, msgs)) in loaded.iter().enumerate() {
             let topic = format!("tsbs-{format:?}-{run}").to_lowercase();
             if let Some(m) = &mock {
@@ -1128,7 +1086,47 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
             }
         }
     }
-    let http = median(&http_rates);
+    let sources = plan
+        .formats
+        .iter()
+        .zip(kafka_rates)
+        .zip(broker_rates)
+        .map(|((format, rates), broker)| {
+            (
+                format!("Kafka {format:?} ({} rows/message)", plan.rows_per_message),
+                rates,
+                broker,
+            )
+        })
+        .collect::<Vec<_>>();
+    print_sources_table(&http_rates, &sources);
+    Ok(())
+}
+
+/// One HTTP line-protocol run of the workload into a fresh Kiln (5,000 lines a request,
+/// 4 connections): the rate the sources are compared with.
+async fn http_baseline(w: &Workload, kiln: &Path, data_dir: &Path) -> Result<f64, String> {
+    let server = kiln_bench::kafka::Kiln::start(kiln, &data_dir.join("http"), &[])?;
+    let target = format!("{}/api/v3/write_lp?db=benchmark", server.http);
+    let rate = ingest(
+        w,
+        Protocol::HttpLp,
+        target,
+        "benchmark".into(),
+        5000,
+        4,
+        kiln_bench::security::Access::default(),
+    )
+    .await;
+    server.stop();
+    rate
+}
+
+/// The markdown table of a sources benchmark: HTTP line protocol, then per source its
+/// runs, median, and ratios to HTTP and to the broker alone.
+fn print_sources_table(http_rates: &[f64], sources: &[(String, Vec<f64>, Vec<f64>)]) {
+    use kiln_bench::kafka::median;
+    let http = median(http_rates);
     println!();
     println!(
         "| source | runs (rows/s) | **median rows/s** | vs HTTP LP | broker alone, median rows/s | vs broker alone |"
@@ -1142,18 +1140,16 @@ async fn kafka(w: &Workload, plan: &KafkaPlan) -> Result<(), String> {
     };
     println!(
         "| HTTP line protocol | {} | **{http:.0}** | 1.00× | | |",
-        list(&http_rates)
+        list(http_rates)
     );
-    for ((format, rates), broker) in plan.formats.iter().zip(&kafka_rates).zip(&broker_rates) {
+    for (name, rates, broker) in sources {
         let (m, b) = (median(rates), median(broker));
         println!(
-            "| Kafka {format:?} ({} rows/message) | {} | **{m:.0}** | {:.2}× | {b:.0} ({}) | {:.2}× |",
-            plan.rows_per_message,
+            "| {name} | {} | **{m:.0}** | {:.2}× | {b:.0} ({}) | {:.2}× |",
             list(rates),
             m / http,
             list(broker),
             m / b
         );
     }
-    Ok(())
 }

@@ -12,7 +12,8 @@ use kiln_ingest::kafka::{
     DefaultTime, Format, KafkaSource, SourceConfig, SourceStatus, sources_from_toml,
 };
 use kiln_storage::Engine;
-use tokio::task::JoinHandle;
+
+use crate::sources::Sources;
 
 /// Flags of one Kafka source; for several, use `--kafka-config`.
 #[derive(Debug, Clone, Args)]
@@ -142,49 +143,23 @@ impl KafkaArgs {
     }
 }
 
-/// The running sources.
-pub struct Sources {
-    pub statuses: Vec<Arc<SourceStatus>>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Sources {
-    /// Creates every source's clients (a bad setting fails start-up) and starts consuming
-    /// until `shutdown` turns true.
-    pub fn start(
-        configs: Vec<SourceConfig>,
-        engine: &Arc<Engine>,
-        shutdown: &tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Self, String> {
-        let mut made = Vec::new();
-        for config in configs {
-            made.push(KafkaSource::new(
-                config,
-                Arc::clone(engine),
-                shutdown.clone(),
-            )?);
-        }
-        let statuses = made.iter().map(KafkaSource::status).collect();
-        let tasks = made
-            .into_iter()
-            .map(|source| {
-                tokio::spawn(async move {
-                    if let Err(e) = source.run().await {
-                        tracing::error!(error = %e, "Kafka source failed");
-                    }
-                })
-            })
-            .collect();
-        Ok(Self { statuses, tasks })
-    }
-
-    /// Waits for the sources to stop (after the shutdown signal): each finishes the batch
-    /// it is writing, commits its offsets and leaves its group.
-    pub async fn stopped(self) {
-        for task in self.tasks {
-            let _ = task.await;
-        }
-    }
+/// Creates every source's clients (a bad setting fails start-up) and starts consuming
+/// until `shutdown` turns true.
+pub fn start(
+    configs: Vec<SourceConfig>,
+    engine: &Arc<Engine>,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Sources<SourceStatus>, String> {
+    let made = configs
+        .into_iter()
+        .map(|c| KafkaSource::new(c, Arc::clone(engine), shutdown.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Sources::spawn(
+        made,
+        "Kafka",
+        KafkaSource::status,
+        KafkaSource::run,
+    ))
 }
 
 /// librdkafka settings given as `key=value` to `flag`.

@@ -20,6 +20,7 @@ mod mqtt;
 mod postgres;
 mod results;
 mod serve;
+mod sources;
 mod tls;
 mod write;
 

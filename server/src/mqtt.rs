@@ -9,7 +9,8 @@ use clap::Args;
 use kiln_ingest::kafka::json::JsonMapping;
 use kiln_ingest::mqtt::{Format, MqttSource, Protocol, SourceConfig, SourceStatus};
 use kiln_storage::Engine;
-use tokio::task::JoinHandle;
+
+use crate::sources::Sources;
 
 /// Flags of one MQTT source; for several, use `--mqtt-config`.
 #[derive(Debug, Clone, Args)]
@@ -175,47 +176,25 @@ impl MqttArgs {
     }
 }
 
-/// The running sources.
-pub struct Sources {
-    pub statuses: Vec<Arc<SourceStatus>>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Sources {
-    /// Creates every source's client (a bad setting or file fails start-up) and starts
-    /// each until `shutdown` turns true.
-    /// Sparkplug B sources keep the births they have seen under `state_dir`.
-    pub fn start(
-        configs: Vec<SourceConfig>,
-        engine: &Arc<Engine>,
-        state_dir: &std::path::Path,
-        shutdown: &tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Self, String> {
-        let made = configs
-            .into_iter()
-            .map(|c| MqttSource::new(c, Arc::clone(engine), state_dir, shutdown.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let statuses = made.iter().map(MqttSource::status).collect();
-        let tasks = made
-            .into_iter()
-            .map(|source| {
-                tokio::spawn(async move {
-                    if let Err(e) = source.run().await {
-                        tracing::error!(error = %e, "MQTT source failed");
-                    }
-                })
-            })
-            .collect();
-        Ok(Self { statuses, tasks })
-    }
-
-    /// Waits for the sources to stop (after the shutdown signal): each writes and
-    /// acknowledges what it holds and disconnects.
-    pub async fn stopped(self) {
-        for task in self.tasks {
-            let _ = task.await;
-        }
-    }
+/// Creates every source's client (a bad setting or file fails start-up) and starts each
+/// until `shutdown` turns true. Sparkplug B sources keep the births they have seen under
+/// `state_dir`.
+pub fn start(
+    configs: Vec<SourceConfig>,
+    engine: &Arc<Engine>,
+    state_dir: &std::path::Path,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Sources<SourceStatus>, String> {
+    let made = configs
+        .into_iter()
+        .map(|c| MqttSource::new(c, Arc::clone(engine), state_dir, shutdown.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Sources::spawn(
+        made,
+        "MQTT",
+        MqttSource::status,
+        MqttSource::run,
+    ))
 }
 
 /// `GET /api/v3/mqtt`: every MQTT source, connected or not, with its counts, rates and
@@ -284,7 +263,7 @@ impl prometheus_client::collector::Collector for Collector {
             ),
         ];
         for (name, help, ty, pick) in families {
-            let mut family = encoder.encode_descriptor(name, help, None, ty.clone())?;
+            let mut family = encoder.encode_descriptor(name, help, None, ty)?;
             for r in &reports {
                 let labels = [("client_id", r.client_id.as_str())];
                 let metric = family.encode_family(&labels)?;

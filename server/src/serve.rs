@@ -373,9 +373,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         },
     ));
     auth.check_startup(&[config.http_bind, config.grpc_bind, config.pg_bind])?;
-    let sources = crate::kafka::Sources::start(kafka_sources, &engine, &stop_rx)?;
+    let sources = crate::kafka::start(kafka_sources, &engine, &stop_rx)?;
     let kafka = Arc::new(sources.statuses.clone());
-    let mqtt_sources = crate::mqtt::Sources::start(
+    let mqtt_sources = crate::mqtt::start(
         mqtt_sources,
         &engine,
         &config.data_dir.join("mqtt"),

@@ -33,15 +33,7 @@ fn produce(bootstrap: &str, topic: &str, messages: impl IntoIterator<Item = (i32
 
 /// `GET /api/v3/kafka`.
 async fn kafka_status(server: &TestServer) -> serde_json::Value {
-    server
-        .client
-        .get(server.url("/api/v3/kafka"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    server.get_json("/api/v3/kafka").await
 }
 
 /// Flags of a line-protocol source on `topic` into database `plant`. Short session

@@ -3,6 +3,7 @@
 //! poison message dead-lettered among good ones, the status endpoint and metrics, and TLS
 //! with a client certificate and a password to the broker.
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::support::mosquitto::{Mosquitto, Subscriber, add_user, free_port, publish, publish_as};
@@ -10,15 +11,22 @@ use crate::support::{TestServer, eventually};
 
 /// `GET /api/v3/mqtt`.
 async fn mqtt_status(server: &TestServer) -> serde_json::Value {
+    server.get_json("/api/v3/mqtt").await
+}
+
+/// Starts Kiln with an MQTT source and waits until it is connected and subscribed (a
+/// broker keeps messages only for subscriptions it has).
+async fn start_connected(data: &Path, args: &[&str]) -> TestServer {
+    let server = TestServer::start(data, args);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            mqtt_status(&server).await["sources"][0]["connected"] == true
+        })
+        .await,
+        "{}",
+        mqtt_status(&server).await
+    );
     server
-        .client
-        .get(server.url("/api/v3/mqtt"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 async fn rows(server: &TestServer, sql: &str) -> Vec<serde_json::Value> {
@@ -56,15 +64,7 @@ async fn kill9_while_devices_publish_loses_and_duplicates_nothing() {
         "--mqtt-topic-template",
         "plant/{site}/{machine}",
     ];
-    // Subscribed before anything is published: a broker keeps messages only for sessions
-    // it knows.
-    let mut server = TestServer::start(&data, &args);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            mqtt_status(&server).await["sources"][0]["connected"] == true
-        })
-        .await
-    );
+    let mut server = start_connected(&data, &args).await;
     const TOTAL: u64 = 6000;
     let port = broker.port;
     let publishing = tokio::spawn(async move {
@@ -135,7 +135,7 @@ async fn json_over_mqtt5_takes_tags_and_table_from_the_topic_and_sets_poison_asi
     let dead = Subscriber::start(broker.port, "kiln/dead").await;
     let url = broker.url();
     let mapping = r#"{"table": "readings", "fields": {"temp": "$.t", "rpm": {"path": "$.rpm", "type": "integer"}}, "time": "$.ts", "time_unit": "ms"}"#;
-    let server = TestServer::start(
+    let server = start_connected(
         &dir.path().join("kiln"),
         &[
             "--mqtt-broker",
@@ -157,13 +157,8 @@ async fn json_over_mqtt5_takes_tags_and_table_from_the_topic_and_sets_poison_asi
             "--mqtt-dead-letter-topic",
             "kiln/dead",
         ],
-    );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            mqtt_status(&server).await["sources"][0]["connected"] == true
-        })
-        .await
-    );
+    )
+    .await;
     let m = |topic: &str, body: &str| (topic.to_string(), body.as_bytes().to_vec());
     publish(
         broker.port,
@@ -293,7 +288,7 @@ async fn tls_with_a_client_certificate_and_a_password_file() {
     );
     broker.wait_listening(tls_port);
     let url = format!("mqtts://localhost:{tls_port}");
-    let server = TestServer::start(
+    let server = start_connected(
         &dir.path().join("kiln"),
         &[
             "--mqtt-broker",
@@ -313,15 +308,8 @@ async fn tls_with_a_client_certificate_and_a_password_file() {
             "--mqtt-password-file",
             password_file.to_str().unwrap(),
         ],
-    );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            mqtt_status(&server).await["sources"][0]["connected"] == true
-        })
-        .await,
-        "{}",
-        mqtt_status(&server).await
-    );
+    )
+    .await;
     publish_as(
         broker.port,
         Some(("gateway", "gw-pass")),
@@ -393,7 +381,7 @@ async fn sparkplug_b_births_data_and_a_rebirth_request() {
     let broker = Mosquitto::start(dir.path());
     let commands = Subscriber::start(broker.port, "spBv1.0/plant/NCMD/+").await;
     let url = broker.url();
-    let server = TestServer::start(
+    let server = start_connected(
         &dir.path().join("kiln"),
         &[
             "--mqtt-broker",
@@ -405,13 +393,8 @@ async fn sparkplug_b_births_data_and_a_rebirth_request() {
             "--mqtt-format",
             "sparkplug_b",
         ],
-    );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            mqtt_status(&server).await["sources"][0]["connected"] == true
-        })
-        .await
-    );
+    )
+    .await;
     let metric =
         |name: Option<&str>, alias: u64, datatype: Option<DataType>, value: Value| Metric {
             name: name.map(str::to_string),

@@ -60,8 +60,8 @@ pub enum Event {
 
 /// The receiving half; polling it also keeps the connection alive and reconnects.
 pub enum Connection {
-    V4(rumqttc::EventLoop),
-    V5(rumqttc::v5::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
 
 /// A rumqttc error, as text (its two clients' error types differ).
@@ -192,7 +192,7 @@ pub fn open(config: &SourceConfig) -> Result<(Client, Connection), String> {
                 o.set_credentials(user, password.unwrap_or_default());
             }
             let (client, eventloop) = rumqttc::AsyncClient::new(o, REQUEST_CAPACITY);
-            (Client::V4(client), Connection::V4(eventloop))
+            (Client::V4(client), Connection::V4(Box::new(eventloop)))
         }
         Protocol::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(id, broker.host, broker.port);
@@ -208,7 +208,7 @@ pub fn open(config: &SourceConfig) -> Result<(Client, Connection), String> {
                 o.set_credentials(user, password.unwrap_or_default());
             }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(o, REQUEST_CAPACITY);
-            (Client::V5(client), Connection::V5(eventloop))
+            (Client::V5(client), Connection::V5(Box::new(eventloop)))
         }
     })
 }

@@ -125,6 +125,18 @@ impl TestServer {
         format!("{}{path}", self.base)
     }
 
+    /// `GET path`, read as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// POST line protocol to `/api/v3/write_lp` with extra query parameters.
     pub async fn write(
         &self,

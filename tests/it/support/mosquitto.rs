@@ -157,9 +157,12 @@ pub async fn publish_as(port: u16, login: Option<(&str, &str)>, messages: Vec<(S
     let _ = client.disconnect().await;
 }
 
+/// Messages as they arrived: (topic, payload).
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A subscriber that collects what arrives on `filter` (at QoS 1).
 pub struct Subscriber {
-    pub received: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    pub received: Received,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -172,8 +175,7 @@ impl Subscriber {
         );
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-        let received: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>> =
-            std::sync::Arc::default();
+        let received: Received = std::sync::Arc::default();
         let into = std::sync::Arc::clone(&received);
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {

@@ -205,6 +205,19 @@ fn parse_topic(topic: &str) -> Result<Option<Topic<'_>>, String> {
     }
 }
 
+/// The birth/death sequence number a birth or death certificate carries.
+fn bd_seq(payload: &Payload) -> Option<u64> {
+    payload
+        .metrics
+        .iter()
+        .find(|m| m.name.as_deref() == Some("bdSeq"))
+        .and_then(|m| match m.value {
+            Some(Value::Long(v)) => Some(v),
+            Some(Value::Int(v)) => Some(u64::from(v)),
+            _ => None,
+        })
+}
+
 /// Whether `name` is a metric that is no data (birth sequence, controls).
 fn is_control(name: &str) -> bool {
     name == "bdSeq" || name.starts_with("Node Control/") || name.starts_with("Device Control/")
@@ -324,15 +337,7 @@ impl Sparkplug {
         let mut lines = String::new();
         match (t.kind, t.device) {
             ("NBIRTH", None) => {
-                let bd_seq = payload
-                    .metrics
-                    .iter()
-                    .find(|m| m.name.as_deref() == Some("bdSeq"))
-                    .and_then(|m| match m.value {
-                        Some(Value::Long(v)) => Some(v),
-                        Some(Value::Int(v)) => Some(u64::from(v)),
-                        _ => None,
-                    });
+                let bd_seq = bd_seq(&payload);
                 let node = Node {
                     online: true,
                     bd_seq,
@@ -347,15 +352,7 @@ impl Sparkplug {
                 self.changed = true;
             }
             ("NDEATH", None) => {
-                let bd_seq = payload
-                    .metrics
-                    .iter()
-                    .find(|m| m.name.as_deref() == Some("bdSeq"))
-                    .and_then(|m| match m.value {
-                        Some(Value::Long(v)) => Some(v),
-                        Some(Value::Int(v)) => Some(u64::from(v)),
-                        _ => None,
-                    });
+                let bd_seq = bd_seq(&payload);
                 let Some(node) = self.nodes.get_mut(&key) else {
                     return Ok(Decoded::default());
                 };

@@ -34,6 +34,13 @@ fn rows(s: &mut Sparkplug, topic: &str, body: &[u8]) -> String {
     d.rows.unwrap_or_default()
 }
 
+/// Decodes a message that must be refused for `why`.
+fn refusal(s: &mut Sparkplug, topic: &str, body: &[u8], why: &str) -> Refused {
+    let refused = s.decode(topic, body, NOW).unwrap_err();
+    assert!(refused.reason.contains(why), "{topic}: {}", refused.reason);
+    refused
+}
+
 fn births(s: &mut Sparkplug) {
     let nbirth = body(
         Some(0),
@@ -135,17 +142,11 @@ fn births_define_aliases_and_data_uses_them() {
         "sparkplug_status,group=plant,edge_node=gw1,device=press\\ 4 online=false 5000000000\n"
     );
     // Data of a dead device is refused and asks for a rebirth.
-    let refused = s
-        .decode(
-            "spBv1.0/plant/DDATA/gw1/press 4",
-            &body(Some(5), 6000, vec![]),
-            NOW,
-        )
-        .unwrap_err();
-    assert!(
-        refused.reason.contains("has no birth"),
-        "{}",
-        refused.reason
+    let refused = refusal(
+        &mut s,
+        "spBv1.0/plant/DDATA/gw1/press 4",
+        &body(Some(5), 6000, vec![]),
+        "has no birth",
     );
     assert!(refused.rebirth.is_some());
 }
@@ -159,13 +160,11 @@ fn an_unknown_alias_or_a_gap_refuses_until_the_rebirth() {
         3000,
         vec![metric(None, Some(99), None, Value::Int(1))],
     );
-    let refused = s
-        .decode("spBv1.0/plant/DDATA/gw1/press 4", &unknown, NOW)
-        .unwrap_err();
-    assert!(
-        refused.reason.contains("alias 99 is not defined"),
-        "{}",
-        refused.reason
+    let refused = refusal(
+        &mut s,
+        "spBv1.0/plant/DDATA/gw1/press 4",
+        &unknown,
+        "alias 99 is not defined",
     );
     let (topic, request) = refused.rebirth.expect("a rebirth request");
     assert_eq!(topic, "spBv1.0/plant/NCMD/gw1");
@@ -181,13 +180,11 @@ fn an_unknown_alias_or_a_gap_refuses_until_the_rebirth() {
         3000,
         vec![metric(None, Some(11), None, Value::Int(1))],
     );
-    let refused = s
-        .decode("spBv1.0/plant/DDATA/gw1/press 4", &good, NOW)
-        .unwrap_err();
-    assert!(
-        refused.reason.contains("awaiting the edge node's rebirth"),
-        "{}",
-        refused.reason
+    let refused = refusal(
+        &mut s,
+        "spBv1.0/plant/DDATA/gw1/press 4",
+        &good,
+        "awaiting the edge node's rebirth",
     );
     assert!(refused.rebirth.is_none());
     // After the rebirth, data is written again.
@@ -210,20 +207,18 @@ fn an_unknown_alias_or_a_gap_refuses_until_the_rebirth() {
         3000,
         vec![metric(None, Some(11), None, Value::Int(1))],
     );
-    let refused = s
-        .decode("spBv1.0/plant/DDATA/gw1/press 4", &gap, NOW)
-        .unwrap_err();
-    assert!(
-        refused.reason.contains("sequence number 9 where 3 was due"),
-        "{}",
-        refused.reason
+    refusal(
+        &mut s,
+        "spBv1.0/plant/DDATA/gw1/press 4",
+        &gap,
+        "sequence number 9 where 3 was due",
     );
     // Data of a node never born asks for its birth.
-    let refused = s.decode("spBv1.0/plant/NDATA/gw2", &gap, NOW).unwrap_err();
-    assert!(
-        refused.reason.contains("gw2: the edge node has no birth"),
-        "{}",
-        refused.reason
+    let refused = refusal(
+        &mut s,
+        "spBv1.0/plant/NDATA/gw2",
+        &gap,
+        "gw2: the edge node has no birth",
     );
     assert!(
         refused
@@ -313,8 +308,7 @@ fn values_of_every_stored_type_and_bad_messages() {
             "unknown Sparkplug message type",
         ),
     ] {
-        let e = s.decode(topic, &body, NOW).unwrap_err();
-        assert!(e.reason.contains(why), "{topic}: {}", e.reason);
+        refusal(&mut s, topic, &body, why);
     }
     // Host state and commands carry no rows.
     assert!(
