@@ -255,6 +255,11 @@ def sparkplug(kiln, port, restart):
         {"edge_node": "gw1", "device": "press4", "online": False, "bd_seq": None},
         {"edge_node": "gw1", "device": None, "online": False, "bd_seq": 1},
     ]), status)
+    inventory = kiln.query("SELECT tag, value, sparkplug_online FROM system.devices ORDER BY tag")
+    check("sparkplug: the node's death takes node and device offline in system.devices", inventory == [
+        {"tag": "device", "value": "press4", "sparkplug_online": "false"},
+        {"tag": "edge_node", "value": "gw1", "sparkplug_online": "false"},
+    ], inventory)
     node.disconnect()
     host.disconnect()
     return kiln

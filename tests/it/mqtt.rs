@@ -507,6 +507,20 @@ async fn sparkplug_b_births_data_and_a_rebirth_request() {
         serde_json::Value::from(status),
         serde_json::json!([{"online": true, "bd_seq": 3}, {"device": "press4", "online": true}])
     );
+    // Births and deaths reach the device inventory.
+    let inventory = rows(
+        &server,
+        "SELECT tag, value, sparkplug_online, sparkplug_group, sparkplug_edge_node \
+         FROM system.devices ORDER BY tag",
+    )
+    .await;
+    assert_eq!(
+        serde_json::Value::from(inventory),
+        serde_json::json!([
+            {"tag": "device", "value": "press4", "sparkplug_online": "true", "sparkplug_group": "plant", "sparkplug_edge_node": "gw1"},
+            {"tag": "edge_node", "value": "gw1", "sparkplug_online": "true", "sparkplug_group": "plant"},
+        ])
+    );
     let s = &mqtt_status(&server).await["sources"][0];
     assert_eq!(
         (&s["rejected"], &s["rebirth_requests"]),

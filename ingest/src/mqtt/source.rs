@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::config::{Format, SourceConfig};
 use super::connection::{self, Client, Connection, Event, Received};
-use super::sparkplug::Sparkplug;
+use super::sparkplug::{Presence, Sparkplug};
 use super::topic::TopicTemplate;
 use crate::kafka::decode::{Decoder, Message, validate_messages};
 use crate::line_protocol::{Precision, RowContext};
@@ -280,7 +280,7 @@ impl MqttSource {
         // window (MQTT 5: the receive maximum Kiln sets), which acknowledgements open.
         let (tx, mut rx) = mpsc::unbounded_channel();
         let closing = Arc::new(AtomicBool::new(false));
-        let session = tokio::spawn(session(
+        let mut reading = tokio::spawn(session(
             connection,
             client.clone(),
             Arc::clone(&config),
@@ -328,8 +328,12 @@ impl MqttSource {
         // The acknowledgements queued before it leave first.
         closing.store(true, Ordering::Relaxed);
         client.disconnect().await;
-        if tokio::time::timeout(CLOSE_TIMEOUT, session).await.is_err() {
+        if tokio::time::timeout(CLOSE_TIMEOUT, &mut reading)
+            .await
+            .is_err()
+        {
             tracing::warn!(client_id = %status.client_id, "MQTT session did not close in time");
+            reading.abort();
         }
         status.connected.store(false, Ordering::Relaxed);
         Ok(())
@@ -440,9 +444,11 @@ impl Writer {
     /// again to the next session).
     async fn write(&self, batch: &[Received]) -> bool {
         let mut rebirths = Vec::new();
+        let mut presence = Vec::new();
         let prepared: Vec<Prepared<'_>> = batch
             .iter()
-            .map(|m| self.prepare(m, &mut rebirths))
+            .enumerate()
+            .map(|(i, m)| self.prepare(m, &mut rebirths, &mut |p| presence.push((i, p))))
             .collect();
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut good = Vec::with_capacity(batch.len());
@@ -494,6 +500,7 @@ impl Writer {
         for (i, error) in &rejected {
             self.reject(&batch[*i], error).await;
         }
+        self.inventory(presence, &rejected).await;
         // Births written are kept before they are acknowledged.
         if let Some((state, path)) = &self.sparkplug
             && let Err(e) = state.lock().save(path)
@@ -525,14 +532,21 @@ impl Writer {
     }
 
     /// What `m` gives to validate: its payload with the topic's row context, or, for
-    /// Sparkplug B, the line protocol of its rows (rebirth requests go to `rebirths`).
-    fn prepare<'b>(&self, m: &'b Received, rebirths: &mut Vec<(String, Vec<u8>)>) -> Prepared<'b> {
+    /// Sparkplug B, the line protocol of its rows (rebirth requests go to `rebirths`, births
+    /// and deaths to `presence`).
+    fn prepare<'b>(
+        &self,
+        m: &'b Received,
+        rebirths: &mut Vec<(String, Vec<u8>)>,
+        presence: &mut dyn FnMut(Presence),
+    ) -> Prepared<'b> {
         if let Some((sparkplug, _)) = &self.sparkplug {
             let decoded = sparkplug.lock().decode(m.topic(), m.payload(), now_nanos());
             return match decoded {
                 Ok(d) => {
                     self.unsupported(m.topic(), &d.unsupported);
                     rebirths.extend(d.rebirth);
+                    d.presence.into_iter().for_each(&mut *presence);
                     match d.rows {
                         Some(lines) => Prepared::Rows(Cow::Owned(lines.into_bytes()), None),
                         None => Prepared::Nothing,
@@ -552,6 +566,45 @@ impl Writer {
             },
         };
         Prepared::Rows(Cow::Borrowed(m.payload()), context)
+    }
+
+    /// Sets the online state of the Sparkplug B nodes and devices whose births and deaths
+    /// were written as device attributes (`sparkplug_online`, `sparkplug_group`,
+    /// `sparkplug_edge_node`), in one catalog transaction: `system.devices` shows them.
+    async fn inventory(&self, presence: Vec<(usize, Presence)>, rejected: &[(usize, String)]) {
+        // The last state of each device whose message was written.
+        let mut latest: std::collections::BTreeMap<(&str, String), Presence> = Default::default();
+        for (i, p) in presence {
+            if rejected.binary_search_by_key(&i, |(r, _)| *r).is_err() {
+                latest.insert((p.tag, p.value.clone()), p);
+            }
+        }
+        if latest.is_empty() {
+            return;
+        }
+        let devices = latest
+            .into_values()
+            .map(|p| {
+                let mut attributes = std::collections::BTreeMap::from([
+                    ("sparkplug_online".to_string(), Some(p.online.to_string())),
+                    ("sparkplug_group".to_string(), Some(p.group)),
+                ]);
+                if p.tag == "device" {
+                    attributes.insert("sparkplug_edge_node".into(), Some(p.edge_node));
+                }
+                (p.tag.to_string(), p.value, attributes)
+            })
+            .collect();
+        if let Err(e) = self
+            .engine
+            .catalog()
+            .set_devices_attributes(&self.config.database, devices)
+            .await
+        {
+            let e = kiln_storage::error_chain(&e);
+            tracing::error!(client_id = %self.status.client_id, error = %e, "cannot set the Sparkplug B devices' online state");
+            self.status.error(e);
+        }
     }
 
     /// Counts Sparkplug B metrics left out, logging each kind once.

@@ -1109,11 +1109,24 @@ impl Catalog {
         value: &str,
         attributes: BTreeMap<String, Option<String>>,
     ) -> Result<Arc<CatalogState>> {
-        for name in [tag]
-            .into_iter()
-            .chain(attributes.keys().map(String::as_str))
-        {
-            validate_column_name(name)?;
+        self.set_devices_attributes(database, vec![(tag.into(), value.into(), attributes)])
+            .await
+    }
+
+    /// [`Self::set_device_attributes`] for several devices `(tag, value, attributes)` of
+    /// `database`, in one transaction.
+    pub async fn set_devices_attributes(
+        self: &Arc<Self>,
+        database: &str,
+        devices: Vec<(String, String, BTreeMap<String, Option<String>>)>,
+    ) -> Result<Arc<CatalogState>> {
+        for (tag, _, attributes) in &devices {
+            for name in [tag.as_str()]
+                .into_iter()
+                .chain(attributes.keys().map(String::as_str))
+            {
+                validate_column_name(name)?;
+            }
         }
         if self.snapshot().database(database).is_none() {
             return Err(Error::InvalidName {
@@ -1121,13 +1134,18 @@ impl Catalog {
                 reason: "no database has this name",
             });
         }
-        self.commit(vec![CatalogEvent::DeviceAttributesSet {
-            database: database.to_owned(),
-            tag: tag.to_owned(),
-            value: value.to_owned(),
-            attributes,
-        }])
-        .await
+        let events = devices
+            .into_iter()
+            .map(
+                |(tag, value, attributes)| CatalogEvent::DeviceAttributesSet {
+                    database: database.to_owned(),
+                    tag,
+                    value,
+                    attributes,
+                },
+            )
+            .collect();
+        self.commit(events).await
     }
 
     /// Sets when the series of table `table` of `database` count as stale and offline.

@@ -451,6 +451,49 @@ async fn last_caches_survive_reload_and_need_tag_keys() {
     assert!(again.snapshot().last_caches.is_empty());
 }
 
+#[tokio::test]
+async fn several_devices_set_in_one_transaction_survive_reload() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    catalog
+        .ensure_schema("plant", &[change("t", "device", ColumnType::Tag)])
+        .await
+        .unwrap();
+    let before = catalog.snapshot().sequence;
+    let attrs = |online: &str| BTreeMap::from([("online".to_string(), Some(online.to_string()))]);
+    catalog
+        .set_devices_attributes(
+            "plant",
+            vec![
+                ("device".into(), "d1".into(), attrs("true")),
+                ("device".into(), "d2".into(), attrs("false")),
+                ("edge_node".into(), "gw1".into(), attrs("true")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog.snapshot().sequence,
+        CatalogSequence(before.0 + 1),
+        "one transaction"
+    );
+    let bad = catalog
+        .set_devices_attributes("plant", vec![("\u{1}".into(), "x".into(), attrs("true"))])
+        .await;
+    assert!(bad.is_err());
+    assert!(
+        catalog
+            .set_devices_attributes("nowhere", vec![("device".into(), "d1".into(), attrs("x"))])
+            .await
+            .is_err()
+    );
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    let devices = &reloaded.snapshot().devices["plant"];
+    assert_eq!(devices["device"]["d1"]["online"], "true");
+    assert_eq!(devices["device"]["d2"]["online"], "false");
+    assert_eq!(devices["edge_node"]["gw1"]["online"], "true");
+}
+
 fn segment(id: u64, table: TableId, partition: i64) -> SegmentMeta {
     SegmentMeta {
         id: SegmentId(id),

@@ -45,6 +45,19 @@ pub struct Decoded {
     pub unsupported: Vec<String>,
     /// A rebirth request to publish: (topic, payload).
     pub rebirth: Option<(String, Vec<u8>)>,
+    /// Nodes and devices that came online or went offline.
+    pub presence: Vec<Presence>,
+}
+
+/// A node or device online or offline, for the device inventory: the device `tag`=`value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// `edge_node` or `device`.
+    pub tag: &'static str,
+    pub value: String,
+    pub group: String,
+    pub edge_node: String,
+    pub online: bool,
 }
 
 /// Why a message was refused; a rebirth request may go with it.
@@ -345,7 +358,7 @@ impl Sparkplug {
                     metrics: Definitions::from_birth(&payload.metrics),
                     ..Node::default()
                 };
-                self.status(&mut lines, &t, None, true, bd_seq, time);
+                self.status(&mut lines, &mut out, &t, None, true, bd_seq, time);
                 self.data(&mut lines, &mut out, &t, &node.metrics, &payload, time)
                     .map_err(refuse)?;
                 self.nodes.insert(key, node);
@@ -372,9 +385,9 @@ impl Sparkplug {
                     .collect();
                 let bd_seq = node.bd_seq;
                 self.changed = true;
-                self.status(&mut lines, &t, None, false, bd_seq, time);
+                self.status(&mut lines, &mut out, &t, None, false, bd_seq, time);
                 for d in devices {
-                    self.status(&mut lines, &t, Some(&d), false, None, time);
+                    self.status(&mut lines, &mut out, &t, Some(&d), false, None, time);
                 }
             }
             (kind @ ("NDATA" | "DBIRTH" | "DDATA" | "DDEATH"), device) => {
@@ -391,7 +404,7 @@ impl Sparkplug {
                             online: true,
                             metrics: Definitions::from_birth(&payload.metrics),
                         };
-                        self.status(&mut lines, &t, Some(d), true, None, time);
+                        self.status(&mut lines, &mut out, &t, Some(d), true, None, time);
                         self.data(&mut lines, &mut out, &t, &device.metrics, &payload, time)
                             .map_err(refuse)?;
                         self.node(&key).devices.insert(d.to_string(), device);
@@ -418,7 +431,7 @@ impl Sparkplug {
                             device.online = false;
                         }
                         self.changed = true;
-                        self.status(&mut lines, &t, Some(d), false, None, time);
+                        self.status(&mut lines, &mut out, &t, Some(d), false, None, time);
                     }
                     _ => {
                         return Err(refuse(format!(
@@ -431,6 +444,11 @@ impl Sparkplug {
                         )));
                     }
                 }
+            }
+            (kind @ ("NBIRTH" | "NDEATH"), Some(_)) => {
+                return Err(refuse(format!(
+                    "topic {topic:?}: {kind} takes no device level"
+                )));
             }
             (kind, _) => {
                 return Err(refuse(format!(
@@ -498,16 +516,29 @@ impl Sparkplug {
         }
     }
 
-    /// A status row of the node (or its `device`).
+    /// A status row of the node (or its `device`), and its presence for the inventory.
+    #[allow(clippy::too_many_arguments)]
     fn status(
         &self,
         lines: &mut String,
+        out: &mut Decoded,
         t: &Topic<'_>,
         device: Option<&str>,
         online: bool,
         bd_seq: Option<u64>,
         time: i64,
     ) {
+        out.presence.push(Presence {
+            tag: if device.is_some() {
+                "device"
+            } else {
+                "edge_node"
+            },
+            value: device.unwrap_or(t.node).to_string(),
+            group: t.group.to_string(),
+            edge_node: t.node.to_string(),
+            online,
+        });
         self.row_start(lines, &self.status_table, t, device);
         let _ = write!(lines, " online={online}");
         if let Some(b) = bd_seq {

@@ -108,6 +108,16 @@ fn births(s: &mut Sparkplug) {
         d.unsupported,
         ["metric \"Table\": data type DataSet is not stored"]
     );
+    assert_eq!(
+        d.presence,
+        [Presence {
+            tag: "device",
+            value: "press 4".into(),
+            group: "plant".into(),
+            edge_node: "gw1".into(),
+            online: true,
+        }]
+    );
 }
 
 #[test]
@@ -301,6 +311,11 @@ fn values_of_every_stored_type_and_bad_messages() {
             "spBv1.0/plant/NBIRTH/gw1",
             vec![0xFF],
             "not a Sparkplug B payload",
+        ),
+        (
+            "spBv1.0/plant/NBIRTH/gw1/d1",
+            body(Some(0), 1, vec![]),
+            "NBIRTH takes no device level",
         ),
         (
             "spBv1.0/plant/NOPE/gw1",
