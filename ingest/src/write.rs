@@ -158,8 +158,9 @@ fn refuse_views(
 }
 
 /// Writes like [`write`] (whole, not partial) until it succeeds or fails for good: a source
-/// that has taken messages from a broker may skip none of them, so a full buffer or a WAL
-/// that refuses writes is waited out (backing off to a second between tries). Gives up
+/// that has taken messages from a broker may skip none of them, so a full buffer (before
+/// validating) or a WAL that refuses writes is waited out (backing off to a second between
+/// tries). Gives up
 /// only when `shutdown` turns true or the engine closes. `source` names the writer in logs.
 pub async fn write_until_durable(
     engine: &Engine,
@@ -171,6 +172,11 @@ pub async fn write_until_durable(
 ) -> Result<usize, WriteError> {
     let mut delay = std::time::Duration::from_millis(20);
     loop {
+        // Validating is wasted while the buffer has no room: wait for it first.
+        while engine.buffer_full() && !*shutdown.borrow() {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(1));
+        }
         match write(engine, db, false, sources.clone(), &mut *validate).await {
             Ok(w) => return Ok(w.rows),
             Err(WriteError::Engine(e))

@@ -438,40 +438,44 @@ enum Prepared<'b> {
     Refused(String),
 }
 
+/// What a batch's Sparkplug B messages ask for besides rows.
+#[derive(Default)]
+struct Effects {
+    /// Rebirth requests to publish: (topic, payload).
+    rebirths: Vec<(String, Vec<u8>)>,
+    /// Births and deaths, by the index of their message.
+    presence: Vec<(usize, Presence)>,
+}
+
 impl Writer {
     /// Writes `batch` and acknowledges every message of it in order; `false` if the
     /// engine is shutting down (nothing of the batch is acknowledged: the broker sends it
     /// again to the next session).
     async fn write(&self, batch: &[Received]) -> bool {
-        let mut rebirths = Vec::new();
-        let mut presence = Vec::new();
+        let now = now_nanos();
+        let mut effects = Effects::default();
         let prepared: Vec<Prepared<'_>> = batch
             .iter()
             .enumerate()
-            .map(|(i, m)| self.prepare(m, &mut rebirths, &mut |p| presence.push((i, p))))
+            .map(|(i, m)| self.prepare(i, m, now, &mut effects))
             .collect();
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut good = Vec::with_capacity(batch.len());
         for (i, p) in prepared.iter().enumerate() {
             match p {
-                Prepared::Rows(..) => good.push(i),
+                Prepared::Rows(payload, context) => good.push((
+                    i,
+                    Message {
+                        payload: Some(payload),
+                        timestamp: None,
+                        context: context.as_ref(),
+                    },
+                )),
                 Prepared::Nothing => {}
                 Prepared::Refused(e) => rejected.push((i, e.clone())),
             }
         }
-        let message = |i: usize| match &prepared[i] {
-            Prepared::Rows(payload, context) => Message {
-                payload: Some(payload),
-                timestamp: None,
-                context: context.as_ref(),
-            },
-            Prepared::Nothing | Prepared::Refused(_) => Message {
-                payload: None,
-                timestamp: None,
-                context: None,
-            },
-        };
-        let rows = match self.write_messages(&good, &message).await {
+        let rows = match self.write_messages(&good, now).await {
             Ok((rows, bad)) => {
                 rejected.extend(bad);
                 rows
@@ -480,14 +484,14 @@ impl Writer {
                 // Valid alone, refused together (a type another writer set meanwhile, a
                 // limit): one message at a time finds the culprits.
                 let mut rows = 0;
-                for &i in &good {
-                    match self.write_messages(&[i], &message).await {
+                for one in &good {
+                    match self.write_messages(std::slice::from_ref(one), now).await {
                         Ok((n, bad)) => {
                             rows += n;
                             rejected.extend(bad);
                         }
                         Err(WriteError::Invalid(e) | WriteError::Rejected { message: e, .. }) => {
-                            rejected.push((i, e));
+                            rejected.push((one.0, e));
                         }
                         Err(WriteError::Engine(_)) => return false,
                     }
@@ -500,7 +504,7 @@ impl Writer {
         for (i, error) in &rejected {
             self.reject(&batch[*i], error).await;
         }
-        self.inventory(presence, &rejected).await;
+        self.inventory(effects.presence, &rejected).await;
         // Births written are kept before they are acknowledged.
         if let Some((state, path)) = &self.sparkplug
             && let Err(e) = state.lock().save(path)
@@ -509,7 +513,7 @@ impl Writer {
             tracing::error!(client_id = %self.status.client_id, error = %e, "cannot keep Sparkplug B births on disk");
             self.status.error(e);
         }
-        for (topic, payload) in rebirths {
+        for (topic, payload) in effects.rebirths {
             match self.client.publish(&topic, payload.into()).await {
                 Ok(()) => {
                     self.status.rebirth_requests.fetch_add(1, Ordering::Relaxed);
@@ -531,29 +535,32 @@ impl Writer {
         true
     }
 
-    /// What `m` gives to validate: its payload with the topic's row context, or, for
-    /// Sparkplug B, the line protocol of its rows (rebirth requests go to `rebirths`, births
-    /// and deaths to `presence`).
+    /// What message `i`, `m`, gives to validate: its payload with the topic's row context,
+    /// or, for Sparkplug B, the line protocol of its rows (and its rebirth request, births
+    /// and deaths in `effects`).
     fn prepare<'b>(
         &self,
+        i: usize,
         m: &'b Received,
-        rebirths: &mut Vec<(String, Vec<u8>)>,
-        presence: &mut dyn FnMut(Presence),
+        now: i64,
+        effects: &mut Effects,
     ) -> Prepared<'b> {
         if let Some((sparkplug, _)) = &self.sparkplug {
-            let decoded = sparkplug.lock().decode(m.topic(), m.payload(), now_nanos());
+            let decoded = sparkplug.lock().decode(m.topic(), m.payload(), now);
             return match decoded {
                 Ok(d) => {
                     self.unsupported(m.topic(), &d.unsupported);
-                    rebirths.extend(d.rebirth);
-                    d.presence.into_iter().for_each(&mut *presence);
+                    effects.rebirths.extend(d.rebirth);
+                    effects
+                        .presence
+                        .extend(d.presence.into_iter().map(|p| (i, p)));
                     match d.rows {
                         Some(lines) => Prepared::Rows(Cow::Owned(lines.into_bytes()), None),
                         None => Prepared::Nothing,
                     }
                 }
                 Err(refused) => {
-                    rebirths.extend(refused.rebirth);
+                    effects.rebirths.extend(refused.rebirth);
                     Prepared::Refused(refused.reason)
                 }
             };
@@ -623,18 +630,18 @@ impl Writer {
         }
     }
 
-    /// Validates and writes the messages `indices` of the batch (durably, retrying while
-    /// the buffer is full); the rows written and the messages set aside, with why.
-    async fn write_messages<'m>(
+    /// Validates and writes `messages`, each with its index in the batch (durably, waiting
+    /// while the buffer is full); the rows written and the messages set aside, by index,
+    /// with why. Rows without a time get `now`.
+    async fn write_messages(
         &self,
-        indices: &[usize],
-        message: &(dyn Fn(usize) -> Message<'m> + Sync),
+        messages: &[(usize, Message<'_>)],
+        now: i64,
     ) -> Result<(usize, Vec<(usize, String)>), WriteError> {
-        if indices.is_empty() {
+        if messages.is_empty() {
             return Ok((0, Vec::new()));
         }
-        let messages: Vec<Message<'m>> = indices.iter().map(|&i| message(i)).collect();
-        let now = now_nanos();
+        let (indices, messages): (Vec<usize>, Vec<Message<'_>>) = messages.iter().cloned().unzip();
         let db = self.config.database.as_str();
         let mut bad = Vec::new();
         let waiting = self.engine.buffer_full();

@@ -150,8 +150,7 @@ struct Node {
 /// The Sparkplug state of one source: every edge node it has heard of.
 #[derive(Debug)]
 pub struct Sparkplug {
-    table: String,
-    status_table: String,
+    tables: Tables,
     nodes: HashMap<(String, String), Node>,
     /// Births or deaths changed what [`Self::save`] writes.
     changed: bool,
@@ -239,8 +238,10 @@ fn is_control(name: &str) -> bool {
 impl Sparkplug {
     pub fn new(table: String, status_table: String) -> Self {
         Self {
-            table,
-            status_table,
+            tables: Tables {
+                data_table: table,
+                status_table,
+            },
             nodes: HashMap::new(),
             changed: false,
         }
@@ -341,10 +342,7 @@ impl Sparkplug {
         }
         let payload =
             Payload::decode(body).map_err(|e| refuse(format!("not a Sparkplug B payload: {e}")))?;
-        let time = payload
-            .timestamp
-            .and_then(|ms| i64::try_from(ms).ok()?.checked_mul(1_000_000))
-            .unwrap_or(now);
+        let time = payload.timestamp.and_then(nanos).unwrap_or(now);
         let key = (t.group.to_string(), t.node.to_string());
         let mut out = Decoded::default();
         let mut lines = String::new();
@@ -358,8 +356,10 @@ impl Sparkplug {
                     metrics: Definitions::from_birth(&payload.metrics),
                     ..Node::default()
                 };
-                self.status(&mut lines, &mut out, &t, None, true, bd_seq, time);
-                self.data(&mut lines, &mut out, &t, &node.metrics, &payload, time)
+                self.tables
+                    .status(&mut lines, &mut out, &t, None, true, bd_seq, time);
+                self.tables
+                    .data(&mut lines, &mut out, &t, &node.metrics, &payload, time)
                     .map_err(refuse)?;
                 self.nodes.insert(key, node);
                 self.changed = true;
@@ -385,53 +385,48 @@ impl Sparkplug {
                     .collect();
                 let bd_seq = node.bd_seq;
                 self.changed = true;
-                self.status(&mut lines, &mut out, &t, None, false, bd_seq, time);
+                self.tables
+                    .status(&mut lines, &mut out, &t, None, false, bd_seq, time);
                 for d in devices {
-                    self.status(&mut lines, &mut out, &t, Some(&d), false, None, time);
+                    self.tables
+                        .status(&mut lines, &mut out, &t, Some(&d), false, None, time);
                 }
             }
             (kind @ ("NDATA" | "DBIRTH" | "DDATA" | "DDEATH"), device) => {
-                let node = self.in_sequence(&key, &payload, now)?;
-                match (kind, device) {
-                    ("NDATA", None) => {
-                        let defs = std::mem::take(&mut node.metrics);
-                        let written = self.data(&mut lines, &mut out, &t, &defs, &payload, time);
-                        self.node(&key).metrics = defs;
-                        written.map_err(|e| self.stale(&key, e, now))?;
-                    }
+                self.in_sequence(&key, &payload, now)?;
+                let tables = &self.tables;
+                let node = self.nodes.get_mut(&key).expect("in sequence: born");
+                // Why the node must be born again, if it must.
+                let stale = match (kind, device) {
+                    ("NDATA", None) => tables
+                        .data(&mut lines, &mut out, &t, &node.metrics, &payload, time)
+                        .err(),
                     ("DBIRTH", Some(d)) => {
                         let device = Device {
                             online: true,
                             metrics: Definitions::from_birth(&payload.metrics),
                         };
-                        self.status(&mut lines, &mut out, &t, Some(d), true, None, time);
-                        self.data(&mut lines, &mut out, &t, &device.metrics, &payload, time)
+                        tables.status(&mut lines, &mut out, &t, Some(d), true, None, time);
+                        tables
+                            .data(&mut lines, &mut out, &t, &device.metrics, &payload, time)
                             .map_err(refuse)?;
-                        self.node(&key).devices.insert(d.to_string(), device);
+                        node.devices.insert(d.to_string(), device);
                         self.changed = true;
+                        None
                     }
-                    ("DDATA", Some(d)) => {
-                        let Some(mut device) = self
-                            .node(&key)
-                            .devices
-                            .remove(d)
-                            .filter(|device| device.online)
-                        else {
-                            let why = format!("device {d:?} has no birth");
-                            return Err(self.stale(&key, why, now));
-                        };
-                        let written =
-                            self.data(&mut lines, &mut out, &t, &device.metrics, &payload, time);
-                        device.online = true;
-                        self.node(&key).devices.insert(d.to_string(), device);
-                        written.map_err(|e| self.stale(&key, e, now))?;
-                    }
+                    ("DDATA", Some(d)) => match node.devices.get(d).filter(|d| d.online) {
+                        Some(device) => tables
+                            .data(&mut lines, &mut out, &t, &device.metrics, &payload, time)
+                            .err(),
+                        None => Some(format!("device {d:?} has no birth")),
+                    },
                     ("DDEATH", Some(d)) => {
-                        if let Some(device) = self.node(&key).devices.get_mut(d) {
+                        if let Some(device) = node.devices.get_mut(d) {
                             device.online = false;
                         }
                         self.changed = true;
-                        self.status(&mut lines, &mut out, &t, Some(d), false, None, time);
+                        tables.status(&mut lines, &mut out, &t, Some(d), false, None, time);
+                        None
                     }
                     _ => {
                         return Err(refuse(format!(
@@ -443,6 +438,9 @@ impl Sparkplug {
                             }
                         )));
                     }
+                };
+                if let Some(why) = stale {
+                    return Err(self.stale(&key, why, now));
                 }
             }
             (kind @ ("NBIRTH" | "NDEATH"), Some(_)) => {
@@ -471,7 +469,7 @@ impl Sparkplug {
         key: &(String, String),
         payload: &Payload,
         now: i64,
-    ) -> Result<&mut Node, Refused> {
+    ) -> Result<(), Refused> {
         let node = self.nodes.get(key);
         let why = match node {
             None => Some("the edge node has no birth".to_string()),
@@ -491,9 +489,8 @@ impl Sparkplug {
         if let Some(why) = why {
             return Err(self.stale(key, why, now));
         }
-        let node = self.node(key);
-        node.next_seq = Some(next(payload.seq.unwrap_or_default()));
-        Ok(node)
+        self.node(key).next_seq = Some(next(payload.seq.unwrap_or_default()));
+        Ok(())
     }
 
     /// Marks the node as waiting for a rebirth; the refusal carries a rebirth request
@@ -515,7 +512,16 @@ impl Sparkplug {
             rebirth,
         }
     }
+}
 
+/// The tables a source's rows go to, and how its rows are written as line protocol.
+#[derive(Debug)]
+struct Tables {
+    data_table: String,
+    status_table: String,
+}
+
+impl Tables {
     /// A status row of the node (or its `device`), and its presence for the inventory.
     #[allow(clippy::too_many_arguments)]
     fn status(
@@ -584,10 +590,7 @@ impl Sparkplug {
                     continue;
                 }
             };
-            let at = m
-                .timestamp
-                .and_then(|ms| i64::try_from(ms).ok()?.checked_mul(1_000_000))
-                .unwrap_or(time);
+            let at = m.timestamp.and_then(nanos).unwrap_or(time);
             let fields = match rows.iter_mut().find(|(t, _)| *t == at) {
                 Some((_, f)) => f,
                 None => {
@@ -603,11 +606,16 @@ impl Sparkplug {
             fields.push_str(&field);
         }
         for (at, fields) in rows {
-            self.row_start(lines, &self.table, t, t.device);
+            self.row_start(lines, &self.data_table, t, t.device);
             let _ = writeln!(lines, " {fields} {at}");
         }
         Ok(())
     }
+}
+
+/// Milliseconds since the epoch (Sparkplug's timestamps) as nanoseconds, if in range.
+fn nanos(ms: u64) -> Option<i64> {
+    i64::try_from(ms).ok()?.checked_mul(1_000_000)
 }
 
 /// The sequence number after `seq`.
