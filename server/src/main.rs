@@ -21,6 +21,7 @@ mod postgres;
 mod results;
 mod serve;
 mod sources;
+mod store;
 mod tls;
 mod write;
 

@@ -9,10 +9,8 @@ use std::time::Duration;
 use clap::Args;
 use kiln_query::executor::QueryExecutor;
 use kiln_query::{QueryConfig, QueryEngine};
-use kiln_storage::durable_store::DurableLocalStore;
 use kiln_storage::wal::SyncPolicy;
 use kiln_storage::{Engine, EngineConfig};
-use object_store::ObjectStore;
 
 use crate::auth::{AuthConfig, Authorizer};
 use crate::grpc::IngestService;
@@ -43,7 +41,8 @@ pub struct ServeConfig {
     #[arg(long)]
     pub check: bool,
 
-    /// Directory for the WAL, catalog and Parquet segments.
+    /// Directory for the WAL, and for the catalog and Parquet segments unless
+    /// --object-store puts them elsewhere.
     #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
     pub data_dir: PathBuf,
 
@@ -222,6 +221,9 @@ pub struct ServeConfig {
     pub log_format: String,
 
     #[command(flatten)]
+    pub store: crate::store::StoreArgs,
+
+    #[command(flatten)]
     pub kafka: crate::kafka::KafkaArgs,
 
     #[command(flatten)]
@@ -235,6 +237,10 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     for note in &notes {
         tracing::info!("{note}");
     }
+    config
+        .store
+        .check()
+        .map_err(|e| kiln_storage::error_chain(&e))?;
     let kafka_sources = config.kafka.sources()?;
     let mqtt_sources = config.mqtt.sources()?;
     let notify_config = config.alerts.notify_config()?;
@@ -264,13 +270,14 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     if config.check {
         use crate::config::size::display;
         println!(
-            "configuration OK: HTTP {}, gRPC {}, PostgreSQL {}{}, data in {}, {} Kafka source(s), {} MQTT source(s); \
+            "configuration OK: HTTP {}, gRPC {}, PostgreSQL {}{}, data in {}, objects in {}, {} Kafka source(s), {} MQTT source(s); \
              buffer persists at {} and refuses writes at {}, queries may hold {}",
             config.http_bind,
             config.grpc_bind,
             config.pg_bind,
             if tls.is_some() { " (TLS)" } else { "" },
             config.data_dir.display(),
+            config.store.url(&config.data_dir),
             kafka_sources.len(),
             mqtt_sources.len(),
             display(config.persist_buffer_bytes as u64),
@@ -302,14 +309,14 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         )
     })?;
 
-    let store: Arc<dyn ObjectStore> = Arc::new(
-        DurableLocalStore::new(config.data_dir.join("objects")).map_err(|e| {
-            format!(
-                "cannot open object store under {}: {e}",
-                config.data_dir.display()
-            )
-        })?,
-    );
+    let opened = config
+        .store
+        .open(&config.data_dir)
+        .await
+        .map_err(|e| kiln_storage::error_chain(&e))?;
+    tracing::info!(url = %opened.url, cache_bytes = opened.cache.as_ref().map(|c| c.max_bytes()), "object store opened");
+    let store = opened.store;
+    let segment_cache = opened.cache;
     let metrics = Arc::new(Metrics::new());
     let engine_config = EngineConfig {
         wal_dir: config.data_dir.join("wal"),
@@ -395,6 +402,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         notify_counters.clone(),
     );
     registry.register_collector(Box::new(crate::mqtt::Collector(Arc::clone(&mqtt))));
+    if let Some(cache) = segment_cache {
+        registry.register_collector(Box::new(crate::store::Collector(cache)));
+    }
     let registry = Arc::new(registry);
     let alert_tasks = crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?;
     let state = AppState {

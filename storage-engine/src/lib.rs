@@ -19,6 +19,7 @@
 //! * [`dedup`]: the last-write-wins rule used everywhere rows can repeat.
 //! * [`last_cache`]: the latest row of every series, for tables that ask for it.
 //! * [`series`]: every series seen (first and last seen, recent rows) and write quality.
+//! * [`segment_cache`]: a disk cache of segments in front of a remote object store.
 //! * [`sorted_merge`]: the last-write-wins merge of sorted segments, a batch at a time.
 //! * [`time`]: the range of times Kiln stores and overflow-free partition arithmetic.
 //! * [`engine`]: all of the above behind one handle.
@@ -34,8 +35,11 @@ pub mod ids;
 pub mod ipc;
 pub mod last_cache;
 pub mod persist;
+pub mod segment_cache;
 pub mod series;
 pub mod sorted_merge;
+#[cfg(test)]
+mod testing;
 pub mod time;
 pub mod wal;
 pub mod write;

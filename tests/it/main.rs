@@ -16,6 +16,7 @@ mod last_cache;
 mod lifecycle;
 mod limits;
 mod mqtt;
+mod object_storage;
 mod persistence;
 mod postgres;
 mod pruning;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use clap::Subcommand;
 use kiln_storage::catalog::Catalog;
-use kiln_storage::durable_store::DurableLocalStore;
 
 use super::http::{CreatedToken, TokenInfo};
 use super::{NewToken, issue_token, permissions};
@@ -41,6 +40,10 @@ pub enum TokenCommand {
         /// (the server must be stopped).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// With --data-dir: where that server keeps its catalog (the same flags as
+        /// `kiln serve`'s).
+        #[command(flatten)]
+        store: crate::store::StoreArgs,
     },
     /// List the live tokens: names, permissions, creation and expiry.
     List {
@@ -67,6 +70,7 @@ pub async fn run(command: TokenCommand) -> Result<(), String> {
             write,
             expires_in,
             data_dir,
+            store,
         } => {
             let new = NewToken {
                 name,
@@ -74,7 +78,7 @@ pub async fn run(command: TokenCommand) -> Result<(), String> {
                 expires_in,
             };
             let created = match data_dir {
-                Some(dir) => create_offline(&dir, new).await?,
+                Some(dir) => create_offline(&dir, &store, new).await?,
                 None => create_online(&server, new, databases, read, write, expires_in).await?,
             };
             print_created(&created);
@@ -137,7 +141,11 @@ async fn create_online(
 }
 
 /// Creates the token in the catalog of the stopped server whose data directory is `dir`.
-async fn create_offline(dir: &Path, new: NewToken) -> Result<CreatedToken, String> {
+async fn create_offline(
+    dir: &Path,
+    store: &crate::store::StoreArgs,
+    new: NewToken,
+) -> Result<CreatedToken, String> {
     // A data directory made for the server that will start on it (a volume's init step).
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
@@ -155,13 +163,15 @@ async fn create_offline(dir: &Path, new: NewToken) -> Result<CreatedToken, Strin
             dir.display()
         )
     })?;
-    let store = DurableLocalStore::new(dir.join("objects"))
-        .map_err(|e| format!("cannot open the data directory {}: {e}", dir.display()))?;
+    let opened = store
+        .open(dir)
+        .await
+        .map_err(|e| kiln_storage::error_chain(&e))?;
     // The partition width only matters for tables created, and none is.
     let catalog = Arc::new(
-        Catalog::load(Arc::new(store), 3_600_000_000_000)
+        Catalog::load(opened.store, 3_600_000_000_000)
             .await
-            .map_err(|e| format!("cannot load the catalog under {}: {e}", dir.display()))?,
+            .map_err(|e| format!("cannot load the catalog in {}: {e}", opened.url))?,
     );
     let admin_exists = catalog.snapshot().has_admin_token();
     let (def, token) = issue_token(&catalog, new, admin_exists)

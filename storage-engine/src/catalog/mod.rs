@@ -842,6 +842,26 @@ impl Catalog {
         .await
     }
 
+    /// Commits the events `compute` makes from the current state. On a conflict (another
+    /// writer took the sequence, or an earlier attempt of ours landed although it reported
+    /// an error) it catches up with the log and computes them again: what depends on the
+    /// state, segment ids above all, is never taken from a state the log has moved past.
+    pub async fn commit_with(
+        self: &Arc<Self>,
+        compute: impl FnMut(&CatalogState) -> Result<Vec<CatalogEvent>> + Send + 'static,
+    ) -> Result<Arc<CatalogState>> {
+        let this = Arc::clone(self);
+        let mut compute = compute;
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            let (state, ()) = this
+                .commit_locked(|state| compute(state).map(|events| (events, ())))
+                .await?;
+            Ok(state)
+        })
+        .await
+    }
+
     /// With the commit lock held: computes events from the current state with `compute`
     /// (which also returns what the caller wants back) and commits them. If the log
     /// already holds the sequence, catches up with it and computes again, so events are

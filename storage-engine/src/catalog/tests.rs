@@ -4,6 +4,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use super::log::{LOG_PREFIX, SNAPSHOT_PREFIX, list_sequences, log_path, snapshot_path};
 use super::*;
 use crate::ids::{AlertEventId, AlertRuleId};
+use crate::testing::FailingAfterPut;
 
 fn change(table: &str, column: &str, ty: ColumnType) -> SchemaChange {
     SchemaChange {
@@ -127,97 +128,9 @@ async fn a_second_writer_catches_up_with_the_log_and_commits_after_it() {
     assert_eq!(*a.snapshot(), *b.snapshot());
 }
 
-/// A store whose next put lands but then reports an error, as a put whose fsync failed
-/// does.
-#[derive(Debug)]
-struct FailingAfterPut {
-    inner: InMemory,
-    fail_next: std::sync::atomic::AtomicBool,
-}
-
-impl std::fmt::Display for FailingAfterPut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FailingAfterPut({})", self.inner)
-    }
-}
-
-#[async_trait::async_trait]
-impl ObjectStore for FailingAfterPut {
-    async fn put_opts(
-        &self,
-        location: &object_store::path::Path,
-        payload: PutPayload,
-        opts: object_store::PutOptions,
-    ) -> object_store::Result<object_store::PutResult> {
-        let result = self.inner.put_opts(location, payload, opts).await?;
-        if self
-            .fail_next
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            return Err(object_store::Error::Generic {
-                store: "FailingAfterPut",
-                source: "fsync failed (injected)".into(),
-            });
-        }
-        Ok(result)
-    }
-
-    async fn put_multipart_opts(
-        &self,
-        location: &object_store::path::Path,
-        opts: object_store::PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(
-        &self,
-        location: &object_store::path::Path,
-        options: object_store::GetOptions,
-    ) -> object_store::Result<object_store::GetResult> {
-        self.inner.get_opts(location, options).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: futures::stream::BoxStream<
-            'static,
-            object_store::Result<object_store::path::Path>,
-        >,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(
-        &self,
-        prefix: Option<&object_store::path::Path>,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-
-    async fn list_with_delimiter(
-        &self,
-        prefix: Option<&object_store::path::Path>,
-    ) -> object_store::Result<object_store::ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(
-        &self,
-        from: &object_store::path::Path,
-        to: &object_store::path::Path,
-        options: object_store::CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-}
-
 #[tokio::test]
 async fn a_put_that_landed_but_failed_does_not_block_later_commits() {
-    let failing = Arc::new(FailingAfterPut {
-        inner: InMemory::new(),
-        fail_next: false.into(),
-    });
+    let failing = Arc::new(FailingAfterPut::new(Arc::new(InMemory::new())));
     let store: Arc<dyn ObjectStore> = Arc::clone(&failing) as _;
     let catalog = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     catalog
@@ -225,9 +138,7 @@ async fn a_put_that_landed_but_failed_does_not_block_later_commits() {
         .await
         .unwrap();
 
-    failing
-        .fail_next
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    failing.fail_next_put_under("");
     let err = catalog
         .ensure_schema("db", &[change("t", "y", ColumnType::Float)])
         .await

@@ -728,11 +728,14 @@ impl Engine {
         // Partitions are encoded side by side (one per core): encoding is CPU-bound and
         // the segments are independent. `buffered` keeps their order for the catalog.
         let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        let jobs = (state.next_segment_id..)
-            .zip(parts)
-            .map(|(segment_id, (table, part))| {
-                self.persist_partition(&state, SegmentId(segment_id), table, part, through)
-            });
+        // Each attempt writes files of its own: one that failed may still have been
+        // recorded by the catalog (a put that landed but reported an error), and its files
+        // must not be overwritten by different contents.
+        let attempt = crate::now_nanos();
+        let jobs = parts.into_iter().enumerate().map(|(i, (table, part))| {
+            let path = format!("{attempt:020}-{i}");
+            self.persist_partition(&state, path, table, part, through)
+        });
         let segments: Vec<SegmentMeta> = futures::stream::iter(jobs)
             .buffered(parallelism)
             .try_collect()
@@ -746,16 +749,8 @@ impl Engine {
             outcome.rows += meta.rows;
             outcome.bytes += meta.bytes;
         }
-        let mut events: Vec<CatalogEvent> = segments
-            .into_iter()
-            .map(CatalogEvent::SegmentPersisted)
-            .collect();
-        events.push(CatalogEvent::WalPersisted { sequence: through });
         // Positions may run past `through`: the WAL files holding those records are kept.
         let positions = self.sources.all();
-        if !positions.is_empty() && positions != state.source_positions {
-            events.push(CatalogEvent::SourcePositions { positions });
-        }
         // The series inventory holds every write applied so far (those through `through`
         // included): stored before the WAL files that also hold them may go.
         let path = Path::from(crate::series::SNAPSHOT_PATH);
@@ -769,7 +764,27 @@ impl Engine {
         self.last_caches
             .snapshot(&self.store, &self.catalog.snapshot(), through)
             .await?;
-        self.catalog.commit(events).await?;
+        // Segment ids are handed out by the state the commit follows.
+        self.catalog
+            .commit_with(move |state| {
+                let mut events: Vec<CatalogEvent> = (state.next_segment_id..)
+                    .zip(&segments)
+                    .map(|(id, meta)| {
+                        CatalogEvent::SegmentPersisted(SegmentMeta {
+                            id: SegmentId(id),
+                            ..meta.clone()
+                        })
+                    })
+                    .collect();
+                events.push(CatalogEvent::WalPersisted { sequence: through });
+                if !positions.is_empty() && positions != state.source_positions {
+                    events.push(CatalogEvent::SourcePositions {
+                        positions: positions.clone(),
+                    });
+                }
+                Ok(events)
+            })
+            .await?;
         self.stats
             .segments_persisted
             .fetch_add(outcome.segments as u64, Ordering::Relaxed);
@@ -779,11 +794,12 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// Merges and encodes one buffer partition and writes it as segment `id`.
+    /// Merges and encodes one buffer partition and writes it as a segment named `name`
+    /// (its id is given when the catalog records it).
     async fn persist_partition(
         &self,
         state: &CatalogState,
-        id: SegmentId,
+        name: String,
         table: TableId,
         part: BufferPartition,
         through: SequenceNumber,
@@ -799,24 +815,9 @@ impl Engine {
             .max()
             .unwrap_or(through);
         let (merged, bytes) = encode(def, batches).await?;
-        self.put_segment(def, part.partition, id, &merged, bytes, max_sequence)
-            .await
-    }
-
-    /// Writes the encoding `bytes` of `merged` as segment `id` of `partition` and describes
-    /// it for the catalog.
-    async fn put_segment(
-        &self,
-        def: &TableDef,
-        partition: i64,
-        id: SegmentId,
-        merged: &RecordBatch,
-        bytes: Vec<u8>,
-        max_sequence: SequenceNumber,
-    ) -> Result<SegmentMeta> {
-        let path = segment_path(def, partition, id);
-        let written = self.put_encoded(&path, merged, bytes).await?;
-        Ok(written.describe(def, partition, id, path, max_sequence))
+        let path = segment_path(def, part.partition, &name);
+        let written = self.put_encoded(&path, &merged, bytes).await?;
+        Ok(written.describe(def, part.partition, path, max_sequence))
     }
 
     /// Writes `bytes`, the Parquet encoding of `merged`, at `path`.
@@ -868,17 +869,17 @@ struct Written {
 }
 
 impl Written {
-    /// The catalog's entry for this file as segment `id` of `partition` of `def`.
+    /// The catalog's entry for this file as a segment of `partition` of `def`; its id is
+    /// handed out when the catalog records it.
     fn describe(
         self,
         def: &TableDef,
         partition: i64,
-        id: SegmentId,
         path: String,
         max_sequence: SequenceNumber,
     ) -> SegmentMeta {
         SegmentMeta {
-            id,
+            id: SegmentId(0),
             table: def.id,
             partition,
             path,

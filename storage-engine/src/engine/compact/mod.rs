@@ -283,8 +283,8 @@ impl Engine {
             .max()
             .unwrap_or_default();
 
-        // Segment ids are handed out under the persistence lock, held only from here: the
-        // merge above wrote to a path of its own.
+        // The persistence lock is held only from here: the merge above wrote to a path of
+        // its own, and its commit does not interleave with a persistence's.
         let _persisting = self.persist_lock.lock().await;
         let now = self.catalog.snapshot();
         // A delete made since the merge read its segments is not in the merged rows: the
@@ -303,26 +303,35 @@ impl Engine {
         }
         let (rows, bytes_after) = (merged.rows, merged.bytes);
         let replaced: Vec<SegmentId> = segments.iter().map(|s| s.id).collect();
-        let event = if rows == 0 {
+        // On failure the old segments stay as they were. The new file is not deleted here:
+        // a failed commit may still have been written (a store that timed out), and then
+        // the catalog names it. The start-up sweep removes it if nothing does.
+        if rows == 0 {
             // Deletes left nothing: the segments go, and no empty one takes their place.
             if let Err(e) = self.store.delete(&Path::from(path.as_str())).await {
                 tracing::warn!(error = %e, %path, "removing an empty merge failed");
             }
-            CatalogEvent::SegmentsDeleted {
-                table,
-                segments: replaced,
-            }
+            self.catalog
+                .commit(vec![CatalogEvent::SegmentsDeleted {
+                    table,
+                    segments: replaced,
+                }])
+                .await?;
         } else {
-            let id = SegmentId(now.next_segment_id);
-            CatalogEvent::SegmentsCompacted {
-                replaced,
-                segment: merged.describe(&def, partition, id, path, max_sequence),
-            }
-        };
-        // On failure the old segments stay as they were. The new file is not deleted here:
-        // a failed commit may still have been written (a store that timed out), and then
-        // the catalog names it. The start-up sweep removes it if nothing does.
-        self.catalog.commit(vec![event]).await?;
+            // The merged segment's id is handed out by the state the commit follows.
+            let merged = merged.describe(&def, partition, path, max_sequence);
+            self.catalog
+                .commit_with(move |state| {
+                    Ok(vec![CatalogEvent::SegmentsCompacted {
+                        replaced: replaced.clone(),
+                        segment: SegmentMeta {
+                            id: SegmentId(state.next_segment_id),
+                            ..merged.clone()
+                        },
+                    }])
+                })
+                .await?;
+        }
         self.retire(segments.iter().map(|s| s.path.clone()).collect());
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -403,24 +412,23 @@ impl Engine {
     }
 }
 
-/// The object path of segment `id` of `partition` of table `def`.
-pub(super) fn segment_path(def: &TableDef, partition: i64, id: SegmentId) -> String {
+/// The object path of the segment named `name` of `partition` of table `def`. Names are
+/// unique (a persistence's start time and place, a compaction's start time): a segment's
+/// id is only known when the catalog records it, and no file is ever written twice.
+pub(super) fn segment_path(def: &TableDef, partition: i64, name: &str) -> String {
     format!(
-        "{SEGMENTS_PREFIX}/{}/{}/{partition}-{:020}.parquet",
+        "{SEGMENTS_PREFIX}/{}/{}/{partition}-{name}.parquet",
         def.database.get(),
         def.id.get(),
-        id.get()
     )
 }
 
-/// Where a compaction of `partition` writes its segment: a name of its own (the segment's
-/// id is only known when it is committed), unique by the time it was started.
+/// Where a compaction of `partition` writes its segment, unique by the time it started.
 fn compacted_path(def: &TableDef, partition: i64) -> String {
-    format!(
-        "{SEGMENTS_PREFIX}/{}/{}/{partition}-compacted-{:020}.parquet",
-        def.database.get(),
-        def.id.get(),
-        crate::now_nanos()
+    segment_path(
+        def,
+        partition,
+        &format!("compacted-{:020}", crate::now_nanos()),
     )
 }
 
