@@ -298,6 +298,10 @@ enum Command {
         /// `kiln-dictionaries: keep` header), instead of as strings (Flight SQL).
         #[arg(long)]
         keep_dictionaries: bool,
+        /// Time each query the first time it runs, with no untimed pass before (a server
+        /// whose caches are empty).
+        #[arg(long)]
+        cold: bool,
     },
 }
 
@@ -377,6 +381,7 @@ fn main() -> std::process::ExitCode {
             python,
             script,
             keep_dictionaries,
+            cold,
         } => {
             use kiln_bench::queries::{Data, Duck, Plan, QUERY_TYPES, Urls, report};
             let mut chosen = Vec::new();
@@ -423,6 +428,7 @@ fn main() -> std::process::ExitCode {
                 python,
                 script,
                 keep_dictionaries,
+                cold,
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             exit_code(runtime.block_on(report(&plan)))

@@ -452,6 +452,8 @@ pub struct Plan {
     pub script: String,
     /// Ask Kiln for tags as dictionaries rather than strings (Flight SQL).
     pub keep_dictionaries: bool,
+    /// Time Kiln's queries the first time they run (no untimed pass before).
+    pub cold: bool,
 }
 
 fn label(client: &str) -> &'static str {
@@ -495,8 +497,10 @@ pub async fn report(plan: &Plan) -> Result<(), String> {
         for (name, client) in plan.clients.iter().zip(&mut clients) {
             // Every query once untimed first: the timed pass then reads files in the page
             // cache, as a long-running server does.
-            for q in &queries {
-                client.run(&q.kiln).await?;
+            if !plan.cold {
+                for q in &queries {
+                    client.run(&q.kiln).await?;
+                }
             }
             let mut times = Vec::new();
             let mut rows = Vec::new();

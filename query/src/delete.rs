@@ -46,6 +46,7 @@ impl QueryEngine {
     /// Runs the `DELETE` statement `sql` against `database`: its rows are gone for every
     /// query made after it returns. The caller checks the right to write `database`.
     pub async fn delete(&self, database: &str, sql: &str) -> Result<Deleted, Error> {
+        Error::refuse_if_read_only(&self.engine)?;
         self.require_database(database)?;
         let session = self.session(database);
         let state = session.state();

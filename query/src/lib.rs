@@ -106,9 +106,26 @@ pub enum Error {
     /// fewer queries run.
     #[error("{0}")]
     ResourcesExhausted(String),
+    /// The statement changes data or the catalog, and this server only reads
+    /// (`--role querier`): send it to the server that writes.
+    #[error("{0}")]
+    ReadOnly(String),
     /// Kiln failed (storage, I/O): not the query's fault. The cause is kept, for logs.
     #[error("{0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// [`Error::ReadOnly`] when the engine only reads: checked before a statement that
+    /// would change something does any work.
+    pub(crate) fn refuse_if_read_only(engine: &kiln_storage::Engine) -> Result<(), Error> {
+        match engine.is_read_only() {
+            true => Err(Error::ReadOnly(
+                kiln_storage::engine::Error::ReadOnly.to_string(),
+            )),
+            false => Ok(()),
+        }
+    }
 }
 
 impl From<DataFusionError> for Error {

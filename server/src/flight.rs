@@ -424,6 +424,7 @@ fn query_status(e: kiln_query::Error) -> Status {
         E::Invalid(_) => Status::invalid_argument(e.to_string()),
         E::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         E::ResourcesExhausted(_) => Status::resource_exhausted(e.to_string()),
+        E::ReadOnly(_) => Status::failed_precondition(e.to_string()),
         E::Internal(_) => {
             let message = kiln_storage::error_chain(&e);
             tracing::error!(error = %message, "Flight SQL query failed");

@@ -233,6 +233,7 @@ fn status_of(e: WriteError) -> Status {
                 FailureKind::Invalid => Status::invalid_argument(message),
                 FailureKind::Retry => Status::resource_exhausted(message),
                 FailureKind::Unavailable => Status::unavailable(message),
+                FailureKind::NotHere => Status::failed_precondition(message),
                 FailureKind::Internal => Status::internal(message),
             }
         }

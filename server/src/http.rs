@@ -205,6 +205,7 @@ impl From<kiln_storage::engine::Error> for ApiError {
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, message)
             },
             FailureKind::Unavailable => Self::new(StatusCode::SERVICE_UNAVAILABLE, message),
+            FailureKind::NotHere => Self::new(StatusCode::FORBIDDEN, message),
             FailureKind::Internal => Self::new(StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
@@ -689,6 +690,7 @@ pub(crate) fn query_error(e: kiln_query::Error) -> ApiError {
             ApiError::new(StatusCode::NOT_FOUND, e.to_string())
         }
         E::Invalid(_) => ApiError::bad_request(e.to_string()),
+        E::ReadOnly(_) => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
         E::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
         E::ResourcesExhausted(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         E::Internal(_) => {

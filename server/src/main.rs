@@ -19,6 +19,7 @@ mod metrics;
 mod mqtt;
 mod postgres;
 mod results;
+mod role;
 mod serve;
 mod sources;
 mod store;

@@ -41,6 +41,11 @@ pub struct ServeConfig {
     #[arg(long)]
     pub check: bool,
 
+    /// What this server does: `all` (the single node) or `querier` (only queries, over
+    /// what a server of role `all` persisted to a shared object store).
+    #[arg(long, env = "KILN_ROLE", value_enum, default_value = "all")]
+    pub role: crate::role::Role,
+
     /// Directory for the WAL, and for the catalog and Parquet segments unless
     /// --object-store puts them elsewhere.
     #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
@@ -98,6 +103,13 @@ pub struct ServeConfig {
     /// Persist the write buffer once its oldest write is this old.
     #[arg(long, env = "KILN_PERSIST_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub persist_interval: Duration,
+
+    /// How long a segment file replaced by compaction or dropped by retention stays in the
+    /// object store once this server no longer reads it, for queriers (--role querier) that
+    /// have not yet followed the catalog past it. Default: `0s` with --object-store file,
+    /// `5m` with a remote store.
+    #[arg(long, env = "KILN_RETIRED_SEGMENT_GRACE", value_parser = humantime::parse_duration)]
+    pub retired_segment_grace: Option<Duration>,
 
     /// How often to merge each time partition persisted in several segments (and no longer
     /// written) into one segment (`0s`: only on request, `kiln compact`).
@@ -244,6 +256,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     let kafka_sources = config.kafka.sources()?;
     let mqtt_sources = config.mqtt.sources()?;
     let notify_config = config.alerts.notify_config()?;
+    config
+        .role
+        .check(&config, kafka_sources.len(), mqtt_sources.len())?;
     let admin_token = match &config.admin_token_file {
         None => None,
         Some(path) => {
@@ -270,8 +285,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     if config.check {
         use crate::config::size::display;
         println!(
-            "configuration OK: HTTP {}, gRPC {}, PostgreSQL {}{}, data in {}, objects in {}, {} Kafka source(s), {} MQTT source(s); \
+            "configuration OK: role {}, HTTP {}, gRPC {}, PostgreSQL {}{}, data in {}, objects in {}, {} Kafka source(s), {} MQTT source(s); \
              buffer persists at {} and refuses writes at {}, queries may hold {}",
+            config.role.name(),
             config.http_bind,
             config.grpc_bind,
             config.pg_bind,
@@ -311,7 +327,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
 
     let opened = config
         .store
-        .open(&config.data_dir)
+        .open(&config.data_dir, config.role == crate::role::Role::Querier)
         .await
         .map_err(|e| kiln_storage::error_chain(&e))?;
     tracing::info!(url = %opened.url, cache_bytes = opened.cache.as_ref().map(|c| c.max_bytes()), "object store opened");
@@ -335,6 +351,13 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         wal_replay_skip_invalid: config.wal_replay_skip_invalid,
         last_cache_max_series: config.last_cache_max_series,
         default_last_caches: !config.no_default_last_caches,
+        read_only: config.role == crate::role::Role::Querier,
+        retired_file_grace: config.retired_segment_grace.unwrap_or(
+            match config.store.object_store {
+                crate::store::StoreKind::File => Duration::ZERO,
+                _ => Duration::from_secs(300),
+            },
+        ),
     };
     let engine = Engine::open(
         engine_config,
@@ -406,7 +429,13 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         registry.register_collector(Box::new(crate::store::Collector(cache)));
     }
     let registry = Arc::new(registry);
-    let alert_tasks = crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?;
+    // Alert state is catalog events: rules are evaluated by the server that writes it.
+    let alert_tasks = match config.role {
+        crate::role::Role::All => {
+            crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?
+        }
+        crate::role::Role::Querier => Vec::new(),
+    };
     let state = AppState {
         kafka,
         mqtt,
@@ -437,7 +466,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         .map_err(|e| format!("cannot listen on {}: {e}", config.pg_bind))?;
     let pg_addr = pg_listener.local_addr().map_err(|e| e.to_string())?;
     let shutdown = shutdown_signal();
-    tracing::info!(%http_addr, %grpc_addr, %pg_addr, data_dir = %config.data_dir.display(), tokens_enforced = auth.enforced(), "Kiln is serving");
+    tracing::info!(role = config.role.name(), %http_addr, %grpc_addr, %pg_addr, data_dir = %config.data_dir.display(), tokens_enforced = auth.enforced(), "Kiln is serving");
     // Stable lines on stdout for scripts and tests that bind port 0.
     // A closed stdout (the reader went away) must not stop the server.
     {
@@ -450,20 +479,12 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         let _ = out.flush();
     }
 
-    let (persist_stop_tx, persist_stop_rx) = tokio::sync::watch::channel(false);
-    let persister =
-        tokio::spawn(Arc::clone(&engine).run_persister(stopped(persist_stop_rx.clone())));
-    let compactor = tokio::spawn(Arc::clone(&engine).run_compactor(
-        Some(config.compaction_interval).filter(|t| !t.is_zero()),
-        config.retention_check_interval,
-        stopped(persist_stop_rx),
-    ));
-
-    tokio::spawn(kiln_query::views::run_refresher(
-        state.query.clone(),
-        config.view_refresh_interval,
-        stopped(stop_rx.clone()),
-    ));
+    // Stopped after the listeners, so the buffer keeps persisting while requests drain.
+    let (background_stop_tx, background_stop_rx) = tokio::sync::watch::channel(false);
+    let background =
+        config
+            .role
+            .start_background(&engine, &state.query, &config, &background_stop_rx);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -562,7 +583,10 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         },
         stop_rx.clone(),
     );
-    let app = router(state);
+    let app = router(state).layer(axum::middleware::from_fn_with_state(
+        config.role,
+        crate::role::http_guard,
+    ));
     let http: HttpFuture = match http_tls {
         None => {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -608,9 +632,10 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     for task in alert_tasks {
         let _ = task.await;
     }
-    let _ = persist_stop_tx.send(true);
-    let _ = persister.await;
-    let _ = compactor.await;
+    let _ = background_stop_tx.send(true);
+    for task in background {
+        let _ = task.await;
+    }
     tracing::info!("persisting the write buffer and syncing the WAL");
     engine
         .shutdown()

@@ -100,6 +100,12 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    #[error("cannot read the object store {url}")]
+    Unreadable {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("cannot write to the object store {url}")]
     Unreachable {
         url: String,
@@ -211,8 +217,9 @@ impl StoreArgs {
     }
 
     /// Opens the store and, for a remote one, proves it can be written and honours
-    /// create-if-absent writes, which the catalog's log relies on.
-    pub async fn open(&self, data_dir: &Path) -> Result<OpenedStore, StoreError> {
+    /// create-if-absent writes, which the catalog's log relies on; for a server that only
+    /// reads (`read_only`), that it can be read (its credentials may allow no more).
+    pub async fn open(&self, data_dir: &Path, read_only: bool) -> Result<OpenedStore, StoreError> {
         self.check_flags()?;
         let url = self.url(data_dir);
         if self.object_store == StoreKind::File {
@@ -265,7 +272,17 @@ impl StoreArgs {
         if let Some(prefix) = self.prefix()? {
             store = Arc::new(PrefixStore::new(store, prefix));
         }
-        probe(&store, &url).await?;
+        if read_only {
+            store
+                .list_with_delimiter(Some(&ObjectPath::from("catalog")))
+                .await
+                .map_err(|source| StoreError::Unreadable {
+                    url: url.clone(),
+                    source,
+                })?;
+        } else {
+            probe(&store, &url).await?;
+        }
         if self.object_store_cache_bytes == 0 {
             return Ok(OpenedStore {
                 store,

@@ -16,6 +16,8 @@ pub enum FailureKind {
     Retry,
     /// The server does not take writes now (shutting down, WAL poisoned).
     Unavailable,
+    /// This server never takes writes (a querier): send them to another.
+    NotHere,
     /// Kiln failed; the detail is in the server log.
     Internal,
 }
@@ -38,6 +40,7 @@ pub fn classify(e: &kiln_storage::engine::Error) -> (FailureKind, String) {
                     .into(),
             )
         }
+        E::ReadOnly | E::Catalog(catalog::Error::ReadOnly) => (FailureKind::NotHere, e.to_string()),
         E::Catalog(catalog::Error::InvalidName { .. } | catalog::Error::LimitExceeded(_)) => {
             (FailureKind::Invalid, e.to_string())
         }

@@ -20,6 +20,7 @@ mod object_storage;
 mod persistence;
 mod postgres;
 mod pruning;
+mod querier;
 mod robustness;
 mod sql;
 mod sql_access;

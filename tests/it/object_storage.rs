@@ -9,10 +9,10 @@ use crate::cli::kiln_env;
 use crate::support::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
 use crate::support::{TestServer, eventually, wal_files};
 
-const BUCKET: &str = "plant";
-const PREFIX: &str = "site-a/kiln";
+pub(crate) const BUCKET: &str = "plant";
+pub(crate) const PREFIX: &str = "site-a/kiln";
 
-fn s3_args(s3: &S3Server) -> Vec<String> {
+pub(crate) fn s3_args(s3: &S3Server) -> Vec<String> {
     [
         "--object-store",
         "s3",
@@ -35,7 +35,7 @@ fn credentials() -> [(&'static str, &'static str); 3] {
     ]
 }
 
-fn start(data: &std::path::Path, s3: &S3Server) -> TestServer {
+pub(crate) fn start(data: &std::path::Path, s3: &S3Server) -> TestServer {
     let mut args = s3_args(s3);
     args.extend(["--persist-interval", "1s"].map(str::to_owned));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -43,7 +43,7 @@ fn start(data: &std::path::Path, s3: &S3Server) -> TestServer {
 }
 
 /// `n` rows of line protocol, one per second from `from`.
-fn rows(from: usize, n: usize) -> String {
+pub(crate) fn rows(from: usize, n: usize) -> String {
     (from..from + n)
         .map(|i| {
             format!(
@@ -56,7 +56,7 @@ fn rows(from: usize, n: usize) -> String {
 }
 
 /// Every row's value, in order, and their count: each written exactly once.
-async fn values(server: &TestServer) -> Vec<i64> {
+pub(crate) async fn values(server: &TestServer) -> Vec<i64> {
     server
         .query_json("plant", "SELECT celsius FROM temp ORDER BY time")
         .await
@@ -65,7 +65,7 @@ async fn values(server: &TestServer) -> Vec<i64> {
         .collect()
 }
 
-fn segment_keys(s3: &S3Server) -> Vec<String> {
+pub(crate) fn segment_keys(s3: &S3Server) -> Vec<String> {
     s3.keys(BUCKET, PREFIX)
         .into_iter()
         .filter(|k| k.ends_with(".parquet"))

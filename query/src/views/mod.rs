@@ -93,6 +93,7 @@ impl QueryEngine {
     /// Runs a view statement against `database`. The caller checks the rights it needs
     /// (see [`ViewStatement::manages_tables`]).
     pub async fn view_statement(&self, database: &str, sql: &str) -> Result<ViewAnswer, Error> {
+        Error::refuse_if_read_only(&self.engine)?;
         self.require_database(database)?;
         let statement = ViewStatement::of(sql)
             .ok_or_else(|| Error::Invalid("not a materialized view statement".into()))?;

@@ -164,7 +164,7 @@ async fn create_offline(
         )
     })?;
     let opened = store
-        .open(dir)
+        .open(dir, false)
         .await
         .map_err(|e| kiln_storage::error_chain(&e))?;
     // The partition width only matters for tables created, and none is.

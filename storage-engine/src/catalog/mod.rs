@@ -80,6 +80,11 @@ pub enum Error {
     },
     #[error("catalog transaction {sequence} was written by another writer")]
     Conflict { sequence: CatalogSequence },
+    #[error(
+        "this server only reads the catalog (--role querier): make changes through the server \
+         that writes it"
+    )]
+    ReadOnly,
     #[error("column {column:?} of table {table:?} is {existing}, not {requested}")]
     TypeConflict {
         table: String,
@@ -795,10 +800,20 @@ pub struct Catalog {
     last_snapshot: std::sync::atomic::AtomicU64,
     default_partition_nanos: i64,
     limits: SchemaLimits,
+    /// Calls of [`Catalog::follow`] that found nothing new, to look for snapshots now and
+    /// then.
+    idle_follows: std::sync::atomic::AtomicU64,
+    /// A catalog that follows what others write ([`Catalog::read_only`]): commits are
+    /// refused.
+    read_only: bool,
 }
 
 /// How often a commit finds its sequence taken, catches up and tries again.
 const COMMIT_ATTEMPTS: usize = 5;
+
+/// Every this many calls that find nothing new, [`Catalog::follow`] also lists the
+/// snapshots, to notice that it fell behind the log's pruning.
+pub const FOLLOW_SNAPSHOT_CHECK_EVERY: u64 = 10;
 
 impl Catalog {
     /// Loads the catalog from `store`: the newest snapshot, then the log after it.
@@ -812,7 +827,55 @@ impl Catalog {
             last_snapshot: snapshot.get().into(),
             default_partition_nanos,
             limits: SchemaLimits::default(),
+            idle_follows: 0.into(),
+            read_only: false,
         })
+    }
+
+    /// The catalog of a server that only reads it (a querier): every commit is refused
+    /// with [`Error::ReadOnly`]; [`Catalog::follow`] brings in what others write.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
+    /// For a server that only reads the catalog (a querier): applies the transactions other
+    /// servers added to the log since the current state, and makes the result current.
+    /// Every [`FOLLOW_SNAPSHOT_CHECK_EVERY`] calls that find no next entry it also lists the
+    /// snapshots: one newer than the state means the entries it needs were pruned (it fell
+    /// that far behind), and the state is loaded again from the newest snapshot. Whether
+    /// the state changed.
+    pub async fn follow(&self) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        let _guard = self.commit.lock().await;
+        let current = self.snapshot();
+        let mut next = CatalogState::clone(&current);
+        if log::catch_up(&self.store, &mut next).await? {
+            *self.state.write() = Arc::new(next);
+            return Ok(true);
+        }
+        let idle = self.idle_follows.fetch_add(1, Ordering::Relaxed) + 1;
+        if !idle.is_multiple_of(FOLLOW_SNAPSHOT_CHECK_EVERY) {
+            return Ok(false);
+        }
+        let snapshots = log::list_sequences(&self.store, log::SNAPSHOT_PREFIX).await?;
+        if snapshots
+            .last()
+            .is_none_or(|newest| *newest <= current.sequence)
+        {
+            return Ok(false);
+        }
+        let (loaded, _) = log::load_state(&self.store).await?;
+        if loaded.sequence <= current.sequence {
+            return Ok(false);
+        }
+        tracing::info!(
+            from = %current.sequence,
+            to = %loaded.sequence,
+            "fell behind the catalog log's pruning; loaded the newest snapshot"
+        );
+        *self.state.write() = Arc::new(loaded);
+        Ok(true)
     }
 
     /// The catalog with other bounds on what writes may create (existing objects stay).
@@ -870,6 +933,9 @@ impl Catalog {
         &self,
         mut compute: impl FnMut(&CatalogState) -> Result<(Vec<CatalogEvent>, T)>,
     ) -> Result<(Arc<CatalogState>, T)> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -96,6 +96,65 @@ async fn snapshots_once_written(store: &Arc<dyn ObjectStore>, n: usize) -> Vec<C
 }
 
 #[tokio::test]
+async fn a_follower_applies_another_servers_commits_and_reloads_past_the_pruning() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let writer = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    writer
+        .ensure_schema("db", &[change("t", "x", ColumnType::Float)])
+        .await
+        .unwrap();
+    let follower = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(*follower.snapshot(), *writer.snapshot());
+
+    writer
+        .ensure_schema("db", &[change("t", "y", ColumnType::Float)])
+        .await
+        .unwrap();
+    assert!(
+        follower
+            .snapshot()
+            .table("db", "t")
+            .unwrap()
+            .column("y")
+            .is_none()
+    );
+    assert!(follower.follow().await.unwrap());
+    assert_eq!(*follower.snapshot(), *writer.snapshot());
+    assert!(!follower.follow().await.unwrap(), "nothing new");
+
+    // The writer goes on past two snapshots: the entries after the follower's state are
+    // pruned, and the follower loads the newest snapshot instead.
+    let n = 2 * SNAPSHOT_INTERVAL + 5;
+    for i in 0..n {
+        writer
+            .ensure_schema("db", &[change("t", &format!("f{i}"), ColumnType::Integer)])
+            .await
+            .unwrap();
+    }
+    snapshots_once_written(&store, 2).await;
+    let mut pruned = false;
+    for _ in 0..500 {
+        let log = list_sequences(&store, LOG_PREFIX).await.unwrap();
+        pruned = log
+            .first()
+            .is_some_and(|first| *first > follower.snapshot().sequence.next());
+        if pruned {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(pruned, "the log the follower needs was never pruned");
+    let mut changed = false;
+    for _ in 0..FOLLOW_SNAPSHOT_CHECK_EVERY {
+        changed |= follower.follow().await.unwrap();
+    }
+    assert!(changed);
+    // The snapshot, then the log after it.
+    follower.follow().await.unwrap();
+    assert_eq!(*follower.snapshot(), *writer.snapshot());
+}
+
+#[tokio::test]
 async fn a_second_writer_catches_up_with_the_log_and_commits_after_it() {
     let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let a = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());

@@ -25,6 +25,7 @@ impl Engine {
         table: &str,
         predicate: DeletePredicate,
     ) -> Result<Tombstone> {
+        self.refuse_if_read_only()?;
         let state = self.catalog.snapshot();
         let def = state
             .table(database, table)

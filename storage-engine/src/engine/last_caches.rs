@@ -292,6 +292,15 @@ impl Loaded {
 
 /// Loads the default caches' snapshots of every table without a defined cache (when
 /// default caches are on).
+/// No caches at all: a server that takes no writes has nothing to feed them.
+pub(super) fn none(max_series: usize) -> Loaded {
+    Loaded {
+        caches: Arc::new(LastCaches::new(false, max_series)),
+        from_snapshots: Vec::new(),
+        to_warm: Vec::new(),
+    }
+}
+
 pub(super) async fn load(
     store: &Arc<dyn ObjectStore>,
     state: &CatalogState,

@@ -24,6 +24,7 @@ use crate::write::{SourceRange, WriteBatch};
 
 mod compact;
 mod deletes;
+mod follow;
 mod last_caches;
 mod lifecycle;
 #[cfg(test)]
@@ -91,6 +92,16 @@ pub enum Error {
     /// A delete that cannot be made as asked (a field in its predicate).
     #[error("{0}")]
     InvalidDelete(String),
+    #[error(
+        "this server only reads (--role querier): send writes, deletes and compactions to the \
+         server that writes the catalog"
+    )]
+    ReadOnly,
+    #[error(
+        "the WAL under {0} holds writes not yet persisted, and a server that only reads (--role \
+         querier) takes none: start it on a data directory of its own"
+    )]
+    ReadOnlyWithWal(PathBuf),
 }
 
 impl Error {
@@ -127,6 +138,14 @@ pub struct EngineConfig {
     pub last_cache_max_series: usize,
     /// Every table without a defined last-value cache gets one keyed by all its tags.
     pub default_last_caches: bool,
+    /// How long a segment file replaced by compaction, or dropped by retention, stays in
+    /// the store after this process's last reader of it is done: servers that only read
+    /// (queriers) may still be reading it until they follow the catalog.
+    pub retired_file_grace: Duration,
+    /// Only read: follow the catalog and segments other servers write ([`Engine::run_follower`]),
+    /// take no writes, keep no last-value caches (no writes would feed them), and leave
+    /// every file in the store alone.
+    pub read_only: bool,
 }
 
 impl EngineConfig {
@@ -144,6 +163,8 @@ impl EngineConfig {
             wal_replay_skip_invalid: false,
             last_cache_max_series: 1_000_000,
             default_last_caches: true,
+            retired_file_grace: Duration::ZERO,
+            read_only: false,
         }
     }
 }
@@ -201,7 +222,7 @@ pub struct Engine {
     compact_lock: tokio::sync::Mutex<()>,
     /// The current generation of readers, and the files theirs have left to delete.
     generation: parking_lot::Mutex<Arc<ReadGeneration>>,
-    deletable: Arc<parking_lot::Mutex<Vec<String>>>,
+    deletable: compact::Deletable,
     stats: EngineStats,
     last_caches: Arc<LastCaches>,
     sources: Arc<SourcePositions>,
@@ -300,24 +321,30 @@ impl Engine {
             .ok()
             .filter(|n| (1..=crate::time::MAX_PARTITION_NANOS).contains(n))
             .ok_or(Error::PartitionWidth(config.partition_duration))?;
-        let catalog = Arc::new(
-            Catalog::load(Arc::clone(&store), partition_nanos)
-                .await?
-                .with_limits(config.schema_limits),
-        );
+        let mut catalog = Catalog::load(Arc::clone(&store), partition_nanos)
+            .await?
+            .with_limits(config.schema_limits);
+        if config.read_only {
+            catalog = catalog.read_only();
+        }
+        let catalog = Arc::new(catalog);
         let state = catalog.snapshot();
         let persisted = state.persisted_sequence;
         let buffer = Arc::new(WriteBuffer::new(persisted));
         let sources = Arc::new(SourcePositions::from_catalog(&state.source_positions));
         let series = Arc::new(SeriesTracker::default());
         load_series(&store, &series).await;
-        let loaded = last_caches::load(
-            &store,
-            &state,
-            config.default_last_caches,
-            config.last_cache_max_series,
-        )
-        .await;
+        let loaded = if config.read_only {
+            last_caches::none(config.last_cache_max_series)
+        } else {
+            last_caches::load(
+                &store,
+                &state,
+                config.default_last_caches,
+                config.last_cache_max_series,
+            )
+            .await
+        };
 
         let wal_config = WalConfig {
             dir: config.wal_dir.clone(),
@@ -398,6 +425,9 @@ impl Engine {
             buffered_bytes = buffer.bytes(),
             "WAL replayed"
         );
+        if config.read_only && buffer.applied_through() > persisted {
+            return Err(Error::ReadOnlyWithWal(config.wal_dir.clone()));
+        }
         let removed = wal.remove_files_up_to(persisted)?;
         if !removed.is_empty() {
             tracing::info!(files = removed.len(), "removed fully persisted WAL files");
@@ -420,7 +450,10 @@ impl Engine {
                 .await?;
             tracing::info!(%sequence, table = %delete.table, "recorded a delete the catalog lacked");
         }
-        sweep_unreferenced(&store, &catalog.snapshot()).await?;
+        // Files others write are theirs to sweep: a reader deletes nothing.
+        if !config.read_only {
+            sweep_unreferenced(&store, &catalog.snapshot()).await?;
+        }
         let deletable = Arc::default();
         let engine = Arc::new(Self {
             config,
@@ -527,6 +560,7 @@ impl Engine {
     /// Makes `batch` durable in the WAL, then visible in the buffer. Runs to completion
     /// even if the caller stops waiting, so an acknowledged sequence is always applied.
     pub async fn write(&self, batch: WriteBatch) -> Result<SequenceNumber> {
+        self.refuse_if_read_only()?;
         if self.buffer_full() {
             self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
             return Err(Error::BufferFull {

@@ -363,6 +363,29 @@ async fn compaction_merges_a_partition_last_write_wins_and_keeps_files_its_reade
     assert_eq!(segment_files(&engine).await, catalog_files(&engine));
 }
 
+/// Files compaction replaced stay for the grace period after this process's readers are
+/// done: servers that only read (queriers) may be reading them until they follow the
+/// catalog.
+#[tokio::test]
+async fn replaced_files_wait_out_the_grace_for_readers_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(DurableLocalStore::new(dir.path().join("objects")).unwrap());
+    let mut config = EngineConfig::new(dir.path().join("wal"));
+    config.retired_file_grace = std::time::Duration::from_millis(500);
+    let engine = Engine::open(config, store, None).await.unwrap();
+    write(&engine, &[("a", 0, 1.0)]).await;
+    engine.persist().await.unwrap();
+    write(&engine, &[("b", 0, 2.0)]).await;
+    engine.persist().await.unwrap();
+    assert_eq!(engine.compact(true).await.unwrap().segments_replaced, 2);
+    assert_eq!(engine.delete_retired().await, 0, "within the grace");
+    assert_eq!(segment_files(&engine).await.len(), 3);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(engine.delete_retired().await, 2);
+    assert_eq!(segment_files(&engine).await, catalog_files(&engine));
+}
+
 #[tokio::test]
 async fn files_a_crash_left_unreferenced_are_swept_at_start() {
     let dir = tempfile::tempdir().unwrap();

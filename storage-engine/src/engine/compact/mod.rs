@@ -61,11 +61,14 @@ pub(super) struct ReadGeneration {
     /// generation may have seen the catalog before the next compaction committed too.
     next: parking_lot::Mutex<Option<Arc<ReadGeneration>>>,
     /// Where retired files go once no reader is left.
-    deletable: Arc<parking_lot::Mutex<Vec<String>>>,
+    deletable: Deletable,
 }
 
+/// Retired files no reader of this process holds, with when they became so.
+pub(super) type Deletable = Arc<parking_lot::Mutex<Vec<(String, Instant)>>>;
+
 impl ReadGeneration {
-    pub(super) fn new(deletable: Arc<parking_lot::Mutex<Vec<String>>>) -> Self {
+    pub(super) fn new(deletable: Deletable) -> Self {
         Self {
             retired: parking_lot::Mutex::default(),
             next: parking_lot::Mutex::default(),
@@ -77,7 +80,10 @@ impl ReadGeneration {
 impl Drop for ReadGeneration {
     fn drop(&mut self) {
         let retired = std::mem::take(self.retired.get_mut());
-        self.deletable.lock().extend(retired);
+        let now = Instant::now();
+        self.deletable
+            .lock()
+            .extend(retired.into_iter().map(|path| (path, now)));
     }
 }
 
@@ -104,18 +110,28 @@ impl Engine {
         *old.next.lock() = Some(fresh);
     }
 
-    /// Deletes the replaced segment files no reader can use any more. A file that cannot
-    /// be deleted now is tried again next time (and, after a restart, by the start-up sweep).
+    /// Deletes the replaced segment files no reader of this process can use any more and
+    /// that have waited out `retired_file_grace` (for readers in other processes: queriers
+    /// that have not yet followed the catalog past them). A file that cannot be deleted now
+    /// is tried again next time (and, after a restart, by the start-up sweep).
     pub async fn delete_retired(&self) -> usize {
-        let paths = std::mem::take(&mut *self.deletable.lock());
+        let grace = self.config.retired_file_grace;
+        let due: Vec<(String, Instant)> = {
+            let mut deletable = self.deletable.lock();
+            let (due, waiting) = std::mem::take(&mut *deletable)
+                .into_iter()
+                .partition(|(_, since)| since.elapsed() >= grace);
+            *deletable = waiting;
+            due
+        };
         let mut deleted = 0;
         let mut failed = Vec::new();
-        for path in paths {
+        for (path, since) in due {
             match self.store.delete(&Path::from(path.as_str())).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
                 Err(e) => {
                     tracing::warn!(error = %e, %path, "deleting a compacted segment failed");
-                    failed.push(path);
+                    failed.push((path, since));
                 }
             }
         }
@@ -128,6 +144,7 @@ impl Engine {
     /// and, unless `newest_too`, the table has a newer partition. A failed pass is counted
     /// in the engine's stats.
     pub async fn compact(&self, newest_too: bool) -> Result<CompactionOutcome> {
+        self.refuse_if_read_only()?;
         let result = self.compact_pass(newest_too).await;
         if result.is_err() {
             self.stats

@@ -1,0 +1,276 @@
+//! `--role querier`: a server that answers queries over what another server persists to a
+//! shared S3 bucket (a real S3 server, `s3s-fs`), follows its catalog, and changes nothing.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::cli::kiln_env;
+use crate::object_storage::{BUCKET, PREFIX, rows, s3_args, segment_keys, start, values};
+use crate::support::s3::S3Server;
+use crate::support::{TestServer, eventually};
+
+fn start_querier(data: &std::path::Path, s3: &S3Server) -> TestServer {
+    let mut args = s3_args(s3);
+    args.extend(["--role", "querier"].map(str::to_owned));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    TestServer::start_with(data, &args, S3Server::credentials)
+}
+
+async fn count(server: &TestServer, sql: &str) -> Option<i64> {
+    let (status, body) = server.query("plant", sql, "json").await;
+    if status != StatusCode::OK {
+        return None;
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).ok()?;
+    rows.first()?.get("n")?.as_i64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_querier_follows_what_the_writer_persists_and_refuses_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path(), BUCKET);
+    let mut writer = start(&dir.path().join("writer"), &s3);
+    // Started before anything exists: it follows from an empty catalog.
+    let querier_data = dir.path().join("querier");
+    let mut querier = start_querier(&querier_data, &s3);
+
+    writer.write_ok("plant", &rows(0, 1000)).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&querier, "SELECT count(*) AS n FROM temp").await == Some(1000)
+        })
+        .await,
+        "the querier never saw the persisted rows"
+    );
+    assert_eq!(values(&querier).await, (0..1000).collect::<Vec<_>>());
+
+    // Schema changes and new tables follow too.
+    writer
+        .write_ok(
+            "plant",
+            "temp,machine=press-9 celsius=1,humidity=40 1800000000000000000\n\
+             vibration,machine=press-9 mm_s=2.5 1800000000000000000\n",
+        )
+        .await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(&querier, "SELECT count(humidity) AS n FROM temp").await == Some(1)
+                && count(&querier, "SELECT count(*) AS n FROM vibration").await == Some(1)
+        })
+        .await,
+        "the querier never saw the new column and table"
+    );
+
+    // It changes nothing, on any door, and says where changes go.
+    let (status, body) = querier
+        .write("plant", "temp,machine=x celsius=1 1", &[])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("--role querier"), "{body}");
+    let resp = querier
+        .client
+        .post(querier.url("/api/v3/configure/database"))
+        .json(&serde_json::json!({"db": "other"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let mut grpc = crate::grpc::client(&querier).await;
+    let refused = grpc
+        .write(crate::grpc::rows_request(
+            1,
+            "plant",
+            vec![crate::grpc::row(
+                "temp",
+                &[("machine", "x")],
+                vec![crate::grpc::float("celsius", 1.0)],
+                1,
+            )],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    let (status, body) = querier
+        .query(
+            "plant",
+            "DELETE FROM temp WHERE machine = 'press-1'",
+            "json",
+        )
+        .await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("--role querier"), "{body}");
+
+    let pg = crate::postgres::connect(&querier, "plant").await.unwrap();
+    let refused = pg
+        .simple_query("DELETE FROM temp WHERE machine = 'press-1'")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{refused}"
+    );
+
+    // A compaction on the writer replaces segments; the querier follows and still answers.
+    // A second segment of vibration's partition first.
+    let persisted = writer.metric("kiln_segments_persisted_total").await;
+    writer
+        .write_ok(
+            "plant",
+            "vibration,machine=press-8 mm_s=3 1800000000000000000\n",
+        )
+        .await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            writer.metric("kiln_segments_persisted_total").await > persisted
+        })
+        .await
+    );
+    let resp = writer
+        .client
+        .post(writer.url("/api/v3/compact"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    let outcome: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        outcome["segments_replaced"].as_u64().unwrap() >= 2,
+        "{outcome}"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let (_, plan) = querier
+                .query("plant", "EXPLAIN SELECT * FROM vibration", "json")
+                .await;
+            String::from_utf8_lossy(&plan).contains("-compacted-")
+        })
+        .await,
+        "the querier never read the merged segment"
+    );
+    assert_eq!(
+        count(&querier, "SELECT count(*) AS n FROM vibration").await,
+        Some(2)
+    );
+    assert_eq!(values(&querier).await.len(), 1001);
+    // Tokens are in the catalog: the first admin token made on the writer is enforced by
+    // the querier once it follows.
+    let created: serde_json::Value = writer
+        .client
+        .post(writer.url("/api/v3/tokens"))
+        .json(&serde_json::json!({"name": "ops", "admin": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let resp = querier
+                .client
+                .get(querier.url("/api/v3/tokens"))
+                .send()
+                .await;
+            resp.is_ok_and(|r| r.status() == StatusCode::UNAUTHORIZED)
+        })
+        .await,
+        "the querier never enforced the writer's token"
+    );
+    let listed = querier
+        .client
+        .get(querier.url("/api/v3/tokens"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), StatusCode::OK);
+
+    // It deletes nothing in the store, not even at start, when a file no catalog entry
+    // names could be a writer's fresh segment about to be committed.
+    writer.terminate();
+    let existing = segment_keys(&s3).remove(0);
+    let stray = s3
+        .bucket_dir(BUCKET)
+        .join(std::path::Path::new(&existing).parent().unwrap())
+        .join("0-not-yet-committed.parquet");
+    std::fs::write(&stray, b"PAR1").unwrap();
+    let before = segment_keys(&s3);
+    querier.terminate();
+    let querier = start_querier(&querier_data, &s3);
+    let (status, body) = querier
+        .client
+        .get(querier.url("/api/v3/query_sql"))
+        .query(&[("db", "plant"), ("q", "SELECT count(*) AS n FROM temp")])
+        .bearer_auth(&token)
+        .send()
+        .await
+        .map(|r| (r.status(), r))
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let rows: Vec<serde_json::Value> = body.json().await.unwrap();
+    assert_eq!(rows[0]["n"], 1001);
+    assert_eq!(segment_keys(&s3), before);
+    assert!(stray.exists());
+    assert!(!querier_data.join("objects").exists());
+    assert!(
+        s3.keys(BUCKET, PREFIX)
+            .iter()
+            .all(|k| !k.contains("probe/")),
+        "a querier writes nothing, not even a probe"
+    );
+}
+
+#[test]
+fn a_querier_needs_a_shared_store_and_takes_no_sources() {
+    let (ok, _, err) = kiln_env(&["serve", "--check", "--role", "querier"], None, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("--role querier reads what another server writes"),
+        "{err}"
+    );
+    let (ok, _, err) = kiln_env(
+        &[
+            "serve",
+            "--check",
+            "--role",
+            "querier",
+            "--object-store",
+            "s3",
+            "--object-store-bucket",
+            "plant",
+            "--kafka-brokers",
+            "127.0.0.1:9092",
+            "--kafka-topics",
+            "plant",
+            "--kafka-database",
+            "plant",
+        ],
+        None,
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("Kafka and MQTT sources belong on the server that writes"),
+        "{err}"
+    );
+    let (ok, out, err) = kiln_env(
+        &[
+            "serve",
+            "--check",
+            "--role",
+            "querier",
+            "--object-store",
+            "s3",
+            "--object-store-bucket",
+            "plant",
+        ],
+        None,
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("role querier"), "{out}");
+}
