@@ -13,7 +13,8 @@
 #   4. runs `kiln-bench queries --clients http` against
 #      a. the file store (an untimed pass, then the timed one);
 #      b. S3 with the default disk cache, warm (filled by the untimed pass);
-#      c. S3 with a cold cache: each query type on a server restarted with an empty cache,
+#      c. a querier (`--role querier`) on the same bucket, its cache warm the same way;
+#      d. S3 with a cold cache: each query type on a server restarted with an empty cache,
 #         timed the first time it runs (RUNS restarts per type, a different instance each);
 #      and reads kiln_object_store_requests_total around each to print requests per query.
 #
@@ -121,6 +122,14 @@ n_types=$(echo "$types" | tr ',' '\n' | wc -l)
 echo "requests per query, warm: $(awk -v d=$((after - before)) -v n=$((2 * runs * n_types)) 'BEGIN { printf "%.2f", d / n }')"
 stop
 
+echo "### a querier (--role querier) on the S3 bucket, warm cache"
+querier_data="$work/querier"
+mkdir -p "$querier_data"
+serve "$querier_data" "${s3_flags[@]}" --role querier
+queries --runs "$runs" > /dev/null   # fills the cache
+queries --runs "$runs" | tee "$work/querier.md"
+stop
+
 echo "### S3, cold cache: a restart with an empty cache before each query"
 : > "$work/cold.txt"
 for t in $(echo "$types" | tr ',' ' '); do
@@ -138,13 +147,15 @@ for t in $(echo "$types" | tr ',' ' '); do
 done
 
 echo
-echo "| query type | file store, ms | S3 warm cache, ms | S3 cold cache, ms | warm / file | cold / file | S3 requests per query, cold |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| query type | single node, file store, ms | single node, S3 warm cache, ms | querier, S3 warm cache, ms | S3 cold cache, ms | S3 warm / file | querier / single node (S3) | cold / file | S3 requests per query, cold |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+cell() { awk -F'|' -v t="$1" '$2 ~ " "t" " { gsub(/ /, "", $3); print $3 }' "$2"; }
 for t in $(echo "$types" | tr ',' ' '); do
-  f=$(awk -F'|' -v t="$t" '$2 ~ " "t" " { gsub(/ /, "", $3); print $3 }' "$work/file.md")
-  w=$(awk -F'|' -v t="$t" '$2 ~ " "t" " { gsub(/ /, "", $3); print $3 }' "$work/warm.md")
+  f=$(cell "$t" "$work/file.md")
+  w=$(cell "$t" "$work/warm.md")
+  r=$(cell "$t" "$work/querier.md")
   c=$(awk -v t="$t" '$1 == t { print $2 }' "$work/cold.txt" | median)
   q=$(awk -v t="$t" '$1 == t { print $3 }' "$work/cold.txt" | median)
-  awk -v t="$t" -v f="$f" -v w="$w" -v c="$c" -v q="$q" \
-    'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.2f× | %.2f× | %s |\n", t, f, w, c, w / f, c / f, q }'
+  awk -v t="$t" -v f="$f" -v w="$w" -v r="$r" -v c="$c" -v q="$q" \
+    'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.2f | %.2f× | %.2f× | %.2f× | %s |\n", t, f, w, r, c, w / f, r / w, c / f, q }'
 done

@@ -60,6 +60,11 @@ impl Role {
         Ok(())
     }
 
+    /// Whether this role only reads the catalog and segments others write.
+    pub fn read_only(self) -> bool {
+        self == Self::Querier
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::All => "all",

@@ -327,7 +327,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
 
     let opened = config
         .store
-        .open(&config.data_dir, config.role == crate::role::Role::Querier)
+        .open(&config.data_dir, config.role.read_only())
         .await
         .map_err(|e| kiln_storage::error_chain(&e))?;
     tracing::info!(url = %opened.url, cache_bytes = opened.cache.as_ref().map(|c| c.max_bytes()), "object store opened");
@@ -351,13 +351,10 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         wal_replay_skip_invalid: config.wal_replay_skip_invalid,
         last_cache_max_series: config.last_cache_max_series,
         default_last_caches: !config.no_default_last_caches,
-        read_only: config.role == crate::role::Role::Querier,
-        retired_file_grace: config.retired_segment_grace.unwrap_or(
-            match config.store.object_store {
-                crate::store::StoreKind::File => Duration::ZERO,
-                _ => Duration::from_secs(300),
-            },
-        ),
+        read_only: config.role.read_only(),
+        retired_file_grace: config
+            .retired_segment_grace
+            .unwrap_or_else(|| config.store.default_retired_grace()),
     };
     let engine = Engine::open(
         engine_config,
@@ -430,11 +427,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     }
     let registry = Arc::new(registry);
     // Alert state is catalog events: rules are evaluated by the server that writes it.
-    let alert_tasks = match config.role {
-        crate::role::Role::All => {
-            crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?
-        }
-        crate::role::Role::Querier => Vec::new(),
+    let alert_tasks = match config.role.read_only() {
+        false => crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?,
+        true => Vec::new(),
     };
     let state = AppState {
         kafka,

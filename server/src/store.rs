@@ -197,6 +197,16 @@ impl StoreArgs {
         }
     }
 
+    /// How long files replaced by compaction stay in the store when
+    /// `--retired-segment-grace` is not given: none on local disk, which no other server
+    /// reads; five minutes in a shared store, for queriers still reading them.
+    pub fn default_retired_grace(&self) -> std::time::Duration {
+        match self.object_store {
+            StoreKind::File => std::time::Duration::ZERO,
+            _ => std::time::Duration::from_secs(300),
+        }
+    }
+
     /// Checks the flags without opening anything (`kiln serve --check`).
     pub fn check(&self) -> Result<(), StoreError> {
         self.check_flags()?;

@@ -16,11 +16,13 @@
 //! The store also counts the requests that reach the remote store, by kind.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
@@ -213,6 +215,11 @@ impl Local {
         self.dir.join(key)
     }
 
+    /// Whether `key` is cached (without marking it used).
+    fn holds(&self, key: &str) -> bool {
+        self.index.lock().entries.contains_key(key)
+    }
+
     /// Marks `key` used; false when it is not cached.
     fn touch(&self, key: &str) -> bool {
         let mut index = self.index.lock();
@@ -387,42 +394,48 @@ impl ObjectStore for SegmentCache {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        if !cached(location) || !plain(&options) {
-            self.count_get(&options);
-            return self.remote.get_opts(location, options).await;
-        }
         let key = location.as_ref();
-        if self.local.touch(key) {
+        // A HEAD of a file not cached is no reason to copy it.
+        let local = cached(location)
+            && plain(&options)
+            && (!options.head || self.local.holds(key))
+            && self.make_local(location).await?;
+        if local {
             match self.local.files.get_opts(location, options.clone()).await {
-                Ok(got) => {
-                    self.local.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(got);
-                }
-                // Removed behind the cache's back: fetched again below.
+                Ok(got) => return Ok(got),
+                // Removed behind the cache's back: read from the store.
                 Err(object_store::Error::NotFound { .. }) => self.local.forget(key),
                 Err(e) => return Err(e),
             }
         }
-        if options.head || self.too_big.lock().contains(key) {
-            self.count_get(&options);
-            return self.remote.get_opts(location, options).await;
-        }
-        self.local.stats.misses.fetch_add(1, Ordering::Relaxed);
-        match self.fill(location).await {
-            Ok(true) => {
-                if let Ok(got) = self.local.files.get_opts(location, options.clone()).await {
-                    return Ok(got);
-                }
-            }
-            Ok(false) => {}
-            // A missing object is the caller's error, as it would be without a cache.
-            Err(FillError::Remote(e @ object_store::Error::NotFound { .. })) => return Err(e),
-            Err(e) => {
-                tracing::warn!(file = key, error = %crate::error_chain(&e), "cannot cache a segment; reading it from the object store");
-            }
-        }
         self.count_get(&options);
         self.remote.get_opts(location, options).await
+    }
+
+    /// Column chunks of a Parquet file, as the query engine reads them: from the cached
+    /// copy in one go (the local store reads every range of a file in one blocking task),
+    /// else one request per coalesced range.
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        if cached(location) && self.make_local(location).await? {
+            match self.local.files.get_ranges(location, ranges).await {
+                Ok(got) => return Ok(got),
+                Err(object_store::Error::NotFound { .. }) => self.local.forget(location.as_ref()),
+                Err(e) => return Err(e),
+            }
+        }
+        object_store::coalesce_ranges(
+            ranges,
+            |range| async move {
+                let options = GetOptions {
+                    range: Some(range.into()),
+                    ..Default::default()
+                };
+                self.count_get(&options);
+                self.remote.get_opts(location, options).await?.bytes().await
+            },
+            object_store::OBJECT_STORE_COALESCE_DEFAULT,
+        )
+        .await
     }
 
     fn delete_stream(
@@ -480,6 +493,30 @@ impl ObjectStore for SegmentCache {
 }
 
 impl SegmentCache {
+    /// Whether the segment at `location` can be read from the cache: it is there (a hit),
+    /// or it is copied in now (a miss). False when it must be read from the remote store:
+    /// it is larger than the whole cache, or the copy failed (logged). A segment missing
+    /// from the store is the caller's error, as without a cache.
+    async fn make_local(&self, location: &Path) -> Result<bool> {
+        let key = location.as_ref();
+        if self.local.touch(key) {
+            self.local.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        if self.too_big.lock().contains(key) {
+            return Ok(false);
+        }
+        self.local.stats.misses.fetch_add(1, Ordering::Relaxed);
+        match self.fill(location).await {
+            Ok(filled) => Ok(filled),
+            Err(FillError::Remote(e @ object_store::Error::NotFound { .. })) => Err(e),
+            Err(e) => {
+                tracing::warn!(file = key, error = %crate::error_chain(&e), "cannot cache a segment; reading it from the object store");
+                Ok(false)
+            }
+        }
+    }
+
     fn count_get(&self, options: &GetOptions) {
         let counter = if options.head {
             &self.local.stats.remote_heads
@@ -542,6 +579,14 @@ mod tests {
         );
         assert_eq!(gets(&cache), 1, "the second read is the disk's");
         assert_eq!(cache.stats().hits.load(Ordering::Relaxed), 1);
+        // Column chunks, as the query engine asks for them.
+        let ranges = cache
+            .get_ranges(&Path::from("segments/1/1/0-a.parquet"), &[0..10, 500..520])
+            .await
+            .unwrap();
+        assert_eq!(ranges[0], a[..10]);
+        assert_eq!(ranges[1], a[500..520]);
+        assert_eq!(gets(&cache), 1);
         assert_eq!(cache.usage(), (1000, 1));
 
         for _ in 0..2 {
@@ -593,6 +638,16 @@ mod tests {
             gets(&cache),
             before + 3,
             "a probe the first time, then reads"
+        );
+        let ranges = cache
+            .get_ranges(&Path::from("segments/huge.parquet"), &[0..2, 998..1000])
+            .await
+            .unwrap();
+        assert_eq!(ranges.iter().map(|r| r.len()).sum::<usize>(), 4);
+        assert_eq!(
+            gets(&cache),
+            before + 4,
+            "near ranges coalesce into one request"
         );
         assert!(cache.usage().0 <= 250);
     }

@@ -27,7 +27,19 @@ pub(crate) fn s3_args(s3: &S3Server) -> Vec<String> {
     .to_vec()
 }
 
-fn credentials() -> [(&'static str, &'static str); 3] {
+/// Runs `kiln ARGS` with the flags of `s3`'s bucket added and `env` set.
+pub(crate) fn kiln_with_store(
+    args: &[&str],
+    s3: &S3Server,
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let store = s3_args(s3);
+    let mut args = args.to_vec();
+    args.extend(store.iter().map(String::as_str));
+    kiln_env(&args, None, env)
+}
+
+pub(crate) fn credentials() -> [(&'static str, &'static str); 3] {
     [
         ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
         ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
@@ -215,11 +227,16 @@ async fn a_token_made_offline_goes_into_the_bucket() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(dir.path(), BUCKET);
     let data = dir.path().join("data");
-    let mut args = vec!["token", "create", "--name", "ops", "--admin", "--data-dir"];
-    args.push(data.to_str().unwrap());
-    let store = s3_args(&s3);
-    args.extend(store.iter().map(String::as_str));
-    let (ok, out, err) = kiln_env(&args, None, &credentials());
+    let args = [
+        "token",
+        "create",
+        "--name",
+        "ops",
+        "--admin",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let (ok, out, err) = kiln_with_store(&args, &s3, &credentials());
     assert!(ok, "{err}");
     let token = out.trim().to_owned();
 
@@ -294,12 +311,9 @@ fn object_store_flags_are_checked_and_a_store_that_refuses_us_stops_start_up() {
 
     // Wrong credentials: start-up stops naming the store and S3's reason.
     let s3 = S3Server::start(dir.path(), BUCKET);
-    let mut args = vec!["serve", "--data-dir", data];
-    let store = s3_args(&s3);
-    args.extend(store.iter().map(String::as_str));
     let mut env = credentials();
     env[1].1 = "not-the-secret";
-    let (ok, _, err) = kiln_env(&args, None, &env);
+    let (ok, _, err) = kiln_with_store(&["serve", "--data-dir", data], &s3, &env);
     assert!(!ok);
     assert!(
         err.contains("cannot write to the object store s3://plant/site-a/kiln"),

@@ -6,7 +6,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 
 use crate::cli::kiln_env;
-use crate::object_storage::{BUCKET, PREFIX, rows, s3_args, segment_keys, start, values};
+use crate::object_storage::{
+    BUCKET, PREFIX, credentials, kiln_with_store, rows, s3_args, segment_keys, start, values,
+};
 use crate::support::s3::S3Server;
 use crate::support::{TestServer, eventually};
 
@@ -24,6 +26,18 @@ async fn count(server: &TestServer, sql: &str) -> Option<i64> {
     }
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).ok()?;
     rows.first()?.get("n")?.as_i64()
+}
+
+/// The rows of `temp`'s last-value cache as JSON text, if it answers.
+async fn latest(server: &TestServer) -> Option<String> {
+    let (status, body) = server
+        .query(
+            "plant",
+            "SELECT machine, celsius FROM last_cache('plant', 'temp') ORDER BY machine",
+            "json",
+        )
+        .await;
+    (status == StatusCode::OK).then(|| String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,6 +74,20 @@ async fn a_querier_follows_what_the_writer_persists_and_refuses_changes() {
         })
         .await,
         "the querier never saw the new column and table"
+    );
+
+    // Its last-value caches are the writer's snapshots, loaded again after each
+    // persistence: the latest row of each machine, press-9 included.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            latest(&querier).await.is_some_and(|rows| {
+                rows.contains(r#"{"machine":"press-3","celsius":999.0}"#)
+                    && rows.contains(r#"{"machine":"press-9","celsius":1.0}"#)
+            })
+        })
+        .await,
+        "the querier's last-value cache never showed the writer's latest rows: {:?}",
+        latest(&querier).await
     );
 
     // It changes nothing, on any door, and says where changes go.
@@ -222,6 +250,33 @@ async fn a_querier_follows_what_the_writer_persists_and_refuses_changes() {
             .all(|k| !k.contains("probe/")),
         "a querier writes nothing, not even a probe"
     );
+
+    // A querier started on the writer's data directory, whose WAL holds acknowledged rows
+    // not yet persisted, refuses: it would neither persist nor show them.
+    let writer_data = dir.path().join("writer");
+    let mut writer = start(&writer_data, &s3);
+    let (status, _) = writer
+        .client
+        .post(writer.url("/api/v3/write_lp"))
+        .query(&[("db", "plant")])
+        .bearer_auth(&token)
+        .body("temp,machine=press-5 celsius=1 1900000000000000000")
+        .send()
+        .await
+        .map(|r| (r.status(), ()))
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    writer.kill9();
+    let args = [
+        "serve",
+        "--role",
+        "querier",
+        "--data-dir",
+        writer_data.to_str().unwrap(),
+    ];
+    let (ok, _, err) = kiln_with_store(&args, &s3, &credentials());
+    assert!(!ok);
+    assert!(err.contains("holds writes not yet persisted"), "{err}");
 }
 
 #[test]
@@ -232,45 +287,31 @@ fn a_querier_needs_a_shared_store_and_takes_no_sources() {
         err.contains("--role querier reads what another server writes"),
         "{err}"
     );
-    let (ok, _, err) = kiln_env(
-        &[
-            "serve",
-            "--check",
-            "--role",
-            "querier",
-            "--object-store",
-            "s3",
-            "--object-store-bucket",
-            "plant",
-            "--kafka-brokers",
-            "127.0.0.1:9092",
-            "--kafka-topics",
-            "plant",
-            "--kafka-database",
-            "plant",
-        ],
-        None,
-        &[],
-    );
+    let on_s3 = [
+        "serve",
+        "--check",
+        "--role",
+        "querier",
+        "--object-store",
+        "s3",
+        "--object-store-bucket",
+        "plant",
+    ];
+    let kafka = [
+        "--kafka-brokers",
+        "127.0.0.1:9092",
+        "--kafka-topics",
+        "plant",
+        "--kafka-database",
+        "plant",
+    ];
+    let (ok, _, err) = kiln_env(&[&on_s3[..], &kafka[..]].concat(), None, &[]);
     assert!(!ok);
     assert!(
         err.contains("Kafka and MQTT sources belong on the server that writes"),
         "{err}"
     );
-    let (ok, out, err) = kiln_env(
-        &[
-            "serve",
-            "--check",
-            "--role",
-            "querier",
-            "--object-store",
-            "s3",
-            "--object-store-bucket",
-            "plant",
-        ],
-        None,
-        &[],
-    );
+    let (ok, out, err) = kiln_env(&on_s3, None, &[]);
     assert!(ok, "{err}");
     assert!(out.contains("role querier"), "{out}");
 }

@@ -23,23 +23,29 @@ impl Engine {
 
     /// Applies what other servers add to the catalog, every `every`, until `shutdown`
     /// resolves: their persisted segments, schema changes and deletes become visible to
-    /// queries here. A failure (the store away) is logged and retried.
+    /// queries here, and after each persistence the writer's last-value snapshots. A
+    /// failure (the store away) is logged and retried.
     pub async fn run_follower(
         self: Arc<Self>,
         every: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut persisted = self.catalog.snapshot().persisted_sequence;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(every) => {}
             }
             match self.catalog.follow().await {
-                Ok(true) => tracing::debug!(
-                    sequence = %self.catalog.snapshot().sequence,
-                    "followed the catalog"
-                ),
+                Ok(true) => {
+                    let state = self.catalog.snapshot();
+                    tracing::debug!(sequence = %state.sequence, "followed the catalog");
+                    if state.persisted_sequence != persisted {
+                        persisted = state.persisted_sequence;
+                        self.load_snapshot_caches().await;
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(
                     error = %crate::error_chain(&e),

@@ -290,17 +290,17 @@ impl Loaded {
     }
 }
 
-/// Loads the default caches' snapshots of every table without a defined cache (when
-/// default caches are on).
-/// No caches at all: a server that takes no writes has nothing to feed them.
-pub(super) fn none(max_series: usize) -> Loaded {
+/// No caches yet.
+pub(super) fn empty(defaults: bool, max_series: usize) -> Loaded {
     Loaded {
-        caches: Arc::new(LastCaches::new(false, max_series)),
+        caches: Arc::new(LastCaches::new(defaults, max_series)),
         from_snapshots: Vec::new(),
         to_warm: Vec::new(),
     }
 }
 
+/// Loads the default caches' snapshots of every table without a defined cache (when
+/// default caches are on).
 pub(super) async fn load(
     store: &Arc<dyn ObjectStore>,
     state: &CatalogState,
@@ -394,6 +394,30 @@ impl Engine {
         for (def, default) in &loaded.to_warm {
             self.start_last_cache(def, *default);
         }
+    }
+
+    /// For a read-only engine (a querier): the default caches as the writer's snapshots
+    /// hold them, replacing those it had. No write reaches a querier to feed a cache, but
+    /// the writer stores the snapshots before each persistence's catalog entry, so
+    /// loaded again whenever the persisted sequence moves they cover what the querier's
+    /// segments hold. A table without a usable snapshot, or with a cache defined in the
+    /// catalog, gets none here: queries read the table.
+    pub(super) async fn load_snapshot_caches(&self) {
+        let state = self.catalog.snapshot();
+        let loaded = load(
+            &self.store,
+            &state,
+            self.config.default_last_caches,
+            self.last_caches.max_series,
+        )
+        .await;
+        for cache in loaded.from_snapshots {
+            if let Err(e) = cache.warming().finish() {
+                cache.fail(e.to_string());
+            }
+        }
+        let tables = std::mem::take(&mut *loaded.caches.tables.write());
+        *self.last_caches.tables.write() = tables;
     }
 
     /// Registers a cache for `def` (fed by writes from now on) and warms it in the

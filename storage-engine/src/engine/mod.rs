@@ -143,8 +143,8 @@ pub struct EngineConfig {
     /// (queriers) may still be reading it until they follow the catalog.
     pub retired_file_grace: Duration,
     /// Only read: follow the catalog and segments other servers write ([`Engine::run_follower`]),
-    /// take no writes, keep no last-value caches (no writes would feed them), and leave
-    /// every file in the store alone.
+    /// take no writes, take the default last-value caches from the writer's snapshots,
+    /// and leave every file in the store alone.
     pub read_only: bool,
 }
 
@@ -334,8 +334,9 @@ impl Engine {
         let sources = Arc::new(SourcePositions::from_catalog(&state.source_positions));
         let series = Arc::new(SeriesTracker::default());
         load_series(&store, &series).await;
+        // A reader's caches are loaded once it is open (`load_snapshot_caches`).
         let loaded = if config.read_only {
-            last_caches::none(config.last_cache_max_series)
+            last_caches::empty(config.default_last_caches, config.last_cache_max_series)
         } else {
             last_caches::load(
                 &store,
@@ -473,7 +474,11 @@ impl Engine {
             sources,
             series,
         });
-        engine.start_last_caches(loaded);
+        if engine.config.read_only {
+            engine.load_snapshot_caches().await;
+        } else {
+            engine.start_last_caches(loaded);
+        }
         for table in deleted_tables {
             engine.rebuild_last_cache(table);
         }

@@ -88,6 +88,21 @@ async fn batch_of(
     }
 }
 
+/// The rows of segment `s`'s file, read back from the store.
+async fn segment_rows(engine: &Engine, s: &SegmentMeta) -> Vec<RecordBatch> {
+    let path = object_store::path::Path::from(s.path.as_str());
+    let bytes = object_store::ObjectStoreExt::get(engine.store(), &path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
 /// Everything the table holds: buffer chunks merged with segments read back from disk.
 async fn contents(engine: &Engine) -> RecordBatch {
     let state = engine.catalog_state();
@@ -95,16 +110,7 @@ async fn contents(engine: &Engine) -> RecordBatch {
     let data = engine.table_data(def.id, i64::MIN, i64::MAX).unwrap();
     let mut batches = Vec::new();
     for s in &data.segments {
-        let path = object_store::path::Path::from(s.path.as_str());
-        let bytes = object_store::ObjectStoreExt::get(engine.store(), &path)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let reader =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024).unwrap();
-        batches.extend(reader.map(|b| b.unwrap()));
+        batches.extend(segment_rows(engine, s).await);
     }
     for p in &data.buffer {
         batches.extend(p.chunks.iter().map(|c| c.batch.clone()));
@@ -457,18 +463,11 @@ async fn a_persistence_whose_catalog_entry_landed_but_failed_overwrites_nothing(
     assert_eq!(segment_files(&engine).await, catalog_files(&engine));
     // Every file holds the rows its entry says: none was rewritten under an entry.
     for s in &segments {
-        let path = object_store::path::Path::from(s.path.as_str());
-        let bytes = engine
-            .store()
-            .get(&path)
+        let rows: usize = segment_rows(&engine, s)
             .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let reader =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(bytes, 1024).unwrap();
-        let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+            .iter()
+            .map(RecordBatch::num_rows)
+            .sum();
         assert_eq!(rows as u64, s.rows, "{}", s.path);
     }
     engine.wal().shutdown();
