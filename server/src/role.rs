@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -72,6 +72,16 @@ impl Role {
         }
     }
 
+    /// The HTTP API as this role serves it: a querier's refuses changes up front
+    /// ([`refuse_changes`]); the single node's is left as it is, with nothing added to its
+    /// write path.
+    pub fn http_api(self, router: axum::Router) -> axum::Router {
+        match self.read_only() {
+            true => router.layer(axum::middleware::from_fn(refuse_changes)),
+            false => router,
+        }
+    }
+
     /// Starts the role's background work: persistence, compaction with retention, and view
     /// refreshes for `all`; following the catalog for a querier. The handles end once
     /// `stop` turns true.
@@ -103,15 +113,15 @@ impl Role {
     }
 }
 
-/// On a querier, refuses with 403 every HTTP request that could change something: all but
-/// reads and SQL queries. The engine and the catalog refuse such changes too; this answers
+/// Refuses with 403 every HTTP request that could change something: all but reads and SQL
+/// queries. The engine and the catalog of a querier refuse such changes too; this answers
 /// them before any work, the same way for every endpoint.
-pub async fn http_guard(State(role): State<Role>, request: Request, next: Next) -> Response {
+async fn refuse_changes(request: Request, next: Next) -> Response {
     let reads = matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    if role == Role::Querier && !reads && request.uri().path() != "/api/v3/query_sql" {
+    if !reads && request.uri().path() != "/api/v3/query_sql" {
         return crate::http::error_response(StatusCode::FORBIDDEN, NOT_HERE);
     }
     next.run(request).await

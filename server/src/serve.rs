@@ -578,10 +578,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         },
         stop_rx.clone(),
     );
-    let app = router(state).layer(axum::middleware::from_fn_with_state(
-        config.role,
-        crate::role::http_guard,
-    ));
+    let app = config.role.http_api(router(state));
     let http: HttpFuture = match http_tls {
         None => {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
