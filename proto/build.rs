@@ -13,7 +13,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // order a series key needs.
         .btree_map(".kiln.ingest.v1.Row.tags")
         .file_descriptor_set_path(out.join("kiln_descriptor.bin"))
-        .compile_protos(&["kiln/ingest/v1/ingest.proto"], &["."])?;
+        .compile_protos(
+            &[
+                "kiln/ingest/v1/ingest.proto",
+                "kiln/internal/v1/buffer.proto",
+            ],
+            &["."],
+        )?;
     println!("cargo:rerun-if-changed=kiln");
     Ok(())
 }

@@ -22,6 +22,7 @@
 
 pub mod alerts;
 mod avg;
+pub mod cluster;
 mod coarse;
 pub mod dedup;
 pub mod delete;
@@ -110,6 +111,10 @@ pub enum Error {
     /// (`--role querier`): send it to the server that writes.
     #[error("{0}")]
     ReadOnly(String),
+    /// A server the answer needs did not answer (a querier's writer): retry, or ask for
+    /// partial results.
+    #[error("{0}")]
+    Unavailable(String),
     /// Kiln failed (storage, I/O): not the query's fault. The cause is kept, for logs.
     #[error("{0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -137,6 +142,9 @@ impl From<DataFusionError> for Error {
             }
             DataFusionError::External(inner) if inner.is::<limits::TimedOut>() => {
                 return Error::Timeout(inner.to_string());
+            }
+            DataFusionError::External(inner) if inner.is::<cluster::WriterError>() => {
+                return Error::Unavailable(kiln_storage::error_chain(inner.as_ref()));
             }
             DataFusionError::ResourcesExhausted(_) => return Error::ResourcesExhausted(text),
             DataFusionError::ObjectStore(_)
@@ -238,6 +246,8 @@ pub struct QueryEngine {
     refreshing: views::RefreshLock,
     /// What every session starts from (see [`Self::context`]).
     base: Arc<SessionState>,
+    /// Sessions answer without the writers that do not answer (see [`cluster`]).
+    partial_results: bool,
 }
 
 impl QueryEngine {
@@ -245,7 +255,7 @@ impl QueryEngine {
         let rule_status = Arc::<alerts::scheduler::RuleStatuses>::default();
         let runtime = config.runtime()?;
         Ok(Self {
-            base: Arc::new(base_state(&engine, &runtime)?),
+            base: Arc::new(base_state(&engine, &runtime, &config)?),
             catalog: Arc::new(KilnCatalog::new(
                 Arc::clone(&engine),
                 Visible::all(),
@@ -261,8 +271,18 @@ impl QueryEngine {
             config,
             running: Arc::default(),
             refreshing: Arc::default(),
+            partial_results: false,
             engine,
         })
+    }
+
+    /// This engine, with sessions that answer without a writer that does not answer (a
+    /// querier's; see [`cluster`]), as `SET kiln.partial_results = true` asks.
+    pub fn with_partial_results(&self, partial: bool) -> Self {
+        Self {
+            partial_results: partial,
+            ..self.clone()
+        }
     }
 
     /// This engine, with sessions that show only the databases `visible` allows (those a
@@ -303,6 +323,15 @@ impl QueryEngine {
             // (its footer, statistics, page index: 0.5 ms) and the ranges without a row
             // group then read nothing, the common case for an hour's segment.
             .set_bool("datafusion.optimizer.repartition_file_scans", false);
+        let mut config = match config.options().extensions.get::<cluster::KilnOptions>() {
+            Some(_) => config,
+            None => config.with_option_extension(cluster::KilnOptions {
+                partial_results: self.partial_results,
+            }),
+        };
+        if let Some(writers) = &self.config.writers {
+            config = config.with_extension(Arc::new(cluster::SessionWriters(Arc::clone(writers))));
+        }
         let mut state = SessionState::clone(&self.base);
         let zone_changed =
             config.options().execution.time_zone != state.config().options().execution.time_zone;
@@ -553,13 +582,19 @@ impl QueryEngine {
 fn base_state(
     engine: &Arc<Engine>,
     runtime: &Arc<RuntimeEnv>,
+    config: &QueryConfig,
 ) -> datafusion::error::Result<SessionState> {
-    let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> = vec![
-        Arc::new(gapfill::HandleGapFill),
-        Arc::new(last_cache::UseLastCache::new(Arc::clone(engine))),
-        Arc::new(int_compare::IntCompare),
+    let mut rules: Vec<Arc<dyn OptimizerRule + Send + Sync>> =
+        vec![Arc::new(gapfill::HandleGapFill)];
+    // A querier that asks writers for their unpersisted rows answers "latest per series"
+    // from them and the segments: its caches are the writer's at its last persistence.
+    if config.writers.is_none() {
+        rules.push(Arc::new(last_cache::UseLastCache::new(Arc::clone(engine))));
+    }
+    rules.extend([
+        Arc::new(int_compare::IntCompare) as Arc<dyn OptimizerRule + Send + Sync>,
         Arc::new(like_escape::LikeEscape),
-    ];
+    ]);
     rules.extend(Optimizer::new().rules);
     let mut state = SessionStateBuilder::new()
         .with_config(SessionConfig::new().with_create_default_catalog_and_schema(false))

@@ -34,6 +34,8 @@ pub struct QueryConfig {
     pub timeout: Option<Duration>,
     /// Where queries execute; `None` for the runtime that creates the engine.
     pub executor: Option<crate::executor::QueryExecutor>,
+    /// On a querier: the servers whose unpersisted rows every scan merges in.
+    pub writers: Option<Arc<dyn crate::cluster::Writers>>,
 }
 
 impl Default for QueryConfig {
@@ -43,6 +45,7 @@ impl Default for QueryConfig {
             spill_dir: None,
             timeout: Some(Duration::from_secs(300)),
             executor: None,
+            writers: None,
         }
     }
 }

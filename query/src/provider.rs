@@ -166,6 +166,7 @@ impl SchemaProvider for KilnSchema {
         Ok(state.table(&self.database, name).map(|def| {
             let table = KilnTable {
                 engine: Arc::clone(&self.engine),
+                database: self.database.clone(),
                 table: def.id,
                 schema: query_schema(def),
             };
@@ -193,6 +194,7 @@ impl SchemaProvider for KilnSchema {
 #[derive(Debug)]
 pub struct KilnTable {
     engine: Arc<Engine>,
+    database: String,
     table: TableId,
     schema: SchemaRef,
 }
@@ -471,7 +473,21 @@ impl TableProvider for KilnTable {
             None => filters,
         };
         let bounds = TimeBounds::from_filters(filters);
-        let Some(data) = self.engine.table_data(self.table, bounds.min, bounds.max) else {
+        let name = self
+            .engine
+            .catalog_state()
+            .table_by_id(self.table)
+            .map(|def| def.name.clone())
+            .unwrap_or_default();
+        let data = crate::cluster::table_data(
+            &self.engine,
+            state,
+            (&self.database, &name, self.table),
+            bounds.min,
+            bounds.max,
+        )
+        .await?;
+        let Some(data) = data else {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
         };
         // Bounds on time are `Exact` filters: applied here, to the rows of the sources that

@@ -98,7 +98,7 @@ impl Dictionaries {
 /// Request headers that name the database, in the order they are looked at.
 const DATABASE_HEADERS: [&str; 4] = ["database", "bucket", "bucket-name", "iox-namespace-name"];
 
-type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The Flight SQL service.
 pub struct FlightSql {
@@ -425,6 +425,7 @@ fn query_status(e: kiln_query::Error) -> Status {
         E::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         E::ResourcesExhausted(_) => Status::resource_exhausted(e.to_string()),
         E::ReadOnly(_) => Status::failed_precondition(e.to_string()),
+        E::Unavailable(_) => Status::unavailable(e.to_string()),
         E::Internal(_) => {
             let message = kiln_storage::error_chain(&e);
             tracing::error!(error = %message, "Flight SQL query failed");
@@ -527,6 +528,28 @@ impl FlightSqlService for FlightSql {
             )
             .await?;
         command_info(&schema, &ticket, request)
+    }
+
+    /// `kiln.internal.v1.BufferRequest`: a querier asks for a table's unpersisted rows
+    /// (admin tokens only; see [`crate::cluster::buffer`]).
+    async fn do_get_fallback(
+        &self,
+        request: Request<Ticket>,
+        message: arrow_flight::sql::Any,
+    ) -> Result<Response<FlightStream<arrow_flight::FlightData>>, Status> {
+        let Some(buffer_request) = crate::cluster::buffer::request_of(&message) else {
+            return Err(Status::unimplemented(format!(
+                "DoGet of a ticket of type {} is not supported",
+                message.type_url
+            )));
+        };
+        authorize(
+            &self.auth,
+            Door::FlightSql,
+            &principal(&request)?,
+            Access::Admin,
+        )?;
+        crate::cluster::buffer::answer(self.query.engine(), &buffer_request?)
     }
 
     async fn do_get_statement(

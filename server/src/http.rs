@@ -531,6 +531,9 @@ pub struct QueryParams {
     format: Option<String>,
     /// Time zone: buckets in its local time, timestamps shown in it.
     tz: Option<String>,
+    /// On a querier: answer without a writer that does not answer (`true`), instead of
+    /// failing.
+    partial: Option<bool>,
 }
 
 async fn query_get(
@@ -559,6 +562,7 @@ async fn query_post(
                 q: p.q.or(qp.q),
                 format: p.format.or(qp.format),
                 tz: p.tz.or(qp.tz),
+                partial: p.partial.or(qp.partial),
             },
             Err(e) => {
                 return ApiError::bad_request(format!("invalid JSON body: {e}")).into_response();
@@ -628,6 +632,7 @@ async fn answer_query(
     };
     let start = Instant::now();
     let mut stream = query_engine(s, principal)
+        .with_partial_results(p.partial.unwrap_or(false))
         .sql_in_zone(&db, &q, p.tz.as_deref())
         .await
         .map_err(query_error)?;
@@ -692,7 +697,9 @@ pub(crate) fn query_error(e: kiln_query::Error) -> ApiError {
         E::Invalid(_) => ApiError::bad_request(e.to_string()),
         E::ReadOnly(_) => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
         E::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
-        E::ResourcesExhausted(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        E::ResourcesExhausted(_) | E::Unavailable(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
         E::Internal(_) => {
             let message = kiln_storage::error_chain(&e);
             tracing::error!(error = %message, "query failed");

@@ -8,6 +8,7 @@ mod alerts;
 mod allocator;
 mod auth;
 mod client;
+mod cluster;
 mod config;
 mod devices;
 mod flight;

@@ -41,6 +41,13 @@ impl Role {
     /// Refuses settings the role cannot honour.
     pub fn check(self, config: &ServeConfig, kafka: usize, mqtt: usize) -> Result<(), String> {
         if self == Self::All {
+            if !config.cluster.ingesters.is_empty() {
+                return Err(
+                    "--ingesters lists the servers a querier asks for rows not yet \
+                            persisted: give it to servers of --role querier"
+                        .into(),
+                );
+            }
             return Ok(());
         }
         if config.store.object_store == StoreKind::File {

@@ -236,6 +236,9 @@ pub struct ServeConfig {
     pub store: crate::store::StoreArgs,
 
     #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
+
+    #[command(flatten)]
     pub kafka: crate::kafka::KafkaArgs,
 
     #[command(flatten)]
@@ -271,6 +274,8 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             Some(token)
         }
     };
+    let writers =
+        crate::cluster::writers::FlightWriters::new(&config.cluster, admin_token.as_deref())?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(
             crate::tls::Tls::load(crate::tls::TlsFiles {
@@ -389,6 +394,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             spill_dir: Some(spill_dir),
             timeout: Some(config.query_timeout).filter(|t| !t.is_zero()),
             executor: Some(query_executor(config.query_threads, config.query_nice)?),
+            writers: writers.map(|w| Arc::new(w) as _),
         },
     )
     .map_err(|e| format!("cannot start the query engine: {e}"))?;

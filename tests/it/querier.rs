@@ -315,3 +315,177 @@ fn a_querier_needs_a_shared_store_and_takes_no_sources() {
     assert!(ok, "{err}");
     assert!(out.contains("role querier"), "{out}");
 }
+
+/// Writes `lp` to `server`'s `plant` with `token`.
+async fn write_with(server: &TestServer, token: &str, lp: &str) {
+    let resp = server
+        .client
+        .post(server.url("/api/v3/write_lp"))
+        .query(&[("db", "plant")])
+        .bearer_auth(token)
+        .body(lp.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+}
+
+/// `SELECT count(*)` of `temp` over HTTP, with `partial=true` if asked: the status and the
+/// count or the error.
+async fn count_temp(server: &TestServer, partial: bool) -> (StatusCode, Result<i64, String>) {
+    let mut query = vec![("db", "plant"), ("q", "SELECT count(*) AS n FROM temp")];
+    if partial {
+        query.push(("partial", "true"));
+    }
+    let resp = server
+        .client
+        .get(server.url("/api/v3/query_sql"))
+        .query(&query)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    let count = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|rows| rows[0]["n"].as_i64())
+        .ok_or(body);
+    (status, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_querier_reads_rows_the_writer_has_not_persisted_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path(), BUCKET);
+    let token_file = dir.path().join("admin-token");
+    let admin = "kiln_".to_owned() + &"cd".repeat(32);
+    std::fs::write(&token_file, format!("{admin}\n")).unwrap();
+    let token_path = token_file.to_str().unwrap();
+    // Persists only when 64 KiB are buffered: small writes stay in its buffer.
+    let mut args = s3_args(&s3);
+    args.extend(
+        [
+            "--persist-interval",
+            "1h",
+            "--persist-buffer-bytes",
+            "64KiB",
+            "--admin-token-file",
+            token_path,
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut writer =
+        TestServer::start_with(&dir.path().join("writer"), &args, S3Server::credentials);
+    let querier_with = |name: &str, extra: &[&str]| {
+        let mut args = s3_args(&s3);
+        args.extend(["--role", "querier", "--ingesters", &writer.grpc].map(str::to_owned));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        TestServer::start_with(&dir.path().join(name), &args, S3Server::credentials)
+    };
+    // One presents the writer's admin token; the other none, and the writer refuses it.
+    let querier = querier_with("querier", &["--ingester-token-file", token_path]);
+    let refused = querier_with("refused", &[]);
+
+    write_with(&writer, &admin, &rows(0, 100)).await;
+    assert_eq!(
+        writer.metric("kiln_segments_persisted_total").await,
+        0.0,
+        "nothing persisted yet"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count_temp(&querier, false).await.1 == Ok(100)
+        })
+        .await,
+        "the querier never read the writer's unpersisted rows: {:?}",
+        count_temp(&querier, false).await
+    );
+    assert_eq!(values(&querier).await, (0..100).collect::<Vec<_>>());
+    // A writer that does not answer fails the query, naming it and the way out.
+    let (status, error) = count_temp(&refused, false).await;
+    let error = error.unwrap_err();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(error.contains(&writer.grpc), "{error}");
+    assert!(error.contains("partial=true"), "{error}");
+    // Partial results: what the catalog names, here nothing yet.
+    assert_eq!(count_temp(&refused, true).await, (StatusCode::OK, Ok(0)));
+
+    // Writes while the writer persists (every 64 KiB) and the querier follows: every
+    // answer right after a write holds every row once, whether the writer still buffers
+    // it, has persisted it, or both.
+    let mut total = 100;
+    for round in 0..40 {
+        write_with(&writer, &admin, &rows(total, 250)).await;
+        total += 250;
+        // An update of a row written before (row 4 * round, machine press-0): the newest
+        // version wins.
+        write_with(
+            &writer,
+            &admin,
+            &format!(
+                "temp,machine=press-0 celsius={} {}\n",
+                -(round as i64) - 1,
+                1_700_000_000_000_000_000i64 + round as i64 * 4 * 1_000_000_000
+            ),
+        )
+        .await;
+        assert_eq!(
+            count_temp(&querier, false).await,
+            (StatusCode::OK, Ok(total as i64)),
+            "round {round}"
+        );
+        let updated = querier
+            .query_json(
+                "plant",
+                &format!(
+                    "SELECT celsius FROM temp WHERE machine = 'press-0' AND time = \
+                     to_timestamp_nanos({})",
+                    1_700_000_000_000_000_000i64 + round as i64 * 4 * 1_000_000_000
+                ),
+            )
+            .await;
+        let updated: Vec<f64> = updated
+            .iter()
+            .map(|r| r["celsius"].as_f64().unwrap())
+            .collect();
+        assert_eq!(updated, vec![-(round as f64) - 1.0], "round {round}");
+    }
+    assert!(
+        writer.metric("kiln_segments_persisted_total").await >= 5.0,
+        "the writer persisted while the querier read"
+    );
+    let (status, partial) = count_temp(&refused, true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        partial.unwrap() < total as i64,
+        "some rows are still only buffered"
+    );
+
+    // The writer gone: strict queries fail naming it, over HTTP and PostgreSQL, and
+    // partial results answer from the segments.
+    writer.kill9();
+    let (status, error) = count_temp(&querier, false).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error:?}");
+    assert!(error.unwrap_err().contains(&writer.grpc));
+    let (status, persisted) = count_temp(&querier, true).await;
+    assert_eq!(status, StatusCode::OK);
+    let persisted = persisted.unwrap();
+    assert!(persisted > 0 && persisted < total as i64, "{persisted}");
+    let pg = crate::postgres::connect(&querier, "plant").await.unwrap();
+    let failed = pg
+        .simple_query("SELECT count(*) FROM temp")
+        .await
+        .unwrap_err();
+    let failed = failed.as_db_error().expect("an error from the server");
+    assert!(failed.message().contains(&writer.grpc), "{failed:?}");
+    pg.batch_execute("SET kiln.partial_results = true")
+        .await
+        .unwrap();
+    let row = pg
+        .query_one("SELECT count(*) FROM temp", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), persisted);
+}

@@ -432,6 +432,8 @@ fn statement_error(e: kiln_query::Error) -> PgWireError {
         e @ kiln_query::Error::Timeout(_) => error("57014", e.to_string()),
         // PostgreSQL's "cannot execute … in a read-only transaction".
         e @ kiln_query::Error::ReadOnly(_) => error("25006", e.to_string()),
+        // A server the answer needs (a querier's writer) did not answer.
+        e @ kiln_query::Error::Unavailable(_) => error("58000", e.to_string()),
         e => error("XX000", kiln_storage::error_chain(&e)),
     }
 }

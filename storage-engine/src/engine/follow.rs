@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Engine, Error, Result};
+use crate::ids::CatalogSequence;
 
 impl Engine {
     /// Refuses what a read-only engine must not do (writes, deletes, compaction).
@@ -38,15 +39,17 @@ impl Engine {
                 _ = tokio::time::sleep(every) => {}
             }
             match self.catalog.follow().await {
-                Ok(true) => {
+                Ok(moved) => {
                     let state = self.catalog.snapshot();
-                    tracing::debug!(sequence = %state.sequence, "followed the catalog");
+                    if moved {
+                        tracing::debug!(sequence = %state.sequence, "followed the catalog");
+                    }
+                    // Also when a query moved the catalog on (`follow_to`).
                     if state.persisted_sequence != persisted {
                         persisted = state.persisted_sequence;
                         self.load_snapshot_caches().await;
                     }
                 }
-                Ok(false) => {}
                 Err(e) => tracing::warn!(
                     error = %crate::error_chain(&e),
                     "following the catalog failed; will retry"
@@ -54,4 +57,24 @@ impl Engine {
             }
         }
     }
+
+    /// Follows the catalog until it has reached `sequence` (a writer's, read with the rows
+    /// it has not persisted: see [`Engine::unpersisted`]). At once when it already has.
+    pub async fn follow_to(&self, sequence: CatalogSequence) -> Result<()> {
+        for _ in 0..FOLLOW_TO_ATTEMPTS {
+            if self.catalog.snapshot().sequence >= sequence {
+                return Ok(());
+            }
+            // Reads every entry the log has; a snapshot's, if the log was pruned past us.
+            self.catalog.follow().await?;
+        }
+        match self.catalog.snapshot().sequence {
+            reached if reached >= sequence => Ok(()),
+            reached => Err(Error::BehindCatalog { sequence, reached }),
+        }
+    }
 }
+
+/// Reads of the log `follow_to` makes before giving up (the writer's entry is in the log
+/// before it answers, so one is enough unless the log was pruned past this reader).
+const FOLLOW_TO_ATTEMPTS: usize = 3 * crate::catalog::FOLLOW_SNAPSHOT_CHECK_EVERY as usize;

@@ -29,11 +29,13 @@ mod last_caches;
 mod lifecycle;
 #[cfg(test)]
 mod tests;
+mod unpersisted;
 
 pub use compact::{CompactionOutcome, ReadLease};
 use compact::{ReadGeneration, segment_path, sweep_unreferenced};
 use last_caches::LastCaches;
 pub use lifecycle::RetentionOutcome;
+pub use unpersisted::Unpersisted;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -87,6 +89,8 @@ pub enum Error {
     LastCache(#[source] arrow::error::ArrowError),
     #[error("a partition of {0:?} is not allowed: widths are positive and at most 7 days")]
     PartitionWidth(Duration),
+    #[error("merging buffered rows failed")]
+    ReadBuffer(#[source] arrow::error::ArrowError),
     #[error("applying a delete to rows failed")]
     ApplyDelete(#[source] arrow::error::ArrowError),
     /// A delete that cannot be made as asked (a field in its predicate).
@@ -102,6 +106,14 @@ pub enum Error {
          querier) takes none: start it on a data directory of its own"
     )]
     ReadOnlyWithWal(PathBuf),
+    #[error(
+        "the catalog here reached sequence {reached}, not the writer's {sequence}: the store \
+         did not show this reader the writer's latest catalog entries"
+    )]
+    BehindCatalog {
+        sequence: crate::ids::CatalogSequence,
+        reached: crate::ids::CatalogSequence,
+    },
 }
 
 impl Error {

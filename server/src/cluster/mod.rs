@@ -1,0 +1,40 @@
+//! Servers of a cluster talking to each other (see `docs/cluster.md`):
+//!
+//! ```text
+//!   querier ── DoGet(kiln.internal.v1.BufferRequest), admin token ──▶ writer (role all)
+//!      ▲                                                                  │
+//!      └──────── the table's unpersisted rows, header kiln-catalog-sequence ┘
+//! ```
+//!
+//! - [`buffer`]: a writer's side, the Flight ticket that sends a table's rows it has not
+//!   persisted.
+//! - [`writers`]: a querier's side, asking every writer of `--ingesters` at each scan
+//!   (`kiln_query::cluster`).
+
+pub mod buffer;
+pub mod writers;
+
+use std::path::PathBuf;
+
+/// The response header that carries a writer's catalog sequence.
+pub const CATALOG_SEQUENCE_HEADER: &str = "kiln-catalog-sequence";
+
+/// How a querier reaches the servers that take writes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClusterArgs {
+    /// On a querier: the gRPC addresses of the servers that take writes
+    /// (`http://writer-0:50051`, comma separated). Each query asks every one for the rows
+    /// it has not persisted yet; without any, a querier sees only persisted rows.
+    #[arg(long, env = "KILN_INGESTERS", value_delimiter = ',')]
+    pub ingesters: Vec<String>,
+
+    /// File holding the admin token a querier presents to --ingesters (default: the one of
+    /// --admin-token-file). Not needed when they run --without-auth.
+    #[arg(long, env = "KILN_INGESTER_TOKEN_FILE")]
+    pub ingester_token_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the certificates of `https://` --ingesters (the
+    /// system's roots otherwise).
+    #[arg(long, env = "KILN_INGESTER_TLS_CA")]
+    pub ingester_tls_ca: Option<PathBuf>,
+}
