@@ -41,8 +41,9 @@ pub struct ServeConfig {
     #[arg(long)]
     pub check: bool,
 
-    /// What this server does: `all` (the single node) or `querier` (only queries, over
-    /// what a server of role `all` persisted to a shared object store).
+    /// What this server does: `all` (the single node), or in a cluster sharing an object
+    /// store `ingester` (takes writes), `querier` (answers queries) or `compactor` (merges
+    /// and expires; one per cluster). See docs/cluster.md.
     #[arg(long, env = "KILN_ROLE", value_enum, default_value = "all")]
     pub role: crate::role::Role,
 
@@ -357,6 +358,8 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         last_cache_max_series: config.last_cache_max_series,
         default_last_caches: !config.no_default_last_caches,
         read_only: config.role.read_only(),
+        takes_writes: config.role.takes_writes(),
+        writer: config.role.writer(config.cluster.node_name.as_deref())?,
         retired_file_grace: config
             .retired_segment_grace
             .unwrap_or_else(|| config.store.default_retired_grace()),
@@ -433,9 +436,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     }
     let registry = Arc::new(registry);
     // Alert state is catalog events: rules are evaluated by the server that writes it.
-    let alert_tasks = match config.role.read_only() {
-        false => crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?,
-        true => Vec::new(),
+    let alert_tasks = match config.role.evaluates() {
+        true => crate::alerts::start(&query, notify_config, notify_counters, &stop_rx)?,
+        false => Vec::new(),
     };
     let state = AppState {
         kafka,

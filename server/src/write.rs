@@ -40,7 +40,9 @@ pub fn classify(e: &kiln_storage::engine::Error) -> (FailureKind, String) {
                     .into(),
             )
         }
-        E::ReadOnly | E::Catalog(catalog::Error::ReadOnly) => (FailureKind::NotHere, e.to_string()),
+        E::ReadOnly | E::TakesNoWrites | E::Catalog(catalog::Error::ReadOnly) => {
+            (FailureKind::NotHere, e.to_string())
+        }
         E::Catalog(catalog::Error::InvalidName { .. } | catalog::Error::LimitExceeded(_)) => {
             (FailureKind::Invalid, e.to_string())
         }

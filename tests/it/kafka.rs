@@ -15,7 +15,7 @@ use crate::support::{TestServer, eventually};
 
 const PARTITIONS: i32 = 3;
 
-fn cluster(topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
+pub(crate) fn cluster(topics: &[&str]) -> MockCluster<'static, DefaultProducerContext> {
     let cluster = MockCluster::new(3).expect("mock cluster");
     for t in topics {
         cluster
@@ -38,7 +38,7 @@ async fn kafka_status(server: &TestServer) -> serde_json::Value {
 
 /// Flags of a line-protocol source on `topic` into database `plant`. Short session
 /// timeouts let a restarted process take over from the member `kill -9` left behind.
-fn source_args(bootstrap: &str, topic: &str) -> Vec<String> {
+pub(crate) fn source_args(bootstrap: &str, topic: &str) -> Vec<String> {
     [
         "--kafka-brokers",
         bootstrap,

@@ -4,6 +4,7 @@
 mod alerts;
 mod auth;
 mod cli;
+mod cluster;
 mod compaction;
 mod config;
 mod crash;

@@ -284,7 +284,7 @@ fn a_querier_needs_a_shared_store_and_takes_no_sources() {
     let (ok, _, err) = kiln_env(&["serve", "--check", "--role", "querier"], None, &[]);
     assert!(!ok);
     assert!(
-        err.contains("--role querier reads what another server writes"),
+        err.contains("--role querier works on what several servers share in an object store"),
         "{err}"
     );
     let on_s3 = [
@@ -308,7 +308,7 @@ fn a_querier_needs_a_shared_store_and_takes_no_sources() {
     let (ok, _, err) = kiln_env(&[&on_s3[..], &kafka[..]].concat(), None, &[]);
     assert!(!ok);
     assert!(
-        err.contains("Kafka and MQTT sources belong on the server that writes"),
+        err.contains("Kafka and MQTT sources belong on the servers that take writes"),
         "{err}"
     );
     let (ok, out, err) = kiln_env(&on_s3, None, &[]);

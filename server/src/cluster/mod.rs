@@ -22,6 +22,12 @@ pub const CATALOG_SEQUENCE_HEADER: &str = "kiln-catalog-sequence";
 /// How a querier reaches the servers that take writes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ClusterArgs {
+    /// This server's name in a cluster (--role ingester, required, or compactor): unique
+    /// among the servers that write, and the same across restarts (a StatefulSet pod's
+    /// name). Its segment files and its own objects in the store carry it.
+    #[arg(long, env = "KILN_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// On a querier: the gRPC addresses of the servers that take writes
     /// (`http://writer-0:50051`, comma separated). Each query asks every one for the rows
     /// it has not persisted yet; without any, a querier sees only persisted rows.

@@ -270,9 +270,13 @@ pub enum CatalogEvent {
         replaced: Vec<SegmentId>,
         segment: SegmentMeta,
     },
-    /// Every WAL record at or below `sequence` is in persisted segments.
+    /// Every WAL record at or below `sequence` is in persisted segments: of the WAL of
+    /// `writer` when several servers write the catalog, each with a WAL of its own
+    /// (`EngineConfig::writer`), of the only one otherwise.
     WalPersisted {
         sequence: SequenceNumber,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        writer: Option<String>,
     },
     /// The table keeps its latest row per value of `key_columns` in memory.
     LastCacheCreated {
@@ -427,6 +431,10 @@ pub struct CatalogState {
     /// commit copies only the lists it changes.
     pub segments: BTreeMap<TableId, Arc<Vec<SegmentMeta>>>,
     pub persisted_sequence: SequenceNumber,
+    /// Per writer of several (`EngineConfig::writer`), the last WAL sequence of its own
+    /// WAL in persisted segments (absent from catalogs written by one writer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub writers_persisted: BTreeMap<String, SequenceNumber>,
     pub next_database_id: u32,
     pub next_table_id: u32,
     pub next_segment_id: u64,
@@ -469,6 +477,15 @@ pub struct CatalogState {
 }
 
 impl CatalogState {
+    /// The last sequence of `writer`'s WAL in persisted segments (`None`: the only
+    /// writer's; see [`CatalogEvent::WalPersisted`]).
+    pub fn persisted_by(&self, writer: Option<&str>) -> SequenceNumber {
+        match writer {
+            None => self.persisted_sequence,
+            Some(w) => self.writers_persisted.get(w).copied().unwrap_or_default(),
+        }
+    }
+
     pub fn database(&self, name: &str) -> Option<&DatabaseDef> {
         self.databases.get(name)
     }
@@ -639,8 +656,18 @@ impl CatalogState {
                 list.insert(first, segment.clone());
                 self.next_segment_id = self.next_segment_id.max(segment.id.get() + 1);
             }
-            CatalogEvent::WalPersisted { sequence } => {
+            CatalogEvent::WalPersisted {
+                sequence,
+                writer: None,
+            } => {
                 self.persisted_sequence = self.persisted_sequence.max(*sequence);
+            }
+            CatalogEvent::WalPersisted {
+                sequence,
+                writer: Some(writer),
+            } => {
+                let persisted = self.writers_persisted.entry(writer.clone()).or_default();
+                *persisted = (*persisted).max(*sequence);
             }
             CatalogEvent::LastCacheCreated { table, key_columns } => {
                 let def = self.tables.get(table).ok_or(Error::UnknownTable(*table))?;

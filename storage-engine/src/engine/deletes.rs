@@ -26,6 +26,13 @@ impl Engine {
         predicate: DeletePredicate,
     ) -> Result<Tombstone> {
         self.refuse_if_read_only()?;
+        if let Some(writer) = &self.config.writer {
+            // Its tombstone would reach the other writers' buffers only once they persist.
+            return Err(Error::InvalidDelete(format!(
+                "deleting rows is not supported where several servers write one catalog (this \
+                 is {writer:?}): rows the other ingesters buffer would be left"
+            )));
+        }
         let state = self.catalog.snapshot();
         let def = state
             .table(database, table)

@@ -44,8 +44,9 @@ impl Engine {
                     if moved {
                         tracing::debug!(sequence = %state.sequence, "followed the catalog");
                     }
-                    // Also when a query moved the catalog on (`follow_to`).
-                    if state.persisted_sequence != persisted {
+                    // Also when a query moved the catalog on (`follow_to`). A writer keeps
+                    // caches of its own, fed by its writes.
+                    if self.config.read_only && state.persisted_sequence != persisted {
                         persisted = state.persisted_sequence;
                         self.load_snapshot_caches().await;
                     }

@@ -304,6 +304,7 @@ pub(super) fn empty(defaults: bool, max_series: usize) -> Loaded {
 pub(super) async fn load(
     store: &Arc<dyn ObjectStore>,
     state: &CatalogState,
+    persisted: SequenceNumber,
     defaults: bool,
     max_series: usize,
 ) -> Loaded {
@@ -334,7 +335,7 @@ pub(super) async fn load(
             None
         });
     let covered: Vec<TableId> = match manifest {
-        Some(m) if m.through >= state.persisted_sequence => m.tables,
+        Some(m) if m.through >= persisted => m.tables,
         Some(_) => {
             tracing::info!(
                 "the last-value snapshots are older than the persisted data; caches read their tables"
@@ -407,6 +408,7 @@ impl Engine {
         let loaded = load(
             &self.store,
             &state,
+            state.persisted_sequence,
             self.config.default_last_caches,
             self.last_caches.max_series,
         )

@@ -107,6 +107,16 @@ pub enum Error {
     )]
     ReadOnlyWithWal(PathBuf),
     #[error(
+        "this server takes no writes (--role compactor): send writes to the servers that take \
+         them (--role ingester, or all)"
+    )]
+    TakesNoWrites,
+    #[error(
+        "this catalog is written by the servers of a cluster ({0}); a server of --role all \
+         would take their files for its own: start it as --role ingester, querier or compactor"
+    )]
+    ClusterCatalog(String),
+    #[error(
         "the catalog here reached sequence {reached}, not the writer's {sequence}: the store \
          did not show this reader the writer's latest catalog entries"
     )]
@@ -158,6 +168,14 @@ pub struct EngineConfig {
     /// take no writes, take the default last-value caches from the writer's snapshots,
     /// and leave every file in the store alone.
     pub read_only: bool,
+    /// This server's name when several write one catalog (a cluster's ingesters and its
+    /// compactor; see `docs/cluster.md`). Its segment files carry it, its start-up sweep
+    /// removes only files that carry it, and its persisted WAL sequence, series inventory
+    /// and last-value snapshots are its own (under `writers/{name}/`). `None`: the
+    /// catalog's only writer.
+    pub writer: Option<String>,
+    /// Take writes (a cluster's compactor commits compactions but takes none).
+    pub takes_writes: bool,
 }
 
 impl EngineConfig {
@@ -177,6 +195,8 @@ impl EngineConfig {
             default_last_caches: true,
             retired_file_grace: Duration::ZERO,
             read_only: false,
+            writer: None,
+            takes_writes: true,
         }
     }
 }
@@ -227,6 +247,9 @@ pub struct Engine {
     config: EngineConfig,
     catalog: Arc<Catalog>,
     store: Arc<dyn ObjectStore>,
+    /// Where this writer keeps its own objects (series inventory, last-value snapshots):
+    /// `store` itself, or its `writers/{name}/` (see [`EngineConfig::writer`]).
+    own: Arc<dyn ObjectStore>,
     wal: Arc<Wal>,
     buffer: Arc<WriteBuffer>,
     persist_lock: tokio::sync::Mutex<()>,
@@ -294,6 +317,20 @@ impl SourcePositions {
     }
 }
 
+/// Where a writer keeps its own objects (see [`EngineConfig::writer`]).
+fn own_store(store: &Arc<dyn ObjectStore>, writer: Option<&str>) -> Arc<dyn ObjectStore> {
+    match writer {
+        None => Arc::clone(store),
+        Some(name) => Arc::new(object_store::prefix::PrefixStore::new(
+            Arc::clone(store),
+            format!("{WRITERS_PREFIX}/{name}"),
+        )),
+    }
+}
+
+/// Where each writer of several keeps its own objects.
+pub const WRITERS_PREFIX: &str = "writers";
+
 /// Loads the series inventory's snapshot, if there is one. It is a projection: one that
 /// cannot be read is logged, and the inventory starts from the WAL.
 async fn load_series(store: &Arc<dyn ObjectStore>, series: &SeriesTracker) {
@@ -341,18 +378,20 @@ impl Engine {
         }
         let catalog = Arc::new(catalog);
         let state = catalog.snapshot();
-        let persisted = state.persisted_sequence;
+        let persisted = state.persisted_by(config.writer.as_deref());
+        let own = own_store(&store, config.writer.as_deref());
         let buffer = Arc::new(WriteBuffer::new(persisted));
         let sources = Arc::new(SourcePositions::from_catalog(&state.source_positions));
         let series = Arc::new(SeriesTracker::default());
-        load_series(&store, &series).await;
+        load_series(&own, &series).await;
         // A reader's caches are loaded once it is open (`load_snapshot_caches`).
         let loaded = if config.read_only {
             last_caches::empty(config.default_last_caches, config.last_cache_max_series)
         } else {
             last_caches::load(
-                &store,
+                &own,
                 &state,
+                persisted,
                 config.default_last_caches,
                 config.last_cache_max_series,
             )
@@ -463,15 +502,21 @@ impl Engine {
                 .await?;
             tracing::info!(%sequence, table = %delete.table, "recorded a delete the catalog lacked");
         }
+        let state = catalog.snapshot();
+        if config.writer.is_none() && !config.read_only && !state.writers_persisted.is_empty() {
+            let names: Vec<&str> = state.writers_persisted.keys().map(String::as_str).collect();
+            return Err(Error::ClusterCatalog(names.join(", ")));
+        }
         // Files others write are theirs to sweep: a reader deletes nothing.
         if !config.read_only {
-            sweep_unreferenced(&store, &catalog.snapshot()).await?;
+            sweep_unreferenced(&store, &catalog.snapshot(), config.writer.as_deref()).await?;
         }
         let deletable = Arc::default();
         let engine = Arc::new(Self {
             config,
             catalog,
             store,
+            own,
             wal: Arc::new(wal),
             buffer,
             persist_lock: tokio::sync::Mutex::new(()),
@@ -578,6 +623,9 @@ impl Engine {
     /// even if the caller stops waiting, so an acknowledged sequence is always applied.
     pub async fn write(&self, batch: WriteBatch) -> Result<SequenceNumber> {
         self.refuse_if_read_only()?;
+        if !self.config.takes_writes {
+            return Err(Error::TakesNoWrites);
+        }
         if self.buffer_full() {
             self.stats.writes_refused.fetch_add(1, Ordering::Relaxed);
             return Err(Error::BufferFull {
@@ -729,7 +777,7 @@ impl Engine {
     /// them in the catalog, drops them from the buffer and deletes WAL files they cover.
     pub async fn persist(&self) -> Result<PersistOutcome> {
         let _guard = self.persist_lock.lock().await;
-        let before = self.catalog.snapshot().persisted_sequence;
+        let before = self.persisted_sequence(&self.catalog.snapshot());
         let (through, parts) = self.buffer.begin_persist();
         let result = self.persist_parts(through, parts).await;
         self.buffer
@@ -758,7 +806,7 @@ impl Engine {
         parts: Vec<(TableId, BufferPartition)>,
     ) -> Result<PersistOutcome> {
         let state = self.catalog.snapshot();
-        if through <= state.persisted_sequence {
+        if through <= self.persisted_sequence(&state) {
             return Ok(PersistOutcome {
                 through,
                 ..Default::default()
@@ -784,7 +832,7 @@ impl Engine {
         // must not be overwritten by different contents.
         let attempt = crate::now_nanos();
         let jobs = parts.into_iter().enumerate().map(|(i, (table, part))| {
-            let path = format!("{attempt:020}-{i}");
+            let path = self.own_name(format!("{attempt:020}-{i}"));
             self.persist_partition(&state, path, table, part, through)
         });
         let segments: Vec<SegmentMeta> = futures::stream::iter(jobs)
@@ -805,7 +853,7 @@ impl Engine {
         // The series inventory holds every write applied so far (those through `through`
         // included): stored before the WAL files that also hold them may go.
         let path = Path::from(crate::series::SNAPSHOT_PATH);
-        self.store
+        self.own
             .put(&path, PutPayload::from(self.series.encode()))
             .await
             .map_err(|source| Error::Store {
@@ -813,9 +861,10 @@ impl Engine {
                 source,
             })?;
         self.last_caches
-            .snapshot(&self.store, &self.catalog.snapshot(), through)
+            .snapshot(&self.own, &self.catalog.snapshot(), through)
             .await?;
         // Segment ids are handed out by the state the commit follows.
+        let writer = self.config.writer.clone();
         self.catalog
             .commit_with(move |state| {
                 let mut events: Vec<CatalogEvent> = (state.next_segment_id..)
@@ -827,7 +876,10 @@ impl Engine {
                         })
                     })
                     .collect();
-                events.push(CatalogEvent::WalPersisted { sequence: through });
+                events.push(CatalogEvent::WalPersisted {
+                    sequence: through,
+                    writer: writer.clone(),
+                });
                 if !positions.is_empty() && positions != state.source_positions {
                     events.push(CatalogEvent::SourcePositions {
                         positions: positions.clone(),
@@ -903,6 +955,20 @@ impl Engine {
             .await
             .map_err(Error::Task)?;
         result
+    }
+
+    /// The last sequence of this engine's WAL in persisted segments, in `state`.
+    fn persisted_sequence(&self, state: &CatalogState) -> SequenceNumber {
+        state.persisted_by(self.config.writer.as_deref())
+    }
+
+    /// `name` of a file this engine writes, with its writer's name if it has one: its
+    /// start-up sweep then removes only files that carry it ([`sweep_unreferenced`]).
+    fn own_name(&self, name: String) -> String {
+        match &self.config.writer {
+            None => name,
+            Some(writer) => format!("{name}.{writer}"),
+        }
     }
 
     pub fn catalog_state(&self) -> Arc<CatalogState> {

@@ -39,6 +39,17 @@ impl TestServer {
         args: &[&str],
         configure: impl FnOnce(&mut Command),
     ) -> Self {
+        Self::start_on("127.0.0.1:0", data_dir, args, configure)
+    }
+
+    /// Like [`Self::start_with`], with the gRPC listener on `grpc_bind` (the address a
+    /// server restarted after `kill -9` keeps, where other servers reach it).
+    pub fn start_on(
+        grpc_bind: &str,
+        data_dir: &Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -49,7 +60,7 @@ impl TestServer {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--http-bind", "127.0.0.1:0", "--grpc-bind", "127.0.0.1:0"])
+            .args(["--http-bind", "127.0.0.1:0", "--grpc-bind", grpc_bind])
             .args(["--pg-bind", "127.0.0.1:0"])
             .args(args)
             .env("KILN_LOG", "info")

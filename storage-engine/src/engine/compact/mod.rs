@@ -225,7 +225,7 @@ impl Engine {
             .tombstones
             .values()
             .filter(|t| {
-                t.through <= state.persisted_sequence
+                t.through <= self.persisted_sequence(&state)
                     && !state
                         .segments(t.table)
                         .iter()
@@ -261,7 +261,7 @@ impl Engine {
             .ok_or_else(|| Error::Internal(format!("segments of unknown table {table}")))?
             .clone();
         let partition = segments[0].partition;
-        let path = compacted_path(&def, partition);
+        let path = compacted_path(self, &def, partition);
         let tombstones = state.tombstones_of(table);
         let deletes: Vec<Vec<DeletePredicate>> = segments
             .iter()
@@ -441,21 +441,26 @@ pub(super) fn segment_path(def: &TableDef, partition: i64, name: &str) -> String
 }
 
 /// Where a compaction of `partition` writes its segment, unique by the time it started.
-fn compacted_path(def: &TableDef, partition: i64) -> String {
+fn compacted_path(engine: &Engine, def: &TableDef, partition: i64) -> String {
     segment_path(
         def,
         partition,
-        &format!("compacted-{:020}", crate::now_nanos()),
+        &engine.own_name(format!("compacted-{:020}", crate::now_nanos())),
     )
 }
 
 /// Deletes segment files that no catalog entry names: left by a crash between writing a
 /// segment and committing it, or between a compaction's commit and its deletions. Runs
 /// before anything else can write segments.
+///
+/// A writer of several (`writer`) removes only the files that carry its name: another's
+/// file may be a segment written and not yet committed.
 pub(super) async fn sweep_unreferenced(
     store: &Arc<dyn ObjectStore>,
     state: &CatalogState,
+    writer: Option<&str>,
 ) -> Result<usize> {
+    let own_suffix = writer.map(|w| format!(".{w}.parquet"));
     // Soft-deleted tables' files stay until their hard delete.
     let referenced: HashSet<&str> = state
         .segments
@@ -481,7 +486,11 @@ pub(super) async fn sweep_unreferenced(
     let mut removed = 0;
     for object in listed {
         let path = object.location.as_ref();
-        if !path.ends_with(".parquet") || referenced.contains(path) {
+        let own = match &own_suffix {
+            None => path.ends_with(".parquet"),
+            Some(suffix) => path.ends_with(suffix.as_str()),
+        };
+        if !own || referenced.contains(path) {
             continue;
         }
         store
