@@ -314,4 +314,17 @@ async fn a_cluster_answers_every_row_once_through_crashes_rebalances_and_outages
         "the other querier"
     );
     stop.store(true, Ordering::Relaxed);
+
+    // The compactor takes no writes, and a single node refuses the cluster's catalog.
+    let (status, body) = compactor
+        .write("plant", format!("reading,id=x v=1i {FIRST}"), &[])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("--role compactor"), "{body}");
+    let single = data("single");
+    let args = ["serve", "--data-dir", single.to_str().unwrap()];
+    let (ok, _, err) =
+        crate::object_storage::kiln_with_store(&args, &s3, &crate::object_storage::credentials());
+    assert!(!ok);
+    assert!(err.contains("written by the servers of a cluster"), "{err}");
 }
