@@ -69,6 +69,10 @@ impl Kiln {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -117,16 +121,28 @@ pub fn messages(
     format: KafkaFormat,
     rows_per_message: usize,
 ) -> (usize, Vec<(i32, Vec<u8>)>) {
+    messages_over(scale, seed, intervals, format, rows_per_message, PARTITIONS)
+}
+
+/// [`messages`] spread over `partitions` partitions (a host's rows in one of them).
+pub fn messages_over(
+    scale: usize,
+    seed: u64,
+    intervals: usize,
+    format: KafkaFormat,
+    rows_per_message: usize,
+    partitions: i32,
+) -> (usize, Vec<(i32, Vec<u8>)>) {
     use std::fmt::Write;
     let mut generator = CpuOnly::new(scale, seed, DEFAULT_START_NANOS);
     // Per partition, the message being filled and its row count.
-    let mut open: Vec<(String, usize)> = vec![(String::new(), 0); PARTITIONS as usize];
+    let mut open: Vec<(String, usize)> = vec![(String::new(), 0); partitions as usize];
     let mut out = Vec::new();
     let mut rows = 0;
     for _ in 0..intervals {
         let mut host = 0usize;
         generator.next_rows(|r| {
-            let p = host % PARTITIONS as usize;
+            let p = host % partitions as usize;
             host += 1;
             rows += 1;
             let (buf, n) = &mut open[p];

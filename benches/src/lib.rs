@@ -5,6 +5,7 @@
 //! `usage_user` … `usage_guest_nice`, each a random walk clamped to 0..=100 with standard
 //! normal steps, as TSBS generates them. Seeded: the same `--seed` gives the same data.
 
+pub mod cluster;
 pub mod footprint;
 pub mod kafka;
 pub mod load;

@@ -203,6 +203,38 @@ enum Command {
         #[arg(long = "kiln-arg", allow_hyphen_values = true)]
         kiln_args: Vec<String>,
     },
+    /// Rows/s from Kafka through 1 and through 2 ingesters (`--role ingester`) persisting
+    /// to one S3 bucket, and their CPU time per row; a querier checks every row arrived.
+    Cluster {
+        #[command(flatten)]
+        workload: Workload,
+        /// The `kiln` binary to run.
+        #[arg(long, default_value = "target/release/kiln")]
+        kiln: PathBuf,
+        /// Bootstrap servers of a Kafka-compatible broker holding topics
+        /// `cluster-<n>-<run>` of 6 partitions.
+        #[arg(long)]
+        brokers: String,
+        /// Ingester counts to compare (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        ingesters: Vec<usize>,
+        /// Rows of the workload per Kafka message.
+        #[arg(long, default_value_t = 100)]
+        rows_per_message: usize,
+        /// Runs per ingester count (interleaved); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Directory for the servers' data (removed after each run).
+        #[arg(long, default_value = "/tmp/kiln-bench-cluster")]
+        data_dir: PathBuf,
+        /// An `--object-store*` flag of the bucket and its value (repeat), e.g.
+        /// `--store-arg=--object-store=s3`; credentials come from the environment.
+        #[arg(long = "store-arg", allow_hyphen_values = true)]
+        store_args: Vec<String>,
+        /// An extra argument for each ingester (repeat).
+        #[arg(long = "kiln-arg", allow_hyphen_values = true)]
+        kiln_args: Vec<String>,
+    },
     /// MQTT to queryable: the workload through an MQTT broker (queued for a persistent
     /// session, then taken by Kiln) as line protocol, JSON and Sparkplug B, against a
     /// subscriber that does nothing and HTTP line protocol in the same run.
@@ -343,6 +375,41 @@ fn main() -> std::process::ExitCode {
                 kiln_args,
             };
             exit_code(runtime.block_on(kafka(&workload, &plan)))
+        }
+        Command::Cluster {
+            workload,
+            kiln,
+            brokers,
+            ingesters,
+            rows_per_message,
+            runs,
+            data_dir,
+            store_args,
+            kiln_args,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let plan = kiln_bench::cluster::ClusterPlan {
+                kiln,
+                brokers,
+                store_args: store_args
+                    .iter()
+                    .flat_map(|a| match a.split_once('=') {
+                        Some((k, v)) => vec![k.to_owned(), v.to_owned()],
+                        None => vec![a.clone()],
+                    })
+                    .collect(),
+                ingesters,
+                rows_per_message: rows_per_message.max(1),
+                runs: runs.max(1),
+                data_dir,
+                kiln_args,
+            };
+            exit_code(runtime.block_on(kiln_bench::cluster::run(
+                workload.scale,
+                workload.seed,
+                intervals(&workload),
+                &plan,
+            )))
         }
         Command::Mqtt {
             workload,

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Checks deploy/kubernetes: every overlay renders with `kubectl kustomize`, every object
-validates against the Kubernetes OpenAPI schema of a pinned version, every Kiln container
-meets our own policy (limits, probes, non-root, read-only root, no capabilities, grace
-period above the shutdown timeout, NetworkPolicy on exactly the container's ports), and
-the ConfigMap's kiln.toml passes `kiln serve --config … --check` with the pod's variables.
+validates against the Kubernetes OpenAPI schema of a pinned version, every Kiln workload
+(the single node's StatefulSet; a cluster's ingesters, queriers and compactor) meets our
+own policy (limits, probes, non-root, read-only root, no capabilities, grace period above
+the shutdown timeout, a volume claim where a WAL lives, NetworkPolicies opening exactly
+the ports of the pods they select), and the ConfigMap's kiln.toml passes
+`kiln serve --config … --check` with each workload's variables.
 
 usage: tests/kubernetes/check.py path/to/kiln
 """
@@ -21,7 +23,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.31.0"
-OVERLAYS = ["base", "overlays/edge-k3s", "overlays/cloud"]
+OVERLAYS = ["base", "overlays/edge-k3s", "overlays/cloud", "overlays/cluster"]
+WORKLOADS = ("StatefulSet", "Deployment")
 
 failures: list[str] = []
 
@@ -64,7 +67,16 @@ def validate_schema(overlay: str, text: str) -> None:
         os.unlink(f.name)
 
 
-def check_policy(overlay: str, objects: list[dict]) -> dict:
+def matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def role_of(workload: dict) -> str:
+    env = workload["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    return next((v.get("value") for v in env if v["name"] == "KILN_ROLE"), "all")
+
+
+def check_policy(overlay: str, objects: list[dict]) -> list[dict]:
     by_kind: dict[str, list[dict]] = {}
     for o in objects:
         by_kind.setdefault(o["kind"], []).append(o)
@@ -81,9 +93,34 @@ def check_policy(overlay: str, objects: list[dict]) -> dict:
     settings = tomllib.loads(toml_text)
     shutdown = seconds(settings.get("shutdown-timeout", "30s"))
 
-    sts = by_kind["StatefulSet"][0]
-    spec = sts["spec"]["template"]["spec"]
-    where = f"{overlay} StatefulSet/{sts['metadata']['name']}"
+    workloads = [w for kind in WORKLOADS for w in by_kind.get(kind, [])]
+    found = []
+    for workload in workloads:
+        found.append(check_workload(overlay, workload, shutdown))
+        found[-1]["config"] = toml_text
+    for np in by_kind.get("NetworkPolicy", []):
+        selected = [w for w in workloads
+                    if matches(np["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])]
+        if not selected:
+            fail(overlay, f"NetworkPolicy/{np['metadata']['name']} selects no Kiln pod")
+        ports = {p["port"] for rule in np["spec"].get("ingress", []) for p in rule.get("ports", [])}
+        listening = {p["containerPort"] for w in selected
+                     for c in w["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        if ports != listening:
+            fail(overlay, f"NetworkPolicy/{np['metadata']['name']} opens {sorted(ports)}, "
+                          f"its pods listen on {sorted(listening)}")
+        if any(not rule.get("from") for rule in np["spec"].get("ingress", [])):
+            fail(overlay, f"NetworkPolicy/{np['metadata']['name']} lets anyone in")
+    for w in workloads:
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        if not any(matches(np["spec"]["podSelector"], labels) for np in by_kind.get("NetworkPolicy", [])):
+            fail(overlay, f"{w['kind']}/{w['metadata']['name']}: no NetworkPolicy")
+    return found
+
+
+def check_workload(overlay: str, workload: dict, shutdown: float) -> dict:
+    spec = workload["spec"]["template"]["spec"]
+    where = f"{overlay} {workload['kind']}/{workload['metadata']['name']}"
     if spec.get("terminationGracePeriodSeconds", 30) <= shutdown:
         fail(where, f"terminationGracePeriodSeconds is not above shutdown-timeout ({shutdown}s)")
     pod_sc = spec.get("securityContext", {})
@@ -91,9 +128,11 @@ def check_policy(overlay: str, objects: list[dict]) -> dict:
         fail(where, "no RuntimeDefault seccomp profile")
     if spec.get("automountServiceAccountToken") is not False:
         fail(where, "mounts a service account token")
-    if not sts["spec"].get("volumeClaimTemplates"):
-        fail(where, "no volume claim for the data directory")
-    container_ports: set[int] = set()
+    role = role_of(workload)
+    # A WAL (the single node's, an ingester's) holds acknowledged writes: a volume of its own.
+    if role in ("all", "ingester"):
+        if workload["kind"] != "StatefulSet" or not workload["spec"].get("volumeClaimTemplates"):
+            fail(where, f"role {role} keeps a WAL, and has no volume claim for it")
     for c in spec.get("containers", []) + spec.get("initContainers", []):
         cw = f"{where} container {c['name']}"
         limits = c.get("resources", {}).get("limits", {})
@@ -110,7 +149,7 @@ def check_policy(overlay: str, objects: list[dict]) -> dict:
         if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/health":
             fail(cw, "liveness is not /health")
         startup = c.get("startupProbe", {})
-        if startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) < 300:
+        if role in ("all", "ingester") and startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) < 300:
             fail(cw, "the startup probe gives WAL replay less than 5 minutes")
         sc = c.get("securityContext", {})
         if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
@@ -123,17 +162,11 @@ def check_policy(overlay: str, objects: list[dict]) -> dict:
             fail(cw, "allows privilege escalation")
         if sc.get("capabilities", {}).get("drop") != ["ALL"]:
             fail(cw, "does not drop all capabilities")
-        container_ports |= {p["containerPort"] for p in c.get("ports", [])}
-    annotations = sts["spec"]["template"]["metadata"].get("annotations", {})
+    annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
     if annotations.get("prometheus.io/scrape") != "true":
         fail(where, "no Prometheus scrape annotations")
-    for np in by_kind.get("NetworkPolicy", []):
-        ports = {p["port"] for rule in np["spec"].get("ingress", []) for p in rule.get("ports", [])}
-        if ports != container_ports:
-            fail(overlay, f"NetworkPolicy opens {sorted(ports)}, the container listens on {sorted(container_ports)}")
-        if any(not rule.get("from") for rule in np["spec"].get("ingress", [])):
-            fail(overlay, "NetworkPolicy lets anyone in")
-    return {"config": toml_text, "container": spec["containers"][0]}
+    return {"name": f"{workload['kind']}/{workload['metadata']['name']}",
+            "pod": f"{workload['metadata']['name']}-0", "container": spec["containers"][0]}
 
 
 def check_config(overlay: str, kiln: str, found: dict) -> None:
@@ -147,7 +180,12 @@ def check_config(overlay: str, kiln: str, found: dict) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
         for var in found["container"].get("env", []):
             if "value" in var:
-                env[var["name"]] = var["value"]
+                # Kubernetes expands $(NAME) of variables defined before.
+                env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], ""), var["value"])
+            elif "fieldPath" in var.get("valueFrom", {}).get("fieldRef", {}):
+                env[var["name"]] = found["pod"]
+            elif "secretKeyRef" in var.get("valueFrom", {}):
+                env[var["name"]] = "stand-in-secret"
         # The image's own variables.
         env.update({
             "KILN_DATA_DIR": str(Path(tmp) / "data"),
@@ -159,9 +197,9 @@ def check_config(overlay: str, kiln: str, found: dict) -> None:
         })
         run = subprocess.run([kiln, "serve", "--check"], env=env, capture_output=True, text=True)
         if run.returncode != 0 or not run.stdout.startswith("configuration OK"):
-            fail(overlay, f"kiln serve --check refused kiln.toml:\n{run.stdout}{run.stderr}")
+            fail(overlay, f"kiln serve --check refused kiln.toml for {found['name']}:\n{run.stdout}{run.stderr}")
         else:
-            print(f"  {overlay}: {run.stdout.strip().splitlines()[0]}")
+            print(f"  {overlay} {found['name']}: {run.stdout.strip().splitlines()[0]}")
 
 
 def main() -> int:
@@ -170,8 +208,8 @@ def main() -> int:
         text, objects = render(overlay)
         print(f"{overlay}: {len(objects)} objects ({', '.join(sorted({o['kind'] for o in objects}))})")
         validate_schema(overlay, text)
-        found = check_policy(overlay, objects)
-        check_config(overlay, kiln, found)
+        for found in check_policy(overlay, objects):
+            check_config(overlay, kiln, found)
     if failures:
         print("\n".join(f"FAIL {f}" for f in failures), file=sys.stderr)
         return 1
