@@ -48,8 +48,8 @@ pub trait Writers: Debug + Send + Sync {
 pub struct WriterRows {
     /// The writer's catalog sequence, read after it took the rows.
     pub catalog_sequence: CatalogSequence,
-    /// Per time partition, its rows merged last write wins (each identity in one batch,
-    /// or in consecutive batches of one partition).
+    /// The writer's buffered rows, partition by partition, each partition's in the order
+    /// they were written (of two versions of a row, the later one wins).
     pub batches: Vec<RecordBatch>,
 }
 
@@ -76,12 +76,20 @@ pub(crate) struct SessionWriters(pub Arc<dyn Writers>);
 pub(crate) async fn table_data(
     engine: &Engine,
     session: &dyn Session,
-    (database, table, id): (&str, &str, TableId),
+    database: &str,
+    id: TableId,
     min_time: i64,
     max_time: i64,
 ) -> Result<Option<TableData>> {
     let Some(writers) = session.config().get_extension::<SessionWriters>() else {
         return Ok(engine.table_data(id, min_time, max_time));
+    };
+    let Some(table) = engine
+        .catalog_state()
+        .table_by_id(id)
+        .map(|t| t.name.clone())
+    else {
+        return Ok(None);
     };
     let partial = session
         .config()
@@ -92,7 +100,7 @@ pub(crate) async fn table_data(
     let mut answered = Vec::new();
     for answer in writers
         .0
-        .unpersisted(database, table, min_time, max_time)
+        .unpersisted(database, &table, min_time, max_time)
         .await
     {
         match answer {

@@ -473,16 +473,11 @@ impl TableProvider for KilnTable {
             None => filters,
         };
         let bounds = TimeBounds::from_filters(filters);
-        let name = self
-            .engine
-            .catalog_state()
-            .table_by_id(self.table)
-            .map(|def| def.name.clone())
-            .unwrap_or_default();
         let data = crate::cluster::table_data(
             &self.engine,
             state,
-            (&self.database, &name, self.table),
+            &self.database,
+            self.table,
             bounds.min,
             bounds.max,
         )

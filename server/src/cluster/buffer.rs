@@ -50,7 +50,7 @@ pub fn answer(
         )
         .map_err(|e| Status::internal(kiln_storage::error_chain(&e)))?;
     let (sequence, schema, batches) = match found {
-        Some(rows) => (rows.catalog_sequence, rows.schema, rows.partitions),
+        Some(rows) => (rows.catalog_sequence, rows.schema, rows.chunks),
         None => (
             engine.catalog_state().sequence,
             std::sync::Arc::new(arrow::datatypes::Schema::empty()),

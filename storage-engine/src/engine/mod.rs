@@ -232,6 +232,8 @@ pub struct TableData {
     /// The table's deletes not yet made physical (of the same catalog state as
     /// `segments`): a segment is read without the rows of those that apply to it.
     pub tombstones: Vec<Arc<crate::catalog::tombstones::Tombstone>>,
+    /// The sequence of the catalog state `segments` come from (read after the buffer).
+    pub catalog_sequence: crate::ids::CatalogSequence,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -378,6 +380,12 @@ impl Engine {
         }
         let catalog = Arc::new(catalog);
         let state = catalog.snapshot();
+        // Before anything is replayed or recorded: a single node would sweep the cluster's
+        // files as its own leftovers.
+        if config.writer.is_none() && !config.read_only && !state.writers_persisted.is_empty() {
+            let names: Vec<&str> = state.writers_persisted.keys().map(String::as_str).collect();
+            return Err(Error::ClusterCatalog(names.join(", ")));
+        }
         let persisted = state.persisted_by(config.writer.as_deref());
         let own = own_store(&store, config.writer.as_deref());
         let buffer = Arc::new(WriteBuffer::new(persisted));
@@ -501,11 +509,6 @@ impl Engine {
                 .record_delete(delete.table, delete.predicate, sequence, crate::now_nanos())
                 .await?;
             tracing::info!(%sequence, table = %delete.table, "recorded a delete the catalog lacked");
-        }
-        let state = catalog.snapshot();
-        if config.writer.is_none() && !config.read_only && !state.writers_persisted.is_empty() {
-            let names: Vec<&str> = state.writers_persisted.keys().map(String::as_str).collect();
-            return Err(Error::ClusterCatalog(names.join(", ")));
         }
         // Files others write are theirs to sweep: a reader deletes nothing.
         if !config.read_only {
@@ -745,6 +748,7 @@ impl Engine {
             segments_total: all_segments.len(),
             buffer_partitions_total,
             tombstones: state.tombstones_of(table),
+            catalog_sequence: state.sequence,
             def,
             buffer,
             lease,

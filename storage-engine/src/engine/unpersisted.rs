@@ -5,9 +5,8 @@
 use arrow::datatypes::SchemaRef;
 
 use super::{Engine, Error, Result};
-use crate::dedup::merge_last_write_wins;
+use crate::dedup::align_to_schema;
 use crate::ids::CatalogSequence;
-use crate::persist::sort_key;
 
 /// One table's buffered rows, for a reader in another process.
 #[derive(Debug)]
@@ -16,16 +15,19 @@ pub struct Unpersisted {
     /// catalog has reached it holds in segments every row persisted (and so dropped from
     /// the buffer) before the rows were taken. Nothing falls between the two.
     pub catalog_sequence: CatalogSequence,
-    /// The table's schema in that catalog state; every batch of `partitions` has it.
+    /// The table's schema in that catalog state; every batch of `chunks` has it.
     pub schema: SchemaRef,
-    /// Per time partition overlapping the bounds asked for, in ascending order: its rows
-    /// merged last write wins, each identity once, sorted by identity.
-    pub partitions: Vec<arrow::array::RecordBatch>,
+    /// The buffer's chunks of the partitions that overlap the bounds asked for, partition
+    /// by partition, each partition's in the order they were written: of two versions of
+    /// a row, the later one wins.
+    pub chunks: Vec<arrow::array::RecordBatch>,
 }
 
 impl Engine {
     /// The rows of `database.table` acknowledged and not yet persisted whose partitions
-    /// overlap `min_time..=max_time` (`None`: no such table).
+    /// overlap `min_time..=max_time` (`None`: no such table). Taken as a query of this
+    /// server takes them ([`Engine::table_data`]), so chunks merged for one are merged
+    /// for the next.
     pub fn unpersisted(
         &self,
         database: &str,
@@ -36,27 +38,20 @@ impl Engine {
         let Some(id) = self.catalog.snapshot().table(database, table).map(|t| t.id) else {
             return Ok(None);
         };
-        // The buffer first, then the catalog, as `table_data` takes them: rows persisted
-        // in between are in both (the reader merges them), never in neither.
-        let mut buffer = self.buffer.partitions(id);
-        buffer.retain(|p| p.min_time() <= max_time && p.max_time() >= min_time);
-        let state = self.catalog.snapshot();
-        let Some(def) = state.table_by_id(id) else {
+        let Some(data) = self.table_data(id, min_time, max_time) else {
             return Ok(None);
         };
-        let schema = def.schema();
-        let key = sort_key(def);
-        let partitions = buffer
+        let schema = data.def.schema();
+        let chunks = data
+            .buffer
             .iter()
-            .map(|p| {
-                let batches: Vec<_> = p.chunks.iter().map(|c| c.batch.clone()).collect();
-                merge_last_write_wins(&batches, &schema, &key).map_err(Error::ReadBuffer)
-            })
+            .flat_map(|p| &p.chunks)
+            .map(|c| align_to_schema(&c.batch, &schema).map_err(Error::ReadBuffer))
             .collect::<Result<_>>()?;
         Ok(Some(Unpersisted {
-            catalog_sequence: state.sequence,
+            catalog_sequence: data.catalog_sequence,
             schema,
-            partitions,
+            chunks,
         }))
     }
 }
