@@ -40,8 +40,13 @@ wait_port "$kafka_port"
 wait_port "$s3_port"
 for run in $(seq 0 $(( runs - 1 ))); do
   for n in 1 2; do
-    "$tools/bin/tansu" topic create --broker "tcp://127.0.0.1:$kafka_port" --partitions 6 \
-      "cluster-$n-$run" > /dev/null
+    # The broker listens a moment before it answers: retried for up to 10 s.
+    for attempt in $(seq 20); do
+      "$tools/bin/tansu" topic create --broker "tcp://127.0.0.1:$kafka_port" --partitions 6 \
+        "cluster-$n-$run" > /dev/null 2>&1 && break
+      [ "$attempt" = 20 ] && { echo "cannot create topic cluster-$n-$run" >&2; exit 1; }
+      sleep 0.5
+    done
   done
 done
 "$bin/kiln-bench" cluster --kiln "$bin/kiln" --brokers "127.0.0.1:$kafka_port" \

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::kafka::{KafkaFormat, Kiln, count, median, messages_over, produce};
+use crate::kafka::{KafkaFormat, Kiln, count, median, messages_over, produce, rows_written};
 
 /// Partitions of each run's topic.
 pub const PARTITIONS: i32 = 6;
@@ -118,6 +118,10 @@ async fn measure(
                 topic,
                 "--kafka-database",
                 "bench",
+                // A group of its own: members of an earlier run's group, killed, would
+                // hold partitions until their session times out.
+                "--kafka-group",
+                topic,
             ]
             .map(str::to_owned),
         );
@@ -199,18 +203,6 @@ fn store_args(args: &[String], prefix: &str) -> Vec<String> {
     }
     out.extend(["--object-store-prefix".into(), prefix.to_owned()]);
     out
-}
-
-/// Rows the server at `base` has written, from `/metrics`.
-async fn rows_written(http: &reqwest::Client, base: &str) -> u64 {
-    let Ok(resp) = http.get(format!("{base}/metrics")).send().await else {
-        return 0;
-    };
-    let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("kiln_ingest_rows_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// User and system CPU seconds process `pid` has used (`/proc/PID/stat`, in clock ticks of

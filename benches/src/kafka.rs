@@ -335,7 +335,7 @@ pub async fn count(http: &reqwest::Client, base: &str, db: &str, table: &str) ->
 
 /// Rows written to the WAL and buffer so far (queryable from then on), from `/metrics`:
 /// cheaper to poll than a query, which would compete with ingest for the cores.
-async fn rows_written(http: &reqwest::Client, base: &str) -> u64 {
+pub async fn rows_written(http: &reqwest::Client, base: &str) -> u64 {
     let Ok(resp) = http.get(format!("{base}/metrics")).send().await else {
         return 0;
     };
