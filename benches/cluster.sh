@@ -11,14 +11,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 source benches/common.sh
 bin="${BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/release}"
-tools="${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}"
 runs="${RUNS:-3}"
-if [ ! -x "$tools/bin/tansu" ]; then
-  env -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$tools" tansu@0.6.0 --features dynostore,libsql
-fi
-if ! "$tools/bin/s3s-fs" --version 2>/dev/null | grep -q 0.14.1; then
-  env -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$tools" s3s-fs@0.14.1 --features binary
-fi
+need_tansu
+need_s3s_fs
 if [ -z "${BIN_DIR:-}" ]; then
   cargo build --release --locked -p kiln-server -p kiln-bench
 fi

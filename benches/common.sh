@@ -13,3 +13,22 @@ wait_port() {
   echo "nothing listens on port $1" >&2
   return 1
 }
+
+# Where the scripts keep tools built from crates.io.
+tools="${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}"
+
+# Builds the tansu Kafka broker into $tools once.
+need_tansu() {
+  if [ ! -x "$tools/bin/tansu" ]; then
+    echo "installing tansu 0.6.0 into $tools (once)"
+    env -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$tools" tansu@0.6.0 --features dynostore,libsql
+  fi
+}
+
+# Builds the s3s-fs S3 server into $tools once.
+need_s3s_fs() {
+  if ! "$tools/bin/s3s-fs" --version 2>/dev/null | grep -q 0.14.1; then
+    echo "installing s3s-fs 0.14.1 into $tools (once)"
+    env -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$tools" s3s-fs@0.14.1 --features binary
+  fi
+}

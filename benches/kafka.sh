@@ -9,10 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 . benches/common.sh
-tools="${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}"
-if [ ! -x "$tools/bin/tansu" ]; then
-  cargo install --quiet --locked --root "$tools" tansu@0.6.0 --features dynostore,libsql
-fi
+need_tansu
 cargo build --release --locked -p kiln-server -p kiln-bench
 port="${TANSU_PORT:-19092}"
 work="$(mktemp -d)"

@@ -33,12 +33,8 @@ duration="${DURATION:-1d}"
 runs="${RUNS:-5}"
 types="${TYPES:-single-groupby-1-1-1,single-groupby-5-8-1,cpu-max-all-8,double-groupby-all,lastpoint}"
 bin="${BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/release}"
-tools="${KILN_TOOLS_DIR:-$HOME/.cache/kiln-tools}"
 
-if ! "$tools/bin/s3s-fs" --version 2>/dev/null | grep -q 0.14.1; then
-  echo "installing s3s-fs 0.14.1 into $tools (once)"
-  env -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$tools" s3s-fs@0.14.1 --features binary
-fi
+need_s3s_fs
 if [ -z "${BIN_DIR:-}" ]; then
   cargo build --release -p kiln-server -p kiln-bench
 fi

@@ -278,11 +278,9 @@ impl QueryEngine {
 
     /// This engine, with sessions that answer without a writer that does not answer (a
     /// querier's; see [`cluster`]), as `SET kiln.partial_results = true` asks.
-    pub fn with_partial_results(&self, partial: bool) -> Self {
-        Self {
-            partial_results: partial,
-            ..self.clone()
-        }
+    pub fn with_partial_results(mut self, partial: bool) -> Self {
+        self.partial_results = partial;
+        self
     }
 
     /// This engine, with sessions that show only the databases `visible` allows (those a
