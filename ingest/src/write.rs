@@ -4,6 +4,8 @@
 use kiln_storage::Engine;
 use kiln_storage::catalog::{self, CatalogState};
 use kiln_storage::write::{SourceRange, TableWrite, WriteBatch};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::line_protocol::{LineError, ValidatedLines};
 
@@ -49,6 +51,11 @@ impl From<kiln_storage::engine::Error> for WriteError {
 /// Validates with `validate` against the current catalog, extends the schema if needed
 /// (validating again if a concurrent writer changed it first), and writes durably together
 /// with the outside-source positions in `sources`.
+#[tracing::instrument(
+    level = "debug",
+    skip_all,
+    fields(db.namespace = db, rows = Empty, rejected = Empty)
+)]
 pub async fn write(
     engine: &Engine,
     db: &str,
@@ -60,7 +67,12 @@ pub async fn write(
     let (validated, state) = loop {
         attempt += 1;
         let catalog = engine.catalog_state();
-        let validated = validate(&catalog).map_err(WriteError::Invalid)?;
+        let validated = tracing::debug_span!("validate")
+            .in_scope(|| validate(&catalog))
+            .map_err(WriteError::Invalid)?;
+        let span = tracing::Span::current();
+        span.record("rows", validated.accepted_lines);
+        span.record("rejected", validated.rejected.len());
         refuse_views(&catalog, db, &validated)?;
         if !validated.rejected.is_empty() && (!accept_partial || validated.accepted_lines == 0) {
             let total = validated.rejected.len() + validated.accepted_lines;
@@ -89,6 +101,10 @@ pub async fn write(
         match engine
             .catalog()
             .ensure_schema(db, &validated.schema_changes)
+            .instrument(tracing::debug_span!(
+                "schema change",
+                changes = validated.schema_changes.len()
+            ))
             .await
         {
             Ok(state) => break (validated, state),

@@ -15,6 +15,8 @@ use kiln_storage::Engine;
 use kiln_storage::buffer::{BufferPartition, Chunk};
 use kiln_storage::engine::TableData;
 use kiln_storage::ids::{CatalogSequence, SequenceNumber, TableId};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 datafusion::common::extensions_options! {
     /// Kiln's settings of a session (`SET kiln.…` over PostgreSQL).
@@ -98,9 +100,11 @@ pub(crate) async fn table_data(
         .get::<KilnOptions>()
         .is_some_and(|o| o.partial_results);
     let mut answered = Vec::new();
+    let asked = tracing::debug_span!("unpersisted rows", writers = Empty, rows = Empty);
     for answer in writers
         .0
         .unpersisted(database, &table, min_time, max_time)
+        .instrument(asked.clone())
         .await
     {
         match answer {
@@ -115,9 +119,19 @@ pub(crate) async fn table_data(
     }
     // The catalog must name everything a writer persisted before it answered: rows it
     // dropped from its buffer are then in a segment here.
+    asked.record("writers", answered.len());
+    asked.record(
+        "rows",
+        answered
+            .iter()
+            .flat_map(|a| &a.batches)
+            .map(|b| b.num_rows())
+            .sum::<usize>(),
+    );
     if let Some(newest) = answered.iter().map(|a| a.catalog_sequence).max() {
         engine
             .follow_to(newest)
+            .instrument(tracing::debug_span!("follow catalog", to = newest.0))
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
     }

@@ -30,6 +30,7 @@ use futures::{Stream, StreamExt};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// Batches a query may have ready ahead of its caller.
 const AHEAD: usize = 2;
@@ -119,26 +120,34 @@ impl QueryExecutor {
     ) -> Result<(SendableRecordBatchStream, Arc<dyn ExecutionPlan>)> {
         let (started, plan) = oneshot::channel();
         let (batches, received) = mpsc::channel(AHEAD);
-        let task = Aborting(self.handle.spawn(async move {
-            let started_plan = make.await.and_then(|(plan, task_context)| {
-                Ok((execute_stream(Arc::clone(&plan), task_context)?, plan))
-            });
-            let (mut stream, plan) = match started_plan {
-                Ok(started_plan) => started_plan,
-                Err(e) => {
-                    let _ = started.send(Err(e));
-                    return;
+        // Physical planning (opening segments, asking writers) and running: the span
+        // lasts until the last batch is sent.
+        let span = tracing::debug_span!("execute");
+        let task = Aborting(
+            self.handle.spawn(
+                async move {
+                    let started_plan = make.await.and_then(|(plan, task_context)| {
+                        Ok((execute_stream(Arc::clone(&plan), task_context)?, plan))
+                    });
+                    let (mut stream, plan) = match started_plan {
+                        Ok(started_plan) => started_plan,
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                            return;
+                        }
+                    };
+                    if started.send(Ok(plan)).is_err() {
+                        return;
+                    }
+                    while let Some(batch) = stream.next().await {
+                        if batches.send(batch).await.is_err() {
+                            return;
+                        }
+                    }
                 }
-            };
-            if started.send(Ok(plan)).is_err() {
-                return;
-            }
-            while let Some(batch) = stream.next().await {
-                if batches.send(batch).await.is_err() {
-                    return;
-                }
-            }
-        }));
+                .instrument(span),
+            ),
+        );
         let plan = match plan.await {
             Ok(plan) => plan?,
             // The task ended without a word: it panicked.

@@ -414,6 +414,12 @@ impl QueryEngine {
     /// Plans `sql` as [`Self::plan`] does, in the time zone `zone` if given: the session's
     /// zone is `zone` (so `time_bucket` and `time_bucket_gapfill` bucket in its local time,
     /// see [`zone`]), and the result's timestamps are shown in it.
+    #[tracing::instrument(
+        name = "plan",
+        level = "debug",
+        skip_all,
+        fields(db.namespace = database, db.query.text = sql)
+    )]
     pub async fn plan_in_zone(
         &self,
         database: &str,

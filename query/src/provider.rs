@@ -66,6 +66,8 @@ use kiln_storage::persist::{sort_key, utc_schema};
 use crate::coarse::coarse;
 use crate::dedup::DedupExec;
 use crate::scan::{KilnScanExec, ScanSummary};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 /// The URL the engine's object store is registered under in every session.
 pub const OBJECT_STORE_URL: &str = "kiln://objects";
@@ -473,6 +475,13 @@ impl TableProvider for KilnTable {
             None => filters,
         };
         let bounds = TimeBounds::from_filters(filters);
+        let span = tracing::debug_span!(
+            "scan",
+            db.namespace = %self.database,
+            db.collection.name = Empty,
+            segments = Empty,
+            buffer_partitions = Empty,
+        );
         let data = crate::cluster::table_data(
             &self.engine,
             state,
@@ -481,10 +490,14 @@ impl TableProvider for KilnTable {
             bounds.min,
             bounds.max,
         )
+        .instrument(span.clone())
         .await?;
         let Some(data) = data else {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
         };
+        span.record("db.collection.name", data.def.name.as_str());
+        span.record("segments", data.segments.len());
+        span.record("buffer_partitions", data.buffer.len());
         // Bounds on time are `Exact` filters: applied here, to the rows of the sources that
         // straddle them. A source within them needs no filter on time, and its reader is
         // not given one either (it would test every row's time).

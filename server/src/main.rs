@@ -24,11 +24,11 @@ mod role;
 mod serve;
 mod sources;
 mod store;
+mod telemetry;
 mod tls;
 mod write;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Kiln: an event-sourced time-series database for industrial IoT.
 #[derive(Debug, Parser)]
@@ -81,18 +81,6 @@ enum Command {
     Table(lifecycle::cli::TableCommand),
 }
 
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> std::process::ExitCode {
     // `serve`'s settings from files, profiles and the memory limit become flags first
     // (see `config`), then the command line is parsed once with all of them.
@@ -128,8 +116,16 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(config) => {
-                init_logging(config.log_format == "json");
-                serve::run(*config, notes).await
+                let telemetry = telemetry::init(
+                    &config.telemetry,
+                    telemetry::Identity {
+                        role: config.role.name(),
+                        node_name: config.cluster.node_name.as_deref(),
+                    },
+                )?;
+                let served = serve::run(*config, notes).await;
+                telemetry.shutdown().await;
+                served
             }
             Command::Write(args) => client::write(args).await,
             Command::Query(args) => client::query(args).await,

@@ -229,9 +229,8 @@ pub struct ServeConfig {
     #[arg(long, env = "KILN_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    #[command(flatten)]
+    pub telemetry: crate::telemetry::TelemetryArgs,
 
     #[command(flatten)]
     pub store: crate::store::StoreArgs,
@@ -306,6 +305,12 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             display(config.max_buffer_bytes as u64),
             display(config.query_memory_limit as u64),
         );
+        if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+            println!(
+                "spans exported over OTLP to {endpoint}, {} of the traces this server starts",
+                config.telemetry.otlp_sample_ratio
+            );
+        }
         for note in &notes {
             println!("{note}");
         }
@@ -547,6 +552,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     let grpc = tonic::transport::Server::builder()
         .initial_stream_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
+        .layer(crate::telemetry::grpc())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -587,7 +593,10 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         },
         stop_rx.clone(),
     );
-    let app = config.role.http_api(router(state));
+    let app = config
+        .role
+        .http_api(router(state))
+        .layer(crate::telemetry::http());
     let http: HttpFuture = match http_tls {
         None => {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -33,6 +33,7 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
 
 /// Objects under this prefix are segments: immutable, and cached.
 const CACHED_PREFIX: &str = "segments/";
@@ -507,7 +508,8 @@ impl SegmentCache {
             return Ok(false);
         }
         self.local.stats.misses.fetch_add(1, Ordering::Relaxed);
-        match self.fill(location).await {
+        let fetch = tracing::debug_span!("fetch segment", file = key);
+        match self.fill(location).instrument(fetch).await {
             Ok(filled) => Ok(filled),
             Err(FillError::Remote(e @ object_store::Error::NotFound { .. })) => Err(e),
             Err(e) => {

@@ -27,4 +27,5 @@ mod sql;
 mod sql_access;
 mod support;
 mod tls;
+mod traces;
 mod views;

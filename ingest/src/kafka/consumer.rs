@@ -40,6 +40,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::config::{DefaultTime, SourceConfig, position_source};
 use super::decode::{Decoder, Message, validate_messages};
@@ -623,19 +624,30 @@ impl KafkaSource {
             let previous = self.in_flight.writes.lock().remove(&key);
             let writer = Arc::clone(&self.writer);
             let in_flight = Arc::clone(&self.in_flight);
-            let task = tokio::spawn(async move {
-                let _permit = permit;
-                let written = writer
-                    .write_partition(&topic, partition, &msgs, previous)
-                    .await;
-                if written && let Some(last) = msgs.last() {
-                    in_flight
-                        .written
-                        .lock()
-                        .insert((topic, partition), last.offset() + 1);
+            let span = tracing::debug_span!(
+                "Kafka batch",
+                otel.kind = "consumer",
+                messaging.system = "kafka",
+                messaging.destination.name = %topic,
+                messaging.destination.partition.id = partition,
+                messaging.batch.message_count = msgs.len(),
+            );
+            let task = tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    let written = writer
+                        .write_partition(&topic, partition, &msgs, previous)
+                        .await;
+                    if written && let Some(last) = msgs.last() {
+                        in_flight
+                            .written
+                            .lock()
+                            .insert((topic, partition), last.offset() + 1);
+                    }
+                    written
                 }
-                written
-            });
+                .instrument(span),
+            );
             self.in_flight.writes.lock().insert(key, task);
         }
     }

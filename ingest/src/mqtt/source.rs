@@ -451,6 +451,12 @@ impl Writer {
     /// Writes `batch` and acknowledges every message of it in order; `false` if the
     /// engine is shutting down (nothing of the batch is acknowledged: the broker sends it
     /// again to the next session).
+    #[tracing::instrument(
+        name = "MQTT batch",
+        level = "debug",
+        skip_all,
+        fields(otel.kind = "consumer", messaging.system = "mqtt", messaging.batch.message_count = batch.len())
+    )]
     async fn write(&self, batch: &[Received]) -> bool {
         let now = now_nanos();
         let mut effects = Effects::default();

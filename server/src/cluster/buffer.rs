@@ -8,6 +8,7 @@ use kiln_proto::internal::v1::BufferRequest;
 use kiln_storage::Engine;
 use prost::Message;
 use tonic::{Response, Status};
+use tracing::field::Empty;
 
 use super::CATALOG_SEQUENCE_HEADER;
 use crate::flight::FlightStream;
@@ -41,6 +42,13 @@ pub fn answer(
              that take writes in --ingesters",
         ));
     }
+    let span = tracing::debug_span!(
+        "read buffer",
+        db.namespace = %request.database,
+        db.collection.name = %request.table,
+        rows = Empty,
+    );
+    let _entered = span.enter();
     let found = engine
         .unpersisted(
             &request.database,
@@ -50,7 +58,13 @@ pub fn answer(
         )
         .map_err(|e| Status::internal(kiln_storage::error_chain(&e)))?;
     let (sequence, schema, batches) = match found {
-        Some(rows) => (rows.catalog_sequence, rows.schema, rows.chunks),
+        Some(rows) => {
+            span.record(
+                "rows",
+                rows.chunks.iter().map(|c| c.num_rows()).sum::<usize>(),
+            );
+            (rows.catalog_sequence, rows.schema, rows.chunks)
+        }
         None => (
             engine.catalog_state().sequence,
             std::sync::Arc::new(arrow::datatypes::Schema::empty()),

@@ -11,6 +11,8 @@ use kiln_proto::internal::v1::BufferRequest;
 use kiln_query::cluster::{WriterError, WriterRows, Writers};
 use kiln_storage::ids::CatalogSequence;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::{CATALOG_SEQUENCE_HEADER, ClusterArgs, buffer};
 
@@ -79,6 +81,10 @@ impl FlightWriters {
         if let Some(authorization) = &self.authorization {
             client.add_header("authorization", authorization)?;
         }
+        // The writer's spans join the query's trace.
+        for (name, value) in crate::telemetry::trace_headers() {
+            client.add_header(&name, &value)?;
+        }
         let stream = client.do_get(buffer::ticket(request)).await?;
         let sequence = stream
             .headers()
@@ -112,14 +118,24 @@ impl Writers for FlightWriters {
         };
         let asks = self.writers.iter().map(|(address, channel)| {
             let request = &request;
+            let span = tracing::debug_span!(
+                "writer",
+                otel.kind = "client",
+                server.address = %address,
+                rows = Empty,
+            );
             async move {
-                self.ask(channel.clone(), request)
-                    .await
-                    .map_err(|source| WriterError {
-                        writer: address.clone(),
-                        source,
-                    })
+                let answer = self.ask(channel.clone(), request).await;
+                if let Ok(rows) = &answer {
+                    let rows: usize = rows.batches.iter().map(|b| b.num_rows()).sum();
+                    tracing::Span::current().record("rows", rows);
+                }
+                answer.map_err(|source| WriterError {
+                    writer: address.clone(),
+                    source,
+                })
             }
+            .instrument(span)
         });
         futures::future::join_all(asks).await
     }

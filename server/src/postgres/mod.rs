@@ -65,6 +65,7 @@ use pgwire::messages::startup::Authentication;
 use pgwire::messages::startup::SecretKey;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::auth::{Action, Authorizer, Door, Principal};
 use crate::serve::stopped;
@@ -466,6 +467,7 @@ impl SimpleQueryHandler for Connection {
         session.postgres.settings.sync(client.metadata());
         let query = session.postgres.rewrite(query).map_err(refused)?;
         let service = Arc::clone(&session.service);
+        let span = query_span(&session.database, &query);
         let run = async {
             let mut responses = SimpleQueryHandler::do_query(&*service, client, &query).await?;
             for response in &mut responses {
@@ -473,7 +475,7 @@ impl SimpleQueryHandler for Connection {
             }
             Ok(responses)
         };
-        within(timeout, run).await
+        within(timeout, run).instrument(span).await
     }
 }
 
@@ -506,15 +508,17 @@ impl ExtendedQueryHandler for Connection {
         C::Error: std::fmt::Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let service = Arc::clone(&self.session()?.service);
+        let session = self.session()?;
+        let service = Arc::clone(&session.service);
         let timeout = statement_timeout(client).or(self.0.shared.query.config().timeout);
+        let span = query_span(&session.database, &portal.statement.statement.0);
         let run = async {
             let mut response =
                 ExtendedQueryHandler::do_query(&*service, client, portal, max_rows).await?;
             first_row_ready(&mut response).await;
             Ok(response)
         };
-        within(timeout, run).await
+        within(timeout, run).instrument(span).await
     }
 }
 
@@ -555,6 +559,18 @@ impl QueryParser for KilnParser {
     ) -> PgWireResult<Vec<FieldInfo>> {
         self.inner.get_result_schema(statement, column_format)
     }
+}
+
+/// A statement's span: the PostgreSQL protocol carries no trace context, so each starts
+/// a trace.
+fn query_span(database: &str, sql: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "PostgreSQL query",
+        otel.kind = "server",
+        db.system.name = "postgresql",
+        db.namespace = database,
+        db.query.text = sql,
+    )
 }
 
 /// Where `SET statement_timeout` leaves its value (milliseconds) in the connection's

@@ -9,6 +9,7 @@ use arrow::array::RecordBatch;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tracing::Instrument;
 
 use crate::buffer::{BufferPartition, Chunk, WriteBuffer, time_range};
 use crate::catalog::tombstones::DeleteRecord;
@@ -641,6 +642,8 @@ impl Engine {
         batch.check(&self.catalog.snapshot())?;
         let payload = batch.encode().map_err(Error::Encode)?;
         let rows = batch.rows() as u64;
+        // Created here, where the caller's span is current, not in the task.
+        let append = tracing::debug_span!("WAL append", rows, bytes = payload.len());
         let wal = Arc::clone(&self.wal);
         let buffer = Arc::clone(&self.buffer);
         let catalog = Arc::clone(&self.catalog);
@@ -648,7 +651,10 @@ impl Engine {
         let sources = Arc::clone(&self.sources);
         let series = Arc::clone(&self.series);
         let task = tokio::spawn(async move {
-            let seq = wal.append(RecordKind::WriteBatch, payload).await?;
+            let seq = wal
+                .append(RecordKind::WriteBatch, payload)
+                .instrument(append)
+                .await?;
             let state = catalog.snapshot();
             // The projections first: a persistence that finds this write in the buffer
             // then stores projections that have it. They are conveniences rebuilt from
@@ -779,6 +785,7 @@ impl Engine {
 
     /// Persists everything in the buffer up to its watermark: writes the segments, records
     /// them in the catalog, drops them from the buffer and deletes WAL files they cover.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn persist(&self) -> Result<PersistOutcome> {
         let _guard = self.persist_lock.lock().await;
         let before = self.persisted_sequence(&self.catalog.snapshot());

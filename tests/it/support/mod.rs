@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 
 pub mod mosquitto;
+pub mod otlp;
 pub mod s3;
 
 pub struct TestServer {

@@ -143,6 +143,7 @@ impl Engine {
     /// one segment. A partition is no longer written when the buffer holds none of its rows
     /// and, unless `newest_too`, the table has a newer partition. A failed pass is counted
     /// in the engine's stats.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn compact(&self, newest_too: bool) -> Result<CompactionOutcome> {
         self.refuse_if_read_only()?;
         let result = self.compact_pass(newest_too).await;
