@@ -32,3 +32,22 @@ need_s3s_fs() {
     env -u CARGO_TARGET_DIR cargo install --quiet --locked --root "$tools" s3s-fs@0.14.1 --features binary
   fi
 }
+
+# A `kiln serve` on ephemeral ports with the data directory $1 and the flags after it, its
+# output in $work; sets $pid and $http (the HTTP base URL). Needs $bin and $work.
+start_kiln() {
+  local data="$1"; shift
+  "$bin/kiln" serve --data-dir "$data" --http-bind 127.0.0.1:0 --grpc-bind 127.0.0.1:0 \
+    --pg-bind 127.0.0.1:0 "$@" > "$work/stdout" 2> "$work/server.log" &
+  pid=$!
+  for _ in $(seq 1 100); do
+    [ "$(wc -l < "$work/stdout")" -ge 3 ] && break
+    sleep 0.1
+  done
+  http="$(sed -n 's/^Kiln HTTP listening on //p' "$work/stdout")"
+}
+stop_kiln() { kill "$pid"; wait "$pid" 2>/dev/null || true; }
+# CPU seconds the server of start_kiln has used (user + system).
+kiln_cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$pid/stat"
+}

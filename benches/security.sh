@@ -8,6 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+source benches/common.sh
 cargo build --release --locked -p kiln-server -p kiln-bench
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 work="$(mktemp -d)"
@@ -17,44 +18,29 @@ trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 admin="kiln_$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 echo "$admin" > "$work/admin-token"
 
-start() { # start DATA_DIR [flags…]: runs kiln serve, sets $pid, $http
-  local data="$1"; shift
-  "$bin/kiln" serve --data-dir "$data" --http-bind 127.0.0.1:0 --grpc-bind 127.0.0.1:0 \
-    --pg-bind 127.0.0.1:0 "$@" > "$work/stdout" 2> "$work/server.log" &
-  pid=$!
-  for _ in $(seq 1 100); do
-    [ "$(wc -l < "$work/stdout")" -ge 3 ] && break
-    sleep 0.1
-  done
-  http="$(sed -n 's/^Kiln HTTP listening on //p' "$work/stdout")"
-}
-stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; }
-cpu() { # CPU seconds the server has used (user + system)
-  awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$pid/stat"
-}
 
 for run in $(seq 1 "${RUNS:-3}"); do
   for mode in plain tokens secure; do
     rm -rf "$work/data"
     if [ "$mode" = plain ]; then
-      start "$work/data"
+      start_kiln "$work/data"
       access=()
     elif [ "$mode" = tokens ]; then
-      start "$work/data" --admin-token-file "$work/admin-token"
+      start_kiln "$work/data" --admin-token-file "$work/admin-token"
       token="$("$bin/kiln" token create --host "$http" --token "$admin" --name bench \
         --database benchmark --read --write 2> /dev/null)"
       access=(--token "$token")
     else
-      start "$work/data" --tls-cert "$work/tls/tls.crt" --tls-key "$work/tls/tls.key" \
+      start_kiln "$work/data" --tls-cert "$work/tls/tls.crt" --tls-key "$work/tls/tls.key" \
         --admin-token-file "$work/admin-token"
       token="$("$bin/kiln" token create --host "$http" --tls-ca "$work/tls/ca.pem" \
         --token "$admin" --name bench --database benchmark --read --write 2> /dev/null)"
       access=(--token "$token" --tls-ca "$work/tls/ca.pem")
     fi
-    before="$(cpu)"
+    before="$(kiln_cpu)"
     ingest="$("$bin/kiln-bench" ingest --url "$http" --scale "${SCALE:-1000}" \
       --duration "${DURATION:-6h}" "${access[@]}" 2> /dev/null)"
-    server_cpu="$(awk -v a="$before" -v b="$(cpu)" 'BEGIN { printf "%.2f", b - a }')"
+    server_cpu="$(awk -v a="$before" -v b="$(kiln_cpu)" 'BEGIN { printf "%.2f", b - a }')"
     # Let persistence of the ingested buffer finish before timing queries.
     sleep "${SETTLE:-10}"
     latency="$("$bin/kiln-bench" latency --url "$http" --runs "${LATENCY_RUNS:-300}" \
@@ -62,6 +48,6 @@ for run in $(seq 1 "${RUNS:-3}"); do
     trivial="$("$bin/kiln-bench" latency --url "$http" --runs "${LATENCY_RUNS:-300}" \
       --query "SELECT 1" "${access[@]}" | sed 's/query_p50_ms/select1_p50_ms/; s/url=[^ ]* //; s/ connect_p50_ms=.*//')"
     echo "run=$run mode=$mode $ingest server_cpu_s=$server_cpu $latency $trivial"
-    stop
+    stop_kiln
   done
 done

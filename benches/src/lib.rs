@@ -10,6 +10,7 @@ pub mod footprint;
 pub mod kafka;
 pub mod load;
 pub mod mqtt;
+pub mod otlp_sink;
 pub mod queries;
 pub mod results;
 pub mod security;

@@ -150,6 +150,14 @@ enum Command {
         #[command(flatten)]
         access: kiln_bench::security::Access,
     },
+    /// An OTLP/gRPC trace receiver that counts the spans it is sent (into `--count-file`)
+    /// and keeps none: the collector of `benches/tracing.sh`.
+    OtlpSink {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: std::net::SocketAddr,
+        #[arg(long)]
+        count_file: PathBuf,
+    },
     /// Stream a large query result over each query protocol (PostgreSQL wire text and
     /// binary, Flight SQL, HTTP JSON Lines and Parquet) and report the median rows/s.
     Results {
@@ -613,6 +621,10 @@ fn main() -> std::process::ExitCode {
             }))
         }
         Command::Certs { dir, names } => exit_code(kiln_bench::security::certs(&dir, &names)),
+        Command::OtlpSink { bind, count_file } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            exit_code(runtime.block_on(kiln_bench::otlp_sink::run(bind, count_file)))
+        }
         Command::Latency {
             url,
             db,

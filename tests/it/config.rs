@@ -117,6 +117,45 @@ fn check_refuses_a_bad_file_naming_the_key() {
     assert!(err.contains("TLS"), "{err}");
 }
 
+#[test]
+fn check_shows_where_spans_go_and_refuses_a_bad_collector() {
+    let (ok, out, err) = kiln_env(&["serve", "--check"], &[]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("OTLP"), "{out}");
+    let env = [
+        ("KILN_OTLP_ENDPOINT", "http://otel-collector:4317"),
+        ("KILN_OTLP_SAMPLE_RATIO", "0.25"),
+    ];
+    let (ok, out, err) = kiln_env(&["serve", "--check"], &env);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("spans exported over OTLP to http://otel-collector:4317, 0.25 of the traces"),
+        "{out}"
+    );
+    let (ok, _, err) = kiln_env(
+        &["serve", "--check", "--otlp-endpoint", "otel-collector:4317"],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("must start with http:// or https://"), "{err}");
+    let (ok, _, err) = kiln_env(&["serve", "--check", "--otlp-sample-ratio", "2"], &[]);
+    assert!(!ok);
+    assert!(err.contains("not a ratio from 0 to 1"), "{err}");
+    let (ok, _, err) = kiln_env(
+        &[
+            "serve",
+            "--check",
+            "--otlp-endpoint",
+            "https://otel-collector:4317",
+            "--otlp-tls-ca",
+            "/nonexistent-ca.pem",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("cannot read --otlp-tls-ca"), "{err}");
+}
+
 #[tokio::test]
 async fn a_running_server_takes_its_settings_from_the_file() {
     let dir = tempfile::tempdir().unwrap();
