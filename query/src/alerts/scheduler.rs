@@ -198,6 +198,12 @@ impl AlertScheduler {
         while tasks.join_next().await.is_some() {}
     }
 
+    #[tracing::instrument(
+        name = "alert rule",
+        level = "debug",
+        skip_all,
+        fields(rule = %rule.name, db.namespace = %rule.database)
+    )]
     async fn evaluate_and_record(&self, rule: &AlertRuleDef) {
         let started = Instant::now();
         let now = (self.clock)();

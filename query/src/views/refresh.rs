@@ -65,6 +65,7 @@ impl QueryEngine {
 
     /// Recomputes the buckets of view `view` invalidated and complete at `now` (those
     /// ending at or before `now − lag`, within its source's retention).
+    #[tracing::instrument(name = "refresh view", level = "debug", skip(self, now))]
     pub async fn refresh_view(&self, view: TableId, now: i64) -> Result<RefreshOutcome, Error> {
         let _guard = self.refreshing.lock().await;
         // Before the catalog is read: a row persisted in between is in its segments.
