@@ -79,19 +79,13 @@ pub(crate) async fn table_data(
     engine: &Engine,
     session: &dyn Session,
     database: &str,
+    table: &str,
     id: TableId,
     min_time: i64,
     max_time: i64,
 ) -> Result<Option<TableData>> {
     let Some(writers) = session.config().get_extension::<SessionWriters>() else {
         return Ok(engine.table_data(id, min_time, max_time));
-    };
-    let Some(table) = engine
-        .catalog_state()
-        .table_by_id(id)
-        .map(|t| t.name.clone())
-    else {
-        return Ok(None);
     };
     let partial = session
         .config()
@@ -103,7 +97,7 @@ pub(crate) async fn table_data(
     let asked = tracing::debug_span!("unpersisted rows", writers = Empty, rows = Empty);
     for answer in writers
         .0
-        .unpersisted(database, &table, min_time, max_time)
+        .unpersisted(database, table, min_time, max_time)
         .instrument(asked.clone())
         .await
     {
@@ -117,8 +111,6 @@ pub(crate) async fn table_data(
             Err(e) => return Err(DataFusionError::External(Box::new(e))),
         }
     }
-    // The catalog must name everything a writer persisted before it answered: rows it
-    // dropped from its buffer are then in a segment here.
     asked.record("writers", answered.len());
     asked.record(
         "rows",
@@ -128,6 +120,8 @@ pub(crate) async fn table_data(
             .map(|b| b.num_rows())
             .sum::<usize>(),
     );
+    // The catalog must name everything a writer persisted before it answered: rows it
+    // dropped from its buffer are then in a segment here.
     if let Some(newest) = answered.iter().map(|a| a.catalog_sequence).max() {
         engine
             .follow_to(newest)

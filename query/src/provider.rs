@@ -169,6 +169,7 @@ impl SchemaProvider for KilnSchema {
             let table = KilnTable {
                 engine: Arc::clone(&self.engine),
                 database: self.database.clone(),
+                name: def.name.clone(),
                 table: def.id,
                 schema: query_schema(def),
             };
@@ -197,6 +198,8 @@ impl SchemaProvider for KilnSchema {
 pub struct KilnTable {
     engine: Arc<Engine>,
     database: String,
+    /// The table's name, as a querier asks its writers for the table's rows.
+    name: String,
     table: TableId,
     schema: SchemaRef,
 }
@@ -478,7 +481,7 @@ impl TableProvider for KilnTable {
         let span = tracing::debug_span!(
             "scan",
             db.namespace = %self.database,
-            db.collection.name = Empty,
+            db.collection.name = %self.name,
             segments = Empty,
             buffer_partitions = Empty,
         );
@@ -486,6 +489,7 @@ impl TableProvider for KilnTable {
             &self.engine,
             state,
             &self.database,
+            &self.name,
             self.table,
             bounds.min,
             bounds.max,
@@ -495,7 +499,6 @@ impl TableProvider for KilnTable {
         let Some(data) = data else {
             return Ok(Arc::new(EmptyExec::new(project(&self.schema, projection)?)));
         };
-        span.record("db.collection.name", data.def.name.as_str());
         span.record("segments", data.segments.len());
         span.record("buffer_partitions", data.buffer.len());
         // Bounds on time are `Exact` filters: applied here, to the rows of the sources that

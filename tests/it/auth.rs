@@ -100,7 +100,11 @@ async fn start(dir: &Path) -> (TestServer, Tokens) {
     )
 }
 
-async fn http_write(server: &TestServer, token: Option<&str>, line: &str) -> reqwest::Response {
+pub(crate) async fn http_write(
+    server: &TestServer,
+    token: Option<&str>,
+    line: &str,
+) -> reqwest::Response {
     let mut request = server
         .client
         .post(server.url("/api/v3/write_lp"))

@@ -318,15 +318,7 @@ fn a_querier_needs_a_shared_store_and_takes_no_sources() {
 
 /// Writes `lp` to `server`'s `plant` with `token`.
 async fn write_with(server: &TestServer, token: &str, lp: &str) {
-    let resp = server
-        .client
-        .post(server.url("/api/v3/write_lp"))
-        .query(&[("db", "plant")])
-        .bearer_auth(token)
-        .body(lp.to_owned())
-        .send()
-        .await
-        .unwrap();
+    let resp = crate::auth::http_write(server, Some(token), lp).await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
 }
 

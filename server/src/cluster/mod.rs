@@ -1,7 +1,7 @@
 //! Servers of a cluster talking to each other (see `docs/cluster.md`):
 //!
 //! ```text
-//!   querier ── DoGet(kiln.internal.v1.BufferRequest), admin token ──▶ writer (role all)
+//!   querier ── DoGet(kiln.internal.v1.BufferRequest), admin token ──▶ ingester (or all)
 //!      ▲                                                                  │
 //!      └──────── the table's unpersisted rows, header kiln-catalog-sequence ┘
 //! ```
@@ -19,7 +19,8 @@ use std::path::PathBuf;
 /// The response header that carries a writer's catalog sequence.
 pub const CATALOG_SEQUENCE_HEADER: &str = "kiln-catalog-sequence";
 
-/// How a querier reaches the servers that take writes.
+/// A server's place in a cluster: its name, and how a querier reaches the servers that
+/// take writes.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ClusterArgs {
     /// This server's name in a cluster (--role ingester, required, or compactor): unique
