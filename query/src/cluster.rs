@@ -1,8 +1,9 @@
-//! A querier's view of the servers that write (`--role querier --ingesters …`; see
-//! `docs/cluster.md`): the rows they acknowledged and have not persisted are fetched when a
-//! table is scanned, and merged with the segments the shared catalog names, last write
+//! A querier's view of the servers that write (`--role querier`; see `docs/cluster.md`):
+//! the ingesters that joined the catalog and those of `--ingesters`. The rows they
+//! acknowledged and have not persisted are fetched when a table is scanned, and merged with the segments the shared catalog names, last write
 //! wins, as a single node merges its own buffer.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use datafusion::common::config::ConfigExtension;
 use datafusion::error::{DataFusionError, Result};
 use kiln_storage::Engine;
 use kiln_storage::buffer::{BufferPartition, Chunk};
+use kiln_storage::catalog::ingesters::Ingester;
 use kiln_storage::engine::TableData;
 use kiln_storage::ids::{CatalogSequence, SequenceNumber, TableId};
 use tracing::Instrument;
@@ -35,9 +37,11 @@ impl ConfigExtension for KilnOptions {
 #[async_trait]
 pub trait Writers: Debug + Send + Sync {
     /// Every writer's rows of `database.table` not yet persisted, in the time partitions
-    /// that overlap `min_time..=max_time`: one answer per writer.
+    /// that overlap `min_time..=max_time`: one answer per writer. The writers are the
+    /// ingesters `joined` (the catalog's) and any others the querier was given.
     async fn unpersisted(
         &self,
+        joined: &BTreeMap<String, Ingester>,
         database: &str,
         table: &str,
         min_time: i64,
@@ -59,14 +63,28 @@ pub struct WriterRows {
 /// results.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the writer at {writer} did not answer, so rows it has not persisted cannot be read; ask \
-     for partial results (partial=true over HTTP, SET kiln.partial_results = true) to answer \
-     without them"
+    "{} did not answer, so rows it has not persisted cannot be read; ask for partial results \
+     (partial=true over HTTP, SET kiln.partial_results = true) to answer without them",
+    self.writer()
 )]
 pub struct WriterError {
-    pub writer: String,
+    /// The ingester's name, if it joined the catalog (rather than being listed to the
+    /// querier).
+    pub name: Option<String>,
+    /// Its gRPC address.
+    pub address: String,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl WriterError {
+    /// `the ingester NAME at ADDRESS`, or `the writer at ADDRESS`.
+    pub fn writer(&self) -> String {
+        match &self.name {
+            Some(name) => format!("the ingester {name} at {}", self.address),
+            None => format!("the writer at {}", self.address),
+        }
+    }
 }
 
 /// The writers a session's scans ask, kept in its configuration.
@@ -95,16 +113,17 @@ pub(crate) async fn table_data(
         .is_some_and(|o| o.partial_results);
     let mut answered = Vec::new();
     let asked = tracing::debug_span!("unpersisted rows", writers = Empty, rows = Empty);
+    let joined = engine.catalog_state();
     for answer in writers
         .0
-        .unpersisted(database, table, min_time, max_time)
+        .unpersisted(&joined.ingesters, database, table, min_time, max_time)
         .instrument(asked.clone())
         .await
     {
         match answer {
             Ok(rows) => answered.push(rows),
             Err(e) if partial => tracing::warn!(
-                writer = %e.writer,
+                writer = %e.writer(),
                 error = %kiln_storage::error_chain(&e),
                 "answering without a writer's unpersisted rows (partial results asked for)"
             ),

@@ -262,6 +262,7 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     config
         .role
         .check(&config, kafka_sources.len(), mqtt_sources.len())?;
+    crate::cluster::membership::check(config.role, &config.cluster)?;
     let admin_token = match &config.admin_token_file {
         None => None,
         Some(path) => {
@@ -274,8 +275,14 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             Some(token)
         }
     };
-    let writers =
-        crate::cluster::writers::FlightWriters::new(&config.cluster, admin_token.as_deref())?;
+    // A querier asks the ingesters for rows they have not persisted.
+    let writers = config
+        .role
+        .read_only()
+        .then(|| {
+            crate::cluster::writers::FlightWriters::new(&config.cluster, admin_token.as_deref())
+        })
+        .transpose()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(
             crate::tls::Tls::load(crate::tls::TlsFiles {
@@ -305,6 +312,11 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             display(config.max_buffer_bytes as u64),
             display(config.query_memory_limit as u64),
         );
+        if let (Some(address), Some(name)) =
+            (&config.cluster.advertise_address, &config.cluster.node_name)
+        {
+            println!("joins the catalog as ingester {name}, asked by queriers at {address}");
+        }
         if let Some(endpoint) = &config.telemetry.otlp_endpoint {
             println!(
                 "spans exported over OTLP to {endpoint}, {} of the traces this server starts",
@@ -387,6 +399,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
             kiln_storage::error_chain(&e)
         )
     })?;
+
+    // Before any write is taken: from here on queriers ask this ingester.
+    let membership = crate::cluster::membership::join(&engine, &config.cluster).await?;
 
     // Turns true on SIGTERM/SIGINT: both listeners stop taking requests.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -651,6 +666,9 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
         .shutdown()
         .await
         .map_err(|e| format!("shutdown persistence failed: {e}"))?;
+    if let Some(membership) = membership {
+        membership.leave(&engine).await;
+    }
     tracing::info!("stopped cleanly");
     drop(lock);
     Ok(())

@@ -1,6 +1,7 @@
 //! A cluster on loopback: a Kafka-protocol broker (librdkafka's mock cluster) and a real S3
 //! server (`s3s-fs`) underneath; two ingesters (a third joins), one compactor and two
-//! queriers as separate `kiln` processes. Ingesters are `kill -9`ed and restarted while
+//! queriers as separate `kiln` processes, the queriers finding the ingesters through the
+//! catalog. Ingesters are `kill -9`ed and restarted while
 //! rows are produced, a querier is killed mid-query, two ingesters race a schema change,
 //! and S3 goes away and comes back. Every produced row is then answered exactly once by
 //! both queriers, rows not yet persisted included.
@@ -50,14 +51,24 @@ fn start(dir: &std::path::Path, grpc: &str, args: &[String]) -> TestServer {
     TestServer::start_on(grpc, dir, &args, S3Server::credentials)
 }
 
-/// An ingester named `name` consuming the topic. It persists once `persist_at` is buffered,
-/// never on age, so the newest rows stay in its buffer.
-fn ingester_args(s3: &S3Server, bootstrap: &str, name: &str, persist_at: &str) -> Vec<String> {
+/// An ingester named `name` consuming the topic, joining the catalog with its gRPC
+/// `address`. It persists once `persist_at` is buffered, never on age, so the newest rows
+/// stay in its buffer.
+fn ingester_args(
+    s3: &S3Server,
+    bootstrap: &str,
+    name: &str,
+    address: &str,
+    persist_at: &str,
+) -> Vec<String> {
     let mut extra = source_args(bootstrap, TOPIC);
+    let advertised = format!("http://{address}");
     extra.extend(
         [
             "--node-name",
             name,
+            "--advertise-address",
+            &advertised,
             "--persist-buffer-bytes",
             persist_at,
             "--persist-interval",
@@ -67,15 +78,6 @@ fn ingester_args(s3: &S3Server, bootstrap: &str, name: &str, persist_at: &str) -
         .map(|s| s.to_string()),
     );
     role_args(s3, "ingester", &extra)
-}
-
-fn querier_args(s3: &S3Server, ingesters: &[&str]) -> Vec<String> {
-    let list = ingesters
-        .iter()
-        .map(|a| format!("http://{a}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    role_args(s3, "querier", &["--ingesters".into(), list])
 }
 
 /// Produces readings `ids` (a message each, its partition by id), `per_batch` at a time
@@ -117,8 +119,8 @@ async fn total(server: &TestServer, name: &str) -> f64 {
         .sum()
 }
 
-/// How many rows carry each id, as `server` answers (`None` if it does not answer).
-async fn ids(server: &TestServer) -> Option<BTreeMap<u64, u64>> {
+/// How many rows carry each id, as `server` answers (its error if it does not).
+async fn ids(server: &TestServer) -> Result<BTreeMap<u64, u64>, String> {
     let (status, body) = server
         .query(
             "plant",
@@ -127,30 +129,30 @@ async fn ids(server: &TestServer) -> Option<BTreeMap<u64, u64>> {
         )
         .await;
     if status != StatusCode::OK {
-        return None;
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
     }
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).ok()?;
-    Some(
-        rows.iter()
-            .map(|r| {
-                (
-                    r["id"].as_str().unwrap().parse().unwrap(),
-                    r["n"].as_u64().unwrap(),
-                )
-            })
-            .collect(),
-    )
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| format!("{e}"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().parse().unwrap(),
+                r["n"].as_u64().unwrap(),
+            )
+        })
+        .collect())
 }
 
 /// Waits until `querier` answers every id below `n` exactly once.
 async fn all_exactly_once(querier: &TestServer, n: u64, what: &str) {
     let complete = eventually(Duration::from_secs(90), || async {
-        ids(querier)
-            .await
-            .is_some_and(|seen| seen.len() as u64 >= n)
+        ids(querier).await.is_ok_and(|seen| seen.len() as u64 >= n)
     })
     .await;
-    let seen = ids(querier).await.unwrap_or_default();
+    let seen = match ids(querier).await {
+        Ok(seen) => seen,
+        Err(e) => panic!("{what}: the querier does not answer: {e}"),
+    };
     assert!(complete, "{what}: {} of {n} ids answered", seen.len());
     let wrong: Vec<_> = seen.iter().filter(|(_, count)| **count != 1).collect();
     assert!(wrong.is_empty(), "{what}: ids not answered once: {wrong:?}");
@@ -175,11 +177,17 @@ async fn a_cluster_answers_every_row_once_through_crashes_rebalances_and_outages
     let flags: Vec<Vec<String>> = (0..3)
         .map(|i| {
             let persist_at = ["16KiB", "20KiB", "24KiB"][i];
-            ingester_args(&s3, &bootstrap, &format!("ingester-{i}"), persist_at)
+            ingester_args(
+                &s3,
+                &bootstrap,
+                &format!("ingester-{i}"),
+                &addresses[i],
+                persist_at,
+            )
         })
         .collect();
-    let all: Vec<&str> = addresses.iter().map(String::as_str).collect();
-    let querier_flags = querier_args(&s3, &all);
+    // The queriers ask the ingesters that joined the catalog, the third included.
+    let querier_flags = role_args(&s3, "querier", &[]);
     let ingester = |i: usize| start(&data(&format!("ingester-{i}")), &addresses[i], &flags[i]);
     let mut ingesters = vec![ingester(0), ingester(1)];
     let compactor = start(
@@ -308,9 +316,7 @@ async fn a_cluster_answers_every_row_once_through_crashes_rebalances_and_outages
     let fresh = start(&data("querier-2"), "127.0.0.1:0", &querier_flags);
     all_exactly_once(&fresh, 9000, "after the outage").await;
     assert!(
-        ids(&queriers[1])
-            .await
-            .is_some_and(|seen| seen.len() == 9000),
+        ids(&queriers[1]).await.is_ok_and(|seen| seen.len() == 9000),
         "the other querier"
     );
     stop.store(true, Ordering::Relaxed);
@@ -327,4 +333,132 @@ async fn a_cluster_answers_every_row_once_through_crashes_rebalances_and_outages
         crate::object_storage::kiln_with_store(&args, &s3, &crate::object_storage::credentials());
     assert!(!ok);
     assert!(err.contains("written by the servers of a cluster"), "{err}");
+}
+
+/// An ingester joins the catalog with `--advertise-address`: a querier given no
+/// `--ingesters` asks it; while it is killed, with rows only its WAL holds, queries fail
+/// naming it; once it stopped cleanly (everything persisted, left the catalog) the querier
+/// answers from the segments without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_left() {
+    use crate::object_storage::{rows, values};
+    use crate::querier::count_temp;
+
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(dir.path(), crate::object_storage::BUCKET);
+    let address = free_address();
+    let advertised = format!("http://{address}");
+    let flags = role_args(
+        &s3,
+        "ingester",
+        &[
+            "--node-name",
+            "ingester-0",
+            "--advertise-address",
+            &advertised,
+            "--persist-interval",
+            "1h",
+            "--persist-buffer-bytes",
+            "64KiB",
+        ]
+        .map(str::to_owned),
+    );
+    let data = dir.path().join("ingester-0");
+    let mut ingester = start(&data, &address, &flags);
+    let querier = start(
+        &dir.path().join("querier"),
+        "127.0.0.1:0",
+        &role_args(&s3, "querier", &[]),
+    );
+
+    ingester.write_ok("plant", &rows(0, 10)).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count_temp(&querier, false).await == (StatusCode::OK, Ok(10))
+        })
+        .await,
+        "the querier never asked the ingester that joined: {:?}",
+        count_temp(&querier, false).await
+    );
+    assert_eq!(
+        ingester.metric("kiln_segments_persisted_total").await,
+        0.0,
+        "the rows came from the ingester's buffer"
+    );
+
+    // Killed: still joined, and its rows are only in its WAL.
+    ingester.kill9();
+    let (status, error) = count_temp(&querier, false).await;
+    let error = error.unwrap_err();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert!(
+        error.contains(&format!(
+            "the ingester ingester-0 at {advertised} did not answer"
+        )),
+        "{error}"
+    );
+    assert_eq!(count_temp(&querier, true).await, (StatusCode::OK, Ok(0)));
+
+    // Back (its WAL replayed), then stopped cleanly: it persists everything and leaves.
+    ingester = start(&data, &address, &flags);
+    assert_eq!(count_temp(&querier, false).await, (StatusCode::OK, Ok(10)));
+    ingester.write_ok("plant", &rows(10, 5)).await;
+    assert_eq!(count_temp(&querier, false).await, (StatusCode::OK, Ok(15)));
+    ingester.terminate();
+    let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
+    assert!(log.contains("left the cluster's catalog"), "{log}");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count_temp(&querier, false).await == (StatusCode::OK, Ok(15))
+        })
+        .await,
+        "the querier still asks the ingester that left: {:?}",
+        count_temp(&querier, false).await
+    );
+    assert_eq!(values(&querier).await, (0..15).collect::<Vec<_>>());
+}
+
+#[test]
+fn only_an_ingester_advertises_an_address_and_it_must_be_a_url() {
+    let on_s3 = [
+        "serve",
+        "--check",
+        "--object-store",
+        "s3",
+        "--object-store-bucket",
+        "plant",
+    ];
+    let check = |extra: &[&str]| crate::cli::kiln_env(&[&on_s3[..], extra].concat(), None, &[]);
+    let ingester = ["--role", "ingester", "--node-name", "ingester-0"];
+    let address = [
+        "--advertise-address",
+        "http://kiln-ingester-0.kiln-ingester:50051",
+    ];
+    let (ok, out, err) = check(&[&ingester[..], &address[..]].concat());
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "joins the catalog as ingester ingester-0, asked by queriers at \
+             http://kiln-ingester-0.kiln-ingester:50051"
+        ),
+        "{out}"
+    );
+    let (ok, _, err) = check(&[&["--role", "querier"][..], &address[..]].concat());
+    assert!(!ok);
+    assert!(
+        err.contains("give it to servers of --role ingester, not querier"),
+        "{err}"
+    );
+    let (ok, _, err) = check(
+        &[
+            &ingester[..],
+            &["--advertise-address", "kiln-ingester-0:50051"][..],
+        ]
+        .concat(),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("is not an http:// or https:// URL with a host"),
+        "{err}"
+    );
 }

@@ -324,7 +324,10 @@ async fn write_with(server: &TestServer, token: &str, lp: &str) {
 
 /// `SELECT count(*)` of `temp` over HTTP, with `partial=true` if asked: the status and the
 /// count or the error.
-async fn count_temp(server: &TestServer, partial: bool) -> (StatusCode, Result<i64, String>) {
+pub(crate) async fn count_temp(
+    server: &TestServer,
+    partial: bool,
+) -> (StatusCode, Result<i64, String>) {
     let mut query = vec![("db", "plant"), ("q", "SELECT count(*) AS n FROM temp")];
     if partial {
         query.push(("partial", "true"));

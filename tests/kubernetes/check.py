@@ -111,7 +111,10 @@ def check_policy(overlay: str, objects: list[dict]) -> list[dict]:
                           f"its pods listen on {sorted(listening)}")
         if any(not rule.get("from") for rule in np["spec"].get("ingress", [])):
             fail(overlay, f"NetworkPolicy/{np['metadata']['name']} lets anyone in")
+    headless = {s["metadata"]["name"] for s in by_kind.get("Service", []) if s["spec"].get("clusterIP") == "None"}
     for w in workloads:
+        if w["kind"] == "StatefulSet" and w["spec"].get("serviceName") not in headless:
+            fail(overlay, f"StatefulSet/{w['metadata']['name']}: serviceName is not a headless Service")
         labels = w["spec"]["template"]["metadata"]["labels"]
         if not any(matches(np["spec"]["podSelector"], labels) for np in by_kind.get("NetworkPolicy", [])):
             fail(overlay, f"{w['kind']}/{w['metadata']['name']}: no NetworkPolicy")
@@ -165,8 +168,10 @@ def check_workload(overlay: str, workload: dict, shutdown: float) -> dict:
     annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
     if annotations.get("prometheus.io/scrape") != "true":
         fail(where, "no Prometheus scrape annotations")
-    return {"name": f"{workload['kind']}/{workload['metadata']['name']}",
-            "pod": f"{workload['metadata']['name']}-0", "container": spec["containers"][0]}
+    grpc = next((p["containerPort"] for p in spec["containers"][0].get("ports", []) if p.get("name") == "grpc"), None)
+    return {"name": f"{workload['kind']}/{workload['metadata']['name']}", "role": role,
+            "pod": f"{workload['metadata']['name']}-0", "container": spec["containers"][0],
+            "service": workload["spec"].get("serviceName"), "grpc": grpc}
 
 
 def check_config(overlay: str, kiln: str, found: dict) -> None:
@@ -198,6 +203,14 @@ def check_config(overlay: str, kiln: str, found: dict) -> None:
         run = subprocess.run([kiln, "serve", "--check"], env=env, capture_output=True, text=True)
         if run.returncode != 0 or not run.stdout.startswith("configuration OK"):
             fail(overlay, f"kiln serve --check refused kiln.toml for {found['name']}:\n{run.stdout}{run.stderr}")
+        elif found["role"] == "ingester" and (
+            f"joins the catalog as ingester {found['pod']}, asked by queriers at "
+            f"http://{found['pod']}.{found['service']}:{found['grpc']}\n"
+        ) not in run.stdout:
+            # Queriers find the ingesters through the catalog: each must join it with the
+            # name its headless Service gives its pod.
+            fail(overlay, f"{found['name']} does not join the catalog at its pod's name in "
+                          f"Service {found['service']}:\n{run.stdout}")
         else:
             print(f"  {overlay} {found['name']}: {run.stdout.strip().splitlines()[0]}")
 

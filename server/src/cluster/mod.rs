@@ -8,10 +8,13 @@
 //!
 //! - [`buffer`]: a writer's side, the Flight ticket that sends a table's rows it has not
 //!   persisted.
-//! - [`writers`]: a querier's side, asking every writer of `--ingesters` at each scan
-//!   (`kiln_query::cluster`).
+//! - [`membership`]: an ingester joining the catalog (`--advertise-address`) and leaving
+//!   it after a clean stop.
+//! - [`writers`]: a querier's side, asking every joined ingester and every writer of
+//!   `--ingesters` at each scan (`kiln_query::cluster`).
 
 pub mod buffer;
+pub mod membership;
 pub mod writers;
 
 use std::path::PathBuf;
@@ -29,9 +32,17 @@ pub struct ClusterArgs {
     #[arg(long, env = "KILN_NODE_NAME")]
     pub node_name: Option<String>,
 
-    /// On a querier: the gRPC addresses of the servers that take writes
-    /// (`http://writer-0:50051`, comma separated). Each query asks every one for the rows
-    /// it has not persisted yet; without any, a querier sees only persisted rows.
+    /// On an ingester: the gRPC address queriers reach it at
+    /// (`http://kiln-ingester-0.kiln-ingester:50051`). The ingester joins the shared
+    /// catalog with it before taking writes, and leaves after a clean stop that persisted
+    /// every row; queriers ask every ingester that joined.
+    #[arg(long, env = "KILN_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// On a querier: the gRPC addresses of servers that take writes and do not join the
+    /// catalog (`http://writer-0:50051`, comma separated), such as a server of role all.
+    /// Each query asks every one, and every ingester that joined, for the rows it has not
+    /// persisted yet.
     #[arg(long, env = "KILN_INGESTERS", value_delimiter = ',')]
     pub ingesters: Vec<String>,
 

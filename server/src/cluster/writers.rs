@@ -1,7 +1,10 @@
-//! A querier's side: asks every server of `--ingesters` for a table's rows it has not
-//! persisted, all at once, at each scan (see `kiln_query::cluster`).
+//! A querier's side: asks every ingester that joined the catalog, and every server of
+//! `--ingesters`, for a table's rows it has not persisted, all at once, at each scan (see
+//! `kiln_query::cluster`).
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use arrow_flight::FlightClient;
@@ -9,8 +12,9 @@ use arrow_flight::flight_service_client::FlightServiceClient;
 use futures::TryStreamExt;
 use kiln_proto::internal::v1::BufferRequest;
 use kiln_query::cluster::{WriterError, WriterRows, Writers};
+use kiln_storage::catalog::ingesters::Ingester;
 use kiln_storage::ids::CatalogSequence;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -22,21 +26,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest Flight message a writer's answer may hold (a batch is cut to about 2 MiB).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// The writers of `--ingesters`, each reached over one lazily connected channel.
+/// A querier's writers: the catalog's joined ingesters and the servers of `--ingesters`,
+/// each reached over one lazily connected channel.
 #[derive(Debug)]
 pub struct FlightWriters {
-    writers: Vec<(String, Channel)>,
+    /// The addresses of `--ingesters`.
+    listed: Vec<String>,
+    /// For `https://` writers.
+    tls: ClientTlsConfig,
+    /// A channel per address asked, kept while the address is a writer's.
+    channels: Mutex<HashMap<String, Channel>>,
     /// `Bearer …`, when the writers enforce tokens.
     authorization: Option<String>,
 }
 
+/// A writer to ask: its name if it joined the catalog, and its address.
+struct Target<'a> {
+    name: Option<&'a str>,
+    address: String,
+}
+
 impl FlightWriters {
-    /// The writers `args` lists (`None` if it lists none). `admin_token` is the server's
+    /// A querier's writers, with the servers `args` lists. `admin_token` is the server's
     /// own (`--admin-token-file`), presented unless `--ingester-token-file` gives another.
-    pub fn new(args: &ClusterArgs, admin_token: Option<&str>) -> Result<Option<Self>, String> {
-        if args.ingesters.is_empty() {
-            return Ok(None);
-        }
+    pub fn new(args: &ClusterArgs, admin_token: Option<&str>) -> Result<Self, String> {
         let token = match &args.ingester_token_file {
             Some(path) => Some(read_token(path)?),
             None => admin_token.map(str::to_owned),
@@ -45,29 +58,56 @@ impl FlightWriters {
             Some(ca) => {
                 let pem = std::fs::read(ca)
                     .map_err(|e| format!("cannot read --ingester-tls-ca {}: {e}", ca.display()))?;
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem))
             }
-            None => tonic::transport::ClientTlsConfig::new().with_enabled_roots(),
+            None => ClientTlsConfig::new().with_enabled_roots(),
         };
-        let mut writers = Vec::new();
-        for address in &args.ingesters {
-            let address = address.trim().trim_end_matches('/').to_owned();
-            let mut endpoint = Endpoint::from_shared(address.clone())
-                .map_err(|e| format!("--ingesters: {address:?} is not a URL: {e}"))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true);
-            if address.starts_with("https://") {
-                endpoint = endpoint
-                    .tls_config(tls.clone())
-                    .map_err(|e| format!("--ingesters: TLS for {address}: {e}"))?;
-            }
-            writers.push((address, endpoint.connect_lazy()));
+        let listed: Vec<String> = args.ingesters.iter().map(|a| normalize(a)).collect();
+        let mut channels = HashMap::new();
+        for address in &listed {
+            let channel = connect(address, &tls).map_err(|e| format!("--ingesters: {e}"))?;
+            channels.insert(address.clone(), channel);
         }
-        Ok(Some(Self {
-            writers,
+        Ok(Self {
+            listed,
+            tls,
+            channels: Mutex::new(channels),
             authorization: token.map(|t| format!("Bearer {t}")),
-        }))
+        })
+    }
+
+    /// The writers to ask: every joined ingester, then the listed servers that are not
+    /// one of them. Channels of addresses no longer asked are dropped.
+    fn targets<'a>(&self, joined: &'a BTreeMap<String, Ingester>) -> Vec<Target<'a>> {
+        let mut targets: Vec<Target<'a>> = joined
+            .iter()
+            .map(|(name, ingester)| Target {
+                name: Some(name),
+                address: normalize(&ingester.address),
+            })
+            .collect();
+        for address in &self.listed {
+            if !targets.iter().any(|t| t.address == *address) {
+                targets.push(Target {
+                    name: None,
+                    address: address.clone(),
+                });
+            }
+        }
+        let mut channels = self.channels.lock().expect("channel map poisoned");
+        channels.retain(|address, _| targets.iter().any(|t| t.address == *address));
+        targets
+    }
+
+    /// The channel to `address`, made on first use.
+    fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock().expect("channel map poisoned");
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = connect(address, &self.tls)?;
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
     }
 
     /// One writer's answer.
@@ -105,6 +145,7 @@ impl FlightWriters {
 impl Writers for FlightWriters {
     async fn unpersisted(
         &self,
+        joined: &BTreeMap<String, Ingester>,
         database: &str,
         table: &str,
         min_time: i64,
@@ -116,22 +157,27 @@ impl Writers for FlightWriters {
             min_time,
             max_time,
         };
-        let asks = self.writers.iter().map(|(address, channel)| {
+        let asks = self.targets(joined).into_iter().map(|target| {
             let request = &request;
             let span = tracing::debug_span!(
                 "writer",
                 otel.kind = "client",
-                server.address = %address,
+                server.address = %target.address,
+                kiln.ingester = target.name,
                 rows = Empty,
             );
             async move {
-                let answer = self.ask(channel.clone(), request).await;
+                let answer = match self.channel(&target.address) {
+                    Ok(channel) => self.ask(channel, request).await,
+                    Err(e) => Err(e.into()),
+                };
                 if let Ok(rows) = &answer {
                     let rows: usize = rows.batches.iter().map(|b| b.num_rows()).sum();
                     tracing::Span::current().record("rows", rows);
                 }
                 answer.map_err(|source| WriterError {
-                    writer: address.clone(),
+                    name: target.name.map(str::to_owned),
+                    address: target.address,
                     source,
                 })
             }
@@ -139,6 +185,25 @@ impl Writers for FlightWriters {
         });
         futures::future::join_all(asks).await
     }
+}
+
+/// `address` without surrounding blanks and trailing slashes.
+fn normalize(address: &str) -> String {
+    address.trim().trim_end_matches('/').to_owned()
+}
+
+/// A lazily connected channel to the writer at `address`.
+fn connect(address: &str, tls: &ClientTlsConfig) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(address.to_owned())
+        .map_err(|e| format!("{address:?} is not a URL: {e}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    if address.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS for {address}: {e}"))?;
+    }
+    Ok(endpoint.connect_lazy())
 }
 
 /// The token in `path` (trimmed), which must not be empty.

@@ -20,6 +20,7 @@
 pub mod alerts;
 pub mod devices;
 pub mod format;
+pub mod ingesters;
 pub mod lifecycle;
 mod log;
 pub mod tombstones;
@@ -375,6 +376,17 @@ pub enum CatalogEvent {
     },
     /// A view's invalidated buckets were recomputed.
     ViewRefreshed(views::Refresh),
+    /// The ingester `name` takes writes and answers queriers at `address` (its gRPC
+    /// address); see [`ingesters`].
+    IngesterJoined {
+        name: String,
+        address: String,
+    },
+    /// The ingester `name` stopped with every row it took persisted: queriers no longer
+    /// ask it.
+    IngesterLeft {
+        name: String,
+    },
 }
 
 /// What a token may do.
@@ -474,6 +486,10 @@ pub struct CatalogState {
     /// Materialized views, by their table (absent from catalogs written before views).
     #[serde(default)]
     pub views: BTreeMap<TableId, views::View>,
+    /// Ingesters that joined and have not left, by name (absent from catalogs no
+    /// ingester announced itself in).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ingesters: BTreeMap<String, ingesters::Ingester>,
 }
 
 impl CatalogState {
@@ -780,6 +796,17 @@ impl CatalogState {
                         Err(i) => self.source_positions.insert(i, p.clone()),
                     }
                 }
+            }
+            CatalogEvent::IngesterJoined { name, address } => {
+                self.ingesters.insert(
+                    name.clone(),
+                    ingesters::Ingester {
+                        address: address.clone(),
+                    },
+                );
+            }
+            CatalogEvent::IngesterLeft { name } => {
+                self.ingesters.remove(name);
             }
         }
         Ok(())

@@ -1104,3 +1104,57 @@ async fn view_invalidations_follow_the_log_and_survive_reload() {
     catalog.delete_table("plant", "cpu_1m", 0, 0).await.unwrap();
     assert!(catalog.snapshot().view(view_table.id).is_none());
 }
+
+#[tokio::test]
+async fn ingesters_joined_and_left_survive_reload_through_the_log_and_a_snapshot() {
+    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let a = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    let b = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
+    a.ingester_joined("ingester-0", "http://10.0.0.1:50051")
+        .await
+        .unwrap();
+    // Another writer, behind the log, catches up and commits after it.
+    let state = b
+        .ingester_joined("ingester-1", "http://10.0.0.2:50051")
+        .await
+        .unwrap();
+    assert_eq!(state.sequence, CatalogSequence(2));
+    // The same announcement again commits nothing; a new address replaces the old.
+    a.ingester_joined("ingester-0", "http://10.0.0.1:50051")
+        .await
+        .unwrap();
+    let log = || async { list_sequences(&store, LOG_PREFIX).await.unwrap().len() };
+    assert_eq!(log().await, 2);
+    a.ingester_joined("ingester-0", "http://10.0.0.9:50051")
+        .await
+        .unwrap();
+    b.ingester_left("ingester-1").await.unwrap();
+    b.ingester_left("ingester-1").await.unwrap();
+    assert_eq!(log().await, 4, "nothing to leave");
+
+    let joined = |state: &CatalogState| -> Vec<(String, String)> {
+        state
+            .ingesters
+            .iter()
+            .map(|(name, i)| (name.clone(), i.address.clone()))
+            .collect()
+    };
+    let expected = vec![("ingester-0".to_owned(), "http://10.0.0.9:50051".to_owned())];
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(joined(&reloaded.snapshot()), expected);
+    assert_eq!(*reloaded.snapshot(), *b.snapshot());
+
+    // Past a snapshot: loaded from it, the same ingesters.
+    for i in 0..SNAPSHOT_INTERVAL {
+        b.ensure_schema("db", &[change("t", &format!("f{i}"), ColumnType::Integer)])
+            .await
+            .unwrap();
+    }
+    let _finished = b.snapshotting.lock().await;
+    let snapshots = list_sequences(&store, SNAPSHOT_PREFIX).await.unwrap();
+    assert_eq!(snapshots.len(), 1);
+    store.delete(&log_path(CatalogSequence(1))).await.ok();
+    let reloaded = Catalog::load(Arc::clone(&store), HOUR).await.unwrap();
+    assert_eq!(joined(&reloaded.snapshot()), expected);
+    assert_eq!(*reloaded.snapshot(), *b.snapshot());
+}

@@ -1,0 +1,59 @@
+//! Ingesters announcing themselves in a cluster's catalog.
+//!
+//! An ingester started with an address to advertise records [`IngesterJoined`] before it
+//! takes writes, and [`IngesterLeft`] once it stopped cleanly with every row it took
+//! persisted. A querier asks every joined ingester for the rows it has not persisted: one
+//! that does not answer is missing (its rows exist only in its WAL, and the query fails
+//! naming it), one that left has nothing a querier needs.
+//!
+//! [`IngesterJoined`]: super::CatalogEvent::IngesterJoined
+//! [`IngesterLeft`]: super::CatalogEvent::IngesterLeft
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Catalog, CatalogEvent, CatalogState, Result};
+
+/// A joined ingester: where queriers reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ingester {
+    /// Its gRPC address (`http://kiln-ingester-0.kiln-ingester:50051`).
+    pub address: String,
+}
+
+impl Catalog {
+    /// Records that the ingester `name` takes writes and answers queriers at `address`
+    /// (replacing the address it joined with before). Commits nothing if the catalog says
+    /// so already.
+    pub async fn ingester_joined(
+        self: &Arc<Self>,
+        name: &str,
+        address: &str,
+    ) -> Result<Arc<CatalogState>> {
+        let (name, address) = (name.to_owned(), address.to_owned());
+        self.commit_with(move |state| {
+            Ok(match state.ingesters.get(&name) {
+                Some(joined) if joined.address == address => Vec::new(),
+                _ => vec![CatalogEvent::IngesterJoined {
+                    name: name.clone(),
+                    address: address.clone(),
+                }],
+            })
+        })
+        .await
+    }
+
+    /// Records that the ingester `name` left: it has no rows a querier needs. Commits
+    /// nothing if it had not joined.
+    pub async fn ingester_left(self: &Arc<Self>, name: &str) -> Result<Arc<CatalogState>> {
+        let name = name.to_owned();
+        self.commit_with(move |state| {
+            Ok(match state.ingesters.contains_key(&name) {
+                true => vec![CatalogEvent::IngesterLeft { name: name.clone() }],
+                false => Vec::new(),
+            })
+        })
+        .await
+    }
+}
