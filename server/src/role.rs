@@ -43,7 +43,7 @@ pub enum Role {
 }
 
 /// How often a querier looks for new catalog entries.
-const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// What a querier tells a client that asked it to change something.
 const NOT_HERE: &str = "this server only answers queries (--role querier): send writes and \

@@ -416,6 +416,26 @@ async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_l
         count_temp(&querier, false).await
     );
     assert_eq!(values(&querier).await, (0..15).collect::<Vec<_>>());
+
+    // Its disk lost for good while it held unpersisted rows: a server with its name and
+    // address on an empty data directory, stopped cleanly, makes it leave (README).
+    ingester = start(&data, &address, &flags);
+    ingester.write_ok("plant", &rows(15, 5)).await;
+    ingester.kill9();
+    assert_eq!(
+        count_temp(&querier, false).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let mut stand_in = start(&dir.path().join("stand-in"), &address, &flags);
+    stand_in.terminate();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count_temp(&querier, false).await == (StatusCode::OK, Ok(15))
+        })
+        .await,
+        "the ingester never left: {:?}",
+        count_temp(&querier, false).await
+    );
 }
 
 #[test]

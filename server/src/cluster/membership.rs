@@ -6,10 +6,17 @@
 //! joined, and queries fail naming it until it is back (or ask for partial results); one
 //! that left has nothing they need.
 
+use std::time::Duration;
+
 use kiln_storage::Engine;
 
 use super::ClusterArgs;
-use crate::role::Role;
+use crate::role::{FOLLOW_EVERY, Role};
+
+/// How long an ingester that has just joined waits before it takes a write: queriers
+/// follow the catalog every [`FOLLOW_EVERY`], and must have seen the join by then. One that
+/// restarts still joined (after `kill -9`) does not wait: queriers were asking it all along.
+const JOIN_SETTLE: Duration = Duration::from_secs(3 * FOLLOW_EVERY.as_secs());
 
 /// An ingester that joined the catalog.
 #[derive(Debug)]
@@ -48,7 +55,7 @@ pub async fn join(engine: &Engine, args: &ClusterArgs) -> Result<Option<Membersh
     let (Some(address), Some(name)) = (&args.advertise_address, &args.node_name) else {
         return Ok(None);
     };
-    engine
+    let joined_now = engine
         .catalog()
         .ingester_joined(name, address)
         .await
@@ -59,6 +66,11 @@ pub async fn join(engine: &Engine, args: &ClusterArgs) -> Result<Option<Membersh
             )
         })?;
     tracing::info!(ingester = %name, %address, "joined the cluster's catalog: queriers ask this ingester");
+    if joined_now {
+        // A querier that has not followed the join would not ask for rows written now.
+        tracing::info!(wait = ?JOIN_SETTLE, "waiting for queriers to follow the catalog before taking writes");
+        tokio::time::sleep(JOIN_SETTLE).await;
+    }
     Ok(Some(Membership { name: name.clone() }))
 }
 

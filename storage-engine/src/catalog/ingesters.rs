@@ -10,6 +10,7 @@
 //! [`IngesterLeft`]: super::CatalogEvent::IngesterLeft
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,23 +26,24 @@ pub struct Ingester {
 impl Catalog {
     /// Records that the ingester `name` takes writes and answers queriers at `address`
     /// (replacing the address it joined with before). Commits nothing if the catalog says
-    /// so already.
-    pub async fn ingester_joined(
-        self: &Arc<Self>,
-        name: &str,
-        address: &str,
-    ) -> Result<Arc<CatalogState>> {
+    /// so already: `false` then, `true` if it joined now.
+    pub async fn ingester_joined(self: &Arc<Self>, name: &str, address: &str) -> Result<bool> {
         let (name, address) = (name.to_owned(), address.to_owned());
+        let joined_now = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&joined_now);
         self.commit_with(move |state| {
-            Ok(match state.ingesters.get(&name) {
+            let events = match state.ingesters.get(&name) {
                 Some(joined) if joined.address == address => Vec::new(),
                 _ => vec![CatalogEvent::IngesterJoined {
                     name: name.clone(),
                     address: address.clone(),
                 }],
-            })
+            };
+            flag.store(!events.is_empty(), Ordering::Relaxed);
+            Ok(events)
         })
-        .await
+        .await?;
+        Ok(joined_now.load(Ordering::Relaxed))
     }
 
     /// Records that the ingester `name` left: it has no rows a querier needs. Commits
