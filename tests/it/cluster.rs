@@ -342,7 +342,7 @@ async fn a_cluster_answers_every_row_once_through_crashes_rebalances_and_outages
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_left() {
     use crate::object_storage::{rows, values};
-    use crate::querier::count_temp;
+    use crate::querier::{count_temp, latest};
 
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(dir.path(), crate::object_storage::BUCKET);
@@ -416,6 +416,16 @@ async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_l
         count_temp(&querier, false).await
     );
     assert_eq!(values(&querier).await, (0..15).collect::<Vec<_>>());
+    // Its last-value snapshots, stored as it persisted, are the querier's cache.
+    let expected = r#"[{"machine":"press-0","celsius":12.0},{"machine":"press-1","celsius":13.0},{"machine":"press-2","celsius":14.0},{"machine":"press-3","celsius":11.0}]"#;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            latest(&querier).await.as_deref() == Some(expected)
+        })
+        .await,
+        "the querier's last-value cache is not the ingester's: {:?}",
+        latest(&querier).await
+    );
 
     // Its disk lost for good while it held unpersisted rows: a server with its name and
     // address on an empty data directory, stopped cleanly, makes it leave (README).

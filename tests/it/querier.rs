@@ -29,7 +29,7 @@ async fn count(server: &TestServer, sql: &str) -> Option<i64> {
 }
 
 /// The rows of `temp`'s last-value cache as JSON text, if it answers.
-async fn latest(server: &TestServer) -> Option<String> {
+pub(crate) async fn latest(server: &TestServer) -> Option<String> {
     let (status, body) = server
         .query(
             "plant",

@@ -24,7 +24,7 @@ impl Engine {
 
     /// Applies what other servers add to the catalog, every `every`, until `shutdown`
     /// resolves: their persisted segments, schema changes and deletes become visible to
-    /// queries here, and after each persistence the writer's last-value snapshots. A
+    /// queries here, and after each persistence the writers' last-value snapshots. A
     /// failure (the store away) is logged and retried.
     pub async fn run_follower(
         self: Arc<Self>,
@@ -32,7 +32,10 @@ impl Engine {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        let mut persisted = self.catalog.snapshot().persisted_sequence;
+        let persisted_by = |state: &crate::catalog::CatalogState| {
+            (state.persisted_sequence, state.writers_persisted.clone())
+        };
+        let mut persisted = persisted_by(&self.catalog.snapshot());
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -46,8 +49,8 @@ impl Engine {
                     }
                     // Also when a query moved the catalog on (`follow_to`). A writer keeps
                     // caches of its own, fed by its writes.
-                    if self.config.read_only && state.persisted_sequence != persisted {
-                        persisted = state.persisted_sequence;
+                    if self.config.read_only && persisted_by(&state) != persisted {
+                        persisted = persisted_by(&state);
                         self.load_snapshot_caches().await;
                     }
                 }

@@ -299,12 +299,20 @@ pub(super) fn empty(defaults: bool, max_series: usize) -> Loaded {
     }
 }
 
+/// Where default caches' snapshots are read from: a writer's own objects, and the last
+/// sequence of its WAL in persisted segments, which its manifest must cover.
+pub(super) struct SnapshotSource {
+    pub store: Arc<dyn ObjectStore>,
+    pub persisted: SequenceNumber,
+}
+
 /// Loads the default caches' snapshots of every table without a defined cache (when
-/// default caches are on).
+/// default caches are on). A table's cache holds the snapshots of every source that has
+/// one for it (a querier's sources are every writer of a cluster): each key keeps its
+/// latest row among them.
 pub(super) async fn load(
-    store: &Arc<dyn ObjectStore>,
+    sources: &[SnapshotSource],
     state: &CatalogState,
-    persisted: SequenceNumber,
     defaults: bool,
     max_series: usize,
 ) -> Loaded {
@@ -321,42 +329,30 @@ pub(super) async fn load(
     if !defaults {
         return loaded;
     }
-    // The tables the snapshots cover, if they cover every persisted write.
-    let manifest = read(store, &manifest_path())
-        .await
-        .map_err(|e| crate::error_chain(&e))
-        .and_then(|bytes| {
-            bytes
-                .map(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
-                .transpose()
-        })
-        .unwrap_or_else(|reason| {
-            tracing::warn!(%reason, "the last-value manifest cannot be read; caches read their tables");
-            None
-        });
-    let covered: Vec<TableId> = match manifest {
-        Some(m) if m.through >= persisted => m.tables,
-        Some(_) => {
-            tracing::info!(
-                "the last-value snapshots are older than the persisted data; caches read their tables"
-            );
-            Vec::new()
-        }
-        None => Vec::new(),
-    };
+    let mut covered = Vec::with_capacity(sources.len());
+    for source in sources {
+        covered.push(covered_tables(source).await);
+    }
     for def in state.tables.values() {
         if state.last_caches.contains_key(&def.id) {
             continue;
         }
         let keys = tags(def);
-        let snapshot = match covered.binary_search(&def.id) {
-            Ok(_) => load_snapshot(store, def.id)
-                .await
-                .map_err(|reason| tracing::warn!(table = %def.id, %reason, "a last-value snapshot cannot be read; the cache reads the table"))
-                .ok(),
-            Err(_) => None,
-        };
-        let Some(batches) = snapshot else {
+        let mut snapshots = Vec::new();
+        for (source, covered) in sources.iter().zip(&covered) {
+            if covered.binary_search(&def.id).is_err() {
+                continue;
+            }
+            match load_snapshot(&source.store, def.id).await {
+                Ok(batches) => snapshots.push(batches),
+                Err(reason) => {
+                    tracing::warn!(table = %def.id, %reason, "a last-value snapshot cannot be read; the cache reads the table");
+                    snapshots.clear();
+                    break;
+                }
+            }
+        }
+        if snapshots.is_empty() {
             loaded.to_warm.push((
                 LastCacheDef {
                     table: def.id,
@@ -365,9 +361,9 @@ pub(super) async fn load(
                 true,
             ));
             continue;
-        };
+        }
         let cache = Arc::new(LastCache::new(keys, max_series));
-        for batch in &batches {
+        for batch in snapshots.iter().flatten() {
             cache.offer(batch);
         }
         caches.tables.write().insert(
@@ -380,6 +376,32 @@ pub(super) async fn load(
         loaded.from_snapshots.push(cache);
     }
     loaded
+}
+
+/// The tables `source`'s snapshots cover, if they cover every write it persisted.
+async fn covered_tables(source: &SnapshotSource) -> Vec<TableId> {
+    let manifest = read(&source.store, &manifest_path())
+        .await
+        .map_err(|e| crate::error_chain(&e))
+        .and_then(|bytes| {
+            bytes
+                .map(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
+                .transpose()
+        })
+        .unwrap_or_else(|reason| {
+            tracing::warn!(%reason, "the last-value manifest cannot be read; caches read their tables");
+            None
+        });
+    match manifest {
+        Some(m) if m.through >= source.persisted => m.tables,
+        Some(_) => {
+            tracing::info!(
+                "the last-value snapshots are older than the persisted data; caches read their tables"
+            );
+            Vec::new()
+        }
+        None => Vec::new(),
+    }
 }
 
 impl Engine {
@@ -397,18 +419,28 @@ impl Engine {
         }
     }
 
-    /// For a read-only engine (a querier): the default caches as the writer's snapshots
-    /// hold them, replacing those it had. No write reaches a querier to feed a cache, but
-    /// the writer stores the snapshots before each persistence's catalog entry, so
-    /// loaded again whenever the persisted sequence moves they cover what the querier's
-    /// segments hold. A table without a usable snapshot, or with a cache defined in the
+    /// For a read-only engine (a querier): the default caches as the writers' snapshots
+    /// hold them (the single writer's, or every ingester's of a cluster, merged), replacing
+    /// those it had. No write reaches a querier to feed a cache, but a writer stores its
+    /// snapshots before each persistence's catalog entry, so loaded again whenever a
+    /// writer's persisted sequence moves they cover what the querier's segments hold. A table without a usable snapshot, or with a cache defined in the
     /// catalog, gets none here: queries read the table.
     pub(super) async fn load_snapshot_caches(&self) {
         let state = self.catalog.snapshot();
+        // The single writer's snapshots, and each of a cluster's writers' own.
+        let mut sources = vec![SnapshotSource {
+            store: Arc::clone(&self.store),
+            persisted: state.persisted_sequence,
+        }];
+        for (writer, persisted) in &state.writers_persisted {
+            sources.push(SnapshotSource {
+                store: super::own_store(&self.store, Some(writer)),
+                persisted: *persisted,
+            });
+        }
         let loaded = load(
-            &self.store,
+            &sources,
             &state,
-            state.persisted_sequence,
             self.config.default_last_caches,
             self.last_caches.max_series,
         )

@@ -398,9 +398,11 @@ impl Engine {
             last_caches::empty(config.default_last_caches, config.last_cache_max_series)
         } else {
             last_caches::load(
-                &own,
+                &[last_caches::SnapshotSource {
+                    store: Arc::clone(&own),
+                    persisted,
+                }],
                 &state,
-                persisted,
                 config.default_last_caches,
                 config.last_cache_max_series,
             )
