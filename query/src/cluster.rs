@@ -1,7 +1,8 @@
 //! A querier's view of the servers that write (`--role querier`; see `docs/cluster.md`):
 //! the ingesters that joined the catalog and those of `--ingesters`. The rows they
-//! acknowledged and have not persisted are fetched when a table is scanned, and merged with the segments the shared catalog names, last write
-//! wins, as a single node merges its own buffer.
+//! acknowledged and have not persisted are fetched when a table is scanned, and merged
+//! with the segments the shared catalog names, last write wins, as a single node merges
+//! its own buffer.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

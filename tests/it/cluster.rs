@@ -372,14 +372,12 @@ async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_l
     );
 
     ingester.write_ok("plant", &rows(0, 10)).await;
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            count_temp(&querier, false).await == (StatusCode::OK, Ok(10))
-        })
-        .await,
-        "the querier never asked the ingester that joined: {:?}",
-        count_temp(&querier, false).await
-    );
+    counts_eventually(
+        &querier,
+        10,
+        "the querier never asked the ingester that joined",
+    )
+    .await;
     assert_eq!(
         ingester.metric("kiln_segments_persisted_total").await,
         0.0,
@@ -407,14 +405,12 @@ async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_l
     ingester.terminate();
     let log = std::fs::read_to_string(data.with_extension("log")).unwrap();
     assert!(log.contains("left the cluster's catalog"), "{log}");
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            count_temp(&querier, false).await == (StatusCode::OK, Ok(15))
-        })
-        .await,
-        "the querier still asks the ingester that left: {:?}",
-        count_temp(&querier, false).await
-    );
+    counts_eventually(
+        &querier,
+        15,
+        "the querier still asks the ingester that left",
+    )
+    .await;
     assert_eq!(values(&querier).await, (0..15).collect::<Vec<_>>());
     // Its last-value snapshots, stored as it persisted, are the querier's cache.
     let expected = r#"[{"machine":"press-0","celsius":12.0},{"machine":"press-1","celsius":13.0},{"machine":"press-2","celsius":14.0},{"machine":"press-3","celsius":11.0}]"#;
@@ -438,14 +434,17 @@ async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_l
     );
     let mut stand_in = start(&dir.path().join("stand-in"), &address, &flags);
     stand_in.terminate();
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            count_temp(&querier, false).await == (StatusCode::OK, Ok(15))
-        })
-        .await,
-        "the ingester never left: {:?}",
-        count_temp(&querier, false).await
-    );
+    counts_eventually(&querier, 15, "the ingester never left").await;
+}
+
+/// Asserts that `querier` soon counts `n` rows of `temp`, or fails saying `what` went wrong.
+async fn counts_eventually(querier: &TestServer, n: i64, what: &str) {
+    use crate::querier::count_temp;
+    let counted = eventually(Duration::from_secs(30), || async {
+        count_temp(querier, false).await == (StatusCode::OK, Ok(n))
+    })
+    .await;
+    assert!(counted, "{what}: {:?}", count_temp(querier, false).await);
 }
 
 #[test]

@@ -309,7 +309,8 @@ pub(super) struct SnapshotSource {
 /// Loads the default caches' snapshots of every table without a defined cache (when
 /// default caches are on). A table's cache holds the snapshots of every source that has
 /// one for it (a querier's sources are every writer of a cluster): each key keeps its
-/// latest row among them.
+/// latest row among them. If any source's snapshots do not cover what it persisted, no
+/// table's cache is taken from snapshots: one would miss that source's rows.
 pub(super) async fn load(
     sources: &[SnapshotSource],
     state: &CatalogState,
@@ -331,7 +332,13 @@ pub(super) async fn load(
     }
     let mut covered = Vec::with_capacity(sources.len());
     for source in sources {
-        covered.push(covered_tables(source).await);
+        match covered_tables(source).await {
+            Some(tables) => covered.push(tables),
+            None => {
+                covered = vec![Vec::new(); sources.len()];
+                break;
+            }
+        }
     }
     for def in state.tables.values() {
         if state.last_caches.contains_key(&def.id) {
@@ -378,8 +385,9 @@ pub(super) async fn load(
     loaded
 }
 
-/// The tables `source`'s snapshots cover, if they cover every write it persisted.
-async fn covered_tables(source: &SnapshotSource) -> Vec<TableId> {
+/// The tables `source`'s snapshots cover; `None` if they do not cover every write it
+/// persisted (or cannot be read).
+async fn covered_tables(source: &SnapshotSource) -> Option<Vec<TableId>> {
     let manifest = read(&source.store, &manifest_path())
         .await
         .map_err(|e| crate::error_chain(&e))
@@ -388,19 +396,20 @@ async fn covered_tables(source: &SnapshotSource) -> Vec<TableId> {
                 .map(|b| serde_json::from_slice::<Manifest>(&b).map_err(|e| e.to_string()))
                 .transpose()
         })
-        .unwrap_or_else(|reason| {
+        .map_err(|reason| {
             tracing::warn!(%reason, "the last-value manifest cannot be read; caches read their tables");
-            None
-        });
+        })
+        .ok()?;
     match manifest {
-        Some(m) if m.through >= source.persisted => m.tables,
-        Some(_) => {
+        Some(m) if m.through >= source.persisted => Some(m.tables),
+        // Nothing persisted, nothing to cover.
+        None if source.persisted == SequenceNumber::default() => Some(Vec::new()),
+        _ => {
             tracing::info!(
                 "the last-value snapshots are older than the persisted data; caches read their tables"
             );
-            Vec::new()
+            None
         }
-        None => Vec::new(),
     }
 }
 
@@ -423,8 +432,9 @@ impl Engine {
     /// hold them (the single writer's, or every ingester's of a cluster, merged), replacing
     /// those it had. No write reaches a querier to feed a cache, but a writer stores its
     /// snapshots before each persistence's catalog entry, so loaded again whenever a
-    /// writer's persisted sequence moves they cover what the querier's segments hold. A table without a usable snapshot, or with a cache defined in the
-    /// catalog, gets none here: queries read the table.
+    /// writer's persisted sequence moves they cover what the querier's segments hold. A
+    /// table without a usable snapshot, or with a cache defined in the catalog, gets none
+    /// here: queries read the table.
     pub(super) async fn load_snapshot_caches(&self) {
         let state = self.catalog.snapshot();
         // The single writer's snapshots, and each of a cluster's writers' own.
