@@ -80,6 +80,11 @@ impl Visible {
         Self(None)
     }
 
+    /// Whether every database is visible.
+    pub fn is_all(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// Only `databases`.
     pub fn only(databases: impl IntoIterator<Item = String>) -> Self {
         Self(Some(Arc::new(databases.into_iter().collect())))

@@ -191,7 +191,7 @@ def grafana_catalog():
     # Kiln's own tables (schema `system`, outside the search path) come qualified.
     system = [(f"system.{t}",) for t in
               ("alert_events", "alert_rules", "alerts", "data_quality", "deletes", "devices",
-               "series", "views")]
+               "ingesters", "series", "views")]
     check("Grafana table picker", tables == [("cpu",)] + system, tables)
     for table in ("cpu", "public.cpu"):
         cur.execute(grafana_columns_query(table))

@@ -378,6 +378,17 @@ async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_l
         "the querier never asked the ingester that joined",
     )
     .await;
+    let joined = querier
+        .query_json(
+            "plant",
+            "SELECT name, address, joined_at IS NOT NULL AS dated FROM system.ingesters",
+        )
+        .await;
+    let expected = serde_json::json!({"name": "ingester-0", "address": advertised, "dated": true});
+    assert_eq!(
+        serde_json::Value::from(joined),
+        serde_json::json!([expected])
+    );
     assert_eq!(
         ingester.metric("kiln_segments_persisted_total").await,
         0.0,
@@ -411,6 +422,12 @@ async fn a_querier_asks_joined_ingesters_and_tells_a_missing_one_from_one_that_l
         "the querier still asks the ingester that left",
     )
     .await;
+    assert!(
+        querier
+            .query_json("plant", "SELECT name FROM system.ingesters")
+            .await
+            .is_empty()
+    );
     assert_eq!(values(&querier).await, (0..15).collect::<Vec<_>>());
     // Its last-value snapshots, stored as it persisted, are the querier's cache.
     let expected = r#"[{"machine":"press-0","celsius":12.0},{"machine":"press-1","celsius":13.0},{"machine":"press-2","celsius":14.0},{"machine":"press-3","celsius":11.0}]"#;

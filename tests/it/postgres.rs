@@ -359,6 +359,7 @@ async fn grafana_panels_replayed_get_typed_regular_series() {
         "data_quality",
         "deletes",
         "devices",
+        "ingesters",
         "series",
         "views",
     ];

@@ -11,9 +11,11 @@
 //! | `system.data_quality` | table written since start: rows, rejected lines, late and out-of-order rows |
 //! | `system.deletes` | delete of rows not yet made physical |
 //! | `system.views` | materialized view: definition, watermark, last refresh, buckets still to refresh |
+//! | `system.ingesters` | ingester that joined a cluster's catalog: address, when it joined, its persisted WAL position |
 
 mod deletes;
 mod devices;
+mod ingesters;
 mod views;
 
 use std::sync::Arc;
@@ -45,6 +47,7 @@ const TABLES: &[&str] = &[
     "data_quality",
     "deletes",
     "devices",
+    "ingesters",
     "series",
     "views",
 ];
@@ -108,6 +111,7 @@ fn schema_of(name: &str, state: &CatalogState, visible: &Visible) -> SchemaRef {
         "series" | "devices" | "data_quality" => return devices::schema(name, state, visible),
         "deletes" => deletes::schema(),
         "views" => views::schema(),
+        "ingesters" => ingesters::schema(),
         "alert_rules" => vec![
             text("rule", false),
             text("database", false),
@@ -183,6 +187,7 @@ impl SystemTable {
             "alerts" => self.alerts(&state),
             "deletes" => deletes::rows(&state, &self.visible),
             "views" => views::rows(&state, &self.visible),
+            "ingesters" => ingesters::rows(&state, &self.visible),
             _ => self.events(&state),
         };
         RecordBatch::try_new(Arc::clone(&self.schema), columns)

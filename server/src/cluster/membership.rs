@@ -57,7 +57,7 @@ pub async fn join(engine: &Engine, args: &ClusterArgs) -> Result<Option<Membersh
     };
     let joined_now = engine
         .catalog()
-        .ingester_joined(name, address)
+        .ingester_joined(name, address, kiln_storage::time::now_nanos())
         .await
         .map_err(|e| {
             format!(

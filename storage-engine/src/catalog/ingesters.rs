@@ -21,13 +21,22 @@ use super::{Catalog, CatalogEvent, CatalogState, Result};
 pub struct Ingester {
     /// Its gRPC address (`http://kiln-ingester-0.kiln-ingester:50051`).
     pub address: String,
+    /// When it joined with that address (nanoseconds since the epoch).
+    #[serde(default)]
+    pub joined_at: i64,
 }
 
 impl Catalog {
     /// Records that the ingester `name` takes writes and answers queriers at `address`
-    /// (replacing the address it joined with before). Commits nothing if the catalog says
-    /// so already: `false` then, `true` if it joined now.
-    pub async fn ingester_joined(self: &Arc<Self>, name: &str, address: &str) -> Result<bool> {
+    /// (replacing the address it joined with before), from `at` (nanoseconds since the
+    /// epoch). Commits nothing if the catalog says so already: `false` then, `true` if it
+    /// joined now.
+    pub async fn ingester_joined(
+        self: &Arc<Self>,
+        name: &str,
+        address: &str,
+        at: i64,
+    ) -> Result<bool> {
         let (name, address) = (name.to_owned(), address.to_owned());
         let joined_now = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&joined_now);
@@ -37,6 +46,7 @@ impl Catalog {
                 _ => vec![CatalogEvent::IngesterJoined {
                     name: name.clone(),
                     address: address.clone(),
+                    joined_at: at,
                 }],
             };
             flag.store(!events.is_empty(), Ordering::Relaxed);

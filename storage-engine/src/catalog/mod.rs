@@ -381,6 +381,8 @@ pub enum CatalogEvent {
     IngesterJoined {
         name: String,
         address: String,
+        #[serde(default)]
+        joined_at: i64,
     },
     /// The ingester `name` stopped with every row it took persisted: queriers no longer
     /// ask it.
@@ -797,11 +799,16 @@ impl CatalogState {
                     }
                 }
             }
-            CatalogEvent::IngesterJoined { name, address } => {
+            CatalogEvent::IngesterJoined {
+                name,
+                address,
+                joined_at,
+            } => {
                 self.ingesters.insert(
                     name.clone(),
                     ingesters::Ingester {
                         address: address.clone(),
+                        joined_at: *joined_at,
                     },
                 );
             }

@@ -1111,26 +1111,26 @@ async fn ingesters_joined_and_left_survive_reload_through_the_log_and_a_snapshot
     let a = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     let b = Arc::new(Catalog::load(Arc::clone(&store), HOUR).await.unwrap());
     assert!(
-        a.ingester_joined("ingester-0", "http://10.0.0.1:50051")
+        a.ingester_joined("ingester-0", "http://10.0.0.1:50051", 7)
             .await
             .unwrap()
     );
     // Another writer, behind the log, catches up and commits after it.
     assert!(
-        b.ingester_joined("ingester-1", "http://10.0.0.2:50051")
+        b.ingester_joined("ingester-1", "http://10.0.0.2:50051", 7)
             .await
             .unwrap()
     );
     assert_eq!(b.snapshot().sequence, CatalogSequence(2));
     // The same announcement again commits nothing; a new address replaces the old.
     assert!(
-        !a.ingester_joined("ingester-0", "http://10.0.0.1:50051")
+        !a.ingester_joined("ingester-0", "http://10.0.0.1:50051", 7)
             .await
             .unwrap()
     );
     let log = || async { list_sequences(&store, LOG_PREFIX).await.unwrap().len() };
     assert_eq!(log().await, 2);
-    a.ingester_joined("ingester-0", "http://10.0.0.9:50051")
+    a.ingester_joined("ingester-0", "http://10.0.0.9:50051", 7)
         .await
         .unwrap();
     b.ingester_left("ingester-1").await.unwrap();
