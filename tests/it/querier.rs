@@ -398,7 +398,12 @@ async fn a_querier_reads_rows_the_writer_has_not_persisted_exactly_once() {
         count_temp(&querier, false).await
     );
     assert_eq!(values(&querier).await, (0..100).collect::<Vec<_>>());
-    // A writer that does not answer fails the query, naming it and the way out.
+    // A writer that does not answer fails the query, naming it and the way out (once that
+    // querier too has followed the catalog to the table).
+    eventually(Duration::from_secs(30), || async {
+        count_temp(&refused, false).await.0 != StatusCode::NOT_FOUND
+    })
+    .await;
     let (status, error) = count_temp(&refused, false).await;
     let error = error.unwrap_err();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
