@@ -176,15 +176,7 @@ pub async fn grpc_channel(
     let mut endpoint = tonic::transport::Endpoint::from_shared(host.to_owned())
         .map_err(|e| format!("invalid gRPC address {host}: {e}"))?;
     if host.starts_with("https://") {
-        let mut tls = tonic::transport::ClientTlsConfig::new();
-        tls = match ca {
-            Some(ca) => {
-                let pem =
-                    std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
-                tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
-            }
-            None => tls.with_enabled_roots(),
-        };
+        let tls = crate::tls::grpc_client(ca, "--tls-ca")?;
         endpoint = endpoint
             .tls_config(tls)
             .map_err(|e| format!("TLS for {host}: {e}"))?;

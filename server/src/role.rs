@@ -59,6 +59,7 @@ const COMPACTOR_NAME: &str = "compactor";
 impl Role {
     /// Refuses settings the role cannot honour.
     pub fn check(self, config: &ServeConfig, kafka: usize, mqtt: usize) -> Result<(), String> {
+        crate::cluster::membership::check(self, &config.cluster)?;
         if self != Self::Querier && !config.cluster.ingesters.is_empty() {
             return Err(
                 "--ingesters lists the servers a querier asks for rows not yet \

@@ -262,7 +262,6 @@ pub async fn run(config: ServeConfig, notes: Vec<String>) -> Result<(), String> 
     config
         .role
         .check(&config, kafka_sources.len(), mqtt_sources.len())?;
-    crate::cluster::membership::check(config.role, &config.cluster)?;
     let admin_token = match &config.admin_token_file {
         None => None,
         Some(path) => {

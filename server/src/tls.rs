@@ -81,6 +81,24 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
     })
 }
 
+/// TLS for a gRPC client (a querier calling ingesters, trace export, the CLI): trusting
+/// only the CAs of the PEM file `ca` (given as `flag`) if there is one, else the public
+/// roots built in.
+pub fn grpc_client(
+    ca: Option<&Path>,
+    flag: &str,
+) -> Result<tonic::transport::ClientTlsConfig, String> {
+    let tls = tonic::transport::ClientTlsConfig::new();
+    Ok(match ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("cannot read {flag} {}: {e}", ca.display()))?;
+            tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        }
+        None => tls.with_enabled_roots(),
+    })
+}
+
 /// Reads every certificate of a PEM file.
 pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let pem = read(path)?;

@@ -16,7 +16,7 @@ use crate::role::{FOLLOW_EVERY, Role};
 /// How long an ingester that has just joined waits before it takes a write: queriers
 /// follow the catalog every [`FOLLOW_EVERY`], and must have seen the join by then. One that
 /// restarts still joined (after `kill -9`) does not wait: queriers were asking it all along.
-const JOIN_SETTLE: Duration = Duration::from_secs(3 * FOLLOW_EVERY.as_secs());
+const JOIN_SETTLE: Duration = FOLLOW_EVERY.saturating_mul(3);
 
 /// An ingester that joined the catalog.
 #[derive(Debug)]

@@ -40,10 +40,12 @@ pub struct FlightWriters {
     authorization: Option<String>,
 }
 
-/// A writer to ask: its name if it joined the catalog, and its address.
+/// A writer to ask: its name if it joined the catalog, its address, and the channel to it
+/// (or why there is none).
 struct Target<'a> {
     name: Option<&'a str>,
     address: String,
+    channel: Result<Channel, String>,
 }
 
 impl FlightWriters {
@@ -54,14 +56,7 @@ impl FlightWriters {
             Some(path) => Some(read_token(path)?),
             None => admin_token.map(str::to_owned),
         };
-        let tls = match &args.ingester_tls_ca {
-            Some(ca) => {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| format!("cannot read --ingester-tls-ca {}: {e}", ca.display()))?;
-                ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem))
-            }
-            None => ClientTlsConfig::new().with_enabled_roots(),
-        };
+        let tls = crate::tls::grpc_client(args.ingester_tls_ca.as_deref(), "--ingester-tls-ca")?;
         let listed: Vec<String> = args.ingesters.iter().map(|a| normalize(a)).collect();
         let mut channels = HashMap::new();
         for address in &listed {
@@ -77,37 +72,36 @@ impl FlightWriters {
     }
 
     /// The writers to ask: every joined ingester, then the listed servers that are not
-    /// one of them. Channels of addresses no longer asked are dropped.
+    /// one of them, each with its channel (made on first use). Channels of addresses no
+    /// longer asked are dropped.
     fn targets<'a>(&self, joined: &'a BTreeMap<String, Ingester>) -> Vec<Target<'a>> {
-        let mut targets: Vec<Target<'a>> = joined
+        let mut named: Vec<(Option<&'a str>, String)> = joined
             .iter()
-            .map(|(name, ingester)| Target {
-                name: Some(name),
-                address: normalize(&ingester.address),
-            })
+            .map(|(name, ingester)| (Some(name.as_str()), normalize(&ingester.address)))
             .collect();
         for address in &self.listed {
-            if !targets.iter().any(|t| t.address == *address) {
-                targets.push(Target {
-                    name: None,
-                    address: address.clone(),
-                });
+            if !named.iter().any(|(_, a)| a == address) {
+                named.push((None, address.clone()));
             }
         }
         let mut channels = self.channels.lock().expect("channel map poisoned");
-        channels.retain(|address, _| targets.iter().any(|t| t.address == *address));
-        targets
-    }
-
-    /// The channel to `address`, made on first use.
-    fn channel(&self, address: &str) -> Result<Channel, String> {
-        let mut channels = self.channels.lock().expect("channel map poisoned");
-        if let Some(channel) = channels.get(address) {
-            return Ok(channel.clone());
-        }
-        let channel = connect(address, &self.tls)?;
-        channels.insert(address.to_owned(), channel.clone());
-        Ok(channel)
+        channels.retain(|address, _| named.iter().any(|(_, a)| a == address));
+        named
+            .into_iter()
+            .map(|(name, address)| {
+                let channel = match channels.get(&address) {
+                    Some(channel) => Ok(channel.clone()),
+                    None => connect(&address, &self.tls).inspect(|channel| {
+                        channels.insert(address.clone(), channel.clone());
+                    }),
+                };
+                Target {
+                    name,
+                    address,
+                    channel,
+                }
+            })
+            .collect()
     }
 
     /// One writer's answer.
@@ -167,7 +161,7 @@ impl Writers for FlightWriters {
                 rows = Empty,
             );
             async move {
-                let answer = match self.channel(&target.address) {
+                let answer = match target.channel {
                     Ok(channel) => self.ask(channel, request).await,
                     Err(e) => Err(e.into()),
                 };

@@ -146,15 +146,7 @@ fn provider(
     match endpoint.split_once("://").map(|(scheme, _)| scheme) {
         Some("http") => {}
         Some("https") => {
-            let tls = tonic::transport::ClientTlsConfig::new();
-            let tls = match &args.otlp_tls_ca {
-                Some(ca) => {
-                    let pem = std::fs::read(ca)
-                        .map_err(|e| format!("cannot read --otlp-tls-ca {}: {e}", ca.display()))?;
-                    tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
-                }
-                None => tls.with_webpki_roots(),
-            };
+            let tls = crate::tls::grpc_client(args.otlp_tls_ca.as_deref(), "--otlp-tls-ca")?;
             exporter = exporter.with_tls_config(tls);
         }
         _ => {

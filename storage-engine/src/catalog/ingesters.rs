@@ -10,11 +10,10 @@
 //! [`IngesterLeft`]: super::CatalogEvent::IngesterLeft
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Catalog, CatalogEvent, CatalogState, Result};
+use super::{Catalog, CatalogEvent, CatalogState, Result, run_to_completion};
 
 /// A joined ingester: where queriers reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,22 +37,27 @@ impl Catalog {
         at: i64,
     ) -> Result<bool> {
         let (name, address) = (name.to_owned(), address.to_owned());
-        let joined_now = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&joined_now);
-        self.commit_with(move |state| {
-            let events = match state.ingesters.get(&name) {
-                Some(joined) if joined.address == address => Vec::new(),
-                _ => vec![CatalogEvent::IngesterJoined {
-                    name: name.clone(),
-                    address: address.clone(),
-                    joined_at: at,
-                }],
-            };
-            flag.store(!events.is_empty(), Ordering::Relaxed);
-            Ok(events)
+        let this = Arc::clone(self);
+        run_to_completion(async move {
+            let _guard = this.commit.lock().await;
+            let (_, joined_now) = this
+                .commit_locked(|state| {
+                    Ok(match state.ingesters.get(&name) {
+                        Some(joined) if joined.address == address => (Vec::new(), false),
+                        _ => (
+                            vec![CatalogEvent::IngesterJoined {
+                                name: name.clone(),
+                                address: address.clone(),
+                                joined_at: at,
+                            }],
+                            true,
+                        ),
+                    })
+                })
+                .await?;
+            Ok(joined_now)
         })
-        .await?;
-        Ok(joined_now.load(Ordering::Relaxed))
+        .await
     }
 
     /// Records that the ingester `name` left: it has no rows a querier needs. Commits

@@ -330,12 +330,13 @@ pub(super) async fn load(
     if !defaults {
         return loaded;
     }
+    // Left empty if any source's snapshots fall short: then no table has snapshots.
     let mut covered = Vec::with_capacity(sources.len());
     for source in sources {
         match covered_tables(source).await {
             Some(tables) => covered.push(tables),
             None => {
-                covered = vec![Vec::new(); sources.len()];
+                covered.clear();
                 break;
             }
         }
