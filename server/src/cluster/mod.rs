@@ -46,13 +46,13 @@ pub struct ClusterArgs {
     #[arg(long, env = "KILN_INGESTERS", value_delimiter = ',')]
     pub ingesters: Vec<String>,
 
-    /// File holding the admin token a querier presents to --ingesters (default: the one of
-    /// --admin-token-file). Not needed when they run --without-auth.
+    /// File holding the admin token a querier presents to the ingesters and --ingesters
+    /// (default: the one of --admin-token-file). Not needed when they run --without-auth.
     #[arg(long, env = "KILN_INGESTER_TOKEN_FILE")]
     pub ingester_token_file: Option<PathBuf>,
 
-    /// PEM file of the CA that signed the certificates of `https://` --ingesters (the
-    /// system's roots otherwise).
+    /// PEM file of the CA that signed the certificates of `https://` ingesters and
+    /// --ingesters (the public roots otherwise).
     #[arg(long, env = "KILN_INGESTER_TLS_CA")]
     pub ingester_tls_ca: Option<PathBuf>,
 }
